@@ -1,0 +1,196 @@
+//! The command line: `runewarp server|client|config|demo` and the material
+//! commands. Parsing only; each command is carried out by its module.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "runewarp", version, about = "Self-hosted ingress tunnel: publish TLS services behind NAT over QUIC")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the public Server, or manage its certificate material.
+    Server(ServerArgs),
+    /// Run a Client instance, or manage its identity and public certificates.
+    Client(ClientArgs),
+    /// Inspect configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Run a complete local demo on loopback: backend, Server, Client, Visitor.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ServerArgs {
+    #[command(subcommand)]
+    pub command: Option<ServerCommand>,
+    #[command(flatten)]
+    pub run: ServerRunArgs,
+}
+
+#[derive(Debug, Args, Default, Clone)]
+pub struct ServerRunArgs {
+    /// Config file (default: $XDG_CONFIG_HOME/runewarp/config.toml).
+    #[arg(short = 'c', long = "config", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Server hostname (overrides RUNEWARP_SERVER_HOSTNAME and server.hostname).
+    #[arg(long = "hostname", value_name = "HOSTNAME")]
+    pub hostname: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Manage the Server certificate and its private CA (`cert-dir`).
+    #[command(subcommand)]
+    Cert(ServerCertCommand),
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct MaterialArgs {
+    /// Config file to read defaults from (hostname, material directory).
+    #[arg(short = 'c', long = "config", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// The material directory.
+    #[arg(long = "dir", visible_aliases = ["cert-dir", "identity-dir", "public-cert-dir"], value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCertCommand {
+    /// Create a private Server CA and a Server certificate for the hostname.
+    Init {
+        #[command(flatten)]
+        material: MaterialArgs,
+        /// Server hostname (falls back to RUNEWARP_SERVER_HOSTNAME, then server.hostname).
+        #[arg(long = "hostname")]
+        hostname: Option<String>,
+        /// Replace existing keys.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Reissue the Server certificate from the same CA (new key).
+    Renew {
+        #[command(flatten)]
+        material: MaterialArgs,
+        #[arg(long = "hostname")]
+        hostname: Option<String>,
+    },
+    /// Replace the private CA and reissue the Server certificate.
+    RotateCa {
+        #[command(flatten)]
+        material: MaterialArgs,
+        #[arg(long = "hostname")]
+        hostname: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ClientArgs {
+    #[command(subcommand)]
+    pub command: Option<ClientCommand>,
+    #[command(flatten)]
+    pub run: ClientRunArgs,
+}
+
+#[derive(Debug, Args, Default, Clone)]
+pub struct ClientRunArgs {
+    /// Config file (default: $XDG_CONFIG_HOME/runewarp/config.toml).
+    #[arg(short = 'c', long = "config", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Server address `host[:port]` (overrides client.server-address).
+    #[arg(long = "server-address", value_name = "HOST[:PORT]")]
+    pub server_address: Option<String>,
+    /// Backend address `host:port` for the sole Service (overrides its backend-address).
+    #[arg(long = "backend-address", value_name = "HOST:PORT")]
+    pub backend_address: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Manage the Client identity (`identity-dir`).
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+    /// Manage terminate-mode certificates (`public-cert-dir`).
+    #[command(subcommand, name = "public-cert")]
+    PublicCert(PublicCertCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// Create an Ed25519 identity and print its pin.
+    Init {
+        #[command(flatten)]
+        material: MaterialArgs,
+        /// Replace an existing identity.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the pin (64 hex characters) and nothing else.
+    Show {
+        #[command(flatten)]
+        material: MaterialArgs,
+    },
+    /// Replace the identity with a new key and print the new pin.
+    Rotate {
+        #[command(flatten)]
+        material: MaterialArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PublicCertCommand {
+    /// Create the Public hostname CA if absent and add a leaf per hostname.
+    Init {
+        #[command(flatten)]
+        material: MaterialArgs,
+        /// Public hostname (repeatable).
+        #[arg(long = "hostname", required = true)]
+        hostnames: Vec<String>,
+        /// Replace existing leaves for these hostnames.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Reissue a hostname's leaf from the same CA.
+    Renew {
+        #[command(flatten)]
+        material: MaterialArgs,
+        #[arg(long = "hostname", required = true)]
+        hostnames: Vec<String>,
+    },
+    /// Replace the Public hostname CA and reissue every leaf.
+    RotateCa {
+        #[command(flatten)]
+        material: MaterialArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config and print the effective, fully defaulted form.
+    Check {
+        #[arg(long, value_enum)]
+        role: Role,
+        #[arg(short = 'c', long = "config", value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    Server,
+    Client,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct DemoArgs {
+    /// Leave everything running and print curl commands to try.
+    #[arg(long)]
+    pub keep_running: bool,
+}

@@ -1,0 +1,162 @@
+//! The validated configuration the runtime consumes. Every value here was
+//! checked at the config seam ([`super::prepare`] then [`super::validate`]);
+//! nothing downstream re-parses hostnames, identities or addresses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::hostname::{PublicHostname, ServerHostname};
+use crate::tls::client_identity::ClientIdentity;
+
+/// `log-level` at the top of the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Off => "off",
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// ACME settings, shared by `[server.acme]` and `[client.acme]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    pub email: Option<String>,
+    pub state_dir: PathBuf,
+    pub directory_url: String,
+    pub directory_ca_file: Option<PathBuf>,
+}
+
+/// Let's Encrypt production, the default ACME directory.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// Where the Server certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerCertSource {
+    /// `cert-dir`: `server.crt`, `server.key`, `server-ca.crt`, `state/`.
+    Manual { cert_dir: PathBuf },
+    /// `[server.acme]`.
+    Acme(AcmeConfig),
+}
+
+/// One `[[server.tunnels]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// Position in the file (0-based), used in logs as `tunnel=<index>`.
+    pub index: usize,
+    pub public_hostnames: Vec<PublicHostname>,
+    pub client_identities: Vec<ClientIdentity>,
+}
+
+/// A fully prepared and validated Server config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// The file it came from, if any.
+    pub source: Option<PathBuf>,
+    pub log_level: LogLevel,
+    pub hostname: ServerHostname,
+    pub public_bind_address: SocketAddr,
+    pub tunnel_bind_address: SocketAddr,
+    pub readiness_bind_address: Option<SocketAddr>,
+    pub graceful_shutdown_duration: Duration,
+    pub certificates: ServerCertSource,
+    pub tunnels: Vec<TunnelConfig>,
+}
+
+/// `client.server-address`: a DNS name and a UDP port (default 443).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddress {
+    pub host: ServerHostname,
+    pub port: u16,
+}
+
+impl std::fmt::Display for ServerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// How the Client validates the Server certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerTrust {
+    /// The operating system's roots.
+    System,
+    /// Exactly the CAs in this PEM bundle, nothing else.
+    CaFile(PathBuf),
+}
+
+/// Where terminate-mode certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicCertSource {
+    /// `public-cert-dir`: `public-ca.crt`, `<hostname>/public.{crt,key}`.
+    Manual { dir: PathBuf },
+    /// `[client.acme]`.
+    Acme(AcmeConfig),
+}
+
+/// `tls-mode` of a Service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Passthrough,
+    Terminate,
+}
+
+/// `backend-address = "host:port"`. The host may be an IP literal or a DNS
+/// name (resolved at connect time); the port is required.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for BackendAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// One `[[client.services]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub index: usize,
+    /// Empty means the sole catch-all Service.
+    pub public_hostnames: Vec<PublicHostname>,
+    pub backend_address: BackendAddress,
+    pub tls_mode: TlsMode,
+    /// Send a PROXY protocol v2 header to the backend.
+    pub proxy_protocol: bool,
+}
+
+/// A fully prepared and validated Client instance config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    pub source: Option<PathBuf>,
+    pub log_level: LogLevel,
+    pub server_address: ServerAddress,
+    pub server_trust: ServerTrust,
+    pub identity_dir: PathBuf,
+    /// `Some` only when at least one Service terminates.
+    pub public_certs: Option<PublicCertSource>,
+    pub services: Vec<ServiceConfig>,
+}

@@ -1,0 +1,1 @@
+//! Atomic file writes. (Stub: implemented by the material work.)

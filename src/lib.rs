@@ -1,0 +1,20 @@
+//! Runewarp: a self-hosted ingress tunnel.
+//!
+//! A public [`server`] accepts Visitor TLS on TCP, reads the SNI from the
+//! ClientHello ([`tls::sni`]), picks a Tunnel by exact Public hostname and
+//! forwards the still-encrypted bytes over one mutually authenticated QUIC
+//! Tunnel connection ([`tunnel`]) to a [`client`] instance, which hands them
+//! to a Local backend ([`proxy`]).
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod fsutil;
+pub mod hostname;
+pub mod logging;
+pub mod proxy;
+pub mod server;
+pub mod client;
+pub mod shutdown;
+pub mod tls;
+pub mod tunnel;

@@ -1,0 +1,1 @@
+//! Certificate material on disk. (Stub: implemented by the material work.)

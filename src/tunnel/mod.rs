@@ -1,0 +1,5 @@
+//! The Tunnel: QUIC transport between a Client instance and the Server, and
+//! the framing of each stream.
+
+pub mod framing;
+pub mod transport;
