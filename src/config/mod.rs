@@ -8,10 +8,75 @@
 //! 3. **start**: side effects (creating directories) belong to the runtime,
 //!    after validation succeeded.
 //!
-//! (Stub: implemented by the config work.)
+//! # The file
+//!
+//! One TOML file may hold a `[server]` and a `[client]` section; each command
+//! reads its own and checks only the syntax and shape (keys, types) of the
+//! other. Unknown keys are errors at every level. Relative paths inside a
+//! file resolve against the file's directory; CLI paths against the current
+//! directory.
+//!
+//! # Discovery
+//!
+//! `--config PATH` (must exist), else `$XDG_CONFIG_HOME/runewarp/config.toml`,
+//! else `$HOME/.config/runewarp/config.toml`. XDG variables and HOME that
+//! are not absolute paths are ignored (XDG spec). The Server always needs a
+//! file. The Client may run without one when both `--server-address` and
+//! `--backend-address` are given (a sole catch-all passthrough Service,
+//! system trust); the same holds for a file without a `[client]` section.
+//!
+//! # Precedence
+//!
+//! - Server hostname: `--hostname` > `RUNEWARP_SERVER_HOSTNAME` > `server.hostname`.
+//! - `--server-address` > `client.server-address`.
+//! - `--backend-address` replaces the backend of the sole Service, or creates
+//!   a sole catch-all passthrough Service when the file has none; with two or
+//!   more Services it is an error.
+//!
+//! # Defaults
+//!
+//! | Key | Default |
+//! |---|---|
+//! | `log-level` | `info` |
+//! | `server.public-bind-address` | `0.0.0.0:443` (TCP) |
+//! | `server.tunnel-bind-address` | `0.0.0.0:443` (UDP) |
+//! | `server.readiness-bind-address` | none |
+//! | `server.graceful-shutdown-duration` | `60s` |
+//! | `server.cert-dir` (when there is no `[server.acme]`) | `$XDG_DATA_HOME/runewarp/server` |
+//! | `server.acme.state-dir` | `$XDG_STATE_HOME/runewarp/server/acme` |
+//! | `client.server-address` port | `443` |
+//! | `client.server-trust` | `system` |
+//! | `client.identity-dir` | `$XDG_DATA_HOME/runewarp/client/identity` |
+//! | `client.public-cert-dir` (some Service terminates, no `[client.acme]`) | `$XDG_DATA_HOME/runewarp/client/public-certs` |
+//! | `client.acme.state-dir` | `$XDG_STATE_HOME/runewarp/client/acme` |
+//! | `[*.acme].directory-url` | [`LETS_ENCRYPT_DIRECTORY`] |
+//! | `[[client.services]].tls-mode` | `passthrough` |
+//! | `[[client.services]].proxy-protocol` | none |
+//!
+//! `$XDG_DATA_HOME` defaults to `$HOME/.local/share`, `$XDG_STATE_HOME` to
+//! `$HOME/.local/state`, `$XDG_CONFIG_HOME` to `$HOME/.config`. When a
+//! default is needed and neither the XDG variable nor HOME is set, the error
+//! names what to set.
+//!
+//! # Errors
+//!
+//! Every [`ConfigError`] is one line naming the file, the key path and the
+//! value, e.g. `/etc/runewarp/config.toml: server.tunnels[1].public-hostnames[0]
+//! = "*.example.com": wildcards are not supported; list each hostname
+//! explicitly`. Only TOML syntax and type errors span three lines: the
+//! `file:line:col: message`, the offending line, and a caret.
 
+mod duration;
+mod file;
+pub mod prepare;
+mod render;
+#[cfg(test)]
+mod tests;
 pub mod types;
+pub mod validate;
 
+pub use duration::parse_duration;
+pub use render::{render_client, render_server};
 pub use types::*;
 
 use std::collections::HashMap;
@@ -27,14 +92,24 @@ pub struct Environment {
 
 impl Environment {
     pub fn from_process() -> Self {
-        Self { vars: std::env::vars().collect() }
+        Self {
+            vars: std::env::vars().collect(),
+        }
     }
     pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        Self { vars: pairs.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+        Self {
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
     }
     /// A variable's value; empty values count as unset.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.vars.get(key).map(String::as_str).filter(|v| !v.is_empty())
+        self.vars
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 }
 
@@ -68,12 +143,38 @@ pub struct MaterialDefaults {
     pub public_cert_dir: PathBuf,
 }
 
-pub fn load_server(_o: &ServerOverlay, _env: &Environment) -> Result<ServerConfig, ConfigError> {
-    unimplemented!()
+/// Prepare and validate the Server config.
+pub fn load_server(
+    overlay: &ServerOverlay,
+    env: &Environment,
+) -> Result<ServerConfig, ConfigError> {
+    validate::validate_server(prepare::prepare_server(overlay, env)?)
 }
-pub fn load_client(_o: &ClientOverlay, _env: &Environment) -> Result<ClientConfig, ConfigError> {
-    unimplemented!()
+
+/// Prepare and validate the Client instance config.
+pub fn load_client(
+    overlay: &ClientOverlay,
+    env: &Environment,
+) -> Result<ClientConfig, ConfigError> {
+    validate::validate_client(prepare::prepare_client(overlay, env)?)
 }
-pub fn material_defaults(_config: Option<&Path>, _env: &Environment) -> Result<MaterialDefaults, ConfigError> {
-    unimplemented!()
+
+/// Defaults for the material commands, from `config` (must exist) or the
+/// discovered file (may be missing). Only the file's syntax and shape must be
+/// valid; a file without tunnels or services is fine.
+pub fn material_defaults(
+    config: Option<&Path>,
+    env: &Environment,
+) -> Result<MaterialDefaults, ConfigError> {
+    let p = prepare::prepare_material(config, env)?;
+    Ok(MaterialDefaults {
+        server_hostname: p
+            .server_hostname
+            .as_ref()
+            .map(validate::server_hostname)
+            .transpose()?,
+        server_cert_dir: p.server_cert_dir,
+        identity_dir: p.identity_dir,
+        public_cert_dir: p.public_cert_dir,
+    })
 }

@@ -1,0 +1,483 @@
+//! The raw file: serde shapes mirroring the TOML keys one to one, plus
+//! reading a file with errors that point at a line and column.
+//!
+//! Reading happens in three passes so every error is precise:
+//! 1. TOML syntax ([`toml::de::DeTable::parse`], spans kept);
+//! 2. unknown keys, walked per level with the full key path and a
+//!    "did you mean" suggestion;
+//! 3. types, by deserializing into [`RawFile`] (which also denies unknown
+//!    fields at every level, as a backstop).
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::de::{DeTable, DeValue};
+
+use super::ConfigError;
+
+/// The whole file. Both sections may be present; each command reads its
+/// own and checks only the shape of the other.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a TOML document"
+)]
+pub(crate) struct RawFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<RawServer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<RawClient>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a [server] table"
+)]
+pub(crate) struct RawServer {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_bind_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnel_bind_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub readiness_bind_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graceful_shutdown_duration: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<RawAcme>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnels: Option<Vec<RawTunnel>>,
+}
+
+/// `[server.acme]` and `[client.acme]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "an [acme] table"
+)]
+pub(crate) struct RawAcme {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub directory_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub directory_ca_file: Option<PathBuf>,
+}
+
+/// One `[[server.tunnels]]` entry.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a [[server.tunnels]] table"
+)]
+pub(crate) struct RawTunnel {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_hostnames: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_identities: Option<Vec<String>>,
+}
+
+/// `[client]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a [client] table"
+)]
+pub(crate) struct RawClient {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_trust: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_ca_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_cert_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<RawAcme>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub services: Option<Vec<RawService>>,
+}
+
+/// One `[[client.services]]` entry.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a [[client.services]] table"
+)]
+pub(crate) struct RawService {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_hostnames: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<String>,
+}
+
+// Known keys per level. Keep in sync with the structs above (a test checks
+// that every listed key deserializes).
+pub(crate) const TOP_KEYS: &[&str] = &["log-level", "server", "client"];
+pub(crate) const SERVER_KEYS: &[&str] = &[
+    "hostname",
+    "public-bind-address",
+    "tunnel-bind-address",
+    "readiness-bind-address",
+    "graceful-shutdown-duration",
+    "cert-dir",
+    "acme",
+    "tunnels",
+];
+pub(crate) const ACME_KEYS: &[&str] = &["email", "state-dir", "directory-url", "directory-ca-file"];
+pub(crate) const TUNNEL_KEYS: &[&str] =
+    &["public-hostnames", "client-identity", "client-identities"];
+pub(crate) const CLIENT_KEYS: &[&str] = &[
+    "server-address",
+    "server-trust",
+    "server-ca-file",
+    "identity-dir",
+    "public-cert-dir",
+    "acme",
+    "services",
+];
+pub(crate) const SERVICE_KEYS: &[&str] = &[
+    "public-hostnames",
+    "backend-address",
+    "tls-mode",
+    "proxy-protocol",
+];
+
+/// A file that was read and parsed.
+#[derive(Debug, Clone)]
+pub(crate) struct LoadedFile {
+    /// Absolute path of the file.
+    pub path: PathBuf,
+    /// Its directory: the base for relative paths inside it.
+    pub dir: PathBuf,
+    pub raw: RawFile,
+}
+
+impl LoadedFile {
+    /// How errors name the file.
+    pub fn label(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// Read and parse `path` (absolute). A missing file is an error naming it.
+pub(crate) fn load(path: &Path) -> Result<LoadedFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ConfigError(format!("config file {} does not exist", path.display()))
+        } else {
+            ConfigError(format!("cannot read config file {}: {e}", path.display()))
+        }
+    })?;
+    let raw = parse(&path.display().to_string(), &text)?;
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    Ok(LoadedFile {
+        path: path.to_path_buf(),
+        dir,
+        raw,
+    })
+}
+
+/// Parse file text; `label` names the file in errors.
+pub(crate) fn parse(label: &str, text: &str) -> Result<RawFile, ConfigError> {
+    let document = DeTable::parse(text).map_err(|e| located(label, text, &e))?;
+    let mut unknown = Vec::new();
+    check_table(document.get_ref(), &Level::top(), &mut unknown);
+    if let Some(first) = unknown.into_iter().min_by_key(|u| u.span.start) {
+        let (line, _) = line_col(text, first.span.start);
+        let hint = first
+            .suggestion
+            .map(|s| format!("; did you mean \"{s}\"?"))
+            .unwrap_or_default();
+        return Err(ConfigError(format!(
+            "{label}: unknown key \"{}\" in {} at line {line} ({}){hint}",
+            first.key, first.place, first.path
+        )));
+    }
+    toml::from_str::<RawFile>(text).map_err(|e| located(label, text, &e))
+}
+
+/// `file:line:col: message`, then the offending line and a caret.
+fn located(label: &str, text: &str, error: &toml::de::Error) -> ConfigError {
+    let message = error.message().trim_end();
+    let Some(span) = error.span() else {
+        return ConfigError(format!("{label}: {message}"));
+    };
+    let (line, col) = line_col(text, span.start);
+    let line_text = text.lines().nth(line - 1).unwrap_or("");
+    let caret = format!("{}^", " ".repeat(col - 1));
+    ConfigError(format!(
+        "{label}:{line}:{col}: {message}\n{line_text}\n{caret}"
+    ))
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let col = before[line_start..].trim_end_matches('\r').chars().count() + 1;
+    (line, col)
+}
+
+struct Unknown {
+    key: String,
+    path: String,
+    place: String,
+    span: Range<usize>,
+    suggestion: Option<String>,
+}
+
+/// One level of the key tree.
+struct Level {
+    /// How the message names the level: "the top level", "[server]", ...
+    place: String,
+    /// Key path prefix: "", "server.", "server.tunnels[1]."
+    prefix: String,
+    known: &'static [&'static str],
+    kind: LevelKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LevelKind {
+    Top,
+    Server,
+    Client,
+    Acme,
+    Tunnel,
+    Service,
+}
+
+impl Level {
+    fn top() -> Self {
+        Level {
+            place: "the top level".to_string(),
+            prefix: String::new(),
+            known: TOP_KEYS,
+            kind: LevelKind::Top,
+        }
+    }
+
+    fn child(&self, key: &str) -> Option<Level> {
+        let (place, known, kind) = match (self.kind, key) {
+            (LevelKind::Top, "server") => ("[server]", SERVER_KEYS, LevelKind::Server),
+            (LevelKind::Top, "client") => ("[client]", CLIENT_KEYS, LevelKind::Client),
+            (LevelKind::Server, "acme") => ("[server.acme]", ACME_KEYS, LevelKind::Acme),
+            (LevelKind::Client, "acme") => ("[client.acme]", ACME_KEYS, LevelKind::Acme),
+            _ => return None,
+        };
+        Some(Level {
+            place: place.to_string(),
+            prefix: format!("{}{key}.", self.prefix),
+            known,
+            kind,
+        })
+    }
+
+    fn item(&self, key: &str, index: usize) -> Option<Level> {
+        let (place, known, kind) = match (self.kind, key) {
+            (LevelKind::Server, "tunnels") => {
+                ("[[server.tunnels]]", TUNNEL_KEYS, LevelKind::Tunnel)
+            }
+            (LevelKind::Client, "services") => {
+                ("[[client.services]]", SERVICE_KEYS, LevelKind::Service)
+            }
+            _ => return None,
+        };
+        Some(Level {
+            place: format!("{place} #{}", index + 1),
+            prefix: format!("{}{key}[{index}].", self.prefix),
+            known,
+            kind,
+        })
+    }
+}
+
+fn check_table(table: &DeTable<'_>, level: &Level, out: &mut Vec<Unknown>) {
+    for (key, value) in table.iter() {
+        let name: &str = key.get_ref();
+        if !level.known.contains(&name) {
+            out.push(Unknown {
+                key: name.to_string(),
+                path: format!("{}{name}", level.prefix),
+                place: level.place.clone(),
+                span: key.span(),
+                suggestion: suggest(name, level),
+            });
+            continue;
+        }
+        match value.get_ref() {
+            DeValue::Table(inner) => {
+                if let Some(child) = level.child(name) {
+                    check_table(inner, &child, out);
+                }
+            }
+            DeValue::Array(items) => {
+                for (index, item) in items.iter().enumerate() {
+                    if let (DeValue::Table(inner), Some(child)) =
+                        (item.get_ref(), level.item(name, index))
+                    {
+                        check_table(inner, &child, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A known key close to `unknown`: same ignoring case, a prefix either way,
+/// or within edit distance 3. At the top level, a key that belongs in a
+/// section is pointed there.
+fn suggest(unknown: &str, level: &Level) -> Option<String> {
+    if level.kind == LevelKind::Top {
+        if SERVER_KEYS.contains(&unknown) {
+            return Some(format!("server.{unknown}"));
+        }
+        if CLIENT_KEYS.contains(&unknown) {
+            return Some(format!("client.{unknown}"));
+        }
+    }
+    let lower = unknown.to_ascii_lowercase().replace('_', "-");
+    let mut best: Option<(usize, &str)> = None;
+    for &known in level.known {
+        let score = if lower == known {
+            0
+        } else if lower.len() >= 3 && (known.starts_with(&lower) || lower.starts_with(known)) {
+            1
+        } else {
+            let distance = levenshtein(&lower, known);
+            if distance > 3 {
+                continue;
+            }
+            distance
+        };
+        if best.is_none_or(|(s, _)| score < s) {
+            best = Some((score, known));
+        }
+    }
+    best.map(|(_, k)| k.to_string())
+}
+
+/// Edit distance (insertions, deletions, substitutions) over characters.
+pub(crate) fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    let mut current = vec![0; b.len() + 1];
+    for (i, ca) in a.chars().enumerate() {
+        current[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != cb);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        std::mem::swap(&mut previous, &mut current);
+    }
+    previous[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levenshtein_basics() {
+        assert_eq!(levenshtein("", ""), 0);
+        assert_eq!(levenshtein("abc", ""), 3);
+        assert_eq!(levenshtein("kitten", "sitting"), 3);
+        assert_eq!(levenshtein("public-hostname", "public-hostnames"), 1);
+    }
+
+    #[test]
+    fn line_col_is_one_based() {
+        let text = "a = 1\nbb = 2\n";
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, 6), (2, 1));
+        assert_eq!(line_col(text, 9), (2, 4));
+    }
+
+    #[test]
+    fn every_known_key_deserializes() {
+        let text = r#"
+log-level = "info"
+[server]
+hostname = "a"
+public-bind-address = "a"
+tunnel-bind-address = "a"
+readiness-bind-address = "a"
+graceful-shutdown-duration = "a"
+cert-dir = "a"
+[server.acme]
+email = "a"
+state-dir = "a"
+directory-url = "a"
+directory-ca-file = "a"
+[[server.tunnels]]
+public-hostnames = ["a"]
+client-identity = "a"
+client-identities = ["a"]
+[client]
+server-address = "a"
+server-trust = "a"
+server-ca-file = "a"
+identity-dir = "a"
+public-cert-dir = "a"
+[client.acme]
+email = "a"
+[[client.services]]
+public-hostnames = ["a"]
+backend-address = "a"
+tls-mode = "a"
+proxy-protocol = "a"
+"#;
+        let raw = parse("t.toml", text).map_err(|e| e.0);
+        assert!(raw.is_ok(), "{raw:?}");
+        let mentioned =
+            |k: &&str| text.contains(&format!("\n{k} =")) || text.contains(&format!(".{k}]"));
+        for keys in [
+            TOP_KEYS,
+            SERVER_KEYS,
+            ACME_KEYS,
+            TUNNEL_KEYS,
+            CLIENT_KEYS,
+            SERVICE_KEYS,
+        ] {
+            for k in keys {
+                assert!(
+                    mentioned(k) || ["server", "client", "tunnels", "services"].contains(k),
+                    "{k} not covered"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The effective config as TOML: every default filled, paths absolute,
+//! durations as `"<n>s"`. The output uses the input's key names and loads
+//! back to the same config.
+
+use std::path::{Path, PathBuf};
+
+use super::duration::format_duration;
+use super::file::{RawAcme, RawClient, RawFile, RawServer, RawService, RawTunnel};
+use super::types::*;
+
+/// A path as TOML text (non-UTF-8 bytes are replaced; such paths cannot be
+/// written in a TOML file anyway).
+fn path(p: &Path) -> PathBuf {
+    PathBuf::from(p.to_string_lossy().into_owned())
+}
+
+fn acme(a: &AcmeConfig) -> RawAcme {
+    RawAcme {
+        email: a.email.clone(),
+        state_dir: Some(path(&a.state_dir)),
+        directory_url: Some(a.directory_url.clone()),
+        directory_ca_file: a.directory_ca_file.as_deref().map(path),
+    }
+}
+
+fn header(source: &Option<PathBuf>) -> String {
+    match source {
+        Some(p) => format!("# Effective configuration (from {})\n", p.display()),
+        None => "# Effective configuration (from the command line)\n".to_string(),
+    }
+}
+
+fn to_toml(raw: &RawFile) -> String {
+    // Every value is a string, a list of strings or a table of those, which
+    // always serializes; fall back to a comment rather than panicking.
+    toml::to_string(raw).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+}
+
+/// The effective Server config.
+pub fn render_server(c: &ServerConfig) -> String {
+    let (cert_dir, acme_raw) = match &c.certificates {
+        ServerCertSource::Manual { cert_dir } => (Some(path(cert_dir)), None),
+        ServerCertSource::Acme(a) => (None, Some(acme(a))),
+    };
+    let raw = RawFile {
+        log_level: Some(c.log_level.as_str().to_string()),
+        server: Some(RawServer {
+            hostname: Some(c.hostname.to_string()),
+            public_bind_address: Some(c.public_bind_address.to_string()),
+            tunnel_bind_address: Some(c.tunnel_bind_address.to_string()),
+            readiness_bind_address: c.readiness_bind_address.map(|a| a.to_string()),
+            graceful_shutdown_duration: Some(format_duration(c.graceful_shutdown_duration)),
+            cert_dir,
+            acme: acme_raw,
+            tunnels: Some(
+                c.tunnels
+                    .iter()
+                    .map(|t| {
+                        let ids: Vec<String> =
+                            t.client_identities.iter().map(|i| i.to_string()).collect();
+                        let (one, many) = match ids.as_slice() {
+                            [only] => (Some(only.clone()), None),
+                            _ => (None, Some(ids)),
+                        };
+                        RawTunnel {
+                            public_hostnames: Some(
+                                t.public_hostnames.iter().map(|h| h.to_string()).collect(),
+                            ),
+                            client_identity: one,
+                            client_identities: many,
+                        }
+                    })
+                    .collect(),
+            ),
+        }),
+        client: None,
+    };
+    header(&c.source) + &to_toml(&raw)
+}
+
+/// The effective Client config.
+pub fn render_client(c: &ClientConfig) -> String {
+    let (server_trust, server_ca_file) = match &c.server_trust {
+        ServerTrust::System => ("system", None),
+        ServerTrust::CaFile(p) => ("ca-file", Some(path(p))),
+    };
+    let (public_cert_dir, acme_raw) = match &c.public_certs {
+        None => (None, None),
+        Some(PublicCertSource::Manual { dir }) => (Some(path(dir)), None),
+        Some(PublicCertSource::Acme(a)) => (None, Some(acme(a))),
+    };
+    let raw = RawFile {
+        log_level: Some(c.log_level.as_str().to_string()),
+        server: None,
+        client: Some(RawClient {
+            server_address: Some(c.server_address.to_string()),
+            server_trust: Some(server_trust.to_string()),
+            server_ca_file,
+            identity_dir: Some(path(&c.identity_dir)),
+            public_cert_dir,
+            acme: acme_raw,
+            services: Some(
+                c.services
+                    .iter()
+                    .map(|s| RawService {
+                        public_hostnames: (!s.public_hostnames.is_empty())
+                            .then(|| s.public_hostnames.iter().map(|h| h.to_string()).collect()),
+                        backend_address: Some(s.backend_address.to_string()),
+                        tls_mode: Some(
+                            match s.tls_mode {
+                                TlsMode::Passthrough => "passthrough",
+                                TlsMode::Terminate => "terminate",
+                            }
+                            .to_string(),
+                        ),
+                        proxy_protocol: s.proxy_protocol.then(|| "v2".to_string()),
+                    })
+                    .collect(),
+            ),
+        }),
+    };
+    header(&c.source) + &to_toml(&raw)
+}
