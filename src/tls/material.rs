@@ -1,1 +1,0 @@
-//! Certificate material on disk. (Stub: implemented by the material work.)

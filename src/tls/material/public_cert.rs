@@ -1,0 +1,344 @@
+//! The Client `public-cert-dir` (terminate mode, manual path): a Public
+//! hostname CA (`public-ca.crt`, `state/public-ca.key`) and one leaf per
+//! Public hostname (`<hostname>/public.crt`, `<hostname>/public.key`).
+//!
+//! Write order, every file atomic: CA key, CA certificate, then per
+//! hostname its key and its certificate.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::pki::{self, Ca, Leaf, TlsMaterial, WriteMode, Writer};
+use super::{MaterialError, STATE_DIR, exists, shell_arg};
+use crate::fsutil;
+use crate::hostname::PublicHostname;
+
+pub const PUBLIC_CA_CERT: &str = "public-ca.crt";
+/// Inside `state/`.
+pub const PUBLIC_CA_KEY: &str = "public-ca.key";
+/// Inside `<hostname>/`.
+pub const PUBLIC_CERT: &str = "public.crt";
+/// Inside `<hostname>/`.
+pub const PUBLIC_KEY: &str = "public.key";
+
+const CA_NAME: &str = "Runewarp Public Hostname CA";
+const CA_DAYS: u32 = 3650;
+const LEAF_DAYS: u32 = 90;
+
+struct LeafPaths {
+    dir: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn leaf_paths(dir: &Path, hostname: &PublicHostname) -> LeafPaths {
+    let leaf_dir = dir.join(hostname.as_str());
+    LeafPaths {
+        cert: leaf_dir.join(PUBLIC_CERT),
+        key: leaf_dir.join(PUBLIC_KEY),
+        dir: leaf_dir,
+    }
+}
+
+fn ca_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    (
+        dir.join(PUBLIC_CA_CERT),
+        dir.join(STATE_DIR).join(PUBLIC_CA_KEY),
+    )
+}
+
+fn init_hint(dir: &Path, hostname: Option<&PublicHostname>) -> String {
+    format!(
+        "runewarp client public-cert init --hostname {} --dir {}",
+        hostname.map_or("HOSTNAME", |h| h.as_str()),
+        shell_arg(dir)
+    )
+}
+
+fn load_ca(dir: &Path) -> Result<Ca, MaterialError> {
+    let (ca_cert, ca_key) = ca_paths(dir);
+    Ca::load(
+        "Public hostname CA",
+        dir,
+        &ca_cert,
+        &ca_key,
+        init_hint(dir, None),
+        &format!(
+            "run \"runewarp client public-cert rotate-ca --dir {}\" to replace the CA",
+            shell_arg(dir)
+        ),
+    )
+}
+
+fn unique(hostnames: &[PublicHostname]) -> Vec<&PublicHostname> {
+    let mut seen = BTreeSet::new();
+    hostnames
+        .iter()
+        .filter(|h| seen.insert(h.as_str()))
+        .collect()
+}
+
+/// `runewarp client public-cert init`: create the Public hostname CA if it
+/// is absent (else reuse it) and add a leaf per hostname. Without `force`,
+/// refuses (writing nothing) if a hostname already has a leaf.
+pub fn init_public_certs(
+    dir: &Path,
+    hostnames: &[PublicHostname],
+    force: bool,
+) -> Result<String, MaterialError> {
+    let hostnames = unique(hostnames);
+    let (ca_cert, ca_key) = ca_paths(dir);
+    let existing_ca = if exists(&ca_cert) || exists(&ca_key) {
+        Some(load_ca(dir)?)
+    } else {
+        None
+    };
+    if !force {
+        for h in &hostnames {
+            let lp = leaf_paths(dir, h);
+            if let Some(existing) = pki::first_existing([&lp.key, &lp.cert]) {
+                return Err(MaterialError::Exists {
+                    path: existing.clone(),
+                    next: format!(
+                        "use \"runewarp client public-cert renew --hostname {h} --dir {}\", or pass --force to replace it",
+                        shell_arg(dir)
+                    ),
+                });
+            }
+        }
+    }
+    let created_ca = existing_ca.is_none();
+    let ca = match existing_ca {
+        Some(ca) => ca,
+        None => Ca::generate(CA_NAME, CA_DAYS)?,
+    };
+    let leaves = issue_all(&ca, &hostnames)?;
+
+    pki::prepare_dirs(dir, created_ca)?;
+    let mut w = Writer::new(
+        WriteMode::Create,
+        format!(
+            "another process created it meanwhile; inspect {} and retry",
+            shell_arg(dir)
+        ),
+    );
+    if created_ca {
+        w.key(&ca_key, &ca.key.serialize_pem())?;
+        w.cert(&ca_cert, &ca.cert_pem)?;
+    }
+    w.mode = if force {
+        WriteMode::Replace
+    } else {
+        WriteMode::Create
+    };
+    write_leaves(&mut w, dir, &leaves)?;
+
+    let mut out = if created_ca {
+        format!(
+            "Created a Public hostname CA and certificates in {}\n",
+            dir.display()
+        )
+    } else {
+        format!(
+            "Added certificates in {} (existing Public hostname CA)\n",
+            dir.display()
+        )
+    };
+    w.report(&mut out);
+    report_tail(&mut out, dir, &ca, &leaves)?;
+    Ok(out)
+}
+
+/// `runewarp client public-cert renew`: reissue each hostname's leaf (new
+/// key) from the same CA. Each hostname must already have a leaf.
+pub fn renew_public_certs(
+    dir: &Path,
+    hostnames: &[PublicHostname],
+) -> Result<String, MaterialError> {
+    let hostnames = unique(hostnames);
+    let ca = load_ca(dir)?;
+    for h in &hostnames {
+        let lp = leaf_paths(dir, h);
+        if !exists(&lp.cert) && !exists(&lp.key) {
+            return Err(MaterialError::Missing {
+                what: "Public hostname certificate",
+                dir: lp.dir,
+                next: init_hint(dir, Some(h)),
+            });
+        }
+    }
+    let leaves = issue_all(&ca, &hostnames)?;
+    let mut w = Writer::new(WriteMode::Replace, String::new());
+    write_leaves(&mut w, dir, &leaves)?;
+
+    let mut out = format!(
+        "Renewed certificates in {} (same Public hostname CA)\n",
+        dir.display()
+    );
+    w.report(&mut out);
+    report_tail(&mut out, dir, &ca, &leaves)?;
+    Ok(out)
+}
+
+/// `runewarp client public-cert rotate-ca`: replace the Public hostname CA
+/// and reissue every existing leaf from it.
+pub fn rotate_public_ca(dir: &Path) -> Result<String, MaterialError> {
+    let old = load_ca(dir)?;
+    let hostnames = leaf_hostnames(dir)?;
+    let ca = Ca::generate(CA_NAME, CA_DAYS)?;
+    let refs: Vec<&PublicHostname> = hostnames.iter().collect();
+    let leaves = issue_all(&ca, &refs)?;
+    pki::prepare_dirs(dir, true)?;
+    let (ca_cert, ca_key) = ca_paths(dir);
+    let mut w = Writer::new(WriteMode::Replace, String::new());
+    w.key(&ca_key, &ca.key.serialize_pem())?;
+    w.cert(&ca_cert, &ca.cert_pem)?;
+    write_leaves(&mut w, dir, &leaves)?;
+
+    let mut out = format!(
+        "Replaced the Public hostname CA in {} and reissued {} certificate(s)\n",
+        dir.display(),
+        leaves.len()
+    );
+    w.report(&mut out);
+    let _ = writeln!(
+        out,
+        "Old Public hostname CA SHA-256 fingerprint: {}",
+        old.fingerprint()
+    );
+    report_tail(&mut out, dir, &ca, &leaves)?;
+    Ok(out)
+}
+
+/// Every `<hostname>/` with `public.crt` + `public.key`, sorted.
+pub(crate) fn load(dir: &Path) -> Result<Vec<(PublicHostname, TlsMaterial)>, MaterialError> {
+    if !dir.is_dir() {
+        return Err(MaterialError::Missing {
+            what: "public certificates",
+            dir: dir.to_path_buf(),
+            next: init_hint(dir, None),
+        });
+    }
+    let mut out = Vec::new();
+    for hostname in leaf_hostnames(dir)? {
+        let lp = leaf_paths(dir, &hostname);
+        pki::require_pair(
+            "public certificate",
+            &lp.dir,
+            &lp.cert,
+            &lp.key,
+            init_hint(dir, Some(&hostname)),
+        )?;
+        let renew = format!(
+            "run \"runewarp client public-cert renew --hostname {hostname} --dir {}\"",
+            shell_arg(dir)
+        );
+        let material = pki::load_tls_material(&lp.cert, &lp.key, &renew)?;
+        if let Some(leaf) = material.chain.first() {
+            let parsed = pki::parse_x509(&lp.cert, leaf)?;
+            let names = pki::dns_names(&lp.cert, &parsed)?;
+            if !names
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(hostname.as_str()))
+            {
+                return Err(MaterialError::Invalid {
+                    path: lp.cert,
+                    reason: format!("the certificate does not name {hostname}: {renew}"),
+                });
+            }
+        }
+        out.push((hostname, material));
+    }
+    Ok(out)
+}
+
+/// Subdirectories named like a Public hostname that hold a leaf file.
+fn leaf_hostnames(dir: &Path) -> Result<Vec<PublicHostname>, MaterialError> {
+    let read_err = |source: io::Error| MaterialError::Read {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut names = BTreeSet::new();
+    for entry in fs::read_dir(dir).map_err(read_err)? {
+        let entry = entry.map_err(read_err)?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if name == STATE_DIR || !entry.path().is_dir() {
+            continue;
+        }
+        let Ok(hostname) = PublicHostname::parse(name) else {
+            tracing::debug!(path = %entry.path().display(), "skipping a directory that is not named like a hostname");
+            continue;
+        };
+        if hostname.as_str() != name {
+            tracing::warn!(path = %entry.path().display(), "skipping a directory whose name is not a canonical hostname (lowercase, no trailing dot)");
+            continue;
+        }
+        let lp = leaf_paths(dir, &hostname);
+        if exists(&lp.cert) || exists(&lp.key) {
+            names.insert(hostname);
+        }
+    }
+    Ok(names.into_iter().collect())
+}
+
+fn issue_all<'h>(
+    ca: &Ca,
+    hostnames: &[&'h PublicHostname],
+) -> Result<Vec<(&'h PublicHostname, Leaf)>, MaterialError> {
+    hostnames
+        .iter()
+        .map(|h| Ok((*h, ca.issue_leaf(h.as_str(), LEAF_DAYS)?)))
+        .collect()
+}
+
+fn write_leaves(
+    w: &mut Writer,
+    dir: &Path,
+    leaves: &[(&PublicHostname, Leaf)],
+) -> Result<(), MaterialError> {
+    for (h, leaf) in leaves {
+        let lp = leaf_paths(dir, h);
+        fsutil::ensure_dir(&lp.dir, fsutil::MATERIAL_DIR_MODE).map_err(|source| {
+            MaterialError::Write {
+                path: lp.dir.clone(),
+                source,
+            }
+        })?;
+        w.key(&lp.key, &leaf.key_pem)?;
+        w.cert(&lp.cert, &leaf.cert_pem)?;
+    }
+    Ok(())
+}
+
+fn report_tail(
+    out: &mut String,
+    dir: &Path,
+    ca: &Ca,
+    leaves: &[(&PublicHostname, Leaf)],
+) -> Result<(), MaterialError> {
+    for (h, leaf) in leaves {
+        let lp = leaf_paths(dir, h);
+        let _ = writeln!(
+            out,
+            "{h}: valid until {}",
+            pki::not_after(&lp.cert, &leaf.cert_der)?
+        );
+    }
+    let _ = writeln!(
+        out,
+        "Public hostname CA SHA-256 fingerprint: {}",
+        ca.fingerprint()
+    );
+    let _ = writeln!(
+        out,
+        "Visitors must trust {} to accept these certificates.",
+        dir.join(PUBLIC_CA_CERT).display()
+    );
+    Ok(())
+}

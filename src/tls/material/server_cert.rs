@@ -1,0 +1,209 @@
+//! The Server `cert-dir`: a private CA (`server-ca.crt`,
+//! `state/server-ca.key`) and the Server certificate it issues
+//! (`server.crt`, `server.key`).
+//!
+//! Write order, every file atomic: CA key, CA certificate, leaf key, leaf
+//! certificate.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use super::pki::{self, Ca, WriteMode, Writer};
+use super::{MaterialError, STATE_DIR, exists, shell_arg};
+use crate::hostname::ServerHostname;
+
+pub const SERVER_CERT: &str = "server.crt";
+pub const SERVER_KEY: &str = "server.key";
+pub const SERVER_CA_CERT: &str = "server-ca.crt";
+/// Inside `state/`.
+pub const SERVER_CA_KEY: &str = "server-ca.key";
+
+const CA_DAYS: u32 = 3650;
+const LEAF_DAYS: u32 = 397;
+
+struct Paths {
+    cert: PathBuf,
+    key: PathBuf,
+    ca_cert: PathBuf,
+    ca_key: PathBuf,
+}
+
+fn paths(dir: &Path) -> Paths {
+    Paths {
+        cert: dir.join(SERVER_CERT),
+        key: dir.join(SERVER_KEY),
+        ca_cert: dir.join(SERVER_CA_CERT),
+        ca_key: dir.join(STATE_DIR).join(SERVER_CA_KEY),
+    }
+}
+
+pub(crate) fn init_hint(dir: &Path) -> String {
+    format!(
+        "runewarp server cert init --hostname HOSTNAME --dir {}",
+        shell_arg(dir)
+    )
+}
+
+pub(crate) fn renew_hint(dir: &Path) -> String {
+    format!(
+        "run \"runewarp server cert renew --dir {}\"",
+        shell_arg(dir)
+    )
+}
+
+fn ca_name(hostname: &ServerHostname) -> String {
+    format!("Runewarp Server CA {hostname}")
+}
+
+/// `runewarp server cert init`: create a private CA and a Server
+/// certificate for `hostname`. Without `force`, refuses if any of the
+/// material files already exists (nothing is written).
+pub fn init_server_cert(
+    dir: &Path,
+    hostname: &ServerHostname,
+    force: bool,
+) -> Result<String, MaterialError> {
+    let p = paths(dir);
+    let next = format!(
+        "use \"runewarp server cert renew --dir {d}\" or \"runewarp server cert rotate-ca --dir {d}\", or pass --force to replace it",
+        d = shell_arg(dir)
+    );
+    if !force && let Some(existing) = pki::first_existing([&p.ca_key, &p.key, &p.ca_cert, &p.cert])
+    {
+        return Err(MaterialError::Exists {
+            path: existing.clone(),
+            next,
+        });
+    }
+    let ca = Ca::generate(&ca_name(hostname), CA_DAYS)?;
+    let leaf = ca.issue_leaf(hostname.as_str(), LEAF_DAYS)?;
+    pki::prepare_dirs(dir, true)?;
+    let mode = if force {
+        WriteMode::Replace
+    } else {
+        WriteMode::Create
+    };
+    let mut w = Writer::new(mode, next);
+    w.key(&p.ca_key, &ca.key.serialize_pem())?;
+    w.cert(&p.ca_cert, &ca.cert_pem)?;
+    w.key(&p.key, &leaf.key_pem)?;
+    w.cert(&p.cert, &leaf.cert_pem)?;
+
+    let mut out = format!(
+        "Created a private Server CA and a Server certificate for {hostname} in {}\n",
+        dir.display()
+    );
+    w.report(&mut out);
+    report_tail(&mut out, &p, &ca, &leaf.cert_der)?;
+    Ok(out)
+}
+
+/// `runewarp server cert renew`: reissue the Server certificate (new key)
+/// from the existing CA. `hostname` defaults to the existing leaf's name.
+pub fn renew_server_cert(
+    dir: &Path,
+    hostname: Option<&ServerHostname>,
+) -> Result<String, MaterialError> {
+    let p = paths(dir);
+    let ca = load_ca(dir, &p)?;
+    let hostname = resolve_hostname(&p, hostname)?;
+    let leaf = ca.issue_leaf(hostname.as_str(), LEAF_DAYS)?;
+    let mut w = Writer::new(WriteMode::Replace, String::new());
+    w.key(&p.key, &leaf.key_pem)?;
+    w.cert(&p.cert, &leaf.cert_pem)?;
+
+    let mut out = format!(
+        "Renewed the Server certificate for {hostname} in {} (same CA)\n",
+        dir.display()
+    );
+    w.report(&mut out);
+    report_tail(&mut out, &p, &ca, &leaf.cert_der)?;
+    Ok(out)
+}
+
+/// `runewarp server cert rotate-ca`: replace the private CA and reissue the
+/// Server certificate from it. Clients pinning the old `server-ca.crt` must
+/// be given the new one.
+pub fn rotate_server_ca(
+    dir: &Path,
+    hostname: Option<&ServerHostname>,
+) -> Result<String, MaterialError> {
+    let p = paths(dir);
+    let old = load_ca(dir, &p)?;
+    let hostname = resolve_hostname(&p, hostname)?;
+    let ca = Ca::generate(&ca_name(&hostname), CA_DAYS)?;
+    let leaf = ca.issue_leaf(hostname.as_str(), LEAF_DAYS)?;
+    pki::prepare_dirs(dir, true)?;
+    let mut w = Writer::new(WriteMode::Replace, String::new());
+    w.key(&p.ca_key, &ca.key.serialize_pem())?;
+    w.cert(&p.ca_cert, &ca.cert_pem)?;
+    w.key(&p.key, &leaf.key_pem)?;
+    w.cert(&p.cert, &leaf.cert_pem)?;
+
+    let mut out = format!(
+        "Replaced the private Server CA and reissued the Server certificate for {hostname} in {}\n",
+        dir.display()
+    );
+    w.report(&mut out);
+    let _ = writeln!(
+        out,
+        "Old Server CA SHA-256 fingerprint: {}",
+        old.fingerprint()
+    );
+    report_tail(&mut out, &p, &ca, &leaf.cert_der)?;
+    let _ = writeln!(
+        out,
+        "Give every Client the new {} (server-ca-file).",
+        p.ca_cert.display()
+    );
+    Ok(out)
+}
+
+fn load_ca(dir: &Path, p: &Paths) -> Result<Ca, MaterialError> {
+    Ca::load(
+        "Server CA",
+        dir,
+        &p.ca_cert,
+        &p.ca_key,
+        init_hint(dir),
+        &format!(
+            "run \"runewarp server cert rotate-ca --dir {}\" to replace the CA",
+            shell_arg(dir)
+        ),
+    )
+}
+
+/// `hostname`, else the DNS name in the existing `server.crt`.
+fn resolve_hostname(
+    p: &Paths,
+    hostname: Option<&ServerHostname>,
+) -> Result<ServerHostname, MaterialError> {
+    if let Some(h) = hostname {
+        return Ok(h.clone());
+    }
+    if !exists(&p.cert) {
+        return Err(MaterialError::NoServerHostname);
+    }
+    let der = pki::read_cert(&p.cert)?;
+    let parsed = pki::parse_x509(&p.cert, &der)?;
+    let names = pki::dns_names(&p.cert, &parsed)?;
+    names
+        .iter()
+        .find_map(|n| ServerHostname::parse(n).ok())
+        .ok_or(MaterialError::NoServerHostname)
+}
+
+fn report_tail(out: &mut String, p: &Paths, ca: &Ca, leaf_der: &[u8]) -> Result<(), MaterialError> {
+    let _ = writeln!(
+        out,
+        "Server certificate valid until {}",
+        pki::not_after(&p.cert, leaf_der)?
+    );
+    let _ = writeln!(out, "Server CA SHA-256 fingerprint: {}", ca.fingerprint());
+    let _ = writeln!(
+        out,
+        "Clients trust it with: server-trust = \"ca-file\", server-ca-file = \"{}\"",
+        p.ca_cert.display()
+    );
+    Ok(())
+}
