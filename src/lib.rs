@@ -13,6 +13,7 @@ pub mod fsutil;
 pub mod hostname;
 pub mod logging;
 pub mod proxy;
+pub mod run;
 pub mod server;
 pub mod client;
 pub mod shutdown;

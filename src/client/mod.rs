@@ -1,1 +1,392 @@
-//! stub
+//! The Client instance: keeps one Tunnel connection to the Server (dialer,
+//! reconnect backoff), accepts the streams the Server opens, selects a
+//! Service by SNI and forwards to its Local backend, passing TLS through or
+//! terminating it.
+
+pub mod backoff;
+pub mod dialer;
+pub mod service;
+pub mod terminate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{RecvStream, SendStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::config::{BackendAddress, ClientConfig, PublicCertSource, ServiceConfig, TlsMode};
+use crate::hostname::wire_lookup_key;
+use crate::proxy;
+use crate::shutdown::Shutdown;
+use crate::tls::client_identity::ClientIdentity;
+use crate::tls::material::{self, MaterialError};
+use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE};
+use crate::tls::trust::{self, TrustError};
+use crate::tunnel::framing::{self, ProxyHeader};
+use crate::tunnel::transport::{self, TransportError, close_code, stream_code};
+
+use backoff::Backoff;
+use dialer::{DialError, Dialer};
+use service::ServiceTable;
+use terminate::{CertificateTable, TerminateError, TunnelStream};
+
+/// The Local backend must accept the TCP connection within this time.
+pub const BACKEND_CONNECT_DEADLINE: Duration = Duration::from_secs(5);
+/// The PROXY header of a new stream must arrive within this time.
+const STREAM_HEADER_DEADLINE: Duration = Duration::from_secs(10);
+/// Terminate mode: the Visitor's TLS handshake must finish within this time.
+const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// After being replaced by a newer connection with the same identity, wait
+/// this long before dialing again, so two instances sharing an identity do
+/// not flap the Tunnel back and forth.
+pub const REPLACED_PAUSE: Duration = Duration::from_secs(60);
+/// After closing the tunnel on shutdown, wait at most this long for the
+/// close to reach the Server.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Material(#[from] MaterialError),
+    #[error("{0}")]
+    Trust(#[from] TrustError),
+    #[error("tunnel TLS: {0}")]
+    Transport(#[from] TransportError),
+    #[error("terminate: {0}")]
+    Terminate(#[from] TerminateError),
+    #[error(
+        "[client.acme] is configured but this build takes terminate certificates from public-cert-dir only; use public-cert-dir"
+    )]
+    AcmeUnavailable,
+}
+
+/// What the stream handlers share.
+struct Context {
+    services: ServiceTable,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// A Client instance ready to run.
+pub struct Client {
+    config: Arc<ClientConfig>,
+    identity: ClientIdentity,
+    dialer: Dialer,
+    context: Arc<Context>,
+}
+
+/// How a Tunnel connection ended.
+enum Ended {
+    Shutdown,
+    Replaced,
+    Lost(quinn::ConnectionError),
+}
+
+impl Client {
+    /// Load the identity, Server trust and terminate certificates.
+    pub fn new(config: ClientConfig) -> Result<Self, ClientError> {
+        let (identity_material, identity) = material::load_client_identity(&config.identity_dir)?;
+        let roots = trust::root_store(&config.server_trust)?;
+        let quic = transport::client_config(roots, identity_material)?;
+        let acceptor = match &config.public_certs {
+            None => None,
+            Some(PublicCertSource::Acme(_)) => return Err(ClientError::AcmeUnavailable),
+            Some(PublicCertSource::Manual { dir }) => {
+                let table = CertificateTable::new(material::load_public_certs(dir)?)?;
+                for s in config.services.iter().filter(|s| s.tls_mode == TlsMode::Terminate) {
+                    for h in s.public_hostnames.iter().filter(|h| !table.contains(h)) {
+                        tracing::warn!(
+                            event = "terminate_certificate_missing",
+                            hostname = %h,
+                            dir = %dir.display(),
+                            hint = "run runewarp client public-cert init --hostname <hostname>",
+                        );
+                    }
+                }
+                Some(terminate::acceptor(Arc::new(table))?)
+            }
+        };
+        let context = Arc::new(Context {
+            services: ServiceTable::new(&config.services),
+            acceptor,
+        });
+        Ok(Self {
+            dialer: Dialer::new(config.server_address.clone(), quic),
+            config: Arc::new(config),
+            identity,
+            context,
+        })
+    }
+
+    pub fn identity(&self) -> ClientIdentity {
+        self.identity
+    }
+
+    /// Keep the Tunnel connection up until `shutdown` fires.
+    pub async fn run(mut self, mut shutdown: Shutdown) {
+        let mut backoff = Backoff::default();
+        let mut rng = rand::rng();
+        let server = self.config.server_address.to_string();
+        tracing::info!(event = "client_started", server = %server, identity = %self.identity, services = self.config.services.len());
+        loop {
+            let dialed = tokio::select! {
+                _ = shutdown.wait() => break,
+                dialed = self.dialer.dial() => dialed,
+            };
+            let delay = match dialed {
+                Ok(conn) => {
+                    backoff.reset();
+                    let peer = conn.remote_address();
+                    tracing::info!(event = "tunnel_connected", server = %server, %peer, identity = %self.identity);
+                    match serve(&conn, self.context.clone(), &mut shutdown).await {
+                        Ended::Shutdown => {
+                            conn.close(close_code::SHUTDOWN, b"client shutting down");
+                            break;
+                        }
+                        Ended::Replaced => {
+                            tracing::warn!(
+                                event = "tunnel_replaced",
+                                server = %server,
+                                identity = %self.identity,
+                                retry_in_s = REPLACED_PAUSE.as_secs(),
+                                hint = "another Client instance with this identity connected",
+                            );
+                            REPLACED_PAUSE
+                        }
+                        Ended::Lost(error) => {
+                            let delay = backoff.next_delay(&mut rng);
+                            tracing::info!(event = "tunnel_closed", server = %server, %peer, reason = %error, retry_in_ms = delay.as_millis() as u64);
+                            delay
+                        }
+                    }
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay(&mut rng);
+                    log_dial_failure(&server, &error, delay);
+                    delay
+                }
+            };
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        if let Ok(endpoint) = self.dialer.endpoint() {
+            endpoint.close(close_code::SHUTDOWN, b"client shutting down");
+            let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
+        }
+        tracing::info!(event = "client_stopped");
+    }
+}
+
+fn log_dial_failure(server: &str, error: &DialError, delay: Duration) {
+    tracing::warn!(event = "tunnel_dial_failed", server, %error, retry_in_ms = delay.as_millis() as u64);
+}
+
+async fn serve(conn: &quinn::Connection, context: Arc<Context>, shutdown: &mut Shutdown) -> Ended {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait() => return Ended::Shutdown,
+            accepted = conn.accept_bi() => accepted,
+        };
+        match accepted {
+            Ok((send, recv)) => {
+                tokio::spawn(stream(send, recv, context.clone()));
+            }
+            Err(quinn::ConnectionError::ApplicationClosed(c))
+                if c.error_code == close_code::REPLACED =>
+            {
+                return Ended::Replaced;
+            }
+            Err(e) => return Ended::Lost(e),
+        }
+    }
+}
+
+/// One Visitor stream: PROXY header, ClientHello, Service, backend.
+async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context>) {
+    let header = match tokio::time::timeout(STREAM_HEADER_DEADLINE, framing::read_proxy_header(&mut recv)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(error)) => {
+            tracing::debug!(event = "stream_rejected", reason = "bad_proxy_header", %error);
+            return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
+        }
+        Err(_) => {
+            tracing::debug!(event = "stream_rejected", reason = "proxy_header_timeout");
+            return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
+        }
+    };
+    let visitor = header.map(|h| h.source);
+    let mut hello = Vec::new();
+    let deadline = tokio::time::Instant::now() + CLIENT_HELLO_DEADLINE;
+    let info = match sni::read_client_hello(&mut recv, &mut hello, deadline).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(event = "stream_rejected", visitor = ?visitor, reason = e.reason());
+            return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
+        }
+    };
+    let hostname = info.server_name.as_deref().map(wire_lookup_key);
+    let Some(service) = context.services.select(hostname.as_deref()) else {
+        tracing::info!(event = "stream_rejected", hostname = hostname.as_deref().unwrap_or("-"), visitor = ?visitor, reason = "no_service");
+        return reject(&mut send, &mut recv, stream_code::NO_SERVICE);
+    };
+    let host = hostname.as_deref().unwrap_or("-");
+    let started = std::time::Instant::now();
+    let result = match service.tls_mode {
+        TlsMode::Passthrough => {
+            passthrough(service, header, Bytes::from(hello), send, recv, host).await
+        }
+        TlsMode::Terminate => match &context.acceptor {
+            Some(acceptor) => {
+                terminate(acceptor, service, header, Bytes::from(hello), send, recv, host).await
+            }
+            None => {
+                reject(&mut send, &mut recv, stream_code::TLS_FAILED);
+                Err("no_certificates")
+            }
+        },
+    };
+    match result {
+        Ok(t) => tracing::debug!(
+            event = "stream_closed",
+            hostname = host,
+            service = service.index,
+            to_backend = t.to_backend,
+            from_backend = t.from_backend,
+            duration_ms = started.elapsed().as_millis() as u64,
+        ),
+        Err(reason) => tracing::debug!(event = "stream_aborted", hostname = host, service = service.index, reason),
+    }
+}
+
+fn reject(send: &mut SendStream, recv: &mut RecvStream, code: quinn::VarInt) {
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
+}
+
+async fn connect_backend(addr: &BackendAddress, hostname: &str) -> Result<TcpStream, &'static str> {
+    let connect = TcpStream::connect((addr.host.as_str(), addr.port));
+    match tokio::time::timeout(BACKEND_CONNECT_DEADLINE, connect).await {
+        Ok(Ok(tcp)) => {
+            let _ = tcp.set_nodelay(true);
+            Ok(tcp)
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(event = "backend_unreachable", backend = %addr, hostname, %error);
+            Err("backend_unreachable")
+        }
+        Err(_) => {
+            tracing::warn!(event = "backend_unreachable", backend = %addr, hostname, error = "connect timed out");
+            Err("backend_timeout")
+        }
+    }
+}
+
+/// Write the PROXY v2 header the Service asked for (the Visitor's
+/// addresses, as the Server saw them).
+async fn send_proxy_header(
+    tcp: &mut TcpStream,
+    service: &ServiceConfig,
+    header: Option<ProxyHeader>,
+) -> std::io::Result<()> {
+    if !service.proxy_protocol {
+        return Ok(());
+    }
+    let bytes = match header {
+        Some(h) => framing::encode(&h),
+        None => framing::encode_local(),
+    };
+    tcp.write_all(&bytes).await
+}
+
+async fn passthrough(
+    service: &ServiceConfig,
+    header: Option<ProxyHeader>,
+    hello: Bytes,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    hostname: &str,
+) -> Result<Moved, &'static str> {
+    let mut tcp = match connect_backend(&service.backend_address, hostname).await {
+        Ok(tcp) => tcp,
+        Err(reason) => {
+            reject(&mut send, &mut recv, stream_code::BACKEND_UNREACHABLE);
+            return Err(reason);
+        }
+    };
+    let first = async {
+        send_proxy_header(&mut tcp, service, header).await?;
+        tcp.write_all(&hello).await
+    };
+    if first.await.is_err() {
+        proxy::abort_tcp(&tcp);
+        proxy::abort_stream(&mut send, &mut recv);
+        return Err("backend_write_failed");
+    }
+    // Here the TCP side of the relay is the backend.
+    let t = proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv)
+        .await
+        .map_err(|e| e.reason())?;
+    Ok(Moved {
+        to_backend: t.from_tunnel + hello.len() as u64,
+        from_backend: t.to_tunnel,
+    })
+}
+
+async fn terminate(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    service: &ServiceConfig,
+    header: Option<ProxyHeader>,
+    hello: Bytes,
+    send: SendStream,
+    recv: RecvStream,
+    hostname: &str,
+) -> Result<Moved, &'static str> {
+    let stream = TunnelStream::new(hello, send, recv);
+    let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            // The alert, if any, went out through the stream; dropping it
+            // finishes the stream cleanly behind it.
+            tracing::debug!(event = "terminate_handshake_failed", hostname, %error);
+            return Err("tls_handshake_failed");
+        }
+        Err(_) => return Err("tls_handshake_timeout"),
+    };
+    let abort_tls = |tls: &mut tokio_rustls::server::TlsStream<TunnelStream>| {
+        let (io, _) = tls.get_mut();
+        proxy::abort_stream(&mut io.send, &mut io.recv);
+    };
+    let mut tcp = match connect_backend(&service.backend_address, hostname).await {
+        Ok(tcp) => tcp,
+        Err(reason) => {
+            abort_tls(&mut tls);
+            return Err(reason);
+        }
+    };
+    if send_proxy_header(&mut tcp, service, header).await.is_err() {
+        proxy::abort_tcp(&tcp);
+        abort_tls(&mut tls);
+        return Err("backend_write_failed");
+    }
+    match proxy::relay_io(&mut tls, &mut tcp).await {
+        Ok(t) => Ok(Moved {
+            to_backend: t.to_tunnel,
+            from_backend: t.from_tunnel,
+        }),
+        Err(_) => {
+            proxy::abort_tcp(&tcp);
+            abort_tls(&mut tls);
+            Err("relay_failed")
+        }
+    }
+}
+
+/// Bytes moved between the Visitor side and the Local backend.
+#[derive(Debug, Clone, Copy)]
+struct Moved {
+    to_backend: u64,
+    from_backend: u64,
+}

@@ -1,1 +1,288 @@
-//! stub
+//! QUIC transport for the Tunnel connection (`runewarp/1`).
+//!
+//! One QUIC connection per Client instance, TLS 1.3 only, ALPN exactly
+//! `runewarp/1`, no 0-RTT. The Server authenticates the Client by the
+//! SHA-256 of its certificate's SubjectPublicKeyInfo (the pinned
+//! [`ClientIdentity`]); validity dates and chains are ignored. Only the
+//! Server opens streams: one bidirectional stream per Visitor connection.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::tls::client_identity::ClientIdentity;
+use crate::tls::material::TlsMaterial;
+
+/// The ALPN protocol of the tunnel.
+pub const ALPN: &[u8] = b"runewarp/1";
+/// QUIC idle timeout.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Keep-alive interval (both ends).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// A tunnel handshake must complete within this time.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// Streams the Client lets the Server open at once.
+pub const MAX_STREAMS: u32 = 1024;
+
+/// Per-stream flow-control window. Large enough to fill a fast path for a
+/// single Visitor, small enough that 1,000 stalled streams stay bounded by
+/// the connection window below, not by this.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Connection-wide receive window: caps what one Tunnel connection can have
+/// in flight towards a slow reader.
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// How much unacknowledged data we keep buffered for sending.
+const SEND_WINDOW: u64 = 16 * 1024 * 1024;
+
+/// Application error codes carried in CONNECTION_CLOSE.
+pub mod close_code {
+    use quinn::VarInt;
+    /// Orderly shutdown of the closing side.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    /// A newer authenticated connection took over this Tunnel.
+    pub const REPLACED: VarInt = VarInt::from_u32(1);
+    /// The identity is not (or no longer) pinned.
+    pub const UNAUTHORIZED: VarInt = VarInt::from_u32(2);
+    /// The peer broke the protocol (e.g. opened a stream it may not).
+    pub const PROTOCOL: VarInt = VarInt::from_u32(3);
+}
+
+/// Application error codes carried in RESET_STREAM / STOP_SENDING.
+pub mod stream_code {
+    use quinn::VarInt;
+    /// The proxied connection failed (reset, I/O error).
+    pub const ABORTED: VarInt = VarInt::from_u32(1);
+    /// The Client has no Service for the stream's hostname.
+    pub const NO_SERVICE: VarInt = VarInt::from_u32(2);
+    /// The Local backend could not be reached.
+    pub const BACKEND_UNREACHABLE: VarInt = VarInt::from_u32(3);
+    /// The stream's framing (PROXY header, ClientHello) was invalid.
+    pub const BAD_FRAMING: VarInt = VarInt::from_u32(4);
+    /// Terminate mode: the Visitor's TLS handshake failed.
+    pub const TLS_FAILED: VarInt = VarInt::from_u32(5);
+    /// The process is shutting down.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(6);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("QUIC crypto configuration: {0}")]
+    Quic(String),
+}
+
+fn transport(is_server: bool) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(
+        IDLE_TIMEOUT.as_millis() as u32,
+    ))));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
+    t.send_window(SEND_WINDOW);
+    t.datagram_receive_buffer_size(None);
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    if is_server {
+        // The Client may not open streams towards the Server.
+        t.max_concurrent_bidi_streams(VarInt::from_u32(0));
+    } else {
+        t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS));
+    }
+    t
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Build the Server's QUIC config: present `server_cert`, require a Client
+/// certificate whose SPKI pin is in `pins`.
+pub fn server_config(
+    server_cert: TlsMaterial,
+    pins: HashSet<ClientIdentity>,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedClientVerifier {
+        pins,
+        provider: provider.clone(),
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(server_cert.chain, server_cert.key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TransportError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport(true)));
+    Ok(config)
+}
+
+/// Build the Client's QUIC config: trust exactly `roots`, present the
+/// Client identity.
+pub fn client_config(
+    roots: rustls::RootCertStore,
+    identity: TlsMaterial,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(identity.chain, identity.key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.enable_early_data = false;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TransportError::Quic(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport(false)));
+    Ok(config)
+}
+
+/// The identity of an authenticated peer, from its certificate.
+pub fn peer_identity(conn: &quinn::Connection) -> Option<ClientIdentity> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let leaf = certs.first()?;
+    ClientIdentity::from_certificate_der(leaf).ok()
+}
+
+/// Accepts a Client certificate if and only if its SPKI pin is known.
+/// Rejection maps to the TLS `access_denied` alert.
+#[derive(Debug)]
+struct PinnedClientVerifier {
+    pins: HashSet<ClientIdentity>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ClientCertVerifier for PinnedClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let identity = ClientIdentity::from_certificate_der(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if self.pins.contains(&identity) {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            tracing::debug!(event = "tunnel_refused", identity = %identity, reason = "unknown_identity");
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // TLS 1.2 is not offered on the tunnel.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Socket buffer size asked for on tunnel UDP sockets; the kernel may cap
+/// it at `net.core.{r,w}mem_max`, in which case we try the privileged
+/// FORCE variant and otherwise keep what we got.
+const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+/// A UDP socket for a QUIC endpoint with enlarged buffers, so bursts at
+/// full speed are not dropped by the kernel.
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    for (set, force) in [
+        (
+            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
+            libc::SO_RCVBUFFORCE,
+        ),
+        (Socket::set_send_buffer_size, libc::SO_SNDBUFFORCE),
+    ] {
+        let _ = set(&socket, UDP_BUFFER);
+        let _ = set_force(&socket, force, UDP_BUFFER);
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+fn set_force(socket: &socket2::Socket, option: libc::c_int, size: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt with a valid fd, a pointer to a c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A quinn endpoint on `addr`, serving `server` if given.
+pub fn endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    reset_key: Option<[u8; 64]>,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = udp_socket(addr)?;
+    let mut config = quinn::EndpointConfig::default();
+    if let Some(key) = reset_key {
+        config.reset_key(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key)));
+    }
+    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+}

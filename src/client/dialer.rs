@@ -1,0 +1,123 @@
+//! The dialer: resolves `server-address` and establishes the Tunnel
+//! connection, racing the resolved addresses (staggered, first handshake
+//! wins) so a dead address family cannot stall the Client.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+use crate::config::ServerAddress;
+use crate::tunnel::transport::{self, HANDSHAKE_DEADLINE};
+
+/// Delay before trying the next resolved address.
+const STAGGER: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("cannot resolve {address}: {error}")]
+    Resolve {
+        address: String,
+        error: std::io::Error,
+    },
+    #[error("{address} resolved to no addresses")]
+    NoAddresses { address: String },
+    #[error("cannot create a UDP socket: {0}")]
+    Socket(std::io::Error),
+    #[error("{addr}: {error}")]
+    Connect {
+        addr: SocketAddr,
+        error: quinn::ConnectError,
+    },
+    #[error("{addr}: {error}")]
+    Handshake {
+        addr: SocketAddr,
+        error: quinn::ConnectionError,
+    },
+    #[error("{addr}: no answer within {}s", HANDSHAKE_DEADLINE.as_secs())]
+    Timeout { addr: SocketAddr },
+}
+
+pub struct Dialer {
+    address: ServerAddress,
+    quic: quinn::ClientConfig,
+    endpoint: Option<quinn::Endpoint>,
+}
+
+impl Dialer {
+    pub fn new(address: ServerAddress, quic: quinn::ClientConfig) -> Self {
+        Self {
+            address,
+            quic,
+            endpoint: None,
+        }
+    }
+
+    /// The local endpoint, created on first use: dual-stack where the host
+    /// has IPv6, IPv4 only otherwise.
+    pub fn endpoint(&mut self) -> Result<quinn::Endpoint, DialError> {
+        if let Some(e) = &self.endpoint {
+            return Ok(e.clone());
+        }
+        let any6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0));
+        let any4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+        let endpoint = transport::endpoint(any6, None, None)
+            .or_else(|_| transport::endpoint(any4, None, None))
+            .map_err(DialError::Socket)?;
+        self.endpoint = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    pub async fn dial(&mut self) -> Result<quinn::Connection, DialError> {
+        let host = self.address.host.as_str().to_string();
+        let address = self.address.to_string();
+        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), self.address.port))
+            .await
+            .map_err(|error| DialError::Resolve {
+                address: address.clone(),
+                error,
+            })?
+            .collect();
+        addrs.dedup();
+        if addrs.is_empty() {
+            return Err(DialError::NoAddresses { address });
+        }
+        let endpoint = self.endpoint()?;
+        let ipv4_only = endpoint.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
+        if ipv4_only {
+            addrs.retain(SocketAddr::is_ipv4);
+            if addrs.is_empty() {
+                return Err(DialError::NoAddresses { address });
+            }
+        }
+        let mut attempts = JoinSet::new();
+        for (i, addr) in addrs.into_iter().enumerate() {
+            let endpoint = endpoint.clone();
+            let config = self.quic.clone();
+            let host = host.clone();
+            attempts.spawn(async move {
+                tokio::time::sleep(STAGGER * i as u32).await;
+                let connecting = endpoint
+                    .connect_with(config, addr, &host)
+                    .map_err(|error| DialError::Connect { addr, error })?;
+                match tokio::time::timeout(HANDSHAKE_DEADLINE, connecting).await {
+                    Ok(Ok(conn)) => Ok(conn),
+                    Ok(Err(error)) => Err(DialError::Handshake { addr, error }),
+                    Err(_) => Err(DialError::Timeout { addr }),
+                }
+            });
+        }
+        let mut last = None;
+        while let Some(joined) = attempts.join_next().await {
+            match joined {
+                Ok(Ok(conn)) => {
+                    attempts.abort_all();
+                    return Ok(conn);
+                }
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {}
+            }
+        }
+        Err(last.unwrap_or(DialError::NoAddresses { address }))
+    }
+}

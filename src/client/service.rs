@@ -1,0 +1,76 @@
+//! Service selection on the Client instance: the forwarded ClientHello's
+//! SNI picks a Service by exact Public hostname, or the sole catch-all
+//! Service takes every hostname the Server routed to this Tunnel.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::ServiceConfig;
+use crate::hostname::{PublicHostname, wire_lookup_key};
+
+#[derive(Debug, Default)]
+pub struct ServiceTable {
+    exact: HashMap<PublicHostname, Arc<ServiceConfig>>,
+    catch_all: Option<Arc<ServiceConfig>>,
+}
+
+impl ServiceTable {
+    pub fn new(services: &[ServiceConfig]) -> Self {
+        let mut table = Self::default();
+        for s in services {
+            let s = Arc::new(s.clone());
+            if s.public_hostnames.is_empty() {
+                table.catch_all = Some(s);
+            } else {
+                for h in &s.public_hostnames {
+                    table.exact.insert(h.clone(), s.clone());
+                }
+            }
+        }
+        table
+    }
+
+    /// The Service for a stream whose ClientHello named `sni`.
+    pub fn select(&self, sni: Option<&str>) -> Option<&Arc<ServiceConfig>> {
+        if let Some(catch_all) = &self.catch_all {
+            return Some(catch_all);
+        }
+        self.exact.get(wire_lookup_key(sni?).as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendAddress, TlsMode};
+
+    fn service(index: usize, hosts: &[&str], port: u16) -> ServiceConfig {
+        ServiceConfig {
+            index,
+            public_hostnames: hosts.iter().map(|h| PublicHostname::parse(h).unwrap()).collect(),
+            backend_address: BackendAddress {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            tls_mode: TlsMode::Passthrough,
+            proxy_protocol: false,
+        }
+    }
+
+    #[test]
+    fn exact_match_is_case_and_trailing_dot_insensitive() {
+        let t = ServiceTable::new(&[service(0, &["a.example.com"], 1), service(1, &["b.example.com"], 2)]);
+        assert_eq!(t.select(Some("A.Example.com.")).unwrap().backend_address.port, 1);
+        assert_eq!(t.select(Some("b.example.com")).unwrap().backend_address.port, 2);
+        assert!(t.select(Some("c.example.com")).is_none());
+        assert!(t.select(Some("sub.a.example.com")).is_none());
+        assert!(t.select(None).is_none());
+    }
+
+    #[test]
+    fn sole_catch_all_takes_everything() {
+        let t = ServiceTable::new(&[service(0, &[], 9)]);
+        assert_eq!(t.select(Some("anything.example")).unwrap().backend_address.port, 9);
+        assert_eq!(t.select(None).unwrap().backend_address.port, 9);
+    }
+}

@@ -1,0 +1,127 @@
+//! Terminate mode: the Client completes the Visitor's TLS handshake with a
+//! per-hostname certificate chosen by SNI, then proxies plaintext to the
+//! Local backend. A hostname without a certificate fails closed at the
+//! handshake; there is no fallback to passthrough.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use quinn::{RecvStream, SendStream};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::hostname::{PublicHostname, wire_lookup_key};
+use crate::tls::material::{MaterialError, TlsMaterial};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TerminateError {
+    #[error("{hostname}: unusable certificate or key: {error}")]
+    Key {
+        hostname: PublicHostname,
+        error: rustls::Error,
+    },
+    #[error("{0}")]
+    Material(#[from] MaterialError),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Certificates by Public hostname.
+#[derive(Debug, Default)]
+pub struct CertificateTable {
+    by_hostname: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl CertificateTable {
+    pub fn new(material: Vec<(PublicHostname, TlsMaterial)>) -> Result<Self, TerminateError> {
+        let mut by_hostname = HashMap::new();
+        for (hostname, m) in material {
+            let key = rustls::crypto::ring::sign::any_supported_type(&m.key)
+                .map_err(|error| TerminateError::Key {
+                    hostname: hostname.clone(),
+                    error,
+                })?;
+            by_hostname.insert(
+                hostname.as_str().to_string(),
+                Arc::new(CertifiedKey::new(m.chain, key)),
+            );
+        }
+        Ok(Self { by_hostname })
+    }
+
+    pub fn contains(&self, hostname: &PublicHostname) -> bool {
+        self.by_hostname.contains_key(hostname.as_str())
+    }
+}
+
+impl ResolvesServerCert for CertificateTable {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = wire_lookup_key(hello.server_name()?);
+        self.by_hostname.get(&name).cloned()
+    }
+}
+
+/// The TLS acceptor for terminating Services.
+pub fn acceptor(certs: Arc<dyn ResolvesServerCert>) -> Result<tokio_rustls::TlsAcceptor, TerminateError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A tunnel stream whose first bytes (the ClientHello already read for
+/// Service selection) are replayed before the rest of the stream.
+pub struct TunnelStream {
+    prefix: Bytes,
+    pub recv: RecvStream,
+    pub send: SendStream,
+}
+
+impl TunnelStream {
+    pub fn new(prefix: Bytes, send: SendStream, recv: RecvStream) -> Self {
+        Self { prefix, recv, send }
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.recv).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.send)
+            .poll_write(cx, buf)
+            .map_err(io::Error::from)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.send).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.send).poll_shutdown(cx)
+    }
+}
