@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "runewarp", version, about = "Self-hosted ingress tunnel: publish TLS services behind NAT over QUIC")]
+#[command(
+    name = "runewarp",
+    version,
+    about = "Self-hosted ingress tunnel: publish TLS services behind NAT over QUIC"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

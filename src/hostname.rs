@@ -62,7 +62,10 @@ pub fn normalize(raw: &str) -> Result<String, HostnameError> {
     }
     // A name made only of digits and dots that did not parse as an IP is
     // still an IP-looking literal (e.g. "1.2.3"): reject it too.
-    if lower.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit())) {
+    if lower
+        .split('.')
+        .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
         return Err(HostnameError::IpLiteral);
     }
     Ok(lower)
@@ -137,18 +140,48 @@ mod tests {
     fn rejects_what_operators_get_wrong() {
         assert_eq!(PublicHostname::parse(""), Err(HostnameError::Empty));
         assert_eq!(PublicHostname::parse("."), Err(HostnameError::Empty));
-        assert_eq!(PublicHostname::parse("10.0.0.1"), Err(HostnameError::IpLiteral));
+        assert_eq!(
+            PublicHostname::parse("10.0.0.1"),
+            Err(HostnameError::IpLiteral)
+        );
         assert_eq!(PublicHostname::parse("::1"), Err(HostnameError::IpLiteral));
-        assert_eq!(PublicHostname::parse("[::1]"), Err(HostnameError::IpLiteral));
-        assert_eq!(PublicHostname::parse("1.2.3"), Err(HostnameError::IpLiteral));
-        assert_eq!(PublicHostname::parse("*.example.com"), Err(HostnameError::Wildcard));
-        assert_eq!(PublicHostname::parse("bücher.de"), Err(HostnameError::NonAscii));
-        assert!(matches!(PublicHostname::parse("a..b"), Err(HostnameError::BadLabelLength(_))));
-        assert!(matches!(PublicHostname::parse("-a.b"), Err(HostnameError::BadLabelChars(_))));
-        assert!(matches!(PublicHostname::parse("a_b.c"), Err(HostnameError::BadLabelChars(_))));
-        assert!(matches!(PublicHostname::parse("app.example.com:443"), Err(HostnameError::BadLabelChars(_))));
+        assert_eq!(
+            PublicHostname::parse("[::1]"),
+            Err(HostnameError::IpLiteral)
+        );
+        assert_eq!(
+            PublicHostname::parse("1.2.3"),
+            Err(HostnameError::IpLiteral)
+        );
+        assert_eq!(
+            PublicHostname::parse("*.example.com"),
+            Err(HostnameError::Wildcard)
+        );
+        assert_eq!(
+            PublicHostname::parse("bücher.de"),
+            Err(HostnameError::NonAscii)
+        );
+        assert!(matches!(
+            PublicHostname::parse("a..b"),
+            Err(HostnameError::BadLabelLength(_))
+        ));
+        assert!(matches!(
+            PublicHostname::parse("-a.b"),
+            Err(HostnameError::BadLabelChars(_))
+        ));
+        assert!(matches!(
+            PublicHostname::parse("a_b.c"),
+            Err(HostnameError::BadLabelChars(_))
+        ));
+        assert!(matches!(
+            PublicHostname::parse("app.example.com:443"),
+            Err(HostnameError::BadLabelChars(_))
+        ));
         let long = format!("{}.com", "a".repeat(64));
-        assert!(matches!(PublicHostname::parse(&long), Err(HostnameError::BadLabelLength(_))));
+        assert!(matches!(
+            PublicHostname::parse(&long),
+            Err(HostnameError::BadLabelLength(_))
+        ));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! to a Local backend ([`proxy`]).
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod fsutil;
@@ -15,7 +16,6 @@ pub mod logging;
 pub mod proxy;
 pub mod run;
 pub mod server;
-pub mod client;
 pub mod shutdown;
 pub mod tls;
 pub mod tunnel;

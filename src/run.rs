@@ -3,7 +3,9 @@
 
 use std::process::ExitCode;
 
-use crate::cli::{Cli, ClientArgs, ClientCommand, Command, ConfigCommand, Role, ServerArgs, ServerCommand};
+use crate::cli::{
+    Cli, ClientArgs, ClientCommand, Command, ConfigCommand, Role, ServerArgs, ServerCommand,
+};
 use crate::config::{self, ClientOverlay, Environment, ServerOverlay};
 use crate::{client, demo, logging, server, shutdown, tls};
 
@@ -17,24 +19,36 @@ pub fn main(cli: Cli) -> ExitCode {
     let env = Environment::from_process();
     if matches!(
         cli.command,
-        Command::Server(ServerArgs { command: Some(_), .. }) | Command::Client(ClientArgs { command: Some(_), .. })
+        Command::Server(ServerArgs {
+            command: Some(_),
+            ..
+        }) | Command::Client(ClientArgs {
+            command: Some(_),
+            ..
+        })
     ) {
         // Material commands print results on stdout; warnings (e.g. a key
         // readable by others) go to stderr.
         logging::init(config::LogLevel::Warn);
     }
     match cli.command {
-        Command::Server(ServerArgs { command: Some(ServerCommand::Cert(cmd)), .. }) => {
-            material_result(tls::material::run_server_cert(&cmd, &env))
-        }
-        Command::Client(ClientArgs { command: Some(ClientCommand::Identity(cmd)), .. }) => {
-            material_result(tls::material::run_identity(&cmd, &env))
-        }
-        Command::Client(ClientArgs { command: Some(ClientCommand::PublicCert(cmd)), .. }) => {
-            material_result(tls::material::run_public_cert(&cmd, &env))
-        }
+        Command::Server(ServerArgs {
+            command: Some(ServerCommand::Cert(cmd)),
+            ..
+        }) => material_result(tls::material::run_server_cert(&cmd, &env)),
+        Command::Client(ClientArgs {
+            command: Some(ClientCommand::Identity(cmd)),
+            ..
+        }) => material_result(tls::material::run_identity(&cmd, &env)),
+        Command::Client(ClientArgs {
+            command: Some(ClientCommand::PublicCert(cmd)),
+            ..
+        }) => material_result(tls::material::run_public_cert(&cmd, &env)),
         Command::Server(ServerArgs { command: None, run }) => {
-            let overlay = ServerOverlay { config: run.config, hostname: run.hostname };
+            let overlay = ServerOverlay {
+                config: run.config,
+                hostname: run.hostname,
+            };
             let config = match config::load_server(&overlay, &env) {
                 Ok(c) => c,
                 Err(e) => return config_error(e),
@@ -82,10 +96,22 @@ pub fn main(cli: Cli) -> ExitCode {
         }
         Command::Config(ConfigCommand::Check { role, config }) => {
             let text = match role {
-                Role::Server => config::load_server(&ServerOverlay { config, hostname: None }, &env)
-                    .map(|c| config::render_server(&c)),
-                Role::Client => config::load_client(&ClientOverlay { config, ..Default::default() }, &env)
-                    .map(|c| config::render_client(&c)),
+                Role::Server => config::load_server(
+                    &ServerOverlay {
+                        config,
+                        hostname: None,
+                    },
+                    &env,
+                )
+                .map(|c| config::render_server(&c)),
+                Role::Client => config::load_client(
+                    &ClientOverlay {
+                        config,
+                        ..Default::default()
+                    },
+                    &env,
+                )
+                .map(|c| config::render_client(&c)),
             };
             match text {
                 Ok(t) => {
@@ -100,7 +126,10 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 fn runtime<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt.block_on(f),
         Err(e) => {
             eprintln!("runewarp: cannot start the async runtime: {e}");

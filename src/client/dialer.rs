@@ -36,6 +36,55 @@ pub enum DialError {
     },
     #[error("{addr}: no answer within {}s", HANDSHAKE_DEADLINE.as_secs())]
     Timeout { addr: SocketAddr },
+    #[error(
+        "{addr}: the Server refused this Client identity (TLS access_denied); add its pin to a [[server.tunnels]] entry on the Server"
+    )]
+    Refused { addr: SocketAddr },
+}
+
+impl DialError {
+    /// Short stable token for logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DialError::Resolve { .. } | DialError::NoAddresses { .. } => "resolve_failed",
+            DialError::Socket(_) | DialError::Connect { .. } => "socket_error",
+            DialError::Handshake { .. } => "handshake_failed",
+            DialError::Timeout { .. } => "timeout",
+            DialError::Refused { .. } => "identity_refused",
+        }
+    }
+}
+
+/// TLS alert 49 (access_denied) as a QUIC CRYPTO_ERROR.
+fn is_access_denied(error: &quinn::ConnectionError) -> bool {
+    matches!(error, quinn::ConnectionError::ConnectionClosed(c)
+        if c.error_code == quinn::TransportErrorCode::crypto(49))
+}
+
+/// Wait until the Server has confirmed the handshake. In TLS 1.3 the Client
+/// finishes before the Server has judged its certificate; only the Server's
+/// HANDSHAKE_DONE frame says the pinned identity was accepted.
+async fn confirmed(
+    conn: quinn::Connection,
+    addr: SocketAddr,
+) -> Result<quinn::Connection, DialError> {
+    let wait = async {
+        loop {
+            if conn.stats().frame_rx.handshake_done > 0 {
+                return Ok(());
+            }
+            if let Some(error) = conn.close_reason() {
+                return Err(error);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    match tokio::time::timeout(HANDSHAKE_DEADLINE, wait).await {
+        Ok(Ok(())) => Ok(conn),
+        Ok(Err(error)) if is_access_denied(&error) => Err(DialError::Refused { addr }),
+        Ok(Err(error)) => Err(DialError::Handshake { addr, error }),
+        Err(_) => Err(DialError::Timeout { addr }),
+    }
 }
 
 pub struct Dialer {
@@ -71,13 +120,14 @@ impl Dialer {
     pub async fn dial(&mut self) -> Result<quinn::Connection, DialError> {
         let host = self.address.host.as_str().to_string();
         let address = self.address.to_string();
-        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), self.address.port))
-            .await
-            .map_err(|error| DialError::Resolve {
-                address: address.clone(),
-                error,
-            })?
-            .collect();
+        let mut addrs: Vec<SocketAddr> =
+            tokio::net::lookup_host((host.as_str(), self.address.port))
+                .await
+                .map_err(|error| DialError::Resolve {
+                    address: address.clone(),
+                    error,
+                })?
+                .collect();
         addrs.dedup();
         if addrs.is_empty() {
             return Err(DialError::NoAddresses { address });
@@ -101,7 +151,8 @@ impl Dialer {
                     .connect_with(config, addr, &host)
                     .map_err(|error| DialError::Connect { addr, error })?;
                 match tokio::time::timeout(HANDSHAKE_DEADLINE, connecting).await {
-                    Ok(Ok(conn)) => Ok(conn),
+                    Ok(Ok(conn)) => confirmed(conn, addr).await,
+                    Ok(Err(error)) if is_access_denied(&error) => Err(DialError::Refused { addr }),
                     Ok(Err(error)) => Err(DialError::Handshake { addr, error }),
                     Err(_) => Err(DialError::Timeout { addr }),
                 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
+use rand::SeedableRng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -68,12 +69,36 @@ struct Context {
     acceptor: Option<tokio_rustls::TlsAcceptor>,
 }
 
+/// What a Client instance's Tunnel connection is doing, observable through
+/// [`Client::status`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientStatus {
+    /// An authenticated Tunnel connection is up.
+    pub connected: bool,
+    /// Authenticated connections established so far.
+    pub connections: u64,
+    /// Why the last Tunnel connection ended, if one did.
+    pub last_end: Option<TunnelEnd>,
+}
+
+/// How a Tunnel connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// Local shutdown.
+    Shutdown,
+    /// The Server replaced it with a newer connection for the same Tunnel.
+    Replaced,
+    /// Lost: closed by the Server, timed out, reset.
+    Lost,
+}
+
 /// A Client instance ready to run.
 pub struct Client {
     config: Arc<ClientConfig>,
     identity: ClientIdentity,
     dialer: Dialer,
     context: Arc<Context>,
+    status: tokio::sync::watch::Sender<ClientStatus>,
 }
 
 /// How a Tunnel connection ended.
@@ -94,7 +119,11 @@ impl Client {
             Some(PublicCertSource::Acme(_)) => return Err(ClientError::AcmeUnavailable),
             Some(PublicCertSource::Manual { dir }) => {
                 let table = CertificateTable::new(material::load_public_certs(dir)?)?;
-                for s in config.services.iter().filter(|s| s.tls_mode == TlsMode::Terminate) {
+                for s in config
+                    .services
+                    .iter()
+                    .filter(|s| s.tls_mode == TlsMode::Terminate)
+                {
                     for h in s.public_hostnames.iter().filter(|h| !table.contains(h)) {
                         tracing::warn!(
                             event = "terminate_certificate_missing",
@@ -116,6 +145,7 @@ impl Client {
             config: Arc::new(config),
             identity,
             context,
+            status: tokio::sync::watch::Sender::new(ClientStatus::default()),
         })
     }
 
@@ -123,10 +153,27 @@ impl Client {
         self.identity
     }
 
+    /// Follow the Tunnel connection's state.
+    pub fn status(&self) -> tokio::sync::watch::Receiver<ClientStatus> {
+        self.status.subscribe()
+    }
+
+    fn set_status(&self, connected: bool, end: Option<TunnelEnd>) {
+        self.status.send_modify(|s| {
+            if connected {
+                s.connections += 1;
+            }
+            s.connected = connected;
+            if end.is_some() {
+                s.last_end = end;
+            }
+        });
+    }
+
     /// Keep the Tunnel connection up until `shutdown` fires.
     pub async fn run(mut self, mut shutdown: Shutdown) {
         let mut backoff = Backoff::default();
-        let mut rng = rand::rng();
+        let mut rng = rand::rngs::StdRng::from_os_rng();
         let server = self.config.server_address.to_string();
         tracing::info!(event = "client_started", server = %server, identity = %self.identity, services = self.config.services.len());
         loop {
@@ -139,7 +186,17 @@ impl Client {
                     backoff.reset();
                     let peer = conn.remote_address();
                     tracing::info!(event = "tunnel_connected", server = %server, %peer, identity = %self.identity);
-                    match serve(&conn, self.context.clone(), &mut shutdown).await {
+                    self.set_status(true, None);
+                    let ended = serve(&conn, self.context.clone(), &mut shutdown).await;
+                    self.set_status(
+                        false,
+                        Some(match &ended {
+                            Ended::Shutdown => TunnelEnd::Shutdown,
+                            Ended::Replaced => TunnelEnd::Replaced,
+                            Ended::Lost(_) => TunnelEnd::Lost,
+                        }),
+                    );
+                    match ended {
                         Ended::Shutdown => {
                             conn.close(close_code::SHUTDOWN, b"client shutting down");
                             break;
@@ -163,7 +220,7 @@ impl Client {
                 }
                 Err(error) => {
                     let delay = backoff.next_delay(&mut rng);
-                    log_dial_failure(&server, &error, delay);
+                    log_dial_failure(&server, &self.identity, &error, delay);
                     delay
                 }
             };
@@ -180,8 +237,21 @@ impl Client {
     }
 }
 
-fn log_dial_failure(server: &str, error: &DialError, delay: Duration) {
-    tracing::warn!(event = "tunnel_dial_failed", server, %error, retry_in_ms = delay.as_millis() as u64);
+fn log_dial_failure(server: &str, identity: &ClientIdentity, error: &DialError, delay: Duration) {
+    let retry_in_ms = delay.as_millis() as u64;
+    match error {
+        DialError::Refused { .. } => tracing::error!(
+            event = "tunnel_refused",
+            server,
+            %identity,
+            reason = error.reason(),
+            hint = "add this pin to a [[server.tunnels]] entry (client-identities) on the Server",
+            retry_in_ms,
+        ),
+        _ => {
+            tracing::warn!(event = "tunnel_dial_failed", server, reason = error.reason(), %error, retry_in_ms)
+        }
+    }
 }
 
 async fn serve(conn: &quinn::Connection, context: Arc<Context>, shutdown: &mut Shutdown) -> Ended {
@@ -206,7 +276,12 @@ async fn serve(conn: &quinn::Connection, context: Arc<Context>, shutdown: &mut S
 
 /// One Visitor stream: PROXY header, ClientHello, Service, backend.
 async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context>) {
-    let header = match tokio::time::timeout(STREAM_HEADER_DEADLINE, framing::read_proxy_header(&mut recv)).await {
+    let header = match tokio::time::timeout(
+        STREAM_HEADER_DEADLINE,
+        framing::read_proxy_header(&mut recv),
+    )
+    .await
+    {
         Ok(Ok(h)) => h,
         Ok(Err(error)) => {
             tracing::debug!(event = "stream_rejected", reason = "bad_proxy_header", %error);
@@ -240,7 +315,16 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
         }
         TlsMode::Terminate => match &context.acceptor {
             Some(acceptor) => {
-                terminate(acceptor, service, header, Bytes::from(hello), send, recv, host).await
+                terminate(
+                    acceptor,
+                    service,
+                    header,
+                    Bytes::from(hello),
+                    send,
+                    recv,
+                    host,
+                )
+                .await
             }
             None => {
                 reject(&mut send, &mut recv, stream_code::TLS_FAILED);
@@ -257,7 +341,12 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
             from_backend = t.from_backend,
             duration_ms = started.elapsed().as_millis() as u64,
         ),
-        Err(reason) => tracing::debug!(event = "stream_aborted", hostname = host, service = service.index, reason),
+        Err(reason) => tracing::debug!(
+            event = "stream_aborted",
+            hostname = host,
+            service = service.index,
+            reason
+        ),
     }
 }
 
@@ -345,7 +434,8 @@ async fn terminate(
     hostname: &str,
 ) -> Result<Moved, &'static str> {
     let stream = TunnelStream::new(hello, send, recv);
-    let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, acceptor.accept(stream)).await {
+    let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, acceptor.accept(stream)).await
+    {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             // The alert, if any, went out through the stream; dropping it

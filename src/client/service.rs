@@ -47,7 +47,10 @@ mod tests {
     fn service(index: usize, hosts: &[&str], port: u16) -> ServiceConfig {
         ServiceConfig {
             index,
-            public_hostnames: hosts.iter().map(|h| PublicHostname::parse(h).unwrap()).collect(),
+            public_hostnames: hosts
+                .iter()
+                .map(|h| PublicHostname::parse(h).unwrap())
+                .collect(),
             backend_address: BackendAddress {
                 host: "127.0.0.1".into(),
                 port,
@@ -59,9 +62,24 @@ mod tests {
 
     #[test]
     fn exact_match_is_case_and_trailing_dot_insensitive() {
-        let t = ServiceTable::new(&[service(0, &["a.example.com"], 1), service(1, &["b.example.com"], 2)]);
-        assert_eq!(t.select(Some("A.Example.com.")).unwrap().backend_address.port, 1);
-        assert_eq!(t.select(Some("b.example.com")).unwrap().backend_address.port, 2);
+        let t = ServiceTable::new(&[
+            service(0, &["a.example.com"], 1),
+            service(1, &["b.example.com"], 2),
+        ]);
+        assert_eq!(
+            t.select(Some("A.Example.com."))
+                .unwrap()
+                .backend_address
+                .port,
+            1
+        );
+        assert_eq!(
+            t.select(Some("b.example.com"))
+                .unwrap()
+                .backend_address
+                .port,
+            2
+        );
         assert!(t.select(Some("c.example.com")).is_none());
         assert!(t.select(Some("sub.a.example.com")).is_none());
         assert!(t.select(None).is_none());
@@ -70,7 +88,13 @@ mod tests {
     #[test]
     fn sole_catch_all_takes_everything() {
         let t = ServiceTable::new(&[service(0, &[], 9)]);
-        assert_eq!(t.select(Some("anything.example")).unwrap().backend_address.port, 9);
+        assert_eq!(
+            t.select(Some("anything.example"))
+                .unwrap()
+                .backend_address
+                .port,
+            9
+        );
         assert_eq!(t.select(None).unwrap().backend_address.port, 9);
     }
 }

@@ -41,11 +41,12 @@ impl CertificateTable {
     pub fn new(material: Vec<(PublicHostname, TlsMaterial)>) -> Result<Self, TerminateError> {
         let mut by_hostname = HashMap::new();
         for (hostname, m) in material {
-            let key = rustls::crypto::ring::sign::any_supported_type(&m.key)
-                .map_err(|error| TerminateError::Key {
+            let key = rustls::crypto::ring::sign::any_supported_type(&m.key).map_err(|error| {
+                TerminateError::Key {
                     hostname: hostname.clone(),
                     error,
-                })?;
+                }
+            })?;
             by_hostname.insert(
                 hostname.as_str().to_string(),
                 Arc::new(CertifiedKey::new(m.chain, key)),
@@ -67,7 +68,9 @@ impl ResolvesServerCert for CertificateTable {
 }
 
 /// The TLS acceptor for terminating Services.
-pub fn acceptor(certs: Arc<dyn ResolvesServerCert>) -> Result<tokio_rustls::TlsAcceptor, TerminateError> {
+pub fn acceptor(
+    certs: Arc<dyn ResolvesServerCert>,
+) -> Result<tokio_rustls::TlsAcceptor, TerminateError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

@@ -56,13 +56,14 @@ impl Server {
         };
         let registry = Arc::new(Registry::new(&config.tunnels));
         let quic = transport::server_config(cert, registry.pins())?;
-        let tunnel = transport::endpoint(config.tunnel_bind_address, Some(quic), None).map_err(
-            |error| ServerError::Bind {
-                what: "tunnel listener (UDP)",
-                addr: config.tunnel_bind_address,
-                error,
-            },
-        )?;
+        let tunnel =
+            transport::endpoint(config.tunnel_bind_address, Some(quic), None).map_err(|error| {
+                ServerError::Bind {
+                    what: "tunnel listener (UDP)",
+                    addr: config.tunnel_bind_address,
+                    error,
+                }
+            })?;
         let public = tokio::net::TcpListener::bind(config.public_bind_address)
             .await
             .map_err(|error| ServerError::Bind {

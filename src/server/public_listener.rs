@@ -104,10 +104,11 @@ async fn visitor(
         Route::Active(tc) => tc,
     };
     let _guard = tc.begin_stream();
-    let (mut send, mut recv) = match tokio::time::timeout(STREAM_OPEN_DEADLINE, tc.conn.open_bi()).await {
-        Ok(Ok(pair)) => pair,
-        _ => return dropped(&tcp, peer, Some(&key), DropReason::StreamOpenFailed),
-    };
+    let (mut send, mut recv) =
+        match tokio::time::timeout(STREAM_OPEN_DEADLINE, tc.conn.open_bi()).await {
+            Ok(Ok(pair)) => pair,
+            _ => return dropped(&tcp, peer, Some(&key), DropReason::StreamOpenFailed),
+        };
     let header = framing::encode(&ProxyHeader {
         source: peer,
         destination: local,

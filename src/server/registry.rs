@@ -80,7 +80,9 @@ pub enum Route {
     /// No Tunnel owns this hostname.
     Unknown,
     /// The Tunnel exists but no Client instance is connected.
-    NoConnection { tunnel: usize },
+    NoConnection {
+        tunnel: usize,
+    },
     Active(Arc<TunnelConnection>),
 }
 

@@ -71,8 +71,14 @@ async fn handshake(incoming: quinn::Incoming, registry: Arc<Registry>) {
 /// or after the grace period.
 async fn retire(old: Arc<TunnelConnection>) {
     let drained = old.drained(REPLACEMENT_GRACE).await;
-    old.conn.close(close_code::REPLACED, b"replaced by a newer connection");
-    tracing::debug!(event = "tunnel_retired", tunnel = old.tunnel, connection = old.id, drained);
+    old.conn
+        .close(close_code::REPLACED, b"replaced by a newer connection");
+    tracing::debug!(
+        event = "tunnel_retired",
+        tunnel = old.tunnel,
+        connection = old.id,
+        drained
+    );
 }
 
 /// Wait for the connection to end and forget it.

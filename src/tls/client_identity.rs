@@ -11,7 +11,9 @@ pub struct ClientIdentity([u8; 32]);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientIdentityError {
-    #[error("a client identity is 64 lowercase hex characters (SHA-256 of the public key), got {0} characters")]
+    #[error(
+        "a client identity is 64 lowercase hex characters (SHA-256 of the public key), got {0} characters"
+    )]
     Length(usize),
     #[error("a client identity is lowercase hex without colons or spaces")]
     NotLowerHex,
@@ -98,8 +100,14 @@ mod tests {
     #[test]
     fn rejects_uppercase_colons_and_wrong_length() {
         let upper = "00FF10A0B1C2D3E4F5061728394A5B6C7D8E9FA0B1C2D3E4F5061728394A5B6C";
-        assert_eq!(ClientIdentity::parse(upper), Err(ClientIdentityError::NotLowerHex));
-        assert_eq!(ClientIdentity::parse("ab:cd"), Err(ClientIdentityError::Length(5)));
+        assert_eq!(
+            ClientIdentity::parse(upper),
+            Err(ClientIdentityError::NotLowerHex)
+        );
+        assert_eq!(
+            ClientIdentity::parse("ab:cd"),
+            Err(ClientIdentityError::Length(5))
+        );
         assert!(ClientIdentity::parse(&"g".repeat(64)).is_err());
     }
 

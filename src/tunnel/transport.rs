@@ -282,7 +282,10 @@ pub fn endpoint(
     let socket = udp_socket(addr)?;
     let mut config = quinn::EndpointConfig::default();
     if let Some(key) = reset_key {
-        config.reset_key(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key)));
+        config.reset_key(Arc::new(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &key,
+        )));
     }
     quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
 }

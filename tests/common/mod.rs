@@ -1,0 +1,415 @@
+//! Shared end-to-end harness: material, an in-process Server and Client on
+//! loopback, echo backends and TLS Visitors. Everything binds 127.0.0.1:0
+//! and is stopped by the test that started it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use runewarp::client::{Client, ClientStatus};
+use runewarp::config::*;
+use runewarp::hostname::{PublicHostname, ServerHostname};
+use runewarp::server::registry::Route;
+use runewarp::server::{Registry, Server};
+use runewarp::shutdown::{self, Trigger};
+use runewarp::tls::client_identity::ClientIdentity;
+use runewarp::tls::material;
+
+pub const SERVER_HOSTNAME: &str = "localhost";
+
+pub fn init() {
+    runewarp::tls::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUNEWARP_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+/// Server material in `dir/server`; returns (cert dir, CA file).
+pub fn server_material(dir: &Path) -> (PathBuf, PathBuf) {
+    let cert_dir = dir.join("server");
+    let host = ServerHostname::parse(SERVER_HOSTNAME).unwrap();
+    material::init_server_cert(&cert_dir, &host, false).unwrap();
+    let ca = cert_dir.join("server-ca.crt");
+    (cert_dir, ca)
+}
+
+/// A Client identity in `dir/<name>`; returns (identity dir, pin).
+pub fn identity(dir: &Path, name: &str) -> (PathBuf, ClientIdentity) {
+    let d = dir.join(name);
+    material::init_client_identity(&d, false).unwrap();
+    let pin = material::show_client_identity(&d).unwrap();
+    (d, pin)
+}
+
+/// Terminate-mode material for `hosts` in `dir/public`; returns (dir, CA).
+pub fn public_certs(dir: &Path, hosts: &[&str]) -> (PathBuf, CertificateDer<'static>) {
+    let d = dir.join("public");
+    let hs: Vec<_> = hosts
+        .iter()
+        .map(|h| PublicHostname::parse(h).unwrap())
+        .collect();
+    material::init_public_certs(&d, &hs, false).unwrap();
+    let ca = material::load_ca_bundle(&d.join("public-ca.crt"))
+        .unwrap()
+        .remove(0);
+    (d, ca)
+}
+
+pub fn tunnel(index: usize, hosts: &[&str], pins: &[ClientIdentity]) -> TunnelConfig {
+    TunnelConfig {
+        index,
+        public_hostnames: hosts
+            .iter()
+            .map(|h| PublicHostname::parse(h).unwrap())
+            .collect(),
+        client_identities: pins.to_vec(),
+    }
+}
+
+pub fn service(index: usize, hosts: &[&str], backend: SocketAddr, mode: TlsMode) -> ServiceConfig {
+    ServiceConfig {
+        index,
+        public_hostnames: hosts
+            .iter()
+            .map(|h| PublicHostname::parse(h).unwrap())
+            .collect(),
+        backend_address: BackendAddress {
+            host: backend.ip().to_string(),
+            port: backend.port(),
+        },
+        tls_mode: mode,
+        proxy_protocol: false,
+    }
+}
+
+pub struct TestServer {
+    pub public: SocketAddr,
+    pub tunnel: SocketAddr,
+    pub registry: Arc<Registry>,
+    trigger: Trigger,
+    task: JoinHandle<()>,
+}
+
+impl TestServer {
+    pub async fn start(cert_dir: &Path, tunnels: Vec<TunnelConfig>) -> Self {
+        Self::start_on(
+            cert_dir,
+            tunnels,
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+    }
+
+    pub async fn start_on(
+        cert_dir: &Path,
+        tunnels: Vec<TunnelConfig>,
+        public: SocketAddr,
+        tunnel: SocketAddr,
+    ) -> Self {
+        let config = ServerConfig {
+            source: None,
+            log_level: LogLevel::Info,
+            hostname: ServerHostname::parse(SERVER_HOSTNAME).unwrap(),
+            public_bind_address: public,
+            tunnel_bind_address: tunnel,
+            readiness_bind_address: None,
+            graceful_shutdown_duration: Duration::from_secs(1),
+            certificates: ServerCertSource::Manual {
+                cert_dir: cert_dir.to_path_buf(),
+            },
+            tunnels,
+        };
+        let server = Server::bind(config).await.expect("server binds");
+        let public = server.public_addr().unwrap();
+        let tunnel = server.tunnel_addr().unwrap();
+        let registry = server.registry();
+        let (trigger, stop) = shutdown::channel();
+        let task = tokio::spawn(server.run(stop));
+        Self {
+            public,
+            tunnel,
+            registry,
+            trigger,
+            task,
+        }
+    }
+
+    /// Wait until `host` routes to an active connection; returns its id.
+    pub async fn wait_active(&self, host: &str, within: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Route::Active(tc) = self.registry.route(host) {
+                return tc.id;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no active tunnel for {host} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn active_id(&self, host: &str) -> Option<u64> {
+        match self.registry.route(host) {
+            Route::Active(tc) => Some(tc.id),
+            _ => None,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.trigger.fire();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("server stops within 5 s")
+            .unwrap();
+    }
+}
+
+pub struct TestClient {
+    pub status: tokio::sync::watch::Receiver<ClientStatus>,
+    trigger: Trigger,
+    task: JoinHandle<()>,
+}
+
+pub struct ClientSetup<'a> {
+    pub tunnel: SocketAddr,
+    pub ca: &'a Path,
+    pub identity_dir: &'a Path,
+    pub public_cert_dir: Option<&'a Path>,
+    pub services: Vec<ServiceConfig>,
+}
+
+impl TestClient {
+    pub fn start(s: ClientSetup<'_>) -> Self {
+        let config = ClientConfig {
+            source: None,
+            log_level: LogLevel::Info,
+            server_address: ServerAddress {
+                host: ServerHostname::parse(SERVER_HOSTNAME).unwrap(),
+                port: s.tunnel.port(),
+            },
+            server_trust: ServerTrust::CaFile(s.ca.to_path_buf()),
+            identity_dir: s.identity_dir.to_path_buf(),
+            public_certs: s.public_cert_dir.map(|d| PublicCertSource::Manual {
+                dir: d.to_path_buf(),
+            }),
+            services: s.services,
+        };
+        let client = Client::new(config).expect("client starts");
+        let status = client.status();
+        let (trigger, stop) = shutdown::channel();
+        let task = tokio::spawn(client.run(stop));
+        Self {
+            status,
+            trigger,
+            task,
+        }
+    }
+
+    /// Wait until the status satisfies `f`.
+    pub async fn wait_for(
+        &mut self,
+        within: Duration,
+        f: impl Fn(&ClientStatus) -> bool,
+    ) -> ClientStatus {
+        let r = tokio::time::timeout(within, self.status.wait_for(|s| f(s))).await;
+        r.expect("client status condition within time")
+            .unwrap()
+            .clone()
+    }
+
+    pub async fn stop(self) {
+        self.trigger.fire();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("client stops within 5 s")
+            .unwrap();
+    }
+}
+
+/// A backend that echoes every byte until EOF, then half-closes. TLS when
+/// `tls` is given. Records the first bytes of each connection.
+pub struct EchoBackend {
+    pub addr: SocketAddr,
+    pub cert: Option<CertificateDer<'static>>,
+    pub connections: Arc<AtomicUsize>,
+    pub first_bytes: Arc<Mutex<Vec<Vec<u8>>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for EchoBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EchoBackend {
+    pub async fn plain() -> Self {
+        Self::start(None, false).await
+    }
+
+    /// Plaintext, expecting a PROXY v2 header first (recorded, not echoed).
+    pub async fn plain_with_proxy_header() -> Self {
+        Self::start(None, true).await
+    }
+
+    pub async fn tls(hosts: &[&str]) -> Self {
+        let (cert_pem, key_pem) = material::generate_self_signed(hosts).unwrap();
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let mut b = Self::start(
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            false,
+        )
+        .await;
+        b.cert = Some(cert);
+        b
+    }
+
+    async fn start(tls: Option<tokio_rustls::TlsAcceptor>, proxy_header: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let first_bytes = Arc::new(Mutex::new(Vec::new()));
+        let (c, fb) = (connections.clone(), first_bytes.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let tls = tls.clone();
+                let fb = fb.clone();
+                tokio::spawn(async move {
+                    if proxy_header {
+                        let mut fixed = [0u8; 16];
+                        if tcp.read_exact(&mut fixed).await.is_err() {
+                            return;
+                        }
+                        let len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
+                        let mut rest = vec![0u8; len];
+                        if tcp.read_exact(&mut rest).await.is_err() {
+                            return;
+                        }
+                        let mut all = fixed.to_vec();
+                        all.extend_from_slice(&rest);
+                        fb.lock().unwrap().push(all);
+                    } else if tls.is_none() {
+                        let mut peek = [0u8; 64];
+                        if let Ok(n) = tcp.peek(&mut peek).await {
+                            fb.lock().unwrap().push(peek[..n].to_vec());
+                        }
+                    }
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(tcp).await {
+                                echo(s).await;
+                            }
+                        }
+                        None => echo(tcp).await,
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            cert: None,
+            connections,
+            first_bytes,
+            task,
+        }
+    }
+}
+
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(s: S) {
+    let (mut r, mut w) = tokio::io::split(s);
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+    let _ = w.shutdown().await;
+}
+
+/// A TLS Visitor trusting exactly `roots`, with SNI `sni`.
+pub async fn visitor(
+    public: SocketAddr,
+    sni: &str,
+    roots: &[CertificateDer<'static>],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(public).await?;
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    connector.connect(name, tcp).await
+}
+
+/// Send `data`, half-close, and read everything back.
+pub async fn roundtrip<S: AsyncRead + AsyncWrite + Unpin>(
+    s: S,
+    data: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let (mut r, mut w) = tokio::io::split(s);
+    let write = async {
+        w.write_all(data).await?;
+        w.shutdown().await
+    };
+    let read = async {
+        let mut out = Vec::with_capacity(data.len());
+        r.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    let (_, out) = tokio::try_join!(write, read)?;
+    Ok(out)
+}
+
+/// The leaf certificate the Visitor saw.
+pub fn peer_leaf(s: &tokio_rustls::client::TlsStream<TcpStream>) -> CertificateDer<'static> {
+    s.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
+}
+
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    use rand::RngCore;
+    let mut v = vec![0u8; n];
+    rand::rng().fill_bytes(&mut v);
+    v
+}
+
+pub fn sha256(b: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, b)
+        .as_ref()
+        .to_vec()
+}
+
+/// Whether the peer closes `tcp` (EOF or reset) within `within`; returns the
+/// time it took.
+pub async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let start = tokio::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(start + within, tcp.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
