@@ -27,6 +27,13 @@ pub enum Command {
     Config(ConfigCommand),
     /// Run a complete local demo on loopback: backend, Server, Client, Visitor.
     Demo(DemoArgs),
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
 }
 
 #[derive(Debug, Args)]

@@ -58,7 +58,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 let srv = match server::Server::bind(config).await {
                     Ok(s) => s,
                     Err(e) => {
-                        tracing::error!(event = "server_failed", error = %e);
+                        tracing::error!(event = "server_failed", error = ?e.to_string());
                         eprintln!("runewarp server: {e}");
                         return ExitCode::from(EXIT_FAILURE);
                     }
@@ -122,6 +122,21 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         }
         Command::Demo(args) => runtime(demo::run(args)),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "runewarp", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("runewarp man: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
     }
 }
 

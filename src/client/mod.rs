@@ -184,7 +184,7 @@ impl Client {
             let delay = match dialed {
                 Ok(conn) => {
                     backoff.reset();
-                    let peer = conn.remote_address();
+                    let peer = canonical(conn.remote_address());
                     tracing::info!(event = "tunnel_connected", server = %server, %peer, identity = %self.identity);
                     self.set_status(true, None);
                     let ended = serve(&conn, self.context.clone(), &mut shutdown).await;
@@ -213,7 +213,7 @@ impl Client {
                         }
                         Ended::Lost(error) => {
                             let delay = backoff.next_delay(&mut rng);
-                            tracing::info!(event = "tunnel_closed", server = %server, %peer, reason = %error, retry_in_ms = delay.as_millis() as u64);
+                            tracing::info!(event = "tunnel_closed", server = %server, %peer, detail = ?error.to_string(), retry_in_ms = delay.as_millis() as u64);
                             delay
                         }
                     }
@@ -249,7 +249,7 @@ fn log_dial_failure(server: &str, identity: &ClientIdentity, error: &DialError, 
             retry_in_ms,
         ),
         _ => {
-            tracing::warn!(event = "tunnel_dial_failed", server, reason = error.reason(), %error, retry_in_ms)
+            tracing::warn!(event = "tunnel_dial_failed", server, reason = error.reason(), error = ?error.to_string(), retry_in_ms)
         }
     }
 }
@@ -284,7 +284,7 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
     {
         Ok(Ok(h)) => h,
         Ok(Err(error)) => {
-            tracing::debug!(event = "stream_rejected", reason = "bad_proxy_header", %error);
+            tracing::debug!(event = "stream_rejected", reason = "bad_proxy_header", error = ?error.to_string());
             return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
         }
         Err(_) => {
@@ -363,7 +363,7 @@ async fn connect_backend(addr: &BackendAddress, hostname: &str) -> Result<TcpStr
             Ok(tcp)
         }
         Ok(Err(error)) => {
-            tracing::warn!(event = "backend_unreachable", backend = %addr, hostname, %error);
+            tracing::warn!(event = "backend_unreachable", backend = %addr, hostname, error = ?error.to_string());
             Err("backend_unreachable")
         }
         Err(_) => {
@@ -440,7 +440,7 @@ async fn terminate(
         Ok(Err(error)) => {
             // The alert, if any, went out through the stream; dropping it
             // finishes the stream cleanly behind it.
-            tracing::debug!(event = "terminate_handshake_failed", hostname, %error);
+            tracing::debug!(event = "terminate_handshake_failed", hostname, error = ?error.to_string());
             return Err("tls_handshake_failed");
         }
         Err(_) => return Err("tls_handshake_timeout"),
@@ -472,6 +472,11 @@ async fn terminate(
             Err("relay_failed")
         }
     }
+}
+
+/// An address as people write it (no IPv4-mapped IPv6 form).
+fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Bytes moved between the Visitor side and the Local backend.

@@ -41,7 +41,7 @@ pub async fn serve(
             Err(error) => {
                 // EMFILE, ENFILE, ENOBUFS...: back off instead of spinning.
                 let delay = backoff.next();
-                tracing::warn!(event = "accept_failed", listener = "public", %error, retry_in_ms = delay.as_millis() as u64);
+                tracing::warn!(event = "accept_failed", listener = "public", error = ?error.to_string(), retry_in_ms = delay.as_millis() as u64);
                 tokio::time::sleep(delay).await;
             }
         }
@@ -137,7 +137,7 @@ async fn visitor(
             hostname = %key,
             %peer,
             reason = e.reason(),
-            error = %e,
+            error = ?e.to_string(),
         ),
     }
 }

@@ -24,14 +24,14 @@ async fn handshake(incoming: quinn::Incoming, registry: Arc<Registry>) {
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(error) => {
-            tracing::debug!(event = "tunnel_refused", %peer, reason = "accept_failed", %error);
+            tracing::debug!(event = "tunnel_refused", %peer, reason = "accept_failed", error = ?error.to_string());
             return;
         }
     };
     let conn = match tokio::time::timeout(HANDSHAKE_DEADLINE, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(error)) => {
-            tracing::info!(event = "tunnel_refused", %peer, reason = "handshake_failed", %error);
+            tracing::info!(event = "tunnel_refused", %peer, reason = "handshake_failed", error = ?error.to_string());
             return;
         }
         Err(_) => {
@@ -103,6 +103,6 @@ async fn watch(tc: Arc<TunnelConnection>, registry: Arc<Registry>) {
         connection = tc.id,
         reason,
         was_active,
-        detail = %error,
+        detail = ?error.to_string(),
     );
 }

@@ -21,7 +21,7 @@ pub fn root_store(trust: &ServerTrust) -> Result<rustls::RootCertStore, TrustErr
         ServerTrust::System => {
             let loaded = rustls_native_certs::load_native_certs();
             for err in &loaded.errors {
-                tracing::warn!(event = "system_roots_error", error = %err);
+                tracing::warn!(event = "system_roots_error", error = ?err.to_string());
             }
             let (added, _ignored) = roots.add_parsable_certificates(loaded.certs);
             if added == 0 {
