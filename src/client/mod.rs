@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{BackendAddress, ClientConfig, PublicCertSource, ServiceConfig, TlsMode};
 use crate::hostname::wire_lookup_key;
+use crate::logging::RateLimit;
 use crate::proxy;
 use crate::shutdown::Shutdown;
 use crate::tls::client_identity::ClientIdentity;
@@ -67,7 +68,12 @@ pub enum ClientError {
 struct Context {
     services: ServiceTable,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// One `backend_unreachable` line per backend per interval.
+    backend_errors: RateLimit<String>,
 }
+
+/// Backend failures are logged at most once per backend per this interval.
+const BACKEND_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What a Client instance's Tunnel connection is doing, observable through
 /// [`Client::status`].
@@ -139,9 +145,10 @@ impl Client {
         let context = Arc::new(Context {
             services: ServiceTable::new(&config.services),
             acceptor,
+            backend_errors: RateLimit::new(BACKEND_ERROR_LOG_INTERVAL),
         });
         Ok(Self {
-            dialer: Dialer::new(config.server_address.clone(), quic),
+            dialer: Dialer::new(config.server_address.clone(), &config.server_trust, quic),
             config: Arc::new(config),
             identity,
             context,
@@ -219,7 +226,10 @@ impl Client {
                     }
                 }
                 Err(error) => {
-                    let delay = backoff.next_delay(&mut rng);
+                    let delay = match error {
+                        DialError::Refused { .. } => backoff.next_refused_delay(&mut rng),
+                        _ => backoff.next_delay(&mut rng),
+                    };
                     log_dial_failure(&server, &self.identity, &error, delay);
                     delay
                 }
@@ -240,12 +250,12 @@ impl Client {
 fn log_dial_failure(server: &str, identity: &ClientIdentity, error: &DialError, delay: Duration) {
     let retry_in_ms = delay.as_millis() as u64;
     match error {
-        DialError::Refused { .. } => tracing::error!(
+        DialError::Refused { .. } | DialError::Untrusted { .. } => tracing::error!(
             event = "tunnel_refused",
             server,
             %identity,
             reason = error.reason(),
-            hint = "add this pin to a [[server.tunnels]] entry (client-identities) on the Server",
+            error = ?error.to_string(),
             retry_in_ms,
         ),
         _ => {
@@ -311,11 +321,21 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
     let started = std::time::Instant::now();
     let result = match service.tls_mode {
         TlsMode::Passthrough => {
-            passthrough(service, header, Bytes::from(hello), send, recv, host).await
+            passthrough(
+                &context,
+                service,
+                header,
+                Bytes::from(hello),
+                send,
+                recv,
+                host,
+            )
+            .await
         }
         TlsMode::Terminate => match &context.acceptor {
             Some(acceptor) => {
                 terminate(
+                    &context,
                     acceptor,
                     service,
                     header,
@@ -355,22 +375,24 @@ fn reject(send: &mut SendStream, recv: &mut RecvStream, code: quinn::VarInt) {
     let _ = recv.stop(code);
 }
 
-async fn connect_backend(addr: &BackendAddress, hostname: &str) -> Result<TcpStream, &'static str> {
+async fn connect_backend(
+    context: &Context,
+    addr: &BackendAddress,
+    hostname: &str,
+) -> Result<TcpStream, &'static str> {
     let connect = TcpStream::connect((addr.host.as_str(), addr.port));
-    match tokio::time::timeout(BACKEND_CONNECT_DEADLINE, connect).await {
+    let (reason, error) = match tokio::time::timeout(BACKEND_CONNECT_DEADLINE, connect).await {
         Ok(Ok(tcp)) => {
             let _ = tcp.set_nodelay(true);
-            Ok(tcp)
+            return Ok(tcp);
         }
-        Ok(Err(error)) => {
-            tracing::warn!(event = "backend_unreachable", backend = %addr, hostname, error = ?error.to_string());
-            Err("backend_unreachable")
-        }
-        Err(_) => {
-            tracing::warn!(event = "backend_unreachable", backend = %addr, hostname, error = "connect timed out");
-            Err("backend_timeout")
-        }
+        Ok(Err(error)) => ("backend_unreachable", error.to_string()),
+        Err(_) => ("backend_timeout", "connect timed out".to_string()),
+    };
+    if let Some(suppressed) = context.backend_errors.allow(&addr.to_string()) {
+        tracing::warn!(event = "backend_unreachable", backend = %addr, hostname, error = ?error, suppressed);
     }
+    Err(reason)
 }
 
 /// Write the PROXY v2 header the Service asked for (the Visitor's
@@ -391,6 +413,7 @@ async fn send_proxy_header(
 }
 
 async fn passthrough(
+    context: &Context,
     service: &ServiceConfig,
     header: Option<ProxyHeader>,
     hello: Bytes,
@@ -398,7 +421,7 @@ async fn passthrough(
     mut recv: RecvStream,
     hostname: &str,
 ) -> Result<Moved, &'static str> {
-    let mut tcp = match connect_backend(&service.backend_address, hostname).await {
+    let mut tcp = match connect_backend(context, &service.backend_address, hostname).await {
         Ok(tcp) => tcp,
         Err(reason) => {
             reject(&mut send, &mut recv, stream_code::BACKEND_UNREACHABLE);
@@ -424,7 +447,9 @@ async fn passthrough(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn terminate(
+    context: &Context,
     acceptor: &tokio_rustls::TlsAcceptor,
     service: &ServiceConfig,
     header: Option<ProxyHeader>,
@@ -449,7 +474,7 @@ async fn terminate(
         let (io, _) = tls.get_mut();
         proxy::abort_stream(&mut io.send, &mut io.recv);
     };
-    let mut tcp = match connect_backend(&service.backend_address, hostname).await {
+    let mut tcp = match connect_backend(context, &service.backend_address, hostname).await {
         Ok(tcp) => tcp,
         Err(reason) => {
             abort_tls(&mut tls);

@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{ServerCertSource, ServerConfig};
+use crate::fsutil;
 use crate::shutdown::Shutdown;
 use crate::tls::material;
-use crate::tunnel::transport::{self, close_code};
+use crate::tunnel::transport::{self, TunnelTls, close_code};
+use rustls::server::ResolvesServerCert;
 
 pub use registry::Registry;
 
@@ -32,6 +34,11 @@ pub enum ServerError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+    #[error("stateless-reset secret {path}: {error}")]
+    ResetSecret {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
     #[error(
         "[server.acme] is configured but this build obtains Server certificates from cert-dir only; use cert-dir"
     )]
@@ -42,6 +49,7 @@ pub enum ServerError {
 pub struct Server {
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
+    tls: Arc<TunnelTls>,
     public: tokio::net::TcpListener,
     tunnel: quinn::Endpoint,
 }
@@ -50,19 +58,24 @@ impl Server {
     /// Load material and bind both listeners. Nothing is served until
     /// [`Server::run`].
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
-        let cert = match &config.certificates {
-            ServerCertSource::Manual { cert_dir } => material::load_server_certificate(cert_dir)?,
+        let (certificate, state_dir) = match &config.certificates {
+            ServerCertSource::Manual { cert_dir } => {
+                let cert = material::load_server_certificate(cert_dir)?;
+                let fixed: Arc<dyn ResolvesServerCert> =
+                    Arc::new(transport::FixedCertificate::new(cert)?);
+                (fixed, cert_dir.join("state"))
+            }
             ServerCertSource::Acme(_) => return Err(ServerError::AcmeUnavailable),
         };
+        let secret = reset_secret(&state_dir)?;
         let registry = Arc::new(Registry::new(&config.tunnels));
-        let quic = transport::server_config(cert, registry.pins())?;
-        let tunnel =
-            transport::endpoint(config.tunnel_bind_address, Some(quic), None).map_err(|error| {
-                ServerError::Bind {
-                    what: "tunnel listener (UDP)",
-                    addr: config.tunnel_bind_address,
-                    error,
-                }
+        let tls = Arc::new(TunnelTls::new(certificate, registry.pins()));
+        let quic = tls.config(None)?;
+        let tunnel = transport::endpoint(config.tunnel_bind_address, Some(quic), Some(&secret))
+            .map_err(|error| ServerError::Bind {
+                what: "tunnel listener (UDP)",
+                addr: config.tunnel_bind_address,
+                error,
             })?;
         let public = tokio::net::TcpListener::bind(config.public_bind_address)
             .await
@@ -74,6 +87,7 @@ impl Server {
         Ok(Self {
             config: Arc::new(config),
             registry,
+            tls,
             public,
             tunnel,
         })
@@ -97,6 +111,7 @@ impl Server {
         let Server {
             config,
             registry,
+            tls,
             public,
             tunnel,
         } = self;
@@ -115,6 +130,7 @@ impl Server {
         ));
         let tunnel_task = tokio::spawn(tunnel_listener::serve(
             tunnel.clone(),
+            tls,
             registry.clone(),
             shutdown.clone(),
         ));
@@ -125,5 +141,42 @@ impl Server {
         tunnel.close(close_code::SHUTDOWN, b"server shutting down");
         let _ = tokio::time::timeout(CLOSE_FLUSH, tunnel.wait_idle()).await;
         tracing::info!(event = "server_stopped");
+    }
+}
+
+/// File (in the Server's state directory) holding the secret that keys
+/// stateless resets; created on first start.
+pub const RESET_SECRET_FILE: &str = "stateless-reset.secret";
+
+/// Load the stateless-reset secret, creating it (32 random bytes, mode
+/// 0600) on first start.
+fn reset_secret(state_dir: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+    let path = state_dir.join(RESET_SECRET_FILE);
+    let err = |error| ServerError::ResetSecret {
+        path: path.clone(),
+        error,
+    };
+    match std::fs::read(&path) {
+        Ok(secret) if secret.len() >= 32 => return Ok(secret),
+        Ok(_) => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "shorter than 32 bytes; delete it to have a new one created",
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let mut secret = vec![0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+        .map_err(|_| err(std::io::Error::other("no randomness available")))?;
+    fsutil::create_dir_private(state_dir, fsutil::STATE_DIR_MODE).map_err(err)?;
+    match fsutil::write_new_atomic(&path, &secret, fsutil::KEY_MODE) {
+        Ok(()) => Ok(secret),
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::read(&path).map_err(err)
+        }
+        Err(e) => Err(err(e)),
     }
 }

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -28,6 +29,9 @@ pub async fn serve(
     mut shutdown: Shutdown,
 ) {
     let mut backoff = AcceptBackoff::default();
+    let drops = Arc::new(DropCounts::default());
+    let summary = tokio::spawn(summarise_drops(drops.clone()));
+    let _summary = AbortOnDrop(summary);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait() => return,
@@ -36,7 +40,13 @@ pub async fn serve(
         match accepted {
             Ok((tcp, peer)) => {
                 backoff.reset();
-                tokio::spawn(visitor(tcp, peer, config.clone(), registry.clone()));
+                tokio::spawn(visitor(
+                    tcp,
+                    peer,
+                    config.clone(),
+                    registry.clone(),
+                    drops.clone(),
+                ));
             }
             Err(error) => {
                 // EMFILE, ENFILE, ENOBUFS...: back off instead of spinning.
@@ -51,6 +61,8 @@ pub async fn serve(
 /// Why a Visitor was dropped before reaching a Tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
+    /// The ClientHello never completed, or was not TLS: the token of
+    /// [`sni::ReadHelloError::reason`].
     ClientHello(&'static str),
     NoSni,
     ServerHostname,
@@ -58,6 +70,21 @@ pub enum DropReason {
     NoTunnelConnection,
     StreamOpenFailed,
 }
+
+/// Every reason token, in the order the summary line prints them.
+const REASONS: [&str; 11] = [
+    "not_tls",
+    "malformed",
+    "too_large",
+    "timeout",
+    "eof",
+    "io",
+    "no_sni",
+    "server_hostname",
+    "unknown_hostname",
+    "no_tunnel_connection",
+    "stream_open_failed",
+];
 
 impl DropReason {
     pub fn as_str(self) -> &'static str {
@@ -72,34 +99,92 @@ impl DropReason {
     }
 }
 
+/// How often dropped Visitors are summarised at `info`.
+pub const DROP_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Dropped Visitors by reason since the last summary.
+#[derive(Debug, Default)]
+pub struct DropCounts([AtomicU64; REASONS.len()]);
+
+impl DropCounts {
+    fn count(&self, reason: DropReason) {
+        let token = reason.as_str();
+        let i = REASONS
+            .iter()
+            .position(|r| *r == token)
+            .unwrap_or(REASONS.len() - 1);
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Take the counts, resetting them; empty when nothing was dropped.
+    fn take(&self) -> Vec<(&'static str, u64)> {
+        REASONS
+            .iter()
+            .zip(&self.0)
+            .map(|(r, c)| (*r, c.swap(0, Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+/// Log one line per interval summarising dropped Visitors, if any.
+async fn summarise_drops(counts: Arc<DropCounts>) {
+    let mut tick = tokio::time::interval(DROP_SUMMARY_INTERVAL);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let taken = counts.take();
+        if taken.is_empty() {
+            continue;
+        }
+        let total: u64 = taken.iter().map(|(_, n)| n).sum();
+        let by_reason = taken
+            .iter()
+            .map(|(r, n)| format!("{r}:{n}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        tracing::info!(
+            event = "visitors_dropped",
+            window_s = DROP_SUMMARY_INTERVAL.as_secs(),
+            total,
+            by_reason = %by_reason,
+        );
+    }
+}
+
 async fn visitor(
     mut tcp: TcpStream,
     peer: SocketAddr,
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
+    drops: Arc<DropCounts>,
 ) {
+    let dropped = |tcp: &TcpStream, host: Option<&str>, reason: DropReason| {
+        drops.count(reason);
+        drop_visitor(tcp, peer, host, reason);
+    };
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr().unwrap_or(config.public_bind_address);
     let mut hello = Vec::new();
     let deadline = tokio::time::Instant::now() + CLIENT_HELLO_DEADLINE;
     let info = match sni::read_client_hello(&mut tcp, &mut hello, deadline).await {
         Ok(info) => info,
-        Err(e) => return dropped(&tcp, peer, None, DropReason::ClientHello(e.reason())),
+        Err(e) => return dropped(&tcp, None, DropReason::ClientHello(e.reason())),
     };
     let Some(server_name) = info.server_name.as_deref() else {
-        return dropped(&tcp, peer, None, DropReason::NoSni);
+        return dropped(&tcp, None, DropReason::NoSni);
     };
     let key = wire_lookup_key(server_name);
     if key == config.hostname.as_str() {
         // Only ACME challenges may address the Server hostname, and only
         // when the Server itself runs ACME, which this build's cert-dir
         // mode does not: every such Visitor is dropped here.
-        return dropped(&tcp, peer, Some(&key), DropReason::ServerHostname);
+        return dropped(&tcp, Some(&key), DropReason::ServerHostname);
     }
     let tc = match registry.route(&key) {
-        Route::Unknown => return dropped(&tcp, peer, Some(&key), DropReason::UnknownHostname),
+        Route::Unknown => return dropped(&tcp, Some(&key), DropReason::UnknownHostname),
         Route::NoConnection { .. } => {
-            return dropped(&tcp, peer, Some(&key), DropReason::NoTunnelConnection);
+            return dropped(&tcp, Some(&key), DropReason::NoTunnelConnection);
         }
         Route::Active(tc) => tc,
     };
@@ -107,7 +192,7 @@ async fn visitor(
     let (mut send, mut recv) =
         match tokio::time::timeout(STREAM_OPEN_DEADLINE, tc.conn.open_bi()).await {
             Ok(Ok(pair)) => pair,
-            _ => return dropped(&tcp, peer, Some(&key), DropReason::StreamOpenFailed),
+            _ => return dropped(&tcp, Some(&key), DropReason::StreamOpenFailed),
         };
     let header = framing::encode(&ProxyHeader {
         source: peer,
@@ -119,7 +204,7 @@ async fn visitor(
     drop(hello);
     if send.write_chunk(first.freeze()).await.is_err() {
         proxy::abort_stream(&mut send, &mut recv);
-        return dropped(&tcp, peer, Some(&key), DropReason::StreamOpenFailed);
+        return dropped(&tcp, Some(&key), DropReason::StreamOpenFailed);
     }
     tracing::debug!(event = "stream_routed", hostname = %key, %peer, tunnel = tc.tunnel, connection = tc.id);
     let started = std::time::Instant::now();
@@ -142,10 +227,19 @@ async fn visitor(
     }
 }
 
-fn dropped(tcp: &TcpStream, peer: SocketAddr, hostname: Option<&str>, reason: DropReason) {
+fn drop_visitor(tcp: &TcpStream, peer: SocketAddr, hostname: Option<&str>, reason: DropReason) {
     // Reset rather than FIN: the Visitor gets an immediate, unambiguous end.
     proxy::abort_tcp(tcp);
     tracing::debug!(event = "visitor_dropped", %peer, hostname = hostname.unwrap_or("-"), reason = reason.as_str());
+}
+
+/// Aborts a task when dropped (the summary task ends with the listener).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Accept-error backoff: 10 ms doubling to 1 s.

@@ -6,22 +6,35 @@ use std::sync::Arc;
 
 use crate::server::registry::{REPLACEMENT_GRACE, Registry, TunnelConnection};
 use crate::shutdown::Shutdown;
-use crate::tunnel::transport::{self, HANDSHAKE_DEADLINE, close_code};
+use crate::tunnel::transport::{self, HANDSHAKE_DEADLINE, TunnelTls, close_code};
 
-pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>, mut shutdown: Shutdown) {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    tls: Arc<TunnelTls>,
+    registry: Arc<Registry>,
+    mut shutdown: Shutdown,
+) {
     loop {
         let incoming = tokio::select! {
             _ = shutdown.wait() => return,
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { return };
-        tokio::spawn(handshake(incoming, registry.clone()));
+        tokio::spawn(handshake(incoming, tls.clone(), registry.clone()));
     }
 }
 
-async fn handshake(incoming: quinn::Incoming, registry: Arc<Registry>) {
+async fn handshake(incoming: quinn::Incoming, tls: Arc<TunnelTls>, registry: Arc<Registry>) {
     let peer = incoming.remote_address();
-    let connecting = match incoming.accept() {
+    let config = match tls.config(Some(peer)) {
+        Ok(c) => Arc::new(c),
+        Err(error) => {
+            tracing::error!(event = "tunnel_refused", %peer, reason = "tls_config", error = ?error.to_string());
+            incoming.refuse();
+            return;
+        }
+    };
+    let connecting = match incoming.accept_with(config) {
         Ok(c) => c,
         Err(error) => {
             tracing::debug!(event = "tunnel_refused", %peer, reason = "accept_failed", error = ?error.to_string());
@@ -31,7 +44,9 @@ async fn handshake(incoming: quinn::Incoming, registry: Arc<Registry>) {
     let conn = match tokio::time::timeout(HANDSHAKE_DEADLINE, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(error)) => {
-            tracing::info!(event = "tunnel_refused", %peer, reason = "handshake_failed", error = ?error.to_string());
+            // Refused identities were already logged (rate-limited) by the
+            // verifier; other failures (scanners, wrong ALPN) are noise.
+            tracing::debug!(event = "tunnel_handshake_failed", %peer, error = ?error.to_string());
             return;
         }
         Err(_) => {
