@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use crate::config::{BackendAddress, ClientConfig, PublicCertSource, ServiceConfig, TlsMode};
 use crate::hostname::wire_lookup_key;
 use crate::logging::RateLimit;
+use crate::notify;
 use crate::proxy;
 use crate::shutdown::Shutdown;
 use crate::tls::client_identity::ClientIdentity;
@@ -44,6 +45,10 @@ const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// this long before dialing again, so two instances sharing an identity do
 /// not flap the Tunnel back and forth.
 pub const REPLACED_PAUSE: Duration = Duration::from_secs(60);
+/// Visitor streams one Client instance handles at once (the QUIC stream
+/// limit it grants the Server is the same, so this only guards against
+/// handlers outliving their streams).
+pub const STREAM_HANDLERS: usize = 1024;
 /// After closing the tunnel on shutdown, wait at most this long for the
 /// close to reach the Server.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
@@ -67,6 +72,7 @@ pub enum ClientError {
 /// What the stream handlers share.
 struct Context {
     services: ServiceTable,
+    handlers: Arc<tokio::sync::Semaphore>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     /// One `backend_unreachable` line per backend per interval.
     backend_errors: RateLimit<String>,
@@ -144,6 +150,7 @@ impl Client {
         };
         let context = Arc::new(Context {
             services: ServiceTable::new(&config.services),
+            handlers: Arc::new(tokio::sync::Semaphore::new(STREAM_HANDLERS)),
             acceptor,
             backend_errors: RateLimit::new(BACKEND_ERROR_LOG_INTERVAL),
         });
@@ -194,6 +201,9 @@ impl Client {
                     let peer = canonical(conn.remote_address());
                     tracing::info!(event = "tunnel_connected", server = %server, %peer, identity = %self.identity);
                     self.set_status(true, None);
+                    if self.status.borrow().connections == 1 {
+                        notify::notify(notify::READY);
+                    }
                     let ended = serve(&conn, self.context.clone(), &mut shutdown).await;
                     self.set_status(
                         false,
@@ -239,6 +249,7 @@ impl Client {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+        notify::notify(notify::STOPPING);
         if let Ok(endpoint) = self.dialer.endpoint() {
             endpoint.close(close_code::SHUTDOWN, b"client shutting down");
             let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
@@ -271,8 +282,16 @@ async fn serve(conn: &quinn::Connection, context: Arc<Context>, shutdown: &mut S
             accepted = conn.accept_bi() => accepted,
         };
         match accepted {
-            Ok((send, recv)) => {
-                tokio::spawn(stream(send, recv, context.clone()));
+            Ok((mut send, mut recv)) => {
+                let Ok(permit) = context.handlers.clone().try_acquire_owned() else {
+                    reject(&mut send, &mut recv, stream_code::OVERLOADED);
+                    continue;
+                };
+                let context = context.clone();
+                tokio::spawn(async move {
+                    stream(send, recv, context).await;
+                    drop(permit);
+                });
             }
             Err(quinn::ConnectionError::ApplicationClosed(c))
                 if c.error_code == close_code::REPLACED =>

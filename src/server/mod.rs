@@ -1,6 +1,7 @@
 //! The Server: the public listener (Visitor TLS on TCP), the tunnel
 //! listener (QUIC from Client instances) and the registry that joins them.
 
+pub mod admission;
 pub mod public_listener;
 pub mod registry;
 pub mod tunnel_listener;
@@ -11,9 +12,11 @@ use std::time::Duration;
 
 use crate::config::{ServerCertSource, ServerConfig};
 use crate::fsutil;
+use crate::notify;
 use crate::shutdown::Shutdown;
 use crate::tls::material;
 use crate::tunnel::transport::{self, TunnelTls, close_code};
+use admission::{Admission, Limits};
 use rustls::server::ResolvesServerCert;
 
 pub use registry::Registry;
@@ -50,7 +53,9 @@ pub struct Server {
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
     tls: Arc<TunnelTls>,
+    admission: Arc<Admission>,
     public: tokio::net::TcpListener,
+    readiness: Option<tokio::net::TcpListener>,
     tunnel: quinn::Endpoint,
 }
 
@@ -58,6 +63,16 @@ impl Server {
     /// Load material and bind both listeners. Nothing is served until
     /// [`Server::run`].
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        Self::bind_with_limits(config, Limits::default()).await
+    }
+
+    /// [`Server::bind`] with other admission limits (for tests: production
+    /// always uses [`Limits::default`]).
+    #[doc(hidden)]
+    pub async fn bind_with_limits(
+        config: ServerConfig,
+        limits: Limits,
+    ) -> Result<Self, ServerError> {
         let (certificate, state_dir) = match &config.certificates {
             ServerCertSource::Manual { cert_dir } => {
                 let cert = material::load_server_certificate(cert_dir)?;
@@ -84,11 +99,23 @@ impl Server {
                 addr: config.public_bind_address,
                 error,
             })?;
+        let readiness = match config.readiness_bind_address {
+            None => None,
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|error| {
+                ServerError::Bind {
+                    what: "readiness listener (TCP)",
+                    addr,
+                    error,
+                }
+            })?),
+        };
         Ok(Self {
             config: Arc::new(config),
             registry,
             tls,
+            admission: Admission::new(limits),
             public,
+            readiness,
             tunnel,
         })
     }
@@ -105,14 +132,26 @@ impl Server {
         self.registry.clone()
     }
 
-    /// Serve until `shutdown` fires, then stop accepting, close every
-    /// Tunnel connection with a reason and return.
+    pub fn readiness_addr(&self) -> Option<SocketAddr> {
+        self.readiness.as_ref().and_then(|r| r.local_addr().ok())
+    }
+
+    pub fn admission(&self) -> Arc<Admission> {
+        self.admission.clone()
+    }
+
+    /// Serve until `shutdown` asks to stop. A graceful stop stops
+    /// admitting new work at once, lets established streams finish within
+    /// `graceful-shutdown-duration` (a fast stop cuts that short), then
+    /// closes every Tunnel connection with a reason and returns.
     pub async fn run(self, shutdown: Shutdown) {
         let Server {
             config,
             registry,
             tls,
+            admission,
             public,
+            readiness,
             tunnel,
         } = self;
         tracing::info!(
@@ -120,27 +159,111 @@ impl Server {
             hostname = %config.hostname,
             public = %public.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             tunnel = %tunnel.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            readiness = %readiness.as_ref().and_then(|r| r.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
             tunnels = config.tunnels.len(),
         );
+        let monitor = tokio::spawn(admission.clone().monitor());
+        let ready_task = readiness
+            .map(|listener| tokio::spawn(readiness_listener(listener, admission.admitting())));
         let public_task = tokio::spawn(public_listener::serve(
             public,
             config.clone(),
             registry.clone(),
+            admission.clone(),
             shutdown.clone(),
         ));
         let tunnel_task = tokio::spawn(tunnel_listener::serve(
             tunnel.clone(),
             tls,
             registry.clone(),
+            admission.clone(),
             shutdown.clone(),
         ));
+        notify::notify(notify::READY);
+
         let mut stop = shutdown;
         stop.wait().await;
+        // Stop admitting: readiness closes, the public listener and the
+        // tunnel listener stop accepting, Visitors still in their
+        // ClientHello are dropped.
+        notify::notify(notify::STOPPING);
+        admission.close();
         public_task.abort();
         tunnel_task.abort();
+        tunnel.set_server_config(None);
+        if let Some(t) = ready_task {
+            t.abort();
+        }
+        let window = config.graceful_shutdown_duration;
+        let in_flight = admission.routed_in_flight();
+        tracing::info!(
+            event = "server_draining",
+            streams_in_flight = in_flight,
+            window_ms = window.as_millis() as u64
+        );
+        let drained = tokio::select! {
+            _ = stop.wait_fast() => false,
+            drained = drain(&admission, window) => drained,
+        };
+        monitor.abort();
+        let left = admission.routed_in_flight();
         tunnel.close(close_code::SHUTDOWN, b"server shutting down");
         let _ = tokio::time::timeout(CLOSE_FLUSH, tunnel.wait_idle()).await;
-        tracing::info!(event = "server_stopped");
+        tracing::info!(event = "server_stopped", drained, streams_cut = left);
+    }
+}
+
+/// Wait until no Visitor stream is relayed any more, or `window` passed.
+async fn drain(admission: &Admission, window: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + window;
+    while admission.routed_in_flight() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// `server.readiness-bind-address`: accepts (and at once closes)
+/// connections while the Server admits new work. While it does not, the
+/// socket is closed, so health checks see "connection refused".
+async fn readiness_listener(
+    first: tokio::net::TcpListener,
+    mut admitting: tokio::sync::watch::Receiver<bool>,
+) {
+    let Ok(addr) = first.local_addr() else { return };
+    let mut listener = Some(first);
+    loop {
+        match &listener {
+            Some(l) => {
+                tokio::select! {
+                    accepted = l.accept() => drop(accepted),
+                    changed = admitting.changed() => {
+                        if changed.is_err() { return; }
+                        if !*admitting.borrow() {
+                            listener = None;
+                            tracing::info!(event = "readiness_closed", %addr);
+                        }
+                    }
+                }
+            }
+            None => {
+                if admitting.wait_for(|a| *a).await.is_err() {
+                    return;
+                }
+                match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => {
+                        tracing::info!(event = "readiness_open", %addr);
+                        listener = Some(l);
+                    }
+                    Err(error) => {
+                        tracing::warn!(event = "readiness_bind_failed", %addr, error = ?error.to_string());
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
     }
 }
 

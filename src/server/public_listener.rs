@@ -14,18 +14,17 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::ServerConfig;
 use crate::hostname::wire_lookup_key;
 use crate::proxy;
+use crate::server::admission::{Admission, IntakePermit};
 use crate::server::registry::{Registry, Route};
 use crate::shutdown::Shutdown;
 use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE};
 use crate::tunnel::framing::{self, ProxyHeader};
 
-/// Opening a stream waits for the Client's stream credit at most this long.
-pub const STREAM_OPEN_DEADLINE: Duration = Duration::from_secs(5);
-
 pub async fn serve(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
+    admission: Arc<Admission>,
     mut shutdown: Shutdown,
 ) {
     let mut backoff = AcceptBackoff::default();
@@ -40,13 +39,24 @@ pub async fn serve(
         match accepted {
             Ok((tcp, peer)) => {
                 backoff.reset();
-                tokio::spawn(visitor(
-                    tcp,
-                    peer,
-                    config.clone(),
-                    registry.clone(),
-                    drops.clone(),
-                ));
+                // Admission happens here, before any task or buffer exists
+                // for this Visitor: the newest Visitor is the one refused.
+                let intake = match admission.intake(peer.ip()) {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        drops.count(DropReason::Overloaded);
+                        drop_visitor(&tcp, peer, None, DropReason::Overloaded);
+                        continue;
+                    }
+                };
+                let ctx = VisitorContext {
+                    config: config.clone(),
+                    registry: registry.clone(),
+                    admission: admission.clone(),
+                    drops: drops.clone(),
+                    shutdown: shutdown.clone(),
+                };
+                tokio::spawn(visitor(tcp, peer, intake, ctx));
             }
             Err(error) => {
                 // EMFILE, ENFILE, ENOBUFS...: back off instead of spinning.
@@ -69,10 +79,14 @@ pub enum DropReason {
     UnknownHostname,
     NoTunnelConnection,
     StreamOpenFailed,
+    /// An admission limit was reached.
+    Overloaded,
+    /// The Server is shutting down.
+    ShuttingDown,
 }
 
 /// Every reason token, in the order the summary line prints them.
-const REASONS: [&str; 11] = [
+const REASONS: [&str; 13] = [
     "not_tls",
     "malformed",
     "too_large",
@@ -84,6 +98,8 @@ const REASONS: [&str; 11] = [
     "unknown_hostname",
     "no_tunnel_connection",
     "stream_open_failed",
+    "overloaded",
+    "shutting_down",
 ];
 
 impl DropReason {
@@ -95,6 +111,8 @@ impl DropReason {
             DropReason::UnknownHostname => "unknown_hostname",
             DropReason::NoTunnelConnection => "no_tunnel_connection",
             DropReason::StreamOpenFailed => "stream_open_failed",
+            DropReason::Overloaded => "overloaded",
+            DropReason::ShuttingDown => "shutting_down",
         }
     }
 }
@@ -152,13 +170,23 @@ async fn summarise_drops(counts: Arc<DropCounts>) {
     }
 }
 
-async fn visitor(
-    mut tcp: TcpStream,
-    peer: SocketAddr,
+/// What each Visitor task shares.
+struct VisitorContext {
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
+    admission: Arc<Admission>,
     drops: Arc<DropCounts>,
-) {
+    shutdown: Shutdown,
+}
+
+async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx: VisitorContext) {
+    let VisitorContext {
+        config,
+        registry,
+        admission,
+        drops,
+        shutdown,
+    } = ctx;
     let dropped = |tcp: &TcpStream, host: Option<&str>, reason: DropReason| {
         drops.count(reason);
         drop_visitor(tcp, peer, host, reason);
@@ -181,6 +209,9 @@ async fn visitor(
         // mode does not: every such Visitor is dropped here.
         return dropped(&tcp, Some(&key), DropReason::ServerHostname);
     }
+    if shutdown.is_requested() {
+        return dropped(&tcp, Some(&key), DropReason::ShuttingDown);
+    }
     let tc = match registry.route(&key) {
         Route::Unknown => return dropped(&tcp, Some(&key), DropReason::UnknownHostname),
         Route::NoConnection { .. } => {
@@ -188,12 +219,22 @@ async fn visitor(
         }
         Route::Active(tc) => tc,
     };
-    let _guard = tc.begin_stream();
-    let (mut send, mut recv) =
-        match tokio::time::timeout(STREAM_OPEN_DEADLINE, tc.conn.open_bi()).await {
-            Ok(Ok(pair)) => pair,
-            _ => return dropped(&tcp, Some(&key), DropReason::StreamOpenFailed),
+    let Ok(_routed) = admission.routed_stream() else {
+        return dropped(&tcp, Some(&key), DropReason::Overloaded);
+    };
+    let opened = {
+        let Ok(_opening) = admission.stream_open() else {
+            return dropped(&tcp, Some(&key), DropReason::Overloaded);
         };
+        tokio::time::timeout(admission.limits().stream_open_deadline, tc.conn.open_bi()).await
+    };
+    // Routing is done: this Visitor no longer counts as intake.
+    drop(intake);
+    let _guard = tc.begin_stream();
+    let (mut send, mut recv) = match opened {
+        Ok(Ok(pair)) => pair,
+        _ => return dropped(&tcp, Some(&key), DropReason::StreamOpenFailed),
+    };
     let header = framing::encode(&ProxyHeader {
         source: peer,
         destination: local,

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::server::admission::Admission;
 use crate::server::registry::{REPLACEMENT_GRACE, Registry, TunnelConnection};
 use crate::shutdown::Shutdown;
 use crate::tunnel::transport::{self, HANDSHAKE_DEADLINE, TunnelTls, close_code};
@@ -12,6 +13,7 @@ pub async fn serve(
     endpoint: quinn::Endpoint,
     tls: Arc<TunnelTls>,
     registry: Arc<Registry>,
+    admission: Arc<Admission>,
     mut shutdown: Shutdown,
 ) {
     loop {
@@ -20,11 +22,24 @@ pub async fn serve(
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { return };
-        tokio::spawn(handshake(incoming, tls.clone(), registry.clone()));
+        // Too many handshakes in progress: refuse the newest.
+        let Ok(permit) = admission.handshake() else {
+            incoming.refuse();
+            continue;
+        };
+        let (tls, registry) = (tls.clone(), registry.clone());
+        tokio::spawn(async move {
+            handshake(incoming, tls, registry, permit).await;
+        });
     }
 }
 
-async fn handshake(incoming: quinn::Incoming, tls: Arc<TunnelTls>, registry: Arc<Registry>) {
+async fn handshake(
+    incoming: quinn::Incoming,
+    tls: Arc<TunnelTls>,
+    registry: Arc<Registry>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let peer = incoming.remote_address();
     let config = match tls.config(Some(peer)) {
         Ok(c) => Arc::new(c),
@@ -64,6 +79,7 @@ async fn handshake(incoming: quinn::Incoming, tls: Arc<TunnelTls>, registry: Arc
         conn.close(close_code::UNAUTHORIZED, b"identity not pinned");
         return;
     };
+    drop(permit);
     let (tc, replaced) = registry.install(tunnel, identity, peer, conn);
     tracing::info!(event = "tunnel_connected", tunnel, %identity, %peer, connection = tc.id);
     if let Some(old) = replaced {

@@ -77,6 +77,8 @@ pub mod stream_code {
     pub const TLS_FAILED: VarInt = VarInt::from_u32(5);
     /// The process is shutting down.
     pub const SHUTDOWN: VarInt = VarInt::from_u32(6);
+    /// The Client instance is handling as many streams as it allows.
+    pub const OVERLOADED: VarInt = VarInt::from_u32(7);
 }
 
 #[derive(Debug, thiserror::Error)]
