@@ -45,10 +45,10 @@ const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// this long before dialing again, so two instances sharing an identity do
 /// not flap the Tunnel back and forth.
 pub const REPLACED_PAUSE: Duration = Duration::from_secs(60);
-/// Visitor streams one Client instance handles at once (the QUIC stream
-/// limit it grants the Server is the same, so this only guards against
-/// handlers outliving their streams).
-pub const STREAM_HANDLERS: usize = 1024;
+/// Visitor streams one Client instance handles at once: the stream credit
+/// it grants the Server (so this only guards against handlers outliving
+/// their streams).
+pub const STREAM_HANDLERS: usize = transport::STREAM_CREDIT as usize;
 /// After closing the tunnel on shutdown, wait at most this long for the
 /// close to reach the Server.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);

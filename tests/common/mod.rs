@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use runewarp::client::{Client, ClientStatus};
 use runewarp::config::*;
 use runewarp::hostname::{PublicHostname, ServerHostname};
+use runewarp::server::admission::Limits;
 use runewarp::server::registry::Route;
 use runewarp::server::{Registry, Server};
 use runewarp::shutdown::{self, Trigger};
@@ -111,11 +112,30 @@ impl TestServer {
         .await
     }
 
+    pub async fn start_with_limits(
+        cert_dir: &Path,
+        tunnels: Vec<TunnelConfig>,
+        limits: Limits,
+    ) -> Self {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Self::start_full(cert_dir, tunnels, any, any, limits).await
+    }
+
     pub async fn start_on(
         cert_dir: &Path,
         tunnels: Vec<TunnelConfig>,
         public: SocketAddr,
         tunnel: SocketAddr,
+    ) -> Self {
+        Self::start_full(cert_dir, tunnels, public, tunnel, Limits::default()).await
+    }
+
+    async fn start_full(
+        cert_dir: &Path,
+        tunnels: Vec<TunnelConfig>,
+        public: SocketAddr,
+        tunnel: SocketAddr,
+        limits: Limits,
     ) -> Self {
         let config = ServerConfig {
             source: None,
@@ -130,7 +150,9 @@ impl TestServer {
             },
             tunnels,
         };
-        let server = Server::bind(config).await.expect("server binds");
+        let server = Server::bind_with_limits(config, limits)
+            .await
+            .expect("server binds");
         let public = server.public_addr().unwrap();
         let tunnel = server.tunnel_addr().unwrap();
         let registry = server.registry();
@@ -414,3 +436,11 @@ pub async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Dura
     }
 }
 pub mod proc;
+
+/// A TCP connection to `to` from the loopback address `127.0.0.<last>`, so
+/// tests can act as many source IPs.
+pub async fn connect_from(last: u8, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from(([127, 0, 0, last], 0)))?;
+    socket.connect(to).await
+}

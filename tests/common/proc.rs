@@ -107,13 +107,17 @@ impl Home {
 
     /// `server.toml`: one Tunnel for APP pinned to `pin`.
     pub fn server_config(&self, pin: &str) -> PathBuf {
+        self.server_config_with(pin, "graceful-shutdown-duration = \"1s\"\n")
+    }
+
+    /// `server.toml` with `extra` lines in the `[server]` table.
+    pub fn server_config_with(&self, pin: &str, extra: &str) -> PathBuf {
         self.write(
             "server.toml",
             &format!(
                 "[server]\nhostname = \"localhost\"\npublic-bind-address = \"127.0.0.1:{}\"\n\
-                 tunnel-bind-address = \"127.0.0.1:{}\"\ncert-dir = \"server-certs\"\n\
-                 graceful-shutdown-duration = \"1s\"\n\n[[server.tunnels]]\npublic-hostnames = [\"{APP}\"]\n\
-                 client-identity = \"{pin}\"\n",
+                 tunnel-bind-address = \"127.0.0.1:{}\"\ncert-dir = \"server-certs\"\n{extra}\n\
+                 [[server.tunnels]]\npublic-hostnames = [\"{APP}\"]\nclient-identity = \"{pin}\"\n",
                 self.public, self.tunnel
             ),
         )
@@ -140,9 +144,23 @@ impl Home {
 
     /// Start `runewarp <role> -c <config>`, logging to `<log>`.
     pub fn spawn(&self, role: &str, config: &Path, log: &str) -> Running {
+        self.spawn_env(role, config, log, &[])
+    }
+
+    /// [`Home::spawn`] with extra environment variables.
+    pub fn spawn_env(
+        &self,
+        role: &str,
+        config: &Path,
+        log: &str,
+        env: &[(&str, &Path)],
+    ) -> Running {
         let file = std::fs::File::create(self.path().join(log)).unwrap();
-        let child = self
-            .cmd()
+        let mut cmd = self.cmd();
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
             .args([role, "-c"])
             .arg(config)
             .stdout(Stdio::null())
@@ -176,15 +194,20 @@ impl Running {
 
     /// Send `sig` and wait for the exit; panics after `within`.
     pub fn stop_with(&mut self, sig: i32, within: Duration) -> (ExitStatus, Duration) {
-        let start = Instant::now();
         self.signal(sig);
+        self.wait_exit(within)
+    }
+
+    /// Wait for the process to exit by itself; panics after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> (ExitStatus, Duration) {
+        let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return (status, start.elapsed());
             }
             assert!(
                 start.elapsed() < within,
-                "process did not exit within {within:?} of signal {sig}"
+                "process did not exit within {within:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -199,6 +222,26 @@ impl Running {
     }
 
     /// Lines of the log containing `event="<name>"`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory (KiB) and open file descriptors of the process.
+    pub fn rss_kib_and_fds(&self) -> (u64, usize) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let rss = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        (rss, fds)
+    }
+
     pub fn events(&self, name: &str) -> Vec<String> {
         let needle = format!("event=\"{name}\"");
         self.log_text()
@@ -216,6 +259,35 @@ pub struct Backend {
 
 /// A blocking TLS backend for APP answering one message per connection.
 pub fn tls_backend() -> Backend {
+    tls_backend_with(|tls| {
+        let mut buf = [0u8; 64];
+        if let Ok(n) = std::io::Read::read(tls, &mut buf) {
+            let reply = format!("backend got {:?}", String::from_utf8_lossy(&buf[..n]));
+            let _ = std::io::Write::write_all(tls, reply.as_bytes());
+        }
+    })
+}
+
+/// A TLS backend for APP that, after reading the request, sends `chunks`
+/// KiB one every `every` (a slow download), then closes.
+pub fn slow_tls_backend(chunks: usize, every: Duration) -> Backend {
+    tls_backend_with(move |tls| {
+        let mut buf = [0u8; 64];
+        if std::io::Read::read(tls, &mut buf).is_ok() {
+            for _ in 0..chunks {
+                if std::io::Write::write_all(tls, &[b'x'; 1024]).is_err() {
+                    return;
+                }
+                let _ = std::io::Write::flush(tls);
+                std::thread::sleep(every);
+            }
+        }
+    })
+}
+
+type TlsConn<'a> = rustls::Stream<'a, rustls::ServerConnection, std::net::TcpStream>;
+
+fn tls_backend_with(serve: impl Fn(&mut TlsConn<'_>) + Send + Sync + Copy + 'static) -> Backend {
     runewarp::tls::install_crypto_provider();
     let (cert_pem, key_pem) = runewarp::tls::material::generate_self_signed(&[APP]).unwrap();
     let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
@@ -235,17 +307,32 @@ pub fn tls_backend() -> Backend {
                 let mut tcp = tcp;
                 let mut conn = rustls::ServerConnection::new(config).unwrap();
                 let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
-                let mut buf = [0u8; 64];
-                if let Ok(n) = std::io::Read::read(&mut tls, &mut buf) {
-                    let reply = format!("backend got {:?}", String::from_utf8_lossy(&buf[..n]));
-                    let _ = std::io::Write::write_all(&mut tls, reply.as_bytes());
-                    tls.conn.send_close_notify();
-                    let _ = std::io::Write::flush(&mut tls);
-                }
+                serve(&mut tls);
+                tls.conn.send_close_notify();
+                let _ = std::io::Write::flush(&mut tls);
             });
         }
     });
     Backend { addr, cert }
+}
+
+/// A TLS Visitor connection for APP that sent its request.
+pub fn open_visit(
+    public: SocketAddr,
+    root: &CertificateDer<'static>,
+) -> std::io::Result<(rustls::ClientConnection, std::net::TcpStream)> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(APP).unwrap())
+            .unwrap();
+    let mut tcp = std::net::TcpStream::connect(public)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    std::io::Write::write_all(&mut rustls::Stream::new(&mut conn, &mut tcp), b"hello")?;
+    Ok((conn, tcp))
 }
 
 /// One TLS Visitor request for APP; returns the reply.
