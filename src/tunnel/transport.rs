@@ -113,10 +113,35 @@ pub fn server_config(
         pins,
         provider: provider.clone(),
     });
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(server_cert.chain, server_cert.key)?;
+    quic_server_config(tls)
+}
+
+/// Like [`server_config`], with the certificate chosen per handshake by
+/// `resolver` (ACME: the current certificate, renewals included; none yet
+/// fails the handshake).
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    pins: HashSet<ClientIdentity>,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedClientVerifier {
+        pins,
+        provider: provider.clone(),
+    });
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    quic_server_config(tls)
+}
+
+fn quic_server_config(
+    mut tls: rustls::ServerConfig,
+) -> Result<quinn::ServerConfig, TransportError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
