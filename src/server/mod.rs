@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::config::{ServerCertSource, ServerConfig};
 use crate::shutdown::Shutdown;
+use crate::tls::acme::{self, AcmeManager, AcmeSetupError};
 use crate::tls::material;
 use crate::tunnel::transport::{self, close_code};
 
@@ -32,10 +33,8 @@ pub enum ServerError {
         addr: SocketAddr,
         error: std::io::Error,
     },
-    #[error(
-        "[server.acme] is configured but this build obtains Server certificates from cert-dir only; use cert-dir"
-    )]
-    AcmeUnavailable,
+    #[error("{0}")]
+    Acme(#[from] AcmeSetupError),
 }
 
 /// A Server whose listeners are bound and ready to run.
@@ -44,18 +43,43 @@ pub struct Server {
     registry: Arc<Registry>,
     public: tokio::net::TcpListener,
     tunnel: quinn::Endpoint,
+    /// `[server.acme]`: the certificate manager (started by `run`) and the
+    /// config answering TLS-ALPN-01 validations on the public listener.
+    acme: Option<(AcmeManager, Arc<rustls::ServerConfig>)>,
 }
 
 impl Server {
     /// Load material and bind both listeners. Nothing is served until
     /// [`Server::run`].
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
-        let cert = match &config.certificates {
-            ServerCertSource::Manual { cert_dir } => material::load_server_certificate(cert_dir)?,
-            ServerCertSource::Acme(_) => return Err(ServerError::AcmeUnavailable),
-        };
         let registry = Arc::new(Registry::new(&config.tunnels));
-        let quic = transport::server_config(cert, registry.pins())?;
+        let (quic, acme) = match &config.certificates {
+            ServerCertSource::Manual { cert_dir } => {
+                let cert = material::load_server_certificate(cert_dir)?;
+                (transport::server_config(cert, registry.pins())?, None)
+            }
+            ServerCertSource::Acme(acme_config) => {
+                let hostname = config.hostname.as_str().to_string();
+                let manager = AcmeManager::new(
+                    "server",
+                    "server.acme",
+                    acme_config,
+                    std::slice::from_ref(&hostname),
+                )?;
+                let resolver = manager.resolver();
+                let single = Arc::new(resolver.single(&hostname).expect("hostname is managed"));
+                let challenge = acme::challenge_config(resolver).map_err(AcmeSetupError::Tls)?;
+                if config.public_bind_address.port() != 443 {
+                    tracing::warn!(
+                        event = "acme_public_port",
+                        public = %config.public_bind_address,
+                        hint = "ACME CAs validate TLS-ALPN-01 on port 443; forward 443 to this listener",
+                    );
+                }
+                let quic = transport::server_config_with_resolver(single, registry.pins())?;
+                (quic, Some((manager, challenge)))
+            }
+        };
         let tunnel =
             transport::endpoint(config.tunnel_bind_address, Some(quic), None).map_err(|error| {
                 ServerError::Bind {
@@ -76,6 +100,7 @@ impl Server {
             registry,
             public,
             tunnel,
+            acme,
         })
     }
 
@@ -99,7 +124,12 @@ impl Server {
             registry,
             public,
             tunnel,
+            acme,
         } = self;
+        let (_acme_tasks, challenge) = match acme {
+            Some((manager, challenge)) => (Some(manager.spawn()), Some(challenge)),
+            None => (None, None),
+        };
         tracing::info!(
             event = "server_started",
             hostname = %config.hostname,
@@ -112,6 +142,7 @@ impl Server {
             config.clone(),
             registry.clone(),
             shutdown.clone(),
+            challenge,
         ));
         let tunnel_task = tokio::spawn(tunnel_listener::serve(
             tunnel.clone(),

@@ -15,6 +15,7 @@ use crate::hostname::wire_lookup_key;
 use crate::proxy;
 use crate::server::registry::{Registry, Route};
 use crate::shutdown::Shutdown;
+use crate::tls::acme;
 use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE};
 use crate::tunnel::framing::{self, ProxyHeader};
 
@@ -26,6 +27,7 @@ pub async fn serve(
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
     mut shutdown: Shutdown,
+    acme_challenge: Option<Arc<rustls::ServerConfig>>,
 ) {
     let mut backoff = AcceptBackoff::default();
     loop {
@@ -36,7 +38,13 @@ pub async fn serve(
         match accepted {
             Ok((tcp, peer)) => {
                 backoff.reset();
-                tokio::spawn(visitor(tcp, peer, config.clone(), registry.clone()));
+                tokio::spawn(visitor(
+                    tcp,
+                    peer,
+                    config.clone(),
+                    registry.clone(),
+                    acme_challenge.clone(),
+                ));
             }
             Err(error) => {
                 // EMFILE, ENFILE, ENOBUFS...: back off instead of spinning.
@@ -77,6 +85,7 @@ async fn visitor(
     peer: SocketAddr,
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
+    acme_challenge: Option<Arc<rustls::ServerConfig>>,
 ) {
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr().unwrap_or(config.public_bind_address);
@@ -91,9 +100,13 @@ async fn visitor(
     };
     let key = wire_lookup_key(server_name);
     if key == config.hostname.as_str() {
-        // Only ACME challenges may address the Server hostname, and only
-        // when the Server itself runs ACME, which this build's cert-dir
-        // mode does not: every such Visitor is dropped here.
+        // Only ACME TLS-ALPN-01 validations may address the Server
+        // hostname, and only when the Server itself runs ACME.
+        if let Some(challenge) = acme_challenge.filter(|_| acme::is_challenge_alpn(&info.alpn)) {
+            let result = acme::answer_challenge(challenge, hello.into(), tcp).await;
+            tracing::info!(event = "acme_challenge_answered", hostname = %key, %peer, result = result.err().unwrap_or("ok"));
+            return;
+        }
         return dropped(&tcp, peer, Some(&key), DropReason::ServerHostname);
     }
     let tc = match registry.route(&key) {
