@@ -21,6 +21,7 @@ use crate::config::{BackendAddress, ClientConfig, PublicCertSource, ServiceConfi
 use crate::hostname::wire_lookup_key;
 use crate::proxy;
 use crate::shutdown::Shutdown;
+use crate::tls::acme::{AcmeManager, AcmeSetupError};
 use crate::tls::client_identity::ClientIdentity;
 use crate::tls::material::{self, MaterialError};
 use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE};
@@ -31,7 +32,7 @@ use crate::tunnel::transport::{self, TransportError, close_code, stream_code};
 use backoff::Backoff;
 use dialer::{DialError, Dialer};
 use service::ServiceTable;
-use terminate::{CertificateTable, TerminateError, TunnelStream};
+use terminate::{Accepted, CertificateTable, TerminateError, TunnelStream};
 
 /// The Local backend must accept the TCP connection within this time.
 pub const BACKEND_CONNECT_DEADLINE: Duration = Duration::from_secs(5);
@@ -57,16 +58,14 @@ pub enum ClientError {
     Transport(#[from] TransportError),
     #[error("terminate: {0}")]
     Terminate(#[from] TerminateError),
-    #[error(
-        "[client.acme] is configured but this build takes terminate certificates from public-cert-dir only; use public-cert-dir"
-    )]
-    AcmeUnavailable,
+    #[error("{0}")]
+    Acme(#[from] AcmeSetupError),
 }
 
 /// What the stream handlers share.
 struct Context {
     services: ServiceTable,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    acceptor: Option<terminate::Acceptor>,
 }
 
 /// What a Client instance's Tunnel connection is doing, observable through
@@ -99,6 +98,9 @@ pub struct Client {
     dialer: Dialer,
     context: Arc<Context>,
     status: tokio::sync::watch::Sender<ClientStatus>,
+    /// `[client.acme]`: started by `run` once the first Tunnel connection
+    /// is up, never awaited.
+    acme: Option<AcmeManager>,
 }
 
 /// How a Tunnel connection ended.
@@ -114,9 +116,20 @@ impl Client {
         let (identity_material, identity) = material::load_client_identity(&config.identity_dir)?;
         let roots = trust::root_store(&config.server_trust)?;
         let quic = transport::client_config(roots, identity_material)?;
+        let mut acme = None;
         let acceptor = match &config.public_certs {
             None => None,
-            Some(PublicCertSource::Acme(_)) => return Err(ClientError::AcmeUnavailable),
+            Some(PublicCertSource::Acme(acme_config)) => {
+                let manager = AcmeManager::new(
+                    "client",
+                    "client.acme",
+                    acme_config,
+                    &terminate_hostnames(&config),
+                )?;
+                let acceptor = terminate::acme_acceptor(manager.resolver())?;
+                acme = Some(manager);
+                Some(acceptor)
+            }
             Some(PublicCertSource::Manual { dir }) => {
                 let table = CertificateTable::new(material::load_public_certs(dir)?)?;
                 for s in config
@@ -146,6 +159,7 @@ impl Client {
             identity,
             context,
             status: tokio::sync::watch::Sender::new(ClientStatus::default()),
+            acme,
         })
     }
 
@@ -172,6 +186,7 @@ impl Client {
 
     /// Keep the Tunnel connection up until `shutdown` fires.
     pub async fn run(mut self, mut shutdown: Shutdown) {
+        let mut acme_tasks = None;
         let mut backoff = Backoff::default();
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let server = self.config.server_address.to_string();
@@ -187,6 +202,12 @@ impl Client {
                     let peer = canonical(conn.remote_address());
                     tracing::info!(event = "tunnel_connected", server = %server, %peer, identity = %self.identity);
                     self.set_status(true, None);
+                    if acme_tasks.is_none() {
+                        // TLS-ALPN-01 validations reach us through the
+                        // tunnel: order only once it is up, so a CA does
+                        // not count failed validations against us.
+                        acme_tasks = self.acme.take().map(AcmeManager::spawn);
+                    }
                     let ended = serve(&conn, self.context.clone(), &mut shutdown).await;
                     self.set_status(
                         false,
@@ -235,6 +256,17 @@ impl Client {
         }
         tracing::info!(event = "client_stopped");
     }
+}
+
+/// The Public hostnames of terminating Services (what `[client.acme]`
+/// obtains certificates for).
+fn terminate_hostnames(config: &ClientConfig) -> Vec<String> {
+    config
+        .services
+        .iter()
+        .filter(|s| s.tls_mode == TlsMode::Terminate)
+        .flat_map(|s| s.public_hostnames.iter().map(|h| h.as_str().to_string()))
+        .collect()
 }
 
 fn log_dial_failure(server: &str, identity: &ClientIdentity, error: &DialError, delay: Duration) {
@@ -425,7 +457,7 @@ async fn passthrough(
 }
 
 async fn terminate(
-    acceptor: &tokio_rustls::TlsAcceptor,
+    acceptor: &terminate::Acceptor,
     service: &ServiceConfig,
     header: Option<ProxyHeader>,
     hello: Bytes,
@@ -436,7 +468,14 @@ async fn terminate(
     let stream = TunnelStream::new(hello, send, recv);
     let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, acceptor.accept(stream)).await
     {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(Accepted::Visitor(tls))) => *tls,
+        Ok(Ok(Accepted::AcmeChallenge)) => {
+            tracing::info!(event = "acme_challenge_answered", hostname);
+            return Ok(Moved {
+                to_backend: 0,
+                from_backend: 0,
+            });
+        }
         Ok(Err(error)) => {
             // The alert, if any, went out through the stream; dropping it
             // finishes the stream cleanly behind it.
