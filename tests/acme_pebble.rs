@@ -449,6 +449,18 @@ fn parts(v: &[String; 2]) -> [&str; 2] {
     [v[0].as_str(), v[1].as_str()]
 }
 
+/// A stored-certificate file (key PEM, then chain PEM) whose certificate
+/// expired long ago.
+fn expired_cert_pem(host: &str) -> String {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec![host.to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 4, 1);
+    let cert = params.self_signed(&key).unwrap();
+    // rustls-acme wants at least two PEM blocks: the key and a chain.
+    format!("{}\n{}", key.serialize_pem(), cert.pem())
+}
+
 fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -548,7 +560,25 @@ fn issue_reuse_and_reorder() {
         String::from_utf8_lossy(&out.stdout).contains(REPLY),
         "after re-order: {out:?}"
     );
-    assert!(backend.connections.load(Ordering::SeqCst) >= 3);
+
+    // An expired stored certificate is ordered again at once.
+    drop(client);
+    let _ = fs::remove_file(w.dir.join("client.log"));
+    fs::write(w.state_cert("client-acme", APP), expired_cert_pem(APP)).unwrap();
+    let mut client = w.client(&root, &backend, &[APP]);
+    client.wait_line(&parts(&issued(APP)), WAIT);
+    assert_eq!(
+        w.pebble.orders(),
+        4,
+        "the expired certificate is ordered again"
+    );
+    let out = w.curl(APP, &root);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(REPLY),
+        "after expiry: {out:?}"
+    );
+
+    assert!(backend.connections.load(Ordering::SeqCst) >= 4);
     server.assert_running();
     eprintln!("issue_reuse_and_reorder took {:?}", started.elapsed());
 }
