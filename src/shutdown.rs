@@ -1,62 +1,107 @@
-//! A cloneable "stop now" signal shared by every task of a Server or Client
-//! instance, and the process-signal wiring (SIGINT/SIGTERM).
+//! Shutdown, in two stages shared by every task of a Server or Client:
+//! **graceful** (stop admitting new work, let established streams finish)
+//! and **fast** (close everything now). The first SIGTERM or SIGINT asks for
+//! a graceful stop; a second one, or SIGQUIT, for a fast one.
 
 use tokio::sync::watch;
 
-/// Fires the shutdown signal.
-#[derive(Debug, Clone)]
-pub struct Trigger(watch::Sender<bool>);
+/// How far shutdown has gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    Running,
+    Graceful,
+    Fast,
+}
 
-/// Waits for the shutdown signal.
+/// Requests shutdown stages.
 #[derive(Debug, Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
+pub struct Trigger(watch::Sender<Stage>);
+
+/// Observes shutdown stages.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Receiver<Stage>);
 
 /// A connected trigger and signal.
 pub fn channel() -> (Trigger, Shutdown) {
-    let (tx, rx) = watch::channel(false);
+    let (tx, rx) = watch::channel(Stage::Running);
     (Trigger(tx), Shutdown(rx))
 }
 
 impl Trigger {
+    /// Ask for a graceful stop (a no-op once stopping).
     pub fn fire(&self) {
-        self.0.send_replace(true);
+        self.escalate(Stage::Graceful);
+    }
+
+    /// Ask for a fast stop.
+    pub fn fire_fast(&self) {
+        self.escalate(Stage::Fast);
+    }
+
+    fn escalate(&self, to: Stage) {
+        self.0.send_if_modified(|s| {
+            if *s < to {
+                *s = to;
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 
 impl Shutdown {
-    /// Resolves once shutdown was requested (at once if it already was, or
-    /// if the trigger was dropped).
+    /// Resolves once any stop was requested (or the trigger is gone).
     pub async fn wait(&mut self) {
-        let _ = self.0.wait_for(|stop| *stop).await;
+        let _ = self.0.wait_for(|s| *s >= Stage::Graceful).await;
+    }
+
+    /// Resolves once a fast stop was requested (or the trigger is gone).
+    pub async fn wait_fast(&mut self) {
+        let _ = self.0.wait_for(|s| *s >= Stage::Fast).await;
+    }
+
+    pub fn stage(&self) -> Stage {
+        *self.0.borrow()
     }
 
     pub fn is_requested(&self) -> bool {
-        *self.0.borrow()
+        self.stage() >= Stage::Graceful
     }
 }
 
-/// Fire `trigger` on the first SIGINT or SIGTERM.
+/// Map process signals to stages: SIGTERM/SIGINT → graceful, a second one
+/// (or SIGQUIT) → fast.
 pub fn on_signals(trigger: Trigger) {
-    tokio::spawn(async move {
-        let name = wait_for_signal().await;
-        tracing::info!(event = "shutdown_requested", signal = name);
-        trigger.fire();
-    });
-}
-
-async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::quit()),
     ) else {
-        // Without signal handlers we can still be stopped by SIGKILL; never
-        // fire spuriously.
-        std::future::pending::<()>().await;
-        unreachable!()
+        tracing::warn!(event = "signal_handlers_unavailable");
+        return;
     };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
+    tokio::spawn(async move {
+        let mut seen = 0u32;
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = quit.recv() => "SIGQUIT",
+            };
+            seen += 1;
+            if name == "SIGQUIT" || seen > 1 {
+                tracing::info!(event = "shutdown_requested", signal = name, mode = "fast");
+                trigger.fire_fast();
+            } else {
+                tracing::info!(
+                    event = "shutdown_requested",
+                    signal = name,
+                    mode = "graceful"
+                );
+                trigger.fire();
+            }
+        }
+    });
 }

@@ -33,7 +33,7 @@ async fn passthrough_moves_64_mib_exactly_and_visitor_sees_backend_certificate()
     server.wait_active(APP, UP).await;
 
     let backend_cert = backend.cert.clone().unwrap();
-    let v = visitor(server.public, APP, &[backend_cert.clone()])
+    let v = visitor(server.public, APP, std::slice::from_ref(&backend_cert))
         .await
         .unwrap();
     assert_eq!(
@@ -73,7 +73,7 @@ async fn terminate_presents_client_certificate_and_backend_gets_plaintext() {
     });
     server.wait_active(SECURE, UP).await;
 
-    let v = visitor(server.public, SECURE, &[public_ca.clone()])
+    let v = visitor(server.public, SECURE, std::slice::from_ref(&public_ca))
         .await
         .unwrap();
     let leaf = peer_leaf(&v);
@@ -220,7 +220,9 @@ async fn every_drop_rule_closes_the_visitor_within_6s_while_good_traffic_flows()
     let cert = backend.cert.clone().unwrap();
 
     // A long-lived good stream that must keep working throughout.
-    let v = visitor(server.public, APP, &[cert.clone()]).await.unwrap();
+    let v = visitor(server.public, APP, std::slice::from_ref(&cert))
+        .await
+        .unwrap();
     let (mut good_r, mut good_w) = tokio::io::split(v);
 
     let hello_for = |sni: Option<&str>| client_hello(sni);
@@ -260,7 +262,9 @@ async fn every_drop_rule_closes_the_visitor_within_6s_while_good_traffic_flows()
             .unwrap()
             .unwrap();
         assert_eq!(buf, msg.as_bytes(), "{name}: established stream disturbed");
-        let fresh = visitor(server.public, APP, &[cert.clone()]).await.unwrap();
+        let fresh = visitor(server.public, APP, std::slice::from_ref(&cert))
+            .await
+            .unwrap();
         assert_eq!(
             roundtrip(fresh, b"fresh").await.unwrap(),
             b"fresh",
@@ -484,16 +488,22 @@ async fn a_thousand_concurrent_visitors_share_one_tunnel_byte_exact() {
     server.wait_active(APP, UP).await;
     let cert = backend.cert.clone().unwrap();
     // Open all 1,000 first, so they are concurrent, then exchange data.
+    // Handshakes are paced below the per-source-IP intake limit (256
+    // ClientHellos at once from one address), which all these share.
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(1000));
+    let pacing = std::sync::Arc::new(tokio::sync::Semaphore::new(128));
     let mut tasks = Vec::new();
     for i in 0..1000u32 {
         let cert = cert.clone();
         let barrier = barrier.clone();
+        let pacing = pacing.clone();
         let public = server.public;
         tasks.push(tokio::spawn(async move {
+            let handshake = pacing.acquire().await.unwrap();
             let v = visitor(public, APP, &[cert])
                 .await
                 .expect("visitor connects");
+            drop(handshake);
             barrier.wait().await;
             let body: Vec<u8> = (0..8192u32)
                 .map(|j| (i.wrapping_mul(31) ^ j) as u8)

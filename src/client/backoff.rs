@@ -30,6 +30,17 @@ impl Backoff {
         Duration::from_millis(rng.random_range(0..ms))
     }
 
+    /// Draw the delay after the Server refused our identity: at least the
+    /// whole window (plus up to a quarter more as jitter), so a refused
+    /// Client makes at most 6 attempts in 30 s instead of hammering the
+    /// Server while its operator fixes the pin.
+    pub fn next_refused_delay(&mut self, rng: &mut impl Rng) -> Duration {
+        let window = self.window();
+        self.attempt = self.attempt.saturating_add(1);
+        let ms = window.as_millis() as u64;
+        Duration::from_millis(ms + rng.random_range(0..=ms / 4))
+    }
+
     /// An authenticated connection was established.
     pub fn reset(&mut self) {
         self.attempt = 0;
@@ -51,6 +62,24 @@ mod tests {
             assert!(d < Duration::from_secs(*seen.last().unwrap()));
         }
         assert_eq!(seen, [1, 2, 3, 5, 8, 12, 18, 27, 41, 60, 60, 60, 60]);
+    }
+
+    #[test]
+    fn a_refused_client_makes_at_most_6_attempts_in_30s() {
+        let mut rng = rand::rng();
+        for _ in 0..100 {
+            let mut b = Backoff::default();
+            // First attempt at t=0, then one after each delay.
+            let (mut t, mut attempts) = (Duration::ZERO, 1);
+            loop {
+                t += b.next_refused_delay(&mut rng);
+                if t > Duration::from_secs(30) {
+                    break;
+                }
+                attempts += 1;
+            }
+            assert!(attempts <= 6, "{attempts} attempts in 30 s");
+        }
     }
 
     #[test]

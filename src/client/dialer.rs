@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use crate::config::ServerAddress;
+use crate::config::{ServerAddress, ServerTrust};
 use crate::tunnel::transport::{self, HANDSHAKE_DEADLINE};
 
 /// Testing aid: `name=ip[,name=ip...]` overrides DNS for those names.
@@ -56,6 +56,13 @@ pub enum DialError {
     },
     #[error("{addr}: no answer within {}s", HANDSHAKE_DEADLINE.as_secs())]
     Timeout { addr: SocketAddr },
+    #[error("{addr}: the Server certificate for {hostname} is not trusted with {trust}: {detail}")]
+    Untrusted {
+        addr: SocketAddr,
+        hostname: String,
+        trust: String,
+        detail: String,
+    },
     #[error(
         "{addr}: the Server refused this Client identity (TLS access_denied); add its pin to a [[server.tunnels]] entry on the Server"
     )]
@@ -71,6 +78,7 @@ impl DialError {
             DialError::Handshake { .. } => "handshake_failed",
             DialError::Timeout { .. } => "timeout",
             DialError::Refused { .. } => "identity_refused",
+            DialError::Untrusted { .. } => "server_untrusted",
         }
     }
 }
@@ -80,6 +88,9 @@ fn is_access_denied(error: &quinn::ConnectionError) -> bool {
     matches!(error, quinn::ConnectionError::ConnectionClosed(c)
         if c.error_code == quinn::TransportErrorCode::crypto(49))
 }
+
+/// QUIC CRYPTO_ERROR codes: 0x100 + the TLS alert.
+const CRYPTO_ERRORS: std::ops::Range<u64> = 0x100..0x200;
 
 /// Wait until the Server has confirmed the handshake. In TLS 1.3 the Client
 /// finishes before the Server has judged its certificate; only the Server's
@@ -109,14 +120,28 @@ async fn confirmed(
 
 pub struct Dialer {
     address: ServerAddress,
+    /// How the Server certificate is trusted, for error messages.
+    trust: String,
     quic: quinn::ClientConfig,
     endpoint: Option<quinn::Endpoint>,
 }
 
 impl Dialer {
-    pub fn new(address: ServerAddress, quic: quinn::ClientConfig) -> Self {
+    pub fn new(address: ServerAddress, trust: &ServerTrust, quic: quinn::ClientConfig) -> Self {
+        let trust = match trust {
+            ServerTrust::System => {
+                "server-trust = \"system\" (the system root certificates)".into()
+            }
+            ServerTrust::CaFile(path) => {
+                format!(
+                    "server-trust = \"ca-file\" (server-ca-file = {})",
+                    path.display()
+                )
+            }
+        };
         Self {
             address,
+            trust,
             quic,
             endpoint: None,
         }
@@ -167,6 +192,7 @@ impl Dialer {
             let endpoint = endpoint.clone();
             let config = self.quic.clone();
             let host = host.clone();
+            let trust = self.trust.clone();
             attempts.spawn(async move {
                 tokio::time::sleep(STAGGER * i as u32).await;
                 let connecting = endpoint
@@ -175,6 +201,17 @@ impl Dialer {
                 match tokio::time::timeout(HANDSHAKE_DEADLINE, connecting).await {
                     Ok(Ok(conn)) => confirmed(conn, addr).await,
                     Ok(Err(error)) if is_access_denied(&error) => Err(DialError::Refused { addr }),
+                    // A TLS failure we raised ourselves: verifying the Server failed.
+                    Ok(Err(quinn::ConnectionError::TransportError(t)))
+                        if CRYPTO_ERRORS.contains(&u64::from(t.code)) =>
+                    {
+                        Err(DialError::Untrusted {
+                            addr,
+                            hostname: host,
+                            trust,
+                            detail: t.reason,
+                        })
+                    }
                     Ok(Err(error)) => Err(DialError::Handshake { addr, error }),
                     Err(_) => Err(DialError::Timeout { addr }),
                 }

@@ -19,6 +19,8 @@ use tokio::net::TcpStream;
 
 use crate::config::{BackendAddress, ClientConfig, PublicCertSource, ServiceConfig, TlsMode};
 use crate::hostname::wire_lookup_key;
+use crate::logging::RateLimit;
+use crate::notify;
 use crate::proxy;
 use crate::shutdown::Shutdown;
 use crate::tls::acme::{AcmeManager, AcmeSetupError};
@@ -44,6 +46,10 @@ const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// this long before dialing again, so two instances sharing an identity do
 /// not flap the Tunnel back and forth.
 pub const REPLACED_PAUSE: Duration = Duration::from_secs(60);
+/// Visitor streams one Client instance handles at once (the QUIC stream
+/// limit it grants the Server is the same, so this only guards against
+/// handlers outliving their streams).
+pub const STREAM_HANDLERS: usize = 1024;
 /// After closing the tunnel on shutdown, wait at most this long for the
 /// close to reach the Server.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
@@ -65,8 +71,14 @@ pub enum ClientError {
 /// What the stream handlers share.
 struct Context {
     services: ServiceTable,
+    handlers: Arc<tokio::sync::Semaphore>,
     acceptor: Option<terminate::Acceptor>,
+    /// One `backend_unreachable` line per backend per interval.
+    backend_errors: RateLimit<String>,
 }
+
+/// Backend failures are logged at most once per backend per this interval.
+const BACKEND_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What a Client instance's Tunnel connection is doing, observable through
 /// [`Client::status`].
@@ -151,10 +163,12 @@ impl Client {
         };
         let context = Arc::new(Context {
             services: ServiceTable::new(&config.services),
+            handlers: Arc::new(tokio::sync::Semaphore::new(STREAM_HANDLERS)),
             acceptor,
+            backend_errors: RateLimit::new(BACKEND_ERROR_LOG_INTERVAL),
         });
         Ok(Self {
-            dialer: Dialer::new(config.server_address.clone(), quic),
+            dialer: Dialer::new(config.server_address.clone(), &config.server_trust, quic),
             config: Arc::new(config),
             identity,
             context,
@@ -202,6 +216,9 @@ impl Client {
                     let peer = canonical(conn.remote_address());
                     tracing::info!(event = "tunnel_connected", server = %server, %peer, identity = %self.identity);
                     self.set_status(true, None);
+                    if self.status.borrow().connections == 1 {
+                        notify::notify(notify::READY);
+                    }
                     if acme_tasks.is_none() {
                         // TLS-ALPN-01 validations reach us through the
                         // tunnel: order only once it is up, so a CA does
@@ -240,7 +257,10 @@ impl Client {
                     }
                 }
                 Err(error) => {
-                    let delay = backoff.next_delay(&mut rng);
+                    let delay = match error {
+                        DialError::Refused { .. } => backoff.next_refused_delay(&mut rng),
+                        _ => backoff.next_delay(&mut rng),
+                    };
                     log_dial_failure(&server, &self.identity, &error, delay);
                     delay
                 }
@@ -250,6 +270,7 @@ impl Client {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+        notify::notify(notify::STOPPING);
         if let Ok(endpoint) = self.dialer.endpoint() {
             endpoint.close(close_code::SHUTDOWN, b"client shutting down");
             let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
@@ -272,12 +293,12 @@ fn terminate_hostnames(config: &ClientConfig) -> Vec<String> {
 fn log_dial_failure(server: &str, identity: &ClientIdentity, error: &DialError, delay: Duration) {
     let retry_in_ms = delay.as_millis() as u64;
     match error {
-        DialError::Refused { .. } => tracing::error!(
+        DialError::Refused { .. } | DialError::Untrusted { .. } => tracing::error!(
             event = "tunnel_refused",
             server,
             %identity,
             reason = error.reason(),
-            hint = "add this pin to a [[server.tunnels]] entry (client-identities) on the Server",
+            error = ?error.to_string(),
             retry_in_ms,
         ),
         _ => {
@@ -293,8 +314,16 @@ async fn serve(conn: &quinn::Connection, context: Arc<Context>, shutdown: &mut S
             accepted = conn.accept_bi() => accepted,
         };
         match accepted {
-            Ok((send, recv)) => {
-                tokio::spawn(stream(send, recv, context.clone()));
+            Ok((mut send, mut recv)) => {
+                let Ok(permit) = context.handlers.clone().try_acquire_owned() else {
+                    reject(&mut send, &mut recv, stream_code::OVERLOADED);
+                    continue;
+                };
+                let context = context.clone();
+                tokio::spawn(async move {
+                    stream(send, recv, context).await;
+                    drop(permit);
+                });
             }
             Err(quinn::ConnectionError::ApplicationClosed(c))
                 if c.error_code == close_code::REPLACED =>
@@ -343,11 +372,21 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
     let started = std::time::Instant::now();
     let result = match service.tls_mode {
         TlsMode::Passthrough => {
-            passthrough(service, header, Bytes::from(hello), send, recv, host).await
+            passthrough(
+                &context,
+                service,
+                header,
+                Bytes::from(hello),
+                send,
+                recv,
+                host,
+            )
+            .await
         }
         TlsMode::Terminate => match &context.acceptor {
             Some(acceptor) => {
                 terminate(
+                    &context,
                     acceptor,
                     service,
                     header,
@@ -387,22 +426,24 @@ fn reject(send: &mut SendStream, recv: &mut RecvStream, code: quinn::VarInt) {
     let _ = recv.stop(code);
 }
 
-async fn connect_backend(addr: &BackendAddress, hostname: &str) -> Result<TcpStream, &'static str> {
+async fn connect_backend(
+    context: &Context,
+    addr: &BackendAddress,
+    hostname: &str,
+) -> Result<TcpStream, &'static str> {
     let connect = TcpStream::connect((addr.host.as_str(), addr.port));
-    match tokio::time::timeout(BACKEND_CONNECT_DEADLINE, connect).await {
+    let (reason, error) = match tokio::time::timeout(BACKEND_CONNECT_DEADLINE, connect).await {
         Ok(Ok(tcp)) => {
             let _ = tcp.set_nodelay(true);
-            Ok(tcp)
+            return Ok(tcp);
         }
-        Ok(Err(error)) => {
-            tracing::warn!(event = "backend_unreachable", backend = %addr, hostname, error = ?error.to_string());
-            Err("backend_unreachable")
-        }
-        Err(_) => {
-            tracing::warn!(event = "backend_unreachable", backend = %addr, hostname, error = "connect timed out");
-            Err("backend_timeout")
-        }
+        Ok(Err(error)) => ("backend_unreachable", error.to_string()),
+        Err(_) => ("backend_timeout", "connect timed out".to_string()),
+    };
+    if let Some(suppressed) = context.backend_errors.allow(&addr.to_string()) {
+        tracing::warn!(event = "backend_unreachable", backend = %addr, hostname, error = ?error, suppressed);
     }
+    Err(reason)
 }
 
 /// Write the PROXY v2 header the Service asked for (the Visitor's
@@ -423,6 +464,7 @@ async fn send_proxy_header(
 }
 
 async fn passthrough(
+    context: &Context,
     service: &ServiceConfig,
     header: Option<ProxyHeader>,
     hello: Bytes,
@@ -430,7 +472,7 @@ async fn passthrough(
     mut recv: RecvStream,
     hostname: &str,
 ) -> Result<Moved, &'static str> {
-    let mut tcp = match connect_backend(&service.backend_address, hostname).await {
+    let mut tcp = match connect_backend(context, &service.backend_address, hostname).await {
         Ok(tcp) => tcp,
         Err(reason) => {
             reject(&mut send, &mut recv, stream_code::BACKEND_UNREACHABLE);
@@ -456,7 +498,9 @@ async fn passthrough(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn terminate(
+    context: &Context,
     acceptor: &terminate::Acceptor,
     service: &ServiceConfig,
     header: Option<ProxyHeader>,
@@ -488,7 +532,7 @@ async fn terminate(
         let (io, _) = tls.get_mut();
         proxy::abort_stream(&mut io.send, &mut io.recv);
     };
-    let mut tcp = match connect_backend(&service.backend_address, hostname).await {
+    let mut tcp = match connect_backend(context, &service.backend_address, hostname).await {
         Ok(tcp) => tcp,
         Err(reason) => {
             abort_tls(&mut tls);

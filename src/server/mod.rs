@@ -1,6 +1,7 @@
 //! The Server: the public listener (Visitor TLS on TCP), the tunnel
 //! listener (QUIC from Client instances) and the registry that joins them.
 
+pub mod admission;
 pub mod public_listener;
 pub mod registry;
 pub mod tunnel_listener;
@@ -10,10 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{ServerCertSource, ServerConfig};
+use crate::fsutil;
+use crate::notify;
 use crate::shutdown::Shutdown;
 use crate::tls::acme::{self, AcmeManager, AcmeSetupError};
 use crate::tls::material;
-use crate::tunnel::transport::{self, close_code};
+use crate::tunnel::transport::{self, TunnelTls, close_code};
+use admission::{Admission, Limits};
+use rustls::server::ResolvesServerCert;
 
 pub use registry::Registry;
 
@@ -33,6 +38,11 @@ pub enum ServerError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+    #[error("stateless-reset secret {path}: {error}")]
+    ResetSecret {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
     #[error("{0}")]
     Acme(#[from] AcmeSetupError),
 }
@@ -41,7 +51,10 @@ pub enum ServerError {
 pub struct Server {
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
+    tls: Arc<TunnelTls>,
+    admission: Arc<Admission>,
     public: tokio::net::TcpListener,
+    readiness: Option<tokio::net::TcpListener>,
     tunnel: quinn::Endpoint,
     /// `[server.acme]`: the certificate manager (started by `run`) and the
     /// config answering TLS-ALPN-01 validations on the public listener.
@@ -52,41 +65,41 @@ impl Server {
     /// Load material and bind both listeners. Nothing is served until
     /// [`Server::run`].
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
-        let registry = Arc::new(Registry::new(&config.tunnels));
-        let (quic, acme) = match &config.certificates {
+        Self::bind_with_limits(config, Limits::default()).await
+    }
+
+    /// [`Server::bind`] with other admission limits (for tests: production
+    /// always uses [`Limits::default`]).
+    #[doc(hidden)]
+    pub async fn bind_with_limits(
+        config: ServerConfig,
+        limits: Limits,
+    ) -> Result<Self, ServerError> {
+        let (certificate, state_dir, acme) = match &config.certificates {
             ServerCertSource::Manual { cert_dir } => {
                 let cert = material::load_server_certificate(cert_dir)?;
-                (transport::server_config(cert, registry.pins())?, None)
+                let fixed: Arc<dyn ResolvesServerCert> =
+                    Arc::new(transport::FixedCertificate::new(cert)?);
+                (fixed, cert_dir.join("state"), None)
             }
             ServerCertSource::Acme(acme_config) => {
-                let hostname = config.hostname.as_str().to_string();
-                let manager = AcmeManager::new(
-                    "server",
-                    "server.acme",
-                    acme_config,
-                    std::slice::from_ref(&hostname),
-                )?;
-                let resolver = manager.resolver();
-                let single = Arc::new(resolver.single(&hostname).expect("hostname is managed"));
-                let challenge = acme::challenge_config(resolver).map_err(AcmeSetupError::Tls)?;
-                if config.public_bind_address.port() != 443 {
-                    tracing::warn!(
-                        event = "acme_public_port",
-                        public = %config.public_bind_address,
-                        hint = "ACME CAs validate TLS-ALPN-01 on port 443; forward 443 to this listener",
-                    );
-                }
-                let quic = transport::server_config_with_resolver(single, registry.pins())?;
-                (quic, Some((manager, challenge)))
+                let (resolver, manager, challenge) = acme_certificate(&config, acme_config)?;
+                (
+                    resolver,
+                    acme_config.state_dir.clone(),
+                    Some((manager, challenge)),
+                )
             }
         };
-        let tunnel =
-            transport::endpoint(config.tunnel_bind_address, Some(quic), None).map_err(|error| {
-                ServerError::Bind {
-                    what: "tunnel listener (UDP)",
-                    addr: config.tunnel_bind_address,
-                    error,
-                }
+        let secret = reset_secret(&state_dir)?;
+        let registry = Arc::new(Registry::new(&config.tunnels));
+        let tls = Arc::new(TunnelTls::new(certificate, registry.pins()));
+        let quic = tls.config(None)?;
+        let tunnel = transport::endpoint(config.tunnel_bind_address, Some(quic), Some(&secret))
+            .map_err(|error| ServerError::Bind {
+                what: "tunnel listener (UDP)",
+                addr: config.tunnel_bind_address,
+                error,
             })?;
         let public = tokio::net::TcpListener::bind(config.public_bind_address)
             .await
@@ -95,10 +108,23 @@ impl Server {
                 addr: config.public_bind_address,
                 error,
             })?;
+        let readiness = match config.readiness_bind_address {
+            None => None,
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|error| {
+                ServerError::Bind {
+                    what: "readiness listener (TCP)",
+                    addr,
+                    error,
+                }
+            })?),
+        };
         Ok(Self {
             config: Arc::new(config),
             registry,
+            tls,
+            admission: Admission::new(limits),
             public,
+            readiness,
             tunnel,
             acme,
         })
@@ -116,13 +142,26 @@ impl Server {
         self.registry.clone()
     }
 
-    /// Serve until `shutdown` fires, then stop accepting, close every
-    /// Tunnel connection with a reason and return.
+    pub fn readiness_addr(&self) -> Option<SocketAddr> {
+        self.readiness.as_ref().and_then(|r| r.local_addr().ok())
+    }
+
+    pub fn admission(&self) -> Arc<Admission> {
+        self.admission.clone()
+    }
+
+    /// Serve until `shutdown` asks to stop. A graceful stop stops
+    /// admitting new work at once, lets established streams finish within
+    /// `graceful-shutdown-duration` (a fast stop cuts that short), then
+    /// closes every Tunnel connection with a reason and returns.
     pub async fn run(self, shutdown: Shutdown) {
         let Server {
             config,
             registry,
+            tls,
+            admission,
             public,
+            readiness,
             tunnel,
             acme,
         } = self;
@@ -135,26 +174,185 @@ impl Server {
             hostname = %config.hostname,
             public = %public.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             tunnel = %tunnel.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            readiness = %readiness.as_ref().and_then(|r| r.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
             tunnels = config.tunnels.len(),
         );
+        let monitor = tokio::spawn(admission.clone().monitor());
+        let ready_task = readiness
+            .map(|listener| tokio::spawn(readiness_listener(listener, admission.admitting())));
         let public_task = tokio::spawn(public_listener::serve(
             public,
             config.clone(),
             registry.clone(),
+            admission.clone(),
             shutdown.clone(),
             challenge,
         ));
         let tunnel_task = tokio::spawn(tunnel_listener::serve(
             tunnel.clone(),
+            tls,
             registry.clone(),
+            admission.clone(),
             shutdown.clone(),
         ));
+        notify::notify(notify::READY);
+
         let mut stop = shutdown;
         stop.wait().await;
+        // Stop admitting: readiness closes, the public listener and the
+        // tunnel listener stop accepting, Visitors still in their
+        // ClientHello are dropped.
+        notify::notify(notify::STOPPING);
+        admission.close();
         public_task.abort();
         tunnel_task.abort();
+        tunnel.set_server_config(None);
+        if let Some(t) = ready_task {
+            t.abort();
+        }
+        let window = config.graceful_shutdown_duration;
+        let in_flight = admission.routed_in_flight();
+        tracing::info!(
+            event = "server_draining",
+            streams_in_flight = in_flight,
+            window_ms = window.as_millis() as u64
+        );
+        let drained = tokio::select! {
+            _ = stop.wait_fast() => false,
+            drained = drain(&admission, window) => drained,
+        };
+        monitor.abort();
+        let left = admission.routed_in_flight();
         tunnel.close(close_code::SHUTDOWN, b"server shutting down");
         let _ = tokio::time::timeout(CLOSE_FLUSH, tunnel.wait_idle()).await;
-        tracing::info!(event = "server_stopped");
+        tracing::info!(event = "server_stopped", drained, streams_cut = left);
+    }
+}
+
+/// Wait until no Visitor stream is relayed any more, or `window` passed.
+async fn drain(admission: &Admission, window: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + window;
+    while admission.routed_in_flight() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// `server.readiness-bind-address`: accepts (and at once closes)
+/// connections while the Server admits new work. While it does not, the
+/// socket is closed, so health checks see "connection refused".
+async fn readiness_listener(
+    first: tokio::net::TcpListener,
+    mut admitting: tokio::sync::watch::Receiver<bool>,
+) {
+    let Ok(addr) = first.local_addr() else { return };
+    let mut listener = Some(first);
+    loop {
+        match &listener {
+            Some(l) => {
+                tokio::select! {
+                    accepted = l.accept() => drop(accepted),
+                    changed = admitting.changed() => {
+                        if changed.is_err() { return; }
+                        if !*admitting.borrow() {
+                            listener = None;
+                            tracing::info!(event = "readiness_closed", %addr);
+                        }
+                    }
+                }
+            }
+            None => {
+                if admitting.wait_for(|a| *a).await.is_err() {
+                    return;
+                }
+                match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => {
+                        tracing::info!(event = "readiness_open", %addr);
+                        listener = Some(l);
+                    }
+                    Err(error) => {
+                        tracing::warn!(event = "readiness_bind_failed", %addr, error = ?error.to_string());
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// File (in the Server's state directory) holding the secret that keys
+/// stateless resets; created on first start.
+pub const RESET_SECRET_FILE: &str = "stateless-reset.secret";
+
+/// Load the stateless-reset secret, creating it (32 random bytes, mode
+/// 0600) on first start.
+/// `[server.acme]`: the resolver the tunnel listener presents (the ACME
+/// certificate for the Server hostname, renewals included), the manager to
+/// start in `run`, and the config answering TLS-ALPN-01 validations on the
+/// public listener.
+#[allow(clippy::type_complexity)]
+fn acme_certificate(
+    config: &ServerConfig,
+    acme_config: &crate::config::AcmeConfig,
+) -> Result<
+    (
+        Arc<dyn ResolvesServerCert>,
+        AcmeManager,
+        Arc<rustls::ServerConfig>,
+    ),
+    ServerError,
+> {
+    let hostname = config.hostname.as_str().to_string();
+    let manager = AcmeManager::new(
+        "server",
+        "server.acme",
+        acme_config,
+        std::slice::from_ref(&hostname),
+    )?;
+    let resolver = manager.resolver();
+    let single: Arc<dyn ResolvesServerCert> =
+        Arc::new(resolver.single(&hostname).expect("hostname is managed"));
+    let challenge = acme::challenge_config(resolver).map_err(AcmeSetupError::Tls)?;
+    if config.public_bind_address.port() != 443 {
+        tracing::warn!(
+            event = "acme_public_port",
+            public = %config.public_bind_address,
+            hint = "ACME CAs validate TLS-ALPN-01 on port 443; forward 443 to this listener",
+        );
+    }
+    Ok((single, manager, challenge))
+}
+
+fn reset_secret(state_dir: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+    let path = state_dir.join(RESET_SECRET_FILE);
+    let err = |error| ServerError::ResetSecret {
+        path: path.clone(),
+        error,
+    };
+    match std::fs::read(&path) {
+        Ok(secret) if secret.len() >= 32 => return Ok(secret),
+        Ok(_) => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "shorter than 32 bytes; delete it to have a new one created",
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let mut secret = vec![0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+        .map_err(|_| err(std::io::Error::other("no randomness available")))?;
+    fsutil::create_dir_private(state_dir, fsutil::STATE_DIR_MODE).map_err(err)?;
+    match fsutil::write_new_atomic(&path, &secret, fsutil::KEY_MODE) {
+        Ok(()) => Ok(secret),
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::read(&path).map_err(err)
+        }
+        Err(e) => Err(err(e)),
     }
 }

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -13,23 +14,25 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::ServerConfig;
 use crate::hostname::wire_lookup_key;
 use crate::proxy;
+use crate::server::admission::{Admission, IntakePermit};
 use crate::server::registry::{Registry, Route};
 use crate::shutdown::Shutdown;
 use crate::tls::acme;
 use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE};
 use crate::tunnel::framing::{self, ProxyHeader};
 
-/// Opening a stream waits for the Client's stream credit at most this long.
-pub const STREAM_OPEN_DEADLINE: Duration = Duration::from_secs(5);
-
 pub async fn serve(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
+    admission: Arc<Admission>,
     mut shutdown: Shutdown,
     acme_challenge: Option<Arc<rustls::ServerConfig>>,
 ) {
     let mut backoff = AcceptBackoff::default();
+    let drops = Arc::new(DropCounts::default());
+    let summary = tokio::spawn(summarise_drops(drops.clone()));
+    let _summary = AbortOnDrop(summary);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait() => return,
@@ -38,13 +41,25 @@ pub async fn serve(
         match accepted {
             Ok((tcp, peer)) => {
                 backoff.reset();
-                tokio::spawn(visitor(
-                    tcp,
-                    peer,
-                    config.clone(),
-                    registry.clone(),
-                    acme_challenge.clone(),
-                ));
+                // Admission happens here, before any task or buffer exists
+                // for this Visitor: the newest Visitor is the one refused.
+                let intake = match admission.intake(peer.ip()) {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        drops.count(DropReason::Overloaded);
+                        drop_visitor(&tcp, peer, None, DropReason::Overloaded);
+                        continue;
+                    }
+                };
+                let ctx = VisitorContext {
+                    config: config.clone(),
+                    registry: registry.clone(),
+                    admission: admission.clone(),
+                    drops: drops.clone(),
+                    shutdown: shutdown.clone(),
+                    acme_challenge: acme_challenge.clone(),
+                };
+                tokio::spawn(visitor(tcp, peer, intake, ctx));
             }
             Err(error) => {
                 // EMFILE, ENFILE, ENOBUFS...: back off instead of spinning.
@@ -59,13 +74,36 @@ pub async fn serve(
 /// Why a Visitor was dropped before reaching a Tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
+    /// The ClientHello never completed, or was not TLS: the token of
+    /// [`sni::ReadHelloError::reason`].
     ClientHello(&'static str),
     NoSni,
     ServerHostname,
     UnknownHostname,
     NoTunnelConnection,
     StreamOpenFailed,
+    /// An admission limit was reached.
+    Overloaded,
+    /// The Server is shutting down.
+    ShuttingDown,
 }
+
+/// Every reason token, in the order the summary line prints them.
+const REASONS: [&str; 13] = [
+    "not_tls",
+    "malformed",
+    "too_large",
+    "timeout",
+    "eof",
+    "io",
+    "no_sni",
+    "server_hostname",
+    "unknown_hostname",
+    "no_tunnel_connection",
+    "stream_open_failed",
+    "overloaded",
+    "shutting_down",
+];
 
 impl DropReason {
     pub fn as_str(self) -> &'static str {
@@ -76,27 +114,100 @@ impl DropReason {
             DropReason::UnknownHostname => "unknown_hostname",
             DropReason::NoTunnelConnection => "no_tunnel_connection",
             DropReason::StreamOpenFailed => "stream_open_failed",
+            DropReason::Overloaded => "overloaded",
+            DropReason::ShuttingDown => "shutting_down",
         }
     }
 }
 
-async fn visitor(
-    mut tcp: TcpStream,
-    peer: SocketAddr,
+/// How often dropped Visitors are summarised at `info`.
+pub const DROP_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Dropped Visitors by reason since the last summary.
+#[derive(Debug, Default)]
+pub struct DropCounts([AtomicU64; REASONS.len()]);
+
+impl DropCounts {
+    fn count(&self, reason: DropReason) {
+        let token = reason.as_str();
+        let i = REASONS
+            .iter()
+            .position(|r| *r == token)
+            .unwrap_or(REASONS.len() - 1);
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Take the counts, resetting them; empty when nothing was dropped.
+    fn take(&self) -> Vec<(&'static str, u64)> {
+        REASONS
+            .iter()
+            .zip(&self.0)
+            .map(|(r, c)| (*r, c.swap(0, Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+/// Log one line per interval summarising dropped Visitors, if any.
+async fn summarise_drops(counts: Arc<DropCounts>) {
+    let mut tick = tokio::time::interval(DROP_SUMMARY_INTERVAL);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let taken = counts.take();
+        if taken.is_empty() {
+            continue;
+        }
+        let total: u64 = taken.iter().map(|(_, n)| n).sum();
+        let by_reason = taken
+            .iter()
+            .map(|(r, n)| format!("{r}:{n}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        tracing::info!(
+            event = "visitors_dropped",
+            window_s = DROP_SUMMARY_INTERVAL.as_secs(),
+            total,
+            by_reason = %by_reason,
+        );
+    }
+}
+
+/// What each Visitor task shares.
+struct VisitorContext {
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
+    admission: Arc<Admission>,
+    drops: Arc<DropCounts>,
+    shutdown: Shutdown,
+    /// `[server.acme]`: answers TLS-ALPN-01 validations for the Server
+    /// hostname.
     acme_challenge: Option<Arc<rustls::ServerConfig>>,
-) {
+}
+
+async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx: VisitorContext) {
+    let VisitorContext {
+        config,
+        registry,
+        admission,
+        drops,
+        shutdown,
+        acme_challenge,
+    } = ctx;
+    let dropped = |tcp: &TcpStream, host: Option<&str>, reason: DropReason| {
+        drops.count(reason);
+        drop_visitor(tcp, peer, host, reason);
+    };
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr().unwrap_or(config.public_bind_address);
     let mut hello = Vec::new();
     let deadline = tokio::time::Instant::now() + CLIENT_HELLO_DEADLINE;
     let info = match sni::read_client_hello(&mut tcp, &mut hello, deadline).await {
         Ok(info) => info,
-        Err(e) => return dropped(&tcp, peer, None, DropReason::ClientHello(e.reason())),
+        Err(e) => return dropped(&tcp, None, DropReason::ClientHello(e.reason())),
     };
     let Some(server_name) = info.server_name.as_deref() else {
-        return dropped(&tcp, peer, None, DropReason::NoSni);
+        return dropped(&tcp, None, DropReason::NoSni);
     };
     let key = wire_lookup_key(server_name);
     if key == config.hostname.as_str() {
@@ -107,21 +218,34 @@ async fn visitor(
             tracing::info!(event = "acme_challenge_answered", hostname = %key, %peer, result = result.err().unwrap_or("ok"));
             return;
         }
-        return dropped(&tcp, peer, Some(&key), DropReason::ServerHostname);
+        return dropped(&tcp, Some(&key), DropReason::ServerHostname);
+    }
+    if shutdown.is_requested() {
+        return dropped(&tcp, Some(&key), DropReason::ShuttingDown);
     }
     let tc = match registry.route(&key) {
-        Route::Unknown => return dropped(&tcp, peer, Some(&key), DropReason::UnknownHostname),
+        Route::Unknown => return dropped(&tcp, Some(&key), DropReason::UnknownHostname),
         Route::NoConnection { .. } => {
-            return dropped(&tcp, peer, Some(&key), DropReason::NoTunnelConnection);
+            return dropped(&tcp, Some(&key), DropReason::NoTunnelConnection);
         }
         Route::Active(tc) => tc,
     };
-    let _guard = tc.begin_stream();
-    let (mut send, mut recv) =
-        match tokio::time::timeout(STREAM_OPEN_DEADLINE, tc.conn.open_bi()).await {
-            Ok(Ok(pair)) => pair,
-            _ => return dropped(&tcp, peer, Some(&key), DropReason::StreamOpenFailed),
+    let Ok(_routed) = admission.routed_stream() else {
+        return dropped(&tcp, Some(&key), DropReason::Overloaded);
+    };
+    let opened = {
+        let Ok(_opening) = admission.stream_open() else {
+            return dropped(&tcp, Some(&key), DropReason::Overloaded);
         };
+        tokio::time::timeout(admission.limits().stream_open_deadline, tc.conn.open_bi()).await
+    };
+    // Routing is done: this Visitor no longer counts as intake.
+    drop(intake);
+    let _guard = tc.begin_stream();
+    let (mut send, mut recv) = match opened {
+        Ok(Ok(pair)) => pair,
+        _ => return dropped(&tcp, Some(&key), DropReason::StreamOpenFailed),
+    };
     let header = framing::encode(&ProxyHeader {
         source: peer,
         destination: local,
@@ -132,7 +256,7 @@ async fn visitor(
     drop(hello);
     if send.write_chunk(first.freeze()).await.is_err() {
         proxy::abort_stream(&mut send, &mut recv);
-        return dropped(&tcp, peer, Some(&key), DropReason::StreamOpenFailed);
+        return dropped(&tcp, Some(&key), DropReason::StreamOpenFailed);
     }
     tracing::debug!(event = "stream_routed", hostname = %key, %peer, tunnel = tc.tunnel, connection = tc.id);
     let started = std::time::Instant::now();
@@ -155,10 +279,19 @@ async fn visitor(
     }
 }
 
-fn dropped(tcp: &TcpStream, peer: SocketAddr, hostname: Option<&str>, reason: DropReason) {
+fn drop_visitor(tcp: &TcpStream, peer: SocketAddr, hostname: Option<&str>, reason: DropReason) {
     // Reset rather than FIN: the Visitor gets an immediate, unambiguous end.
     proxy::abort_tcp(tcp);
     tracing::debug!(event = "visitor_dropped", %peer, hostname = hostname.unwrap_or("-"), reason = reason.as_str());
+}
+
+/// Aborts a task when dropped (the summary task ends with the listener).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Accept-error backoff: 10 ms doubling to 1 s.

@@ -4,24 +4,52 @@
 
 use std::sync::Arc;
 
+use crate::server::admission::Admission;
 use crate::server::registry::{REPLACEMENT_GRACE, Registry, TunnelConnection};
 use crate::shutdown::Shutdown;
-use crate::tunnel::transport::{self, HANDSHAKE_DEADLINE, close_code};
+use crate::tunnel::transport::{self, HANDSHAKE_DEADLINE, TunnelTls, close_code};
 
-pub async fn serve(endpoint: quinn::Endpoint, registry: Arc<Registry>, mut shutdown: Shutdown) {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    tls: Arc<TunnelTls>,
+    registry: Arc<Registry>,
+    admission: Arc<Admission>,
+    mut shutdown: Shutdown,
+) {
     loop {
         let incoming = tokio::select! {
             _ = shutdown.wait() => return,
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { return };
-        tokio::spawn(handshake(incoming, registry.clone()));
+        // Too many handshakes in progress: refuse the newest.
+        let Ok(permit) = admission.handshake() else {
+            incoming.refuse();
+            continue;
+        };
+        let (tls, registry) = (tls.clone(), registry.clone());
+        tokio::spawn(async move {
+            handshake(incoming, tls, registry, permit).await;
+        });
     }
 }
 
-async fn handshake(incoming: quinn::Incoming, registry: Arc<Registry>) {
+async fn handshake(
+    incoming: quinn::Incoming,
+    tls: Arc<TunnelTls>,
+    registry: Arc<Registry>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let peer = incoming.remote_address();
-    let connecting = match incoming.accept() {
+    let config = match tls.config(Some(peer)) {
+        Ok(c) => Arc::new(c),
+        Err(error) => {
+            tracing::error!(event = "tunnel_refused", %peer, reason = "tls_config", error = ?error.to_string());
+            incoming.refuse();
+            return;
+        }
+    };
+    let connecting = match incoming.accept_with(config) {
         Ok(c) => c,
         Err(error) => {
             tracing::debug!(event = "tunnel_refused", %peer, reason = "accept_failed", error = ?error.to_string());
@@ -31,7 +59,9 @@ async fn handshake(incoming: quinn::Incoming, registry: Arc<Registry>) {
     let conn = match tokio::time::timeout(HANDSHAKE_DEADLINE, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(error)) => {
-            tracing::info!(event = "tunnel_refused", %peer, reason = "handshake_failed", error = ?error.to_string());
+            // Refused identities were already logged (rate-limited) by the
+            // verifier; other failures (scanners, wrong ALPN) are noise.
+            tracing::debug!(event = "tunnel_handshake_failed", %peer, error = ?error.to_string());
             return;
         }
         Err(_) => {
@@ -49,6 +79,7 @@ async fn handshake(incoming: quinn::Incoming, registry: Arc<Registry>) {
         conn.close(close_code::UNAUTHORIZED, b"identity not pinned");
         return;
     };
+    drop(permit);
     let (tc, replaced) = registry.install(tunnel, identity, peer, conn);
     tracing::info!(event = "tunnel_connected", tunnel, %identity, %peer, connection = tc.id);
     if let Some(old) = replaced {

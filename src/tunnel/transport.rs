@@ -7,15 +7,19 @@
 //! Server opens streams: one bidirectional stream per Visitor connection.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::ResolvesServerCert;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
+use crate::logging::RateLimit;
 use crate::tls::client_identity::ClientIdentity;
 use crate::tls::material::TlsMaterial;
 
@@ -23,8 +27,13 @@ use crate::tls::material::TlsMaterial;
 pub const ALPN: &[u8] = b"runewarp/1";
 /// QUIC idle timeout.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Keep-alive interval (both ends).
+/// Keep-alive interval of the Server.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// Keep-alive interval of the Client: short, so that a Server that crashed
+/// and restarted answers a probe with a stateless reset within a second or
+/// two and the Client redials at once, instead of waiting out the 60 s idle
+/// timeout. Costs one small packet per second per Client.
+pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// A tunnel handshake must complete within this time.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Streams the Client lets the Server open at once.
@@ -68,6 +77,8 @@ pub mod stream_code {
     pub const TLS_FAILED: VarInt = VarInt::from_u32(5);
     /// The process is shutting down.
     pub const SHUTDOWN: VarInt = VarInt::from_u32(6);
+    /// The Client instance is handling as many streams as it allows.
+    pub const OVERLOADED: VarInt = VarInt::from_u32(7);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +94,11 @@ fn transport(is_server: bool) -> TransportConfig {
     t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(
         IDLE_TIMEOUT.as_millis() as u32,
     ))));
-    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.keep_alive_interval(Some(if is_server {
+        KEEP_ALIVE
+    } else {
+        CLIENT_KEEP_ALIVE
+    }));
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(SEND_WINDOW);
@@ -102,53 +117,68 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Build the Server's QUIC config: present `server_cert`, require a Client
-/// certificate whose SPKI pin is in `pins`.
-pub fn server_config(
-    server_cert: TlsMaterial,
-    pins: HashSet<ClientIdentity>,
-) -> Result<quinn::ServerConfig, TransportError> {
-    let provider = provider();
-    let verifier = Arc::new(PinnedClientVerifier {
-        pins,
-        provider: provider.clone(),
-    });
-    let tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(server_cert.chain, server_cert.key)?;
-    quic_server_config(tls)
+/// The Server side of the tunnel's TLS. Every incoming connection gets its
+/// own config whose verifier knows the peer address, so a refused identity
+/// is logged with where it came from.
+pub struct TunnelTls {
+    certificate: Arc<dyn ResolvesServerCert>,
+    pins: Arc<HashSet<ClientIdentity>>,
+    refusals: Arc<RateLimit<ClientIdentity>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    transport: Arc<TransportConfig>,
 }
 
-/// Like [`server_config`], with the certificate chosen per handshake by
-/// `resolver` (ACME: the current certificate, renewals included; none yet
-/// fails the handshake).
-pub fn server_config_with_resolver(
-    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
-    pins: HashSet<ClientIdentity>,
-) -> Result<quinn::ServerConfig, TransportError> {
-    let provider = provider();
-    let verifier = Arc::new(PinnedClientVerifier {
-        pins,
-        provider: provider.clone(),
-    });
-    let tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(resolver);
-    quic_server_config(tls)
+/// A refused identity is logged at most once per this interval.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+impl TunnelTls {
+    pub fn new(certificate: Arc<dyn ResolvesServerCert>, pins: HashSet<ClientIdentity>) -> Self {
+        Self {
+            certificate,
+            pins: Arc::new(pins),
+            refusals: Arc::new(RateLimit::new(REFUSAL_LOG_INTERVAL)),
+            provider: provider(),
+            transport: Arc::new(transport(true)),
+        }
+    }
+
+    /// The QUIC server config for a handshake from `peer`.
+    pub fn config(&self, peer: Option<SocketAddr>) -> Result<quinn::ServerConfig, TransportError> {
+        let verifier = Arc::new(PinnedClientVerifier {
+            pins: self.pins.clone(),
+            provider: self.provider.clone(),
+            peer,
+            refusals: self.refusals.clone(),
+        });
+        let mut tls = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.certificate.clone());
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.max_early_data_size = 0;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| TransportError::Quic(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(self.transport.clone());
+        Ok(config)
+    }
 }
 
-fn quic_server_config(
-    mut tls: rustls::ServerConfig,
-) -> Result<quinn::ServerConfig, TransportError> {
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    tls.max_early_data_size = 0;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| TransportError::Quic(e.to_string()))?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport(true)));
-    Ok(config)
+/// Always presents the same certificate (cert-dir mode).
+#[derive(Debug)]
+pub struct FixedCertificate(Arc<CertifiedKey>);
+
+impl FixedCertificate {
+    pub fn new(material: TlsMaterial) -> Result<Self, TransportError> {
+        let key = rustls::crypto::ring::sign::any_supported_type(&material.key)?;
+        Ok(Self(Arc::new(CertifiedKey::new(material.chain, key))))
+    }
+}
+
+impl ResolvesServerCert for FixedCertificate {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
 }
 
 /// Build the Client's QUIC config: trust exactly `roots`, present the
@@ -182,8 +212,10 @@ pub fn peer_identity(conn: &quinn::Connection) -> Option<ClientIdentity> {
 /// Rejection maps to the TLS `access_denied` alert.
 #[derive(Debug)]
 struct PinnedClientVerifier {
-    pins: HashSet<ClientIdentity>,
+    pins: Arc<HashSet<ClientIdentity>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    peer: Option<SocketAddr>,
+    refusals: Arc<RateLimit<ClientIdentity>>,
 }
 
 impl ClientCertVerifier for PinnedClientVerifier {
@@ -210,7 +242,16 @@ impl ClientCertVerifier for PinnedClientVerifier {
         if self.pins.contains(&identity) {
             Ok(ClientCertVerified::assertion())
         } else {
-            tracing::debug!(event = "tunnel_refused", identity = %identity, reason = "unknown_identity");
+            if let Some(suppressed) = self.refusals.allow(&identity) {
+                tracing::warn!(
+                    event = "tunnel_refused",
+                    %identity,
+                    peer = %self.peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    reason = "unknown_identity",
+                    suppressed,
+                    hint = "add this pin to a [[server.tunnels]] entry to accept it",
+                );
+            }
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             ))
@@ -302,15 +343,30 @@ fn set_force(socket: &socket2::Socket, option: libc::c_int, size: usize) -> std:
 pub fn endpoint(
     addr: std::net::SocketAddr,
     server: Option<quinn::ServerConfig>,
-    reset_key: Option<[u8; 64]>,
+    reset_secret: Option<&[u8]>,
 ) -> std::io::Result<quinn::Endpoint> {
     let socket = udp_socket(addr)?;
     let mut config = quinn::EndpointConfig::default();
-    if let Some(key) = reset_key {
+    if let Some(secret) = reset_secret {
+        // A restarted Server must recognise the connection IDs it issued
+        // before the restart (they carry a keyed signature) and answer them
+        // with stateless resets whose tokens the Clients already hold. Both
+        // keys therefore derive from a secret that survives restarts.
+        let derive = |label: &[u8]| {
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+            ring::hmac::sign(&key, label)
+        };
+        let reset = derive(b"runewarp stateless reset key");
         config.reset_key(Arc::new(ring::hmac::Key::new(
             ring::hmac::HMAC_SHA256,
-            &key,
+            reset.as_ref(),
         )));
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&derive(b"runewarp connection id key").as_ref()[..8]);
+        let cid_key = u64::from_le_bytes(cid_key);
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
     }
     quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
 }

@@ -413,3 +413,4 @@ pub async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Dura
         }
     }
 }
+pub mod proc;

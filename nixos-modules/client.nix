@@ -1,0 +1,415 @@
+# services.runewarp.clients.<name>: Runewarp Client instances.
+#
+# Each instance keeps one QUIC Tunnel connection to a Server and forwards the
+# streams it receives to Local backends. One unit per instance:
+# runewarp-client-<name>.service. See docs/nixos.md.
+{
+  config,
+  lib,
+  pkgs,
+  utils,
+  ...
+}:
+let
+  inherit (lib)
+    mkOption
+    mkIf
+    types
+    literalExpression
+    ;
+  rw = import ./lib.nix { inherit lib; };
+  settingsFormat = pkgs.formats.toml { };
+  top = config;
+
+  enabledClients = lib.filterAttrs (_: c: c.enable) config.services.runewarp.clients;
+
+  # Runs before the Client on every start: validates the config in use,
+  # creates the Client identity when absent and prints its pin to the
+  # journal, and creates terminate-mode certificates (private Public hostname
+  # CA) for hostnames that have none when `public-cert-dir` is in use.
+  prepareFor =
+    name: c:
+    pkgs.writeShellApplication {
+      name = "runewarp-client-${name}-prepare";
+      runtimeInputs = [
+        c.package
+        pkgs.coreutils
+        pkgs.gnused
+        pkgs.gawk
+      ];
+      text = ''
+        config="$1"
+        if ! effective="$(runewarp config check --role client -c "$config")"; then
+          echo "runewarp-client-${name}: $config is not a valid Client configuration" >&2
+          exit 2
+        fi
+        value() { printf '%s\n' "$effective" | sed -n "s/^$1 = \"\(.*\)\"$/\1/p"; }
+
+        identity_dir="$(value identity-dir)"
+        if [ ! -e "$identity_dir/client.key" ]; then
+          ${
+            if c.createMaterial then
+              ''
+                echo "No Client identity in $identity_dir: creating one"
+                runewarp client identity init --dir "$identity_dir" > /dev/null
+              ''
+            else
+              ''
+                echo "runewarp-client-${name}: $identity_dir/client.key is missing (createMaterial is off)" >&2
+                exit 1
+              ''
+          }
+        fi
+        pin="$(runewarp client identity show --dir "$identity_dir")"
+        echo "Client identity pin: $pin (pin it in the Server's [[server.tunnels]] client-identity)"
+
+        public_dir="$(value public-cert-dir)"
+        if [ -n "$public_dir" ]; then
+          # Hostnames of terminating Services, from the effective config
+          # (public-hostnames precedes tls-mode in each [[client.services]]).
+          hostnames="$(printf '%s\n' "$effective" | awk '
+            /^\[\[client\.services\]\]$/ { hosts = ""; next }
+            /^public-hostnames = \[/ {
+              line = $0
+              sub(/^public-hostnames = \[/, "", line); sub(/\]$/, "", line)
+              gsub(/[" ]/, "", line); gsub(/,/, " ", line)
+              hosts = line; next
+            }
+            /^tls-mode = "terminate"$/ { print hosts }
+          ')"
+          for hostname in $hostnames; do
+            if [ ! -e "$public_dir/$hostname/public.key" ]; then
+              ${
+                if c.createMaterial then
+                  ''
+                    runewarp client public-cert init --dir "$public_dir" --hostname "$hostname"
+                  ''
+                else
+                  ''
+                    echo "runewarp-client-${name}: $public_dir/$hostname/public.key is missing (createMaterial is off)" >&2
+                    exit 1
+                  ''
+              }
+            fi
+          done
+        fi
+      '';
+    };
+
+  instanceModule =
+    { name, config, ... }:
+    let
+      unit = "runewarp-client-${name}";
+      stateDir = "/var/lib/${unit}";
+      c = config.settings.client;
+      terminates = lib.any (svc: svc.tls-mode == "terminate") c.services;
+
+      serviceType = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          public-hostnames = mkOption {
+            type = types.nullOr (types.nonEmptyListOf types.str);
+            default = null;
+            description = "Public hostnames this Service answers; null only for a sole catch-all Service.";
+          };
+          backend-address = mkOption {
+            type = types.str;
+            example = "127.0.0.1:8443";
+            description = "The Local backend, `host:port`.";
+          };
+          tls-mode = mkOption {
+            type = types.enum [
+              "passthrough"
+              "terminate"
+            ];
+            default = "passthrough";
+            description = "`passthrough`: the backend terminates TLS. `terminate`: the Client does and sends plaintext.";
+          };
+          proxy-protocol = mkOption {
+            type = types.nullOr (types.enum [ "v2" ]);
+            default = null;
+            description = "Send a PROXY protocol v2 header to the backend.";
+          };
+        };
+      };
+
+      acmeType = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          email = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            description = "ACME account contact address.";
+          };
+          state-dir = mkOption {
+            type = types.str;
+            default = "${stateDir}/acme";
+            description = "ACME account and certificate cache.";
+          };
+          directory-url = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            description = "ACME directory; Let's Encrypt production when null.";
+          };
+          directory-ca-file = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            description = "Extra trust root for the ACME directory's HTTPS.";
+          };
+        };
+      };
+
+      clientSection = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          server-address = mkOption {
+            type = types.str;
+            example = "tunnel.example.com";
+            description = "The Server, `host[:port]` (DNS name; UDP port 443 by default).";
+          };
+          server-trust = mkOption {
+            type = types.enum [
+              "system"
+              "ca-file"
+            ];
+            default = "system";
+            description = "Validate the Server certificate with the system roots or only with `server-ca-file`.";
+          };
+          server-ca-file = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "/run/credentials/runewarp-client-home.service/server-ca.crt";
+            description = "CA bundle for `server-trust = \"ca-file\"` (a private Server CA can come in via `credentials`).";
+          };
+          identity-dir = mkOption {
+            type = types.str;
+            default = "${stateDir}/identity";
+            description = "Client identity material; created on first start when absent.";
+          };
+          public-cert-dir = mkOption {
+            type = types.nullOr types.str;
+            default = if terminates && c.acme == null then "${stateDir}/public-certs" else null;
+            defaultText = literalExpression ''if some Service terminates and acme == null then "${stateDir}/public-certs" else null'';
+            description = "Terminate-mode certificates (manual path); missing hostnames get a leaf from a private Public hostname CA on start.";
+          };
+          acme = mkOption {
+            type = types.nullOr acmeType;
+            default = null;
+            description = "Obtain terminate-mode certificates via ACME (TLS-ALPN-01 through the Tunnel).";
+          };
+          services = mkOption {
+            type = types.nonEmptyListOf serviceType;
+            description = "The Services: which Local backend serves which Public hostnames.";
+          };
+        };
+      };
+    in
+    {
+      options = {
+        enable = mkOption {
+          type = types.bool;
+          default = true;
+          description = "Whether to run this Client instance (unit `${unit}`).";
+        };
+
+        package = mkOption {
+          type = types.package;
+          default = top.services.runewarp.package;
+          defaultText = literalExpression "config.services.runewarp.package";
+          description = "The Runewarp package for this instance.";
+        };
+
+        settings = mkOption {
+          type = types.submodule {
+            freeformType = settingsFormat.type;
+            options = {
+              log-level = mkOption {
+                type = types.enum [
+                  "off"
+                  "error"
+                  "warn"
+                  "info"
+                  "debug"
+                  "trace"
+                ];
+                default = "info";
+                description = "Log verbosity.";
+              };
+              client = mkOption {
+                type = clientSection;
+                description = "The `[client]` section.";
+              };
+            };
+          };
+          description = ''
+            This instance's configuration, mirroring the config file (see
+            `runewarp config check --role client`). Paths must be absolute;
+            writable material belongs under ${stateDir}, secrets under
+            `credentialsDirectory`.
+          '';
+        };
+
+        configFile = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          description = "Use this file at run time instead of the one generated from `settings` (validated on start, not at build time).";
+        };
+
+        generatedConfigFile = mkOption {
+          type = types.path;
+          readOnly = true;
+          default = rw.configFile {
+            inherit pkgs;
+            inherit (config) package settings;
+            role = "client";
+            name = unit;
+            check = config.checkConfig;
+          };
+          defaultText = literalExpression "the TOML file generated from settings";
+          description = "The configuration file generated from `settings` (validated at build time when `checkConfig` is on).";
+        };
+
+        checkConfig = mkOption {
+          type = types.bool;
+          default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
+          defaultText = literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
+          description = "Validate the generated configuration at build time with `runewarp config check`.";
+        };
+
+        createMaterial = mkOption {
+          type = types.bool;
+          default = true;
+          description = "Create a missing Client identity (and missing manual terminate-mode certificates) on start.";
+        };
+
+        credentials = mkOption {
+          type = types.attrsOf rw.credentialPath;
+          default = { };
+          example = {
+            "server-ca.crt" = "/run/secrets/runewarp/server-ca.crt";
+          };
+          description = ''
+            Files passed with systemd `LoadCredential=` (name = absolute path
+            outside the Nix store), readable only by this instance under
+            `credentialsDirectory`. To bring an existing identity, pass
+            `client.key`, `client.crt` and `client-identity.txt` and set
+            `settings.client.identity-dir` to `credentialsDirectory`.
+          '';
+        };
+
+        credentialsDirectory = mkOption {
+          type = types.str;
+          readOnly = true;
+          default = "/run/credentials/${unit}.service";
+          description = "Where `credentials` appear at run time.";
+        };
+
+        extraArgs = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          description = "Extra arguments for `runewarp client`.";
+        };
+      };
+    };
+
+  unitFor =
+    name: c:
+    let
+      unit = "runewarp-client-${name}";
+      stateDir = "/var/lib/${unit}";
+      configPath = if c.configFile != null then c.configFile else c.generatedConfigFile;
+    in
+    lib.nameValuePair unit {
+      description = "Runewarp Client instance ${name}";
+      documentation = [ "man:runewarp(1)" ];
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [
+        "network-online.target"
+        "nss-lookup.target"
+      ];
+      environment = {
+        HOME = stateDir;
+        XDG_DATA_HOME = stateDir;
+        XDG_STATE_HOME = stateDir;
+      };
+      serviceConfig =
+        rw.hardening
+        // rw.restartPolicy
+        // {
+          # READY=1 is sent once the instance is running (it then keeps
+          # reconnecting on its own).
+          Type = "notify";
+          NotifyAccess = "main";
+          ExecStartPre = [ "${lib.getExe (prepareFor name c)} ${configPath}" ];
+          ExecStart = utils.escapeSystemdExecArgs (
+            [
+              (lib.getExe c.package)
+              "client"
+              "--config"
+              configPath
+            ]
+            ++ c.extraArgs
+          );
+          KillSignal = "SIGTERM";
+          # The Client closes its Tunnel connection with a short fixed grace.
+          TimeoutStopSec = 20;
+          StateDirectory = unit;
+          StateDirectoryMode = "0700";
+          LoadCredential = lib.mapAttrsToList (cred: path: "${cred}:${path}") c.credentials;
+          # Outbound only: no capabilities at all.
+          CapabilityBoundingSet = "";
+          PrivateUsers = true;
+        };
+    };
+in
+{
+  imports = [ ./common.nix ];
+
+  options.services.runewarp.clients = mkOption {
+    type = types.attrsOf (types.submodule instanceModule);
+    default = { };
+    example = literalExpression ''
+      {
+        home = {
+          settings.client = {
+            server-address = "tunnel.example.com";
+            services = [
+              { public-hostnames = [ "app.example.com" ]; backend-address = "127.0.0.1:8443"; }
+            ];
+          };
+        };
+      }
+    '';
+    description = "Runewarp Client instances, one systemd unit `runewarp-client-<name>` each.";
+  };
+
+  config = mkIf (enabledClients != { }) {
+    assertions = lib.concatLists (
+      lib.mapAttrsToList (
+        name: c:
+        let
+          s = c.settings.client;
+        in
+        rw.absolutePathAssertions "services.runewarp.clients.${name}.settings.client" {
+          inherit (s) identity-dir public-cert-dir server-ca-file;
+          acme-state-dir = if s.acme == null then null else s.acme.state-dir;
+        }
+        ++ [
+          {
+            assertion = lib.all (cred: rw.credentialName.check cred) (lib.attrNames c.credentials);
+            message = "services.runewarp.clients.${name}.credentials: names must be plain file names ([A-Za-z0-9_.-]+).";
+          }
+          {
+            assertion = builtins.match "[A-Za-z0-9_.-]+" name != null;
+            message = "services.runewarp.clients: instance name \"${name}\" must be a plain unit-name fragment ([A-Za-z0-9_.-]+).";
+          }
+        ]
+      ) enabledClients
+    );
+
+    environment.systemPackages = lib.unique (lib.mapAttrsToList (_: c: c.package) enabledClients);
+
+    systemd.services = lib.mapAttrs' unitFor enabledClients;
+  };
+}

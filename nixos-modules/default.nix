@@ -1,0 +1,8 @@
+# Both roles. A host may run the Server, any number of Client instances, or
+# both.
+{
+  imports = [
+    ./server.nix
+    ./client.nix
+  ];
+}

@@ -1,0 +1,156 @@
+# Helpers shared by the Runewarp Server and Client modules. Pure functions of
+# `lib` (and `pkgs` where a derivation is built); no module options here.
+{ lib }:
+rec {
+  # Drop nulls from attribute sets and lists, recursively, so that optional
+  # typed options left at `null` never reach the TOML file (TOML has no null).
+  clean =
+    value:
+    if builtins.isAttrs value then
+      lib.mapAttrs (_: clean) (lib.filterAttrs (_: v: v != null) value)
+    else if builtins.isList value then
+      map clean (builtins.filter (v: v != null) value)
+    else
+      value;
+
+  # The port of a literal socket address: "0.0.0.0:443", "[::]:443".
+  # Returns null when the text has no numeric port; the build-time
+  # `runewarp config check` reports the malformed address precisely.
+  portOf =
+    address:
+    let
+      tail = lib.last (lib.splitString ":" address);
+    in
+    if builtins.match "[0-9]+" tail != null then lib.toInt tail else null;
+
+  # A Runewarp duration ("60s", "500ms", "2m", "1h") in whole seconds,
+  # rounded up; null when it does not parse (again, config check explains).
+  durationSeconds =
+    text:
+    let
+      m = builtins.match "([0-9]+)(ms|s|m|h)" text;
+      n = lib.toInt (builtins.elemAt m 0);
+      unit = builtins.elemAt m 1;
+    in
+    if m == null then
+      null
+    else if unit == "ms" then
+      (n + 999) / 1000
+    else if unit == "s" then
+      n
+    else if unit == "m" then
+      n * 60
+    else
+      n * 3600;
+
+  # Absolute, and not a Nix store path: secrets handed to LoadCredential must
+  # stay outside the world-readable store.
+  credentialPath = lib.types.addCheck lib.types.str (
+    p: lib.hasPrefix "/" p && !lib.hasPrefix "${builtins.storeDir}/" p
+  ) // {
+    name = "credentialPath";
+    description = "absolute path outside the Nix store (a string, not a Nix path value)";
+  };
+
+  # A credential ID as systemd accepts it (a plain file name).
+  credentialName = lib.types.strMatching "[A-Za-z0-9_.-]+";
+
+  # The TOML file for `settings`, checked at build time with
+  # `runewarp config check --role <role>` so that invalid settings fail the
+  # build (the error names the key and value). `check = false` skips the
+  # check, e.g. when cross-compiling.
+  configFile =
+    {
+      pkgs,
+      package,
+      role,
+      name,
+      settings,
+      check,
+    }:
+    let
+      unchecked = (pkgs.formats.toml { }).generate "${name}-unchecked.toml" (clean settings);
+    in
+    if !check then
+      unchecked
+    else
+      pkgs.runCommand "${name}.toml"
+        {
+          nativeBuildInputs = [ package ];
+          preferLocalBuild = true;
+        }
+        ''
+          # The modules set every path explicitly; HOME only keeps the check
+          # from consulting the builder's (non-existent) home directory.
+          export HOME="$TMPDIR"
+          if ! runewarp config check --role ${role} -c ${unchecked} > effective.toml 2> error.txt; then
+            echo "runewarp: the generated ${role} configuration (${name}) is invalid:" >&2
+            cat error.txt >&2
+            exit 1
+          fi
+          cp ${unchecked} "$out"
+        '';
+
+  # Sandboxing shared by every Runewarp unit. Capabilities, PrivateUsers and
+  # the state directory are set per unit.
+  hardening = {
+    DynamicUser = true;
+    UMask = "0077";
+    NoNewPrivileges = true;
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateDevices = true;
+    DevicePolicy = "closed";
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    ProtectProc = "invisible";
+    ProcSubset = "pid";
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    RemoveIPC = true;
+    SystemCallArchitectures = "native";
+    RestrictAddressFamilies = [
+      "AF_INET"
+      "AF_INET6"
+      "AF_UNIX"
+      "AF_NETLINK"
+    ];
+    SystemCallFilter = [
+      "@system-service"
+      "~@privileged"
+      "~@resources"
+    ];
+    # A filtered call fails with EPERM instead of killing the process
+    # (e.g. SO_RCVBUFFORCE attempts are expected to fail and fall back).
+    SystemCallErrorNumber = "EPERM";
+    # Many concurrent Visitor connections.
+    LimitNOFILE = 65536;
+  };
+
+  # Restart on failure with exponential backoff: 1 s growing to 2 min over
+  # ten steps (systemd >= 254).
+  restartPolicy = {
+    Restart = "on-failure";
+    RestartSec = "1s";
+    RestartSteps = 10;
+    RestartMaxDelaySec = "2min";
+  };
+
+  # Assertions that the material paths a module writes are absolute (a
+  # relative path would resolve against the config file's directory, which is
+  # in the read-only Nix store).
+  absolutePathAssertions =
+    prefix: paths:
+    lib.mapAttrsToList (key: value: {
+      assertion = value == null || lib.hasPrefix "/" value;
+      message = "${prefix}.${key} must be an absolute path (got \"${toString value}\"); relative paths would resolve inside the Nix store.";
+    }) paths;
+}

@@ -1,0 +1,399 @@
+# services.runewarp.server: the public Runewarp edge.
+#
+# The Server accepts Visitor TLS on a TCP listener, selects a Tunnel by SNI
+# and forwards the untouched bytes over the Client's QUIC Tunnel connection
+# (UDP listener). See docs/nixos.md.
+{
+  config,
+  lib,
+  pkgs,
+  utils,
+  ...
+}:
+let
+  inherit (lib)
+    mkOption
+    mkEnableOption
+    mkIf
+    types
+    literalExpression
+    ;
+  rw = import ./lib.nix { inherit lib; };
+  cfg = config.services.runewarp.server;
+  settingsFormat = pkgs.formats.toml { };
+
+  unit = "runewarp-server";
+  stateDir = "/var/lib/${unit}";
+  credentialsDirectory = "/run/credentials/${unit}.service";
+
+  s = cfg.settings.server;
+
+  generatedConfig = rw.configFile {
+    inherit pkgs;
+    inherit (cfg) package settings;
+    role = "server";
+    name = unit;
+    check = cfg.checkConfig;
+  };
+  configPath = if cfg.configFile != null then cfg.configFile else cfg.generatedConfigFile;
+
+  publicPort = rw.portOf s.public-bind-address;
+  tunnelPort = rw.portOf s.tunnel-bind-address;
+  readinessPort = if s.readiness-bind-address == null then null else rw.portOf s.readiness-bind-address;
+  boundPorts = lib.filter (p: p != null) [
+    publicPort
+    tunnelPort
+    readinessPort
+  ];
+  needsLowPort = lib.any (p: p < 1024) boundPorts;
+
+  graceSeconds = rw.durationSeconds s.graceful-shutdown-duration;
+
+  # Runs before the Server on every start: validates the config actually in
+  # use (it may be a runtime file, see `configFile`), creates the private
+  # Server CA and certificate when manual material is chosen and absent, and
+  # prints the Server CA fingerprint to the journal.
+  prepare = pkgs.writeShellApplication {
+    name = "${unit}-prepare";
+    runtimeInputs = [
+      cfg.package
+      pkgs.coreutils
+      pkgs.gnused
+      pkgs.openssl
+    ];
+    text = ''
+      config="$1"
+      if ! effective="$(runewarp config check --role server -c "$config")"; then
+        echo "runewarp-server: $config is not a valid Server configuration" >&2
+        exit 2
+      fi
+      cert_dir="$(printf '%s\n' "$effective" | sed -n 's/^cert-dir = "\(.*\)"$/\1/p')"
+      if [ -z "$cert_dir" ]; then
+        echo "Server certificate: ACME ([server.acme]); obtained by the Server itself"
+        exit 0
+      fi
+      if [ ! -e "$cert_dir/server.key" ]; then
+        ${
+          if cfg.createMaterial then
+            ''
+              echo "No Server certificate in $cert_dir: creating a private Server CA and certificate"
+              runewarp server cert init -c "$config"
+            ''
+          else
+            ''
+              echo "runewarp-server: $cert_dir/server.key is missing (createMaterial is off)" >&2
+              exit 1
+            ''
+        }
+      fi
+      if [ -e "$cert_dir/server-ca.crt" ]; then
+        fingerprint="$(openssl x509 -in "$cert_dir/server-ca.crt" -noout -fingerprint -sha256 | cut -d= -f2)"
+        echo "Server CA SHA-256 fingerprint: $fingerprint (Clients trust $cert_dir/server-ca.crt with server-trust = \"ca-file\")"
+      fi
+    '';
+  };
+
+  tunnelType = types.submodule {
+    freeformType = settingsFormat.type;
+    options = {
+      public-hostnames = mkOption {
+        type = types.nonEmptyListOf types.str;
+        example = [ "app.example.com" ];
+        description = "Public hostnames the Server routes into this Tunnel (exact DNS names).";
+      };
+      client-identity = mkOption {
+        type = types.nullOr (types.strMatching "[0-9a-f]{64}");
+        default = null;
+        description = "The pinned Client identity (64 lowercase hex), as printed by `runewarp client identity show`.";
+      };
+      client-identities = mkOption {
+        type = types.nullOr (types.listOf (types.strMatching "[0-9a-f]{64}"));
+        default = null;
+        description = "Several pinned Client identities (instead of `client-identity`).";
+      };
+    };
+  };
+
+  acmeType = types.submodule {
+    freeformType = settingsFormat.type;
+    options = {
+      email = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "ACME account contact address.";
+      };
+      state-dir = mkOption {
+        type = types.str;
+        default = "${stateDir}/acme";
+        description = "ACME account and certificate cache (kept under the unit's StateDirectory).";
+      };
+      directory-url = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "https://acme-staging-v02.api.letsencrypt.org/directory";
+        description = "ACME directory; Let's Encrypt production when null.";
+      };
+      directory-ca-file = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "Extra trust root for the ACME directory's HTTPS (private ACME CAs, Pebble).";
+      };
+    };
+  };
+
+  serverSection = types.submodule {
+    freeformType = settingsFormat.type;
+    options = {
+      hostname = mkOption {
+        type = types.str;
+        example = "tunnel.example.com";
+        description = "The Server hostname: the DNS name Clients dial and the Server certificate names.";
+      };
+      public-bind-address = mkOption {
+        type = types.str;
+        default = "0.0.0.0:443";
+        description = "TCP listener for Visitor TLS (literal `ip:port`).";
+      };
+      tunnel-bind-address = mkOption {
+        type = types.str;
+        default = "0.0.0.0:443";
+        description = "UDP listener for QUIC Tunnel connections (literal `ip:port`).";
+      };
+      readiness-bind-address = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "127.0.0.1:8081";
+        description = "Optional TCP listener whose accept means ready (never opened in the firewall).";
+      };
+      graceful-shutdown-duration = mkOption {
+        type = types.str;
+        default = "60s";
+        description = "Grace period on shutdown (`ms|s|m|h`); also sizes the unit's TimeoutStopSec.";
+      };
+      cert-dir = mkOption {
+        type = types.nullOr types.str;
+        default = if s.acme == null then "${stateDir}/certs" else null;
+        defaultText = literalExpression ''if acme == null then "${stateDir}/certs" else null'';
+        description = ''
+          Manual Server certificate material (`server.crt`, `server.key`,
+          `server-ca.crt`, `state/`). Created on first start when absent
+          (see `createMaterial`). To bring your own material without the Nix
+          store, pass the files as `credentials` named `server.crt`,
+          `server.key` and `server-ca.crt` and set this to
+          `config.services.runewarp.server.credentialsDirectory`.
+        '';
+      };
+      acme = mkOption {
+        type = types.nullOr acmeType;
+        default = null;
+        description = "Obtain the Server certificate via ACME (TLS-ALPN-01 on the public listener) instead of `cert-dir`.";
+      };
+      tunnels = mkOption {
+        type = types.listOf tunnelType;
+        default = [ ];
+        description = "The Tunnels: explicit Public hostnames and the pinned Client identities allowed to serve them.";
+      };
+    };
+  };
+in
+{
+  imports = [ ./common.nix ];
+
+  options.services.runewarp.server = {
+    enable = mkEnableOption "the Runewarp Server (public ingress edge)";
+
+    package = mkOption {
+      type = types.package;
+      default = config.services.runewarp.package;
+      defaultText = literalExpression "config.services.runewarp.package";
+      description = "The Runewarp package for the Server.";
+    };
+
+    settings = mkOption {
+      type = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          log-level = mkOption {
+            type = types.enum [
+              "off"
+              "error"
+              "warn"
+              "info"
+              "debug"
+              "trace"
+            ];
+            default = "info";
+            description = "Log verbosity.";
+          };
+          server = mkOption {
+            type = serverSection;
+            description = "The `[server]` section.";
+          };
+        };
+      };
+      example = literalExpression ''
+        {
+          server = {
+            hostname = "tunnel.example.com";
+            tunnels = [
+              {
+                public-hostnames = [ "app.example.com" ];
+                client-identity = "6617b06d7075cd58f366bae3b69ba9e2e4ebc7e4b7f4561fd8f0a8c45701ed83";
+              }
+            ];
+          };
+        }
+      '';
+      description = ''
+        The Server configuration, mirroring the config file (see
+        `runewarp config check --role server`). Unknown keys are rejected by
+        the build-time check. Paths must be absolute; material directories
+        belong under ${stateDir} (the only writable place) or the
+        credentials directory.
+      '';
+    };
+
+    configFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/runewarp/config.toml";
+      description = ''
+        Use this file at run time instead of the file generated from
+        `settings`. It is validated on every start (ExecStartPre), not at
+        build time. Firewall ports and capabilities are still derived from
+        `settings`.
+      '';
+    };
+
+    generatedConfigFile = mkOption {
+      type = types.path;
+      readOnly = true;
+      default = generatedConfig;
+      defaultText = literalExpression "the TOML file generated from settings";
+      description = "The configuration file generated from `settings` (validated at build time when `checkConfig` is on).";
+    };
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
+      defaultText = literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
+      description = "Validate the generated configuration at build time with `runewarp config check`.";
+    };
+
+    createMaterial = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        On start, when `cert-dir` is in use and holds no `server.key`, create a
+        private Server CA and Server certificate (`runewarp server cert init`).
+      '';
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the TCP port of `public-bind-address` and the UDP port of `tunnel-bind-address`.";
+    };
+
+    credentials = mkOption {
+      type = types.attrsOf rw.credentialPath;
+      default = { };
+      example = {
+        "server.key" = "/run/secrets/runewarp/server.key";
+      };
+      description = ''
+        Files passed to the unit with systemd `LoadCredential=` (name =
+        absolute path outside the Nix store). They appear read-only, owned by
+        the service user, under `credentialsDirectory`; refer to them from
+        `settings` by that path.
+      '';
+    };
+
+    credentialsDirectory = mkOption {
+      type = types.str;
+      readOnly = true;
+      default = credentialsDirectory;
+      description = "Where `credentials` appear at run time.";
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Extra arguments for `runewarp server`.";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions =
+      rw.absolutePathAssertions "services.runewarp.server.settings.server" {
+        inherit (s) cert-dir;
+        acme-state-dir = if s.acme == null then null else s.acme.state-dir;
+      }
+      ++ [
+        {
+          assertion = publicPort != null && tunnelPort != null;
+          message = "services.runewarp.server: public-bind-address and tunnel-bind-address must be literal ip:port addresses.";
+        }
+        {
+          assertion = lib.all (name: rw.credentialName.check name) (lib.attrNames cfg.credentials);
+          message = "services.runewarp.server.credentials: names must be plain file names ([A-Za-z0-9_.-]+).";
+        }
+      ];
+
+    networking.firewall = mkIf cfg.openFirewall {
+      allowedTCPPorts = [ publicPort ];
+      allowedUDPPorts = [ tunnelPort ];
+    };
+
+    environment.systemPackages = [ cfg.package ];
+
+    systemd.services.${unit} = {
+      description = "Runewarp Server (public ingress edge)";
+      documentation = [ "man:runewarp(1)" ];
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+
+      # Only consulted when a runtime configFile omits a path.
+      environment = {
+        HOME = stateDir;
+        XDG_DATA_HOME = stateDir;
+        XDG_STATE_HOME = stateDir;
+      };
+
+      serviceConfig =
+        rw.hardening
+        // rw.restartPolicy
+        // {
+          # READY=1 is sent once both listeners are bound.
+          Type = "notify";
+          NotifyAccess = "main";
+          ExecStartPre = [ "${lib.getExe prepare} ${configPath}" ];
+          ExecStart = utils.escapeSystemdExecArgs (
+            [
+              (lib.getExe cfg.package)
+              "server"
+              "--config"
+              configPath
+            ]
+            ++ cfg.extraArgs
+          );
+          KillSignal = "SIGTERM";
+          # The grace period plus time to close listeners and exit.
+          TimeoutStopSec = if graceSeconds == null then 90 else graceSeconds + 15;
+
+          StateDirectory = unit;
+          StateDirectoryMode = "0700";
+          LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") cfg.credentials;
+
+          # Binding ports below 1024 needs exactly this capability; nothing
+          # else is ever granted.
+          AmbientCapabilities = lib.optionals needsLowPort [ "CAP_NET_BIND_SERVICE" ];
+          CapabilityBoundingSet = if needsLowPort then "CAP_NET_BIND_SERVICE" else "";
+          # A user namespace would hide the capability from the host's
+          # network namespace.
+          PrivateUsers = !needsLowPort;
+        };
+    };
+  };
+}

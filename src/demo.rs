@@ -1,4 +1,0 @@
-//! stub
-pub async fn run(_a: crate::cli::DemoArgs) -> std::process::ExitCode {
-    unimplemented!()
-}

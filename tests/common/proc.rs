@@ -1,0 +1,292 @@
+//! Helpers for tests that run the real `runewarp` binary as processes:
+//! a home directory with material made by the CLI, config files, logs in
+//! files, and a blocking TLS Visitor.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_runewarp");
+pub const APP: &str = "app.runewarp.test";
+
+pub fn free_tcp() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn free_udp() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A throw-away HOME holding material, configs and logs.
+pub struct Home {
+    pub dir: tempfile::TempDir,
+    pub public: u16,
+    pub tunnel: u16,
+}
+
+impl Home {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            public: free_tcp(),
+            tunnel: free_udp(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn public_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.public))
+    }
+
+    /// `runewarp` with a clean environment rooted here.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.path())
+            .env("RUNEWARP_LOG", "info")
+            .current_dir(self.path());
+        c
+    }
+
+    /// Run to completion; panic unless it succeeded; return stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "runewarp {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Server material for `localhost` in `server-certs/`.
+    pub fn server_material(&self) {
+        self.ok(&[
+            "server",
+            "cert",
+            "init",
+            "--hostname",
+            "localhost",
+            "--dir",
+            "server-certs",
+        ]);
+    }
+
+    /// A Client identity in `dir`; returns its pin.
+    pub fn identity(&self, dir: &str) -> String {
+        self.ok(&["client", "identity", "init", "--dir", dir]);
+        self.ok(&["client", "identity", "show", "--dir", dir])
+            .trim()
+            .to_string()
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// `server.toml`: one Tunnel for APP pinned to `pin`.
+    pub fn server_config(&self, pin: &str) -> PathBuf {
+        self.write(
+            "server.toml",
+            &format!(
+                "[server]\nhostname = \"localhost\"\npublic-bind-address = \"127.0.0.1:{}\"\n\
+                 tunnel-bind-address = \"127.0.0.1:{}\"\ncert-dir = \"server-certs\"\n\
+                 graceful-shutdown-duration = \"1s\"\n\n[[server.tunnels]]\npublic-hostnames = [\"{APP}\"]\n\
+                 client-identity = \"{pin}\"\n",
+                self.public, self.tunnel
+            ),
+        )
+    }
+
+    /// `client.toml`: APP passed through to `backend`, trusting `ca`.
+    pub fn client_config(
+        &self,
+        name: &str,
+        identity_dir: &str,
+        ca: &str,
+        backend: SocketAddr,
+    ) -> PathBuf {
+        self.write(
+            name,
+            &format!(
+                "[client]\nserver-address = \"localhost:{}\"\nserver-trust = \"ca-file\"\n\
+                 server-ca-file = \"{ca}\"\nidentity-dir = \"{identity_dir}\"\n\n\
+                 [[client.services]]\npublic-hostnames = [\"{APP}\"]\nbackend-address = \"{backend}\"\n",
+                self.tunnel
+            ),
+        )
+    }
+
+    /// Start `runewarp <role> -c <config>`, logging to `<log>`.
+    pub fn spawn(&self, role: &str, config: &Path, log: &str) -> Running {
+        let file = std::fs::File::create(self.path().join(log)).unwrap();
+        let child = self
+            .cmd()
+            .args([role, "-c"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Running {
+            child,
+            log: self.path().join(log),
+        }
+    }
+}
+
+/// A running process, killed on drop so failing tests leave nothing behind.
+pub struct Running {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Send `sig` and wait for the exit; panics after `within`.
+    pub fn stop_with(&mut self, sig: i32, within: Duration) -> (ExitStatus, Duration) {
+        let start = Instant::now();
+        self.signal(sig);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            assert!(
+                start.elapsed() < within,
+                "process did not exit within {within:?} of signal {sig}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Lines of the log containing `event="<name>"`.
+    pub fn events(&self, name: &str) -> Vec<String> {
+        let needle = format!("event=\"{name}\"");
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .map(String::from)
+            .collect()
+    }
+}
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub cert: CertificateDer<'static>,
+}
+
+/// A blocking TLS backend for APP answering one message per connection.
+pub fn tls_backend() -> Backend {
+    runewarp::tls::install_crypto_provider();
+    let (cert_pem, key_pem) = runewarp::tls::material::generate_self_signed(&[APP]).unwrap();
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let config = Arc::new(
+        rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let mut tcp = tcp;
+                let mut conn = rustls::ServerConnection::new(config).unwrap();
+                let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+                let mut buf = [0u8; 64];
+                if let Ok(n) = std::io::Read::read(&mut tls, &mut buf) {
+                    let reply = format!("backend got {:?}", String::from_utf8_lossy(&buf[..n]));
+                    let _ = std::io::Write::write_all(&mut tls, reply.as_bytes());
+                    tls.conn.send_close_notify();
+                    let _ = std::io::Write::flush(&mut tls);
+                }
+            });
+        }
+    });
+    Backend { addr, cert }
+}
+
+/// One TLS Visitor request for APP; returns the reply.
+pub fn visit(public: SocketAddr, root: &CertificateDer<'static>) -> std::io::Result<String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(APP).unwrap())
+            .unwrap();
+    let mut tcp = std::net::TcpStream::connect(public)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    std::io::Write::write_all(&mut tls, b"hello")?;
+    let mut out = String::new();
+    match tls.read_to_string(&mut out) {
+        Ok(_) => Ok(out),
+        Err(_) if !out.is_empty() => Ok(out),
+        Err(e) => Err(e),
+    }
+}
+
+/// Retry a Visitor request until it succeeds; returns how long it took.
+pub fn visit_until_ok(
+    public: SocketAddr,
+    root: &CertificateDer<'static>,
+    within: Duration,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        match visit(public, root) {
+            Ok(r) if r.starts_with("backend got") => return start.elapsed(),
+            other => {
+                assert!(
+                    start.elapsed() < within,
+                    "no reply through the tunnel within {within:?}: {other:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}

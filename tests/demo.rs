@@ -1,0 +1,45 @@
+//! `runewarp demo` end to end through the real binary: it must finish on
+//! its own, exit 0 and report both hops.
+
+use std::time::Duration;
+
+use assert_cmd::Command;
+
+#[test]
+fn demo_runs_both_hops_and_exits_zero() {
+    let output = Command::cargo_bin("runewarp")
+        .expect("the runewarp binary")
+        .arg("demo")
+        .env_remove("RUNEWARP_LOG")
+        .timeout(Duration::from_secs(60))
+        .output()
+        .expect("run runewarp demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "runewarp demo failed ({:?})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+    for needle in [
+        "app.demo.runewarp.test",
+        "secure.demo.runewarp.test",
+        "passthrough",
+        "terminate",
+        "HTTP/1.1 200 OK",
+        "held by  Local backend",
+        "held by  Client instance",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "stdout lacks {needle:?}:\n{stdout}\nstderr:\n{stderr}"
+        );
+    }
+    // The throw-away directory is gone afterwards.
+    let dir = stdout
+        .split_whitespace()
+        .find(|w| w.contains("runewarp-demo-"))
+        .map(|w| w.trim_end_matches(['.', ')', ',']))
+        .expect("the report names its directory");
+    assert!(!std::path::Path::new(dir).exists(), "{dir} was not removed");
+}

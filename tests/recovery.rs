@@ -1,0 +1,235 @@
+//! The failures operators meet first, on real processes on loopback: each
+//! recovers by itself where it can and is explained in one line where it
+//! can't.
+
+mod common;
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::proc::*;
+
+#[test]
+fn a_server_killed_and_restarted_is_noticed_at_once_and_traffic_flows_within_5s() {
+    let home = Home::new();
+    let backend = tls_backend();
+    home.server_material();
+    let pin = home.identity("identity");
+    let server_toml = home.server_config(&pin);
+    let client_toml = home.client_config(
+        "client.toml",
+        "identity",
+        "server-certs/server-ca.crt",
+        backend.addr,
+    );
+    let mut server = home.spawn("server", &server_toml, "server-1.log");
+    let client = home.spawn("client", &client_toml, "client.log");
+    visit_until_ok(home.public_addr(), &backend.cert, Duration::from_secs(15));
+
+    server.stop_with(libc::SIGKILL, Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(500));
+    let restarted = Instant::now();
+    let _server = home.spawn("server", &server_toml, "server-2.log");
+    let took = visit_until_ok(home.public_addr(), &backend.cert, Duration::from_secs(5));
+    eprintln!("traffic flowing again {took:?} after the restart");
+    // The Client saw the old connection end (stateless reset) rather than
+    // waiting out the 60 s idle timeout.
+    let closed = client.events("tunnel_closed");
+    assert_eq!(closed.len(), 1, "{}", client.log_text());
+    assert!(closed[0].contains("reset"), "{}", closed[0]);
+    assert!(restarted.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_refused_identity_is_explained_and_retried_at_most_6_times_in_30s() {
+    let home = Home::new();
+    let backend = tls_backend();
+    home.server_material();
+    let pinned = home.identity("identity");
+    let stranger = home.identity("stranger");
+    let server = home.spawn("server", &home.server_config(&pinned), "server.log");
+    let client_toml = home.client_config(
+        "client.toml",
+        "stranger",
+        "server-certs/server-ca.crt",
+        backend.addr,
+    );
+    let client = home.spawn("client", &client_toml, "client.log");
+    std::thread::sleep(Duration::from_secs(30));
+
+    let refused = client.events("tunnel_refused");
+    assert!(
+        !refused.is_empty() && refused.len() <= 6,
+        "{} attempts in 30 s:\n{}",
+        refused.len(),
+        client.log_text()
+    );
+    let line = &refused[0];
+    assert!(
+        line.contains("localhost") && line.contains(&stranger),
+        "{line}"
+    );
+    assert!(
+        line.contains("[[server.tunnels]]"),
+        "says what to do: {line}"
+    );
+    // The Server names the pin and where it came from, once per 10 s.
+    let server_lines = server.events("tunnel_refused");
+    assert!(
+        !server_lines.is_empty() && server_lines.len() <= 4,
+        "{}",
+        server.log_text()
+    );
+    assert!(
+        server_lines[0].contains(&stranger) && server_lines[0].contains("127.0.0.1"),
+        "{}",
+        server_lines[0]
+    );
+}
+
+#[test]
+fn an_untrusted_server_certificate_names_hostname_trust_mode_ca_file_and_error() {
+    let home = Home::new();
+    let backend = tls_backend();
+    home.server_material();
+    let pin = home.identity("identity");
+    // A CA the Server certificate was not issued by.
+    home.ok(&[
+        "server",
+        "cert",
+        "init",
+        "--hostname",
+        "localhost",
+        "--dir",
+        "other-ca",
+    ]);
+    let _server = home.spawn("server", &home.server_config(&pin), "server.log");
+    let client_toml = home.client_config(
+        "client.toml",
+        "identity",
+        "other-ca/server-ca.crt",
+        backend.addr,
+    );
+    let client = home.spawn("client", &client_toml, "client.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(l) = client.events("tunnel_refused").into_iter().next() {
+            break l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            client.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(line.contains("localhost"), "{line}");
+    assert!(line.contains("server-trust = \\\"ca-file\\\""), "{line}");
+    assert!(line.contains("other-ca/server-ca.crt"), "{line}");
+    assert!(
+        line.contains("UnknownIssuer") || line.contains("invalid peer certificate"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_toml_typo_is_shown_with_line_and_column() {
+    let home = Home::new();
+    home.write("typo.toml", "[server]\nhostname \"localhost\"\n");
+    let out = home
+        .cmd()
+        .args(["server", "-c", "typo.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("typo.toml:2:"), "file and line: {err}");
+    assert!(
+        err.contains("hostname \"localhost\""),
+        "the offending line: {err}"
+    );
+}
+
+#[test]
+fn an_unknown_top_level_key_is_rejected_with_a_suggestion() {
+    let home = Home::new();
+    home.write(
+        "unknown.toml",
+        "log_level = \"debug\"\n[server]\nhostname = \"localhost\"\n[[server.tunnels]]\n\
+         public-hostnames = [\"a.example.com\"]\nclient-identity = \"00000000000000000000000000000000000000000000000000000000000000aa\"\n",
+    );
+    let out = home
+        .cmd()
+        .args(["server", "-c", "unknown.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("log_level") && err.contains("did you mean \"log-level\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_thousand_probes_produce_only_a_handful_of_info_lines() {
+    let home = Home::new();
+    home.server_material();
+    let pin = home.identity("identity");
+    let mut server = home.spawn("server", &home.server_config(&pin), "server.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(home.public_addr()).is_err() {
+        assert!(Instant::now() < deadline, "server never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = server.log_text().lines().count();
+    for i in 0..1000 {
+        let mut tcp = TcpStream::connect(home.public_addr()).unwrap();
+        if i % 2 == 0 {
+            // Garbage instead of a ClientHello.
+            let _ = std::io::Write::write_all(&mut tcp, b"GET / HTTP/1.0\r\n\r\n");
+        }
+        // ...or connect and close at once.
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after = server.log_text();
+    let added = after.lines().count() - before;
+    assert!(added <= 3, "{added} log lines for 1,000 probes:\n{after}");
+    assert!(server.child.try_wait().unwrap().is_none(), "still running");
+}
+
+#[test]
+fn a_stopped_backend_closes_the_visitor_at_once_and_is_logged_once() {
+    let home = Home::new();
+    let backend = tls_backend();
+    home.server_material();
+    let pin = home.identity("identity");
+    let _server = home.spawn("server", &home.server_config(&pin), "server.log");
+    // A backend address nothing listens on.
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_tcp()));
+    let client_toml =
+        home.client_config("dead.toml", "identity", "server-certs/server-ca.crt", dead);
+    let client = home.spawn("client", &client_toml, "client.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.events("tunnel_connected").is_empty() {
+        assert!(Instant::now() < deadline, "{}", client.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..20 {
+        let start = Instant::now();
+        let result = visit(home.public_addr(), &backend.cert);
+        assert!(result.is_err(), "no backend, no reply: {result:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "Visitor closed after {:?}",
+            start.elapsed()
+        );
+    }
+    let lines = client.events("backend_unreachable");
+    assert_eq!(lines.len(), 1, "rate-limited:\n{}", client.log_text());
+    assert!(
+        lines[0].contains(&dead.to_string()) && lines[0].contains(APP),
+        "{}",
+        lines[0]
+    );
+}
