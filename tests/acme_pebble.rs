@@ -171,7 +171,10 @@ impl Pebble {
 
         let listen = free_tcp();
         let mgmt = free_tcp();
-        let template = concat!(env!("CARGO_MANIFEST_DIR"), "/pebble/pebble-config-loopback.json");
+        let template = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/pebble/pebble-config-loopback.json"
+        );
         let mut config: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(template).unwrap()).unwrap();
         let p = &mut config["pebble"];
