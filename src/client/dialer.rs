@@ -1,14 +1,34 @@
 //! The dialer: resolves `server-address` and establishes the Tunnel
 //! connection, racing the resolved addresses (staggered, first handshake
 //! wins) so a dead address family cannot stall the Client.
+//!
+//! Testing aid: the environment variable [`RESOLVE_ENV`]
+//! (`RUNEWARP_RESOLVE="name=ip[,name=ip...]"`) pins `server-address` names
+//! to addresses without DNS, like `curl --resolve`. It exists so tests can
+//! use a real DNS name (one an ACME CA will issue for) on loopback without
+//! editing `/etc/hosts`; it is not meant for production use.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 
 use crate::config::{ServerAddress, ServerTrust};
 use crate::tunnel::transport::{self, HANDSHAKE_DEADLINE};
+
+/// Testing aid: `name=ip[,name=ip...]` overrides DNS for those names.
+pub const RESOLVE_ENV: &str = "RUNEWARP_RESOLVE";
+
+/// The address [`RESOLVE_ENV`] pins `host` to, if any.
+fn resolve_override(host: &str) -> Option<IpAddr> {
+    let spec = std::env::var(RESOLVE_ENV).ok()?;
+    spec.split(',').find_map(|pair| {
+        let (name, ip) = pair.trim().split_once('=')?;
+        (name.trim().eq_ignore_ascii_case(host))
+            .then(|| ip.trim().parse().ok())
+            .flatten()
+    })
+}
 
 /// Delay before trying the next resolved address.
 const STAGGER: Duration = Duration::from_millis(250);
@@ -145,14 +165,16 @@ impl Dialer {
     pub async fn dial(&mut self) -> Result<quinn::Connection, DialError> {
         let host = self.address.host.as_str().to_string();
         let address = self.address.to_string();
-        let mut addrs: Vec<SocketAddr> =
-            tokio::net::lookup_host((host.as_str(), self.address.port))
+        let mut addrs: Vec<SocketAddr> = match resolve_override(&host) {
+            Some(ip) => vec![SocketAddr::new(ip, self.address.port)],
+            None => tokio::net::lookup_host((host.as_str(), self.address.port))
                 .await
                 .map_err(|error| DialError::Resolve {
                     address: address.clone(),
                     error,
                 })?
-                .collect();
+                .collect(),
+        };
         addrs.dedup();
         if addrs.is_empty() {
             return Err(DialError::NoAddresses { address });

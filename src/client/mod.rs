@@ -23,6 +23,7 @@ use crate::logging::RateLimit;
 use crate::notify;
 use crate::proxy;
 use crate::shutdown::Shutdown;
+use crate::tls::acme::{AcmeManager, AcmeSetupError};
 use crate::tls::client_identity::ClientIdentity;
 use crate::tls::material::{self, MaterialError};
 use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE};
@@ -33,7 +34,7 @@ use crate::tunnel::transport::{self, TransportError, close_code, stream_code};
 use backoff::Backoff;
 use dialer::{DialError, Dialer};
 use service::ServiceTable;
-use terminate::{CertificateTable, TerminateError, TunnelStream};
+use terminate::{Accepted, CertificateTable, TerminateError, TunnelStream};
 
 /// The Local backend must accept the TCP connection within this time.
 pub const BACKEND_CONNECT_DEADLINE: Duration = Duration::from_secs(5);
@@ -63,17 +64,15 @@ pub enum ClientError {
     Transport(#[from] TransportError),
     #[error("terminate: {0}")]
     Terminate(#[from] TerminateError),
-    #[error(
-        "[client.acme] is configured but this build takes terminate certificates from public-cert-dir only; use public-cert-dir"
-    )]
-    AcmeUnavailable,
+    #[error("{0}")]
+    Acme(#[from] AcmeSetupError),
 }
 
 /// What the stream handlers share.
 struct Context {
     services: ServiceTable,
     handlers: Arc<tokio::sync::Semaphore>,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    acceptor: Option<terminate::Acceptor>,
     /// One `backend_unreachable` line per backend per interval.
     backend_errors: RateLimit<String>,
 }
@@ -111,6 +110,9 @@ pub struct Client {
     dialer: Dialer,
     context: Arc<Context>,
     status: tokio::sync::watch::Sender<ClientStatus>,
+    /// `[client.acme]`: started by `run` once the first Tunnel connection
+    /// is up, never awaited.
+    acme: Option<AcmeManager>,
 }
 
 /// How a Tunnel connection ended.
@@ -126,9 +128,20 @@ impl Client {
         let (identity_material, identity) = material::load_client_identity(&config.identity_dir)?;
         let roots = trust::root_store(&config.server_trust)?;
         let quic = transport::client_config(roots, identity_material)?;
+        let mut acme = None;
         let acceptor = match &config.public_certs {
             None => None,
-            Some(PublicCertSource::Acme(_)) => return Err(ClientError::AcmeUnavailable),
+            Some(PublicCertSource::Acme(acme_config)) => {
+                let manager = AcmeManager::new(
+                    "client",
+                    "client.acme",
+                    acme_config,
+                    &terminate_hostnames(&config),
+                )?;
+                let acceptor = terminate::acme_acceptor(manager.resolver())?;
+                acme = Some(manager);
+                Some(acceptor)
+            }
             Some(PublicCertSource::Manual { dir }) => {
                 let table = CertificateTable::new(material::load_public_certs(dir)?)?;
                 for s in config
@@ -160,6 +173,7 @@ impl Client {
             identity,
             context,
             status: tokio::sync::watch::Sender::new(ClientStatus::default()),
+            acme,
         })
     }
 
@@ -186,6 +200,7 @@ impl Client {
 
     /// Keep the Tunnel connection up until `shutdown` fires.
     pub async fn run(mut self, mut shutdown: Shutdown) {
+        let mut acme_tasks = None;
         let mut backoff = Backoff::default();
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let server = self.config.server_address.to_string();
@@ -203,6 +218,12 @@ impl Client {
                     self.set_status(true, None);
                     if self.status.borrow().connections == 1 {
                         notify::notify(notify::READY);
+                    }
+                    if acme_tasks.is_none() {
+                        // TLS-ALPN-01 validations reach us through the
+                        // tunnel: order only once it is up, so a CA does
+                        // not count failed validations against us.
+                        acme_tasks = self.acme.take().map(AcmeManager::spawn);
                     }
                     let ended = serve(&conn, self.context.clone(), &mut shutdown).await;
                     self.set_status(
@@ -256,6 +277,17 @@ impl Client {
         }
         tracing::info!(event = "client_stopped");
     }
+}
+
+/// The Public hostnames of terminating Services (what `[client.acme]`
+/// obtains certificates for).
+fn terminate_hostnames(config: &ClientConfig) -> Vec<String> {
+    config
+        .services
+        .iter()
+        .filter(|s| s.tls_mode == TlsMode::Terminate)
+        .flat_map(|s| s.public_hostnames.iter().map(|h| h.as_str().to_string()))
+        .collect()
 }
 
 fn log_dial_failure(server: &str, identity: &ClientIdentity, error: &DialError, delay: Duration) {
@@ -469,7 +501,7 @@ async fn passthrough(
 #[allow(clippy::too_many_arguments)]
 async fn terminate(
     context: &Context,
-    acceptor: &tokio_rustls::TlsAcceptor,
+    acceptor: &terminate::Acceptor,
     service: &ServiceConfig,
     header: Option<ProxyHeader>,
     hello: Bytes,
@@ -480,7 +512,14 @@ async fn terminate(
     let stream = TunnelStream::new(hello, send, recv);
     let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, acceptor.accept(stream)).await
     {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(Accepted::Visitor(tls))) => *tls,
+        Ok(Ok(Accepted::AcmeChallenge)) => {
+            tracing::info!(event = "acme_challenge_answered", hostname);
+            return Ok(Moved {
+                to_backend: 0,
+                from_backend: 0,
+            });
+        }
         Ok(Err(error)) => {
             // The alert, if any, went out through the stream; dropping it
             // finishes the stream cleanly behind it.

@@ -16,6 +16,7 @@ use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::hostname::{PublicHostname, wire_lookup_key};
+use crate::tls::acme;
 use crate::tls::material::{MaterialError, TlsMaterial};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,15 +69,74 @@ impl ResolvesServerCert for CertificateTable {
 }
 
 /// The TLS acceptor for terminating Services.
-pub fn acceptor(
+pub fn acceptor(certs: Arc<dyn ResolvesServerCert>) -> Result<Acceptor, TerminateError> {
+    Ok(Acceptor {
+        visitors: visitor_config(certs)?,
+        acme_challenge: None,
+    })
+}
+
+/// The TLS acceptor for terminating Services with `[client.acme]`: also
+/// answers TLS-ALPN-01 validations (ALPN exactly `acme-tls/1`) for the
+/// hostnames `resolver` manages.
+pub fn acme_acceptor(resolver: Arc<dyn ResolvesServerCert>) -> Result<Acceptor, TerminateError> {
+    Ok(Acceptor {
+        visitors: visitor_config(resolver.clone())?,
+        acme_challenge: Some(acme::challenge_config(resolver)?),
+    })
+}
+
+fn visitor_config(
     certs: Arc<dyn ResolvesServerCert>,
-) -> Result<tokio_rustls::TlsAcceptor, TerminateError> {
+) -> Result<Arc<rustls::ServerConfig>, TerminateError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(certs);
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok(Arc::new(config))
+}
+
+/// Completes Visitor handshakes in terminate mode.
+#[derive(Clone)]
+pub struct Acceptor {
+    /// Ordinary Visitors: no ALPN, the certificate for the SNI.
+    visitors: Arc<rustls::ServerConfig>,
+    /// ACME validations, when `[client.acme]` is on.
+    acme_challenge: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// What a completed handshake was.
+pub enum Accepted {
+    /// A Visitor, to be proxied to the Local backend.
+    Visitor(Box<tokio_rustls::server::TlsStream<TunnelStream>>),
+    /// An ACME TLS-ALPN-01 validation, answered and closed.
+    AcmeChallenge,
+}
+
+impl Acceptor {
+    pub async fn accept(&self, stream: TunnelStream) -> io::Result<Accepted> {
+        let Some(challenge) = &self.acme_challenge else {
+            let acceptor = tokio_rustls::TlsAcceptor::from(self.visitors.clone());
+            return Ok(Accepted::Visitor(Box::new(acceptor.accept(stream).await?)));
+        };
+        let start =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+                .await?;
+        let alpn: Vec<Vec<u8>> = start
+            .client_hello()
+            .alpn()
+            .map(|protocols| protocols.map(<[u8]>::to_vec).collect())
+            .unwrap_or_default();
+        if acme::is_challenge_alpn(&alpn) {
+            let mut tls = start.into_stream(challenge.clone()).await?;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+            return Ok(Accepted::AcmeChallenge);
+        }
+        Ok(Accepted::Visitor(Box::new(
+            start.into_stream(self.visitors.clone()).await?,
+        )))
+    }
 }
 
 /// A tunnel stream whose first bytes (the ClientHello already read for

@@ -14,6 +14,7 @@ use crate::config::{ServerCertSource, ServerConfig};
 use crate::fsutil;
 use crate::notify;
 use crate::shutdown::Shutdown;
+use crate::tls::acme::{self, AcmeManager, AcmeSetupError};
 use crate::tls::material;
 use crate::tunnel::transport::{self, TunnelTls, close_code};
 use admission::{Admission, Limits};
@@ -42,10 +43,8 @@ pub enum ServerError {
         path: std::path::PathBuf,
         error: std::io::Error,
     },
-    #[error(
-        "[server.acme] is configured but this build obtains Server certificates from cert-dir only; use cert-dir"
-    )]
-    AcmeUnavailable,
+    #[error("{0}")]
+    Acme(#[from] AcmeSetupError),
 }
 
 /// A Server whose listeners are bound and ready to run.
@@ -57,6 +56,9 @@ pub struct Server {
     public: tokio::net::TcpListener,
     readiness: Option<tokio::net::TcpListener>,
     tunnel: quinn::Endpoint,
+    /// `[server.acme]`: the certificate manager (started by `run`) and the
+    /// config answering TLS-ALPN-01 validations on the public listener.
+    acme: Option<(AcmeManager, Arc<rustls::ServerConfig>)>,
 }
 
 impl Server {
@@ -73,14 +75,21 @@ impl Server {
         config: ServerConfig,
         limits: Limits,
     ) -> Result<Self, ServerError> {
-        let (certificate, state_dir) = match &config.certificates {
+        let (certificate, state_dir, acme) = match &config.certificates {
             ServerCertSource::Manual { cert_dir } => {
                 let cert = material::load_server_certificate(cert_dir)?;
                 let fixed: Arc<dyn ResolvesServerCert> =
                     Arc::new(transport::FixedCertificate::new(cert)?);
-                (fixed, cert_dir.join("state"))
+                (fixed, cert_dir.join("state"), None)
             }
-            ServerCertSource::Acme(_) => return Err(ServerError::AcmeUnavailable),
+            ServerCertSource::Acme(acme_config) => {
+                let (resolver, manager, challenge) = acme_certificate(&config, acme_config)?;
+                (
+                    resolver,
+                    acme_config.state_dir.clone(),
+                    Some((manager, challenge)),
+                )
+            }
         };
         let secret = reset_secret(&state_dir)?;
         let registry = Arc::new(Registry::new(&config.tunnels));
@@ -117,6 +126,7 @@ impl Server {
             public,
             readiness,
             tunnel,
+            acme,
         })
     }
 
@@ -153,7 +163,12 @@ impl Server {
             public,
             readiness,
             tunnel,
+            acme,
         } = self;
+        let (_acme_tasks, challenge) = match acme {
+            Some((manager, challenge)) => (Some(manager.spawn()), Some(challenge)),
+            None => (None, None),
+        };
         tracing::info!(
             event = "server_started",
             hostname = %config.hostname,
@@ -171,6 +186,7 @@ impl Server {
             registry.clone(),
             admission.clone(),
             shutdown.clone(),
+            challenge,
         ));
         let tunnel_task = tokio::spawn(tunnel_listener::serve(
             tunnel.clone(),
@@ -273,6 +289,43 @@ pub const RESET_SECRET_FILE: &str = "stateless-reset.secret";
 
 /// Load the stateless-reset secret, creating it (32 random bytes, mode
 /// 0600) on first start.
+/// `[server.acme]`: the resolver the tunnel listener presents (the ACME
+/// certificate for the Server hostname, renewals included), the manager to
+/// start in `run`, and the config answering TLS-ALPN-01 validations on the
+/// public listener.
+#[allow(clippy::type_complexity)]
+fn acme_certificate(
+    config: &ServerConfig,
+    acme_config: &crate::config::AcmeConfig,
+) -> Result<
+    (
+        Arc<dyn ResolvesServerCert>,
+        AcmeManager,
+        Arc<rustls::ServerConfig>,
+    ),
+    ServerError,
+> {
+    let hostname = config.hostname.as_str().to_string();
+    let manager = AcmeManager::new(
+        "server",
+        "server.acme",
+        acme_config,
+        std::slice::from_ref(&hostname),
+    )?;
+    let resolver = manager.resolver();
+    let single: Arc<dyn ResolvesServerCert> =
+        Arc::new(resolver.single(&hostname).expect("hostname is managed"));
+    let challenge = acme::challenge_config(resolver).map_err(AcmeSetupError::Tls)?;
+    if config.public_bind_address.port() != 443 {
+        tracing::warn!(
+            event = "acme_public_port",
+            public = %config.public_bind_address,
+            hint = "ACME CAs validate TLS-ALPN-01 on port 443; forward 443 to this listener",
+        );
+    }
+    Ok((single, manager, challenge))
+}
+
 fn reset_secret(state_dir: &std::path::Path) -> Result<Vec<u8>, ServerError> {
     let path = state_dir.join(RESET_SECRET_FILE);
     let err = |error| ServerError::ResetSecret {

@@ -17,6 +17,7 @@ use crate::proxy;
 use crate::server::admission::{Admission, IntakePermit};
 use crate::server::registry::{Registry, Route};
 use crate::shutdown::Shutdown;
+use crate::tls::acme;
 use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE};
 use crate::tunnel::framing::{self, ProxyHeader};
 
@@ -26,6 +27,7 @@ pub async fn serve(
     registry: Arc<Registry>,
     admission: Arc<Admission>,
     mut shutdown: Shutdown,
+    acme_challenge: Option<Arc<rustls::ServerConfig>>,
 ) {
     let mut backoff = AcceptBackoff::default();
     let drops = Arc::new(DropCounts::default());
@@ -55,6 +57,7 @@ pub async fn serve(
                     admission: admission.clone(),
                     drops: drops.clone(),
                     shutdown: shutdown.clone(),
+                    acme_challenge: acme_challenge.clone(),
                 };
                 tokio::spawn(visitor(tcp, peer, intake, ctx));
             }
@@ -177,6 +180,9 @@ struct VisitorContext {
     admission: Arc<Admission>,
     drops: Arc<DropCounts>,
     shutdown: Shutdown,
+    /// `[server.acme]`: answers TLS-ALPN-01 validations for the Server
+    /// hostname.
+    acme_challenge: Option<Arc<rustls::ServerConfig>>,
 }
 
 async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx: VisitorContext) {
@@ -186,6 +192,7 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
         admission,
         drops,
         shutdown,
+        acme_challenge,
     } = ctx;
     let dropped = |tcp: &TcpStream, host: Option<&str>, reason: DropReason| {
         drops.count(reason);
@@ -204,9 +211,13 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     };
     let key = wire_lookup_key(server_name);
     if key == config.hostname.as_str() {
-        // Only ACME challenges may address the Server hostname, and only
-        // when the Server itself runs ACME, which this build's cert-dir
-        // mode does not: every such Visitor is dropped here.
+        // Only ACME TLS-ALPN-01 validations may address the Server
+        // hostname, and only when the Server itself runs ACME.
+        if let Some(challenge) = acme_challenge.filter(|_| acme::is_challenge_alpn(&info.alpn)) {
+            let result = acme::answer_challenge(challenge, hello.into(), tcp).await;
+            tracing::info!(event = "acme_challenge_answered", hostname = %key, %peer, result = result.err().unwrap_or("ok"));
+            return;
+        }
         return dropped(&tcp, Some(&key), DropReason::ServerHostname);
     }
     if shutdown.is_requested() {

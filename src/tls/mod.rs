@@ -1,6 +1,7 @@
 //! TLS concerns: SNI parsing of Visitor ClientHellos, Client identities,
-//! certificate material and (later) ACME.
+//! certificate material and ACME.
 
+pub mod acme;
 pub mod client_identity;
 pub mod material;
 pub mod sni;
