@@ -13,7 +13,13 @@ pub fn init(level: LogLevel) {
         Ok(d) if !d.trim().is_empty() => d,
         _ => format!("warn,runewarp={}", level.as_str()),
     };
-    let filter = EnvFilter::try_new(&directive).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(&directive).unwrap_or_else(|e| {
+        eprintln!(
+            "runewarp: ignoring RUNEWARP_LOG={directive:?} ({e}); using log-level {}",
+            level.as_str()
+        );
+        EnvFilter::new(format!("warn,runewarp={}", level.as_str()))
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

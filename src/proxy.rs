@@ -148,7 +148,13 @@ where
     let mut buf = vec![0u8; 16 * 1024];
     let mut total = 0u64;
     loop {
-        let n = r.read(&mut buf).await?;
+        let n = match r.read(&mut buf).await {
+            Ok(n) => n,
+            // A TLS peer that closed TCP without close_notify (as browsers
+            // do) has still said everything: treat it as the end.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             w.shutdown().await?;
             return Ok(total);

@@ -84,6 +84,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 let c = match client::Client::new(config) {
                     Ok(c) => c,
                     Err(e) => {
+                        tracing::error!(event = "client_failed", error = ?e.to_string());
                         eprintln!("runewarp client: {e}");
                         return ExitCode::from(EXIT_FAILURE);
                     }
@@ -165,6 +166,14 @@ fn material_result(r: Result<String, tls::material::MaterialError>) -> ExitCode 
             ExitCode::SUCCESS
         }
         Err(tls::material::MaterialError::Config(e)) => config_error(e),
+        // Bad or missing --hostname: a usage error.
+        Err(
+            e @ (tls::material::MaterialError::NoServerHostname
+            | tls::material::MaterialError::Hostname { .. }),
+        ) => {
+            eprintln!("runewarp: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(e) => {
             eprintln!("runewarp: {e}");
             ExitCode::from(EXIT_FAILURE)

@@ -253,6 +253,7 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     let mut first = BytesMut::with_capacity(header.len() + hello.len());
     first.put_slice(&header);
     first.put_slice(&hello);
+    let hello_len = hello.len() as u64;
     drop(hello);
     if send.write_chunk(first.freeze()).await.is_err() {
         proxy::abort_stream(&mut send, &mut recv);
@@ -265,7 +266,7 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
             event = "stream_closed",
             hostname = %key,
             %peer,
-            to_tunnel = t.to_tunnel,
+            to_tunnel = t.to_tunnel + hello_len,
             from_tunnel = t.from_tunnel,
             duration_ms = started.elapsed().as_millis() as u64,
         ),

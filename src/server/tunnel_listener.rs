@@ -117,9 +117,8 @@ async fn watch(tc: Arc<TunnelConnection>, registry: Arc<Registry>) {
     let error = tc.conn.closed().await;
     let was_active = registry.remove(&tc);
     let reason = match &error {
-        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close_code::REPLACED => {
-            "replaced"
-        }
+        // We closed it ourselves after a newer connection took over.
+        quinn::ConnectionError::LocallyClosed if !was_active => "replaced",
         quinn::ConnectionError::ApplicationClosed(_) => "client_closed",
         quinn::ConnectionError::LocallyClosed => "server_closed",
         quinn::ConnectionError::TimedOut => "idle_timeout",
