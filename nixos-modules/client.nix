@@ -340,6 +340,9 @@ let
           # READY=1 is sent once the instance is running (it then keeps
           # reconnecting on its own).
           Type = "notify";
+          # READY=1 comes only once the Server accepted the tunnel; a Server
+          # that is down must not make the unit fail to start.
+          TimeoutStartSec = "infinity";
           NotifyAccess = "main";
           ExecStartPre = [ "${lib.getExe (prepareFor name c)} ${configPath}" ];
           ExecStart = utils.escapeSystemdExecArgs (
