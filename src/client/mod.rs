@@ -509,7 +509,7 @@ async fn terminate(
     recv: RecvStream,
     hostname: &str,
 ) -> Result<Moved, &'static str> {
-    let stream = TunnelStream::new(hello, send, recv);
+    let stream = terminate::tunnel_stream(hello, send, recv);
     let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, acceptor.accept(stream)).await
     {
         Ok(Ok(Accepted::Visitor(tls))) => *tls,
@@ -529,8 +529,9 @@ async fn terminate(
         Err(_) => return Err("tls_handshake_timeout"),
     };
     let abort_tls = |tls: &mut tokio_rustls::server::TlsStream<TunnelStream>| {
-        let (io, _) = tls.get_mut();
-        proxy::abort_stream(&mut io.send, &mut io.recv);
+        let quic = tls.get_mut().0.get_mut();
+        let _ = quic.writer_mut().reset(stream_code::ABORTED);
+        let _ = quic.reader_mut().stop(stream_code::ABORTED);
     };
     let mut tcp = match connect_backend(context, &service.backend_address, hostname).await {
         Ok(tcp) => tcp,

@@ -5,17 +5,16 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::Join;
 
 use crate::hostname::{PublicHostname, wire_lookup_key};
+use crate::proxy::Prefixed;
 use crate::tls::acme;
 use crate::tls::material::{MaterialError, TlsMaterial};
 
@@ -141,50 +140,8 @@ impl Acceptor {
 
 /// A tunnel stream whose first bytes (the ClientHello already read for
 /// Service selection) are replayed before the rest of the stream.
-pub struct TunnelStream {
-    prefix: Bytes,
-    pub recv: RecvStream,
-    pub send: SendStream,
-}
+pub type TunnelStream = Prefixed<Join<RecvStream, SendStream>>;
 
-impl TunnelStream {
-    pub fn new(prefix: Bytes, send: SendStream, recv: RecvStream) -> Self {
-        Self { prefix, recv, send }
-    }
-}
-
-impl AsyncRead for TunnelStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            let head = self.prefix.split_to(n);
-            buf.put_slice(&head);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.recv).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TunnelStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.send)
-            .poll_write(cx, buf)
-            .map_err(io::Error::from)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.send).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.send).poll_shutdown(cx)
-    }
+pub fn tunnel_stream(prefix: Bytes, send: SendStream, recv: RecvStream) -> TunnelStream {
+    Prefixed::new(prefix, tokio::io::join(recv, send))
 }

@@ -33,9 +33,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -46,7 +44,7 @@ use rustls_acme::caches::CompositeCache;
 use rustls_acme::{
     AccountCache, AcmeState, CertCache, EventError, EventOk, OrderError, ResolvesServerCertAcme,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::AcmeConfig;
 use crate::fsutil;
@@ -400,7 +398,7 @@ where
 {
     use tokio::io::AsyncWriteExt;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let stream = Prefixed { prefix, inner: io };
+    let stream = crate::proxy::Prefixed::new(prefix, io);
     match tokio::time::timeout(CHALLENGE_DEADLINE, acceptor.accept(stream)).await {
         Ok(Ok(mut tls)) => {
             let _ = tokio::time::timeout(CHALLENGE_DEADLINE, tls.shutdown()).await;
@@ -408,45 +406,6 @@ where
         }
         Ok(Err(_)) => Err("challenge_handshake_failed"),
         Err(_) => Err("challenge_timeout"),
-    }
-}
-
-/// A byte stream whose first bytes were already read: `prefix` is replayed
-/// before the rest of `inner`.
-struct Prefixed<IO> {
-    prefix: Bytes,
-    inner: IO,
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            let head = self.prefix.split_to(n);
-            buf.put_slice(&head);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
