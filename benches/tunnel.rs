@@ -22,6 +22,9 @@
 //! and shorter phases. Targets are informational: a miss never fails the
 //! bench; only a broken setup or transfer exits non-zero.
 //!
+//! `RUNEWARP_BENCH_WORKERS=n` sets `TOKIO_WORKER_THREADS` for the Server
+//! and the Client (default: one worker per core).
+//!
 //! `RUNEWARP_BENCH_LOG=debug` sets the Server's and Client's `RUNEWARP_LOG`
 //! (default `warn`); `RUNEWARP_BENCH_KEEP=1` keeps the temporary directory
 //! with configs and logs (it is always kept when the bench fails).
@@ -86,6 +89,10 @@ struct Plan {
     rate_workers: usize,
     rate_for: Duration,
     idle: usize,
+    /// Bulk phases run this many times, the three paths interleaved, and
+    /// each figure is the median: drift in the machine's speed (other
+    /// tenants, frequency) then hits direct and tunnel alike.
+    rounds: usize,
 }
 
 impl Plan {
@@ -107,6 +114,7 @@ impl Plan {
                 // Under the ~896 streams a 1024-stream QUIC window always
                 // grants (quinn re-announces credit in 1/8 steps).
                 idle: 500,
+                rounds: 1,
             }
         } else {
             Plan {
@@ -117,6 +125,7 @@ impl Plan {
                 rate_workers: 64,
                 rate_for: Duration::from_secs(5),
                 idle: 1000,
+                rounds: 3,
             }
         }
     }
@@ -344,6 +353,9 @@ impl Proc {
         let out = fs::File::create(&log).ctx(format!("create {}", log.display()))?;
         let err = out.try_clone().ctx("clone log file handle")?;
         let mut cmd = Command::new(exe);
+        if let Ok(n) = std::env::var("RUNEWARP_BENCH_WORKERS") {
+            cmd.env("TOKIO_WORKER_THREADS", n);
+        }
         cmd.arg(name)
             .arg("--config")
             .arg(config)
@@ -659,11 +671,44 @@ impl Procs<'_> {
     }
 }
 
+#[derive(Clone, Copy)]
+struct BulkRound {
+    single_dl: f64,
+    single_ul: f64,
+    multi_dl: f64,
+    cpu_per_gb: Cpu,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n => v[n / 2],
+    }
+}
+
+impl Figures {
+    /// Medians of the bulk rounds.
+    fn settle(&mut self) {
+        let of = |f: fn(&BulkRound) -> f64| median(self.rounds.iter().map(f).collect());
+        self.single_dl = of(|r| r.single_dl);
+        self.single_ul = of(|r| r.single_ul);
+        self.multi_dl = of(|r| r.multi_dl);
+        self.cpu_per_gb = Cpu {
+            server: of(|r| r.cpu_per_gb.server),
+            client: of(|r| r.cpu_per_gb.client),
+            bench: of(|r| r.cpu_per_gb.bench),
+        };
+    }
+}
+
 #[derive(Default)]
 struct Figures {
     single_dl: f64,
     single_ul: f64,
     multi_dl: f64,
+    /// Per-round bulk figures, reduced to the medians above by `settle`.
+    rounds: Vec<BulkRound>,
     /// CPU seconds per GB (10^9 payload bytes) in the single-stream download.
     cpu_per_gb: Cpu,
     udp_drops_bulk: u64,
@@ -672,6 +717,8 @@ struct Figures {
     lat_p99: f64,
     conn_rate: f64,
     conn_failures: u64,
+    /// CPU milliseconds per connection in the connection-rate phase.
+    cpu_per_conn: Cpu,
     idle: Option<(Mem, Mem)>,
     idle_before: Option<(Mem, Mem)>,
     idle_held: usize,
@@ -729,14 +776,21 @@ async fn bulk(
     .await?;
     let took = t.elapsed();
     let after = procs.cpu()?;
-    f.single_dl = mb_per_s(plan.bulk, took);
     let gb = plan.bulk as f64 / 1e9;
-    f.cpu_per_gb = Cpu {
-        server: (after.server - before.server) / gb,
-        client: (after.client - before.client) / gb,
-        bench: (after.bench - before.bench) / gb,
+    let mut round = BulkRound {
+        single_dl: mb_per_s(plan.bulk, took),
+        single_ul: 0.0,
+        multi_dl: 0.0,
+        cpu_per_gb: Cpu {
+            server: (after.server - before.server) / gb,
+            client: (after.client - before.client) / gb,
+            bench: (after.bench - before.bench) / gb,
+        },
     };
-    eprintln!("  {label}: single-stream download {:.1} MB/s", f.single_dl);
+    eprintln!(
+        "  {label}: single-stream download {:.1} MB/s",
+        round.single_dl
+    );
 
     let t = Instant::now();
     within(
@@ -744,8 +798,11 @@ async fn bulk(
         v.upload(plan.bulk),
     )
     .await?;
-    f.single_ul = mb_per_s(plan.bulk, t.elapsed());
-    eprintln!("  {label}: single-stream upload {:.1} MB/s", f.single_ul);
+    round.single_ul = mb_per_s(plan.bulk, t.elapsed());
+    eprintln!(
+        "  {label}: single-stream upload {:.1} MB/s",
+        round.single_ul
+    );
 
     let each = plan.bulk / plan.streams as u64;
     let t = Instant::now();
@@ -761,16 +818,20 @@ async fn bulk(
         Ok(())
     };
     within(&format!("{label} {}-stream download", plan.streams), all).await?;
-    f.multi_dl = mb_per_s(each * plan.streams as u64, t.elapsed());
+    round.multi_dl = mb_per_s(each * plan.streams as u64, t.elapsed());
     eprintln!(
         "  {label}: {}-stream download {:.1} MB/s",
-        plan.streams, f.multi_dl
+        plan.streams, round.multi_dl
     );
+    f.rounds.push(round);
 
     procs.check()?;
-    f.udp_drops_bulk = udp_rcvbuf_errors()?.saturating_sub(drops_start);
+    f.udp_drops_bulk += udp_rcvbuf_errors()?.saturating_sub(drops_start);
     if tunnel && peak_reset {
-        f.peak = Some(procs.mem()?);
+        let (server, client) = procs.mem()?;
+        let (max_server, max_client) = f.peak.unwrap_or_default();
+        let higher = |a: Mem, b: Mem| if a.hwm_kib >= b.hwm_kib { a } else { b };
+        f.peak = Some((higher(server, max_server), higher(client, max_client)));
     }
     Ok(())
 }
@@ -806,7 +867,14 @@ async fn latency(plan: &Plan, route: Route, v: &Visitor, f: &mut Figures) -> Res
     Ok(())
 }
 
-async fn conn_rate(plan: &Plan, route: Route, v: &Visitor, f: &mut Figures) -> Res<()> {
+async fn conn_rate(
+    plan: &Plan,
+    route: Route,
+    v: &Visitor,
+    procs: &mut Procs<'_>,
+    f: &mut Figures,
+) -> Res<()> {
+    let before = procs.cpu()?;
     let start = Instant::now();
     let deadline = start + plan.rate_for;
     let mut set = JoinSet::new();
@@ -850,6 +918,13 @@ async fn conn_rate(plan: &Plan, route: Route, v: &Visitor, f: &mut Figures) -> R
     }
     f.conn_rate = ok as f64 / took.as_secs_f64();
     f.conn_failures = bad;
+    let after = procs.cpu()?;
+    let per_conn = |a: f64, b: f64| (a - b) * 1e3 / ok as f64;
+    f.cpu_per_conn = Cpu {
+        server: per_conn(after.server, before.server),
+        client: per_conn(after.client, before.client),
+        bench: per_conn(after.bench, before.bench),
+    };
     eprintln!(
         "  {}: {:.0} new connections/s ({} failed{})",
         route.label(),
@@ -982,16 +1057,25 @@ async fn measure(plan: &Plan, s: &mut Setup) -> Res<Outcome> {
     }
 
     let mut figures: [Figures; 3] = Default::default();
-    eprintln!("bulk transfers ({} MiB)", plan.bulk / MIB);
-    for r in ROUTES {
-        bulk(
-            plan,
-            r,
-            &visitors[r.index()],
-            &mut procs,
-            &mut figures[r.index()],
-        )
-        .await?;
+    eprintln!(
+        "bulk transfers ({} MiB, {} rounds)",
+        plan.bulk / MIB,
+        plan.rounds
+    );
+    for _ in 0..plan.rounds {
+        for r in ROUTES {
+            bulk(
+                plan,
+                r,
+                &visitors[r.index()],
+                &mut procs,
+                &mut figures[r.index()],
+            )
+            .await?;
+        }
+    }
+    for f in &mut figures {
+        f.settle();
     }
     eprintln!("new-connection latency ({} sequential)", plan.latency_conns);
     for r in ROUTES {
@@ -1003,7 +1087,14 @@ async fn measure(plan: &Plan, s: &mut Setup) -> Res<Outcome> {
     );
     for r in ROUTES {
         procs.check()?;
-        conn_rate(plan, r, &visitors[r.index()], &mut figures[r.index()]).await?;
+        conn_rate(
+            plan,
+            r,
+            &visitors[r.index()],
+            &mut procs,
+            &mut figures[r.index()],
+        )
+        .await?;
     }
     eprintln!("idle streams ({})", plan.idle);
     for r in [Route::Passthrough, Route::Terminate] {
@@ -1123,6 +1214,33 @@ fn report(plan: &Plan, o: &Outcome) {
             p.conn_rate / d.conn_rate >= 0.9,
             t.conn_rate / d.conn_rate >= 0.9,
         ),
+    ]);
+    let per_conn = |x: &Figures| x.cpu_per_conn.server + x.cpu_per_conn.client;
+    row([
+        "CPU ms/conn in rate: Server+Client",
+        dash,
+        &format!(
+            "{:.3} ({:.3}+{:.3})",
+            per_conn(p),
+            p.cpu_per_conn.server,
+            p.cpu_per_conn.client
+        ),
+        &format!(
+            "{:.3} ({:.3}+{:.3})",
+            per_conn(t),
+            t.cpu_per_conn.server,
+            t.cpu_per_conn.client
+        ),
+        dash,
+        dash,
+    ]);
+    row([
+        "CPU ms/conn in rate: bench (Vis+backend)",
+        &format!("{:.3}", d.cpu_per_conn.bench),
+        &format!("{:.3}", p.cpu_per_conn.bench),
+        &format!("{:.3}", t.cpu_per_conn.bench),
+        "(reference)",
+        dash,
     ]);
     row([
         "CPU s/GB 1-stream dl: Server",
@@ -1256,6 +1374,11 @@ fn report(plan: &Plan, o: &Outcome) {
         plan.streams,
         plan.bulk / MIB / plan.streams as u64
     );
+    println!(
+        "  bulk figures and CPU per GB: median of {} rounds, paths interleaved; peak RSS: highest round",
+        plan.rounds
+    );
+    println!("  CPU ms/conn: Server and Client CPU in the rate phase per completed connection");
     println!(
         "  latency = fresh TCP + full TLS 1.3 handshake + 1 KiB reply, {} sequential; rate over {:?}",
         plan.latency_conns, plan.rate_for
