@@ -7,7 +7,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use runewarp::config::TlsMode;
 use runewarp::server::admission::Limits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -17,19 +16,13 @@ const UP: Duration = Duration::from_secs(10);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_does_not_block_a_good_visitor_and_is_cut_at_the_5s_deadline() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
-    let backend = EchoBackend::tls(&[APP]).await;
-    let server = TestServer::start(&cert_dir, vec![tunnel(0, &[APP], &[pin])]).await;
-    let client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: None,
-        services: vec![service(0, &[APP], backend.addr, TlsMode::Passthrough)],
-    });
-    server.wait_active(APP, UP).await;
+    let Rig {
+        dir: _dir,
+        backend,
+        server,
+        client,
+        ..
+    } = Rig::up(APP).await;
 
     // 2,000 connections from 8 source addresses, each trickling the start
     // of a ClientHello at 1 byte per second.
@@ -96,10 +89,6 @@ async fn slowloris_does_not_block_a_good_visitor_and_is_cut_at_the_5s_deadline()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturated_limits_refuse_the_newest_and_leave_established_streams_alone() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
-    let backend = EchoBackend::tls(&[APP]).await;
     let limits = Limits {
         client_hello_intake: 6,
         per_source_ip: 3,
@@ -108,15 +97,13 @@ async fn saturated_limits_refuse_the_newest_and_leave_established_streams_alone(
         stream_open_deadline: Duration::from_secs(5),
         routed_streams: 3,
     };
-    let server =
-        TestServer::start_with_limits(&cert_dir, vec![tunnel(0, &[APP], &[pin])], limits).await;
-    let client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: None,
-        services: vec![service(0, &[APP], backend.addr, TlsMode::Passthrough)],
-    });
+    let Rig {
+        dir: _dir,
+        backend,
+        server,
+        client,
+        ..
+    } = Rig::start_with_limits(APP, limits).await;
     server.wait_active(APP, UP).await;
     let cert = backend.cert.clone().unwrap();
 
@@ -193,23 +180,17 @@ async fn saturated_limits_refuse_the_newest_and_leave_established_streams_alone(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_handshake_budget_refuses_new_tunnel_connections() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
-    let backend = EchoBackend::tls(&[APP]).await;
     let limits = Limits {
         quic_handshakes: 0,
         ..Limits::default()
     };
-    let server =
-        TestServer::start_with_limits(&cert_dir, vec![tunnel(0, &[APP], &[pin])], limits).await;
-    let client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: None,
-        services: vec![service(0, &[APP], backend.addr, TlsMode::Passthrough)],
-    });
+    let Rig {
+        dir: _dir,
+        backend: _backend,
+        server,
+        client,
+        ..
+    } = Rig::start_with_limits(APP, limits).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         server.active_id(APP).is_none(),

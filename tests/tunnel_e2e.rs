@@ -18,19 +18,13 @@ const UP: Duration = Duration::from_secs(10);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_moves_64_mib_exactly_and_visitor_sees_backend_certificate() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
-    let backend = EchoBackend::tls(&[APP]).await;
-    let server = TestServer::start(&cert_dir, vec![tunnel(0, &[APP], &[pin])]).await;
-    let client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: None,
-        services: vec![service(0, &[APP], backend.addr, TlsMode::Passthrough)],
-    });
-    server.wait_active(APP, UP).await;
+    let Rig {
+        dir: _dir,
+        backend,
+        server,
+        client,
+        ..
+    } = Rig::up(APP).await;
 
     let backend_cert = backend.cert.clone().unwrap();
     let v = visitor(server.public, APP, std::slice::from_ref(&backend_cert))
@@ -209,13 +203,7 @@ async fn every_drop_rule_closes_the_visitor_within_6s_while_good_traffic_flows()
         ],
     )
     .await;
-    let client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: None,
-        services: vec![service(0, &[APP], backend.addr, TlsMode::Passthrough)],
-    });
+    let client = TestClient::passthrough(server.tunnel, &ca, &id_dir, APP, backend.addr);
     server.wait_active(APP, UP).await;
     let cert = backend.cert.clone().unwrap();
 
@@ -333,24 +321,12 @@ async fn unknown_identity_is_refused_with_access_denied_then_a_pinned_one_is_acc
     assert!(server.active_id(APP).is_none());
 
     // A whole Client with the stranger's identity never gets a tunnel.
-    let stranger = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &bad_dir,
-        public_cert_dir: None,
-        services: vec![service(0, &[APP], backend.addr, TlsMode::Passthrough)],
-    });
+    let stranger = TestClient::passthrough(server.tunnel, &ca, &bad_dir, APP, backend.addr);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(server.active_id(APP).is_none());
     assert_eq!(stranger.status.borrow().connections, 0);
 
-    let client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &good_dir,
-        public_cert_dir: None,
-        services: vec![service(0, &[APP], backend.addr, TlsMode::Passthrough)],
-    });
+    let client = TestClient::passthrough(server.tunnel, &ca, &good_dir, APP, backend.addr);
     server.wait_active(APP, UP).await;
     let v = visitor(server.public, APP, &[backend.cert.clone().unwrap()])
         .await
@@ -374,13 +350,7 @@ async fn a_newer_connection_replaces_the_older_one_in_the_same_tunnel() {
         backend_b.cert.clone().unwrap(),
     ];
     let server = TestServer::start(&cert_dir, vec![tunnel(0, &[APP], &[pin])]).await;
-    let mut a = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: None,
-        services: vec![service(0, &[APP], backend_a.addr, TlsMode::Passthrough)],
-    });
+    let mut a = TestClient::passthrough(server.tunnel, &ca, &id_dir, APP, backend_a.addr);
     let first = server.wait_active(APP, UP).await;
     let va = visitor(server.public, APP, &roots).await.unwrap();
     assert_eq!(
@@ -391,13 +361,7 @@ async fn a_newer_connection_replaces_the_older_one_in_the_same_tunnel() {
 
     // A stream in flight on A while B takes over.
     let (mut in_flight_r, mut in_flight_w) = tokio::io::split(va);
-    let mut b = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: None,
-        services: vec![service(0, &[APP], backend_b.addr, TlsMode::Passthrough)],
-    });
+    let mut b = TestClient::passthrough(server.tunnel, &ca, &id_dir, APP, backend_b.addr);
     b.wait_for(UP, |s| s.connected).await;
     let second = server.wait_active(APP, UP).await;
     assert_ne!(first, second);
@@ -440,13 +404,7 @@ async fn client_reconnects_after_the_server_restarts() {
     let tunnels = vec![tunnel(0, &[APP], &[pin])];
     let server = TestServer::start(&cert_dir, tunnels.clone()).await;
     let (public, tunnel_addr) = (server.public, server.tunnel);
-    let mut client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: None,
-        services: vec![service(0, &[APP], backend.addr, TlsMode::Passthrough)],
-    });
+    let mut client = TestClient::passthrough(server.tunnel, &ca, &id_dir, APP, backend.addr);
     server.wait_active(APP, UP).await;
     server.stop().await;
     client
@@ -473,19 +431,13 @@ async fn client_reconnects_after_the_server_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_visitors_share_one_tunnel_byte_exact() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
-    let backend = EchoBackend::tls(&[APP]).await;
-    let server = TestServer::start(&cert_dir, vec![tunnel(0, &[APP], &[pin])]).await;
-    let client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: None,
-        services: vec![service(0, &[APP], backend.addr, TlsMode::Passthrough)],
-    });
-    server.wait_active(APP, UP).await;
+    let Rig {
+        dir: _dir,
+        backend,
+        server,
+        client,
+        ..
+    } = Rig::up(APP).await;
     let cert = backend.cert.clone().unwrap();
     // Open all 1,000 first, so they are concurrent, then exchange data.
     // Handshakes are paced below the per-source-IP intake limit (256

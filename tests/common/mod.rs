@@ -93,6 +93,46 @@ pub fn service(index: usize, hosts: &[&str], backend: SocketAddr, mode: TlsMode)
     }
 }
 
+/// The set-up most end-to-end tests share: Server material, one Client
+/// identity pinned for Tunnel 0 serving `host`, a TLS echo backend, an
+/// in-process Server and a Client with one passthrough Service.
+pub struct Rig {
+    /// Holds the material; deleted when the rig is dropped.
+    pub dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub backend: EchoBackend,
+    pub server: TestServer,
+    pub client: TestClient,
+}
+
+impl Rig {
+    /// Started with default limits, and the tunnel up for `host`.
+    pub async fn up(host: &str) -> Self {
+        let rig = Self::start_with_limits(host, Limits::default()).await;
+        rig.server.wait_active(host, Duration::from_secs(10)).await;
+        rig
+    }
+
+    /// Started with `limits`, without waiting for the tunnel.
+    pub async fn start_with_limits(host: &str, limits: Limits) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_dir, ca) = server_material(dir.path());
+        let (id_dir, pin) = identity(dir.path(), "client");
+        let backend = EchoBackend::tls(&[host]).await;
+        let server =
+            TestServer::start_with_limits(&cert_dir, vec![tunnel(0, &[host], &[pin])], limits)
+                .await;
+        let client = TestClient::passthrough(server.tunnel, &ca, &id_dir, host, backend.addr);
+        Self {
+            dir,
+            ca,
+            backend,
+            server,
+            client,
+        }
+    }
+}
+
 pub struct TestServer {
     pub public: SocketAddr,
     pub tunnel: SocketAddr,
@@ -213,6 +253,23 @@ pub struct ClientSetup<'a> {
 }
 
 impl TestClient {
+    /// A Client with one passthrough Service for `host` to `backend`.
+    pub fn passthrough(
+        tunnel: SocketAddr,
+        ca: &Path,
+        identity_dir: &Path,
+        host: &str,
+        backend: SocketAddr,
+    ) -> Self {
+        Self::start(ClientSetup {
+            tunnel,
+            ca,
+            identity_dir,
+            public_cert_dir: None,
+            services: vec![service(0, &[host], backend, TlsMode::Passthrough)],
+        })
+    }
+
     pub fn start(s: ClientSetup<'_>) -> Self {
         let config = ClientConfig {
             source: None,
