@@ -54,7 +54,11 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => return config_error(e),
             };
             logging::init(config.log_level);
-            runtime(async move {
+            let workers = match service_workers() {
+                Ok(w) => w,
+                Err(e) => return usage_error(&e),
+            };
+            runtime(Some(workers), async move {
                 let srv = match server::Server::bind(config).await {
                     Ok(s) => s,
                     Err(e) => {
@@ -80,7 +84,11 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => return config_error(e),
             };
             logging::init(config.log_level);
-            runtime(async move {
+            let workers = match service_workers() {
+                Ok(w) => w,
+                Err(e) => return usage_error(&e),
+            };
+            runtime(Some(workers), async move {
                 let c = match client::Client::new(config) {
                     Ok(c) => c,
                     Err(e) => {
@@ -122,7 +130,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => config_error(e),
             }
         }
-        Command::Demo(args) => runtime(demo::run(args)),
+        Command::Demo(args) => runtime(None, demo::run(args)),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "runewarp", &mut std::io::stdout());
@@ -141,17 +149,68 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-fn runtime<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt.block_on(f),
+/// Environment variable that sets the Server's or Client's worker threads
+/// (tokio's own name for it, so it means the same as for other tokio
+/// services on the host).
+const WORKERS_ENV: &str = "TOKIO_WORKER_THREADS";
+
+/// Worker threads for a Server or Client process: `TOKIO_WORKER_THREADS`
+/// if set, otherwise half the CPUs (at least one).
+///
+/// Half, because a tunnel process is mostly kernel I/O plus one QUIC
+/// connection driver per Tunnel connection, which runs on one thread
+/// anyway; the other cores go to the kernel's network processing and, on a
+/// Client host, the Local backends. On the 2-core bench one worker instead
+/// of two cut tunnel CPU by ~15% per GB and ~20% per connection (fewer
+/// cross-thread wake-ups) and raised single-stream throughput.
+fn service_workers() -> Result<(usize, &'static str), String> {
+    match std::env::var(WORKERS_ENV) {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok((n, WORKERS_ENV)),
+            _ => Err(format!(
+                "{WORKERS_ENV}={v:?}: expected a whole number of threads, at least 1"
+            )),
+        },
+        Err(std::env::VarError::NotPresent) => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            Ok((default_workers(cpus), "default"))
+        }
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{WORKERS_ENV}: not valid UTF-8")),
+    }
+}
+
+fn default_workers(cpus: usize) -> usize {
+    (cpus / 2).max(1)
+}
+
+/// Run `f` on a multi-threaded runtime: with `workers` threads when given
+/// (Server, Client), one per CPU otherwise (the demo, which hosts every
+/// role in one process).
+fn runtime<F: std::future::Future<Output = ExitCode>>(
+    workers: Option<(usize, &'static str)>,
+    f: F,
+) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some((n, _)) = workers {
+        builder.worker_threads(n);
+    }
+    match builder.enable_all().build() {
+        Ok(rt) => {
+            if let Some((n, source)) = workers {
+                tracing::info!(event = "runtime_started", worker_threads = n, source);
+            }
+            rt.block_on(f)
+        }
         Err(e) => {
             eprintln!("runewarp: cannot start the async runtime: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("runewarp: {message}");
+    ExitCode::from(EXIT_CONFIG)
 }
 
 fn config_error(e: config::ConfigError) -> ExitCode {
@@ -178,5 +237,18 @@ fn material_result(r: Result<String, tls::material::MaterialError>) -> ExitCode 
             eprintln!("runewarp: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_workers;
+
+    #[test]
+    fn services_default_to_half_the_cpus_and_never_zero() {
+        assert_eq!(default_workers(1), 1);
+        assert_eq!(default_workers(2), 1);
+        assert_eq!(default_workers(3), 1);
+        assert_eq!(default_workers(8), 4);
     }
 }

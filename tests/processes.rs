@@ -130,3 +130,24 @@ fn unknown_flags_are_usage_errors() {
         Some(2)
     );
 }
+
+#[test]
+fn a_bad_worker_thread_count_is_a_usage_error_naming_the_variable() {
+    let home = Home::new();
+    let out = home
+        .cmd()
+        .env("TOKIO_WORKER_THREADS", "two")
+        .args([
+            "client",
+            "--server-address",
+            "localhost:4433",
+            "--backend-address",
+            "127.0.0.1:8443",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TOKIO_WORKER_THREADS=\"two\""), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
