@@ -12,7 +12,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::tunnel::transport::stream_code;
@@ -184,15 +184,35 @@ where
     })
 }
 
+/// Buffer size of one direction of the terminate relay.
+const IO_CHUNK: usize = 16 * 1024;
+
 async fn copy_half<R, W>(r: &mut R, w: &mut W) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; 16 * 1024];
+    // The buffer is held only while data flows: a read that has to wait
+    // gives it back, so an idle stream (a quiet WebSocket, a keep-alive
+    // connection) costs no buffer in either direction.
+    let mut buf: Option<Vec<u8>> = None;
     let mut total = 0u64;
     loop {
-        let n = match r.read(&mut buf).await {
+        let read = std::future::poll_fn(|cx| {
+            let b = buf.get_or_insert_with(|| vec![0u8; IO_CHUNK]);
+            let mut rb = ReadBuf::new(b);
+            match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                std::task::Poll::Pending => {
+                    buf = None;
+                    std::task::Poll::Pending
+                }
+                std::task::Poll::Ready(result) => {
+                    std::task::Poll::Ready(result.map(|()| rb.filled().len()))
+                }
+            }
+        })
+        .await;
+        let n = match read {
             Ok(n) => n,
             // A TLS peer that closed TCP without close_notify (as browsers
             // do) has still said everything: treat it as the end.
@@ -203,7 +223,11 @@ where
             w.shutdown().await?;
             return Ok(total);
         }
-        w.write_all(&buf[..n]).await?;
+        let Some(data) = buf.as_deref() else {
+            // Ready with data implies the buffer is still held.
+            return Err(io::Error::other("relay buffer missing after a read"));
+        };
+        w.write_all(&data[..n]).await?;
         total += n as u64;
     }
 }
@@ -365,6 +389,35 @@ mod tests {
         write_all_chunks(&mut w, &mut c).await.unwrap();
         assert_eq!(w.got.len(), MAX_WRITE_CHUNKS);
         assert_eq!(w.calls, 1);
+    }
+
+    #[tokio::test]
+    async fn relay_io_carries_bursts_after_idle_gaps_and_passes_half_close_on() {
+        use tokio::io::AsyncReadExt;
+        // visitor <-> (a | relay | b) <-> backend
+        let (mut visitor, mut a) = tokio::io::duplex(64 * 1024);
+        let (mut b, mut backend) = tokio::io::duplex(64 * 1024);
+        let relay = tokio::spawn(async move { relay_io(&mut a, &mut b).await });
+        let mut sent = Vec::new();
+        for round in 0..5u8 {
+            // Idle gap: the relay's reads wait (and give their buffers back).
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let burst = vec![round; IO_CHUNK + 100 * usize::from(round)];
+            visitor.write_all(&burst).await.unwrap();
+            sent.extend_from_slice(&burst);
+        }
+        visitor.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, sent, "every byte, in order, then EOF");
+        backend.write_all(b"reply").await.unwrap();
+        backend.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        visitor.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"reply");
+        let moved = relay.await.unwrap().unwrap();
+        assert_eq!(moved.to_tunnel, sent.len() as u64);
+        assert_eq!(moved.from_tunnel, 5);
     }
 
     #[tokio::test]
