@@ -27,10 +27,13 @@ pkgs.testers.runNixOSTest {
     CURL_LONG = "${lib.getExe pkgs.curl} -sS --fail --cacert /etc/runewarp-test/ca.crt"
 
 
+    # 1 MiB/s: the 128 MiB transfer outlives the stop, and what the path
+    # buffered before the cut (several MiB) drains well inside download_cut's
+    # 30 s (at 256 KiB/s a full receive buffer alone could take longer).
     def start_download(name):
         visitor.succeed(f"rm -f /tmp/{name}")
         visitor.succeed(
-            f"systemd-run --unit={name} {CURL_LONG} --limit-rate 256k"
+            f"systemd-run --unit={name} {CURL_LONG} --limit-rate 1m"
             f" -o /tmp/{name} https://app.example.com/big"
         )
         visitor.wait_until_succeeds(f"test $(stat -c %s /tmp/{name}) -gt 262144")
