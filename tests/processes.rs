@@ -98,20 +98,23 @@ fn an_invalid_config_exits_2_naming_key_and_value_before_binding_anything() {
     assert_eq!(check.status.code(), Some(2));
 }
 
+/// A Client run from flags alone, in a home without any material.
+fn bare_client(home: &Home) -> std::process::Command {
+    let mut c = home.cmd();
+    c.args([
+        "client",
+        "--server-address",
+        "localhost:4433",
+        "--backend-address",
+        "127.0.0.1:8443",
+    ]);
+    c
+}
+
 #[test]
 fn a_client_without_identity_says_which_command_creates_it() {
     let home = Home::new();
-    let out = home
-        .cmd()
-        .args([
-            "client",
-            "--server-address",
-            "localhost:4433",
-            "--backend-address",
-            "127.0.0.1:8443",
-        ])
-        .output()
-        .unwrap();
+    let out = bare_client(&home).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("runewarp client identity init"), "{err}");
@@ -134,16 +137,8 @@ fn unknown_flags_are_usage_errors() {
 #[test]
 fn a_bad_worker_thread_count_is_a_usage_error_naming_the_variable() {
     let home = Home::new();
-    let out = home
-        .cmd()
+    let out = bare_client(&home)
         .env("TOKIO_WORKER_THREADS", "two")
-        .args([
-            "client",
-            "--server-address",
-            "localhost:4433",
-            "--backend-address",
-            "127.0.0.1:8443",
-        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
