@@ -53,25 +53,12 @@ pub fn main(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(e),
             };
-            logging::init(config.log_level);
-            let workers = match service_workers() {
-                Ok(w) => w,
-                Err(e) => return usage_error(&e),
-            };
-            runtime(Some(workers), async move {
-                let srv = match server::Server::bind(config).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(event = "server_failed", error = ?e.to_string());
-                        eprintln!("runewarp server: {e}");
-                        return ExitCode::from(EXIT_FAILURE);
-                    }
-                };
-                let (trigger, stop) = shutdown::channel();
-                shutdown::on_signals(trigger);
-                srv.run(stop).await;
-                ExitCode::SUCCESS
-            })
+            serve(
+                "server",
+                config.log_level,
+                server::Server::bind(config),
+                server::Server::run,
+            )
         }
         Command::Client(ClientArgs { command: None, run }) => {
             let overlay = ClientOverlay {
@@ -83,25 +70,12 @@ pub fn main(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(e),
             };
-            logging::init(config.log_level);
-            let workers = match service_workers() {
-                Ok(w) => w,
-                Err(e) => return usage_error(&e),
-            };
-            runtime(Some(workers), async move {
-                let c = match client::Client::new(config) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::error!(event = "client_failed", error = ?e.to_string());
-                        eprintln!("runewarp client: {e}");
-                        return ExitCode::from(EXIT_FAILURE);
-                    }
-                };
-                let (trigger, stop) = shutdown::channel();
-                shutdown::on_signals(trigger);
-                c.run(stop).await;
-                ExitCode::SUCCESS
-            })
+            serve(
+                "client",
+                config.log_level,
+                async move { client::Client::new(config) },
+                client::Client::run,
+            )
         }
         Command::Config(ConfigCommand::Check { role, config }) => {
             let text = match role {
@@ -147,6 +121,46 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         }
     }
+}
+
+/// Run a long-lived role (`server` or `client`): logging at `level`, the
+/// worker threads, the runtime; then `start` it and `run` it until a signal
+/// stops it. A failed start is logged as `<role>_failed` and exits 1.
+fn serve<T, E, Start, Run>(
+    role: &'static str,
+    level: config::LogLevel,
+    start: Start,
+    run: impl FnOnce(T, shutdown::Shutdown) -> Run,
+) -> ExitCode
+where
+    E: std::fmt::Display,
+    Start: std::future::Future<Output = Result<T, E>>,
+    Run: std::future::Future<Output = ()>,
+{
+    logging::init(level);
+    let workers = match service_workers() {
+        Ok(w) => w,
+        Err(e) => return usage_error(&e),
+    };
+    runtime(Some(workers), async move {
+        let service = match start.await {
+            Ok(s) => s,
+            Err(e) => {
+                let event = if role == "server" {
+                    "server_failed"
+                } else {
+                    "client_failed"
+                };
+                tracing::error!(event, error = ?e.to_string());
+                eprintln!("runewarp {role}: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+        let (trigger, stop) = shutdown::channel();
+        shutdown::on_signals(trigger);
+        run(service, stop).await;
+        ExitCode::SUCCESS
+    })
 }
 
 /// Environment variable that sets the Server's or Client's worker threads
