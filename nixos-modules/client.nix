@@ -133,30 +133,9 @@ let
         };
       };
 
-      acmeType = types.submodule {
+      acmeType = rw.acmeType {
         freeformType = settingsFormat.type;
-        options = {
-          email = mkOption {
-            type = types.nullOr types.str;
-            default = null;
-            description = "ACME account contact address.";
-          };
-          state-dir = mkOption {
-            type = types.str;
-            default = "${stateDir}/acme";
-            description = "ACME account and certificate cache.";
-          };
-          directory-url = mkOption {
-            type = types.nullOr types.str;
-            default = null;
-            description = "ACME directory; Let's Encrypt production when null.";
-          };
-          directory-ca-file = mkOption {
-            type = types.nullOr types.str;
-            default = null;
-            description = "Extra trust root for the ACME directory's HTTPS.";
-          };
-        };
+        inherit stateDir;
       };
 
       clientSection = types.submodule {

@@ -153,4 +153,36 @@ rec {
       assertion = value == null || lib.hasPrefix "/" value;
       message = "${prefix}.${key} must be an absolute path (got \"${toString value}\"); relative paths would resolve inside the Nix store.";
     }) paths;
+
+  # The `[server.acme]` / `[client.acme]` table: typed keys for the
+  # documented settings, anything else passed through as TOML. `stateDir`
+  # is the unit's StateDirectory, under which the ACME cache lives.
+  acmeType =
+    { freeformType, stateDir }:
+    lib.types.submodule {
+      inherit freeformType;
+      options = {
+        email = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = null;
+          description = "ACME account contact address.";
+        };
+        state-dir = lib.mkOption {
+          type = lib.types.str;
+          default = "${stateDir}/acme";
+          description = "ACME account and certificate cache (kept under the unit's StateDirectory).";
+        };
+        directory-url = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = null;
+          example = "https://acme-staging-v02.api.letsencrypt.org/directory";
+          description = "ACME directory; Let's Encrypt production when null.";
+        };
+        directory-ca-file = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = null;
+          description = "Extra trust root for the ACME directory's HTTPS (private ACME CAs, Pebble).";
+        };
+      };
+    };
 }

@@ -114,31 +114,9 @@ let
     };
   };
 
-  acmeType = types.submodule {
+  acmeType = rw.acmeType {
     freeformType = settingsFormat.type;
-    options = {
-      email = mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        description = "ACME account contact address.";
-      };
-      state-dir = mkOption {
-        type = types.str;
-        default = "${stateDir}/acme";
-        description = "ACME account and certificate cache (kept under the unit's StateDirectory).";
-      };
-      directory-url = mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        example = "https://acme-staging-v02.api.letsencrypt.org/directory";
-        description = "ACME directory; Let's Encrypt production when null.";
-      };
-      directory-ca-file = mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        description = "Extra trust root for the ACME directory's HTTPS (private ACME CAs, Pebble).";
-      };
-    };
+    inherit stateDir;
   };
 
   serverSection = types.submodule {
