@@ -77,13 +77,7 @@ fn an_invalid_config_exits_2_naming_key_and_value_before_binding_anything() {
             "ab".repeat(32)
         ),
     );
-    let out = home
-        .cmd()
-        .args(["server", "-c", "bad.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr_of(home.cmd().args(["server", "-c", "bad.toml"]), 2);
     assert!(
         err.contains("server.tunnels[0].public-hostnames[0]") && err.contains("*.example.com"),
         "{err}"
@@ -114,9 +108,7 @@ fn bare_client(home: &Home) -> std::process::Command {
 #[test]
 fn a_client_without_identity_says_which_command_creates_it() {
     let home = Home::new();
-    let out = bare_client(&home).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr_of(&mut bare_client(&home), 1);
     assert!(err.contains("runewarp client identity init"), "{err}");
 }
 
@@ -137,12 +129,7 @@ fn unknown_flags_are_usage_errors() {
 #[test]
 fn a_bad_worker_thread_count_is_a_usage_error_naming_the_variable() {
     let home = Home::new();
-    let out = bare_client(&home)
-        .env("TOKIO_WORKER_THREADS", "two")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr_of(bare_client(&home).env("TOKIO_WORKER_THREADS", "two"), 2);
     assert!(err.contains("TOKIO_WORKER_THREADS=\"two\""), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }

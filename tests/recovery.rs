@@ -136,13 +136,7 @@ fn an_untrusted_server_certificate_names_hostname_trust_mode_ca_file_and_error()
 fn a_toml_typo_is_shown_with_line_and_column() {
     let home = Home::new();
     home.write("typo.toml", "[server]\nhostname \"localhost\"\n");
-    let out = home
-        .cmd()
-        .args(["server", "-c", "typo.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr_of(home.cmd().args(["server", "-c", "typo.toml"]), 2);
     assert!(err.contains("typo.toml:2:"), "file and line: {err}");
     assert!(
         err.contains("hostname \"localhost\""),
@@ -158,13 +152,7 @@ fn an_unknown_top_level_key_is_rejected_with_a_suggestion() {
         "log_level = \"debug\"\n[server]\nhostname = \"localhost\"\n[[server.tunnels]]\n\
          public-hostnames = [\"a.example.com\"]\nclient-identity = \"00000000000000000000000000000000000000000000000000000000000000aa\"\n",
     );
-    let out = home
-        .cmd()
-        .args(["server", "-c", "unknown.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr_of(home.cmd().args(["server", "-c", "unknown.toml"]), 2);
     assert!(
         err.contains("log_level") && err.contains("did you mean \"log-level\""),
         "{err}"

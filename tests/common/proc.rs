@@ -39,6 +39,14 @@ pub struct Home {
     pub tunnel: u16,
 }
 
+/// Run `cmd` to completion, check it exited with `code`, return its stderr.
+pub fn stderr_of(cmd: &mut std::process::Command, code: i32) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    err
+}
+
 impl Home {
     pub fn new() -> Self {
         Self {
