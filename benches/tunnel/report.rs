@@ -1,0 +1,304 @@
+//! Prints the figures with their ratios against direct and the targets.
+
+use super::*;
+
+pub(crate) fn verdict(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "MISS" }
+}
+
+pub(crate) fn both(pt: bool, tm: bool) -> String {
+    format!("pt {} / tm {}", verdict(pt), verdict(tm))
+}
+
+pub(crate) fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+pub(crate) fn ratio(x: f64, base: f64) -> String {
+    format!("{x:.1} ({:.2})", x / base)
+}
+
+pub(crate) fn report(plan: &Plan, o: &Outcome) {
+    let [d, p, t] = &o.figures;
+    let mut rows: Vec<[String; 6]> = Vec::new();
+    let mut row = |cells: [&str; 6]| rows.push(cells.map(str::to_string));
+    let dash = "-";
+
+    let title = format!(
+        "runewarp bench (loopback, {} cores{})",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if plan.quick { ", QUICK" } else { "" }
+    );
+    row([
+        &title,
+        "direct",
+        "passthrough (ratio)",
+        "terminate (ratio)",
+        "target",
+        "verdict",
+    ]);
+    let min_ratio = 0.6;
+    row([
+        "single-stream download MB/s",
+        &format!("{:.1}", d.single_dl),
+        &ratio(p.single_dl, d.single_dl),
+        &ratio(t.single_dl, d.single_dl),
+        "pt >= 0.60x direct",
+        verdict(p.single_dl / d.single_dl >= min_ratio),
+    ]);
+    row([
+        "single-stream upload MB/s",
+        &format!("{:.1}", d.single_ul),
+        &ratio(p.single_ul, d.single_ul),
+        &ratio(t.single_ul, d.single_ul),
+        dash,
+        dash,
+    ]);
+    row([
+        &format!("{}-stream aggregate download MB/s", plan.streams),
+        &format!("{:.1}", d.multi_dl),
+        &ratio(p.multi_dl, d.multi_dl),
+        &ratio(t.multi_dl, d.multi_dl),
+        dash,
+        dash,
+    ]);
+    let added = |x: &Figures| x.lat_p50 - d.lat_p50;
+    row([
+        "new-conn latency p50 ms (added)",
+        &format!("{:.3}", d.lat_p50),
+        &format!("{:.3} (+{:.3})", p.lat_p50, added(p)),
+        &format!("{:.3} (+{:.3})", t.lat_p50, added(t)),
+        "added p50 < 0.5 ms",
+        &both(added(p) < 0.5, added(t) < 0.5),
+    ]);
+    row([
+        "new-conn latency p99 ms",
+        &format!("{:.3}", d.lat_p99),
+        &format!("{:.3}", p.lat_p99),
+        &format!("{:.3}", t.lat_p99),
+        dash,
+        dash,
+    ]);
+    row([
+        &format!("new conns/s, {} concurrent", plan.rate_workers),
+        &format!("{:.0}", d.conn_rate),
+        &format!("{:.0} ({:.2})", p.conn_rate, p.conn_rate / d.conn_rate),
+        &format!("{:.0} ({:.2})", t.conn_rate, t.conn_rate / d.conn_rate),
+        ">= 0.90x direct",
+        &both(
+            p.conn_rate / d.conn_rate >= 0.9,
+            t.conn_rate / d.conn_rate >= 0.9,
+        ),
+    ]);
+    let per_conn = |x: &Figures| x.cpu_per_conn.server + x.cpu_per_conn.client;
+    row([
+        "CPU ms/conn in rate: Server+Client",
+        dash,
+        &format!(
+            "{:.3} ({:.3}+{:.3})",
+            per_conn(p),
+            p.cpu_per_conn.server,
+            p.cpu_per_conn.client
+        ),
+        &format!(
+            "{:.3} ({:.3}+{:.3})",
+            per_conn(t),
+            t.cpu_per_conn.server,
+            t.cpu_per_conn.client
+        ),
+        dash,
+        dash,
+    ]);
+    row([
+        "CPU ms/conn in rate: bench (Vis+backend)",
+        &format!("{:.3}", d.cpu_per_conn.bench),
+        &format!("{:.3}", p.cpu_per_conn.bench),
+        &format!("{:.3}", t.cpu_per_conn.bench),
+        "(reference)",
+        dash,
+    ]);
+    row([
+        "CPU s/GB 1-stream dl: Server",
+        dash,
+        &format!("{:.2}", p.cpu_per_gb.server),
+        &format!("{:.2}", t.cpu_per_gb.server),
+        dash,
+        dash,
+    ]);
+    row([
+        "CPU s/GB 1-stream dl: Client",
+        dash,
+        &format!("{:.2}", p.cpu_per_gb.client),
+        &format!("{:.2}", t.cpu_per_gb.client),
+        dash,
+        dash,
+    ]);
+    let sum = |x: &Figures| x.cpu_per_gb.server + x.cpu_per_gb.client;
+    row([
+        "CPU s/GB 1-stream dl: Server+Client",
+        dash,
+        &format!("{:.2}", sum(p)),
+        &format!("{:.2}", sum(t)),
+        "< 3 s/GB",
+        &both(sum(p) < 3.0, sum(t) < 3.0),
+    ]);
+    row([
+        "CPU s/GB 1-stream dl: bench (Vis+backend)",
+        &format!("{:.2}", d.cpu_per_gb.bench),
+        &format!("{:.2}", p.cpu_per_gb.bench),
+        &format!("{:.2}", t.cpu_per_gb.bench),
+        "(reference)",
+        dash,
+    ]);
+    let peak = |x: &Figures, server: bool| {
+        x.peak
+            .map(|(s, c)| mib(if server { s.hwm_kib } else { c.hwm_kib }))
+    };
+    let peak_cell = |x: &Figures, server: bool| {
+        peak(x, server).map_or_else(|| "n/a".to_string(), |m| format!("{m:.1}"))
+    };
+    let peak_ok = |server: bool| {
+        let pt = peak(p, server).is_some_and(|m| m < 32.0);
+        let tm = peak(t, server).is_some_and(|m| m < 32.0);
+        both(pt, tm)
+    };
+    row([
+        "peak RSS MiB during bulk: Server",
+        dash,
+        &peak_cell(p, true),
+        &peak_cell(t, true),
+        "< 32 MiB",
+        &peak_ok(true),
+    ]);
+    row([
+        "peak RSS MiB during bulk: Client",
+        dash,
+        &peak_cell(p, false),
+        &peak_cell(t, false),
+        "< 32 MiB",
+        &peak_ok(false),
+    ]);
+    let idle_cell = |x: &Figures, server: bool| {
+        let short = if x.idle_held < plan.idle {
+            format!(" ({} held!)", x.idle_held)
+        } else {
+            String::new()
+        };
+        x.idle.map_or_else(
+            || "n/a".to_string(),
+            |(s, c)| {
+                let kib = if server { s.rss_kib } else { c.rss_kib };
+                format!("{:.1}{short}", mib(kib))
+            },
+        )
+    };
+    row([
+        &format!("RSS MiB, {} idle streams: Server", plan.idle),
+        dash,
+        &idle_cell(p, true),
+        &idle_cell(t, true),
+        dash,
+        dash,
+    ]);
+    row([
+        &format!("RSS MiB, {} idle streams: Client", plan.idle),
+        dash,
+        &idle_cell(p, false),
+        &idle_cell(t, false),
+        dash,
+        dash,
+    ]);
+    let drops = d.udp_drops_bulk + p.udp_drops_bulk + t.udp_drops_bulk;
+    row([
+        "UDP RcvbufErrors during bulk (delta)",
+        &d.udp_drops_bulk.to_string(),
+        &p.udp_drops_bulk.to_string(),
+        &t.udp_drops_bulk.to_string(),
+        "0",
+        verdict(drops == 0),
+    ]);
+
+    let widths: Vec<usize> = (0..6)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    println!();
+    for (n, r) in rows.iter().enumerate() {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (cell, w))| {
+                if i == 0 {
+                    format!("{cell:<w$}")
+                } else {
+                    format!("{cell:>w$}")
+                }
+            })
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+        if n == 0 {
+            println!("{}", "-".repeat(widths.iter().sum::<usize>() + 2 * 5));
+        }
+    }
+
+    println!();
+    println!("notes:");
+    println!(
+        "  MB = 10^6 bytes, GB = 10^9 payload bytes; single-stream = {} MiB, {}-stream = {} MiB each",
+        plan.bulk / MIB,
+        plan.streams,
+        plan.bulk / MIB / plan.streams as u64
+    );
+    println!(
+        "  bulk figures and CPU per GB: median of {} rounds, paths interleaved; peak RSS: highest round",
+        plan.rounds
+    );
+    println!("  CPU ms/conn: Server and Client CPU in the rate phase per completed connection");
+    println!(
+        "  latency = fresh TCP + full TLS 1.3 handshake + 1 KiB reply, {} sequential; rate over {:?}",
+        plan.latency_conns, plan.rate_for
+    );
+    println!(
+        "  tunnel up {:.0} ms after start; RSS at start: Server {:.1} MiB, Client {:.1} MiB",
+        o.up_after.as_secs_f64() * 1e3,
+        mib(o.start_mem.0.rss_kib),
+        mib(o.start_mem.1.rss_kib)
+    );
+    for (label, x) in [("passthrough", p), ("terminate", t)] {
+        if let Some((s, c)) = x.idle_before {
+            println!(
+                "  {label}: RSS before opening idle streams: Server {:.1} MiB, Client {:.1} MiB; {} of {} opened, {} answered afterwards",
+                mib(s.rss_kib),
+                mib(c.rss_kib),
+                x.idle_held,
+                plan.idle,
+                x.idle_ok,
+            );
+            if let Some(e) = &x.idle_first_err {
+                println!(
+                    "  {label}: WARNING only {} of {} idle streams opened; first error: {e}",
+                    x.idle_held, plan.idle
+                );
+            }
+        }
+    }
+    for (label, x) in [("direct", d), ("passthrough", p), ("terminate", t)] {
+        if x.conn_failures > 0 {
+            println!(
+                "  {label}: {} failed requests in the connection-rate phase",
+                x.conn_failures
+            );
+        }
+    }
+    if !o.peak_reset || p.peak.is_none() || t.peak.is_none() {
+        println!("  peak RSS could not be reset per phase (clear_refs); values may be n/a");
+    }
+    let eof = EOF_WITHOUT_CLOSE_NOTIFY.load(Ordering::Relaxed);
+    if eof > 0 {
+        println!("  {eof} Visitor reads ended with TCP EOF but no TLS close_notify");
+    }
+    println!(
+        "  UDP RcvbufErrors over the whole run: {} (counter is namespace-wide)",
+        o.udp_drops_run
+    );
+}
