@@ -22,6 +22,8 @@ pub enum HostnameError {
     Wildcard,
     #[error("raw Unicode is not allowed; write the punycode (xn--) form")]
     NonAscii,
+    #[error("a bare DNS name is expected, without scheme, port or path (e.g. \"app.example.com\")")]
+    NotBare,
     #[error("label {0:?} is empty or longer than 63 characters")]
     BadLabelLength(String),
     #[error("label {0:?} may contain only a-z, 0-9 and '-', and may not start or end with '-'")]
@@ -39,6 +41,18 @@ pub fn normalize(raw: &str) -> Result<String, HostnameError> {
     }
     if trimmed.contains('*') {
         return Err(HostnameError::Wildcard);
+    }
+    // A URL or host:port pasted where a name belongs: say what is expected
+    // rather than complaining about a label.
+    if trimmed.contains("://") || trimmed.contains('/') {
+        return Err(HostnameError::NotBare);
+    }
+    if let Some((host, port)) = trimmed.rsplit_once(':')
+        && !host.is_empty()
+        && !host.contains(':')
+        && port.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(HostnameError::NotBare);
     }
     if trimmed.parse::<std::net::IpAddr>().is_ok()
         || (trimmed.starts_with('[') && trimmed.ends_with(']'))
@@ -173,10 +187,23 @@ mod tests {
             PublicHostname::parse("a_b.c"),
             Err(HostnameError::BadLabelChars(_))
         ));
-        assert!(matches!(
-            PublicHostname::parse("app.example.com:443"),
-            Err(HostnameError::BadLabelChars(_))
-        ));
+        for pasted in [
+            "app.example.com:443",
+            "https://app.example.com",
+            "https://app.example.com:8443/",
+            "app.example.com/login",
+        ] {
+            assert_eq!(
+                PublicHostname::parse(pasted),
+                Err(HostnameError::NotBare),
+                "{pasted}"
+            );
+        }
+        assert!(
+            HostnameError::NotBare
+                .to_string()
+                .contains("without scheme, port or path")
+        );
         let long = format!("{}.com", "a".repeat(64));
         assert!(matches!(
             PublicHostname::parse(&long),

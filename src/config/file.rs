@@ -333,7 +333,7 @@ fn check_table(table: &DeTable<'_>, level: &Level, out: &mut Vec<Unknown>) {
                 path: format!("{}{name}", level.prefix),
                 place: level.place.clone(),
                 span: key.span(),
-                suggestion: suggest(name, level),
+                suggestion: suggest(name, level, is_table(value.get_ref())),
             });
             continue;
         }
@@ -357,32 +357,53 @@ fn check_table(table: &DeTable<'_>, level: &Level, out: &mut Vec<Unknown>) {
     }
 }
 
-/// A known key close to `unknown`: same ignoring case, a prefix either way,
-/// or within edit distance 3. At the top level, a key that belongs in a
-/// section is pointed there.
-fn suggest(unknown: &str, level: &Level) -> Option<String> {
-    if level.kind == LevelKind::Top {
-        if SERVER_KEYS.contains(&unknown) {
-            return Some(format!("server.{unknown}"));
+/// Whether a value is written as a table header (`[x]` or `[[x]]`).
+fn is_table(value: &DeValue<'_>) -> bool {
+    match value {
+        DeValue::Table(_) => true,
+        DeValue::Array(items) => {
+            !items.is_empty()
+                && items
+                    .iter()
+                    .all(|i| matches!(i.get_ref(), DeValue::Table(_)))
         }
-        if CLIENT_KEYS.contains(&unknown) {
-            return Some(format!("client.{unknown}"));
+        _ => false,
+    }
+}
+
+/// A known key close to `unknown`: same ignoring case, a prefix either way,
+/// or within edit distance 3. Among several, the closest kind of match
+/// wins, then (for a table header) a table over a plain key, then the
+/// smallest edit distance. A key that belongs in another section (at the
+/// top level, or `[server]` and `[client]` mixed up) is pointed there.
+fn suggest(unknown: &str, level: &Level, unknown_is_table: bool) -> Option<String> {
+    let elsewhere = match level.kind {
+        LevelKind::Top => [("server", SERVER_KEYS), ("client", CLIENT_KEYS)].as_slice(),
+        LevelKind::Server => [("client", CLIENT_KEYS)].as_slice(),
+        LevelKind::Client => [("server", SERVER_KEYS)].as_slice(),
+        _ => [].as_slice(),
+    };
+    for (section, keys) in elsewhere {
+        if keys.contains(&unknown) {
+            return Some(format!("{section}.{unknown}"));
         }
     }
     let lower = unknown.to_ascii_lowercase().replace('_', "-");
-    let mut best: Option<(usize, &str)> = None;
+    // (kind of match, table mismatch, edit distance): smaller is closer.
+    let mut best: Option<((u8, bool, usize), &str)> = None;
     for &known in level.known {
-        let score = if lower == known {
+        let distance = levenshtein(&lower, known);
+        let kind = if lower == known {
             0
         } else if lower.len() >= 3 && (known.starts_with(&lower) || lower.starts_with(known)) {
             1
+        } else if distance <= 3 {
+            2
         } else {
-            let distance = levenshtein(&lower, known);
-            if distance > 3 {
-                continue;
-            }
-            distance
+            continue;
         };
+        let known_is_table = level.child(known).is_some() || level.item(known, 0).is_some();
+        let score = (kind, unknown_is_table != known_is_table, distance);
         if best.is_none_or(|(s, _)| score < s) {
             best = Some((score, known));
         }

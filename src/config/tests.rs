@@ -212,6 +212,31 @@ fn unknown_key_in_other_section_is_still_reported() {
 }
 
 #[test]
+fn table_header_typo_suggests_the_table() {
+    // "tunnel" is a prefix of both "tunnels" and "tunnel-bind-address";
+    // a table header must be pointed at the table.
+    let m = server_err(&format!(
+        "[server]\nhostname = \"edge.example.com\"\n[[server.tunnel]]\npublic-hostnames = [\"a.example.com\"]\nclient-identity = \"{ID_A}\"\n"
+    ));
+    assert_has(&m, &["unknown key \"tunnel\"", "did you mean \"tunnels\"?"]);
+    // As a plain key, the closer plain key wins.
+    let m = server_err(&server_body("tunnel-bind-adress = \"0.0.0.0:443\""));
+    assert_has(&m, &["did you mean \"tunnel-bind-address\"?"]);
+}
+
+#[test]
+fn client_key_under_server_points_to_client() {
+    let m = server_err(&server_body("server-address = \"edge.example.com\""));
+    assert_has(
+        &m,
+        &[
+            "unknown key \"server-address\" in [server]",
+            "did you mean \"client.server-address\"?",
+        ],
+    );
+}
+
+#[test]
 fn unknown_key_without_close_match_has_no_suggestion() {
     let m = server_err(&server_body("zzzzzzzzzz = 1"));
     assert_has(&m, &["unknown key \"zzzzzzzzzz\" in [server]"]);
