@@ -32,6 +32,7 @@ use crate::config::{
     ServerConfig, ServerTrust, ServiceConfig, TlsMode, TunnelConfig,
 };
 use crate::hostname::{PublicHostname, ServerHostname};
+use crate::run::EXIT_FAILURE;
 use crate::server::Server;
 use crate::server::registry::{Registry, Route};
 use crate::shutdown::{self, Trigger};
@@ -60,7 +61,6 @@ const TUNNEL_POLL: Duration = Duration::from_millis(10);
 /// a more useful message.
 const TUNNEL_DEADLINE: Duration = Duration::from_secs(9);
 const STEPS: usize = 8;
-const EXIT_FAILURE: u8 = 1;
 
 /// Run the demo; 0 when both Visitor requests were answered as expected.
 pub async fn run(args: DemoArgs) -> ExitCode {
@@ -562,9 +562,9 @@ async fn hop(
     };
     let visit = visitor::visit(public, hostname, trust).await?;
     let shown = &visit.certificate.fingerprint;
-    let holder = if *shown == visitor::fingerprint(&m.backend_cert) {
+    let holder = if *shown == crate::tls::material::fingerprint_sha256(&m.backend_cert) {
         Holder::LocalBackend
-    } else if *shown == visitor::fingerprint(&m.public_leaf) {
+    } else if *shown == crate::tls::material::fingerprint_sha256(&m.public_leaf) {
         Holder::ClientInstance
     } else {
         return Err(

@@ -41,7 +41,7 @@ pub fn print(o: &Overview<'_>, hops: &[Hop]) {
     println!("Material (throw-away, in {})", o.dir.display());
     println!(
         "  Server CA (private)        SHA-256 {}",
-        visitor::fingerprint(&m.server_ca)
+        crate::tls::material::fingerprint_sha256(&m.server_ca)
     );
     println!(
         "                             {}: the Client trusts only this CA for the Tunnel",
@@ -61,7 +61,7 @@ pub fn print(o: &Overview<'_>, hops: &[Hop]) {
     );
     println!(
         "  Public hostname CA         SHA-256 {}",
-        visitor::fingerprint(&m.public_ca)
+        crate::tls::material::fingerprint_sha256(&m.public_ca)
     );
     println!(
         "                             {}: Visitors of terminate Services trust this",
@@ -69,7 +69,7 @@ pub fn print(o: &Overview<'_>, hops: &[Hop]) {
     );
     println!(
         "  Local backend certificate  SHA-256 {}",
-        visitor::fingerprint(&m.backend_cert)
+        crate::tls::material::fingerprint_sha256(&m.backend_cert)
     );
     println!(
         "                             {}: self-signed, its key never leaves the TLS Local backend",

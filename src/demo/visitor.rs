@@ -166,20 +166,8 @@ pub fn summarize(der: &[u8]) -> Result<CertificateSummary, BoxError> {
         issuer: cert.issuer().to_string(),
         self_signed: cert.subject().as_raw() == cert.issuer().as_raw(),
         not_after: cert.validity().not_after.to_string(),
-        fingerprint: fingerprint(der),
+        fingerprint: crate::tls::material::fingerprint_sha256(der),
     })
-}
-
-/// SHA-256 over the DER, as `openssl x509 -noout -fingerprint -sha256`
-/// prints it (uppercase hex pairs joined by colons).
-pub fn fingerprint(der: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    digest
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// A TCP stream that counts the bytes it moves.
