@@ -29,11 +29,17 @@ pub enum Command {
     Demo(DemoArgs),
     /// Print a shell completion script.
     Completions {
+        /// The shell to complete for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff).
-    Man,
+    /// Print the man page runewarp(1) (roff), or write every page.
+    Man {
+        /// Write runewarp(1) and one page per subcommand into this directory
+        /// instead (e.g. share/man/man1).
+        #[arg(long = "out-dir", value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +95,7 @@ pub enum ServerCertCommand {
     Renew {
         #[command(flatten)]
         material: MaterialArgs,
+        /// Server hostname of the new certificate (default: the current one's).
         #[arg(long = "hostname")]
         hostname: Option<String>,
     },
@@ -96,6 +103,7 @@ pub enum ServerCertCommand {
     RotateCa {
         #[command(flatten)]
         material: MaterialArgs,
+        /// Server hostname of the reissued certificate (default: the current one's).
         #[arg(long = "hostname")]
         hostname: Option<String>,
     },
@@ -172,6 +180,7 @@ pub enum PublicCertCommand {
     Renew {
         #[command(flatten)]
         material: MaterialArgs,
+        /// Public hostname whose leaf to reissue (repeatable).
         #[arg(long = "hostname", required = true)]
         hostnames: Vec<String>,
     },
@@ -186,8 +195,10 @@ pub enum PublicCertCommand {
 pub enum ConfigCommand {
     /// Validate a config and print the effective, fully defaulted form.
     Check {
+        /// Which section to validate: the Server's or the Client's.
         #[arg(long, value_enum)]
         role: Role,
+        /// Config file (default: $XDG_CONFIG_HOME/runewarp/config.toml).
         #[arg(short = 'c', long = "config", value_name = "PATH")]
         config: Option<PathBuf>,
     },

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod fsutil;
 pub mod hostname;
 pub mod logging;
+pub mod man;
 pub mod notify;
 pub mod proxy;
 pub mod run;

@@ -107,13 +107,28 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Demo(args) => runtime(None, demo::run(args)),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "runewarp", &mut std::io::stdout());
-            ExitCode::SUCCESS
-        }
-        Command::Man => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "runewarp", &mut script);
+            // A reader that stops early (`| head`) is not an error.
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), &script) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("runewarp completions: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Man { out_dir } => {
+            let result = match out_dir {
+                None => crate::man::render_main(&mut std::io::stdout().lock()),
+                Some(dir) => crate::man::write_all(&dir).map(|pages| {
+                    println!("wrote {} pages in {}", pages.len(), dir.display());
+                }),
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("runewarp man: {e}");
                     ExitCode::from(EXIT_FAILURE)

@@ -126,6 +126,31 @@ fn unknown_flags_are_usage_errors() {
     );
 }
 
+/// `runewarp completions bash | head` and `runewarp man | head`: a reader
+/// that goes away early ends the output quietly, with exit 0.
+#[test]
+fn printing_commands_stop_quietly_when_the_reader_goes_away() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let home = Home::new();
+    for args in [&["completions", "bash"][..], &["man"][..]] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe() fills two new descriptors we then own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // The reader is gone before the first byte is written.
+        drop(read);
+        let out = home
+            .cmd()
+            .args(args)
+            .stdout(std::process::Stdio::from(write))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn a_bad_worker_thread_count_is_a_usage_error_naming_the_variable() {
     let home = Home::new();
