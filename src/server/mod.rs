@@ -118,11 +118,12 @@ impl Server {
                 }
             })?),
         };
+        let admission = Admission::new(limits, config.tunnels.len());
         Ok(Self {
             config: Arc::new(config),
             registry,
             tls,
-            admission: Admission::new(limits),
+            admission,
             public,
             readiness,
             tunnel,
