@@ -168,11 +168,15 @@ async fn a_source_at_its_share_is_refused_alone_and_readiness_stays_open() {
     let mut rounds = 0u8;
     while Instant::now() < until {
         assert!(visitor_from(2, server.public, APP, &cert).await.is_err());
-        let mut extra = connect_from(3, server.public).await.unwrap();
-        assert!(
-            closed_within(&mut extra, Duration::from_millis(500))
+        // (The reset may even beat the end of connect.)
+        let closed = match connect_from(3, server.public).await {
+            Err(_) => true,
+            Ok(mut extra) => closed_within(&mut extra, Duration::from_millis(500))
                 .await
                 .is_some(),
+        };
+        assert!(
+            closed,
             "a third silent connection from one source is closed at once"
         );
         assert!(

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -257,7 +257,14 @@ pub struct Admission {
     logs: [ScopeLog; SCOPES.len()],
     admitting: watch::Sender<bool>,
     closed: AtomicBool,
+    /// Most work in progress since memory was last given back.
+    peak: AtomicUsize,
 }
+
+/// After work in progress reached at least this much and fell back to an
+/// eighth of it (or when a saturated scope recovers), the Server gives
+/// freed heap memory back to the system.
+const RELEASE_AFTER_PEAK: usize = 256;
 
 /// A share of one of the per-key counts, given back on drop.
 #[derive(Debug)]
@@ -317,6 +324,7 @@ impl Admission {
             logs: Default::default(),
             admitting: watch::Sender::new(true),
             closed: AtomicBool::new(false),
+            peak: AtomicUsize::new(0),
             limits,
         })
     }
@@ -469,13 +477,36 @@ impl Admission {
         }
     }
 
+    /// Work in progress: Visitors in intake, handshakes, routed streams.
+    fn in_progress(&self) -> usize {
+        (self.limits.client_hello_intake - self.intake.available_permits())
+            + (self.limits.quic_handshakes - self.handshakes.available_permits())
+            + self.routed_in_flight()
+    }
+
+    /// Once a flood has passed, give the memory it used back to the
+    /// system: the allocator keeps freed memory for reuse, so without this
+    /// a Server's RSS would stay at its highest ever.
+    fn release_memory_after_peak(&self, recovered: bool) {
+        let now = self.in_progress();
+        let peak = self.peak.fetch_max(now, Ordering::Relaxed).max(now);
+        if recovered || (peak >= RELEASE_AFTER_PEAK && now <= peak / 8) {
+            self.peak.store(now, Ordering::Relaxed);
+            let released = release_free_memory();
+            tracing::debug!(event = "memory_released", peak, in_progress = now, released);
+        }
+    }
+
     /// One check of every scope.
     fn check(&self) {
         let mut overloaded = false;
+        let mut recovered = false;
         for scope in SCOPES {
-            let checks = self.review(scope);
+            let (checks, now_recovered) = self.review(scope);
             overloaded |= scope.is_server_wide() && checks >= READINESS_SUSTAIN_CHECKS;
+            recovered |= now_recovered;
         }
+        self.release_memory_after_peak(recovered);
         // Once closed for shutdown the signal never turns back on. Closed
         // on sustained saturation, reopened once no Server-wide pool is
         // saturated any more.
@@ -493,8 +524,9 @@ impl Admission {
     }
 
     /// Log this scope's state change; returns for how many consecutive
-    /// checks it has been saturated (0: not saturated).
-    fn review(&self, scope: Scope) -> u32 {
+    /// checks it has been saturated (0: not saturated), and whether it has
+    /// just recovered.
+    fn review(&self, scope: Scope) -> (u32, bool) {
         let log = &self.logs[scope as usize];
         let refused = log.refused.swap(0, Ordering::Relaxed);
         let mut state = lock(&log.state);
@@ -525,9 +557,23 @@ impl Admission {
                 refused_since_last_warning = state.refused_since_warning,
             );
             *state = ScopeState::default();
+            return (0, true);
         }
-        state.saturated_checks
+        (state.saturated_checks, false)
     }
+}
+
+/// Return freed heap pages to the system (glibc keeps them otherwise).
+/// Returns whether anything was released.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_memory() -> bool {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() -> bool {
+    false
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
