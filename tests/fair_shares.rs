@@ -18,7 +18,6 @@ use runewarp::server::admission::Limits;
 use runewarp::server::registry::Registry;
 use runewarp::shutdown::{self, Trigger};
 use runewarp::tls::material;
-use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -57,15 +56,14 @@ impl ReadyServer {
         };
         let server = Server::bind_with_limits(config, limits).await.unwrap();
         let (trigger, stop) = shutdown::channel();
-        let s = Self {
+        Self {
             public: server.public_addr().unwrap(),
             tunnel: server.tunnel_addr().unwrap(),
             readiness,
             registry: server.registry(),
             trigger,
             task: tokio::spawn(server.run(stop)),
-        };
-        s
+        }
     }
 
     async fn ready(&self) -> bool {
@@ -90,26 +88,6 @@ impl ReadyServer {
             .unwrap()
             .unwrap();
     }
-}
-
-/// A TLS Visitor for `sni` from `127.0.0.<last>`.
-async fn visitor_from(
-    last: u8,
-    public: SocketAddr,
-    sni: &str,
-    root: &CertificateDer<'static>,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut store = rustls::RootCertStore::empty();
-    store.add(root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    let tcp = connect_from(last, public).await?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = ServerName::try_from(sni.to_string()).unwrap();
-    tokio::time::timeout(Duration::from_secs(8), connector.connect(name, tcp))
-        .await
-        .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
 }
 
 async fn echo_once(
@@ -144,13 +122,17 @@ async fn a_source_at_its_share_is_refused_alone_and_readiness_stays_open() {
     // from the same /32 on another port too.
     let mut held = Vec::new();
     for _ in 0..2 {
-        let mut v = visitor_from(2, server.public, APP, &cert).await.unwrap();
+        let mut v = visitor_from(2, server.public, APP, std::slice::from_ref(&cert))
+            .await
+            .unwrap();
         echo_once(&mut v, b"mine").await.unwrap();
         held.push(v);
     }
     let refused = Instant::now();
     assert!(
-        visitor_from(2, server.public, APP, &cert).await.is_err(),
+        visitor_from(2, server.public, APP, std::slice::from_ref(&cert))
+            .await
+            .is_err(),
         "a third stream from one source is refused"
     );
     assert!(refused.elapsed() < Duration::from_secs(1));
@@ -167,7 +149,11 @@ async fn a_source_at_its_share_is_refused_alone_and_readiness_stays_open() {
     let until = Instant::now() + Duration::from_secs(4);
     let mut rounds = 0u8;
     while Instant::now() < until {
-        assert!(visitor_from(2, server.public, APP, &cert).await.is_err());
+        assert!(
+            visitor_from(2, server.public, APP, std::slice::from_ref(&cert))
+                .await
+                .is_err()
+        );
         // (The reset may even beat the end of connect.)
         let closed = match connect_from(3, server.public).await {
             Err(_) => true,
@@ -183,9 +169,14 @@ async fn a_source_at_its_share_is_refused_alone_and_readiness_stays_open() {
             server.ready().await,
             "one source at its cap must not close readiness"
         );
-        let mut good = visitor_from(4 + rounds % 50, server.public, APP, &cert)
-            .await
-            .unwrap();
+        let mut good = visitor_from(
+            4 + rounds % 50,
+            server.public,
+            APP,
+            std::slice::from_ref(&cert),
+        )
+        .await
+        .unwrap();
         echo_once(&mut good, b"good").await.unwrap();
         rounds += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -197,7 +188,9 @@ async fn a_source_at_its_share_is_refused_alone_and_readiness_stays_open() {
     // Its share comes back when its streams end.
     drop(held);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut again = visitor_from(2, server.public, APP, &cert).await.unwrap();
+    let mut again = visitor_from(2, server.public, APP, std::slice::from_ref(&cert))
+        .await
+        .unwrap();
     echo_once(&mut again, b"again").await.unwrap();
     drop(silent);
     client.stop().await;
@@ -225,7 +218,11 @@ async fn readiness_closes_only_on_sustained_saturation_of_a_server_wide_pool() {
     // Fill the Server-wide pool of routed streams from two sources.
     let mut held = Vec::new();
     for last in [2, 2, 3] {
-        held.push(visitor_from(last, server.public, APP, &cert).await.unwrap());
+        held.push(
+            visitor_from(last, server.public, APP, std::slice::from_ref(&cert))
+                .await
+                .unwrap(),
+        );
     }
     for v in held.iter_mut() {
         echo_once(v, b"x").await.unwrap();
@@ -237,7 +234,11 @@ async fn readiness_closes_only_on_sustained_saturation_of_a_server_wide_pool() {
     let watch_end = burst_end + Duration::from_secs(2);
     while Instant::now() < watch_end {
         if Instant::now() < burst_end {
-            assert!(visitor_from(4, server.public, APP, &cert).await.is_err());
+            assert!(
+                visitor_from(4, server.public, APP, std::slice::from_ref(&cert))
+                    .await
+                    .is_err()
+            );
         }
         assert!(
             server.ready().await,
@@ -249,7 +250,11 @@ async fn readiness_closes_only_on_sustained_saturation_of_a_server_wide_pool() {
     // Sustained refusals: readiness closes.
     let started = Instant::now();
     loop {
-        assert!(visitor_from(4, server.public, APP, &cert).await.is_err());
+        assert!(
+            visitor_from(4, server.public, APP, std::slice::from_ref(&cert))
+                .await
+                .is_err()
+        );
         if !server.ready().await {
             break;
         }
@@ -273,7 +278,9 @@ async fn readiness_closes_only_on_sustained_saturation_of_a_server_wide_pool() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut v = visitor_from(5, server.public, APP, &cert).await.unwrap();
+    let mut v = visitor_from(5, server.public, APP, std::slice::from_ref(&cert))
+        .await
+        .unwrap();
     echo_once(&mut v, b"back").await.unwrap();
     client.stop().await;
     server.stop().await;
@@ -347,7 +354,9 @@ async fn one_tunnels_pending_flood_does_not_starve_another_tunnel() {
 
     // Tunnel 1 is served at once meanwhile.
     let started = Instant::now();
-    let mut v = visitor_from(30, server.public, OTHER, &cert).await.unwrap();
+    let mut v = visitor_from(30, server.public, OTHER, std::slice::from_ref(&cert))
+        .await
+        .unwrap();
     echo_once(&mut v, b"not starved").await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(1));
     drop(flood);
