@@ -259,11 +259,13 @@ pub struct Admission {
     closed: AtomicBool,
     /// Most work in progress since memory was last given back.
     peak: AtomicUsize,
+    /// A saturated scope recovered: give memory back once work drained.
+    release_due: AtomicBool,
 }
 
-/// After work in progress reached at least this much and fell back to an
-/// eighth of it (or when a saturated scope recovers), the Server gives
-/// freed heap memory back to the system.
+/// After work in progress reached at least this much (or a saturated
+/// scope recovered) and then fell back to an eighth of its peak, the
+/// Server gives freed heap memory back to the system.
 const RELEASE_AFTER_PEAK: usize = 256;
 
 /// A share of one of the per-key counts, given back on drop.
@@ -325,6 +327,7 @@ impl Admission {
             admitting: watch::Sender::new(true),
             closed: AtomicBool::new(false),
             peak: AtomicUsize::new(0),
+            release_due: AtomicBool::new(false),
             limits,
         })
     }
@@ -488,9 +491,18 @@ impl Admission {
     /// system: the allocator keeps freed memory for reuse, so without this
     /// a Server's RSS would stay at its highest ever.
     fn release_memory_after_peak(&self, recovered: bool) {
+        if recovered {
+            self.release_due.store(true, Ordering::Relaxed);
+        }
         let now = self.in_progress();
         let peak = self.peak.fetch_max(now, Ordering::Relaxed).max(now);
-        if recovered || (peak >= RELEASE_AFTER_PEAK && now <= peak / 8) {
+        // Once the work has drained, not while the last of it still holds
+        // its memory.
+        if now > peak / 8 {
+            return;
+        }
+        let due = self.release_due.swap(false, Ordering::Relaxed);
+        if due || peak >= RELEASE_AFTER_PEAK {
             self.peak.store(now, Ordering::Relaxed);
             let released = release_free_memory();
             tracing::debug!(event = "memory_released", peak, in_progress = now, released);
