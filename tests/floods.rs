@@ -17,6 +17,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The floods run one at a time: each measures latency and memory, which
+/// another flood on the same cores would distort.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Info/warn/error lines of a log.
 fn loud_lines(log: &str) -> Vec<&str> {
     log.lines()
@@ -169,6 +173,7 @@ fn setup() -> Setup {
 
 #[test]
 fn an_initial_flood_does_not_keep_a_restarted_client_out() {
+    let _serial = SERIAL.blocking_lock();
     let Setup {
         home,
         backend,
@@ -291,6 +296,7 @@ async fn probe_handshakes(home: &Home, tunnel: SocketAddr, n: usize) -> Vec<Dura
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_slowloris_floods_leave_visitors_memory_and_descriptors_alone() {
+    let _serial = SERIAL.lock().await;
     let Setup {
         home,
         backend,
@@ -412,6 +418,7 @@ fn server_roots(home: &Home) -> rustls::RootCertStore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unknown_keys_logs_a_bounded_number_of_lines_naming_the_claimed_identity() {
+    let _serial = SERIAL.lock().await;
     runewarp::tls::install_crypto_provider();
     let home = Home::new();
     home.server_material();
@@ -470,6 +477,7 @@ async fn a_flood_of_unknown_keys_logs_a_bounded_number_of_lines_naming_the_claim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_fighting_over_a_tunnel_replace_at_a_bounded_rate_and_are_logged_once() {
+    let _serial = SERIAL.lock().await;
     runewarp::tls::install_crypto_provider();
     let home = Home::new();
     home.server_material();
