@@ -73,6 +73,94 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimit<K> {
     }
 }
 
+/// A Server-wide token bucket for one log event that an unauthenticated
+/// party can trigger: up to [`LOG_BUDGET_BURST`] lines at once, then one
+/// per [`LOG_BUDGET_REFILL`]. However many addresses or keys a flood uses,
+/// the event costs at most that many lines; each line that gets through
+/// carries the number suppressed before it.
+#[derive(Debug)]
+pub struct LogBudget {
+    burst: u64,
+    refill: std::time::Duration,
+    state: std::sync::Mutex<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    tokens: u64,
+    /// When `tokens` was last topped up; `None` before the first use.
+    since: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+/// Lines a [`LogBudget`] lets through at once.
+pub const LOG_BUDGET_BURST: u64 = 10;
+/// A [`LogBudget`] earns one more line per this interval.
+pub const LOG_BUDGET_REFILL: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl LogBudget {
+    pub const fn new(burst: u64, refill: std::time::Duration) -> Self {
+        Self {
+            burst,
+            refill,
+            state: std::sync::Mutex::new(BudgetState {
+                tokens: burst,
+                since: None,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// The production budget.
+    pub const fn standard() -> Self {
+        Self::new(LOG_BUDGET_BURST, LOG_BUDGET_REFILL)
+    }
+
+    /// `Some(suppressed)` if a line may be logged now, with the number of
+    /// lines suppressed since the last one; `None` otherwise.
+    pub fn allow(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let since = *s.since.get_or_insert(now);
+        let refill = self.refill.as_nanos().max(1);
+        let earned = (now.duration_since(since).as_nanos() / refill) as u64;
+        if earned > 0 {
+            s.tokens = s.tokens.saturating_add(earned).min(self.burst);
+            s.since = Some(if s.tokens == self.burst {
+                now
+            } else {
+                since + self.refill * earned as u32
+            });
+        }
+        if s.tokens == 0 {
+            s.suppressed += 1;
+            return None;
+        }
+        s.tokens -= 1;
+        Some(std::mem::take(&mut s.suppressed))
+    }
+
+    /// Count a line that was suppressed for another reason (e.g. a
+    /// per-key [`RateLimit`]), so the next line reports it too.
+    pub fn suppressed(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.suppressed += 1;
+    }
+}
+
+/// Server-wide budgets, one per event an unauthenticated party can
+/// trigger at `info` or `warn`.
+pub mod budget {
+    use super::LogBudget;
+
+    /// `tunnel_refused reason="unknown_identity"` (any key can be offered).
+    pub static UNKNOWN_IDENTITY: LogBudget = LogBudget::standard();
+    /// `acme_challenge_answered` (anyone can send the ACME ALPN).
+    pub static ACME_CHALLENGE: LogBudget = LogBudget::standard();
+    /// `accept_failed` (a connection flood can exhaust descriptors).
+    pub static ACCEPT_FAILED: LogBudget = LogBudget::standard();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +175,26 @@ mod tests {
         assert_eq!(r.allow(&"b"), Some(0), "keys are independent");
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(r.allow(&"a"), Some(2), "reports what it suppressed");
+    }
+
+    #[test]
+    fn a_budget_lets_a_burst_through_then_one_line_per_refill() {
+        let b = LogBudget::new(3, Duration::from_millis(100));
+        assert_eq!(b.allow(), Some(0));
+        assert_eq!(b.allow(), Some(0));
+        assert_eq!(b.allow(), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(b.allow(), None, "a flood gets nothing more");
+        }
+        b.suppressed();
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(b.allow(), Some(1001), "reports what it suppressed");
+        assert_eq!(b.allow(), None);
+        std::thread::sleep(Duration::from_millis(450));
+        let mut through = 0;
+        while b.allow().is_some() {
+            through += 1;
+        }
+        assert_eq!(through, 3, "refills up to the burst, no more");
     }
 }

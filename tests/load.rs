@@ -96,6 +96,7 @@ async fn saturated_limits_refuse_the_newest_and_leave_established_streams_alone(
         pending_stream_opens: 4,
         stream_open_deadline: Duration::from_secs(5),
         routed_streams: 3,
+        ..Limits::default()
     };
     let Rig {
         dir: _dir,

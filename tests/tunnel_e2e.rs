@@ -440,8 +440,9 @@ async fn a_thousand_concurrent_visitors_share_one_tunnel_byte_exact() {
     } = Rig::up(APP).await;
     let cert = backend.cert.clone().unwrap();
     // Open all 1,000 first, so they are concurrent, then exchange data.
-    // Handshakes are paced below the per-source-IP intake limit (256
-    // ClientHellos at once from one address), which all these share.
+    // They come from 16 addresses (≤ 63 each, under the 128 streams one
+    // source may hold), and handshakes are paced below the per-source
+    // intake limit (256 ClientHellos at once from one address).
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(1000));
     let pacing = std::sync::Arc::new(tokio::sync::Semaphore::new(128));
     let mut tasks = Vec::new();
@@ -452,7 +453,7 @@ async fn a_thousand_concurrent_visitors_share_one_tunnel_byte_exact() {
         let public = server.public;
         tasks.push(tokio::spawn(async move {
             let handshake = pacing.acquire().await.unwrap();
-            let v = visitor(public, APP, &[cert])
+            let v = visitor_from(2 + (i % 16) as u8, public, APP, &[cert])
                 .await
                 .expect("visitor connects");
             drop(handshake);

@@ -101,13 +101,11 @@ impl Server {
                 addr: config.tunnel_bind_address,
                 error,
             })?;
-        let public = tokio::net::TcpListener::bind(config.public_bind_address)
-            .await
-            .map_err(|error| ServerError::Bind {
-                what: "public listener (TCP)",
-                addr: config.public_bind_address,
-                error,
-            })?;
+        let public = listen(config.public_bind_address).map_err(|error| ServerError::Bind {
+            what: "public listener (TCP)",
+            addr: config.public_bind_address,
+            error,
+        })?;
         let readiness = match config.readiness_bind_address {
             None => None,
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|error| {
@@ -118,11 +116,12 @@ impl Server {
                 }
             })?),
         };
+        let admission = Admission::new(limits, config.tunnels.len());
         Ok(Self {
             config: Arc::new(config),
             registry,
             tls,
-            admission: Admission::new(limits),
+            admission,
             public,
             readiness,
             tunnel,
@@ -227,6 +226,23 @@ impl Server {
         let _ = tokio::time::timeout(CLOSE_FLUSH, tunnel.wait_idle()).await;
         tracing::info!(event = "server_stopped", drained, streams_cut = left);
     }
+}
+
+/// Accept queue of the public listener. A burst of connections beyond it
+/// has SYNs dropped and retried by the kernel after a second, good
+/// Visitors' included; the kernel caps it at `net.core.somaxconn` (4,096
+/// by default since Linux 5.4).
+const PUBLIC_BACKLOG: u32 = 4096;
+
+/// Bind the public listener (`SO_REUSEADDR`, as tokio's `bind` does).
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(PUBLIC_BACKLOG)
 }
 
 /// Wait until no Visitor stream is relayed any more, or `window` passed.

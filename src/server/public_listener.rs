@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::ServerConfig;
 use crate::hostname::wire_lookup_key;
+use crate::logging::budget;
 use crate::proxy;
 use crate::server::admission::{Admission, IntakePermit};
 use crate::server::registry::{Registry, Route};
@@ -64,7 +65,9 @@ pub async fn serve(
             Err(error) => {
                 // EMFILE, ENFILE, ENOBUFS...: back off instead of spinning.
                 let delay = backoff.next();
-                tracing::warn!(event = "accept_failed", listener = "public", error = ?error.to_string(), retry_in_ms = delay.as_millis() as u64);
+                if let Some(suppressed) = budget::ACCEPT_FAILED.allow() {
+                    tracing::warn!(event = "accept_failed", listener = "public", error = ?error.to_string(), retry_in_ms = delay.as_millis() as u64, suppressed);
+                }
                 tokio::time::sleep(delay).await;
             }
         }
@@ -215,7 +218,9 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
         // hostname, and only when the Server itself runs ACME.
         if let Some(challenge) = acme_challenge.filter(|_| acme::is_challenge_alpn(&info.alpn)) {
             let result = acme::answer_challenge(challenge, hello.into(), tcp).await;
-            tracing::info!(event = "acme_challenge_answered", hostname = %key, %peer, result = result.err().unwrap_or("ok"));
+            if let Some(suppressed) = budget::ACME_CHALLENGE.allow() {
+                tracing::info!(event = "acme_challenge_answered", hostname = %key, %peer, result = result.err().unwrap_or("ok"), suppressed);
+            }
             return;
         }
         return dropped(&tcp, Some(&key), DropReason::ServerHostname);
@@ -230,11 +235,11 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
         }
         Route::Active(tc) => tc,
     };
-    let Ok(_routed) = admission.routed_stream() else {
+    let Ok(_routed) = admission.routed_stream(peer.ip()) else {
         return dropped(&tcp, Some(&key), DropReason::Overloaded);
     };
     let opened = {
-        let Ok(_opening) = admission.stream_open() else {
+        let Ok(_opening) = admission.stream_open(tc.tunnel) else {
             return dropped(&tcp, Some(&key), DropReason::Overloaded);
         };
         tokio::time::timeout(admission.limits().stream_open_deadline, tc.conn.open_bi()).await

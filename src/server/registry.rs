@@ -4,13 +4,16 @@
 //! Public hostname → Tunnel, Client identity → Tunnel. Each Tunnel has at
 //! most one active Tunnel connection; a newer authenticated connection
 //! replaces the older one, which is closed once its in-flight streams end
-//! or after a short grace.
+//! or after a short grace. Replacements of one Tunnel's connection are at
+//! least [`MIN_REPLACEMENT_INTERVAL`] apart: a newer connection arriving
+//! sooner waits (it is not refused), so two instances that keep taking
+//! the Tunnel from each other flap at a bounded rate.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -20,6 +23,13 @@ use crate::tls::client_identity::ClientIdentity;
 
 /// How long a replaced connection may keep serving its in-flight streams.
 pub const REPLACEMENT_GRACE: Duration = Duration::from_secs(5);
+
+/// Least time between two replacements of one Tunnel's connection.
+pub const MIN_REPLACEMENT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Two replacements in opposite directions between the same two peers
+/// within this time make a flapping pair.
+pub const FLAP_WINDOW: Duration = Duration::from_secs(5 * 60);
 
 /// One authenticated Tunnel connection.
 #[derive(Debug)]
@@ -88,7 +98,44 @@ pub enum Route {
 
 #[derive(Debug, Default)]
 struct Slot {
-    active: Mutex<Option<Arc<TunnelConnection>>>,
+    active: Mutex<SlotState>,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    active: Option<Arc<TunnelConnection>>,
+    /// The last replacement: when, and (old peer, new peer).
+    last_replacement: Option<(Instant, SocketAddr, SocketAddr)>,
+    /// The newest connection waiting for [`MIN_REPLACEMENT_INTERVAL`].
+    waiting: Option<u64>,
+    /// The flapping pair last logged (lower address first).
+    flapping: Option<(SocketAddr, SocketAddr)>,
+}
+
+/// What [`Registry::install`] did.
+#[derive(Debug)]
+pub enum Install {
+    /// The connection is now the active one of its Tunnel.
+    Installed {
+        replaced: Option<Arc<TunnelConnection>>,
+        /// The replacement reversed the previous one between the same two
+        /// peers.
+        flapping: Option<Flapping>,
+    },
+    /// The Tunnel's connection was replaced too recently: try again after
+    /// this long.
+    Wait(Duration),
+    /// A newer connection of the same Tunnel is waiting: this one will not
+    /// be installed.
+    Superseded,
+}
+
+/// A pair of peers taking a Tunnel from each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flapping {
+    pub peers: (SocketAddr, SocketAddr),
+    /// First time this pair is seen flapping (log it once).
+    pub first: bool,
 }
 
 #[derive(Debug)]
@@ -133,22 +180,21 @@ impl Registry {
         let Some(&tunnel) = self.routes.get(key) else {
             return Route::Unknown;
         };
-        match lock(&self.slots[tunnel].active).clone() {
+        match lock(&self.slots[tunnel].active).active.clone() {
             Some(c) => Route::Active(c),
             None => Route::NoConnection { tunnel },
         }
     }
 
-    /// Make `conn` the active connection of `tunnel`; returns the one it
-    /// replaced, if any.
-    pub fn install(
+    /// An authenticated connection of `tunnel`, not yet installed.
+    pub fn connection(
         &self,
         tunnel: usize,
         identity: ClientIdentity,
         peer: SocketAddr,
         conn: quinn::Connection,
-    ) -> (Arc<TunnelConnection>, Option<Arc<TunnelConnection>>) {
-        let tc = Arc::new(TunnelConnection {
+    ) -> Arc<TunnelConnection> {
+        Arc::new(TunnelConnection {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             tunnel,
             identity,
@@ -156,17 +202,65 @@ impl Registry {
             conn,
             streams: AtomicUsize::new(0),
             idle: Notify::new(),
-        });
-        let old = lock(&self.slots[tunnel].active).replace(tc.clone());
-        (tc, old)
+        })
     }
 
-    /// Forget `tc` if it is still the active connection of its Tunnel.
-    /// Returns whether it was.
+    /// Make `tc` the active connection of its Tunnel, unless the Tunnel's
+    /// connection was replaced less than [`MIN_REPLACEMENT_INTERVAL`] ago
+    /// ([`Install::Wait`]) or a newer connection waits for that
+    /// ([`Install::Superseded`]).
+    pub fn install(&self, tc: &Arc<TunnelConnection>) -> Install {
+        let now = Instant::now();
+        let mut slot = lock(&self.slots[tc.tunnel].active);
+        if slot.waiting.is_some_and(|w| w > tc.id) {
+            return Install::Superseded;
+        }
+        let Some(old) = slot.active.clone() else {
+            slot.waiting = None;
+            slot.active = Some(tc.clone());
+            return Install::Installed {
+                replaced: None,
+                flapping: None,
+            };
+        };
+        if let Some((at, _, _)) = slot.last_replacement {
+            let next = at + MIN_REPLACEMENT_INTERVAL;
+            if now < next {
+                slot.waiting = Some(tc.id);
+                return Install::Wait(next - now);
+            }
+        }
+        let reversed = slot.last_replacement.is_some_and(|(at, from, to)| {
+            now.duration_since(at) < FLAP_WINDOW && from == tc.peer && to == old.peer
+        });
+        let flapping = reversed.then(|| {
+            let peers = if old.peer <= tc.peer {
+                (old.peer, tc.peer)
+            } else {
+                (tc.peer, old.peer)
+            };
+            let first = slot.flapping != Some(peers);
+            slot.flapping = Some(peers);
+            Flapping { peers, first }
+        });
+        slot.last_replacement = Some((now, old.peer, tc.peer));
+        slot.waiting = None;
+        slot.active = Some(tc.clone());
+        Install::Installed {
+            replaced: Some(old),
+            flapping,
+        }
+    }
+
+    /// Forget `tc` if it is still the active connection of its Tunnel (or
+    /// the one waiting to become it). Returns whether it was active.
     pub fn remove(&self, tc: &TunnelConnection) -> bool {
         let mut slot = lock(&self.slots[tc.tunnel].active);
-        if slot.as_ref().is_some_and(|a| a.id == tc.id) {
-            *slot = None;
+        if slot.waiting == Some(tc.id) {
+            slot.waiting = None;
+        }
+        if slot.active.as_ref().is_some_and(|a| a.id == tc.id) {
+            slot.active = None;
             true
         } else {
             false
@@ -177,7 +271,7 @@ impl Registry {
     pub fn active(&self) -> Vec<Arc<TunnelConnection>> {
         self.slots
             .iter()
-            .filter_map(|s| lock(&s.active).clone())
+            .filter_map(|s| lock(&s.active).active.clone())
             .collect()
     }
 }

@@ -1,13 +1,36 @@
 //! The tunnel listener: accepts QUIC connections from Client instances,
 //! authenticates them by pinned identity (in the TLS handshake) and makes
 //! each the active connection of its Tunnel.
+//!
+//! Handshake admission: while few handshakes are in progress every Initial
+//! gets one; beyond [`Limits::handshake_retry_above`] an address QUIC has
+//! not validated gets a Retry first, so spoofed or never-completed Initials
+//! cannot hold the handshake slots that restarted Clients need. Validated
+//! addresses are capped per source.
+//!
+//! [`Limits::handshake_retry_above`]: crate::server::admission::Limits::handshake_retry_above
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use crate::server::admission::Admission;
-use crate::server::registry::{REPLACEMENT_GRACE, Registry, TunnelConnection};
+use crate::server::admission::{Admission, HandshakePermit, Scope};
+use crate::server::registry::{Install, REPLACEMENT_GRACE, Registry, TunnelConnection};
 use crate::shutdown::Shutdown;
-use crate::tunnel::transport::{self, HANDSHAKE_DEADLINE, TunnelTls, close_code};
+use crate::tunnel::transport::{self, TunnelTls, close_code};
+
+/// How often failed handshakes are summarised at `info`.
+pub const HANDSHAKE_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Failed handshakes since the last summary (per-handshake lines are
+/// debug: anyone can start a handshake).
+#[derive(Debug, Default)]
+struct Failures {
+    timeout: AtomicU64,
+    failed: AtomicU64,
+    refused: AtomicU64,
+    retried: AtomicU64,
+}
 
 pub async fn serve(
     endpoint: quinn::Endpoint,
@@ -16,20 +39,39 @@ pub async fn serve(
     admission: Arc<Admission>,
     mut shutdown: Shutdown,
 ) {
+    let failures = Arc::new(Failures::default());
+    let summary = tokio::spawn(summarise(failures.clone()));
+    let _summary = AbortOnDrop(summary);
     loop {
         let incoming = tokio::select! {
             _ = shutdown.wait() => return,
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { return };
-        // Too many handshakes in progress: refuse the newest.
-        let Ok(permit) = admission.handshake() else {
-            incoming.refuse();
-            continue;
+        let peer = incoming.remote_address();
+        let validated = incoming.remote_address_validated();
+        let permit = match admission.handshake(peer.ip(), validated) {
+            Ok(permit) => permit,
+            Err(Scope::UnvalidatedHandshakes) if incoming.may_retry() => {
+                // Costs one small packet and no state: a real Client
+                // answers with the token and comes back validated.
+                failures.retried.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
+            Err(_) => {
+                // Too many handshakes in progress: refuse the newest.
+                failures.refused.fetch_add(1, Ordering::Relaxed);
+                incoming.refuse();
+                continue;
+            }
         };
-        let (tls, registry) = (tls.clone(), registry.clone());
+        let (tls, registry, failures) = (tls.clone(), registry.clone(), failures.clone());
+        let deadline = admission.limits().handshake_deadline;
         tokio::spawn(async move {
-            handshake(incoming, tls, registry, permit).await;
+            handshake(incoming, tls, registry, permit, deadline, failures).await;
         });
     }
 }
@@ -38,7 +80,9 @@ async fn handshake(
     incoming: quinn::Incoming,
     tls: Arc<TunnelTls>,
     registry: Arc<Registry>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: HandshakePermit,
+    deadline: Duration,
+    failures: Arc<Failures>,
 ) {
     let peer = incoming.remote_address();
     let config = match tls.config(Some(peer)) {
@@ -56,16 +100,18 @@ async fn handshake(
             return;
         }
     };
-    let conn = match tokio::time::timeout(HANDSHAKE_DEADLINE, connecting).await {
+    let conn = match tokio::time::timeout(deadline, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(error)) => {
             // Refused identities were already logged (rate-limited) by the
             // verifier; other failures (scanners, wrong ALPN) are noise.
+            failures.failed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(event = "tunnel_handshake_failed", %peer, error = ?error.to_string());
             return;
         }
         Err(_) => {
-            tracing::info!(event = "tunnel_refused", %peer, reason = "handshake_timeout");
+            failures.timeout.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(event = "tunnel_refused", %peer, reason = "handshake_timeout");
             return;
         }
     };
@@ -80,19 +126,63 @@ async fn handshake(
         return;
     };
     drop(permit);
-    let (tc, replaced) = registry.install(tunnel, identity, peer, conn);
+    let tc = registry.connection(tunnel, identity, peer, conn);
+    let (replaced, flapping) = loop {
+        match registry.install(&tc) {
+            Install::Installed { replaced, flapping } => break (replaced, flapping),
+            Install::Wait(delay) => {
+                tracing::debug!(
+                    event = "tunnel_replacement_deferred",
+                    tunnel,
+                    %identity,
+                    %peer,
+                    connection = tc.id,
+                    wait_ms = delay.as_millis() as u64,
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = tc.conn.closed() => {
+                        registry.remove(&tc);
+                        tracing::debug!(event = "tunnel_closed", tunnel, %identity, %peer, connection = tc.id, reason = "closed_while_waiting");
+                        return;
+                    }
+                }
+            }
+            Install::Superseded => {
+                tc.conn
+                    .close(close_code::REPLACED, b"replaced by a newer connection");
+                tracing::debug!(event = "tunnel_superseded", tunnel, %identity, %peer, connection = tc.id);
+                return;
+            }
+        }
+    };
     tracing::info!(event = "tunnel_connected", tunnel, %identity, %peer, connection = tc.id);
-    if let Some(old) = replaced {
-        tracing::info!(
-            event = "tunnel_replaced",
+    if let Some(flap) = flapping.filter(|f| f.first) {
+        tracing::warn!(
+            event = "tunnel_flapping",
             tunnel,
             %identity,
-            old_peer = %old.peer,
-            new_peer = %peer,
-            old_connection = old.id,
-            new_connection = tc.id,
-            streams_in_flight = old.streams_in_flight(),
+            peer_a = %flap.peers.0,
+            peer_b = %flap.peers.1,
+            min_interval_s = crate::server::registry::MIN_REPLACEMENT_INTERVAL.as_secs(),
+            hint = "two Client instances keep taking this Tunnel from each other; give each its own identity and Tunnel",
         );
+    }
+    if let Some(old) = replaced {
+        if flapping.is_some() {
+            tracing::debug!(event = "tunnel_replaced", tunnel, %identity, old_peer = %old.peer, new_peer = %peer, old_connection = old.id, new_connection = tc.id);
+        } else {
+            tracing::info!(
+                event = "tunnel_replaced",
+                tunnel,
+                %identity,
+                old_peer = %old.peer,
+                new_peer = %peer,
+                old_connection = old.id,
+                new_connection = tc.id,
+                streams_in_flight = old.streams_in_flight(),
+            );
+        }
         tokio::spawn(retire(old));
     }
     watch(tc, registry).await;
@@ -135,4 +225,40 @@ async fn watch(tc: Arc<TunnelConnection>, registry: Arc<Registry>) {
         was_active,
         detail = ?error.to_string(),
     );
+}
+
+/// One line per interval summarising failed, refused and retried
+/// handshakes, if any.
+async fn summarise(f: Arc<Failures>) {
+    let mut tick = tokio::time::interval(HANDSHAKE_SUMMARY_INTERVAL);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let take = |c: &AtomicU64| c.swap(0, Ordering::Relaxed);
+        let (timeout, failed, refused, retried) = (
+            take(&f.timeout),
+            take(&f.failed),
+            take(&f.refused),
+            take(&f.retried),
+        );
+        if timeout + failed + refused + retried > 0 {
+            tracing::info!(
+                event = "tunnel_handshake_summary",
+                window_s = HANDSHAKE_SUMMARY_INTERVAL.as_secs(),
+                timeout,
+                failed,
+                refused,
+                retried,
+            );
+        }
+    }
+}
+
+/// Aborts a task when dropped (the summary task ends with the listener).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

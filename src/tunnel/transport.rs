@@ -34,7 +34,8 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// two and the Client redials at once, instead of waiting out the 60 s idle
 /// timeout. Costs one small packet per second per Client.
 pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
-/// A tunnel handshake must complete within this time.
+/// A tunnel handshake must complete within this time (the Client's wait;
+/// the Server gives a handshake slot 5 s, see `server::admission::Limits`).
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Streams the Client guarantees the Server can have open at once.
 pub const MAX_STREAMS: u32 = 1024;
@@ -262,10 +263,20 @@ impl ClientCertVerifier for PinnedClientVerifier {
         if self.pins.contains(&identity) {
             Ok(ClientCertVerified::assertion())
         } else {
-            if let Some(suppressed) = self.refusals.allow(&identity) {
+            // Per pin, and Server-wide: a flood of fresh keys is bounded too.
+            let budget = &crate::logging::budget::UNKNOWN_IDENTITY;
+            let allowed = match self.refusals.allow(&identity) {
+                Some(_) => budget.allow(),
+                None => {
+                    budget.suppressed();
+                    None
+                }
+            };
+            if let Some(suppressed) = allowed {
+                // Unproven: the handshake has not shown the key is held.
                 tracing::warn!(
                     event = "tunnel_refused",
-                    %identity,
+                    claimed_identity = %identity,
                     peer = %self.peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                     reason = "unknown_identity",
                     suppressed,

@@ -501,3 +501,26 @@ pub async fn connect_from(last: u8, to: SocketAddr) -> std::io::Result<TcpStream
     socket.bind(SocketAddr::from(([127, 0, 0, last], 0)))?;
     socket.connect(to).await
 }
+
+/// A TLS Visitor for `sni` from the loopback address `127.0.0.<last>`,
+/// trusting exactly `roots` (8 s handshake deadline).
+pub async fn visitor_from(
+    last: u8,
+    public: SocketAddr,
+    sni: &str,
+    roots: &[CertificateDer<'static>],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let tcp = connect_from(last, public).await?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    tokio::time::timeout(Duration::from_secs(8), connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
+}
