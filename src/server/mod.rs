@@ -333,7 +333,10 @@ fn reset_secret(state_dir: &std::path::Path) -> Result<Vec<u8>, ServerError> {
         error,
     };
     match std::fs::read(&path) {
-        Ok(secret) if secret.len() >= 32 => return Ok(secret),
+        Ok(secret) if secret.len() >= 32 => {
+            fsutil::warn_if_exposed(&path, "stateless-reset secret");
+            return Ok(secret);
+        }
         Ok(_) => {
             return Err(err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
