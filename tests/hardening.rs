@@ -265,6 +265,27 @@ fn material_commands_refuse_a_symlinked_state_directory() {
 }
 
 #[test]
+fn the_server_refuses_a_symlinked_state_directory() {
+    let home = server_home();
+    // A first start creates the stateless-reset secret in state/.
+    let mut first = home.spawn("server", &home.path().join("server.toml"), "first.log");
+    wait_event(&first, "server_started", Duration::from_secs(10));
+    first.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    let state = home.path().join("server-certs/state");
+    let moved = home.path().join("moved-state");
+    std::fs::rename(&state, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &state).unwrap();
+    let mut server = home.spawn("server", &home.path().join("server.toml"), "server.log");
+    let (status, _) = server.wait_exit(Duration::from_secs(10));
+    let err = server.log_text();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("server-certs/state is a symbolic link"),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_openssl_cli_sees_name_constraints_and_path_length_zero() {
     if std::env::var("RUNEWARP_TEST_EXTERNAL").as_deref() != Ok("1") {
         eprintln!("skipped: set RUNEWARP_TEST_EXTERNAL=1 (needs the openssl program)");
