@@ -164,4 +164,33 @@ mod tests {
         );
         assert!(ServerPin::parse(&format!("{}:", "a".repeat(63))).is_err());
     }
+
+    #[test]
+    fn the_verifier_accepts_only_the_pinned_key_whatever_the_name() {
+        use rustls::pki_types::pem::PemObject;
+        let cert = |name: &str| {
+            let (pem, _) = crate::tls::material::generate_self_signed(&[name]).unwrap();
+            CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+        };
+        let (ours, theirs) = (cert("edge.example.com"), cert("edge.example.com"));
+        let pin = ServerPin::of_certificate(&ours).unwrap();
+        let verifier =
+            PinnedServerVerifier::new(pin, Arc::new(rustls::crypto::ring::default_provider()));
+        let verify = |c: &CertificateDer<'static>, name: &str| {
+            verifier.verify_server_cert(
+                c,
+                &[],
+                &ServerName::try_from(name.to_string()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+        };
+        assert!(verify(&ours, "edge.example.com").is_ok());
+        // No name or CA is consulted: the key is the trust.
+        assert!(verify(&ours, "other.example.com").is_ok());
+        assert_eq!(
+            verify(&theirs, "edge.example.com").unwrap_err(),
+            rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+        );
+    }
 }
