@@ -321,4 +321,57 @@ fn the_openssl_cli_sees_name_constraints_and_path_length_zero() {
         );
         assert!(text.contains("CA:TRUE, pathlen:0"), "{text}");
     }
+
+    // What a thief of server-ca.key could mint, as OpenSSL judges it: a
+    // leaf for another domain, and an intermediate CA (even for the
+    // permitted name). A leaf for the Server hostname still verifies.
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_pem = std::fs::read_to_string(home.path().join("server-certs/server-ca.crt")).unwrap();
+    let key_pem =
+        std::fs::read_to_string(home.path().join("server-certs/state/server-ca.key")).unwrap();
+    let ca_key = KeyPair::from_pem(&key_pem).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key).unwrap();
+    fn leaf_for<S: rcgen::SigningKey>(name: &str, issuer: &Issuer<'_, S>) -> String {
+        CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&KeyPair::generate().unwrap(), issuer)
+            .unwrap()
+            .pem()
+    }
+    let mut sub = CertificateParams::default();
+    sub.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    sub.distinguished_name
+        .push(rcgen::DnType::CommonName, "forged sub CA");
+    let sub_key = KeyPair::generate().unwrap();
+    let sub_pem = sub.signed_by(&sub_key, &issuer).unwrap().pem();
+    let sub_issuer = Issuer::new(sub, sub_key);
+    let files = [
+        ("own.pem", leaf_for("localhost", &issuer)),
+        ("evil.pem", leaf_for("bank.example.net", &issuer)),
+        ("sub.pem", sub_pem),
+        ("below.pem", leaf_for("localhost", &sub_issuer)),
+    ];
+    for (name, pem) in &files {
+        home.write(name, pem);
+    }
+    let verify = |leaf: &str, untrusted: Option<&str>| {
+        let mut cmd = std::process::Command::new("openssl");
+        cmd.current_dir(home.path())
+            .args(["verify", "-CAfile", "server-certs/server-ca.crt"]);
+        if let Some(u) = untrusted {
+            cmd.args(["-untrusted", u]);
+        }
+        let out = cmd.arg(leaf).output().expect("openssl runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = verify("own.pem", None);
+    assert!(ok, "{text}");
+    let (ok, text) = verify("evil.pem", None);
+    assert!(!ok && text.contains("subtree"), "{text}");
+    let (ok, text) = verify("below.pem", Some("sub.pem"));
+    assert!(!ok && text.contains("path length"), "{text}");
 }
