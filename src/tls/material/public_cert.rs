@@ -123,16 +123,22 @@ pub fn init_public_certs(
                 .map(|h| h.as_str().to_string())
                 .collect();
             needed.extend(hostnames.iter().map(|h| h.as_str().to_string()));
-            let mut covered = true;
-            for h in &needed {
-                covered &= ca.permits(h)? && ca.permitted_dns()?.is_some();
-            }
+            let current = ca.permitted_dns()?;
+            let covered = current.as_ref().is_some_and(|list| {
+                needed
+                    .iter()
+                    .all(|h| list.iter().any(|c| pki::constraint_permits(c, h)))
+            });
             if covered {
                 ca
             } else {
-                if let Some(old) = ca.permitted_dns()? {
-                    needed.extend(old.into_iter().filter(|c| c != pki::NO_HOSTNAME_CONSTRAINT));
-                }
+                // Keep what it permitted before: never narrow a CA here.
+                needed.extend(
+                    current
+                        .into_iter()
+                        .flatten()
+                        .filter(|c| c != pki::NO_HOSTNAME_CONSTRAINT),
+                );
                 widened = true;
                 let names: Vec<&str> = needed.iter().map(String::as_str).collect();
                 ca.reissue(CA_DAYS, &names)?
