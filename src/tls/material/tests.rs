@@ -552,6 +552,49 @@ fn public_certs_share_one_ca_across_inits() {
 }
 
 #[test]
+fn an_unconstrained_public_ca_is_constrained_when_a_hostname_is_added() {
+    // A CA made before name constraints existed: same key and name, no
+    // NameConstraints. Adding a hostname reissues it constrained to every
+    // hostname it has a leaf for; the old leaf keeps validating.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    init_public_certs(dir, &[public_host("a.example.com")], false).unwrap();
+    let key_path = dir.join(STATE_DIR).join(PUBLIC_CA_KEY);
+    let key = pki::read_signing_key(&key_path).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Runewarp Public Hostname CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let legacy = params.self_signed(&key).unwrap();
+    fs::write(dir.join(PUBLIC_CA_CERT), legacy.pem()).unwrap();
+    let legacy = legacy.der().clone();
+    let a_leaf = first_cert(&dir.join("a.example.com").join(PUBLIC_CERT));
+    assert!(webpki_verify(&a_leaf, &legacy, "a.example.com"));
+
+    let out = init_public_certs(dir, &[public_host("b.example.com")], false).unwrap();
+    assert!(out.contains("Reissued"), "{out}");
+    let ca = first_cert(&dir.join(PUBLIC_CA_CERT));
+    let (_, parsed) = X509Certificate::from_der(&ca).unwrap();
+    let nc = parsed.name_constraints().unwrap().expect("constrained now");
+    let permitted: Vec<String> = nc
+        .value
+        .permitted_subtrees
+        .iter()
+        .flatten()
+        .map(|t| format!("{:?}", t.base))
+        .collect();
+    assert_eq!(
+        permitted,
+        ["DNSName(\"a.example.com\")", "DNSName(\"b.example.com\")"]
+    );
+    assert!(webpki_verify(&a_leaf, &ca, "a.example.com"));
+    assert!(webpki_verify(&a_leaf, &legacy, "a.example.com"));
+    let b_leaf = first_cert(&dir.join("b.example.com").join(PUBLIC_CERT));
+    assert!(webpki_verify(&b_leaf, &ca, "b.example.com"));
+}
+
+#[test]
 fn public_renew_and_rotate_ca() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
