@@ -107,6 +107,12 @@ pub enum ServerCertCommand {
         #[arg(long = "hostname")]
         hostname: Option<String>,
     },
+    /// Print the Server pin (SHA-256 of server.crt's public key, 64 hex
+    /// characters) for Clients with server-trust = "pin", and nothing else.
+    ShowPin {
+        #[command(flatten)]
+        material: MaterialArgs,
+    },
 }
 
 #[derive(Debug, Args)]

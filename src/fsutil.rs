@@ -77,11 +77,89 @@ pub fn write_new_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> 
     sync_parent(path)
 }
 
-/// `create_dir_all(path)`, then set `mode` on the leaf directory (whether it
-/// was created now or existed before).
+/// A private directory (`state/`, an ACME `state-dir`): the parents are
+/// created as usual, the directory itself with `mode` from the start
+/// (`mkdir(path, mode)`, never a wider mode first). An existing directory
+/// with a looser mode is tightened to `mode`, with a warning. A symbolic
+/// link at `path` is refused: whoever can write the link's directory could
+/// otherwise redirect the keys anywhere.
 pub fn create_dir_private(path: &Path, mode: u32) -> io::Result<()> {
-    fs::create_dir_all(path)?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+    use std::os::unix::fs::DirBuilderExt;
+    check_not_symlink(path)?;
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        fs::create_dir_all(parent)?;
+    }
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => {
+            // The umask may have narrowed `mode` (say to 0500); set it
+            // exactly. This only ever adds owner bits within `mode`.
+            return fs::set_permissions(path, fs::Permissions::from_mode(mode));
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    check_not_symlink(path)?;
+    let meta = fs::metadata(path)?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a directory", path.display()),
+        ));
+    }
+    let was = meta.permissions().mode() & 0o7777;
+    if was != mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "{} has mode {was:o}, looser than {mode:o}, and cannot be tightened ({e}); run chmod {mode:o} on it",
+                    path.display()
+                ),
+            )
+        })?;
+        if was & !mode != 0 {
+            tracing::warn!(
+                event = "state_dir_tightened",
+                path = %path.display(),
+                was = format_args!("{was:o}"),
+                now = format_args!("{mode:o}"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An error if `path` is a symbolic link (a private directory must not be
+/// one; see [`create_dir_private`]).
+pub fn check_not_symlink(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is a symbolic link; refusing to follow it for a directory that holds private keys: replace it with a real directory",
+                path.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Warn when a secret file (a private key, a secret) is readable or
+/// writable by group or others. `what` names it in the log line.
+pub fn warn_if_exposed(path: &Path, what: &'static str) {
+    if let Ok(meta) = fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            event = "secret_file_exposed",
+            what,
+            path = %path.display(),
+            mode = format_args!("{:o}", meta.permissions().mode() & 0o777),
+            hint = "accessible by group or others; run chmod 600 on it",
+        );
+    }
 }
 
 /// Create `path` (and its parents) with `mode` if it does not exist yet; an
@@ -249,6 +327,20 @@ mod tests {
         fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).unwrap();
         create_dir_private(&state, STATE_DIR_MODE).unwrap();
         assert_eq!(mode_of(&state), 0o700);
+    }
+
+    #[test]
+    fn create_dir_private_refuses_a_symlink_and_leaves_its_target_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        fs::create_dir(&target).unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).unwrap();
+        let state = dir.path().join("state");
+        std::os::unix::fs::symlink(&target, &state).unwrap();
+        let err = create_dir_private(&state, STATE_DIR_MODE).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("is a symbolic link"), "{err}");
+        assert_eq!(mode_of(&target), 0o755);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod fdlimit;
 pub mod fsutil;
 pub mod hostname;
 pub mod logging;

@@ -7,7 +7,7 @@ use crate::cli::{
     Cli, ClientArgs, ClientCommand, Command, ConfigCommand, Role, ServerArgs, ServerCommand,
 };
 use crate::config::{self, ClientOverlay, Environment, ServerOverlay};
-use crate::{client, demo, logging, server, shutdown, tls};
+use crate::{client, demo, fdlimit, logging, server, shutdown, tls};
 
 /// Runtime failure (bind, material, I/O).
 pub const EXIT_FAILURE: u8 = 1;
@@ -153,6 +153,12 @@ where
     Run: std::future::Future<Output = ()>,
 {
     logging::init(level);
+    let fds_needed = if role == "server" {
+        fdlimit::server_needs()
+    } else {
+        fdlimit::client_needs()
+    };
+    fdlimit::raise_and_log(role, fds_needed);
     let workers = match service_workers() {
         Ok(w) => w,
         Err(e) => return usage_error(&e),

@@ -254,7 +254,7 @@ fn server_hostname_from_environment_and_flag_precedence() {
             "--dir",
             d,
             "--hostname",
-            "flag.example.com",
+            "flag.env.example.com",
         ])
         .env("RUNEWARP_SERVER_HOSTNAME", "env.example.com")
         .output()
@@ -266,7 +266,7 @@ fn server_hostname_from_environment_and_flag_precedence() {
     );
     assert_eq!(
         dns_names(&cert_der(&dir.join("server.crt"))),
-        ["flag.example.com"]
+        ["flag.env.example.com"]
     );
 }
 
@@ -462,7 +462,16 @@ fn public_cert_init_renew_rotate_ca() {
     assert_eq!(mode(&dir.join("a.example.com/public.key")), 0o600);
     assert_eq!(mode(&dir.join("a.example.com/public.crt")), 0o644);
 
-    // A second init adds hostnames and keeps the CA.
+    // A second init adds hostnames and keeps the CA: same key and name;
+    // its certificate is reissued with name constraints that cover them.
+    let spki = |der: &[u8]| {
+        X509Certificate::from_der(der)
+            .unwrap()
+            .1
+            .public_key()
+            .raw
+            .to_vec()
+    };
     sb.ok(&[
         "client",
         "public-cert",
@@ -474,7 +483,8 @@ fn public_cert_init_renew_rotate_ca() {
         "--dir",
         d,
     ]);
-    assert_eq!(cert_der(&dir.join("public-ca.crt")), ca);
+    assert_eq!(spki(&cert_der(&dir.join("public-ca.crt"))), spki(&ca));
+    let ca = cert_der(&dir.join("public-ca.crt"));
     for h in ["a.example.com", "b.example.com", "c.example.com"] {
         let leaf = cert_der(&dir.join(h).join("public.crt"));
         assert_eq!(dns_names(&leaf), [h]);

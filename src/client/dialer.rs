@@ -138,6 +138,7 @@ impl Dialer {
                     path.display()
                 )
             }
+            ServerTrust::Pin(pin) => format!("server-trust = \"pin\" (server-pin = {pin})"),
         };
         Self {
             address,

@@ -126,8 +126,11 @@ impl Client {
     /// Load the identity, Server trust and terminate certificates.
     pub fn new(config: ClientConfig) -> Result<Self, ClientError> {
         let (identity_material, identity) = material::load_client_identity(&config.identity_dir)?;
-        let roots = trust::root_store(&config.server_trust)?;
-        let quic = transport::client_config(roots, identity_material)?;
+        let verifier = trust::server_verifier(
+            &config.server_trust,
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )?;
+        let quic = transport::client_config_with_verifier(verifier, identity_material)?;
         let mut acme = None;
         let acceptor = match &config.public_certs {
             None => None,

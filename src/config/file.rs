@@ -108,6 +108,8 @@ pub(crate) struct RawClient {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_ca_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_pin: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub identity_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_cert_dir: Option<PathBuf>,
@@ -155,6 +157,7 @@ pub(crate) const CLIENT_KEYS: &[&str] = &[
     "server-address",
     "server-trust",
     "server-ca-file",
+    "server-pin",
     "identity-dir",
     "public-cert-dir",
     "acme",
@@ -471,6 +474,7 @@ client-identities = ["a"]
 server-address = "a"
 server-trust = "a"
 server-ca-file = "a"
+server-pin = "a"
 identity-dir = "a"
 public-cert-dir = "a"
 [client.acme]

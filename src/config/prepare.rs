@@ -347,6 +347,7 @@ pub(crate) struct PreparedClient {
     pub server_address: Option<Val<String>>,
     pub server_trust: Option<String>,
     pub server_ca_file: Option<PathBuf>,
+    pub server_pin: Option<String>,
     pub identity_dir: PathBuf,
     /// Filled with the default when some Service terminates and neither
     /// this nor `acme` is set.
@@ -456,6 +457,7 @@ pub(crate) fn prepare_client(
         server_address,
         server_trust: raw_client.server_trust.clone(),
         server_ca_file,
+        server_pin: raw_client.server_pin.clone(),
         identity_dir,
         public_cert_dir,
         acme,

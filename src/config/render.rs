@@ -80,9 +80,10 @@ pub fn render_server(c: &ServerConfig) -> String {
 
 /// The effective Client config.
 pub fn render_client(c: &ClientConfig) -> String {
-    let (server_trust, server_ca_file) = match &c.server_trust {
-        ServerTrust::System => ("system", None),
-        ServerTrust::CaFile(p) => ("ca-file", Some(path(p))),
+    let (server_trust, server_ca_file, server_pin) = match &c.server_trust {
+        ServerTrust::System => ("system", None, None),
+        ServerTrust::CaFile(p) => ("ca-file", Some(path(p)), None),
+        ServerTrust::Pin(pin) => ("pin", None, Some(pin.to_string())),
     };
     let (public_cert_dir, acme_raw) = match &c.public_certs {
         None => (None, None),
@@ -96,6 +97,7 @@ pub fn render_client(c: &ClientConfig) -> String {
             server_address: Some(c.server_address.to_string()),
             server_trust: Some(server_trust.to_string()),
             server_ca_file,
+            server_pin,
             identity_dir: Some(path(&c.identity_dir)),
             public_cert_dir,
             acme: acme_raw,

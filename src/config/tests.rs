@@ -614,7 +614,7 @@ fn server_trust_rules() {
         &m,
         &[
             "client.server-trust = \"custom\"",
-            "\"system\" or \"ca-file\"",
+            "\"system\", \"ca-file\" or \"pin\"",
         ],
     );
     let m = client_err(&client_body("server-trust = \"ca-file\""));
@@ -631,6 +631,61 @@ fn server_trust_rules() {
             "client.server-ca-file = \"",
             "ca.pem\"",
             "only allowed with client.server-trust = \"ca-file\"",
+        ],
+    );
+}
+
+#[test]
+fn server_pin_rules() {
+    let pin = "0123456789abcdef".repeat(4);
+    let (_tmp, r) = client_with(&client_body(&format!(
+        "server-trust = \"pin\"\nserver-pin = \"{pin}\""
+    )));
+    match r.expect("valid").server_trust {
+        ServerTrust::Pin(p) => assert_eq!(p.to_string(), pin),
+        other => panic!("{other:?}"),
+    }
+    let m = client_err(&client_body("server-trust = \"pin\""));
+    assert_has(
+        &m,
+        &[
+            "client.server-trust = \"pin\" needs client.server-pin",
+            "runewarp server cert show-pin",
+        ],
+    );
+    let m = client_err(&client_body(&format!(
+        "server-trust = \"pin\"\nserver-pin = \"{}\"",
+        pin.to_uppercase()
+    )));
+    assert_has(&m, &["client.server-pin = \"0123", "lowercase hex"]);
+    let m = client_err(&client_body(
+        "server-trust = \"pin\"\nserver-pin = \"abcd\"",
+    ));
+    assert_has(
+        &m,
+        &["client.server-pin = \"abcd\"", "64 lowercase hex", "got 4"],
+    );
+    let m = client_err(&client_body(&format!("server-pin = \"{pin}\"")));
+    assert_has(
+        &m,
+        &[
+            "client.server-pin = ",
+            "only allowed with client.server-trust = \"pin\"",
+            "(server-trust is \"system\")",
+        ],
+    );
+    let m = client_err(&client_body(&format!(
+        "server-trust = \"ca-file\"\nserver-ca-file = \"ca.pem\"\nserver-pin = \"{pin}\""
+    )));
+    assert_has(&m, &["client.server-pin", "(server-trust is \"ca-file\")"]);
+    let m = client_err(&client_body(&format!(
+        "server-trust = \"pin\"\nserver-pin = \"{pin}\"\nserver-ca-file = \"ca.pem\""
+    )));
+    assert_has(
+        &m,
+        &[
+            "client.server-ca-file = ",
+            "not allowed with client.server-trust = \"pin\"",
         ],
     );
 }
@@ -1308,6 +1363,10 @@ backend-address = "web:80"
 tls-mode = "terminate"
 "#
         .to_string(),
+        format!(
+            "[client]\nserver-address = \"e.example\"\nserver-trust = \"pin\"\nserver-pin = \"{}\"\n[[client.services]]\nbackend-address = \"127.0.0.1:80\"\n",
+            "ab".repeat(32)
+        ),
         "[client]\nserver-address = \"e.example\"\n[client.acme]\ndirectory-url = \"https://acme.internal/dir\"\n[[client.services]]\npublic-hostnames = [\"a.example.com\"]\nbackend-address = \"127.0.0.1:80\"\ntls-mode = \"terminate\"\n".to_string(),
     ];
     for text in texts {

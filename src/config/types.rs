@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::hostname::{PublicHostname, ServerHostname};
 use crate::tls::client_identity::ClientIdentity;
+use crate::tls::server_pin::ServerPin;
 
 /// `log-level` at the top of the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -99,6 +100,8 @@ pub enum ServerTrust {
     System,
     /// Exactly the CAs in this PEM bundle, nothing else.
     CaFile(PathBuf),
+    /// No CA: the Server certificate's public key must have this pin.
+    Pin(ServerPin),
 }
 
 /// Where terminate-mode certificates come from.

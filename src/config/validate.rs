@@ -11,6 +11,7 @@ use super::prepare::{Origin, PreparedAcme, PreparedClient, PreparedServer, Val};
 use super::types::*;
 use crate::hostname::{HostnameError, PublicHostname, ServerHostname};
 use crate::tls::client_identity::ClientIdentity;
+use crate::tls::server_pin::ServerPin;
 
 fn at(label: &str, key: impl Into<String>) -> Origin {
     Origin::File(label.to_string(), key.into())
@@ -359,6 +360,32 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
     let server_address = server_address(address)?;
 
     let server_trust = match (p.server_trust.as_deref(), &p.server_ca_file) {
+        (Some("pin"), Some(file)) => {
+            return Err(at(label, "client.server-ca-file").invalid(
+                &file.display().to_string(),
+                "not allowed with client.server-trust = \"pin\" (a pinned Server key needs no CA)",
+            ));
+        }
+        (Some("pin"), None) => match &p.server_pin {
+            Some(text) => ServerTrust::Pin(
+                ServerPin::parse(text)
+                    .map_err(|e| at(label, "client.server-pin").invalid(text, e.to_string()))?,
+            ),
+            None => {
+                return Err(ConfigError(format!(
+                    "{label}: client.server-trust = \"pin\" needs client.server-pin (the output of \"runewarp server cert show-pin\" on the Server)"
+                )));
+            }
+        },
+        (_, _) if p.server_pin.is_some() => {
+            return Err(at(label, "client.server-pin").invalid(
+                p.server_pin.as_deref().unwrap_or_default(),
+                format!(
+                    "only allowed with client.server-trust = \"pin\" (server-trust is {:?})",
+                    p.server_trust.as_deref().unwrap_or("system")
+                ),
+            ));
+        }
         (None | Some("system"), None) => ServerTrust::System,
         (Some("ca-file"), Some(file)) => ServerTrust::CaFile(file.clone()),
         (Some("ca-file"), None) => {
@@ -374,7 +401,7 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         }
         (Some(other), _) => {
             return Err(at(label, "client.server-trust")
-                .invalid(other, "must be \"system\" or \"ca-file\""));
+                .invalid(other, "must be \"system\", \"ca-file\" or \"pin\""));
         }
     };
 

@@ -348,8 +348,12 @@ fn reset_secret(state_dir: &std::path::Path) -> Result<Vec<u8>, ServerError> {
         path: path.clone(),
         error,
     };
+    fsutil::check_not_symlink(state_dir).map_err(err)?;
     match std::fs::read(&path) {
-        Ok(secret) if secret.len() >= 32 => return Ok(secret),
+        Ok(secret) if secret.len() >= 32 => {
+            fsutil::warn_if_exposed(&path, "stateless-reset secret");
+            return Ok(secret);
+        }
         Ok(_) => {
             return Err(err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,

@@ -10,7 +10,10 @@
 //!   certificate and challenge slot, and a hostname whose order fails does
 //!   not hold the others back;
 //! - [`StateDirCache`]: the account key and certificates persist in
-//!   `state-dir` (directory 0700, files 0600, written atomically), with the
+//!   `state-dir` (directory 0700, files 0600, written atomically; an
+//!   existing `state-dir` with a looser mode is tightened to 0700 with a
+//!   `state_dir_tightened` warning, a symbolic link is refused, and a
+//!   group- or world-readable file is reported when read), with the
 //!   same file names as `rustls-acme`'s own directory cache so a state
 //!   directory can be shared with other `rustls-acme` users;
 //! - the directory's HTTPS trusts the bundled web PKI roots plus
@@ -64,7 +67,7 @@ pub const CHALLENGE_DEADLINE: std::time::Duration = std::time::Duration::from_se
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeSetupError {
-    #[error("{section}.state-dir: cannot create {}: {error}", path.display())]
+    #[error("{section}.state-dir: cannot use {}: {error}", path.display())]
     StateDir {
         section: &'static str,
         path: PathBuf,
@@ -111,7 +114,7 @@ impl AcmeManager {
         config: &AcmeConfig,
         hostnames: &[String],
     ) -> Result<Self, AcmeSetupError> {
-        fsutil::ensure_dir(&config.state_dir, STATE_DIR_MODE).map_err(|error| {
+        fsutil::create_dir_private(&config.state_dir, STATE_DIR_MODE).map_err(|error| {
             AcmeSetupError::StateDir {
                 section,
                 path: config.state_dir.clone(),
@@ -448,7 +451,11 @@ impl StateDirCache {
 
     async fn read(path: PathBuf) -> io::Result<Option<Vec<u8>>> {
         tokio::task::spawn_blocking(move || match std::fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
+            Ok(b) => {
+                // Account keys and certificate keys.
+                fsutil::warn_if_exposed(&path, "ACME state file");
+                Ok(Some(b))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
         })
@@ -458,7 +465,7 @@ impl StateDirCache {
 
     async fn write(dir: PathBuf, path: PathBuf, bytes: Vec<u8>) -> io::Result<()> {
         tokio::task::spawn_blocking(move || {
-            fsutil::ensure_dir(&dir, STATE_DIR_MODE)?;
+            fsutil::create_dir_private(&dir, STATE_DIR_MODE)?;
             fsutil::write_atomic(&path, &bytes, STATE_FILE_MODE)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
         })
@@ -536,6 +543,58 @@ mod tests {
             b"acme-tls/1".to_vec()
         ]));
         assert!(!is_challenge_alpn(&[]));
+    }
+
+    fn acme_config(state_dir: &Path) -> AcmeConfig {
+        AcmeConfig {
+            email: None,
+            state_dir: state_dir.to_path_buf(),
+            directory_url: "https://127.0.0.1:9/dir".into(),
+            directory_ca_file: None,
+        }
+    }
+
+    #[test]
+    fn an_existing_loose_state_dir_is_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        crate::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("acme");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        AcmeManager::new(
+            "server",
+            "server.acme",
+            &acme_config(&state),
+            &["a.example".into()],
+        )
+        .map_err(|e| e.to_string())
+        .unwrap();
+        assert_eq!(
+            std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
+
+    #[test]
+    fn a_symlinked_state_dir_is_refused() {
+        crate::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("real");
+        std::fs::create_dir(&target).unwrap();
+        let state = dir.path().join("acme");
+        std::os::unix::fs::symlink(&target, &state).unwrap();
+        let err = match AcmeManager::new(
+            "client",
+            "client.acme",
+            &acme_config(&state),
+            &["a.example".into()],
+        ) {
+            Ok(_) => panic!("a symlinked state-dir was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("client.acme.state-dir"), "{err}");
+        assert!(err.contains("is a symbolic link"), "{err}");
     }
 
     #[test]

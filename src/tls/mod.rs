@@ -4,6 +4,7 @@
 pub mod acme;
 pub mod client_identity;
 pub mod material;
+pub mod server_pin;
 pub mod sni;
 pub mod trust;
 

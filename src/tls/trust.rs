@@ -1,8 +1,16 @@
-//! How a Client trusts the Server certificate: the system roots, or exactly
-//! the CAs of one PEM file (`server-trust = "ca-file"`), never both.
+//! How a Client trusts the Server certificate: the system roots, exactly
+//! the CAs of one PEM file (`server-trust = "ca-file"`), never both, or no
+//! CA at all but the pin of the Server's public key (`server-trust =
+//! "pin"`).
+
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
 
 use crate::config::ServerTrust;
 use crate::tls::material::{self, MaterialError};
+use crate::tls::server_pin::PinnedServerVerifier;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
@@ -12,6 +20,23 @@ pub enum TrustError {
     CaFile(#[from] MaterialError),
     #[error("server-trust = \"ca-file\": {path}: certificate rejected: {error}")]
     BadCa { path: String, error: rustls::Error },
+    #[error("cannot build the Server certificate verifier: {0}")]
+    Verifier(String),
+}
+
+/// The verifier of the Server certificate for `trust`.
+pub fn server_verifier(
+    trust: &ServerTrust,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ServerCertVerifier>, TrustError> {
+    if let ServerTrust::Pin(pin) = trust {
+        return Ok(Arc::new(PinnedServerVerifier::new(*pin, provider)));
+    }
+    let roots = root_store(trust)?;
+    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| TrustError::Verifier(e.to_string()))?;
+    Ok(verifier)
 }
 
 /// Build the root store for `trust`.
@@ -30,6 +55,8 @@ pub fn root_store(trust: &ServerTrust) -> Result<rustls::RootCertStore, TrustErr
                 ));
             }
         }
+        // Pinning consults no CA (see `server_verifier`).
+        ServerTrust::Pin(_) => {}
         ServerTrust::CaFile(path) => {
             for cert in material::load_ca_bundle(path)? {
                 roots.add(cert).map_err(|error| TrustError::BadCa {

@@ -208,9 +208,23 @@ pub fn client_config(
     roots: rustls::RootCertStore,
     identity: TlsMaterial,
 ) -> Result<quinn::ClientConfig, TransportError> {
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TransportError::Quic(e.to_string()))?;
+    client_config_with_verifier(verifier, identity)
+}
+
+/// [`client_config`] with any Server certificate verifier (such as the
+/// `server-trust = "pin"` one).
+pub fn client_config_with_verifier(
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    identity: TlsMaterial,
+) -> Result<quinn::ClientConfig, TransportError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(identity.chain, identity.key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.enable_early_data = false;

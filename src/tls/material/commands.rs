@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use super::{
     MaterialError, init_client_identity, init_public_certs, init_server_cert, renew_public_certs,
     renew_server_cert, rotate_client_identity, rotate_public_ca, rotate_server_ca,
-    show_client_identity,
+    show_client_identity, show_server_pin,
 };
 use crate::cli::{IdentityCommand, MaterialArgs, PublicCertCommand, ServerCertCommand};
 use crate::config::{Environment, MaterialDefaults, material_defaults};
@@ -43,6 +43,10 @@ pub fn run_server_cert(
         }
         | ServerCertCommand::Renew { material, hostname }
         | ServerCertCommand::RotateCa { material, hostname } => (material, hostname),
+        ServerCertCommand::ShowPin { material } => {
+            let dir = resolve_dir(material, None, env, |d| &d.server_cert_dir)?;
+            return Ok(format!("{}\n", show_server_pin(&dir)?));
+        }
     };
     let cli_hostname = hostname
         .as_deref()
@@ -68,6 +72,7 @@ pub fn run_server_cert(
         }
         ServerCertCommand::Renew { .. } => renew_server_cert(&dir, hostname.as_ref()),
         ServerCertCommand::RotateCa { .. } => rotate_server_ca(&dir, hostname.as_ref()),
+        ServerCertCommand::ShowPin { .. } => Ok(format!("{}\n", show_server_pin(&dir)?)),
     }
 }
 

@@ -36,7 +36,7 @@ pub use public_cert::{
 };
 pub use server_cert::{
     SERVER_CA_CERT, SERVER_CA_KEY, SERVER_CERT, SERVER_KEY, init_server_cert, renew_server_cert,
-    rotate_server_ca,
+    rotate_server_ca, show_server_pin,
 };
 
 use std::fs;

@@ -4,14 +4,13 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
-    SignatureAlgorithm,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints,
+    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber, SignatureAlgorithm,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -144,15 +143,7 @@ pub(crate) fn read_signing_key(path: &Path) -> Result<KeyPair, MaterialError> {
 
 /// Warn when a key file is readable by group or others.
 pub(crate) fn warn_if_exposed(path: &Path) {
-    if let Ok(meta) = fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
-    {
-        tracing::warn!(
-            path = %path.display(),
-            mode = format_args!("{:o}", meta.permissions().mode() & 0o777),
-            "private key file is accessible by group or others; run chmod 600 on it"
-        );
-    }
+    fsutil::warn_if_exposed(path, "private key");
 }
 
 /// Whether `key`'s public half is the one in certificate `cert`.
@@ -322,20 +313,80 @@ pub(crate) struct Leaf {
     pub cert_der: CertificateDer<'static>,
 }
 
+/// The DNS name a CA with no hostname yet is constrained to: `.invalid`
+/// is reserved (RFC 2606) and never resolves, so such a CA can sign nothing
+/// a client would accept. (An empty permitted list would mean "no
+/// constraint" and is never written.)
+pub(crate) const NO_HOSTNAME_CONSTRAINT: &str = "invalid";
+
+/// Whether a dNSName name constraint `constraint` permits `hostname`: the
+/// name itself or any name below it, as RFC 5280 and webpki read it.
+pub(crate) fn constraint_permits(constraint: &str, hostname: &str) -> bool {
+    let (c, h) = (
+        constraint.trim_end_matches('.').to_ascii_lowercase(),
+        hostname.trim_end_matches('.').to_ascii_lowercase(),
+    );
+    h == c || h.ends_with(&format!(".{c}"))
+}
+
 impl Ca {
-    /// A new ECDSA P-256 CA named `common_name`, valid for `days`.
-    pub fn generate(common_name: &str, days: u32) -> Result<Self, MaterialError> {
+    /// A new ECDSA P-256 CA named `common_name`, valid for `days`, that
+    /// may only issue for `permitted` hostnames (and names below them) and
+    /// only end-entity certificates (pathLen 0).
+    pub fn generate(
+        common_name: &str,
+        days: u32,
+        permitted: &[&str],
+    ) -> Result<Self, MaterialError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        Self::self_sign(key, common_name, days, permitted)
+    }
+
+    /// The same CA (same key, same name, so every leaf it signed still
+    /// chains to it) with a new certificate that permits `permitted`.
+    pub fn reissue(self, days: u32, permitted: &[&str]) -> Result<Self, MaterialError> {
+        let path = Path::new("CA certificate");
+        let parsed = parse_x509(path, &self.cert_der)?;
+        let common_name = parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or("Runewarp CA")
+            .to_string();
+        Self::self_sign(self.key, &common_name, days, permitted)
+    }
+
+    fn self_sign(
+        key: KeyPair,
+        common_name: &str,
+        days: u32,
+        permitted: &[&str],
+    ) -> Result<Self, MaterialError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, common_name);
         params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Critical basicConstraints with pathLen 0: no intermediate CA
+        // below this one is accepted.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
+        // Critical NameConstraints: a stolen CA key cannot mint
+        // certificates for other domains.
+        let mut names: Vec<String> = permitted.iter().map(|h| h.to_ascii_lowercase()).collect();
+        if names.is_empty() {
+            names.push(NO_HOSTNAME_CONSTRAINT.to_string());
+        }
+        names.sort();
+        names.dedup();
+        params.name_constraints = Some(NameConstraints {
+            permitted_subtrees: names.into_iter().map(GeneralSubtree::DnsName).collect(),
+            excluded_subtrees: Vec::new(),
+        });
         params.serial_number = Some(random_serial());
         set_validity(&mut params, days);
         let cert = params.self_signed(&key)?;
@@ -343,6 +394,39 @@ impl Ca {
             key,
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
+        })
+    }
+
+    /// The dNSName subtrees this CA may issue for; `None` when its
+    /// certificate carries no NameConstraints (a CA made before they were
+    /// added), which permits every name.
+    pub fn permitted_dns(&self) -> Result<Option<Vec<String>>, MaterialError> {
+        let path = Path::new("CA certificate");
+        let parsed = parse_x509(path, &self.cert_der)?;
+        let ext = parsed
+            .name_constraints()
+            .map_err(|e| MaterialError::Invalid {
+                path: path.to_path_buf(),
+                reason: format!("bad NameConstraints: {e}"),
+            })?;
+        Ok(ext.map(|ext| {
+            ext.value
+                .permitted_subtrees
+                .iter()
+                .flatten()
+                .filter_map(|t| match &t.base {
+                    GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        }))
+    }
+
+    /// Whether this CA's constraints let it issue for `hostname`.
+    pub fn permits(&self, hostname: &str) -> Result<bool, MaterialError> {
+        Ok(match self.permitted_dns()? {
+            None => true,
+            Some(list) => list.iter().any(|c| constraint_permits(c, hostname)),
         })
     }
 

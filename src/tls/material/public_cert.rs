@@ -111,9 +111,43 @@ pub fn init_public_certs(
         }
     }
     let created_ca = existing_ca.is_none();
+    // The CA's NameConstraints must cover every hostname it has a leaf for
+    // plus the new ones. If they do not (a hostname added later, or a CA
+    // made before constraints existed), its certificate is reissued with
+    // the same key and name, so existing leaves keep chaining to it.
+    let mut widened = false;
     let ca = match existing_ca {
-        Some(ca) => ca,
-        None => Ca::generate(CA_NAME, CA_DAYS)?,
+        Some(ca) => {
+            let mut needed: BTreeSet<String> = leaf_hostnames(dir)?
+                .iter()
+                .map(|h| h.as_str().to_string())
+                .collect();
+            needed.extend(hostnames.iter().map(|h| h.as_str().to_string()));
+            let current = ca.permitted_dns()?;
+            let covered = current.as_ref().is_some_and(|list| {
+                needed
+                    .iter()
+                    .all(|h| list.iter().any(|c| pki::constraint_permits(c, h)))
+            });
+            if covered {
+                ca
+            } else {
+                // Keep what it permitted before: never narrow a CA here.
+                needed.extend(
+                    current
+                        .into_iter()
+                        .flatten()
+                        .filter(|c| c != pki::NO_HOSTNAME_CONSTRAINT),
+                );
+                widened = true;
+                let names: Vec<&str> = needed.iter().map(String::as_str).collect();
+                ca.reissue(CA_DAYS, &names)?
+            }
+        }
+        None => {
+            let names: Vec<&str> = hostnames.iter().map(|h| h.as_str()).collect();
+            Ca::generate(CA_NAME, CA_DAYS, &names)?
+        }
     };
     let leaves = issue_all(&ca, &hostnames)?;
 
@@ -127,6 +161,9 @@ pub fn init_public_certs(
     );
     if created_ca {
         w.key(&ca_key, &ca.key.serialize_pem())?;
+        w.cert(&ca_cert, &ca.cert_pem)?;
+    } else if widened {
+        w.mode = WriteMode::Replace;
         w.cert(&ca_cert, &ca.cert_pem)?;
     }
     w.mode = if force {
@@ -148,6 +185,13 @@ pub fn init_public_certs(
         )
     };
     w.report(&mut out);
+    if widened {
+        let _ = writeln!(
+            out,
+            "Reissued {} (same key) so that its name constraints cover the new hostname(s); Visitors that trust the old copy must be given this one to accept the new certificates.",
+            ca_cert.display()
+        );
+    }
     report_tail(&mut out, dir, &ca, &leaves)?;
     Ok(out)
 }
@@ -188,7 +232,8 @@ pub fn renew_public_certs(
 pub fn rotate_public_ca(dir: &Path) -> Result<String, MaterialError> {
     let old = load_ca(dir)?;
     let hostnames = leaf_hostnames(dir)?;
-    let ca = Ca::generate(CA_NAME, CA_DAYS)?;
+    let names: Vec<&str> = hostnames.iter().map(|h| h.as_str()).collect();
+    let ca = Ca::generate(CA_NAME, CA_DAYS, &names)?;
     let refs: Vec<&PublicHostname> = hostnames.iter().collect();
     let leaves = issue_all(&ca, &refs)?;
     pki::prepare_dirs(dir, true)?;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use super::pki::{self, Ca, WriteMode, Writer};
 use super::{MaterialError, STATE_DIR, exists, shell_arg};
 use crate::hostname::ServerHostname;
+use crate::tls::server_pin::ServerPin;
 
 pub const SERVER_CERT: &str = "server.crt";
 pub const SERVER_KEY: &str = "server.key";
@@ -75,7 +76,7 @@ pub fn init_server_cert(
             next,
         });
     }
-    let ca = Ca::generate(&ca_name(hostname), CA_DAYS)?;
+    let ca = Ca::generate(&ca_name(hostname), CA_DAYS, &[hostname.as_str()])?;
     let leaf = ca.issue_leaf(hostname.as_str(), LEAF_DAYS)?;
     pki::prepare_dirs(dir, true)?;
     let mode = if force {
@@ -107,6 +108,18 @@ pub fn renew_server_cert(
     let p = paths(dir);
     let ca = load_ca(dir, &p)?;
     let hostname = resolve_hostname(&p, hostname)?;
+    if !ca.permits(hostname.as_str())? {
+        // A leaf the CA's NameConstraints do not cover would be refused by
+        // every Client; a new hostname needs a new CA.
+        return Err(MaterialError::Invalid {
+            path: p.ca_cert.clone(),
+            reason: format!(
+                "the Server CA may only issue for {} (NameConstraints), not {hostname}: run \"runewarp server cert rotate-ca --hostname {hostname} --dir {}\" and give every Client the new {SERVER_CA_CERT}",
+                ca.permitted_dns()?.unwrap_or_default().join(", "),
+                shell_arg(dir)
+            ),
+        });
+    }
     let leaf = ca.issue_leaf(hostname.as_str(), LEAF_DAYS)?;
     let mut w = Writer::new(WriteMode::Replace, String::new());
     w.key(&p.key, &leaf.key_pem)?;
@@ -131,7 +144,7 @@ pub fn rotate_server_ca(
     let p = paths(dir);
     let old = load_ca(dir, &p)?;
     let hostname = resolve_hostname(&p, hostname)?;
-    let ca = Ca::generate(&ca_name(&hostname), CA_DAYS)?;
+    let ca = Ca::generate(&ca_name(&hostname), CA_DAYS, &[hostname.as_str()])?;
     let leaf = ca.issue_leaf(hostname.as_str(), LEAF_DAYS)?;
     pki::prepare_dirs(dir, true)?;
     let mut w = Writer::new(WriteMode::Replace, String::new());
@@ -193,6 +206,25 @@ fn resolve_hostname(
         .ok_or(MaterialError::NoServerHostname)
 }
 
+/// `runewarp server cert show-pin`: the pin of `server.crt`'s public key,
+/// for Clients with `server-trust = "pin"`. It changes whenever the Server
+/// key does (`init`, `renew`, `rotate-ca`).
+pub fn show_server_pin(dir: &Path) -> Result<ServerPin, MaterialError> {
+    let p = paths(dir);
+    if !exists(&p.cert) {
+        return Err(MaterialError::Missing {
+            what: "Server certificate",
+            dir: dir.to_path_buf(),
+            next: init_hint(dir),
+        });
+    }
+    let der = pki::read_cert(&p.cert)?;
+    ServerPin::of_certificate(&der).ok_or_else(|| MaterialError::Invalid {
+        path: p.cert.clone(),
+        reason: "not a valid X.509 certificate".into(),
+    })
+}
+
 fn report_tail(out: &mut String, p: &Paths, ca: &Ca, leaf_der: &[u8]) -> Result<(), MaterialError> {
     let _ = writeln!(
         out,
@@ -205,5 +237,11 @@ fn report_tail(out: &mut String, p: &Paths, ca: &Ca, leaf_der: &[u8]) -> Result<
         "Clients trust it with: server-trust = \"ca-file\", server-ca-file = \"{}\"",
         p.ca_cert.display()
     );
+    if let Some(pin) = ServerPin::of_certificate(leaf_der) {
+        let _ = writeln!(
+            out,
+            "or, without a CA (the pin changes with every new Server key): server-trust = \"pin\", server-pin = \"{pin}\""
+        );
+    }
     Ok(())
 }

@@ -134,10 +134,127 @@ fn server_renew_keeps_ca_and_hostname() {
     assert_signed_by(&m.chain[0], &ca);
     assert!(webpki_verify(&m.chain[0], &ca, "edge.example.com"));
 
-    // An explicit hostname wins over the existing leaf's.
-    renew_server_cert(dir, Some(&server_host("new.example.com"))).unwrap();
+    // A hostname outside the CA's NameConstraints is refused (the leaf
+    // would not validate); rotate-ca with the new hostname is the way.
+    let err = renew_server_cert(dir, Some(&server_host("new.example.com"))).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("may only issue for edge.example.com"), "{msg}");
+    assert!(
+        msg.contains("rotate-ca --hostname new.example.com"),
+        "{msg}"
+    );
+    assert!(webpki_verify(
+        &load_server_certificate(dir).unwrap().chain[0],
+        &ca,
+        "edge.example.com"
+    ));
+    // A name below the constrained one is within it.
+    renew_server_cert(dir, Some(&server_host("a.edge.example.com"))).unwrap();
     let m = load_server_certificate(dir).unwrap();
+    assert!(webpki_verify(&m.chain[0], &ca, "a.edge.example.com"));
+    rotate_server_ca(dir, Some(&server_host("new.example.com"))).unwrap();
+    let m = load_server_certificate(dir).unwrap();
+    let ca = first_cert(&dir.join(SERVER_CA_CERT));
     assert!(webpki_verify(&m.chain[0], &ca, "new.example.com"));
+}
+
+/// A leaf for `hostname` signed with the CA key in `ca_key` (what a thief
+/// of that key could mint), and an intermediate CA below it with its own
+/// leaf for `hostname`.
+fn forge(
+    ca_cert: &Path,
+    ca_key: &Path,
+    hostname: &str,
+) -> (
+    CertificateDer<'static>,
+    CertificateDer<'static>,
+    CertificateDer<'static>,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_der = first_cert(ca_cert);
+    let key = pki::read_signing_key(ca_key).unwrap();
+    let issuer = Issuer::from_ca_cert_der(&ca_der, &key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![hostname.to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let mut sub = CertificateParams::default();
+    sub.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    sub.distinguished_name
+        .push(rcgen::DnType::CommonName, "sub CA");
+    let sub_key = KeyPair::generate().unwrap();
+    let sub_cert = sub.signed_by(&sub_key, &issuer).unwrap();
+    let sub_issuer = Issuer::new(sub, sub_key);
+    let below = CertificateParams::new(vec![hostname.to_string()])
+        .unwrap()
+        .signed_by(&KeyPair::generate().unwrap(), &sub_issuer)
+        .unwrap();
+    (
+        leaf.der().clone(),
+        sub_cert.der().clone(),
+        below.der().clone(),
+    )
+}
+
+/// webpki verification of `leaf` + `intermediates` against `ca`.
+fn webpki_verify_chain(
+    leaf: &CertificateDer<'static>,
+    intermediates: &[CertificateDer<'static>],
+    ca: &CertificateDer<'static>,
+    hostname: &str,
+) -> Result<(), rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .unwrap()
+        .verify_server_cert(
+            leaf,
+            intermediates,
+            &ServerName::try_from(hostname.to_string()).unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+        .map(|_| ())
+}
+
+#[test]
+fn a_stolen_server_ca_key_cannot_mint_certificates_for_other_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    init_server_cert(dir, &server_host("edge.example.com"), false).unwrap();
+    let ca_cert = dir.join(SERVER_CA_CERT);
+    let ca = first_cert(&ca_cert);
+    let ca_key = dir.join(STATE_DIR).join(SERVER_CA_KEY);
+
+    // The extensions, as a verifier reads them.
+    let (_, parsed) = X509Certificate::from_der(&ca).unwrap();
+    let bc = parsed.basic_constraints().unwrap().unwrap();
+    assert!(bc.critical);
+    assert!(bc.value.ca);
+    assert_eq!(bc.value.path_len_constraint, Some(0));
+    let nc = parsed.name_constraints().unwrap().unwrap();
+    assert!(nc.critical);
+    let permitted: Vec<String> = nc
+        .value
+        .permitted_subtrees
+        .iter()
+        .flatten()
+        .map(|t| format!("{:?}", t.base))
+        .collect();
+    assert_eq!(permitted, ["DNSName(\"edge.example.com\")"]);
+
+    let (own, _, _) = forge(&ca_cert, &ca_key, "edge.example.com");
+    webpki_verify_chain(&own, &[], &ca, "edge.example.com").expect("in the constraints");
+    let (evil, sub, below) = forge(&ca_cert, &ca_key, "bank.example.net");
+    let err = webpki_verify_chain(&evil, &[], &ca, "bank.example.net").unwrap_err();
+    assert!(format!("{err:?}").contains("NameConstraint"), "{err:?}");
+    // Nor through an intermediate CA: the anchor's constraints apply to
+    // the whole chain. (webpki does not apply a trust anchor's pathLen, so
+    // pathLen 0 is checked above as an extension; OpenSSL enforces it.)
+    assert!(webpki_verify_chain(&below, &[sub], &ca, "bank.example.net").is_err());
 }
 
 #[test]
@@ -357,14 +474,43 @@ fn public_certs_share_one_ca_across_inits() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("pub");
     init_public_certs(&dir, &[public_host("a.example.com")], false).unwrap();
-    let ca = first_cert(&dir.join(PUBLIC_CA_CERT));
-    init_public_certs(
+    let old_ca = first_cert(&dir.join(PUBLIC_CA_CERT));
+    let ca_key = fs::read(dir.join(STATE_DIR).join(PUBLIC_CA_KEY)).unwrap();
+    let out = init_public_certs(
         &dir,
         &[public_host("b.example.com"), public_host("c.example.com")],
         false,
     )
     .unwrap();
+    // The CA certificate was reissued (same key, same name) to permit the
+    // new hostnames; the old copy still validates the old leaf.
+    assert!(out.contains("Reissued"), "{out}");
+    assert_eq!(
+        fs::read(dir.join(STATE_DIR).join(PUBLIC_CA_KEY)).unwrap(),
+        ca_key
+    );
+    let ca = first_cert(&dir.join(PUBLIC_CA_CERT));
+    assert_ne!(ca, old_ca);
+    let a_leaf = first_cert(&dir.join("a.example.com").join(PUBLIC_CERT));
+    assert!(webpki_verify(&a_leaf, &old_ca, "a.example.com"));
+    let b_leaf = first_cert(&dir.join("b.example.com").join(PUBLIC_CERT));
+    assert!(!webpki_verify(&b_leaf, &old_ca, "b.example.com"));
+    // Hostnames already permitted: the CA stays as it is.
+    let out = init_public_certs(&dir, &[public_host("d.example.com")], false).unwrap();
+    assert!(out.contains("Reissued"), "{out}");
+    let ca = first_cert(&dir.join(PUBLIC_CA_CERT));
+    fs::remove_dir_all(dir.join("d.example.com")).unwrap();
+    let out = init_public_certs(&dir, &[public_host("d.example.com")], false).unwrap();
+    assert!(!out.contains("Reissued"), "{out}");
     assert_eq!(first_cert(&dir.join(PUBLIC_CA_CERT)), ca);
+    fs::remove_dir_all(dir.join("d.example.com")).unwrap();
+    // A stolen Public hostname CA key cannot mint for other names.
+    let (evil, _, _) = forge(
+        &dir.join(PUBLIC_CA_CERT),
+        &dir.join(STATE_DIR).join(PUBLIC_CA_KEY),
+        "bank.example.net",
+    );
+    assert!(webpki_verify_chain(&evil, &[], &ca, "bank.example.net").is_err());
 
     let loaded = load_public_certs(&dir).unwrap();
     let names: Vec<&str> = loaded.iter().map(|(h, _)| h.as_str()).collect();
@@ -403,6 +549,49 @@ fn public_certs_share_one_ca_across_inits() {
         before
     );
     assert_eq!(first_cert(&dir.join(PUBLIC_CA_CERT)), ca);
+}
+
+#[test]
+fn an_unconstrained_public_ca_is_constrained_when_a_hostname_is_added() {
+    // A CA made before name constraints existed: same key and name, no
+    // NameConstraints. Adding a hostname reissues it constrained to every
+    // hostname it has a leaf for; the old leaf keeps validating.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    init_public_certs(dir, &[public_host("a.example.com")], false).unwrap();
+    let key_path = dir.join(STATE_DIR).join(PUBLIC_CA_KEY);
+    let key = pki::read_signing_key(&key_path).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Runewarp Public Hostname CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let legacy = params.self_signed(&key).unwrap();
+    fs::write(dir.join(PUBLIC_CA_CERT), legacy.pem()).unwrap();
+    let legacy = legacy.der().clone();
+    let a_leaf = first_cert(&dir.join("a.example.com").join(PUBLIC_CERT));
+    assert!(webpki_verify(&a_leaf, &legacy, "a.example.com"));
+
+    let out = init_public_certs(dir, &[public_host("b.example.com")], false).unwrap();
+    assert!(out.contains("Reissued"), "{out}");
+    let ca = first_cert(&dir.join(PUBLIC_CA_CERT));
+    let (_, parsed) = X509Certificate::from_der(&ca).unwrap();
+    let nc = parsed.name_constraints().unwrap().expect("constrained now");
+    let permitted: Vec<String> = nc
+        .value
+        .permitted_subtrees
+        .iter()
+        .flatten()
+        .map(|t| format!("{:?}", t.base))
+        .collect();
+    assert_eq!(
+        permitted,
+        ["DNSName(\"a.example.com\")", "DNSName(\"b.example.com\")"]
+    );
+    assert!(webpki_verify(&a_leaf, &ca, "a.example.com"));
+    assert!(webpki_verify(&a_leaf, &legacy, "a.example.com"));
+    let b_leaf = first_cert(&dir.join("b.example.com").join(PUBLIC_CERT));
+    assert!(webpki_verify(&b_leaf, &ca, "b.example.com"));
 }
 
 #[test]
