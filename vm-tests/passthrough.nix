@@ -32,6 +32,8 @@ pkgs.testers.runNixOSTest {
   };
 
   testScript = ''
+    import re
+
     ${common.helpers}
 
     start_all()
