@@ -40,8 +40,7 @@ let
       text = ''
         config="$1"
         if ! effective="$(runewarp config check --role client -c "$config")"; then
-          echo "runewarp-client-${name}: $config is not a valid Client configuration" >&2
-          exit 2
+          ${rw.invalidConfigDefer "runewarp-client-${name}"}
         fi
         value() { printf '%s\n' "$effective" | sed -n "s/^$1 = \"\(.*\)\"$/\1/p"; }
 
@@ -316,14 +315,14 @@ let
         rw.hardening
         // rw.restartPolicy
         // {
-          # READY=1 is sent once the instance is running (it then keeps
-          # reconnecting on its own).
+          # READY=1 is sent once the instance is running and dialling the
+          # Server, not once connected: a Server that is down or does not
+          # know the pin yet (a first deploy) must not hold up the start job
+          # or `nixos-rebuild switch`. Connected: the `tunnel_connected` log
+          # event, or the Client's readiness-bind-address.
           Type = "notify";
-          # READY=1 comes only once the Server accepted the tunnel; a Server
-          # that is down must not make the unit fail to start.
-          TimeoutStartSec = "infinity";
           NotifyAccess = "main";
-          ExecStartPre = [ "${lib.getExe (prepareFor name c)} ${configPath}" ];
+          ExecStartPre = rw.execPrepare (prepareFor name c) configPath utils;
           ExecStart = utils.escapeSystemdExecArgs (
             [
               (lib.getExe c.package)
