@@ -175,6 +175,17 @@ let
             default = null;
             description = "Obtain terminate-mode certificates via ACME (TLS-ALPN-01 through the Tunnel).";
           };
+          readiness-bind-address = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "127.0.0.1:8082";
+            description = ''
+              Optional TCP listener (literal `ip:port`, port 1024 or above: the
+              unit has no capabilities) that accepts connections only while the
+              Tunnel connection is up. The unit itself is started (READY=1) as
+              soon as the Client runs and dials. Never opened in the firewall.
+            '';
+          };
           services = mkOption {
             type = types.nonEmptyListOf serviceType;
             description = "The Services: which Local backend serves which Public hostnames.";
@@ -380,6 +391,14 @@ in
           {
             assertion = lib.all (cred: rw.credentialName.check cred) (lib.attrNames c.credentials);
             message = "services.runewarp.clients.${name}.credentials: names must be plain file names ([A-Za-z0-9_.-]+).";
+          }
+          {
+            assertion =
+              let
+                port = if s.readiness-bind-address == null then null else rw.portOf s.readiness-bind-address;
+              in
+              port == null || port >= 1024;
+            message = "services.runewarp.clients.${name}.settings.client.readiness-bind-address: the port must be 1024 or above (Client units have no capabilities).";
           }
           {
             assertion = builtins.match "[A-Za-z0-9_.-]+" name != null;

@@ -38,6 +38,7 @@ in
           server-address = "tunnel.example.com:443";
           server-trust = "ca-file";
           server-ca-file = "${shop.credentialsDirectory}/server-ca.crt";
+          readiness-bind-address = "127.0.0.1:8082";
           acme = {
             email = "ops@example.com";
             directory-url = "https://acme.internal.example:14000/dir";
