@@ -15,6 +15,7 @@ pub mod hostname;
 pub mod logging;
 pub mod notify;
 pub mod proxy;
+pub mod readiness;
 pub mod run;
 pub mod server;
 pub mod shutdown;

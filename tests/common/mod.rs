@@ -283,6 +283,7 @@ impl TestClient {
             public_certs: s.public_cert_dir.map(|d| PublicCertSource::Manual {
                 dir: d.to_path_buf(),
             }),
+            readiness_bind_address: None,
             services: s.services,
         };
         let client = Client::new(config).expect("client starts");
