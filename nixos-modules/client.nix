@@ -40,8 +40,7 @@ let
       text = ''
         config="$1"
         if ! effective="$(runewarp config check --role client -c "$config")"; then
-          echo "runewarp-client-${name}: $config is not a valid Client configuration" >&2
-          exit 2
+          ${rw.invalidConfigDefer "runewarp-client-${name}"}
         fi
         value() { printf '%s\n' "$effective" | sed -n "s/^$1 = \"\(.*\)\"$/\1/p"; }
 
@@ -175,6 +174,17 @@ let
             type = types.nullOr acmeType;
             default = null;
             description = "Obtain terminate-mode certificates via ACME (TLS-ALPN-01 through the Tunnel).";
+          };
+          readiness-bind-address = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "127.0.0.1:8082";
+            description = ''
+              Optional TCP listener (literal `ip:port`, port 1024 or above: the
+              unit has no capabilities) that accepts connections only while the
+              Tunnel connection is up. The unit itself is started (READY=1) as
+              soon as the Client runs and dials. Never opened in the firewall.
+            '';
           };
           services = mkOption {
             type = types.nonEmptyListOf serviceType;
@@ -316,14 +326,14 @@ let
         rw.hardening
         // rw.restartPolicy
         // {
-          # READY=1 is sent once the instance is running (it then keeps
-          # reconnecting on its own).
+          # READY=1 is sent once the instance is running and dialling the
+          # Server, not once connected: a Server that is down or does not
+          # know the pin yet (a first deploy) must not hold up the start job
+          # or `nixos-rebuild switch`. Connected: the `tunnel_connected` log
+          # event, or the Client's readiness-bind-address.
           Type = "notify";
-          # READY=1 comes only once the Server accepted the tunnel; a Server
-          # that is down must not make the unit fail to start.
-          TimeoutStartSec = "infinity";
           NotifyAccess = "main";
-          ExecStartPre = [ "${lib.getExe (prepareFor name c)} ${configPath}" ];
+          ExecStartPre = rw.execPrepare (prepareFor name c) configPath utils;
           ExecStart = utils.escapeSystemdExecArgs (
             [
               (lib.getExe c.package)
@@ -381,6 +391,14 @@ in
           {
             assertion = lib.all (cred: rw.credentialName.check cred) (lib.attrNames c.credentials);
             message = "services.runewarp.clients.${name}.credentials: names must be plain file names ([A-Za-z0-9_.-]+).";
+          }
+          {
+            assertion =
+              let
+                port = if s.readiness-bind-address == null then null else rw.portOf s.readiness-bind-address;
+              in
+              port == null || port >= 1024;
+            message = "services.runewarp.clients.${name}.settings.client.readiness-bind-address: the port must be 1024 or above (Client units have no capabilities).";
           }
           {
             assertion = builtins.match "[A-Za-z0-9_.-]+" name != null;

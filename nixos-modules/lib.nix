@@ -136,13 +136,36 @@ rec {
   };
 
   # Restart on failure with exponential backoff: 1 s growing to 2 min over
-  # ten steps (systemd >= 254).
+  # ten steps (systemd >= 254). Exit status 2 is an invalid configuration
+  # (or usage): restarting cannot fix it, so the unit stays failed with the
+  # error in its journal. TimeoutStartSec covers ExecStartPre (material
+  # creation) and the time until READY=1, which both roles send within
+  # seconds of starting (the Client while it is still dialling).
   restartPolicy = {
     Restart = "on-failure";
     RestartSec = "1s";
     RestartSteps = 10;
     RestartMaxDelaySec = "2min";
+    RestartPreventExitStatus = 2;
+    TimeoutStartSec = "90s";
   };
+
+  # ExecStartPre running `prepare` on `configPath`, escaped for systemd.
+  execPrepare = prepare: configPath: utils: [
+    (utils.escapeSystemdExecArgs [
+      (lib.getExe prepare)
+      configPath
+    ])
+  ];
+
+  # The prepare scripts' reaction to an invalid configuration: say so and
+  # leave the rest to the main process, which reports the error and exits 2
+  # (RestartPreventExitStatus). A failing ExecStartPre would make systemd
+  # restart the unit forever, whatever its exit status.
+  invalidConfigDefer = unit: ''
+    echo "${unit}: $config is not a valid configuration (see the error above); not preparing material" >&2
+    exit 0
+  '';
 
   # Assertions that the material paths a module writes are absolute (a
   # relative path would resolve against the config file's directory, which is

@@ -64,8 +64,7 @@ let
     text = ''
       config="$1"
       if ! effective="$(runewarp config check --role server -c "$config")"; then
-        echo "runewarp-server: $config is not a valid Server configuration" >&2
-        exit 2
+        ${rw.invalidConfigDefer unit}
       fi
       cert_dir="$(printf '%s\n' "$effective" | sed -n 's/^cert-dir = "\(.*\)"$/\1/p')"
       if [ -z "$cert_dir" ]; then
@@ -346,7 +345,7 @@ in
           # READY=1 is sent once both listeners are bound.
           Type = "notify";
           NotifyAccess = "main";
-          ExecStartPre = [ "${lib.getExe prepare} ${configPath}" ];
+          ExecStartPre = rw.execPrepare prepare configPath utils;
           ExecStart = utils.escapeSystemdExecArgs (
             [
               (lib.getExe cfg.package)

@@ -17,6 +17,7 @@ pub mod logging;
 pub mod man;
 pub mod notify;
 pub mod proxy;
+pub mod readiness;
 pub mod run;
 pub mod server;
 pub mod shutdown;

@@ -49,15 +49,12 @@ fn readiness_and_sd_notify_follow_the_server_and_client_lifecycle() {
     let ready = std::net::SocketAddr::from(([127, 0, 0, 1], ready_port));
     TcpStream::connect(ready).expect("readiness accepts while the Server admits work");
 
-    // The Client is READY only once its tunnel is authenticated.
+    // The Client is READY once it runs and dials; its readiness listener
+    // accepts once the Tunnel is up.
     let client_sock_path = home.path().join("client-notify.sock");
     let client_sock = UnixDatagram::bind(&client_sock_path).unwrap();
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_ready = std::net::SocketAddr::from(([127, 0, 0, 1], free_tcp()));
+    let client_toml = client_config_with_readiness(&home, "identity", backend.addr, client_ready);
     let mut client = home.spawn_env(
         "client",
         &client_toml,
@@ -65,9 +62,13 @@ fn readiness_and_sd_notify_follow_the_server_and_client_lifecycle() {
         &[("NOTIFY_SOCKET", &client_sock_path)],
     );
     assert_eq!(recv_state(&client_sock, Duration::from_secs(10)), "READY=1");
-    assert!(
-        !client.events("tunnel_connected").is_empty(),
-        "READY came after the tunnel was up"
+    wait_until("the tunnel is up", Duration::from_secs(15), || {
+        !client.events("tunnel_connected").is_empty()
+    });
+    wait_until(
+        "the Client's readiness listener accepts once connected",
+        Duration::from_secs(5),
+        || TcpStream::connect(client_ready).is_ok(),
     );
     assert_eq!(
         visit(home.public_addr(), &backend.cert).unwrap(),
@@ -96,6 +97,69 @@ fn readiness_and_sd_notify_follow_the_server_and_client_lifecycle() {
     );
     let (status, _) = server.wait_exit(Duration::from_secs(5));
     assert!(status.success());
+}
+
+/// `client.toml` for APP through `backend` with identity `identity_dir`
+/// and `readiness-bind-address = ready`.
+fn client_config_with_readiness(
+    home: &Home,
+    identity_dir: &str,
+    backend: std::net::SocketAddr,
+    ready: std::net::SocketAddr,
+) -> std::path::PathBuf {
+    let path = home.client_config(
+        "client.toml",
+        identity_dir,
+        "server-certs/server-ca.crt",
+        backend,
+    );
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "[client]\n",
+        &format!("[client]\nreadiness-bind-address = \"{ready}\"\n"),
+        1,
+    );
+    home.write("client.toml", &text)
+}
+
+/// A first deploy: the Server does not know the Client's pin yet. The
+/// Client still reports READY=1 (so `systemctl start` and `nixos-rebuild
+/// switch` return), logs the refusal, keeps running and dialling, and its
+/// readiness listener stays closed.
+#[test]
+fn client_is_ready_while_the_server_refuses_it_but_its_readiness_stays_closed() {
+    let home = Home::new();
+    let backend = tls_backend();
+    home.server_material();
+    let pinned = home.identity("pinned");
+    home.identity("fresh");
+    let server_toml = home.server_config(&pinned);
+    let _server = home.spawn("server", &server_toml, "server.log");
+
+    let sock_path = home.path().join("client-notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let ready = std::net::SocketAddr::from(([127, 0, 0, 1], free_tcp()));
+    let client_toml = client_config_with_readiness(&home, "fresh", backend.addr, ready);
+    let mut client = home.spawn_env(
+        "client",
+        &client_toml,
+        "client.log",
+        &[("NOTIFY_SOCKET", &sock_path)],
+    );
+    assert_eq!(recv_state(&sock, Duration::from_secs(10)), "READY=1");
+    wait_until("the refusal is logged", Duration::from_secs(15), || {
+        !client.events("tunnel_refused").is_empty()
+    });
+    assert!(
+        client.child.try_wait().unwrap().is_none(),
+        "the refused Client keeps running"
+    );
+    assert!(
+        TcpStream::connect(ready).is_err(),
+        "readiness accepted without a Tunnel connection"
+    );
+    assert!(client.events("tunnel_connected").is_empty());
+    let (status, _) = client.stop_with(libc::SIGTERM, Duration::from_secs(3));
+    assert!(status.success(), "client {status:?}");
 }
 
 /// A Server and Client for APP with `graceful` drain window, plus a slow

@@ -154,7 +154,6 @@ rec {
 
   # Python shared by the test scripts.
   helpers = ''
-    import re
     import time
 
     CURL = "curl -sS --fail --max-time 10 --cacert /etc/runewarp-test/ca.crt"

@@ -15,12 +15,14 @@ pkgs.testers.runNixOSTest {
     server = common.server { };
     client = {
       imports = [ (common.client { }) ];
+      services.runewarp.clients.test.settings.client.readiness-bind-address = "127.0.0.1:8083";
       # A second instance with a fresh identity the Server does not know.
       services.runewarp.clients.fresh = {
         settings.client = {
           server-address = "tunnel.example.com";
           server-trust = "ca-file";
           server-ca-file = "/run/credentials/runewarp-client-fresh.service/server-ca.crt";
+          readiness-bind-address = "127.0.0.1:8082";
           services = [ { backend-address = "backend:8443"; } ];
         };
         credentials."server-ca.crt" = "/run/runewarp-test/server-ca.crt";
@@ -32,6 +34,8 @@ pkgs.testers.runNixOSTest {
   };
 
   testScript = ''
+    import re
+
     ${common.helpers}
 
     start_all()
@@ -48,6 +52,8 @@ pkgs.testers.runNixOSTest {
         wait_for_log(server, "runewarp-server", "tunnel_connected")
         pin = client.succeed("cat /etc/runewarp-test/identity/client-identity.txt").strip()
         assert f"Client identity pin: {pin}" in journal(client, "runewarp-client-test")
+        # Connected: the Client's readiness listener accepts.
+        client.wait_until_succeeds("bash -c 'exec 3<>/dev/tcp/127.0.0.1/8083'", timeout=30)
 
     with subtest("Visitor reaches the TLS backend and sees its certificate"):
         out = visitor.wait_until_succeeds(f"{CURL} https://app.example.com/")
@@ -63,7 +69,9 @@ pkgs.testers.runNixOSTest {
         visitor.fail(f"{CURL} https://tunnel.example.com/")
 
     with subtest("A fresh instance creates its identity, prints the pin, and is refused"):
-        client.succeed("systemctl start runewarp-client-fresh.service")
+        # Returns although the Server refuses the pin: started means
+        # running and dialling, not connected (a first deploy).
+        client.succeed("timeout 60 systemctl start runewarp-client-fresh.service")
         client.succeed("test -s /var/lib/runewarp-client-fresh/identity/client.key")
         fresh = client.succeed(
             "runewarp client identity show --dir /var/lib/runewarp-client-fresh/identity"
@@ -71,6 +79,9 @@ pkgs.testers.runNixOSTest {
         assert re.fullmatch(r"[0-9a-f]{64}", fresh), fresh
         assert f"Client identity pin: {fresh}" in journal(client, "runewarp-client-fresh")
         wait_for_log(server, "runewarp-server", "unknown_identity")
+        wait_for_log(client, "runewarp-client-fresh", "tunnel_refused")
+        client.succeed("systemctl is-active runewarp-client-fresh.service")
+        client.fail("bash -c 'exec 3<>/dev/tcp/127.0.0.1/8082'")
         # The pinned Client keeps serving.
         assert visitor.succeed(f"{CURL} https://app.example.com/").strip() == "backend-1"
 

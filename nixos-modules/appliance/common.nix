@@ -29,6 +29,18 @@ let
     XDG_STATE_HOME = "/var/lib/${cfg.unit}";
   };
 
+  stateLabel = "RUNEWARP-STATE";
+
+  # Whether state lives in RAM (the live ISO's root is a tmpfs) with no
+  # state disk: the banner then warns that the material changes every boot.
+  volatileStateWarning = ''
+    if ! mountpoint -q /var/lib/private && [ "$(stat -f -c %T /var/lib)" = tmpfs ]; then
+      echo "WARNING: /var/lib is in RAM (live ISO): new ${materialName} on every boot."
+      echo "Attach a disk labelled ${stateLabel} (mkfs.ext4 -L ${stateLabel}) to keep it."
+    fi
+  '';
+  materialName = if cfg.role == "server" then "Server CA and certificate" else "Client identity (pin)";
+
   selectConfig = pkgs.writeShellApplication {
     name = "runewarp-select-config";
     runtimeInputs = [
@@ -40,6 +52,19 @@ let
     text = ''
       install -d -m 0755 /run/runewarp /run/runewarp-config
       udevadm settle --timeout=10 || true
+      # Persistent state: a disk labelled RUNEWARP-STATE (a Linux filesystem
+      # with file ownership, e.g. ext4) becomes /var/lib/private, where the
+      # role's StateDirectory (DynamicUser) keeps the Server CA or Client
+      # identity. Without it the live ISO keeps state in RAM (banner warns).
+      if [ -e /dev/disk/by-label/${stateLabel} ] && ! mountpoint -q /var/lib/private; then
+        install -d -m 0700 /var/lib/private
+        if mount -o nosuid,nodev,noexec /dev/disk/by-label/${stateLabel} /var/lib/private; then
+          chmod 0700 /var/lib/private
+          echo "runewarp: state on the ${stateLabel} disk (/var/lib/private)"
+        else
+          echo "runewarp: cannot mount the ${stateLabel} disk; state is not kept across boots" >&2
+        fi
+      fi
       if [ -e /dev/disk/by-label/RUNEWARP ] && ! mountpoint -q /run/runewarp-config; then
         mount -o ro,nosuid,nodev,noexec /dev/disk/by-label/RUNEWARP /run/runewarp-config \
           || echo "runewarp: cannot mount the RUNEWARP disk; using the built-in config" >&2
@@ -80,6 +105,16 @@ in
       type = lib.types.lines;
       description = "Shell snippet printing the banner body; fails while material is missing.";
     };
+    sshAuthorizedKeys = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [ "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA... ops@example.com" ];
+      description = ''
+        SSH public keys allowed to log in as root. Empty (the default): the
+        appliance has no login at all, by design (console banner only).
+        Non-empty: sshd runs with key authentication only.
+      '';
+    };
   };
 
   config = {
@@ -95,13 +130,44 @@ in
       fsType = "ext4";
     };
     boot.loader.grub = lib.mkMerge [
+      # `device`, not `devices`: grub.nix defines `devices` from `device` at
+      # normal priority, so a weak `devices` definition would be discarded.
       (lib.mkIf pkgs.stdenv.hostPlatform.isx86 {
-        devices = lib.mkOverride 1400 [ "/dev/vda" ];
+        device = lib.mkDefault "/dev/vda";
       })
       # aarch64 images boot via EFI (qemu-efi variant, systemd-boot) or ISO.
       (lib.mkIf (!pkgs.stdenv.hostPlatform.isx86) { enable = lib.mkOverride 1400 false; })
     ];
     boot.kernelParams = [ "console=tty0" ] ++ lib.optional pkgs.stdenv.hostPlatform.isx86 "console=ttyS0,115200";
+
+    # The disk images install a system, not a NixOS channel: no copy of
+    # the nixpkgs source in the image (make-disk-image's copyChannel).
+    # Same arguments as nixpkgs' virtualisation/disk-image.nix otherwise.
+    image.modules = lib.genAttrs [ "qemu" "qemu-efi" ] (
+      _:
+      {
+        config,
+        lib,
+        pkgs,
+        modulesPath,
+        ...
+      }:
+      let
+        makeDiskImage = import (modulesPath + "/../lib/make-disk-image.nix");
+        args = {
+          inherit lib config pkgs;
+          inherit (config.virtualisation) diskSize;
+          inherit (config.image) baseName format;
+          partitionTableType = if config.image.efiSupport then "efi" else "legacy";
+          copyChannel = false;
+        };
+      in
+      {
+        system.build.image = lib.mkForce (
+          makeDiskImage (builtins.intersectAttrs (builtins.functionArgs makeDiskImage) args)
+        );
+      }
+    );
 
     # A small, appliance-like system.
     documentation.enable = lib.mkDefault false;
@@ -110,7 +176,17 @@ in
       package
       pkgs.openssl
     ];
+    # No login by design: no passwords, no SSH unless sshAuthorizedKeys is
+    # set. The console shows the banner below; everything else happens
+    # through the config disk. NixOS refuses such a system unless told so.
     users.mutableUsers = lib.mkDefault false;
+    users.allowNoPasswordLogin = cfg.sshAuthorizedKeys == [ ];
+    users.users.root.openssh.authorizedKeys.keys = cfg.sshAuthorizedKeys;
+    services.openssh = lib.mkIf (cfg.sshAuthorizedKeys != [ ]) {
+      enable = true;
+      settings.PasswordAuthentication = false;
+      settings.KbdInteractiveAuthentication = false;
+    };
 
     # The built-in configuration: the role's `settings`, checked at build time.
     environment.etc."runewarp/config.toml".source = cfg.builtinConfig;
@@ -176,6 +252,7 @@ in
           echo
           echo "Runewarp ${cfg.role} appliance"
           printf '%s\n' "$body"
+          ${volatileStateWarning}
           echo
         } > /run/runewarp/issue.tmp
         mv /run/runewarp/issue.tmp /run/runewarp/issue

@@ -66,6 +66,11 @@ pub enum ClientError {
     Terminate(#[from] TerminateError),
     #[error("{0}")]
     Acme(#[from] AcmeSetupError),
+    #[error("cannot bind the readiness listener (TCP) on {addr}: {error}")]
+    Readiness {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
 }
 
 /// What the stream handlers share.
@@ -113,6 +118,8 @@ pub struct Client {
     /// `[client.acme]`: started by `run` once the first Tunnel connection
     /// is up, never awaited.
     acme: Option<AcmeManager>,
+    /// `readiness-bind-address`, bound at start so a bad address fails it.
+    readiness: Option<std::net::TcpListener>,
 }
 
 /// How a Tunnel connection ended.
@@ -164,6 +171,14 @@ impl Client {
                 Some(terminate::acceptor(Arc::new(table))?)
             }
         };
+        let readiness = config
+            .readiness_bind_address
+            .map(|addr| {
+                std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|error| ClientError::Readiness { addr, error })
+            })
+            .transpose()?;
         let context = Arc::new(Context {
             services: ServiceTable::new(&config.services),
             handlers: Arc::new(tokio::sync::Semaphore::new(STREAM_HANDLERS)),
@@ -177,6 +192,7 @@ impl Client {
             context,
             status: tokio::sync::watch::Sender::new(ClientStatus::default()),
             acme,
+            readiness,
         })
     }
 
@@ -208,6 +224,25 @@ impl Client {
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let server = self.config.server_address.to_string();
         tracing::info!(event = "client_started", server = %server, identity = %self.identity, services = self.config.services.len());
+        // Ready means running and dialling, not connected: a Server that is
+        // down, or does not know this pin yet (a first deploy), must not
+        // hold up the service manager. "Connected" is the `tunnel_connected`
+        // event and `readiness-bind-address`.
+        notify::notify(notify::READY);
+        let readiness = self.readiness.take().and_then(|l| {
+            let addr = l.local_addr().ok();
+            match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => Some(tokio::spawn(crate::readiness::serve(
+                    l,
+                    self.status.subscribe(),
+                    |s: &ClientStatus| s.connected,
+                ))),
+                Err(error) => {
+                    tracing::warn!(event = "readiness_bind_failed", addr = ?addr, error = ?error.to_string());
+                    None
+                }
+            }
+        });
         loop {
             let dialed = tokio::select! {
                 _ = shutdown.wait() => break,
@@ -219,9 +254,6 @@ impl Client {
                     let peer = canonical(conn.remote_address());
                     tracing::info!(event = "tunnel_connected", server = %server, %peer, identity = %self.identity);
                     self.set_status(true, None);
-                    if self.status.borrow().connections == 1 {
-                        notify::notify(notify::READY);
-                    }
                     if acme_tasks.is_none() {
                         // TLS-ALPN-01 validations reach us through the
                         // tunnel: order only once it is up, so a CA does
@@ -274,6 +306,9 @@ impl Client {
             }
         }
         notify::notify(notify::STOPPING);
+        if let Some(task) = readiness {
+            task.abort();
+        }
         if let Ok(endpoint) = self.dialer.endpoint() {
             endpoint.close(close_code::SHUTDOWN, b"client shutting down");
             let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;

@@ -114,6 +114,8 @@ pub(crate) struct RawClient {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_cert_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub readiness_bind_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<RawAcme>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub services: Option<Vec<RawService>>,
@@ -160,6 +162,7 @@ pub(crate) const CLIENT_KEYS: &[&str] = &[
     "server-pin",
     "identity-dir",
     "public-cert-dir",
+    "readiness-bind-address",
     "acme",
     "services",
 ];

@@ -48,6 +48,7 @@
 //! | `client.server-trust` | `system` |
 //! | `client.identity-dir` | `$XDG_DATA_HOME/runewarp/client/identity` |
 //! | `client.public-cert-dir` (some Service terminates, no `[client.acme]`) | `$XDG_DATA_HOME/runewarp/client/public-certs` |
+//! | `client.readiness-bind-address` | none |
 //! | `client.acme.state-dir` | `$XDG_STATE_HOME/runewarp/client/acme` |
 //! | `[*.acme].directory-url` | [`LETS_ENCRYPT_DIRECTORY`] |
 //! | `[[client.services]].tls-mode` | `passthrough` |

@@ -352,6 +352,7 @@ pub(crate) struct PreparedClient {
     /// Filled with the default when some Service terminates and neither
     /// this nor `acme` is set.
     pub public_cert_dir: Option<PathBuf>,
+    pub readiness_bind_address: Option<Val<String>>,
     pub acme: Option<PreparedAcme>,
     pub services: Vec<PreparedService>,
 }
@@ -460,6 +461,11 @@ pub(crate) fn prepare_client(
         server_pin: raw_client.server_pin.clone(),
         identity_dir,
         public_cert_dir,
+        readiness_bind_address: file_val(
+            &label,
+            "client.readiness-bind-address",
+            &raw_client.readiness_bind_address,
+        ),
         acme,
         services,
         label,

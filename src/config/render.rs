@@ -100,6 +100,7 @@ pub fn render_client(c: &ClientConfig) -> String {
             server_pin,
             identity_dir: Some(path(&c.identity_dir)),
             public_cert_dir,
+            readiness_bind_address: c.readiness_bind_address.map(|a| a.to_string()),
             acme: acme_raw,
             services: Some(
                 c.services

@@ -314,6 +314,25 @@ fn bind_address_must_be_literal() {
             "IP:port literal",
         ],
     );
+    let m = client_err(&client_body("readiness-bind-address = \"localhost:9001\""));
+    assert_has(
+        &m,
+        &[
+            "client.readiness-bind-address = \"localhost:9001\"",
+            "IP:port literal",
+        ],
+    );
+}
+
+#[test]
+fn client_readiness_bind_address() {
+    let (_t, r) = client_with(minimal_client());
+    assert_eq!(r.expect("valid").readiness_bind_address, None);
+    let (_t, r) = client_with(&client_body("readiness-bind-address = \"127.0.0.1:9001\""));
+    assert_eq!(
+        r.expect("valid").readiness_bind_address,
+        Some("127.0.0.1:9001".parse().unwrap())
+    );
 }
 
 #[test]
@@ -1353,6 +1372,7 @@ log-level = "warn"
 server-address = "edge.example.com:7443"
 server-trust = "ca-file"
 server-ca-file = "ca.pem"
+readiness-bind-address = "[::1]:9001"
 [[client.services]]
 public-hostnames = ["a.example.com"]
 backend-address = "[::1]:8443"

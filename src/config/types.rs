@@ -161,5 +161,8 @@ pub struct ClientConfig {
     pub identity_dir: PathBuf,
     /// `Some` only when at least one Service terminates.
     pub public_certs: Option<PublicCertSource>,
+    /// `client.readiness-bind-address`: a TCP listener open only while the
+    /// Tunnel connection is up.
+    pub readiness_bind_address: Option<SocketAddr>,
     pub services: Vec<ServiceConfig>,
 }

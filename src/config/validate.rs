@@ -502,6 +502,12 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         (None, None) => None,
     };
 
+    let readiness_bind_address = p
+        .readiness_bind_address
+        .as_ref()
+        .map(socket_addr)
+        .transpose()?;
+
     Ok(ClientConfig {
         source: p.source,
         log_level,
@@ -509,6 +515,7 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         server_trust,
         identity_dir: p.identity_dir,
         public_certs,
+        readiness_bind_address,
         services,
     })
 }

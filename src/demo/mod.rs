@@ -501,6 +501,7 @@ fn client_config(
         public_certs: Some(PublicCertSource::Manual {
             dir: m.public_cert_dir.clone(),
         }),
+        readiness_bind_address: None,
         services: vec![
             ServiceConfig {
                 index: 0,

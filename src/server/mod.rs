@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::config::{ServerCertSource, ServerConfig};
 use crate::fsutil;
 use crate::notify;
+use crate::readiness;
 use crate::shutdown::Shutdown;
 use crate::tls::acme::{self, AcmeManager, AcmeSetupError};
 use crate::tls::material;
@@ -177,8 +178,9 @@ impl Server {
             tunnels = config.tunnels.len(),
         );
         let monitor = tokio::spawn(admission.clone().monitor());
-        let ready_task = readiness
-            .map(|listener| tokio::spawn(readiness_listener(listener, admission.admitting())));
+        let ready_task = readiness.map(|listener| {
+            tokio::spawn(readiness::serve(listener, admission.admitting(), |a| *a))
+        });
         let public_task = tokio::spawn(public_listener::serve(
             public,
             config.clone(),
@@ -255,48 +257,6 @@ async fn drain(admission: &Admission, window: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     true
-}
-
-/// `server.readiness-bind-address`: accepts (and at once closes)
-/// connections while the Server admits new work. While it does not, the
-/// socket is closed, so health checks see "connection refused".
-async fn readiness_listener(
-    first: tokio::net::TcpListener,
-    mut admitting: tokio::sync::watch::Receiver<bool>,
-) {
-    let Ok(addr) = first.local_addr() else { return };
-    let mut listener = Some(first);
-    loop {
-        match &listener {
-            Some(l) => {
-                tokio::select! {
-                    accepted = l.accept() => drop(accepted),
-                    changed = admitting.changed() => {
-                        if changed.is_err() { return; }
-                        if !*admitting.borrow() {
-                            listener = None;
-                            tracing::info!(event = "readiness_closed", %addr);
-                        }
-                    }
-                }
-            }
-            None => {
-                if admitting.wait_for(|a| *a).await.is_err() {
-                    return;
-                }
-                match tokio::net::TcpListener::bind(addr).await {
-                    Ok(l) => {
-                        tracing::info!(event = "readiness_open", %addr);
-                        listener = Some(l);
-                    }
-                    Err(error) => {
-                        tracing::warn!(event = "readiness_bind_failed", %addr, error = ?error.to_string());
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// File (in the Server's state directory) holding the secret that keys

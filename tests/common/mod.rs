@@ -29,10 +29,30 @@ pub const SERVER_HOSTNAME: &str = "localhost";
 
 pub fn init() {
     runewarp::tls::install_crypto_provider();
+    raise_open_files_limit();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUNEWARP_TEST_LOG").unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
+}
+
+/// The load tests hold thousands of sockets in this process: raise the
+/// soft open-files limit to the hard one. A login session's soft limit is
+/// often 1024 (as for the unprivileged user of `.ci/check_phase`), which
+/// the slowloris test exceeds.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 /// Server material in `dir/server`; returns (cert dir, CA file).
@@ -283,6 +303,7 @@ impl TestClient {
             public_certs: s.public_cert_dir.map(|d| PublicCertSource::Manual {
                 dir: d.to_path_buf(),
             }),
+            readiness_bind_address: None,
             services: s.services,
         };
         let client = Client::new(config).expect("client starts");
