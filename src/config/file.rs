@@ -52,6 +52,10 @@ pub(crate) struct RawServer {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub graceful_shutdown_duration: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_write_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<RawAcme>,
@@ -112,6 +116,10 @@ pub(crate) struct RawClient {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_cert_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_write_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<RawAcme>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub services: Option<Vec<RawService>>,
@@ -144,6 +152,8 @@ pub(crate) const SERVER_KEYS: &[&str] = &[
     "tunnel-bind-address",
     "readiness-bind-address",
     "graceful-shutdown-duration",
+    "stream-write-timeout",
+    "stream-idle-timeout",
     "cert-dir",
     "acme",
     "tunnels",
@@ -157,6 +167,8 @@ pub(crate) const CLIENT_KEYS: &[&str] = &[
     "server-ca-file",
     "identity-dir",
     "public-cert-dir",
+    "stream-write-timeout",
+    "stream-idle-timeout",
     "acme",
     "services",
 ];
@@ -436,6 +448,8 @@ public-bind-address = "a"
 tunnel-bind-address = "a"
 readiness-bind-address = "a"
 graceful-shutdown-duration = "a"
+stream-write-timeout = "a"
+stream-idle-timeout = "a"
 cert-dir = "a"
 [server.acme]
 email = "a"
@@ -452,6 +466,8 @@ server-trust = "a"
 server-ca-file = "a"
 identity-dir = "a"
 public-cert-dir = "a"
+stream-write-timeout = "a"
+stream-idle-timeout = "a"
 [client.acme]
 email = "a"
 [[client.services]]
