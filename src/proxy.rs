@@ -98,10 +98,7 @@ impl Deadlines {
 
     /// One write that must make progress within the write deadline; any
     /// progress also counts as activity.
-    async fn write<T>(
-        &self,
-        write: impl Future<Output = T>,
-    ) -> Result<T, RelayError> {
+    async fn write<T>(&self, write: impl Future<Output = T>) -> Result<T, RelayError> {
         match tokio::time::timeout(self.timeouts.write, write).await {
             Ok(result) => {
                 self.moved();
@@ -601,8 +598,7 @@ mod tests {
         let (mut visitor, mut a) = tokio::io::duplex(64 * 1024);
         let (mut b, _backend) = tokio::io::duplex(64 * 1024);
         let started = Instant::now();
-        let relay =
-            tokio::spawn(async move { relay_io(&mut a, &mut b, short(300, 60_000)).await });
+        let relay = tokio::spawn(async move { relay_io(&mut a, &mut b, short(300, 60_000)).await });
         let upload = tokio::spawn(async move {
             let _ = visitor.write_all(&vec![7u8; 1024 * 1024]).await;
             visitor
@@ -623,8 +619,7 @@ mod tests {
         // longer than the 300 ms deadline, but each write makes progress.
         let (mut visitor, mut a) = tokio::io::duplex(4 * 1024);
         let (mut b, mut backend) = tokio::io::duplex(4 * 1024);
-        let relay =
-            tokio::spawn(async move { relay_io(&mut a, &mut b, short(300, 60_000)).await });
+        let relay = tokio::spawn(async move { relay_io(&mut a, &mut b, short(300, 60_000)).await });
         let sent = 64 * 1024;
         let upload = tokio::spawn(async move {
             visitor.write_all(&vec![1u8; sent]).await.unwrap();
@@ -670,4 +665,3 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 }
-

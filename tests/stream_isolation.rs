@@ -150,8 +150,18 @@ fn setup(server_extra: &str, client_extra: &str) -> Setup {
         ),
     );
     let log = Path::new(DEBUG_LOG);
-    let server = home.spawn_env("server", &server_toml, "server.log", &[("RUNEWARP_LOG", log)]);
-    let client = home.spawn_env("client", &client_toml, "client.log", &[("RUNEWARP_LOG", log)]);
+    let server = home.spawn_env(
+        "server",
+        &server_toml,
+        "server.log",
+        &[("RUNEWARP_LOG", log)],
+    );
+    let client = home.spawn_env(
+        "client",
+        &client_toml,
+        "client.log",
+        &[("RUNEWARP_LOG", log)],
+    );
     visit_until_ok(home.public_addr(), &backend.cert, Duration::from_secs(15));
     Setup {
         home,
@@ -169,7 +179,8 @@ fn visitor(public: SocketAddr, root: &CertificateDer<'static>, request: &[u8]) -
     socket.connect(&public.into()).unwrap();
     let mut tcp: TcpStream = socket.into();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    tcp.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    tcp.set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root.clone()).unwrap();
     let config = rustls::ClientConfig::builder()
@@ -180,7 +191,7 @@ fn visitor(public: SocketAddr, root: &CertificateDer<'static>, request: &[u8]) -
             .unwrap();
     rustls::Stream::new(&mut conn, &mut tcp)
         .write_all(request)
-        .expect("request sent");
+        .expect("the TLS handshake and request through the tunnel");
     Visitor { conn, tcp }
 }
 
@@ -379,7 +390,10 @@ fn idle_stream_is_closed(s: &Setup, log: &Running) {
     let took = start.elapsed();
     println!("idle stream closed after {took:?} ({end:?})");
     assert!(end.is_some(), "the idle stream was closed within 10 s");
-    assert!(took >= Duration::from_millis(1500), "not before the deadline");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "not before the deadline"
+    );
     wait_until("the backend sees the close", Duration::from_secs(5), || {
         s.backend.seen.holds_closed.load(Ordering::SeqCst) == 1
     });

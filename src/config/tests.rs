@@ -1405,8 +1405,14 @@ fn stream_timeouts_are_read_and_rendered_on_both_sides() {
     let c = r.expect("valid");
     assert_eq!(c.stream_timeouts, want);
     let rendered = render_server(&c);
-    assert!(rendered.contains("stream-write-timeout = \"2s\""), "{rendered}");
-    assert!(rendered.contains("stream-idle-timeout = \"3600s\""), "{rendered}");
+    assert!(
+        rendered.contains("stream-write-timeout = \"2s\""),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("stream-idle-timeout = \"3600s\""),
+        "{rendered}"
+    );
     assert_eq!(
         reload_server(&rendered, &Environment::default()).stream_timeouts,
         want
@@ -1415,7 +1421,10 @@ fn stream_timeouts_are_read_and_rendered_on_both_sides() {
     let c = r.expect("valid");
     assert_eq!(c.stream_timeouts, want);
     let rendered = render_client(&c);
-    assert!(rendered.contains("stream-write-timeout = \"2s\""), "{rendered}");
+    assert!(
+        rendered.contains("stream-write-timeout = \"2s\""),
+        "{rendered}"
+    );
     assert_eq!(
         reload_client(&rendered, &Environment::default()).stream_timeouts,
         want
