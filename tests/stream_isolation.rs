@@ -263,18 +263,31 @@ fn good_visit(s: &Setup, what: &str) {
 #[test]
 fn visitors_that_stop_reading_a_download_do_not_stall_the_tunnel() {
     let s = setup("", "");
+    let (rss_before, fds_before) = s.server.rss_kib_and_fds();
     let stuck: Vec<Visitor> = (0..STUCK)
         .map(|_| visitor(s.home.public_addr(), &s.backend.cert, b"big"))
         .collect();
     // Let the downloads fill every buffer on the way and stall.
     std::thread::sleep(Duration::from_secs(2));
+    let (rss_stuck, _) = s.server.rss_kib_and_fds();
     good_visit(&s, "8 Visitors not reading 64 MiB downloads");
     assert_eq!(
         s.backend.seen.download_failures.load(Ordering::SeqCst),
         0,
         "the stuck downloads are still open (the write deadline is 30 s)"
     );
+    // When they leave, the Server lets go of everything they held.
     drop(stuck);
+    wait_until(
+        "the Server's file descriptors are back to where they were",
+        Duration::from_secs(10),
+        || s.server.rss_kib_and_fds().1 <= fds_before,
+    );
+    let (rss_after, fds_after) = s.server.rss_kib_and_fds();
+    println!(
+        "Server RSS: {rss_before} KiB before, {rss_stuck} KiB with {STUCK} stuck streams, \
+         {rss_after} KiB after they left; fds {fds_before} before, {fds_after} after"
+    );
 }
 
 #[test]
