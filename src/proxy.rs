@@ -7,14 +7,24 @@
 //! buffer only once the socket is readable (idle streams hold none), and
 //! the QUIC→TCP direction forwards quinn's received chunks without copying
 //! them into a buffer of ours.
+//!
+//! Every relayed stream has two deadlines ([`StreamTimeouts`]): a direction
+//! that cannot write a single byte for `write` (a peer that stopped
+//! reading) and a stream that moved no byte either way for `idle` are
+//! aborted like a failure, which hands the stream's flow-control credit and
+//! buffers back at once.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
+use crate::config::StreamTimeouts;
 use crate::tunnel::transport::stream_code;
 
 /// Largest single read from TCP.
@@ -40,6 +50,10 @@ pub enum RelayError {
     Write(#[from] quinn::WriteError),
     #[error("tunnel stream read: {0}")]
     Read(#[from] quinn::ReadError),
+    #[error("no byte could be written for {0:?} (stream-write-timeout)")]
+    WriteTimeout(Duration),
+    #[error("no byte moved either way for {0:?} (stream-idle-timeout)")]
+    IdleTimeout(Duration),
 }
 
 impl RelayError {
@@ -51,21 +65,113 @@ impl RelayError {
             RelayError::Read(quinn::ReadError::Reset(_)) => "stream_reset",
             RelayError::Write(quinn::WriteError::ConnectionLost(_))
             | RelayError::Read(quinn::ReadError::ConnectionLost(_)) => "tunnel_lost",
+            RelayError::WriteTimeout(_) => "write_timeout",
+            RelayError::IdleTimeout(_) => "idle_timeout",
             _ => "stream_error",
         }
     }
 }
 
+/// The deadlines of one relayed stream and when it last moved a byte,
+/// shared by both directions (which run in one task).
+struct Deadlines {
+    timeouts: StreamTimeouts,
+    start: Instant,
+    /// Milliseconds after `start` of the last byte moved either way.
+    last_ms: AtomicU64,
+}
+
+impl Deadlines {
+    fn new(timeouts: StreamTimeouts) -> Self {
+        Self {
+            timeouts,
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes moved: the idle deadline starts again.
+    fn moved(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// One write that must make progress within the write deadline; any
+    /// progress also counts as activity.
+    async fn write<T>(&self, write: impl Future<Output = T>) -> Result<T, RelayError> {
+        match tokio::time::timeout(self.timeouts.write, write).await {
+            Ok(result) => {
+                self.moved();
+                Ok(result)
+            }
+            Err(_) => Err(RelayError::WriteTimeout(self.timeouts.write)),
+        }
+    }
+
+    /// Resolves once no byte moved either way for the idle deadline.
+    async fn idle(&self) -> RelayError {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + self.timeouts.idle;
+            if Instant::now() >= deadline {
+                return RelayError::IdleTimeout(self.timeouts.idle);
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// Keep-alive and user-timeout settings for Visitor and backend sockets,
+/// so that a peer that vanished (host gone, cable pulled, NAT state
+/// dropped) is noticed even when the stream is quiet: keep-alive probes
+/// after [`KEEPALIVE_IDLE`] of silence, and `TCP_USER_TIMEOUT` of twice the
+/// write deadline for data the peer never acknowledges (so the kernel gives
+/// up on a vanished peer after about 75 s of silence, or 60 s of
+/// unacknowledged data with the default deadlines). Twice, so that a peer
+/// that is alive but not reading meets the relay's own write deadline
+/// first, which resets the stream and says so in the log.
+pub fn tune_tcp(tcp: &TcpStream, timeouts: StreamTimeouts) {
+    let sock = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    let _ = sock.set_tcp_user_timeout(Some(timeouts.write.saturating_mul(2)));
+}
+
+/// First keep-alive probe after this much silence on the socket.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Between unanswered keep-alive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// Unanswered probes before the kernel resets the connection (the user
+/// timeout usually ends it sooner, after the first unanswered probe).
+pub const KEEPALIVE_PROBES: u32 = 4;
+
 /// Relay between `tcp` and a tunnel stream until both directions have
-/// ended. On any error both sides are aborted before returning.
+/// ended, under the `timeouts` deadlines. On any error, deadline included,
+/// both sides are aborted before returning.
 pub async fn relay_tcp_stream(
     tcp: &mut TcpStream,
     send: &mut SendStream,
     recv: &mut RecvStream,
+    timeouts: StreamTimeouts,
 ) -> Result<Transferred, RelayError> {
+    tune_tcp(tcp, timeouts);
+    let deadlines = Deadlines::new(timeouts);
     let result = {
         let (mut rd, mut wr) = tcp.split();
-        tokio::try_join!(tcp_to_stream(&mut rd, send), stream_to_tcp(recv, &mut wr))
+        let both = async {
+            tokio::try_join!(
+                tcp_to_stream(&mut rd, send, &deadlines),
+                stream_to_tcp(recv, &mut wr, &deadlines)
+            )
+        };
+        tokio::select! {
+            biased;
+            result = both => result,
+            idle = deadlines.idle() => Err(idle),
+        }
     };
     match result {
         Ok((to_tunnel, from_tunnel)) => Ok(Transferred {
@@ -83,6 +189,7 @@ pub async fn relay_tcp_stream(
 async fn tcp_to_stream(
     rd: &mut tokio::net::tcp::ReadHalf<'_>,
     send: &mut SendStream,
+    deadlines: &Deadlines,
 ) -> Result<u64, RelayError> {
     let mut total = 0u64;
     loop {
@@ -103,7 +210,12 @@ async fn tcp_to_stream(
         } else {
             buf.freeze()
         };
-        send.write_chunk(chunk).await?;
+        // Each call returns as soon as some bytes fit in the stream's
+        // flow-control credit: the write deadline is about progress.
+        let mut pending = [chunk];
+        while !pending[0].is_empty() {
+            deadlines.write(send.write_chunks(&mut pending)).await??;
+        }
         total += n as u64;
     }
 }
@@ -111,11 +223,12 @@ async fn tcp_to_stream(
 async fn stream_to_tcp(
     recv: &mut RecvStream,
     wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    deadlines: &Deadlines,
 ) -> Result<u64, RelayError> {
     let mut total = 0u64;
     let mut chunks: [Bytes; MAX_WRITE_CHUNKS] = Default::default();
     while let Some(n) = recv.read_chunks(&mut chunks).await? {
-        total += write_all_chunks(wr, &mut chunks[..n]).await?;
+        total += write_all_chunks(wr, &mut chunks[..n], deadlines).await?;
     }
     // STREAM_FIN from the tunnel: half-close the TCP side.
     wr.shutdown().await?;
@@ -128,11 +241,13 @@ async fn stream_to_tcp(
 const MAX_WRITE_CHUNKS: usize = 32;
 
 /// Write every byte of `chunks` with as few `writev` calls as the socket
-/// allows, emptying the chunks as it goes. Returns the bytes written.
+/// allows, emptying the chunks as it goes. Returns the bytes written. Each
+/// call must write something within the write deadline.
 async fn write_all_chunks<W: AsyncWrite + Unpin>(
     w: &mut W,
     chunks: &mut [Bytes],
-) -> io::Result<u64> {
+    deadlines: &Deadlines,
+) -> Result<u64, RelayError> {
     let total: usize = chunks.iter().map(Bytes::len).sum();
     let mut first = 0;
     while first < chunks.len() {
@@ -147,10 +262,12 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
             for (slice, chunk) in slices.iter_mut().zip(pending) {
                 *slice = io::IoSlice::new(chunk);
             }
-            w.write_vectored(&slices[..count]).await?
+            deadlines
+                .write(w.write_vectored(&slices[..count]))
+                .await??
         };
         if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+            return Err(io::Error::from(io::ErrorKind::WriteZero).into());
         }
         let mut left = written;
         while left > 0 {
@@ -167,17 +284,33 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
 }
 
 /// Relay between two arbitrary byte streams (used where one side is a TLS
-/// session, as in terminate mode). Returns bytes `a→b` as `to_tunnel` and
-/// `b→a` as `from_tunnel`. Errors are returned without aborting: the caller
-/// owns the concrete transports and aborts them.
-pub async fn relay_io<A, B>(a: &mut A, b: &mut B) -> io::Result<Transferred>
+/// session, as in terminate mode) under the `timeouts` deadlines. Returns
+/// bytes `a→b` as `to_tunnel` and `b→a` as `from_tunnel`. Errors are
+/// returned without aborting: the caller owns the concrete transports and
+/// aborts them.
+pub async fn relay_io<A, B>(
+    a: &mut A,
+    b: &mut B,
+    timeouts: StreamTimeouts,
+) -> Result<Transferred, RelayError>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let deadlines = Deadlines::new(timeouts);
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
-    let (ab, ba) = tokio::try_join!(copy_half(&mut ar, &mut bw), copy_half(&mut br, &mut aw))?;
+    let both = async {
+        tokio::try_join!(
+            copy_half(&mut ar, &mut bw, &deadlines),
+            copy_half(&mut br, &mut aw, &deadlines)
+        )
+    };
+    let (ab, ba) = tokio::select! {
+        biased;
+        result = both => result?,
+        idle = deadlines.idle() => return Err(idle),
+    };
     Ok(Transferred {
         to_tunnel: ab,
         from_tunnel: ba,
@@ -187,7 +320,7 @@ where
 /// Buffer size of one direction of the terminate relay.
 const IO_CHUNK: usize = 16 * 1024;
 
-async fn copy_half<R, W>(r: &mut R, w: &mut W) -> io::Result<u64>
+async fn copy_half<R, W>(r: &mut R, w: &mut W, deadlines: &Deadlines) -> Result<u64, RelayError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -217,17 +350,24 @@ where
             // A TLS peer that closed TCP without close_notify (as browsers
             // do) has still said everything: treat it as the end.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         if n == 0 {
-            w.shutdown().await?;
+            deadlines.write(w.shutdown()).await??;
             return Ok(total);
         }
         let Some(data) = buf.as_deref() else {
             // Ready with data implies the buffer is still held.
-            return Err(io::Error::other("relay buffer missing after a read"));
+            return Err(io::Error::other("relay buffer missing after a read").into());
         };
-        w.write_all(&data[..n]).await?;
+        let mut data = &data[..n];
+        while !data.is_empty() {
+            let written = deadlines.write(w.write(data)).await??;
+            if written == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+            }
+            data = &data[written..];
+        }
         total += n as u64;
     }
 }
@@ -356,6 +496,10 @@ mod tests {
         }
     }
 
+    fn deadlines() -> Deadlines {
+        Deadlines::new(StreamTimeouts::default())
+    }
+
     fn chunks(parts: &[&'static str]) -> Vec<Bytes> {
         parts
             .iter()
@@ -371,7 +515,9 @@ mod tests {
             calls: 0,
         };
         let mut c = chunks(&["ab", "", "cdefg", "h", "", "ijklmnop"]);
-        let n = write_all_chunks(&mut w, &mut c).await.unwrap();
+        let n = write_all_chunks(&mut w, &mut c, &deadlines())
+            .await
+            .unwrap();
         assert_eq!(n, 16);
         assert_eq!(w.got, b"abcdefghijklmnop");
         assert_eq!(w.calls, 6, "3 bytes per call for 16 bytes");
@@ -386,7 +532,9 @@ mod tests {
             calls: 0,
         };
         let mut c = chunks(&["x"; MAX_WRITE_CHUNKS]);
-        write_all_chunks(&mut w, &mut c).await.unwrap();
+        write_all_chunks(&mut w, &mut c, &deadlines())
+            .await
+            .unwrap();
         assert_eq!(w.got.len(), MAX_WRITE_CHUNKS);
         assert_eq!(w.calls, 1);
     }
@@ -397,7 +545,8 @@ mod tests {
         // visitor <-> (a | relay | b) <-> backend
         let (mut visitor, mut a) = tokio::io::duplex(64 * 1024);
         let (mut b, mut backend) = tokio::io::duplex(64 * 1024);
-        let relay = tokio::spawn(async move { relay_io(&mut a, &mut b).await });
+        let relay =
+            tokio::spawn(async move { relay_io(&mut a, &mut b, StreamTimeouts::default()).await });
         let mut sent = Vec::new();
         for round in 0..5u8 {
             // Idle gap: the relay's reads wait (and give their buffers back).
@@ -428,7 +577,91 @@ mod tests {
             calls: 0,
         };
         let mut c = chunks(&["abc"]);
-        let err = write_all_chunks(&mut w, &mut c).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::WriteZero);
+        let err = write_all_chunks(&mut w, &mut c, &deadlines())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RelayError::Tcp(e) if e.kind() == io::ErrorKind::WriteZero),
+            "{err:?}"
+        );
+    }
+    fn short(write_ms: u64, idle_ms: u64) -> StreamTimeouts {
+        StreamTimeouts {
+            write: Duration::from_millis(write_ms),
+            idle: Duration::from_millis(idle_ms),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_hits_the_write_deadline() {
+        // visitor <-> (a | relay | b) <-> backend; the backend never reads.
+        let (mut visitor, mut a) = tokio::io::duplex(64 * 1024);
+        let (mut b, _backend) = tokio::io::duplex(64 * 1024);
+        let started = Instant::now();
+        let relay = tokio::spawn(async move { relay_io(&mut a, &mut b, short(300, 60_000)).await });
+        let upload = tokio::spawn(async move {
+            let _ = visitor.write_all(&vec![7u8; 1024 * 1024]).await;
+            visitor
+        });
+        let err = relay.await.unwrap().unwrap_err();
+        assert_eq!(err.reason(), "write_timeout", "{err:?}");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        upload.abort();
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_that_keeps_taking_bytes_is_not_cut() {
+        use tokio::io::AsyncReadExt;
+        // The backend reads 1 KiB every 5 ms through a 4 KiB pipe: the
+        // relay's writes block again and again and the whole transfer takes
+        // longer than the 300 ms deadline, but each write makes progress.
+        let (mut visitor, mut a) = tokio::io::duplex(4 * 1024);
+        let (mut b, mut backend) = tokio::io::duplex(4 * 1024);
+        let relay = tokio::spawn(async move { relay_io(&mut a, &mut b, short(300, 60_000)).await });
+        let sent = 64 * 1024;
+        let upload = tokio::spawn(async move {
+            visitor.write_all(&vec![1u8; sent]).await.unwrap();
+            visitor.shutdown().await.unwrap();
+            visitor
+        });
+        let mut got = 0;
+        let mut buf = [0u8; 1024];
+        loop {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let n = backend.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        assert_eq!(got, sent);
+        backend.shutdown().await.unwrap();
+        let _visitor = upload.await.unwrap();
+        relay.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_moves_nothing_hits_the_idle_deadline() {
+        use tokio::io::AsyncReadExt;
+        let (mut visitor, mut a) = tokio::io::duplex(1024);
+        let (mut b, mut backend) = tokio::io::duplex(1024);
+        let started = Instant::now();
+        let relay = tokio::spawn(async move { relay_io(&mut a, &mut b, short(60_000, 400)).await });
+        // Traffic every 200 ms keeps it open past the idle deadline...
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            visitor.write_all(b"ping").await.unwrap();
+            let mut buf = [0u8; 4];
+            backend.read_exact(&mut buf).await.unwrap();
+        }
+        assert!(!relay.is_finished(), "closed while bytes were moving");
+        // ...and silence closes it.
+        let quiet = Instant::now();
+        let err = relay.await.unwrap().unwrap_err();
+        assert_eq!(err.reason(), "idle_timeout", "{err:?}");
+        assert!(quiet.elapsed() >= Duration::from_millis(300));
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

@@ -17,7 +17,9 @@ use rand::SeedableRng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::config::{BackendAddress, ClientConfig, PublicCertSource, ServiceConfig, TlsMode};
+use crate::config::{
+    BackendAddress, ClientConfig, PublicCertSource, ServiceConfig, StreamTimeouts, TlsMode,
+};
 use crate::hostname::wire_lookup_key;
 use crate::logging::RateLimit;
 use crate::notify;
@@ -80,6 +82,8 @@ struct Context {
     acceptor: Option<terminate::Acceptor>,
     /// One `backend_unreachable` line per backend per interval.
     backend_errors: RateLimit<String>,
+    /// Deadlines of every relayed stream.
+    stream_timeouts: StreamTimeouts,
 }
 
 /// Backend failures are logged at most once per backend per this interval.
@@ -184,6 +188,7 @@ impl Client {
             handlers: Arc::new(tokio::sync::Semaphore::new(STREAM_HANDLERS)),
             acceptor,
             backend_errors: RateLimit::new(BACKEND_ERROR_LOG_INTERVAL),
+            stream_timeouts: config.stream_timeouts,
         });
         Ok(Self {
             dialer: Dialer::new(config.server_address.clone(), &config.server_trust, quic),
@@ -527,7 +532,7 @@ async fn passthrough(
         return Err("backend_write_failed");
     }
     // Here the TCP side of the relay is the backend.
-    let t = proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv)
+    let t = proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv, context.stream_timeouts)
         .await
         .map_err(|e| e.reason())?;
     Ok(Moved {
@@ -583,15 +588,21 @@ async fn terminate(
         abort_tls(&mut tls);
         return Err("backend_write_failed");
     }
-    match proxy::relay_io(&mut tls, &mut tcp).await {
+    proxy::tune_tcp(&tcp, context.stream_timeouts);
+    match proxy::relay_io(&mut tls, &mut tcp, context.stream_timeouts).await {
         Ok(t) => Ok(Moved {
             to_backend: t.to_tunnel,
             from_backend: t.from_tunnel,
         }),
-        Err(_) => {
+        Err(e) => {
             proxy::abort_tcp(&tcp);
             abort_tls(&mut tls);
-            Err("relay_failed")
+            Err(match e {
+                proxy::RelayError::WriteTimeout(_) | proxy::RelayError::IdleTimeout(_) => {
+                    e.reason()
+                }
+                _ => "relay_failed",
+            })
         }
     }
 }

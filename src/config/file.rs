@@ -52,6 +52,10 @@ pub(crate) struct RawServer {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub graceful_shutdown_duration: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_write_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<RawAcme>,
@@ -115,6 +119,9 @@ pub(crate) struct RawClient {
     pub public_cert_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub readiness_bind_address: Option<String>,
+    pub stream_write_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<RawAcme>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -148,6 +155,8 @@ pub(crate) const SERVER_KEYS: &[&str] = &[
     "tunnel-bind-address",
     "readiness-bind-address",
     "graceful-shutdown-duration",
+    "stream-write-timeout",
+    "stream-idle-timeout",
     "cert-dir",
     "acme",
     "tunnels",
@@ -163,6 +172,8 @@ pub(crate) const CLIENT_KEYS: &[&str] = &[
     "identity-dir",
     "public-cert-dir",
     "readiness-bind-address",
+    "stream-write-timeout",
+    "stream-idle-timeout",
     "acme",
     "services",
 ];
@@ -463,6 +474,8 @@ public-bind-address = "a"
 tunnel-bind-address = "a"
 readiness-bind-address = "a"
 graceful-shutdown-duration = "a"
+stream-write-timeout = "a"
+stream-idle-timeout = "a"
 cert-dir = "a"
 [server.acme]
 email = "a"
@@ -480,6 +493,8 @@ server-ca-file = "a"
 server-pin = "a"
 identity-dir = "a"
 public-cert-dir = "a"
+stream-write-timeout = "a"
+stream-idle-timeout = "a"
 [client.acme]
 email = "a"
 [[client.services]]

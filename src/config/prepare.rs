@@ -230,11 +230,18 @@ pub(crate) struct PreparedServer {
     pub tunnel_bind_address: Val<String>,
     pub readiness_bind_address: Option<Val<String>>,
     pub graceful_shutdown_duration: Val<String>,
+    pub stream_write_timeout: Val<String>,
+    pub stream_idle_timeout: Val<String>,
     /// Filled with the default when neither this nor `acme` is set.
     pub cert_dir: Option<PathBuf>,
     pub acme: Option<PreparedAcme>,
     pub tunnels: Vec<RawTunnel>,
 }
+
+/// `stream-write-timeout` default, as written in a file.
+const DEFAULT_STREAM_WRITE_TIMEOUT: &str = "30s";
+/// `stream-idle-timeout` default, as written in a file.
+const DEFAULT_STREAM_IDLE_TIMEOUT: &str = "15m";
 
 fn file_or_default(
     label: &str,
@@ -322,6 +329,18 @@ pub(crate) fn prepare_server(
             &server.graceful_shutdown_duration,
             "60s",
         ),
+        stream_write_timeout: file_or_default(
+            &label,
+            "server.stream-write-timeout",
+            &server.stream_write_timeout,
+            DEFAULT_STREAM_WRITE_TIMEOUT,
+        ),
+        stream_idle_timeout: file_or_default(
+            &label,
+            "server.stream-idle-timeout",
+            &server.stream_idle_timeout,
+            DEFAULT_STREAM_IDLE_TIMEOUT,
+        ),
         cert_dir,
         acme,
         tunnels: server.tunnels.unwrap_or_default(),
@@ -355,6 +374,8 @@ pub(crate) struct PreparedClient {
     pub readiness_bind_address: Option<Val<String>>,
     pub acme: Option<PreparedAcme>,
     pub services: Vec<PreparedService>,
+    pub stream_write_timeout: Val<String>,
+    pub stream_idle_timeout: Val<String>,
 }
 
 pub(crate) fn prepare_client(
@@ -468,6 +489,18 @@ pub(crate) fn prepare_client(
         ),
         acme,
         services,
+        stream_write_timeout: file_or_default(
+            &label,
+            "client.stream-write-timeout",
+            &raw_client.stream_write_timeout,
+            DEFAULT_STREAM_WRITE_TIMEOUT,
+        ),
+        stream_idle_timeout: file_or_default(
+            &label,
+            "client.stream-idle-timeout",
+            &raw_client.stream_idle_timeout,
+            DEFAULT_STREAM_IDLE_TIMEOUT,
+        ),
         label,
     })
 }

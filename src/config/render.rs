@@ -50,6 +50,8 @@ pub fn render_server(c: &ServerConfig) -> String {
             tunnel_bind_address: Some(c.tunnel_bind_address.to_string()),
             readiness_bind_address: c.readiness_bind_address.map(|a| a.to_string()),
             graceful_shutdown_duration: Some(format_duration(c.graceful_shutdown_duration)),
+            stream_write_timeout: Some(format_duration(c.stream_timeouts.write)),
+            stream_idle_timeout: Some(format_duration(c.stream_timeouts.idle)),
             cert_dir,
             acme: acme_raw,
             tunnels: Some(
@@ -101,6 +103,8 @@ pub fn render_client(c: &ClientConfig) -> String {
             identity_dir: Some(path(&c.identity_dir)),
             public_cert_dir,
             readiness_bind_address: c.readiness_bind_address.map(|a| a.to_string()),
+            stream_write_timeout: Some(format_duration(c.stream_timeouts.write)),
+            stream_idle_timeout: Some(format_duration(c.stream_timeouts.idle)),
             acme: acme_raw,
             services: Some(
                 c.services

@@ -1483,3 +1483,77 @@ fn client_overlays_suffice_when_file_has_no_client_section() {
     assert_eq!(c.log_level, LogLevel::Warn);
     assert!(c.services[0].public_hostnames.is_empty());
 }
+
+// ------------------------------------------------------- stream timeouts
+
+#[test]
+fn stream_timeouts_default_to_30s_and_15m_on_both_sides() {
+    let want = StreamTimeouts {
+        write: Duration::from_secs(30),
+        idle: Duration::from_secs(15 * 60),
+    };
+    let (_t, r) = server_with(&minimal_server(), None);
+    assert_eq!(r.expect("valid").stream_timeouts, want);
+    let (_t, r) = client_with(minimal_client());
+    assert_eq!(r.expect("valid").stream_timeouts, want);
+}
+
+#[test]
+fn stream_timeouts_are_read_and_rendered_on_both_sides() {
+    let body = "stream-write-timeout = \"2s\"\nstream-idle-timeout = \"1h\"";
+    let want = StreamTimeouts {
+        write: Duration::from_secs(2),
+        idle: Duration::from_secs(3600),
+    };
+    let (_t, r) = server_with(&server_body(body), None);
+    let c = r.expect("valid");
+    assert_eq!(c.stream_timeouts, want);
+    let rendered = render_server(&c);
+    assert!(
+        rendered.contains("stream-write-timeout = \"2s\""),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("stream-idle-timeout = \"3600s\""),
+        "{rendered}"
+    );
+    assert_eq!(
+        reload_server(&rendered, &Environment::default()).stream_timeouts,
+        want
+    );
+    let (_t, r) = client_with(&client_body(body));
+    let c = r.expect("valid");
+    assert_eq!(c.stream_timeouts, want);
+    let rendered = render_client(&c);
+    assert!(
+        rendered.contains("stream-write-timeout = \"2s\""),
+        "{rendered}"
+    );
+    assert_eq!(
+        reload_client(&rendered, &Environment::default()).stream_timeouts,
+        want
+    );
+}
+
+#[test]
+fn invalid_stream_timeouts_name_key_and_value() {
+    for key in ["stream-write-timeout", "stream-idle-timeout"] {
+        for (value, reason) in [
+            ("30", "missing unit"),
+            ("1.5s", "expected a whole number"),
+            ("-1s", "expected a whole number"),
+            ("10d", "unknown unit"),
+            ("0s", "must be between 1s and 168h"),
+            ("999ms", "must be between 1s and 168h"),
+            ("169h", "must be between 1s and 168h"),
+        ] {
+            let line = format!("{key} = \"{value}\"");
+            let m = server_err(&server_body(&line));
+            assert_has(&m, &[&format!("server.{line}"), reason]);
+            let m = client_err(&client_body(&line));
+            assert_has(&m, &[&format!("client.{line}"), reason]);
+        }
+        let m = server_err(&server_body(&format!("{key} = 30")));
+        assert_has(&m, &[key]);
+    }
+}

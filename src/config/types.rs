@@ -56,6 +56,37 @@ pub enum ServerCertSource {
     Acme(AcmeConfig),
 }
 
+/// `stream-write-timeout` and `stream-idle-timeout`, in `[server]` and in
+/// `[client]`: the deadlines of every relayed stream on that side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamTimeouts {
+    /// A relay direction that cannot write a single byte for this long
+    /// resets the stream both ways.
+    pub write: Duration,
+    /// A stream that moves no byte either way for this long is closed.
+    pub idle: Duration,
+}
+
+impl StreamTimeouts {
+    /// `stream-write-timeout` default.
+    pub const DEFAULT_WRITE: Duration = Duration::from_secs(30);
+    /// `stream-idle-timeout` default (the common edge default).
+    pub const DEFAULT_IDLE: Duration = Duration::from_secs(15 * 60);
+    /// Smallest accepted value of either key.
+    pub const MIN: Duration = Duration::from_secs(1);
+    /// Largest accepted value of either key.
+    pub const MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+}
+
+impl Default for StreamTimeouts {
+    fn default() -> Self {
+        Self {
+            write: Self::DEFAULT_WRITE,
+            idle: Self::DEFAULT_IDLE,
+        }
+    }
+}
+
 /// One `[[server.tunnels]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TunnelConfig {
@@ -76,6 +107,8 @@ pub struct ServerConfig {
     pub tunnel_bind_address: SocketAddr,
     pub readiness_bind_address: Option<SocketAddr>,
     pub graceful_shutdown_duration: Duration,
+    /// `stream-write-timeout`, `stream-idle-timeout`.
+    pub stream_timeouts: StreamTimeouts,
     pub certificates: ServerCertSource,
     pub tunnels: Vec<TunnelConfig>,
 }
@@ -165,4 +198,6 @@ pub struct ClientConfig {
     /// Tunnel connection is up.
     pub readiness_bind_address: Option<SocketAddr>,
     pub services: Vec<ServiceConfig>,
+    /// `stream-write-timeout`, `stream-idle-timeout`.
+    pub stream_timeouts: StreamTimeouts,
 }

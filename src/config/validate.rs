@@ -137,6 +137,7 @@ pub(crate) fn validate_server(p: PreparedServer) -> Result<ServerConfig, ConfigE
                 .origin
                 .invalid(&p.graceful_shutdown_duration.value, e)
         })?;
+    let stream_timeouts = stream_timeouts(&p.stream_write_timeout, &p.stream_idle_timeout)?;
     let certificates = match (&p.cert_dir, &p.acme) {
         (Some(dir), None) => ServerCertSource::Manual {
             cert_dir: dir.clone(),
@@ -249,8 +250,30 @@ pub(crate) fn validate_server(p: PreparedServer) -> Result<ServerConfig, ConfigE
         tunnel_bind_address,
         readiness_bind_address,
         graceful_shutdown_duration,
+        stream_timeouts,
         certificates,
         tunnels,
+    })
+}
+
+/// `stream-write-timeout` and `stream-idle-timeout` of either section.
+pub(crate) fn stream_timeouts(
+    write: &Val<String>,
+    idle: &Val<String>,
+) -> Result<StreamTimeouts, ConfigError> {
+    let one = |v: &Val<String>| {
+        let d = parse_duration(&v.value).map_err(|e| v.origin.invalid(&v.value, e))?;
+        if d < StreamTimeouts::MIN || d > StreamTimeouts::MAX {
+            return Err(v.origin.invalid(
+                &v.value,
+                "must be between 1s and 168h (a shorter deadline would cut healthy streams that pause; there is no way to turn it off)",
+            ));
+        }
+        Ok(d)
+    };
+    Ok(StreamTimeouts {
+        write: one(write)?,
+        idle: one(idle)?,
     })
 }
 
@@ -358,6 +381,7 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         )));
     };
     let server_address = server_address(address)?;
+    let stream_timeouts = stream_timeouts(&p.stream_write_timeout, &p.stream_idle_timeout)?;
 
     let server_trust = match (p.server_trust.as_deref(), &p.server_ca_file) {
         (Some("pin"), Some(file)) => {
@@ -517,5 +541,6 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         public_certs,
         readiness_bind_address,
         services,
+        stream_timeouts,
     })
 }

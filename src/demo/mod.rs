@@ -29,7 +29,7 @@ use crate::cli::DemoArgs;
 use crate::client::Client;
 use crate::config::{
     BackendAddress, ClientConfig, LogLevel, PublicCertSource, ServerAddress, ServerCertSource,
-    ServerConfig, ServerTrust, ServiceConfig, TlsMode, TunnelConfig,
+    ServerConfig, ServerTrust, ServiceConfig, StreamTimeouts, TlsMode, TunnelConfig,
 };
 use crate::hostname::{PublicHostname, ServerHostname};
 use crate::run::EXIT_FAILURE;
@@ -465,6 +465,7 @@ fn server_config(m: &Material) -> Result<ServerConfig, BoxError> {
         tunnel_bind_address: loopback,
         readiness_bind_address: None,
         graceful_shutdown_duration: Duration::from_secs(1),
+        stream_timeouts: StreamTimeouts::default(),
         certificates: ServerCertSource::Manual {
             cert_dir: m.server_cert_dir.clone(),
         },
@@ -518,6 +519,7 @@ fn client_config(
                 proxy_protocol: false,
             },
         ],
+        stream_timeouts: StreamTimeouts::default(),
     })
 }
 

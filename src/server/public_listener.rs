@@ -266,7 +266,7 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     }
     tracing::debug!(event = "stream_routed", hostname = %key, %peer, tunnel = tc.tunnel, connection = tc.id);
     let started = std::time::Instant::now();
-    match proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv).await {
+    match proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv, config.stream_timeouts).await {
         Ok(t) => tracing::debug!(
             event = "stream_closed",
             hostname = %key,

@@ -45,13 +45,21 @@ pub const MAX_STREAMS: u32 = 1024;
 /// keeps at least [`MAX_STREAMS`] available at all times.
 pub const STREAM_CREDIT: u32 = MAX_STREAMS + MAX_STREAMS / 8;
 
-/// Per-stream flow-control window: 2 MiB covers one Visitor at 300 Mbit/s
-/// over a 50 ms path; stalled streams are bounded by the connection window
-/// below, not by this.
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-/// Connection-wide receive window: caps what one Tunnel connection can have
-/// in flight towards slow readers (and so the memory it can pin).
-const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+/// Per-stream receive window. One stream can carry at most this much per
+/// round trip: 2 MiB is 336 Mbit/s over a 50 ms path and 84 Mbit/s over
+/// 200 ms. It is also what one stuck stream (a Visitor or Local backend
+/// that stopped reading) pins in the receiver's memory until the write
+/// deadline resets it; 1 MiB would halve that but cost 10-20 % of
+/// single-stream throughput in the loopback bench. See
+/// docs/architecture.md, "Flow-control windows".
+pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// Connection-wide receive window: every stream the peer may have open at
+/// once, each with a full stream window. Stuck streams can therefore never
+/// exhaust the connection's credit and hold back the other streams of the
+/// Tunnel connection; what bounds the memory they pin is the stream count
+/// (admission limits, [`STREAM_CREDIT`]) times [`STREAM_WINDOW`], and the
+/// write deadline that resets them.
+pub const CONNECTION_WINDOW: u32 = STREAM_CREDIT * STREAM_WINDOW;
 /// How much unacknowledged data we keep buffered for sending, all streams
 /// together: 80 MB/s over a 50 ms path. 8 MiB bought no throughput in the
 /// bench and cost ~6 MiB of peak RSS.

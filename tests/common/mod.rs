@@ -205,6 +205,7 @@ impl TestServer {
             tunnel_bind_address: tunnel,
             readiness_bind_address: None,
             graceful_shutdown_duration: Duration::from_secs(1),
+            stream_timeouts: StreamTimeouts::default(),
             certificates: ServerCertSource::Manual {
                 cert_dir: cert_dir.to_path_buf(),
             },
@@ -305,6 +306,7 @@ impl TestClient {
             }),
             readiness_bind_address: None,
             services: s.services,
+            stream_timeouts: StreamTimeouts::default(),
         };
         let client = Client::new(config).expect("client starts");
         let status = client.status();
