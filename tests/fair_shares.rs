@@ -53,6 +53,7 @@ impl ReadyServer {
                 cert_dir: cert_dir.to_path_buf(),
             },
             tunnels,
+            stream_timeouts: Default::default(),
         };
         let server = Server::bind_with_limits(config, limits).await.unwrap();
         let (trigger, stop) = shutdown::channel();
