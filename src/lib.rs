@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod hostname;
 pub mod logging;
 pub mod man;
+pub mod metrics;
 pub mod notify;
 pub mod proxy;
 pub mod run;

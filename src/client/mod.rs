@@ -17,7 +17,7 @@ use rand::SeedableRng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::config::{BackendAddress, ClientConfig, PublicCertSource, ServiceConfig, TlsMode};
+use crate::config::{ClientConfig, PublicCertSource, ServiceConfig, TlsMode};
 use crate::hostname::wire_lookup_key;
 use crate::logging::RateLimit;
 use crate::notify;
@@ -66,6 +66,11 @@ pub enum ClientError {
     Terminate(#[from] TerminateError),
     #[error("{0}")]
     Acme(#[from] AcmeSetupError),
+    #[error("cannot bind metrics listener (TCP) {addr}: {error}")]
+    MetricsBind {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
 }
 
 /// What the stream handlers share.
@@ -75,6 +80,7 @@ struct Context {
     acceptor: Option<terminate::Acceptor>,
     /// One `backend_unreachable` line per backend per interval.
     backend_errors: RateLimit<String>,
+    metrics: Arc<crate::metrics::ClientMetrics>,
 }
 
 /// Backend failures are logged at most once per backend per this interval.
@@ -113,6 +119,8 @@ pub struct Client {
     /// `[client.acme]`: started by `run` once the first Tunnel connection
     /// is up, never awaited.
     acme: Option<AcmeManager>,
+    /// `metrics-bind-address`, bound; served by `run`.
+    metrics_listener: Option<std::net::TcpListener>,
 }
 
 /// How a Tunnel connection ended.
@@ -129,6 +137,12 @@ impl Client {
         let roots = trust::root_store(&config.server_trust)?;
         let quic = transport::client_config(roots, identity_material)?;
         let mut acme = None;
+        let metrics = Arc::new(crate::metrics::ClientMetrics::new(&config.services));
+        let metrics_listener = config
+            .metrics_bind_address
+            .map(crate::metrics::bind)
+            .transpose()
+            .map_err(|(addr, error)| ClientError::MetricsBind { addr, error })?;
         let acceptor = match &config.public_certs {
             None => None,
             Some(PublicCertSource::Acme(acme_config)) => {
@@ -143,7 +157,13 @@ impl Client {
                 Some(acceptor)
             }
             Some(PublicCertSource::Manual { dir }) => {
-                let table = CertificateTable::new(material::load_public_certs(dir)?)?;
+                let certs = material::load_public_certs(dir)?;
+                for (host, m) in &certs {
+                    if let Some(t) = m.chain.first().and_then(|c| crate::metrics::not_after(c)) {
+                        metrics.certificate_expiry(host.as_str(), t);
+                    }
+                }
+                let table = CertificateTable::new(certs)?;
                 for s in config
                     .services
                     .iter()
@@ -166,6 +186,7 @@ impl Client {
             handlers: Arc::new(tokio::sync::Semaphore::new(STREAM_HANDLERS)),
             acceptor,
             backend_errors: RateLimit::new(BACKEND_ERROR_LOG_INTERVAL),
+            metrics,
         });
         Ok(Self {
             dialer: Dialer::new(config.server_address.clone(), &config.server_trust, quic),
@@ -174,6 +195,7 @@ impl Client {
             context,
             status: tokio::sync::watch::Sender::new(ClientStatus::default()),
             acme,
+            metrics_listener,
         })
     }
 
@@ -204,6 +226,10 @@ impl Client {
         let mut backoff = Backoff::default();
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let server = self.config.server_address.to_string();
+        let _metrics_task = self.metrics_listener.take().and_then(|l| {
+            let m = self.context.metrics.clone();
+            crate::metrics::spawn_std_listener(l, Arc::new(move || m.render()))
+        });
         tracing::info!(event = "client_started", server = %server, identity = %self.identity, services = self.config.services.len());
         loop {
             let dialed = tokio::select! {
@@ -216,6 +242,7 @@ impl Client {
                     let peer = canonical(conn.remote_address());
                     tracing::info!(event = "tunnel_connected", server = %server, %peer, identity = %self.identity);
                     self.set_status(true, None);
+                    self.context.metrics.set_connection(Some(conn.clone()));
                     if self.status.borrow().connections == 1 {
                         notify::notify(notify::READY);
                     }
@@ -226,6 +253,7 @@ impl Client {
                         acme_tasks = self.acme.take().map(AcmeManager::spawn);
                     }
                     let ended = serve(&conn, self.context.clone(), &mut shutdown).await;
+                    self.context.metrics.set_connection(None);
                     self.set_status(
                         false,
                         Some(match &ended {
@@ -262,6 +290,7 @@ impl Client {
                         _ => backoff.next_delay(&mut rng),
                     };
                     log_dial_failure(&server, &self.identity, &error, delay);
+                    self.context.metrics.dial_failed(error.reason());
                     delay
                 }
             };
@@ -316,6 +345,7 @@ async fn serve(conn: &quinn::Connection, context: Arc<Context>, shutdown: &mut S
         match accepted {
             Ok((mut send, mut recv)) => {
                 let Ok(permit) = context.handlers.clone().try_acquire_owned() else {
+                    context.metrics.stream_rejected("overloaded");
                     reject(&mut send, &mut recv, stream_code::OVERLOADED);
                     continue;
                 };
@@ -345,10 +375,12 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
     {
         Ok(Ok(h)) => h,
         Ok(Err(error)) => {
+            context.metrics.stream_rejected("bad_proxy_header");
             tracing::debug!(event = "stream_rejected", reason = "bad_proxy_header", error = ?error.to_string());
             return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
         }
         Err(_) => {
+            context.metrics.stream_rejected("proxy_header_timeout");
             tracing::debug!(event = "stream_rejected", reason = "proxy_header_timeout");
             return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
         }
@@ -359,17 +391,24 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
     let info = match sni::read_client_hello(&mut recv, &mut hello, deadline).await {
         Ok(info) => info,
         Err(e) => {
+            context.metrics.stream_rejected(e.reason());
             tracing::debug!(event = "stream_rejected", visitor = ?visitor, reason = e.reason());
             return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
         }
     };
     let hostname = info.server_name.as_deref().map(wire_lookup_key);
     let Some(service) = context.services.select(hostname.as_deref()) else {
+        context.metrics.stream_rejected("no_service");
         tracing::info!(event = "stream_rejected", hostname = hostname.as_deref().unwrap_or("-"), visitor = ?visitor, reason = "no_service");
         return reject(&mut send, &mut recv, stream_code::NO_SERVICE);
     };
     let host = hostname.as_deref().unwrap_or("-");
     let started = std::time::Instant::now();
+    let service_metrics = context.metrics.service(service.index).cloned();
+    let _active = service_metrics.as_ref().map(|m| {
+        m.streams.inc();
+        crate::metrics::ActiveStream::new(&m.streams_active)
+    });
     let result = match service.tls_mode {
         TlsMode::Passthrough => {
             passthrough(
@@ -403,6 +442,10 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
             }
         },
     };
+    if let (Some(m), Ok(t)) = (&service_metrics, &result) {
+        m.bytes_to_backend.inc_by(t.to_backend);
+        m.bytes_from_backend.inc_by(t.from_backend);
+    }
     match result {
         Ok(t) => tracing::debug!(
             event = "stream_closed",
@@ -428,18 +471,27 @@ fn reject(send: &mut SendStream, recv: &mut RecvStream, code: quinn::VarInt) {
 
 async fn connect_backend(
     context: &Context,
-    addr: &BackendAddress,
+    service: &ServiceConfig,
     hostname: &str,
 ) -> Result<TcpStream, &'static str> {
+    let addr = &service.backend_address;
+    let metrics = context.metrics.service(service.index);
+    let started = std::time::Instant::now();
     let connect = TcpStream::connect((addr.host.as_str(), addr.port));
     let (reason, error) = match tokio::time::timeout(BACKEND_CONNECT_DEADLINE, connect).await {
         Ok(Ok(tcp)) => {
+            if let Some(m) = metrics {
+                crate::metrics::observe_since(&m.backend_connect, started);
+            }
             let _ = tcp.set_nodelay(true);
             return Ok(tcp);
         }
         Ok(Err(error)) => ("backend_unreachable", error.to_string()),
         Err(_) => ("backend_timeout", "connect timed out".to_string()),
     };
+    if let Some(m) = metrics {
+        m.backend_failed(reason);
+    }
     if let Some(suppressed) = context.backend_errors.allow(&addr.to_string()) {
         tracing::warn!(event = "backend_unreachable", backend = %addr, hostname, error = ?error, suppressed);
     }
@@ -472,7 +524,7 @@ async fn passthrough(
     mut recv: RecvStream,
     hostname: &str,
 ) -> Result<Moved, &'static str> {
-    let mut tcp = match connect_backend(context, &service.backend_address, hostname).await {
+    let mut tcp = match connect_backend(context, service, hostname).await {
         Ok(tcp) => tcp,
         Err(reason) => {
             reject(&mut send, &mut recv, stream_code::BACKEND_UNREACHABLE);
@@ -533,7 +585,7 @@ async fn terminate(
         let _ = quic.writer_mut().reset(stream_code::ABORTED);
         let _ = quic.reader_mut().stop(stream_code::ABORTED);
     };
-    let mut tcp = match connect_backend(context, &service.backend_address, hostname).await {
+    let mut tcp = match connect_backend(context, service, hostname).await {
         Ok(tcp) => tcp,
         Err(reason) => {
             abort_tls(&mut tls);

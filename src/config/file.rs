@@ -50,6 +50,8 @@ pub(crate) struct RawServer {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub readiness_bind_address: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_bind_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub graceful_shutdown_duration: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_dir: Option<PathBuf>,
@@ -112,6 +114,8 @@ pub(crate) struct RawClient {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_cert_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_bind_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<RawAcme>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub services: Option<Vec<RawService>>,
@@ -143,6 +147,7 @@ pub(crate) const SERVER_KEYS: &[&str] = &[
     "public-bind-address",
     "tunnel-bind-address",
     "readiness-bind-address",
+    "metrics-bind-address",
     "graceful-shutdown-duration",
     "cert-dir",
     "acme",
@@ -157,6 +162,7 @@ pub(crate) const CLIENT_KEYS: &[&str] = &[
     "server-ca-file",
     "identity-dir",
     "public-cert-dir",
+    "metrics-bind-address",
     "acme",
     "services",
 ];
@@ -456,6 +462,7 @@ hostname = "a"
 public-bind-address = "a"
 tunnel-bind-address = "a"
 readiness-bind-address = "a"
+metrics-bind-address = "a"
 graceful-shutdown-duration = "a"
 cert-dir = "a"
 [server.acme]
@@ -473,6 +480,7 @@ server-trust = "a"
 server-ca-file = "a"
 identity-dir = "a"
 public-cert-dir = "a"
+metrics-bind-address = "a"
 [client.acme]
 email = "a"
 [[client.services]]

@@ -41,6 +41,7 @@
 //! | `server.public-bind-address` | `0.0.0.0:443` (TCP) |
 //! | `server.tunnel-bind-address` | `0.0.0.0:443` (UDP) |
 //! | `server.readiness-bind-address` | none |
+//! | `server.metrics-bind-address`, `client.metrics-bind-address` | none (off) |
 //! | `server.graceful-shutdown-duration` | `60s` |
 //! | `server.cert-dir` (when there is no `[server.acme]`) | `$XDG_DATA_HOME/runewarp/server` |
 //! | `server.acme.state-dir` | `$XDG_STATE_HOME/runewarp/server/acme` |

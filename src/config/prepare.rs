@@ -229,6 +229,7 @@ pub(crate) struct PreparedServer {
     pub public_bind_address: Val<String>,
     pub tunnel_bind_address: Val<String>,
     pub readiness_bind_address: Option<Val<String>>,
+    pub metrics_bind_address: Option<Val<String>>,
     pub graceful_shutdown_duration: Val<String>,
     /// Filled with the default when neither this nor `acme` is set.
     pub cert_dir: Option<PathBuf>,
@@ -316,6 +317,11 @@ pub(crate) fn prepare_server(
             "server.readiness-bind-address",
             &server.readiness_bind_address,
         ),
+        metrics_bind_address: file_val(
+            &label,
+            "server.metrics-bind-address",
+            &server.metrics_bind_address,
+        ),
         graceful_shutdown_duration: file_or_default(
             &label,
             "server.graceful-shutdown-duration",
@@ -352,6 +358,7 @@ pub(crate) struct PreparedClient {
     /// this nor `acme` is set.
     pub public_cert_dir: Option<PathBuf>,
     pub acme: Option<PreparedAcme>,
+    pub metrics_bind_address: Option<Val<String>>,
     pub services: Vec<PreparedService>,
 }
 
@@ -459,6 +466,11 @@ pub(crate) fn prepare_client(
         identity_dir,
         public_cert_dir,
         acme,
+        metrics_bind_address: file_val(
+            &label,
+            "client.metrics-bind-address",
+            &raw_client.metrics_bind_address,
+        ),
         services,
         label,
     })

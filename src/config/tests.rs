@@ -314,6 +314,40 @@ fn bind_address_must_be_literal() {
             "IP:port literal",
         ],
     );
+    let m = server_err(&server_body("metrics-bind-address = \"localhost:9100\""));
+    assert_has(
+        &m,
+        &[
+            "server.metrics-bind-address = \"localhost:9100\"",
+            "IP:port literal",
+        ],
+    );
+    let m = client_err(&client_body("metrics-bind-address = \":9101\""));
+    assert_has(
+        &m,
+        &["client.metrics-bind-address = \":9101\"", "IP:port literal"],
+    );
+}
+
+#[test]
+fn metrics_bind_address_is_off_by_default_and_parsed_when_set() {
+    let (_t, r) = server_with(&minimal_server(), None);
+    assert_eq!(r.expect("valid").metrics_bind_address, None);
+    let (_t, r) = server_with(
+        &server_body("metrics-bind-address = \"127.0.0.1:9100\""),
+        None,
+    );
+    assert_eq!(
+        r.expect("valid").metrics_bind_address,
+        Some("127.0.0.1:9100".parse().expect("addr"))
+    );
+    let (_t, r) = client_with(minimal_client());
+    assert_eq!(r.expect("valid").metrics_bind_address, None);
+    let (_t, r) = client_with(&client_body("metrics-bind-address = \"[::1]:9101\""));
+    assert_eq!(
+        r.expect("valid").metrics_bind_address,
+        Some("[::1]:9101".parse().expect("addr"))
+    );
 }
 
 #[test]
@@ -1248,7 +1282,7 @@ fn render_round_trip_server() {
     let texts = [
         minimal_server(),
         server_body(
-            "readiness-bind-address = \"[::1]:9000\"\ngraceful-shutdown-duration = \"1500ms\"\ncert-dir = \"c\"",
+            "readiness-bind-address = \"[::1]:9000\"\nmetrics-bind-address = \"127.0.0.1:9100\"\ngraceful-shutdown-duration = \"1500ms\"\ncert-dir = \"c\"",
         ),
         format!(
             "log-level = \"trace\"\n{}",
@@ -1298,6 +1332,7 @@ log-level = "warn"
 server-address = "edge.example.com:7443"
 server-trust = "ca-file"
 server-ca-file = "ca.pem"
+metrics-bind-address = "127.0.0.1:9101"
 [[client.services]]
 public-hostnames = ["a.example.com"]
 backend-address = "[::1]:8443"

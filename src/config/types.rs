@@ -74,6 +74,8 @@ pub struct ServerConfig {
     pub public_bind_address: SocketAddr,
     pub tunnel_bind_address: SocketAddr,
     pub readiness_bind_address: Option<SocketAddr>,
+    /// `metrics-bind-address`: Prometheus `/metrics` (off when `None`).
+    pub metrics_bind_address: Option<SocketAddr>,
     pub graceful_shutdown_duration: Duration,
     pub certificates: ServerCertSource,
     pub tunnels: Vec<TunnelConfig>,
@@ -158,5 +160,7 @@ pub struct ClientConfig {
     pub identity_dir: PathBuf,
     /// `Some` only when at least one Service terminates.
     pub public_certs: Option<PublicCertSource>,
+    /// `metrics-bind-address`: Prometheus `/metrics` (off when `None`).
+    pub metrics_bind_address: Option<SocketAddr>,
     pub services: Vec<ServiceConfig>,
 }

@@ -130,6 +130,11 @@ pub(crate) fn validate_server(p: PreparedServer) -> Result<ServerConfig, ConfigE
         .as_ref()
         .map(socket_addr)
         .transpose()?;
+    let metrics_bind_address = p
+        .metrics_bind_address
+        .as_ref()
+        .map(socket_addr)
+        .transpose()?;
     let graceful_shutdown_duration =
         parse_duration(&p.graceful_shutdown_duration.value).map_err(|e| {
             p.graceful_shutdown_duration
@@ -247,6 +252,7 @@ pub(crate) fn validate_server(p: PreparedServer) -> Result<ServerConfig, ConfigE
         public_bind_address,
         tunnel_bind_address,
         readiness_bind_address,
+        metrics_bind_address,
         graceful_shutdown_duration,
         certificates,
         tunnels,
@@ -474,6 +480,11 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         }
         (None, None) => None,
     };
+    let metrics_bind_address = p
+        .metrics_bind_address
+        .as_ref()
+        .map(socket_addr)
+        .transpose()?;
 
     Ok(ClientConfig {
         source: p.source,
@@ -482,6 +493,7 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         server_trust,
         identity_dir: p.identity_dir,
         public_certs,
+        metrics_bind_address,
         services,
     })
 }

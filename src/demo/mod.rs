@@ -464,6 +464,7 @@ fn server_config(m: &Material) -> Result<ServerConfig, BoxError> {
         public_bind_address: loopback,
         tunnel_bind_address: loopback,
         readiness_bind_address: None,
+        metrics_bind_address: None,
         graceful_shutdown_duration: Duration::from_secs(1),
         certificates: ServerCertSource::Manual {
             cert_dir: m.server_cert_dir.clone(),
@@ -501,6 +502,7 @@ fn client_config(
         public_certs: Some(PublicCertSource::Manual {
             dir: m.public_cert_dir.clone(),
         }),
+        metrics_bind_address: None,
         services: vec![
             ServiceConfig {
                 index: 0,

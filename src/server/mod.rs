@@ -55,6 +55,7 @@ pub struct Server {
     admission: Arc<Admission>,
     public: tokio::net::TcpListener,
     readiness: Option<tokio::net::TcpListener>,
+    metrics: Option<tokio::net::TcpListener>,
     tunnel: quinn::Endpoint,
     /// `[server.acme]`: the certificate manager (started by `run`) and the
     /// config answering TLS-ALPN-01 validations on the public listener.
@@ -75,9 +76,14 @@ impl Server {
         config: ServerConfig,
         limits: Limits,
     ) -> Result<Self, ServerError> {
+        let mut server_not_after = None;
         let (certificate, state_dir, acme) = match &config.certificates {
             ServerCertSource::Manual { cert_dir } => {
                 let cert = material::load_server_certificate(cert_dir)?;
+                server_not_after = cert
+                    .chain
+                    .first()
+                    .and_then(|c| crate::metrics::not_after(c));
                 let fixed: Arc<dyn ResolvesServerCert> =
                     Arc::new(transport::FixedCertificate::new(cert)?);
                 (fixed, cert_dir.join("state"), None)
@@ -116,7 +122,23 @@ impl Server {
                 }
             })?),
         };
+        let metrics = match config.metrics_bind_address {
+            None => None,
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|error| {
+                ServerError::Bind {
+                    what: "metrics listener (TCP)",
+                    addr,
+                    error,
+                }
+            })?),
+        };
         let admission = Admission::new(limits, config.tunnels.len());
+        admission.attach_metrics(registry.metrics().clone());
+        if let Some(not_after) = server_not_after {
+            registry
+                .metrics()
+                .certificate_expiry(config.hostname.as_str(), not_after);
+        }
         Ok(Self {
             config: Arc::new(config),
             registry,
@@ -124,9 +146,14 @@ impl Server {
             admission,
             public,
             readiness,
+            metrics,
             tunnel,
             acme,
         })
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|r| r.local_addr().ok())
     }
 
     pub fn public_addr(&self) -> std::io::Result<SocketAddr> {
@@ -161,6 +188,7 @@ impl Server {
             admission,
             public,
             readiness,
+            metrics,
             tunnel,
             acme,
         } = self;
@@ -174,9 +202,14 @@ impl Server {
             public = %public.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             tunnel = %tunnel.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             readiness = %readiness.as_ref().and_then(|r| r.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            metrics = %metrics.as_ref().and_then(|r| r.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
             tunnels = config.tunnels.len(),
         );
         let monitor = tokio::spawn(admission.clone().monitor());
+        let metrics_task = metrics.map(|listener| {
+            let m = registry.metrics().clone();
+            crate::metrics::spawn_listener(listener, Arc::new(move || m.render()))
+        });
         let ready_task = readiness
             .map(|listener| tokio::spawn(readiness_listener(listener, admission.admitting())));
         let public_task = tokio::spawn(public_listener::serve(
@@ -221,6 +254,9 @@ impl Server {
             drained = drain(&admission, window) => drained,
         };
         monitor.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
         let left = admission.routed_in_flight();
         tunnel.close(close_code::SHUTDOWN, b"server shutting down");
         let _ = tokio::time::timeout(CLOSE_FLUSH, tunnel.wait_idle()).await;

@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::ServerConfig;
 use crate::hostname::wire_lookup_key;
 use crate::logging::budget;
+use crate::metrics::ServerMetrics;
 use crate::proxy;
 use crate::server::admission::{Admission, IntakePermit};
 use crate::server::registry::{Registry, Route};
@@ -42,12 +43,13 @@ pub async fn serve(
         match accepted {
             Ok((tcp, peer)) => {
                 backoff.reset();
+                registry.metrics().visitors_accepted.inc();
                 // Admission happens here, before any task or buffer exists
                 // for this Visitor: the newest Visitor is the one refused.
                 let intake = match admission.intake(peer.ip()) {
                     Ok(permit) => permit,
                     Err(_) => {
-                        drops.count(DropReason::Overloaded);
+                        drops.count(DropReason::Overloaded, registry.metrics());
                         drop_visitor(&tcp, peer, None, DropReason::Overloaded);
                         continue;
                     }
@@ -131,8 +133,9 @@ pub const DROP_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 pub struct DropCounts([AtomicU64; REASONS.len()]);
 
 impl DropCounts {
-    fn count(&self, reason: DropReason) {
+    fn count(&self, reason: DropReason, metrics: &ServerMetrics) {
         let token = reason.as_str();
+        metrics.visitor_dropped(token);
         let i = REASONS
             .iter()
             .position(|r| *r == token)
@@ -198,7 +201,7 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
         acme_challenge,
     } = ctx;
     let dropped = |tcp: &TcpStream, host: Option<&str>, reason: DropReason| {
-        drops.count(reason);
+        drops.count(reason, registry.metrics());
         drop_visitor(tcp, peer, host, reason);
     };
     let _ = tcp.set_nodelay(true);
@@ -247,6 +250,11 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     // Routing is done: this Visitor no longer counts as intake.
     drop(intake);
     let _guard = tc.begin_stream();
+    let tunnel_metrics = registry.metrics().tunnel(tc.tunnel).cloned();
+    let _active = tunnel_metrics.as_ref().map(|m| {
+        m.streams.inc();
+        crate::metrics::ActiveStream::new(&m.streams_active)
+    });
     let (mut send, mut recv) = match opened {
         Ok(Ok(pair)) => pair,
         _ => return dropped(&tcp, Some(&key), DropReason::StreamOpenFailed),
@@ -266,7 +274,12 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     }
     tracing::debug!(event = "stream_routed", hostname = %key, %peer, tunnel = tc.tunnel, connection = tc.id);
     let started = std::time::Instant::now();
-    match proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv).await {
+    let relayed = proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv).await;
+    if let (Some(m), Ok(t)) = (&tunnel_metrics, &relayed) {
+        m.bytes_to_client.inc_by(t.to_tunnel + hello_len);
+        m.bytes_to_visitor.inc_by(t.from_tunnel);
+    }
+    match relayed {
         Ok(t) => tracing::debug!(
             event = "stream_closed",
             hostname = %key,

@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 
 use crate::config::TunnelConfig;
 use crate::hostname::PublicHostname;
+use crate::metrics::ServerMetrics;
 use crate::tls::client_identity::ClientIdentity;
 
 /// How long a replaced connection may keep serving its in-flight streams.
@@ -144,6 +145,7 @@ pub struct Registry {
     identities: HashMap<ClientIdentity, usize>,
     slots: Vec<Slot>,
     next_id: AtomicU64,
+    metrics: Arc<ServerMetrics>,
 }
 
 impl Registry {
@@ -163,7 +165,13 @@ impl Registry {
             identities,
             slots: tunnels.iter().map(|_| Slot::default()).collect(),
             next_id: AtomicU64::new(1),
+            metrics: Arc::new(ServerMetrics::new(tunnels)),
         }
+    }
+
+    /// The Server's metrics (labels from these Tunnels).
+    pub fn metrics(&self) -> &Arc<ServerMetrics> {
+        &self.metrics
     }
 
     /// Every pinned identity (for the TLS verifier).
@@ -261,6 +269,9 @@ impl Registry {
         }
         if slot.active.as_ref().is_some_and(|a| a.id == tc.id) {
             slot.active = None;
+            if let Some(m) = self.metrics.tunnel(tc.tunnel) {
+                m.connected.set(0);
+            }
             true
         } else {
             false

@@ -184,6 +184,7 @@ impl TestServer {
             public_bind_address: public,
             tunnel_bind_address: tunnel,
             readiness_bind_address: None,
+            metrics_bind_address: None,
             graceful_shutdown_duration: Duration::from_secs(1),
             certificates: ServerCertSource::Manual {
                 cert_dir: cert_dir.to_path_buf(),
@@ -283,6 +284,7 @@ impl TestClient {
             public_certs: s.public_cert_dir.map(|d| PublicCertSource::Manual {
                 dir: d.to_path_buf(),
             }),
+            metrics_bind_address: None,
             services: s.services,
         };
         let client = Client::new(config).expect("client starts");
