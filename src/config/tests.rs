@@ -418,17 +418,76 @@ fn tunnel_needs_public_hostnames() {
 }
 
 #[test]
-fn wildcard_public_hostname() {
+fn wildcard_public_hostnames() {
+    // One wildcard beside exact names is fine, in another Tunnel too.
     let text = format!(
-        "[server]\nhostname = \"e.example\"\n[[server.tunnels]]\npublic-hostnames = [\"a.example.com\"]\nclient-identity = \"{ID_A}\"\n[[server.tunnels]]\npublic-hostnames = [\"*.example.com\"]\nclient-identity = \"{ID_B}\"\n"
+        "[server]\nhostname = \"e.example\"\n[[server.tunnels]]\npublic-hostnames = [\"a.example.com\"]\nclient-identity = \"{ID_A}\"\n[[server.tunnels]]\npublic-hostnames = [\"*.Example.com\"]\nclient-identity = \"{ID_B}\"\n"
     );
-    let m = server_err(&text);
+    let (_t, r) = server_with(&text, None);
+    let c = r.expect("valid");
+    assert_eq!(c.tunnels[1].public_hostnames[0].as_str(), "*.example.com");
+    assert!(c.tunnels[1].public_hostnames[0].is_wildcard());
+    // The same wildcard in two Tunnels is an error, as with exact names.
+    let text = format!(
+        "[server]\nhostname = \"e.example\"\n[[server.tunnels]]\npublic-hostnames = [\"*.example.com\"]\nclient-identity = \"{ID_A}\"\n[[server.tunnels]]\npublic-hostnames = [\"*.EXAMPLE.com.\"]\nclient-identity = \"{ID_B}\"\n"
+    );
+    assert_has(
+        &server_err(&text),
+        &[
+            "server.tunnels[1].public-hostnames[0] = \"*.EXAMPLE.com.\"",
+            "already listed at server.tunnels[0].public-hostnames[0]",
+        ],
+    );
+    for (bad, why) in [
+        ("a*.example.com", "whole first label"),
+        ("*.*.example.com", "whole first label"),
+        ("www.*.example.com", "whole first label"),
+        ("*.com", "at least two labels"),
+    ] {
+        let text = format!(
+            "[server]\nhostname = \"e.example\"\n[[server.tunnels]]\npublic-hostnames = [\"{bad}\"]\nclient-identity = \"{ID_A}\"\n"
+        );
+        assert_has(
+            &server_err(&text),
+            &[
+                &format!("server.tunnels[0].public-hostnames[0] = \"{bad}\""),
+                why,
+            ],
+        );
+    }
+    // The Server hostname is never a wildcard.
+    let m = server_err(&format!(
+        "[server]\nhostname = \"*.example.com\"\n[[server.tunnels]]\npublic-hostnames = [\"a.example.com\"]\nclient-identity = \"{ID_A}\"\n"
+    ));
+    assert_has(&m, &["server.hostname = \"*.example.com\""]);
+}
+
+#[test]
+fn wildcard_services_and_acme() {
+    // Passthrough and manual-certificate terminate Services may be wildcards.
+    let (_t, r) = client_with(
+        "[client]\nserver-address = \"e.example\"\npublic-cert-dir = \"certs\"\n[[client.services]]\npublic-hostnames = [\"*.example.com\"]\nbackend-address = \"127.0.0.1:1\"\ntls-mode = \"terminate\"\n[[client.services]]\npublic-hostnames = [\"*.other.example\", \"api.example.com\"]\nbackend-address = \"127.0.0.1:2\"\n",
+    );
+    let c = r.expect("valid");
+    assert!(c.services[0].public_hostnames[0].is_wildcard());
+    // ACME cannot issue them: refused at config time, saying why.
+    let m = client_err(
+        "[client]\nserver-address = \"e.example\"\n[client.acme]\n[[client.services]]\npublic-hostnames = [\"app.example.com\"]\nbackend-address = \"127.0.0.1:1\"\ntls-mode = \"terminate\"\n[[client.services]]\npublic-hostnames = [\"a.example.net\", \"*.example.net\"]\nbackend-address = \"127.0.0.1:2\"\ntls-mode = \"terminate\"\n",
+    );
     assert_has(
         &m,
         &[
-            "config.toml: server.tunnels[1].public-hostnames[0] = \"*.example.com\": wildcards are not supported; list each hostname explicitly",
+            "client.services[1].public-hostnames[1] = \"*.example.net\"",
+            "TLS-ALPN-01",
+            "cannot issue wildcard",
+            "public-cert-dir",
         ],
     );
+    // With ACME, a passthrough wildcard is still fine.
+    let (_t, r) = client_with(
+        "[client]\nserver-address = \"e.example\"\n[client.acme]\n[[client.services]]\npublic-hostnames = [\"app.example.com\"]\nbackend-address = \"127.0.0.1:1\"\ntls-mode = \"terminate\"\n[[client.services]]\npublic-hostnames = [\"*.example.net\"]\nbackend-address = \"127.0.0.1:2\"\n",
+    );
+    r.expect("valid");
 }
 
 #[test]

@@ -472,7 +472,28 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
             )));
         }
         (Some(dir), None) => Some(PublicCertSource::Manual { dir: dir.clone() }),
-        (None, Some(a)) => Some(PublicCertSource::Acme(acme(label, a)?)),
+        (None, Some(a)) => {
+            // TLS-ALPN-01 (the only challenge Runewarp answers) cannot
+            // prove control of a wildcard: say so before anything runs.
+            for s in services.iter().filter(|s| s.tls_mode == TlsMode::Terminate) {
+                if let Some((j, h)) = s
+                    .public_hostnames
+                    .iter()
+                    .enumerate()
+                    .find(|(_, h)| h.is_wildcard())
+                {
+                    return Err(at(
+                        label,
+                        format!("client.services[{}].public-hostnames[{j}]", s.index),
+                    )
+                    .invalid(
+                        h.as_str(),
+                        "is a wildcard in a terminate Service with [client.acme]; ACME's TLS-ALPN-01 challenge cannot issue wildcard certificates: use public-cert-dir with a wildcard certificate, or list the names",
+                    ));
+                }
+            }
+            Some(PublicCertSource::Acme(acme(label, a)?))
+        }
         (None, None) if terminates => {
             return Err(ConfigError(format!(
                 "{label}: a Service terminates TLS: set client.public-cert-dir or [client.acme]"

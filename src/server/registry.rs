@@ -1,7 +1,7 @@
 //! The Server's routing table and Tunnel registry.
 //!
 //! Routing is immutable and built at startup from `[[server.tunnels]]`:
-//! Public hostname → Tunnel, Client identity → Tunnel. Each Tunnel has at
+//! Public hostname (exact, else a `*.` wildcard) → Tunnel, Client identity → Tunnel. Each Tunnel has at
 //! most one active Tunnel connection; a newer authenticated connection
 //! replaces the older one, which is closed once its in-flight streams end
 //! or after a short grace. Replacements of one Tunnel's connection are at
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::config::TunnelConfig;
-use crate::hostname::PublicHostname;
+use crate::hostname::HostnameTable;
 use crate::metrics::ServerMetrics;
 use crate::tls::client_identity::ClientIdentity;
 
@@ -141,7 +141,7 @@ pub struct Flapping {
 
 #[derive(Debug)]
 pub struct Registry {
-    routes: HashMap<PublicHostname, usize>,
+    routes: HostnameTable<usize>,
     identities: HashMap<ClientIdentity, usize>,
     slots: Vec<Slot>,
     next_id: AtomicU64,
@@ -150,11 +150,11 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(tunnels: &[TunnelConfig]) -> Self {
-        let mut routes = HashMap::new();
+        let mut routes = HostnameTable::default();
         let mut identities = HashMap::new();
         for (i, t) in tunnels.iter().enumerate() {
             for h in &t.public_hostnames {
-                routes.insert(h.clone(), i);
+                routes.insert(h, i);
             }
             for id in &t.client_identities {
                 identities.insert(*id, i);
@@ -183,9 +183,10 @@ impl Registry {
         self.identities.get(identity).copied()
     }
 
-    /// Route a normalised SNI (see [`crate::hostname::wire_lookup_key`]).
+    /// Route a normalised SNI (see [`crate::hostname::wire_lookup_key`]):
+    /// an exact Public hostname first, else a wildcard covering it.
     pub fn route(&self, key: &str) -> Route {
-        let Some(&tunnel) = self.routes.get(key) else {
+        let Some(&tunnel) = self.routes.lookup(key) else {
             return Route::Unknown;
         };
         match lock(&self.slots[tunnel].active).active.clone() {
