@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod fsutil;
 pub mod hostname;

@@ -49,6 +49,7 @@ impl ReadyServer {
             tunnel_bind_address: any,
             readiness_bind_address: Some(readiness),
             metrics_bind_address: None,
+            control_socket: None,
             graceful_shutdown_duration: Duration::from_secs(1),
             certificates: ServerCertSource::Manual {
                 cert_dir: cert_dir.to_path_buf(),

@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod dialer;
 pub mod service;
+pub mod status;
 pub mod terminate;
 
 use std::sync::Arc;
@@ -121,6 +122,8 @@ pub struct Client {
     acme: Option<AcmeManager>,
     /// `metrics-bind-address`, bound; served by `run`.
     metrics_listener: Option<std::net::TcpListener>,
+    /// `control-socket`, bound; served by `run`.
+    control: Option<crate::control::ControlSocket>,
 }
 
 /// How a Tunnel connection ended.
@@ -188,6 +191,10 @@ impl Client {
             backend_errors: RateLimit::new(BACKEND_ERROR_LOG_INTERVAL),
             metrics,
         });
+        let control = config
+            .control_socket
+            .as_deref()
+            .and_then(|path| crate::control::ControlSocket::bind(path, "client"));
         Ok(Self {
             dialer: Dialer::new(config.server_address.clone(), &config.server_trust, quic),
             config: Arc::new(config),
@@ -196,6 +203,7 @@ impl Client {
             status: tokio::sync::watch::Sender::new(ClientStatus::default()),
             acme,
             metrics_listener,
+            control,
         })
     }
 
@@ -229,6 +237,18 @@ impl Client {
         let _metrics_task = self.metrics_listener.take().and_then(|l| {
             let m = self.context.metrics.clone();
             crate::metrics::spawn_std_listener(l, Arc::new(move || m.render()))
+        });
+        let _control = self.control.take().and_then(|c| {
+            let (config, identity, metrics) = (
+                self.config.clone(),
+                self.identity,
+                self.context.metrics.clone(),
+            );
+            let status = self.status.subscribe();
+            let started = std::time::SystemTime::now();
+            c.serve(Arc::new(move || {
+                status::snapshot(&config, &identity, &metrics, &status.borrow(), started)
+            }))
         });
         tracing::info!(event = "client_started", server = %server, identity = %self.identity, services = self.config.services.len());
         loop {
@@ -275,11 +295,19 @@ impl Client {
                                 retry_in_s = REPLACED_PAUSE.as_secs(),
                                 hint = "another Client instance with this identity connected",
                             );
+                            self.context.metrics.set_waiting(
+                                "replaced",
+                                "another Client instance with this identity took the Tunnel".into(),
+                                REPLACED_PAUSE,
+                            );
                             REPLACED_PAUSE
                         }
                         Ended::Lost(error) => {
                             let delay = backoff.next_delay(&mut rng);
                             tracing::info!(event = "tunnel_closed", server = %server, %peer, detail = ?error.to_string(), retry_in_ms = delay.as_millis() as u64);
+                            self.context
+                                .metrics
+                                .set_waiting("lost", error.to_string(), delay);
                             delay
                         }
                     }
@@ -291,6 +319,9 @@ impl Client {
                     };
                     log_dial_failure(&server, &self.identity, &error, delay);
                     self.context.metrics.dial_failed(error.reason());
+                    self.context
+                        .metrics
+                        .set_waiting(error.reason(), error.to_string(), delay);
                     delay
                 }
             };

@@ -52,6 +52,8 @@ pub(crate) struct RawServer {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_bind_address: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub graceful_shutdown_duration: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_dir: Option<PathBuf>,
@@ -116,6 +118,8 @@ pub(crate) struct RawClient {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_bind_address: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<RawAcme>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub services: Option<Vec<RawService>>,
@@ -148,6 +152,7 @@ pub(crate) const SERVER_KEYS: &[&str] = &[
     "tunnel-bind-address",
     "readiness-bind-address",
     "metrics-bind-address",
+    "control-socket",
     "graceful-shutdown-duration",
     "cert-dir",
     "acme",
@@ -163,6 +168,7 @@ pub(crate) const CLIENT_KEYS: &[&str] = &[
     "identity-dir",
     "public-cert-dir",
     "metrics-bind-address",
+    "control-socket",
     "acme",
     "services",
 ];
@@ -463,6 +469,7 @@ public-bind-address = "a"
 tunnel-bind-address = "a"
 readiness-bind-address = "a"
 metrics-bind-address = "a"
+control-socket = "a"
 graceful-shutdown-duration = "a"
 cert-dir = "a"
 [server.acme]
@@ -481,6 +488,7 @@ server-ca-file = "a"
 identity-dir = "a"
 public-cert-dir = "a"
 metrics-bind-address = "a"
+control-socket = "a"
 [client.acme]
 email = "a"
 [[client.services]]

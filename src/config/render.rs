@@ -50,6 +50,7 @@ pub fn render_server(c: &ServerConfig) -> String {
             tunnel_bind_address: Some(c.tunnel_bind_address.to_string()),
             readiness_bind_address: c.readiness_bind_address.map(|a| a.to_string()),
             metrics_bind_address: c.metrics_bind_address.map(|a| a.to_string()),
+            control_socket: c.control_socket.as_deref().map(path),
             graceful_shutdown_duration: Some(format_duration(c.graceful_shutdown_duration)),
             cert_dir,
             acme: acme_raw,
@@ -100,6 +101,7 @@ pub fn render_client(c: &ClientConfig) -> String {
             identity_dir: Some(path(&c.identity_dir)),
             public_cert_dir,
             metrics_bind_address: c.metrics_bind_address.map(|a| a.to_string()),
+            control_socket: c.control_socket.as_deref().map(path),
             acme: acme_raw,
             services: Some(
                 c.services

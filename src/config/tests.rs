@@ -330,6 +330,50 @@ fn bind_address_must_be_literal() {
 }
 
 #[test]
+fn control_socket_defaults_under_the_state_or_runtime_dir_and_is_resolved_against_the_file() {
+    let (tmp, r) = server_with(&minimal_server(), None);
+    assert_eq!(
+        r.expect("valid").control_socket,
+        Some(tmp.path().join(".local/state/runewarp/server.sock"))
+    );
+    let (tmp, r) = client_with(minimal_client());
+    assert_eq!(
+        r.expect("valid").control_socket,
+        Some(tmp.path().join(".local/state/runewarp/client.sock"))
+    );
+    let (tmp, r) = server_with(&server_body("control-socket = \"run/s.sock\""), None);
+    assert_eq!(
+        r.expect("valid").control_socket,
+        Some(tmp.path().join("run/s.sock"))
+    );
+    let tmp = TempDir::new().expect("tempdir");
+    write(tmp.path(), "config.toml", &minimal_server());
+    let env = Environment::from_pairs([
+        ("HOME", tmp.path().to_str().expect("utf-8")),
+        ("XDG_RUNTIME_DIR", "/run/user/1000"),
+    ]);
+    let c = load_server(
+        &ServerOverlay {
+            config: Some(tmp.path().join("config.toml")),
+            hostname: None,
+        },
+        &env,
+    )
+    .expect("valid");
+    assert_eq!(
+        c.control_socket,
+        Some(std::path::PathBuf::from(
+            "/run/user/1000/runewarp/server.sock"
+        ))
+    );
+    let long = format!("control-socket = \"/{}/s.sock\"", "d".repeat(120));
+    assert_has(
+        &server_err(&server_body(&long)),
+        &["server.control-socket = ", "longer than 107 bytes"],
+    );
+}
+
+#[test]
 fn metrics_bind_address_is_off_by_default_and_parsed_when_set() {
     let (_t, r) = server_with(&minimal_server(), None);
     assert_eq!(r.expect("valid").metrics_bind_address, None);

@@ -76,6 +76,9 @@ pub struct ServerConfig {
     pub readiness_bind_address: Option<SocketAddr>,
     /// `metrics-bind-address`: Prometheus `/metrics` (off when `None`).
     pub metrics_bind_address: Option<SocketAddr>,
+    /// `control-socket`: the Unix socket `server status` reads (`None`:
+    /// none, when no default location exists).
+    pub control_socket: Option<PathBuf>,
     pub graceful_shutdown_duration: Duration,
     pub certificates: ServerCertSource,
     pub tunnels: Vec<TunnelConfig>,
@@ -162,5 +165,7 @@ pub struct ClientConfig {
     pub public_certs: Option<PublicCertSource>,
     /// `metrics-bind-address`: Prometheus `/metrics` (off when `None`).
     pub metrics_bind_address: Option<SocketAddr>,
+    /// `control-socket`: the Unix socket `client status` reads.
+    pub control_socket: Option<PathBuf>,
     pub services: Vec<ServiceConfig>,
 }

@@ -45,6 +45,25 @@ fn socket_addr(v: &Val<String>) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// The longest path a Unix socket address holds (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+fn control_socket(
+    label: &str,
+    key: &str,
+    path: Option<std::path::PathBuf>,
+) -> Result<Option<std::path::PathBuf>, ConfigError> {
+    if let Some(p) = &path
+        && p.as_os_str().len() > MAX_SOCKET_PATH
+    {
+        return Err(at(label, key).invalid(
+            &p.display().to_string(),
+            format!("is longer than {MAX_SOCKET_PATH} bytes, the limit of a Unix socket path; choose a shorter path"),
+        ));
+    }
+    Ok(path)
+}
+
 fn acme(label: &str, a: &PreparedAcme) -> Result<AcmeConfig, ConfigError> {
     if let Some(email) = &a.email {
         let looks_ok = match email.split_once('@') {
@@ -253,6 +272,7 @@ pub(crate) fn validate_server(p: PreparedServer) -> Result<ServerConfig, ConfigE
         tunnel_bind_address,
         readiness_bind_address,
         metrics_bind_address,
+        control_socket: control_socket(label, "server.control-socket", p.control_socket)?,
         graceful_shutdown_duration,
         certificates,
         tunnels,
@@ -515,6 +535,7 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         identity_dir: p.identity_dir,
         public_certs,
         metrics_bind_address,
+        control_socket: control_socket(label, "client.control-socket", p.control_socket)?,
         services,
     })
 }

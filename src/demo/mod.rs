@@ -465,6 +465,7 @@ fn server_config(m: &Material) -> Result<ServerConfig, BoxError> {
         tunnel_bind_address: loopback,
         readiness_bind_address: None,
         metrics_bind_address: None,
+        control_socket: None,
         graceful_shutdown_duration: Duration::from_secs(1),
         certificates: ServerCertSource::Manual {
             cert_dir: m.server_cert_dir.clone(),
@@ -503,6 +504,7 @@ fn client_config(
             dir: m.public_cert_dir.clone(),
         }),
         metrics_bind_address: None,
+        control_socket: None,
         services: vec![
             ServiceConfig {
                 index: 0,

@@ -114,6 +114,8 @@ pub struct ServerMetrics {
     admission_refused: Family<Labels, Counter>,
     admission_saturated: Family<Labels, Gauge>,
     certificate_expiry: Family<Labels, Gauge>,
+    /// (hostname, notAfter) as set, for status.
+    certificates: Mutex<Vec<(String, i64)>>,
 }
 
 impl ServerMetrics {
@@ -221,7 +223,18 @@ impl ServerMetrics {
             admission_refused,
             admission_saturated,
             certificate_expiry,
+            certificates: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Visitors dropped for `reason` so far.
+    pub fn dropped(&self, reason: &'static str) -> u64 {
+        get(&self.visitors_dropped, &labels(&[("reason", reason)])).get()
+    }
+
+    /// Certificates and their notAfter (Unix seconds), for status.
+    pub fn certificates(&self) -> Vec<(String, i64)> {
+        lock(&self.certificates).clone()
     }
 
     /// The counters of Tunnel `index` (always configured).
@@ -259,6 +272,7 @@ impl ServerMetrics {
         self.certificate_expiry
             .get_or_create(&labels(&[("hostname", hostname)]))
             .set(not_after);
+        remember(&self.certificates, hostname, not_after);
     }
 
     pub fn render(&self) -> String {
@@ -274,6 +288,8 @@ pub struct ServiceMetrics {
     pub bytes_to_backend: Counter,
     pub bytes_from_backend: Counter,
     pub backend_connect: Histogram,
+    /// All backend failures (for status; the exposition has them by reason).
+    pub backend_failures: Counter,
     name: String,
     failures: Family<Labels, Counter>,
 }
@@ -281,6 +297,7 @@ pub struct ServiceMetrics {
 impl ServiceMetrics {
     /// `reason`: `backend_unreachable` or `backend_timeout`.
     pub fn backend_failed(&self, reason: &'static str) {
+        self.backend_failures.inc();
         self.failures
             .get_or_create(&labels(&[("service", &self.name), ("reason", reason)]))
             .inc();
@@ -300,6 +317,18 @@ pub struct ClientMetrics {
     certificate_expiry: Family<Labels, Gauge>,
     /// The current Tunnel connection, for its round-trip time.
     connection: Mutex<Option<quinn::Connection>>,
+    connected_since: Mutex<Option<SystemTime>>,
+    waiting: Mutex<Option<Waiting>>,
+    certificates: Mutex<Vec<(String, i64)>>,
+}
+
+/// Why a Client instance is not connected, and when it tries again.
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    /// A fixed token (`refused`, `timeout`, `replaced`, `lost`...).
+    pub reason: &'static str,
+    pub detail: String,
+    pub retry_at: SystemTime,
 }
 
 impl ClientMetrics {
@@ -350,6 +379,7 @@ impl ClientMetrics {
                     bytes_to_backend: get(&bytes, &with("direction", "to_backend")),
                     bytes_from_backend: get(&bytes, &with("direction", "from_backend")),
                     backend_connect: get(&latency, &l),
+                    backend_failures: Counter::default(),
                     failures: failures.clone(),
                     name,
                 }
@@ -401,6 +431,9 @@ impl ClientMetrics {
             streams_rejected,
             certificate_expiry,
             connection: Mutex::new(None),
+            connected_since: Mutex::new(None),
+            waiting: Mutex::new(None),
+            certificates: Mutex::new(Vec::new()),
         }
     }
 
@@ -414,8 +447,11 @@ impl ClientMetrics {
         self.tunnel_connected.set(i64::from(conn.is_some()));
         if conn.is_some() {
             self.tunnel_connections.inc();
+            *lock(&self.waiting) = None;
+            *lock(&self.connected_since) = Some(SystemTime::now());
         } else {
             self.tunnel_rtt.set(0.0);
+            *lock(&self.connected_since) = None;
         }
         *lock(&self.connection) = conn;
     }
@@ -444,6 +480,39 @@ impl ClientMetrics {
         self.certificate_expiry
             .get_or_create(&labels(&[("hostname", hostname)]))
             .set(not_after);
+        remember(&self.certificates, hostname, not_after);
+    }
+
+    /// Certificates and their notAfter (Unix seconds), for status.
+    pub fn certificates(&self) -> Vec<(String, i64)> {
+        lock(&self.certificates).clone()
+    }
+
+    /// When the current Tunnel connection came up, if it is up.
+    pub fn connected_since(&self) -> Option<SystemTime> {
+        *lock(&self.connected_since)
+    }
+
+    /// The remote address of the current Tunnel connection.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        lock(&self.connection).as_ref().map(|c| {
+            let a = c.remote_address();
+            std::net::SocketAddr::new(a.ip().to_canonical(), a.port())
+        })
+    }
+
+    /// What the Client waits for while not connected.
+    pub fn waiting(&self) -> Option<Waiting> {
+        lock(&self.waiting).clone()
+    }
+
+    /// Not connected: record why and until when.
+    pub fn set_waiting(&self, reason: &'static str, detail: String, retry_in: Duration) {
+        *lock(&self.waiting) = Some(Waiting {
+            reason,
+            detail,
+            retry_at: SystemTime::now() + retry_in,
+        });
     }
 
     pub fn render(&self) -> String {
@@ -495,6 +564,12 @@ pub fn spawn_listener(
     render: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(http::serve(listener, render))
+}
+
+fn remember(list: &Mutex<Vec<(String, i64)>>, hostname: &str, not_after: i64) {
+    let mut list = lock(list);
+    list.retain(|(h, _)| h != hostname);
+    list.push((hostname.to_string(), not_after));
 }
 
 /// Bind `addr` for `/metrics` (before the runtime serves it).

@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod public_listener;
 pub mod registry;
+pub mod status;
 pub mod tunnel_listener;
 
 use std::net::SocketAddr;
@@ -56,6 +57,7 @@ pub struct Server {
     public: tokio::net::TcpListener,
     readiness: Option<tokio::net::TcpListener>,
     metrics: Option<tokio::net::TcpListener>,
+    control: Option<crate::control::ControlSocket>,
     tunnel: quinn::Endpoint,
     /// `[server.acme]`: the certificate manager (started by `run`) and the
     /// config answering TLS-ALPN-01 validations on the public listener.
@@ -132,6 +134,10 @@ impl Server {
                 }
             })?),
         };
+        let control = config
+            .control_socket
+            .as_deref()
+            .and_then(|path| crate::control::ControlSocket::bind(path, "server"));
         let admission = Admission::new(limits, config.tunnels.len());
         admission.attach_metrics(registry.metrics().clone());
         if let Some(not_after) = server_not_after {
@@ -147,6 +153,7 @@ impl Server {
             public,
             readiness,
             metrics,
+            control,
             tunnel,
             acme,
         })
@@ -189,9 +196,11 @@ impl Server {
             public,
             readiness,
             metrics,
+            control,
             tunnel,
             acme,
         } = self;
+        let started = std::time::SystemTime::now();
         let (_acme_tasks, challenge) = match acme {
             Some((manager, challenge)) => (Some(manager.spawn()), Some(challenge)),
             None => (None, None),
@@ -203,9 +212,16 @@ impl Server {
             tunnel = %tunnel.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             readiness = %readiness.as_ref().and_then(|r| r.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
             metrics = %metrics.as_ref().and_then(|r| r.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            control = %control.as_ref().map(|c| c.path().display().to_string()).unwrap_or_else(|| "-".into()),
             tunnels = config.tunnels.len(),
         );
         let monitor = tokio::spawn(admission.clone().monitor());
+        let _control = control.and_then(|c| {
+            let (config, registry) = (config.clone(), registry.clone());
+            c.serve(std::sync::Arc::new(move || {
+                status::snapshot(&config, &registry, started)
+            }))
+        });
         let metrics_task = metrics.map(|listener| {
             let m = registry.metrics().clone();
             crate::metrics::spawn_listener(listener, Arc::new(move || m.render()))

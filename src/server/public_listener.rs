@@ -94,7 +94,7 @@ pub enum DropReason {
 }
 
 /// Every reason token, in the order the summary line prints them.
-const REASONS: [&str; 13] = [
+pub(crate) const REASONS: [&str; 13] = [
     "not_tls",
     "malformed",
     "too_large",

@@ -42,6 +42,8 @@ pub struct TunnelConnection {
     pub identity: ClientIdentity,
     pub peer: SocketAddr,
     pub conn: quinn::Connection,
+    /// When it was authenticated (for status).
+    pub established: std::time::SystemTime,
     streams: AtomicUsize,
     idle: Notify,
 }
@@ -209,6 +211,7 @@ impl Registry {
             identity,
             peer,
             conn,
+            established: std::time::SystemTime::now(),
             streams: AtomicUsize::new(0),
             idle: Notify::new(),
         })
@@ -277,6 +280,13 @@ impl Registry {
         } else {
             false
         }
+    }
+
+    /// The active connection of Tunnel `tunnel`, if any.
+    pub fn active_of(&self, tunnel: usize) -> Option<Arc<TunnelConnection>> {
+        self.slots
+            .get(tunnel)
+            .and_then(|s| lock(&s.active).active.clone())
     }
 
     /// Every active connection (for shutdown).

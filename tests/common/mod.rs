@@ -185,6 +185,7 @@ impl TestServer {
             tunnel_bind_address: tunnel,
             readiness_bind_address: None,
             metrics_bind_address: None,
+            control_socket: None,
             graceful_shutdown_duration: Duration::from_secs(1),
             certificates: ServerCertSource::Manual {
                 cert_dir: cert_dir.to_path_buf(),
@@ -285,6 +286,7 @@ impl TestClient {
                 dir: d.to_path_buf(),
             }),
             metrics_bind_address: None,
+            control_socket: None,
             services: s.services,
         };
         let client = Client::new(config).expect("client starts");
