@@ -61,10 +61,17 @@ pub fn main(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(e),
             };
+            // SIGHUP reads the same file with the same overlays.
+            let reloader: server::Reloader =
+                Box::new(move || config::load_server(&overlay, &Environment::from_process()));
             serve(
                 "server",
                 config.log_level,
-                server::Server::bind(config),
+                async move {
+                    server::Server::bind(config)
+                        .await
+                        .map(|s| s.with_reloader(reloader))
+                },
                 server::Server::run,
             )
         }

@@ -90,9 +90,38 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.001, 2.0, 15)
 }
 
+/// The per-Tunnel families, to add Tunnels to on reload.
+#[derive(Debug)]
+struct TunnelFamilies {
+    streams: Family<Labels, Counter>,
+    bytes: Family<Labels, Counter>,
+    connections: Family<Labels, Counter>,
+    active: Family<Labels, Gauge>,
+    connected: Family<Labels, Gauge>,
+}
+
+impl TunnelFamilies {
+    fn create(&self, t: &TunnelConfig) -> TunnelMetrics {
+        let name = tunnel_name(t);
+        let l = labels(&[("tunnel", &name)]);
+        let with = |k, v: &str| labels(&[("tunnel", &name), (k, v)]);
+        TunnelMetrics {
+            streams: get(&self.streams, &l),
+            streams_active: get(&self.active, &l),
+            bytes_to_client: get(&self.bytes, &with("direction", "to_client")),
+            bytes_to_visitor: get(&self.bytes, &with("direction", "to_visitor")),
+            connected: get(&self.connected, &l),
+            connections: get(&self.connections, &with("event", "connected")),
+            replaced: get(&self.connections, &with("event", "replaced")),
+            name,
+        }
+    }
+}
+
 /// The counters of one Tunnel.
 #[derive(Debug, Clone, Default)]
 pub struct TunnelMetrics {
+    pub name: String,
     pub streams: Counter,
     pub streams_active: Gauge,
     pub bytes_to_client: Counter,
@@ -108,7 +137,9 @@ pub struct ServerMetrics {
     registry: Registry,
     pub visitors_accepted: Counter,
     visitors_dropped: Family<Labels, Counter>,
-    tunnels: Vec<TunnelMetrics>,
+    families: TunnelFamilies,
+    /// By slot (see [`crate::server::registry`]).
+    tunnels: std::sync::RwLock<Vec<TunnelMetrics>>,
     tunnels_refused: Family<Labels, Counter>,
     pub handshake_duration: Histogram,
     admission_refused: Family<Labels, Counter>,
@@ -139,50 +170,36 @@ impl ServerMetrics {
             registry.register(name, help, f.clone());
             f
         };
-        let streams = per_tunnel(
-            "tunnel_streams",
-            "Visitor streams routed through a Tunnel",
-            &mut registry,
-        );
-        let bytes = per_tunnel(
-            "tunnel_bytes",
-            "Bytes relayed through a Tunnel (counted when a stream ends), by direction",
-            &mut registry,
-        );
-        let connections = per_tunnel(
-            "tunnel_connections",
-            "Tunnel connection events (connected, replaced) per Tunnel",
-            &mut registry,
-        );
-        let active = Family::<Labels, Gauge>::default();
+        let families = TunnelFamilies {
+            streams: per_tunnel(
+                "tunnel_streams",
+                "Visitor streams routed through a Tunnel",
+                &mut registry,
+            ),
+            bytes: per_tunnel(
+                "tunnel_bytes",
+                "Bytes relayed through a Tunnel (counted when a stream ends), by direction",
+                &mut registry,
+            ),
+            connections: per_tunnel(
+                "tunnel_connections",
+                "Tunnel connection events (connected, replaced) per Tunnel",
+                &mut registry,
+            ),
+            active: Family::<Labels, Gauge>::default(),
+            connected: Family::<Labels, Gauge>::default(),
+        };
         registry.register(
             "tunnel_streams_active",
             "Visitor streams in flight per Tunnel",
-            active.clone(),
+            families.active.clone(),
         );
-        let connected = Family::<Labels, Gauge>::default();
         registry.register(
             "tunnel_connected",
             "Whether the Tunnel has an active Client connection (1) or not (0)",
-            connected.clone(),
+            families.connected.clone(),
         );
-        let tunnels = tunnels
-            .iter()
-            .map(|t| {
-                let name = tunnel_name(t);
-                let l = labels(&[("tunnel", &name)]);
-                let with = |k, v: &str| labels(&[("tunnel", &name), (k, v)]);
-                TunnelMetrics {
-                    streams: get(&streams, &l),
-                    streams_active: get(&active, &l),
-                    bytes_to_client: get(&bytes, &with("direction", "to_client")),
-                    bytes_to_visitor: get(&bytes, &with("direction", "to_visitor")),
-                    connected: get(&connected, &l),
-                    connections: get(&connections, &with("event", "connected")),
-                    replaced: get(&connections, &with("event", "replaced")),
-                }
-            })
-            .collect();
+        let tunnels = tunnels.iter().map(|t| families.create(t)).collect();
         let tunnels_refused = Family::<Labels, Counter>::default();
         registry.register(
             "tunnel_handshakes_refused",
@@ -217,7 +234,8 @@ impl ServerMetrics {
             registry,
             visitors_accepted,
             visitors_dropped,
-            tunnels,
+            families,
+            tunnels: std::sync::RwLock::new(tunnels),
             tunnels_refused,
             handshake_duration,
             admission_refused,
@@ -237,9 +255,25 @@ impl ServerMetrics {
         lock(&self.certificates).clone()
     }
 
-    /// The counters of Tunnel `index` (always configured).
-    pub fn tunnel(&self, index: usize) -> Option<&TunnelMetrics> {
-        self.tunnels.get(index)
+    /// The counters of the Tunnel in `slot`.
+    pub fn tunnel(&self, slot: usize) -> Option<TunnelMetrics> {
+        self.tunnels
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(slot)
+            .cloned()
+    }
+
+    /// Count the Tunnel `t` in `slot` from now on (after a reload): a new
+    /// slot gets new series; a renamed Tunnel (new first hostname) too.
+    pub fn ensure_tunnel(&self, slot: usize, t: &TunnelConfig) {
+        let mut tunnels = self.tunnels.write().unwrap_or_else(|p| p.into_inner());
+        match tunnels.get(slot) {
+            Some(m) if m.name == tunnel_name(t) => {}
+            Some(_) => tunnels[slot] = self.families.create(t),
+            None if slot == tunnels.len() => tunnels.push(self.families.create(t)),
+            None => {}
+        }
     }
 
     /// `reason` is one of the fixed drop tokens.

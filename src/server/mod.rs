@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod public_listener;
 pub mod registry;
+pub mod reload;
 pub mod status;
 pub mod tunnel_listener;
 
@@ -48,8 +49,12 @@ pub enum ServerError {
     Acme(#[from] AcmeSetupError),
 }
 
+/// Reads the config again (same file and overlays) for a reload.
+pub type Reloader = Box<dyn Fn() -> Result<ServerConfig, crate::config::ConfigError> + Send + Sync>;
+
 /// A Server whose listeners are bound and ready to run.
 pub struct Server {
+    reloader: Option<Reloader>,
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
     tls: Arc<TunnelTls>,
@@ -146,6 +151,7 @@ impl Server {
                 .certificate_expiry(config.hostname.as_str(), not_after);
         }
         Ok(Self {
+            reloader: None,
             config: Arc::new(config),
             registry,
             tls,
@@ -157,6 +163,12 @@ impl Server {
             tunnel,
             acme,
         })
+    }
+
+    /// Re-read the config with `reloader` on SIGHUP.
+    pub fn with_reloader(mut self, reloader: Reloader) -> Self {
+        self.reloader = Some(reloader);
+        self
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -189,6 +201,7 @@ impl Server {
     /// closes every Tunnel connection with a reason and returns.
     pub async fn run(self, shutdown: Shutdown) {
         let Server {
+            reloader,
             config,
             registry,
             tls,
@@ -216,6 +229,14 @@ impl Server {
             tunnels = config.tunnels.len(),
         );
         let monitor = tokio::spawn(admission.clone().monitor());
+        let reload_task = reloader.map(|r| {
+            tokio::spawn(reload::on_sighup(
+                r,
+                config.clone(),
+                registry.clone(),
+                tls.clone(),
+            ))
+        });
         let _control = control.and_then(|c| {
             let (config, registry) = (config.clone(), registry.clone());
             c.serve(std::sync::Arc::new(move || {
@@ -270,6 +291,9 @@ impl Server {
             drained = drain(&admission, window) => drained,
         };
         monitor.abort();
+        if let Some(t) = reload_task {
+            t.abort();
+        }
         if let Some(t) = metrics_task {
             t.abort();
         }

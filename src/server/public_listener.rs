@@ -250,7 +250,7 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     // Routing is done: this Visitor no longer counts as intake.
     drop(intake);
     let _guard = tc.begin_stream();
-    let tunnel_metrics = registry.metrics().tunnel(tc.tunnel).cloned();
+    let tunnel_metrics = registry.metrics().tunnel(tc.tunnel);
     let _active = tunnel_metrics.as_ref().map(|m| {
         m.streams.inc();
         crate::metrics::ActiveStream::new(&m.streams_active)
@@ -274,7 +274,22 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     }
     tracing::debug!(event = "stream_routed", hostname = %key, %peer, tunnel = tc.tunnel, connection = tc.id);
     let started = std::time::Instant::now();
-    let relayed = proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv).await;
+    let relayed = {
+        let relay = proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv);
+        let window = config.graceful_shutdown_duration;
+        tokio::select! {
+            r = relay => Some(r),
+            () = route_revoked(&registry, &key, tc.tunnel, window) => None,
+        }
+    };
+    let Some(relayed) = relayed else {
+        // A reload took this hostname from this Tunnel and the stream
+        // outlived the graceful window.
+        proxy::abort_tcp(&tcp);
+        proxy::abort_stream(&mut send, &mut recv);
+        tracing::debug!(event = "stream_cut", hostname = %key, %peer, reason = "hostname_removed");
+        return;
+    };
     if let (Some(m), Ok(t)) = (&tunnel_metrics, &relayed) {
         m.bytes_to_client.inc_by(t.to_tunnel + hello_len);
         m.bytes_to_visitor.inc_by(t.from_tunnel);
@@ -296,6 +311,21 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
             error = ?e.to_string(),
         ),
     }
+}
+
+/// Resolves `window` after a reload stops `key` routing to `slot`; never
+/// otherwise.
+async fn route_revoked(registry: &Registry, key: &str, slot: usize, window: Duration) {
+    let mut reloads = registry.reloads();
+    loop {
+        if reloads.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if !registry.routes_to(key, slot) {
+            break;
+        }
+    }
+    tokio::time::sleep(window).await;
 }
 
 fn drop_visitor(tcp: &TcpStream, peer: SocketAddr, hostname: Option<&str>, reason: DropReason) {

@@ -21,13 +21,14 @@ pub fn snapshot(config: &ServerConfig, registry: &Registry, started: SystemTime)
         .filter(|(_, n)| *n > 0)
         .map(|(r, n)| (r, json!(n)))
         .collect();
-    let tunnels: Vec<Value> = config
-        .tunnels
+    let tunnels: Vec<Value> = registry
+        .tunnels()
         .iter()
-        .map(|t| {
-            let m = metrics.tunnel(t.index);
-            let count = |f: fn(&crate::metrics::TunnelMetrics) -> u64| m.map(f).unwrap_or(0);
-            let active = registry.active_of(t.index);
+        .map(|(slot, t)| {
+            let m = metrics.tunnel(*slot);
+            let count =
+                |f: fn(&crate::metrics::TunnelMetrics) -> u64| m.as_ref().map(f).unwrap_or(0);
+            let active = registry.active_of(*slot);
             let (state, peer, identity, since) = match &active {
                 Some(c) => (
                     "connected",
