@@ -85,10 +85,13 @@ pub fn main(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(e),
             };
+            // SIGHUP reads the same file with the same overlays.
+            let reloader: client::reload::Reloader =
+                Box::new(move || config::load_client(&overlay, &Environment::from_process()));
             serve(
                 "client",
                 config.log_level,
-                async move { client::Client::new(config) },
+                async move { client::Client::new(config).map(|c| c.with_reloader(reloader)) },
                 client::Client::run,
             )
         }

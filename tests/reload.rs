@@ -21,6 +21,11 @@ const DOWNLOAD_KIB: usize = 40;
 /// A TLS backend for APP, NEW and OTHER: `slow` gets DOWNLOAD_KIB KiB over
 /// about 2 s, anything else a short reply.
 fn backend() -> (SocketAddr, CertificateDer<'static>) {
+    tagged_backend(b"ok")
+}
+
+/// [`backend`] answering `tag` to short requests.
+fn tagged_backend(tag: &'static [u8]) -> (SocketAddr, CertificateDer<'static>) {
     runewarp::tls::install_crypto_provider();
     let (cert_pem, key_pem) =
         runewarp::tls::material::generate_self_signed(&[APP, NEW, OTHER]).unwrap();
@@ -51,7 +56,7 @@ fn backend() -> (SocketAddr, CertificateDer<'static>) {
                         std::thread::sleep(Duration::from_millis(50));
                     }
                 } else {
-                    let _ = tls.write_all(b"ok");
+                    let _ = tls.write_all(tag);
                 }
                 tls.conn.send_close_notify();
                 let _ = tls.flush();
@@ -222,5 +227,91 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
 
     client2.stop_with(libc::SIGTERM, Duration::from_secs(5));
     client1.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    server.stop_with(libc::SIGTERM, Duration::from_secs(5));
+}
+
+/// A Client with passthrough Services `(hostname, backend)`.
+fn services(home: &Home, list: &[(&str, SocketAddr)]) -> std::path::PathBuf {
+    let mut text = format!(
+        "[client]\nserver-address = \"localhost:{}\"\nserver-trust = \"ca-file\"\n\
+         server-ca-file = \"server-certs/server-ca.crt\"\nidentity-dir = \"id1\"\n",
+        home.tunnel
+    );
+    for (host, backend) in list {
+        text += &format!(
+            "\n[[client.services]]\npublic-hostnames = [\"{host}\"]\nbackend-address = \"{backend}\"\n"
+        );
+    }
+    home.write("client.toml", &text)
+}
+
+#[test]
+fn client_sighup_replaces_services_without_reconnecting() {
+    let home = Home::new();
+    let (one, root) = tagged_backend(b"one");
+    let (two, root2) = tagged_backend(b"two");
+    home.server_material();
+    let pin1 = home.identity("id1");
+    home.write("server.toml", &server_toml(&home, &[(&[APP, NEW], &pin1)]));
+    let mut server = home.spawn("server", &home.path().join("server.toml"), "server.log");
+    let toml = services(&home, &[(APP, one)]);
+    let mut client = home.spawn("client", &toml, "client.log");
+    let public = home.public_addr();
+    wait_for("APP routes", Duration::from_secs(15), || {
+        get(public, APP, &root, b"hi").is_ok()
+    });
+    assert!(
+        get(public, NEW, &root2, b"hi").is_err(),
+        "no Service for NEW yet"
+    );
+
+    // A bad file: one line, nothing changes.
+    home.write(
+        "client.toml",
+        "[client]\nserver-address = \"localhost:0\"\n",
+    );
+    client.signal(libc::SIGHUP);
+    wait_for("reload_failed", Duration::from_secs(5), || {
+        !client.events("reload_failed").is_empty()
+    });
+    assert_eq!(get(public, APP, &root, b"hi").unwrap(), b"one");
+
+    // A Service for NEW is added.
+    services(&home, &[(APP, one), (NEW, two)]);
+    client.signal(libc::SIGHUP);
+    wait_for("NEW served", Duration::from_secs(3), || {
+        get(public, NEW, &root2, b"hi").is_ok_and(|r| r == b"two")
+    });
+    assert_eq!(get(public, APP, &root, b"hi").unwrap(), b"one");
+    let reloaded = client.events("config_reloaded");
+    assert_eq!(reloaded.len(), 1, "{}", client.log_text());
+    assert!(
+        reloaded[0].contains("services_added=new.runewarp.test"),
+        "{}",
+        reloaded[0]
+    );
+
+    // APP's Service is removed and NEW's moves to the other backend.
+    services(&home, &[(NEW, one)]);
+    client.signal(libc::SIGHUP);
+    wait_for("APP no longer served", Duration::from_secs(3), || {
+        get(public, APP, &root, b"hi").is_err()
+    });
+    assert_eq!(get(public, NEW, &root, b"hi").unwrap(), b"one");
+    let reloaded = client.events("config_reloaded");
+    assert!(
+        reloaded[1].contains("services_removed=app.runewarp.test"),
+        "{}",
+        reloaded[1]
+    );
+    assert!(
+        reloaded[1].contains("services_changed=1"),
+        "{}",
+        reloaded[1]
+    );
+    // All of it on the first Tunnel connection.
+    assert_eq!(client.events("tunnel_connected").len(), 1);
+
+    client.stop_with(libc::SIGTERM, Duration::from_secs(5));
     server.stop_with(libc::SIGTERM, Duration::from_secs(5));
 }

@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod dialer;
+pub mod reload;
 pub mod service;
 pub mod status;
 pub mod terminate;
@@ -76,12 +77,25 @@ pub enum ClientError {
 
 /// What the stream handlers share.
 struct Context {
-    services: ServiceTable,
+    /// Replaced whole on reload.
+    services: std::sync::RwLock<Arc<ServiceTable>>,
+    /// `public-cert-dir`: re-read on reload.
+    certs: Option<Arc<terminate::SwappableCerts>>,
     handlers: Arc<tokio::sync::Semaphore>,
     acceptor: Option<terminate::Acceptor>,
     /// One `backend_unreachable` line per backend per interval.
     backend_errors: RateLimit<String>,
     metrics: Arc<crate::metrics::ClientMetrics>,
+}
+
+impl Context {
+    /// The Services as of the last (re)load.
+    fn services(&self) -> Arc<ServiceTable> {
+        self.services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// Backend failures are logged at most once per backend per this interval.
@@ -124,6 +138,8 @@ pub struct Client {
     metrics_listener: Option<std::net::TcpListener>,
     /// `control-socket`, bound; served by `run`.
     control: Option<crate::control::ControlSocket>,
+    /// Re-reads the config on SIGHUP.
+    reloader: Option<reload::Reloader>,
 }
 
 /// How a Tunnel connection ended.
@@ -140,6 +156,7 @@ impl Client {
         let roots = trust::root_store(&config.server_trust)?;
         let quic = transport::client_config(roots, identity_material)?;
         let mut acme = None;
+        let mut swappable = None;
         let metrics = Arc::new(crate::metrics::ClientMetrics::new(&config.services));
         let metrics_listener = config
             .metrics_bind_address
@@ -166,7 +183,9 @@ impl Client {
                         metrics.certificate_expiry(host.as_str(), t);
                     }
                 }
-                let table = CertificateTable::new(certs)?;
+                let table = Arc::new(terminate::SwappableCerts::new(CertificateTable::new(
+                    certs,
+                )?));
                 for s in config
                     .services
                     .iter()
@@ -181,11 +200,14 @@ impl Client {
                         );
                     }
                 }
-                Some(terminate::acceptor(Arc::new(table))?)
+                swappable = Some(table.clone());
+                Some(terminate::acceptor(table)?)
             }
         };
+        let certs = swappable;
         let context = Arc::new(Context {
-            services: ServiceTable::new(&config.services),
+            services: std::sync::RwLock::new(Arc::new(ServiceTable::new(&config.services))),
+            certs,
             handlers: Arc::new(tokio::sync::Semaphore::new(STREAM_HANDLERS)),
             acceptor,
             backend_errors: RateLimit::new(BACKEND_ERROR_LOG_INTERVAL),
@@ -204,7 +226,14 @@ impl Client {
             acme,
             metrics_listener,
             control,
+            reloader: None,
         })
+    }
+
+    /// Re-read the config with `reloader` on SIGHUP.
+    pub fn with_reloader(mut self, reloader: reload::Reloader) -> Self {
+        self.reloader = Some(reloader);
+        self
     }
 
     pub fn identity(&self) -> ClientIdentity {
@@ -238,16 +267,28 @@ impl Client {
             let m = self.context.metrics.clone();
             crate::metrics::spawn_std_listener(l, Arc::new(move || m.render()))
         });
-        let _control = self.control.take().and_then(|c| {
-            let (config, identity, metrics) = (
+        let _reload = self.reloader.take().map(|r| {
+            crate::metrics::AbortOnDrop::new(tokio::spawn(reload::on_sighup(
+                r,
                 self.config.clone(),
-                self.identity,
-                self.context.metrics.clone(),
-            );
+                self.context.clone(),
+            )))
+        });
+        let _control = self.control.take().and_then(|c| {
+            let (config, identity, context) =
+                (self.config.clone(), self.identity, self.context.clone());
             let status = self.status.subscribe();
             let started = std::time::SystemTime::now();
             c.serve(Arc::new(move || {
-                status::snapshot(&config, &identity, &metrics, &status.borrow(), started)
+                let services = context.services();
+                status::snapshot(
+                    &config,
+                    services.services(),
+                    &identity,
+                    &context.metrics,
+                    &status.borrow(),
+                    started,
+                )
             }))
         });
         tracing::info!(event = "client_started", server = %server, identity = %self.identity, services = self.config.services.len());
@@ -428,14 +469,15 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
         }
     };
     let hostname = info.server_name.as_deref().map(wire_lookup_key);
-    let Some(service) = context.services.select(hostname.as_deref()) else {
+    let services = context.services();
+    let Some(service) = services.select(hostname.as_deref()) else {
         context.metrics.stream_rejected("no_service");
         tracing::info!(event = "stream_rejected", hostname = hostname.as_deref().unwrap_or("-"), visitor = ?visitor, reason = "no_service");
         return reject(&mut send, &mut recv, stream_code::NO_SERVICE);
     };
     let host = hostname.as_deref().unwrap_or("-");
     let started = std::time::Instant::now();
-    let service_metrics = context.metrics.service(service.index).cloned();
+    let service_metrics = context.metrics.service(service);
     let _active = service_metrics.as_ref().map(|m| {
         m.streams.inc();
         crate::metrics::ActiveStream::new(&m.streams_active)
@@ -506,12 +548,12 @@ async fn connect_backend(
     hostname: &str,
 ) -> Result<TcpStream, &'static str> {
     let addr = &service.backend_address;
-    let metrics = context.metrics.service(service.index);
+    let metrics = context.metrics.service(service);
     let started = std::time::Instant::now();
     let connect = TcpStream::connect((addr.host.as_str(), addr.port));
     let (reason, error) = match tokio::time::timeout(BACKEND_CONNECT_DEADLINE, connect).await {
         Ok(Ok(tcp)) => {
-            if let Some(m) = metrics {
+            if let Some(m) = &metrics {
                 crate::metrics::observe_since(&m.backend_connect, started);
             }
             let _ = tcp.set_nodelay(true);
@@ -520,7 +562,7 @@ async fn connect_backend(
         Ok(Err(error)) => ("backend_unreachable", error.to_string()),
         Err(_) => ("backend_timeout", "connect timed out".to_string()),
     };
-    if let Some(m) = metrics {
+    if let Some(m) = &metrics {
         m.backend_failed(reason);
     }
     if let Some(suppressed) = context.backend_errors.allow(&addr.to_string()) {

@@ -12,6 +12,7 @@ use crate::hostname::{HostnameTable, wire_lookup_key};
 pub struct ServiceTable {
     exact: HostnameTable<Arc<ServiceConfig>>,
     catch_all: Option<Arc<ServiceConfig>>,
+    all: Vec<Arc<ServiceConfig>>,
 }
 
 impl ServiceTable {
@@ -19,6 +20,7 @@ impl ServiceTable {
         let mut table = Self::default();
         for s in services {
             let s = Arc::new(s.clone());
+            table.all.push(s.clone());
             if s.public_hostnames.is_empty() {
                 table.catch_all = Some(s);
             } else {
@@ -28,6 +30,11 @@ impl ServiceTable {
             }
         }
         table
+    }
+
+    /// Every Service, in config order.
+    pub fn services(&self) -> &[Arc<ServiceConfig>] {
+        &self.all
     }
 
     /// The Service for a stream whose ClientHello named `sni`.

@@ -14,6 +14,7 @@ use crate::tls::client_identity::ClientIdentity;
 /// The Client instance's state now.
 pub fn snapshot(
     config: &ClientConfig,
+    services: &[std::sync::Arc<crate::config::ServiceConfig>],
     identity: &ClientIdentity,
     metrics: &ClientMetrics,
     status: &ClientStatus,
@@ -30,12 +31,12 @@ pub fn snapshot(
     } else {
         "connecting"
     };
-    let services: Vec<Value> = config
-        .services
+    let services: Vec<Value> = services
         .iter()
         .map(|s| {
-            let m = metrics.service(s.index);
-            let count = |f: fn(&crate::metrics::ServiceMetrics) -> u64| m.map(f).unwrap_or(0);
+            let m = metrics.service(s);
+            let count =
+                |f: fn(&crate::metrics::ServiceMetrics) -> u64| m.as_ref().map(f).unwrap_or(0);
             json!({
                 "name": service_name(s),
                 "hostnames": s.public_hostnames.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
@@ -44,7 +45,7 @@ pub fn snapshot(
                     TlsMode::Passthrough => "passthrough",
                     TlsMode::Terminate => "terminate",
                 },
-                "streams_active": m.map(|m| m.streams_active.get().max(0) as u64).unwrap_or(0),
+                "streams_active": m.as_ref().map(|m| m.streams_active.get().max(0) as u64).unwrap_or(0),
                 "streams_total": count(|m| m.streams.get()),
                 "bytes_to_backend": count(|m| m.bytes_to_backend.get()),
                 "bytes_from_backend": count(|m| m.bytes_from_backend.get()),

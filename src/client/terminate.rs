@@ -67,6 +67,34 @@ impl ResolvesServerCert for CertificateTable {
     }
 }
 
+/// A [`CertificateTable`] that a reload can replace.
+#[derive(Debug)]
+pub struct SwappableCerts(std::sync::RwLock<Arc<CertificateTable>>);
+
+impl SwappableCerts {
+    pub fn new(table: CertificateTable) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(table)))
+    }
+
+    pub fn current(&self) -> Arc<CertificateTable> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, table: CertificateTable) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+
+    pub fn contains(&self, hostname: &PublicHostname) -> bool {
+        self.current().contains(hostname)
+    }
+}
+
+impl ResolvesServerCert for SwappableCerts {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current().resolve(hello)
+    }
+}
+
 /// The TLS acceptor for terminating Services.
 pub fn acceptor(certs: Arc<dyn ResolvesServerCert>) -> Result<Acceptor, TerminateError> {
     Ok(Acceptor {

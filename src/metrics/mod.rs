@@ -338,11 +338,44 @@ impl ServiceMetrics {
     }
 }
 
+/// The per-Service families; a Service's counters are found by its name.
+#[derive(Debug)]
+struct ServiceFamilies {
+    streams: Family<Labels, Counter>,
+    active: Family<Labels, Gauge>,
+    bytes: Family<Labels, Counter>,
+    failures: Family<Labels, Counter>,
+    latency: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+impl ServiceFamilies {
+    fn create(&self, s: &ServiceConfig) -> ServiceMetrics {
+        let name = service_name(s);
+        let l = labels(&[("service", &name)]);
+        let with = |k, v: &str| labels(&[("service", &name), (k, v)]);
+        let unreachable = get(&self.failures, &with("reason", "backend_unreachable")).get();
+        let timeout = get(&self.failures, &with("reason", "backend_timeout")).get();
+        let failures_total = unreachable + timeout;
+        let backend_failures = Counter::default();
+        backend_failures.inc_by(failures_total);
+        ServiceMetrics {
+            streams: get(&self.streams, &l),
+            streams_active: get(&self.active, &l),
+            bytes_to_backend: get(&self.bytes, &with("direction", "to_backend")),
+            bytes_from_backend: get(&self.bytes, &with("direction", "from_backend")),
+            backend_connect: get(&self.latency, &l),
+            backend_failures,
+            failures: self.failures.clone(),
+            name,
+        }
+    }
+}
+
 /// What a Client instance counts.
 #[derive(Debug)]
 pub struct ClientMetrics {
     registry: Registry,
-    services: Vec<ServiceMetrics>,
+    services: ServiceFamilies,
     pub tunnel_connected: Gauge,
     pub tunnel_connections: Counter,
     tunnel_rtt: FloatGauge,
@@ -401,24 +434,16 @@ impl ClientMetrics {
             "Time to connect to a Service's Local backend",
             latency.clone(),
         );
-        let services = services
-            .iter()
-            .map(|s| {
-                let name = service_name(s);
-                let l = labels(&[("service", &name)]);
-                let with = |k, v: &str| labels(&[("service", &name), (k, v)]);
-                ServiceMetrics {
-                    streams: get(&streams, &l),
-                    streams_active: get(&active, &l),
-                    bytes_to_backend: get(&bytes, &with("direction", "to_backend")),
-                    bytes_from_backend: get(&bytes, &with("direction", "from_backend")),
-                    backend_connect: get(&latency, &l),
-                    backend_failures: Counter::default(),
-                    failures: failures.clone(),
-                    name,
-                }
-            })
-            .collect();
+        let service_families = ServiceFamilies {
+            streams,
+            active,
+            bytes,
+            failures,
+            latency,
+        };
+        for s in services {
+            service_families.create(s);
+        }
         let tunnel_connected = Gauge::default();
         registry.register(
             "tunnel_connected",
@@ -457,7 +482,7 @@ impl ClientMetrics {
         );
         Self {
             registry,
-            services,
+            services: service_families,
             tunnel_connected,
             tunnel_connections,
             tunnel_rtt,
@@ -471,9 +496,10 @@ impl ClientMetrics {
         }
     }
 
-    /// The counters of the Service at `index` (always configured).
-    pub fn service(&self, index: usize) -> Option<&ServiceMetrics> {
-        self.services.get(index)
+    /// The counters of Service `s` (by its name, so they survive a reload
+    /// that moves it in the file).
+    pub fn service(&self, s: &ServiceConfig) -> Option<ServiceMetrics> {
+        Some(self.services.create(s))
     }
 
     /// The Tunnel connection is up (`Some`) or down (`None`).
@@ -636,6 +662,12 @@ pub fn spawn_std_listener(
 #[derive(Debug)]
 pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
+impl AbortOnDrop {
+    pub fn new(task: tokio::task::JoinHandle<()>) -> Self {
+        Self(task)
+    }
+}
+
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
@@ -709,7 +741,10 @@ mod tests {
         let client = ClientMetrics::new(std::slice::from_ref(&service));
         client.dial_failed("timeout");
         client.stream_rejected("no_service");
-        client.service(0).unwrap().backend_failed("backend_timeout");
+        client
+            .service(&service)
+            .unwrap()
+            .backend_failed("backend_timeout");
         assert!(client.render().contains("service=\"catch-all\""));
         let exposed = server.render() + &client.render();
         let names: std::collections::BTreeSet<&str> = dashboard
