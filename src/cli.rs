@@ -66,6 +66,21 @@ pub enum ServerCommand {
     /// Manage the Server certificate and its private CA (`cert-dir`).
     #[command(subcommand)]
     Cert(ServerCertCommand),
+    /// Print the running Server's state: Tunnels, their connections, streams, bytes, certificate expiry.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct StatusArgs {
+    /// Config file naming the control socket (default: $XDG_CONFIG_HOME/runewarp/config.toml).
+    #[arg(short = 'c', long = "config", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// The control socket to read (overrides control-socket from the config).
+    #[arg(long = "socket", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print the state as JSON (for scripts) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -145,6 +160,8 @@ pub enum ClientCommand {
     /// Manage terminate-mode certificates (`public-cert-dir`).
     #[command(subcommand, name = "public-cert")]
     PublicCert(PublicCertCommand),
+    /// Print the running Client instance's state: Tunnel connection, Services, streams, bytes, certificate expiry.
+    Status(StatusArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,10 +3,17 @@
 //! [`PublicHostname`] is a name Visitors reach (routed by SNI);
 //! [`ServerHostname`] names the Runewarp edge itself (the QUIC tunnel
 //! endpoint's certificate). Both are normalised the same way: ASCII
-//! lowercase, one trailing dot stripped. IP literals, wildcards, raw
-//! Unicode (use the punycode `xn--` form) and malformed labels are rejected.
+//! lowercase, one trailing dot stripped. IP literals, raw Unicode (use the
+//! punycode `xn--` form) and malformed labels are rejected.
+//!
+//! A [`PublicHostname`] may also be a wildcard, `*.example.com`, matching
+//! exactly one more label (`a.example.com`, not `a.b.example.com`, not
+//! `example.com`); [`PublicHostname::pattern`] tells the two apart and
+//! [`HostnameTable`] looks names up with exact names winning over
+//! wildcards. The Server hostname is never a wildcard.
 
 use std::borrow::Borrow;
+use std::collections::HashMap;
 use std::fmt;
 
 /// Why a string is not an acceptable hostname.
@@ -18,8 +25,14 @@ pub enum HostnameError {
     TooLong,
     #[error("IP literals are not hostnames; use a DNS name")]
     IpLiteral,
-    #[error("wildcards are not supported; list each hostname explicitly")]
+    #[error(
+        "a wildcard must be the whole first label, as in \"*.example.com\" (one label, no partial or nested wildcards)"
+    )]
     Wildcard,
+    #[error("a wildcard needs at least two labels after \"*.\" (\"*.example.com\", not \"*.com\")")]
+    WildcardTooBroad,
+    #[error("wildcards are not allowed here; give one DNS name")]
+    WildcardNotAllowed,
     #[error("raw Unicode is not allowed; write the punycode (xn--) form")]
     NonAscii,
     #[error("a bare DNS name is expected, without scheme, port or path (e.g. \"app.example.com\")")]
@@ -85,8 +98,35 @@ pub fn normalize(raw: &str) -> Result<String, HostnameError> {
     Ok(lower)
 }
 
+/// Normalise and validate a Public hostname: a DNS name, or a wildcard
+/// `*.<name>` whose `<name>` has at least two labels.
+pub fn normalize_public(raw: &str) -> Result<String, HostnameError> {
+    match raw.strip_prefix("*.") {
+        Some(rest) => {
+            let suffix = normalize(rest).map_err(|e| match e {
+                HostnameError::Empty => HostnameError::Wildcard,
+                e => e,
+            })?;
+            if !suffix.contains('.') {
+                return Err(HostnameError::WildcardTooBroad);
+            }
+            Ok(format!("*.{suffix}"))
+        }
+        None => normalize(raw),
+    }
+}
+
+/// What a [`PublicHostname`] matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostnamePattern<'a> {
+    /// Exactly this name.
+    Exact(&'a str),
+    /// `*.<suffix>`: any one label followed by `.<suffix>`.
+    Wildcard { suffix: &'a str },
+}
+
 macro_rules! hostname_type {
-    ($(#[$doc:meta])* $name:ident) => {
+    ($(#[$doc:meta])* $name:ident, $normalize:path) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(String);
@@ -94,7 +134,7 @@ macro_rules! hostname_type {
         impl $name {
             /// Validate and normalise `raw`.
             pub fn parse(raw: &str) -> Result<Self, HostnameError> {
-                normalize(raw).map(Self)
+                $normalize(raw).map(Self)
             }
             /// The canonical (lowercase, no trailing dot) form.
             pub fn as_str(&self) -> &str {
@@ -123,15 +163,110 @@ macro_rules! hostname_type {
 }
 
 hostname_type!(
-    /// A hostname Visitors connect to; owned by exactly one Tunnel on the
-    /// Server and at most one Service on a Client.
-    PublicHostname
+    /// A hostname Visitors connect to, or a one-label wildcard of them
+    /// (`*.example.com`); owned by exactly one Tunnel on the Server and at
+    /// most one Service on a Client.
+    PublicHostname,
+    normalize_public
 );
 hostname_type!(
     /// The hostname of the Runewarp edge itself: the name in the Server
     /// certificate and the name the Client dials.
-    ServerHostname
+    ServerHostname,
+    normalize
 );
+
+impl PublicHostname {
+    /// Exact name or wildcard.
+    pub fn pattern(&self) -> HostnamePattern<'_> {
+        match self.0.strip_prefix("*.") {
+            Some(suffix) => HostnamePattern::Wildcard { suffix },
+            None => HostnamePattern::Exact(&self.0),
+        }
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        matches!(self.pattern(), HostnamePattern::Wildcard { .. })
+    }
+
+    /// Whether a lookup key (see [`wire_lookup_key`]) matches this name or
+    /// pattern.
+    pub fn matches(&self, key: &str) -> bool {
+        match self.pattern() {
+            HostnamePattern::Exact(name) => name == key,
+            HostnamePattern::Wildcard { suffix } => wildcard_suffix(key) == Some(suffix),
+        }
+    }
+
+    /// This name if it is not a wildcard (where only a DNS name will do).
+    pub fn exact(self) -> Result<Self, HostnameError> {
+        if self.is_wildcard() {
+            Err(HostnameError::WildcardNotAllowed)
+        } else {
+            Ok(self)
+        }
+    }
+}
+
+/// The suffix a wildcard would need to match `key`: everything after its
+/// first label, if that label is a plausible one (non-empty, no `*`).
+fn wildcard_suffix(key: &str) -> Option<&str> {
+    let (first, rest) = key.split_once('.')?;
+    if first.is_empty() || first.contains('*') || rest.is_empty() {
+        return None;
+    }
+    Some(rest)
+}
+
+/// Values by Public hostname: exact names first, then one-label
+/// wildcards. A lookup costs at most two hash look-ups, whatever the
+/// number of names.
+#[derive(Debug, Clone)]
+pub struct HostnameTable<T> {
+    exact: HashMap<String, T>,
+    /// By suffix (`example.com` for `*.example.com`).
+    wildcard: HashMap<String, T>,
+}
+
+impl<T> Default for HostnameTable<T> {
+    fn default() -> Self {
+        Self {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        }
+    }
+}
+
+impl<T> HostnameTable<T> {
+    /// Add `hostname`; returns the value it replaced, if any.
+    pub fn insert(&mut self, hostname: &PublicHostname, value: T) -> Option<T> {
+        match hostname.pattern() {
+            HostnamePattern::Exact(name) => self.exact.insert(name.to_string(), value),
+            HostnamePattern::Wildcard { suffix } => self.wildcard.insert(suffix.to_string(), value),
+        }
+    }
+
+    /// The value for a lookup key (see [`wire_lookup_key`]): the exact
+    /// name's, else the wildcard's that covers it.
+    pub fn lookup(&self, key: &str) -> Option<&T> {
+        if let Some(v) = self.exact.get(key) {
+            return Some(v);
+        }
+        self.wildcard.get(wildcard_suffix(key)?)
+    }
+
+    /// The value stored for exactly this name or pattern.
+    pub fn get(&self, hostname: &PublicHostname) -> Option<&T> {
+        match hostname.pattern() {
+            HostnamePattern::Exact(name) => self.exact.get(name),
+            HostnamePattern::Wildcard { suffix } => self.wildcard.get(suffix),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.wildcard.is_empty()
+    }
+}
 
 /// Normalise a hostname taken from the wire (an SNI value) for lookup in a
 /// table keyed by [`PublicHostname`]. Never fails: an SNI that is not a
@@ -167,8 +302,30 @@ mod tests {
             PublicHostname::parse("1.2.3"),
             Err(HostnameError::IpLiteral)
         );
+        for bad in [
+            "*",
+            "*.",
+            "a*.example.com",
+            "*.*.example.com",
+            "a.*.example.com",
+            "**.example.com",
+            "*example.com",
+        ] {
+            assert!(
+                matches!(
+                    PublicHostname::parse(bad),
+                    Err(HostnameError::Wildcard | HostnameError::BadLabelChars(_))
+                ),
+                "{bad}: {:?}",
+                PublicHostname::parse(bad)
+            );
+        }
         assert_eq!(
-            PublicHostname::parse("*.example.com"),
+            PublicHostname::parse("*.com"),
+            Err(HostnameError::WildcardTooBroad)
+        );
+        assert_eq!(
+            ServerHostname::parse("*.example.com"),
             Err(HostnameError::Wildcard)
         );
         assert_eq!(
@@ -222,5 +379,53 @@ mod tests {
     fn wire_key_matches_parsed_form() {
         let h = PublicHostname::parse("app.example.com").unwrap();
         assert_eq!(wire_lookup_key("APP.example.com."), h.as_str());
+    }
+
+    #[test]
+    fn a_wildcard_matches_exactly_one_label() {
+        let w = PublicHostname::parse("*.Example.COM.").unwrap();
+        assert_eq!(w.as_str(), "*.example.com");
+        assert_eq!(
+            w.pattern(),
+            HostnamePattern::Wildcard {
+                suffix: "example.com"
+            }
+        );
+        assert!(w.matches("a.example.com"));
+        assert!(w.matches("xn--bcher-kva.example.com"));
+        assert!(!w.matches("a.b.example.com"));
+        assert!(!w.matches("example.com"));
+        assert!(!w.matches(".example.com"));
+        assert!(!w.matches("*.example.com"));
+        assert!(!w.matches("aexample.com"));
+        assert!(w.clone().exact().is_err());
+        let e = PublicHostname::parse("a.example.com").unwrap();
+        assert_eq!(e.pattern(), HostnamePattern::Exact("a.example.com"));
+        assert!(e.matches("a.example.com") && !e.matches("b.example.com"));
+    }
+
+    #[test]
+    fn exact_names_win_over_wildcards_whatever_the_order() {
+        let h = |s: &str| PublicHostname::parse(s).unwrap();
+        let mut t = HostnameTable::default();
+        t.insert(&h("*.example.com"), "wild");
+        t.insert(&h("api.example.com"), "api");
+        t.insert(&h("*.b.example.com"), "deep-wild");
+        let mut u = HostnameTable::default();
+        u.insert(&h("api.example.com"), "api");
+        u.insert(&h("*.example.com"), "wild");
+        u.insert(&h("*.b.example.com"), "deep-wild");
+        for t in [t, u] {
+            assert_eq!(t.lookup("api.example.com"), Some(&"api"));
+            assert_eq!(t.lookup("www.example.com"), Some(&"wild"));
+            assert_eq!(t.lookup("b.example.com"), Some(&"wild"));
+            assert_eq!(t.lookup("x.b.example.com"), Some(&"deep-wild"));
+            assert_eq!(t.lookup("x.y.example.com"), None);
+            assert_eq!(t.lookup("example.com"), None);
+            assert_eq!(t.lookup("*.example.com"), None);
+            assert_eq!(t.lookup(""), None);
+            assert_eq!(t.get(&h("*.example.com")), Some(&"wild"));
+            assert_eq!(t.get(&h("www.example.com")), None);
+        }
     }
 }

@@ -9,12 +9,14 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod fdlimit;
 pub mod fsutil;
 pub mod hostname;
 pub mod logging;
 pub mod man;
+pub mod metrics;
 pub mod notify;
 pub mod proxy;
 pub mod readiness;

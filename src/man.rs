@@ -37,6 +37,11 @@ The Client \fBpublic\-cert\-dir\fR for terminate Services:
 .TP
 \fI$XDG_STATE_HOME/runewarp/{server,client}/acme/\fR
 ACME account and certificate cache (private, mode 0700).
+.TP
+\fI$XDG_RUNTIME_DIR/runewarp/{server,client}.sock\fR
+The control socket (mode 0600) that \fBstatus\fR reads; without
+XDG_RUNTIME_DIR, \fI$XDG_STATE_HOME/runewarp/{server,client}.sock\fR.
+Set with \fBcontrol\-socket\fR.
 .SH ENVIRONMENT
 .TP
 \fBRUNEWARP_SERVER_HOSTNAME\fR

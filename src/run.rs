@@ -44,6 +44,14 @@ pub fn main(cli: Cli) -> ExitCode {
             command: Some(ClientCommand::PublicCert(cmd)),
             ..
         }) => material_result(tls::material::run_public_cert(&cmd, &env)),
+        Command::Server(ServerArgs {
+            command: Some(ServerCommand::Status(args)),
+            ..
+        }) => status(Role::Server, &args, &env),
+        Command::Client(ClientArgs {
+            command: Some(ClientCommand::Status(args)),
+            ..
+        }) => status(Role::Client, &args, &env),
         Command::Server(ServerArgs { command: None, run }) => {
             let overlay = ServerOverlay {
                 config: run.config,
@@ -53,10 +61,17 @@ pub fn main(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(e),
             };
+            // SIGHUP reads the same file with the same overlays.
+            let reloader: server::Reloader =
+                Box::new(move || config::load_server(&overlay, &Environment::from_process()));
             serve(
                 "server",
                 config.log_level,
-                server::Server::bind(config),
+                async move {
+                    server::Server::bind(config)
+                        .await
+                        .map(|s| s.with_reloader(reloader))
+                },
                 server::Server::run,
             )
         }
@@ -70,10 +85,13 @@ pub fn main(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(e),
             };
+            // SIGHUP reads the same file with the same overlays.
+            let reloader: client::reload::Reloader =
+                Box::new(move || config::load_client(&overlay, &Environment::from_process()));
             serve(
                 "client",
                 config.log_level,
-                async move { client::Client::new(config) },
+                async move { client::Client::new(config).map(|c| c.with_reloader(reloader)) },
                 client::Client::run,
             )
         }
@@ -238,6 +256,51 @@ fn runtime<F: std::future::Future<Output = ExitCode>>(
         }
         Err(e) => {
             eprintln!("runewarp: cannot start the async runtime: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `server status` / `client status`: read the running instance's state
+/// from its control socket and print it.
+fn status(role: Role, args: &crate::cli::StatusArgs, env: &Environment) -> ExitCode {
+    let name = match role {
+        Role::Server => "server",
+        Role::Client => "client",
+    };
+    let path = match &args.socket {
+        Some(p) => Some(p.clone()),
+        None => match config::material_defaults(args.config.as_deref(), env) {
+            Ok(d) => match role {
+                Role::Server => d.server_control_socket,
+                Role::Client => d.client_control_socket,
+            },
+            Err(e) => return config_error(e),
+        },
+    };
+    let Some(path) = path else {
+        return usage_error(&format!(
+            "no control socket: set {name}.control-socket in the config (or HOME), or pass --socket"
+        ));
+    };
+    let doc = match crate::control::query(&path, name) {
+        Ok(doc) => doc,
+        Err(e) => {
+            eprintln!("runewarp {name} status: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let text = if args.json {
+        serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
+    } else {
+        let now = crate::control::unix(std::time::SystemTime::now());
+        crate::control::format::human(&doc, now)
+    };
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("runewarp {name} status: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
     }

@@ -48,6 +48,8 @@ impl ReadyServer {
             public_bind_address: any,
             tunnel_bind_address: any,
             readiness_bind_address: Some(readiness),
+            metrics_bind_address: None,
+            control_socket: None,
             graceful_shutdown_duration: Duration::from_secs(1),
             certificates: ServerCertSource::Manual {
                 cert_dir: cert_dir.to_path_buf(),

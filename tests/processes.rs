@@ -72,14 +72,14 @@ fn an_invalid_config_exits_2_naming_key_and_value_before_binding_anything() {
         "bad.toml",
         &format!(
             "[server]\nhostname = \"localhost\"\npublic-bind-address = \"127.0.0.1:{}\"\n\
-             [[server.tunnels]]\npublic-hostnames = [\"*.example.com\"]\nclient-identity = \"{}\"\n",
+             [[server.tunnels]]\npublic-hostnames = [\"a*.example.com\"]\nclient-identity = \"{}\"\n",
             home.public,
             "ab".repeat(32)
         ),
     );
     let err = stderr_of(home.cmd().args(["server", "-c", "bad.toml"]), 2);
     assert!(
-        err.contains("server.tunnels[0].public-hostnames[0]") && err.contains("*.example.com"),
+        err.contains("server.tunnels[0].public-hostnames[0]") && err.contains("a*.example.com"),
         "{err}"
     );
     std::net::TcpListener::bind(("127.0.0.1", home.public))

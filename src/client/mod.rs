@@ -5,7 +5,9 @@
 
 pub mod backoff;
 pub mod dialer;
+pub mod reload;
 pub mod service;
+pub mod status;
 pub mod terminate;
 
 use std::sync::Arc;
@@ -17,9 +19,7 @@ use rand::SeedableRng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::config::{
-    BackendAddress, ClientConfig, PublicCertSource, ServiceConfig, StreamTimeouts, TlsMode,
-};
+use crate::config::{ClientConfig, PublicCertSource, ServiceConfig, StreamTimeouts, TlsMode};
 use crate::hostname::wire_lookup_key;
 use crate::logging::RateLimit;
 use crate::notify;
@@ -73,17 +73,36 @@ pub enum ClientError {
         addr: std::net::SocketAddr,
         error: std::io::Error,
     },
+    #[error("cannot bind metrics listener (TCP) {addr}: {error}")]
+    MetricsBind {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
 }
 
 /// What the stream handlers share.
 struct Context {
-    services: ServiceTable,
+    /// Replaced whole on reload.
+    services: std::sync::RwLock<Arc<ServiceTable>>,
+    /// `public-cert-dir`: re-read on reload.
+    certs: Option<Arc<terminate::SwappableCerts>>,
     handlers: Arc<tokio::sync::Semaphore>,
     acceptor: Option<terminate::Acceptor>,
     /// One `backend_unreachable` line per backend per interval.
     backend_errors: RateLimit<String>,
     /// Deadlines of every relayed stream.
     stream_timeouts: StreamTimeouts,
+    metrics: Arc<crate::metrics::ClientMetrics>,
+}
+
+impl Context {
+    /// The Services as of the last (re)load.
+    fn services(&self) -> Arc<ServiceTable> {
+        self.services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// Backend failures are logged at most once per backend per this interval.
@@ -124,6 +143,12 @@ pub struct Client {
     acme: Option<AcmeManager>,
     /// `readiness-bind-address`, bound at start so a bad address fails it.
     readiness: Option<std::net::TcpListener>,
+    /// `metrics-bind-address`, bound; served by `run`.
+    metrics_listener: Option<std::net::TcpListener>,
+    /// `control-socket`, bound; served by `run`.
+    control: Option<crate::control::ControlSocket>,
+    /// Re-reads the config on SIGHUP.
+    reloader: Option<reload::Reloader>,
 }
 
 /// How a Tunnel connection ended.
@@ -143,6 +168,13 @@ impl Client {
         )?;
         let quic = transport::client_config_with_verifier(verifier, identity_material)?;
         let mut acme = None;
+        let mut swappable = None;
+        let metrics = Arc::new(crate::metrics::ClientMetrics::new(&config.services));
+        let metrics_listener = config
+            .metrics_bind_address
+            .map(crate::metrics::bind)
+            .transpose()
+            .map_err(|(addr, error)| ClientError::MetricsBind { addr, error })?;
         let acceptor = match &config.public_certs {
             None => None,
             Some(PublicCertSource::Acme(acme_config)) => {
@@ -157,7 +189,15 @@ impl Client {
                 Some(acceptor)
             }
             Some(PublicCertSource::Manual { dir }) => {
-                let table = CertificateTable::new(material::load_public_certs(dir)?)?;
+                let certs = material::load_public_certs(dir)?;
+                for (host, m) in &certs {
+                    if let Some(t) = m.chain.first().and_then(|c| crate::metrics::not_after(c)) {
+                        metrics.certificate_expiry(host.as_str(), t);
+                    }
+                }
+                let table = Arc::new(terminate::SwappableCerts::new(CertificateTable::new(
+                    certs,
+                )?));
                 for s in config
                     .services
                     .iter()
@@ -172,7 +212,8 @@ impl Client {
                         );
                     }
                 }
-                Some(terminate::acceptor(Arc::new(table))?)
+                swappable = Some(table.clone());
+                Some(terminate::acceptor(table)?)
             }
         };
         let readiness = config
@@ -183,13 +224,20 @@ impl Client {
                     .map_err(|error| ClientError::Readiness { addr, error })
             })
             .transpose()?;
+        let certs = swappable;
         let context = Arc::new(Context {
-            services: ServiceTable::new(&config.services),
+            services: std::sync::RwLock::new(Arc::new(ServiceTable::new(&config.services))),
+            certs,
             handlers: Arc::new(tokio::sync::Semaphore::new(STREAM_HANDLERS)),
             acceptor,
             backend_errors: RateLimit::new(BACKEND_ERROR_LOG_INTERVAL),
             stream_timeouts: config.stream_timeouts,
+            metrics,
         });
+        let control = config
+            .control_socket
+            .as_deref()
+            .and_then(|path| crate::control::ControlSocket::bind(path, "client"));
         Ok(Self {
             dialer: Dialer::new(config.server_address.clone(), &config.server_trust, quic),
             config: Arc::new(config),
@@ -198,7 +246,16 @@ impl Client {
             status: tokio::sync::watch::Sender::new(ClientStatus::default()),
             acme,
             readiness,
+            metrics_listener,
+            control,
+            reloader: None,
         })
+    }
+
+    /// Re-read the config with `reloader` on SIGHUP.
+    pub fn with_reloader(mut self, reloader: reload::Reloader) -> Self {
+        self.reloader = Some(reloader);
+        self
     }
 
     pub fn identity(&self) -> ClientIdentity {
@@ -228,6 +285,34 @@ impl Client {
         let mut backoff = Backoff::default();
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let server = self.config.server_address.to_string();
+        let _metrics_task = self.metrics_listener.take().and_then(|l| {
+            let m = self.context.metrics.clone();
+            crate::metrics::spawn_std_listener(l, Arc::new(move || m.render()))
+        });
+        let _reload = self.reloader.take().map(|r| {
+            crate::metrics::AbortOnDrop::new(tokio::spawn(reload::on_sighup(
+                r,
+                self.config.clone(),
+                self.context.clone(),
+            )))
+        });
+        let _control = self.control.take().and_then(|c| {
+            let (config, identity, context) =
+                (self.config.clone(), self.identity, self.context.clone());
+            let status = self.status.subscribe();
+            let started = std::time::SystemTime::now();
+            c.serve(Arc::new(move || {
+                let services = context.services();
+                status::snapshot(
+                    &config,
+                    services.services(),
+                    &identity,
+                    &context.metrics,
+                    &status.borrow(),
+                    started,
+                )
+            }))
+        });
         tracing::info!(event = "client_started", server = %server, identity = %self.identity, services = self.config.services.len());
         // Ready means running and dialling, not connected: a Server that is
         // down, or does not know this pin yet (a first deploy), must not
@@ -259,6 +344,10 @@ impl Client {
                     let peer = canonical(conn.remote_address());
                     tracing::info!(event = "tunnel_connected", server = %server, %peer, identity = %self.identity);
                     self.set_status(true, None);
+                    self.context.metrics.set_connection(Some(conn.clone()));
+                    if self.status.borrow().connections == 1 {
+                        notify::notify(notify::READY);
+                    }
                     if acme_tasks.is_none() {
                         // TLS-ALPN-01 validations reach us through the
                         // tunnel: order only once it is up, so a CA does
@@ -266,6 +355,7 @@ impl Client {
                         acme_tasks = self.acme.take().map(AcmeManager::spawn);
                     }
                     let ended = serve(&conn, self.context.clone(), &mut shutdown).await;
+                    self.context.metrics.set_connection(None);
                     self.set_status(
                         false,
                         Some(match &ended {
@@ -287,11 +377,19 @@ impl Client {
                                 retry_in_s = REPLACED_PAUSE.as_secs(),
                                 hint = "another Client instance with this identity connected",
                             );
+                            self.context.metrics.set_waiting(
+                                "replaced",
+                                "another Client instance with this identity took the Tunnel".into(),
+                                REPLACED_PAUSE,
+                            );
                             REPLACED_PAUSE
                         }
                         Ended::Lost(error) => {
                             let delay = backoff.next_delay(&mut rng);
                             tracing::info!(event = "tunnel_closed", server = %server, %peer, detail = ?error.to_string(), retry_in_ms = delay.as_millis() as u64);
+                            self.context
+                                .metrics
+                                .set_waiting("lost", error.to_string(), delay);
                             delay
                         }
                     }
@@ -302,6 +400,10 @@ impl Client {
                         _ => backoff.next_delay(&mut rng),
                     };
                     log_dial_failure(&server, &self.identity, &error, delay);
+                    self.context.metrics.dial_failed(error.reason());
+                    self.context
+                        .metrics
+                        .set_waiting(error.reason(), error.to_string(), delay);
                     delay
                 }
             };
@@ -359,6 +461,7 @@ async fn serve(conn: &quinn::Connection, context: Arc<Context>, shutdown: &mut S
         match accepted {
             Ok((mut send, mut recv)) => {
                 let Ok(permit) = context.handlers.clone().try_acquire_owned() else {
+                    context.metrics.stream_rejected("overloaded");
                     reject(&mut send, &mut recv, stream_code::OVERLOADED);
                     continue;
                 };
@@ -388,10 +491,12 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
     {
         Ok(Ok(h)) => h,
         Ok(Err(error)) => {
+            context.metrics.stream_rejected("bad_proxy_header");
             tracing::debug!(event = "stream_rejected", reason = "bad_proxy_header", error = ?error.to_string());
             return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
         }
         Err(_) => {
+            context.metrics.stream_rejected("proxy_header_timeout");
             tracing::debug!(event = "stream_rejected", reason = "proxy_header_timeout");
             return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
         }
@@ -402,17 +507,25 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
     let info = match sni::read_client_hello(&mut recv, &mut hello, deadline).await {
         Ok(info) => info,
         Err(e) => {
+            context.metrics.stream_rejected(e.reason());
             tracing::debug!(event = "stream_rejected", visitor = ?visitor, reason = e.reason());
             return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
         }
     };
     let hostname = info.server_name.as_deref().map(wire_lookup_key);
-    let Some(service) = context.services.select(hostname.as_deref()) else {
+    let services = context.services();
+    let Some(service) = services.select(hostname.as_deref()) else {
+        context.metrics.stream_rejected("no_service");
         tracing::info!(event = "stream_rejected", hostname = hostname.as_deref().unwrap_or("-"), visitor = ?visitor, reason = "no_service");
         return reject(&mut send, &mut recv, stream_code::NO_SERVICE);
     };
     let host = hostname.as_deref().unwrap_or("-");
     let started = std::time::Instant::now();
+    let service_metrics = context.metrics.service(service);
+    let _active = service_metrics.as_ref().map(|m| {
+        m.streams.inc();
+        crate::metrics::ActiveStream::new(&m.streams_active)
+    });
     let result = match service.tls_mode {
         TlsMode::Passthrough => {
             passthrough(
@@ -446,6 +559,10 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
             }
         },
     };
+    if let (Some(m), Ok(t)) = (&service_metrics, &result) {
+        m.bytes_to_backend.inc_by(t.to_backend);
+        m.bytes_from_backend.inc_by(t.from_backend);
+    }
     match result {
         Ok(t) => tracing::debug!(
             event = "stream_closed",
@@ -471,18 +588,27 @@ fn reject(send: &mut SendStream, recv: &mut RecvStream, code: quinn::VarInt) {
 
 async fn connect_backend(
     context: &Context,
-    addr: &BackendAddress,
+    service: &ServiceConfig,
     hostname: &str,
 ) -> Result<TcpStream, &'static str> {
+    let addr = &service.backend_address;
+    let metrics = context.metrics.service(service);
+    let started = std::time::Instant::now();
     let connect = TcpStream::connect((addr.host.as_str(), addr.port));
     let (reason, error) = match tokio::time::timeout(BACKEND_CONNECT_DEADLINE, connect).await {
         Ok(Ok(tcp)) => {
+            if let Some(m) = &metrics {
+                crate::metrics::observe_since(&m.backend_connect, started);
+            }
             let _ = tcp.set_nodelay(true);
             return Ok(tcp);
         }
         Ok(Err(error)) => ("backend_unreachable", error.to_string()),
         Err(_) => ("backend_timeout", "connect timed out".to_string()),
     };
+    if let Some(m) = &metrics {
+        m.backend_failed(reason);
+    }
     if let Some(suppressed) = context.backend_errors.allow(&addr.to_string()) {
         tracing::warn!(event = "backend_unreachable", backend = %addr, hostname, error = ?error, suppressed);
     }
@@ -515,7 +641,7 @@ async fn passthrough(
     mut recv: RecvStream,
     hostname: &str,
 ) -> Result<Moved, &'static str> {
-    let mut tcp = match connect_backend(context, &service.backend_address, hostname).await {
+    let mut tcp = match connect_backend(context, service, hostname).await {
         Ok(tcp) => tcp,
         Err(reason) => {
             reject(&mut send, &mut recv, stream_code::BACKEND_UNREACHABLE);
@@ -576,7 +702,7 @@ async fn terminate(
         let _ = quic.writer_mut().reset(stream_code::ABORTED);
         let _ = quic.reader_mut().stop(stream_code::ABORTED);
     };
-    let mut tcp = match connect_backend(context, &service.backend_address, hostname).await {
+    let mut tcp = match connect_backend(context, service, hostname).await {
         Ok(tcp) => tcp,
         Err(reason) => {
             abort_tls(&mut tls);

@@ -1,17 +1,18 @@
 //! Service selection on the Client instance: the forwarded ClientHello's
-//! SNI picks a Service by exact Public hostname, or the sole catch-all
-//! Service takes every hostname the Server routed to this Tunnel.
+//! SNI picks a Service by exact Public hostname, else by a `*.` wildcard
+//! covering it, or the sole catch-all Service takes every hostname the
+//! Server routed to this Tunnel.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::ServiceConfig;
-use crate::hostname::{PublicHostname, wire_lookup_key};
+use crate::hostname::{HostnameTable, wire_lookup_key};
 
 #[derive(Debug, Default)]
 pub struct ServiceTable {
-    exact: HashMap<PublicHostname, Arc<ServiceConfig>>,
+    exact: HostnameTable<Arc<ServiceConfig>>,
     catch_all: Option<Arc<ServiceConfig>>,
+    all: Vec<Arc<ServiceConfig>>,
 }
 
 impl ServiceTable {
@@ -19,15 +20,21 @@ impl ServiceTable {
         let mut table = Self::default();
         for s in services {
             let s = Arc::new(s.clone());
+            table.all.push(s.clone());
             if s.public_hostnames.is_empty() {
                 table.catch_all = Some(s);
             } else {
                 for h in &s.public_hostnames {
-                    table.exact.insert(h.clone(), s.clone());
+                    table.exact.insert(h, s.clone());
                 }
             }
         }
         table
+    }
+
+    /// Every Service, in config order.
+    pub fn services(&self) -> &[Arc<ServiceConfig>] {
+        &self.all
     }
 
     /// The Service for a stream whose ClientHello named `sni`.
@@ -35,7 +42,7 @@ impl ServiceTable {
         if let Some(catch_all) = &self.catch_all {
             return Some(catch_all);
         }
-        self.exact.get(wire_lookup_key(sni?).as_str())
+        self.exact.lookup(wire_lookup_key(sni?).as_str())
     }
 }
 
@@ -43,6 +50,7 @@ impl ServiceTable {
 mod tests {
     use super::*;
     use crate::config::{BackendAddress, TlsMode};
+    use crate::hostname::PublicHostname;
 
     fn service(index: usize, hosts: &[&str], port: u16) -> ServiceConfig {
         ServiceConfig {
@@ -96,5 +104,18 @@ mod tests {
             9
         );
         assert_eq!(t.select(None).unwrap().backend_address.port, 9);
+    }
+
+    #[test]
+    fn wildcard_service_takes_one_label_and_exact_wins() {
+        let t = ServiceTable::new(&[
+            service(0, &["*.example.com"], 1),
+            service(1, &["api.example.com"], 2),
+        ]);
+        let port = |sni| t.select(Some(sni)).map(|s| s.backend_address.port);
+        assert_eq!(port("www.example.com"), Some(1));
+        assert_eq!(port("API.example.com."), Some(2));
+        assert_eq!(port("a.b.example.com"), None);
+        assert_eq!(port("example.com"), None);
     }
 }

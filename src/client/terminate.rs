@@ -3,7 +3,6 @@
 //! Local backend. A hostname without a certificate fails closed at the
 //! handshake; there is no fallback to passthrough.
 
-use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 
@@ -13,7 +12,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::io::Join;
 
-use crate::hostname::{PublicHostname, wire_lookup_key};
+use crate::hostname::{HostnameTable, PublicHostname, wire_lookup_key};
 use crate::proxy::Prefixed;
 use crate::tls::acme;
 use crate::tls::material::{MaterialError, TlsMaterial};
@@ -31,15 +30,16 @@ pub enum TerminateError {
     Tls(#[from] rustls::Error),
 }
 
-/// Certificates by Public hostname.
+/// Certificates by Public hostname: a certificate for `*.example.com`
+/// serves every name one label under it that has none of its own.
 #[derive(Debug, Default)]
 pub struct CertificateTable {
-    by_hostname: HashMap<String, Arc<CertifiedKey>>,
+    by_hostname: HostnameTable<Arc<CertifiedKey>>,
 }
 
 impl CertificateTable {
     pub fn new(material: Vec<(PublicHostname, TlsMaterial)>) -> Result<Self, TerminateError> {
-        let mut by_hostname = HashMap::new();
+        let mut by_hostname = HostnameTable::default();
         for (hostname, m) in material {
             let key = rustls::crypto::ring::sign::any_supported_type(&m.key).map_err(|error| {
                 TerminateError::Key {
@@ -47,23 +47,51 @@ impl CertificateTable {
                     error,
                 }
             })?;
-            by_hostname.insert(
-                hostname.as_str().to_string(),
-                Arc::new(CertifiedKey::new(m.chain, key)),
-            );
+            by_hostname.insert(&hostname, Arc::new(CertifiedKey::new(m.chain, key)));
         }
         Ok(Self { by_hostname })
     }
 
+    /// Whether `hostname` (a name or a wildcard) has a certificate: its
+    /// own, or for a name a wildcard certificate covering it.
     pub fn contains(&self, hostname: &PublicHostname) -> bool {
-        self.by_hostname.contains_key(hostname.as_str())
+        self.by_hostname.get(hostname).is_some()
+            || (!hostname.is_wildcard() && self.by_hostname.lookup(hostname.as_str()).is_some())
     }
 }
 
 impl ResolvesServerCert for CertificateTable {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let name = wire_lookup_key(hello.server_name()?);
-        self.by_hostname.get(&name).cloned()
+        self.by_hostname.lookup(&name).cloned()
+    }
+}
+
+/// A [`CertificateTable`] that a reload can replace.
+#[derive(Debug)]
+pub struct SwappableCerts(std::sync::RwLock<Arc<CertificateTable>>);
+
+impl SwappableCerts {
+    pub fn new(table: CertificateTable) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(table)))
+    }
+
+    pub fn current(&self) -> Arc<CertificateTable> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, table: CertificateTable) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+
+    pub fn contains(&self, hostname: &PublicHostname) -> bool {
+        self.current().contains(hostname)
+    }
+}
+
+impl ResolvesServerCert for SwappableCerts {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current().resolve(hello)
     }
 }
 

@@ -50,6 +50,10 @@ pub(crate) struct RawServer {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub readiness_bind_address: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_bind_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub graceful_shutdown_duration: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_write_timeout: Option<String>,
@@ -122,6 +126,9 @@ pub(crate) struct RawClient {
     pub stream_write_timeout: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_idle_timeout: Option<String>,
+    pub metrics_bind_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<RawAcme>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -154,6 +161,8 @@ pub(crate) const SERVER_KEYS: &[&str] = &[
     "public-bind-address",
     "tunnel-bind-address",
     "readiness-bind-address",
+    "metrics-bind-address",
+    "control-socket",
     "graceful-shutdown-duration",
     "stream-write-timeout",
     "stream-idle-timeout",
@@ -174,6 +183,8 @@ pub(crate) const CLIENT_KEYS: &[&str] = &[
     "readiness-bind-address",
     "stream-write-timeout",
     "stream-idle-timeout",
+    "metrics-bind-address",
+    "control-socket",
     "acme",
     "services",
 ];
@@ -473,6 +484,8 @@ hostname = "a"
 public-bind-address = "a"
 tunnel-bind-address = "a"
 readiness-bind-address = "a"
+metrics-bind-address = "a"
+control-socket = "a"
 graceful-shutdown-duration = "a"
 stream-write-timeout = "a"
 stream-idle-timeout = "a"
@@ -495,6 +508,8 @@ identity-dir = "a"
 public-cert-dir = "a"
 stream-write-timeout = "a"
 stream-idle-timeout = "a"
+metrics-bind-address = "a"
+control-socket = "a"
 [client.acme]
 email = "a"
 [[client.services]]

@@ -41,6 +41,8 @@
 //! | `server.public-bind-address` | `0.0.0.0:443` (TCP) |
 //! | `server.tunnel-bind-address` | `0.0.0.0:443` (UDP) |
 //! | `server.readiness-bind-address` | none |
+//! | `server.metrics-bind-address`, `client.metrics-bind-address` | none (off) |
+//! | `server.control-socket`, `client.control-socket` | `$XDG_RUNTIME_DIR/runewarp/<role>.sock`, else `$XDG_STATE_HOME/runewarp/<role>.sock` |
 //! | `server.graceful-shutdown-duration` | `60s` |
 //! | `server.stream-write-timeout`, `client.stream-write-timeout` | `30s` |
 //! | `server.stream-idle-timeout`, `client.stream-idle-timeout` | `15m` |
@@ -144,6 +146,10 @@ pub struct MaterialDefaults {
     pub server_cert_dir: PathBuf,
     pub identity_dir: PathBuf,
     pub public_cert_dir: PathBuf,
+    /// `server.control-socket` (or its default), for `server status`.
+    pub server_control_socket: Option<PathBuf>,
+    /// `client.control-socket` (or its default), for `client status`.
+    pub client_control_socket: Option<PathBuf>,
 }
 
 /// Prepare and validate the Server config.
@@ -179,5 +185,7 @@ pub fn material_defaults(
         server_cert_dir: p.server_cert_dir,
         identity_dir: p.identity_dir,
         public_cert_dir: p.public_cert_dir,
+        server_control_socket: p.server_control_socket,
+        client_control_socket: p.client_control_socket,
     })
 }

@@ -60,6 +60,7 @@ pub(crate) struct Xdg {
     config_home: Option<PathBuf>,
     data_home: Option<PathBuf>,
     state_home: Option<PathBuf>,
+    runtime_dir: Option<PathBuf>,
 }
 
 impl Xdg {
@@ -70,6 +71,7 @@ impl Xdg {
             config_home: absolute("XDG_CONFIG_HOME"),
             data_home: absolute("XDG_DATA_HOME"),
             state_home: absolute("XDG_STATE_HOME"),
+            runtime_dir: absolute("XDG_RUNTIME_DIR"),
         }
     }
 
@@ -110,6 +112,17 @@ impl Xdg {
     pub fn state(&self, sub: &str, what: &str) -> Result<PathBuf, ConfigError> {
         let base = self.base(&self.state_home, "XDG_STATE_HOME", ".local/state", what)?;
         Ok(base.join("runewarp").join(sub))
+    }
+}
+
+/// The default control socket of `role`: `$XDG_RUNTIME_DIR/runewarp/<role>.sock`,
+/// else `$XDG_STATE_HOME/runewarp/<role>.sock` (or under `~/.local/state`);
+/// `None` (no control socket) when none of these is set.
+pub(crate) fn default_control_socket(xdg: &Xdg, role: &str) -> Option<PathBuf> {
+    let name = format!("{role}.sock");
+    match &xdg.runtime_dir {
+        Some(dir) => Some(dir.join("runewarp").join(name)),
+        None => xdg.state(&name, "control-socket").ok(),
     }
 }
 
@@ -229,6 +242,8 @@ pub(crate) struct PreparedServer {
     pub public_bind_address: Val<String>,
     pub tunnel_bind_address: Val<String>,
     pub readiness_bind_address: Option<Val<String>>,
+    pub metrics_bind_address: Option<Val<String>>,
+    pub control_socket: Option<PathBuf>,
     pub graceful_shutdown_duration: Val<String>,
     pub stream_write_timeout: Val<String>,
     pub stream_idle_timeout: Val<String>,
@@ -323,6 +338,15 @@ pub(crate) fn prepare_server(
             "server.readiness-bind-address",
             &server.readiness_bind_address,
         ),
+        metrics_bind_address: file_val(
+            &label,
+            "server.metrics-bind-address",
+            &server.metrics_bind_address,
+        ),
+        control_socket: match resolver.resolve("server.control-socket", &server.control_socket)? {
+            Some(path) => Some(path),
+            None => default_control_socket(&xdg, "server"),
+        },
         graceful_shutdown_duration: file_or_default(
             &label,
             "server.graceful-shutdown-duration",
@@ -373,6 +397,8 @@ pub(crate) struct PreparedClient {
     pub public_cert_dir: Option<PathBuf>,
     pub readiness_bind_address: Option<Val<String>>,
     pub acme: Option<PreparedAcme>,
+    pub metrics_bind_address: Option<Val<String>>,
+    pub control_socket: Option<PathBuf>,
     pub services: Vec<PreparedService>,
     pub stream_write_timeout: Val<String>,
     pub stream_idle_timeout: Val<String>,
@@ -443,6 +469,13 @@ pub(crate) fn prepare_client(
         None => file_val(&label, "client.server-address", &raw_client.server_address),
     };
 
+    let control_socket = match &file {
+        Some(file) => {
+            PathResolver { file }.resolve("client.control-socket", &raw_client.control_socket)?
+        }
+        None => None,
+    }
+    .or_else(|| default_control_socket(&xdg, "client"));
     let (server_ca_file, identity_dir, mut public_cert_dir, acme) = match &file {
         Some(file) => {
             let resolver = PathResolver { file };
@@ -488,6 +521,12 @@ pub(crate) fn prepare_client(
             &raw_client.readiness_bind_address,
         ),
         acme,
+        metrics_bind_address: file_val(
+            &label,
+            "client.metrics-bind-address",
+            &raw_client.metrics_bind_address,
+        ),
+        control_socket,
         services,
         stream_write_timeout: file_or_default(
             &label,
@@ -512,6 +551,8 @@ pub(crate) struct PreparedMaterial {
     pub server_cert_dir: PathBuf,
     pub identity_dir: PathBuf,
     pub public_cert_dir: PathBuf,
+    pub server_control_socket: Option<PathBuf>,
+    pub client_control_socket: Option<PathBuf>,
 }
 
 pub(crate) fn prepare_material(
@@ -549,7 +590,13 @@ pub(crate) fn prepare_material(
         Some(dir) => dir,
         None => xdg.data("client/public-certs", "client.public-cert-dir")?,
     };
+    let server_control_socket = resolve("server.control-socket", &server.control_socket)?
+        .or_else(|| default_control_socket(&xdg, "server"));
+    let client_control_socket = resolve("client.control-socket", &client.control_socket)?
+        .or_else(|| default_control_socket(&xdg, "client"));
     Ok(PreparedMaterial {
+        server_control_socket,
+        client_control_socket,
         server_hostname: server_hostname(None, env, &label, &server.hostname),
         server_cert_dir,
         identity_dir,

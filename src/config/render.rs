@@ -49,6 +49,8 @@ pub fn render_server(c: &ServerConfig) -> String {
             public_bind_address: Some(c.public_bind_address.to_string()),
             tunnel_bind_address: Some(c.tunnel_bind_address.to_string()),
             readiness_bind_address: c.readiness_bind_address.map(|a| a.to_string()),
+            metrics_bind_address: c.metrics_bind_address.map(|a| a.to_string()),
+            control_socket: c.control_socket.as_deref().map(path),
             graceful_shutdown_duration: Some(format_duration(c.graceful_shutdown_duration)),
             stream_write_timeout: Some(format_duration(c.stream_timeouts.write)),
             stream_idle_timeout: Some(format_duration(c.stream_timeouts.idle)),
@@ -105,6 +107,8 @@ pub fn render_client(c: &ClientConfig) -> String {
             readiness_bind_address: c.readiness_bind_address.map(|a| a.to_string()),
             stream_write_timeout: Some(format_duration(c.stream_timeouts.write)),
             stream_idle_timeout: Some(format_duration(c.stream_timeouts.idle)),
+            metrics_bind_address: c.metrics_bind_address.map(|a| a.to_string()),
+            control_socket: c.control_socket.as_deref().map(path),
             acme: acme_raw,
             services: Some(
                 c.services

@@ -336,6 +336,88 @@ fn client_readiness_bind_address() {
 }
 
 #[test]
+fn metrics_bind_address_must_be_a_literal() {
+    let m = server_err(&server_body("metrics-bind-address = \"localhost:9100\""));
+    assert_has(
+        &m,
+        &[
+            "server.metrics-bind-address = \"localhost:9100\"",
+            "IP:port literal",
+        ],
+    );
+    let m = client_err(&client_body("metrics-bind-address = \":9101\""));
+    assert_has(
+        &m,
+        &["client.metrics-bind-address = \":9101\"", "IP:port literal"],
+    );
+}
+
+#[test]
+fn control_socket_defaults_under_the_state_or_runtime_dir_and_is_resolved_against_the_file() {
+    let (tmp, r) = server_with(&minimal_server(), None);
+    assert_eq!(
+        r.expect("valid").control_socket,
+        Some(tmp.path().join(".local/state/runewarp/server.sock"))
+    );
+    let (tmp, r) = client_with(minimal_client());
+    assert_eq!(
+        r.expect("valid").control_socket,
+        Some(tmp.path().join(".local/state/runewarp/client.sock"))
+    );
+    let (tmp, r) = server_with(&server_body("control-socket = \"run/s.sock\""), None);
+    assert_eq!(
+        r.expect("valid").control_socket,
+        Some(tmp.path().join("run/s.sock"))
+    );
+    let tmp = TempDir::new().expect("tempdir");
+    write(tmp.path(), "config.toml", &minimal_server());
+    let env = Environment::from_pairs([
+        ("HOME", tmp.path().to_str().expect("utf-8")),
+        ("XDG_RUNTIME_DIR", "/run/user/1000"),
+    ]);
+    let c = load_server(
+        &ServerOverlay {
+            config: Some(tmp.path().join("config.toml")),
+            hostname: None,
+        },
+        &env,
+    )
+    .expect("valid");
+    assert_eq!(
+        c.control_socket,
+        Some(std::path::PathBuf::from(
+            "/run/user/1000/runewarp/server.sock"
+        ))
+    );
+    let long = format!("control-socket = \"/{}/s.sock\"", "d".repeat(120));
+    assert_has(
+        &server_err(&server_body(&long)),
+        &["server.control-socket = ", "longer than 107 bytes"],
+    );
+}
+
+#[test]
+fn metrics_bind_address_is_off_by_default_and_parsed_when_set() {
+    let (_t, r) = server_with(&minimal_server(), None);
+    assert_eq!(r.expect("valid").metrics_bind_address, None);
+    let (_t, r) = server_with(
+        &server_body("metrics-bind-address = \"127.0.0.1:9100\""),
+        None,
+    );
+    assert_eq!(
+        r.expect("valid").metrics_bind_address,
+        Some("127.0.0.1:9100".parse().expect("addr"))
+    );
+    let (_t, r) = client_with(minimal_client());
+    assert_eq!(r.expect("valid").metrics_bind_address, None);
+    let (_t, r) = client_with(&client_body("metrics-bind-address = \"[::1]:9101\""));
+    assert_eq!(
+        r.expect("valid").metrics_bind_address,
+        Some("[::1]:9101".parse().expect("addr"))
+    );
+}
+
+#[test]
 fn bad_duration() {
     let m = server_err(&server_body("graceful-shutdown-duration = \"60\""));
     assert_has(
@@ -403,17 +485,76 @@ fn tunnel_needs_public_hostnames() {
 }
 
 #[test]
-fn wildcard_public_hostname() {
+fn wildcard_public_hostnames() {
+    // One wildcard beside exact names is fine, in another Tunnel too.
     let text = format!(
-        "[server]\nhostname = \"e.example\"\n[[server.tunnels]]\npublic-hostnames = [\"a.example.com\"]\nclient-identity = \"{ID_A}\"\n[[server.tunnels]]\npublic-hostnames = [\"*.example.com\"]\nclient-identity = \"{ID_B}\"\n"
+        "[server]\nhostname = \"e.example\"\n[[server.tunnels]]\npublic-hostnames = [\"a.example.com\"]\nclient-identity = \"{ID_A}\"\n[[server.tunnels]]\npublic-hostnames = [\"*.Example.com\"]\nclient-identity = \"{ID_B}\"\n"
     );
-    let m = server_err(&text);
+    let (_t, r) = server_with(&text, None);
+    let c = r.expect("valid");
+    assert_eq!(c.tunnels[1].public_hostnames[0].as_str(), "*.example.com");
+    assert!(c.tunnels[1].public_hostnames[0].is_wildcard());
+    // The same wildcard in two Tunnels is an error, as with exact names.
+    let text = format!(
+        "[server]\nhostname = \"e.example\"\n[[server.tunnels]]\npublic-hostnames = [\"*.example.com\"]\nclient-identity = \"{ID_A}\"\n[[server.tunnels]]\npublic-hostnames = [\"*.EXAMPLE.com.\"]\nclient-identity = \"{ID_B}\"\n"
+    );
+    assert_has(
+        &server_err(&text),
+        &[
+            "server.tunnels[1].public-hostnames[0] = \"*.EXAMPLE.com.\"",
+            "already listed at server.tunnels[0].public-hostnames[0]",
+        ],
+    );
+    for (bad, why) in [
+        ("a*.example.com", "whole first label"),
+        ("*.*.example.com", "whole first label"),
+        ("www.*.example.com", "whole first label"),
+        ("*.com", "at least two labels"),
+    ] {
+        let text = format!(
+            "[server]\nhostname = \"e.example\"\n[[server.tunnels]]\npublic-hostnames = [\"{bad}\"]\nclient-identity = \"{ID_A}\"\n"
+        );
+        assert_has(
+            &server_err(&text),
+            &[
+                &format!("server.tunnels[0].public-hostnames[0] = \"{bad}\""),
+                why,
+            ],
+        );
+    }
+    // The Server hostname is never a wildcard.
+    let m = server_err(&format!(
+        "[server]\nhostname = \"*.example.com\"\n[[server.tunnels]]\npublic-hostnames = [\"a.example.com\"]\nclient-identity = \"{ID_A}\"\n"
+    ));
+    assert_has(&m, &["server.hostname = \"*.example.com\""]);
+}
+
+#[test]
+fn wildcard_services_and_acme() {
+    // Passthrough and manual-certificate terminate Services may be wildcards.
+    let (_t, r) = client_with(
+        "[client]\nserver-address = \"e.example\"\npublic-cert-dir = \"certs\"\n[[client.services]]\npublic-hostnames = [\"*.example.com\"]\nbackend-address = \"127.0.0.1:1\"\ntls-mode = \"terminate\"\n[[client.services]]\npublic-hostnames = [\"*.other.example\", \"api.example.com\"]\nbackend-address = \"127.0.0.1:2\"\n",
+    );
+    let c = r.expect("valid");
+    assert!(c.services[0].public_hostnames[0].is_wildcard());
+    // ACME cannot issue them: refused at config time, saying why.
+    let m = client_err(
+        "[client]\nserver-address = \"e.example\"\n[client.acme]\n[[client.services]]\npublic-hostnames = [\"app.example.com\"]\nbackend-address = \"127.0.0.1:1\"\ntls-mode = \"terminate\"\n[[client.services]]\npublic-hostnames = [\"a.example.net\", \"*.example.net\"]\nbackend-address = \"127.0.0.1:2\"\ntls-mode = \"terminate\"\n",
+    );
     assert_has(
         &m,
         &[
-            "config.toml: server.tunnels[1].public-hostnames[0] = \"*.example.com\": wildcards are not supported; list each hostname explicitly",
+            "client.services[1].public-hostnames[1] = \"*.example.net\"",
+            "TLS-ALPN-01",
+            "cannot issue wildcard",
+            "public-cert-dir",
         ],
     );
+    // With ACME, a passthrough wildcard is still fine.
+    let (_t, r) = client_with(
+        "[client]\nserver-address = \"e.example\"\n[client.acme]\n[[client.services]]\npublic-hostnames = [\"app.example.com\"]\nbackend-address = \"127.0.0.1:1\"\ntls-mode = \"terminate\"\n[[client.services]]\npublic-hostnames = [\"*.example.net\"]\nbackend-address = \"127.0.0.1:2\"\n",
+    );
+    r.expect("valid");
 }
 
 #[test]
@@ -1322,7 +1463,7 @@ fn render_round_trip_server() {
     let texts = [
         minimal_server(),
         server_body(
-            "readiness-bind-address = \"[::1]:9000\"\ngraceful-shutdown-duration = \"1500ms\"\ncert-dir = \"c\"",
+            "readiness-bind-address = \"[::1]:9000\"\nmetrics-bind-address = \"127.0.0.1:9100\"\ngraceful-shutdown-duration = \"1500ms\"\ncert-dir = \"c\"",
         ),
         format!(
             "log-level = \"trace\"\n{}",
@@ -1373,6 +1514,7 @@ server-address = "edge.example.com:7443"
 server-trust = "ca-file"
 server-ca-file = "ca.pem"
 readiness-bind-address = "[::1]:9001"
+metrics-bind-address = "127.0.0.1:9101"
 [[client.services]]
 public-hostnames = ["a.example.com"]
 backend-address = "[::1]:8443"

@@ -106,6 +106,11 @@ pub struct ServerConfig {
     pub public_bind_address: SocketAddr,
     pub tunnel_bind_address: SocketAddr,
     pub readiness_bind_address: Option<SocketAddr>,
+    /// `metrics-bind-address`: Prometheus `/metrics` (off when `None`).
+    pub metrics_bind_address: Option<SocketAddr>,
+    /// `control-socket`: the Unix socket `server status` reads (`None`:
+    /// none, when no default location exists).
+    pub control_socket: Option<PathBuf>,
     pub graceful_shutdown_duration: Duration,
     /// `stream-write-timeout`, `stream-idle-timeout`.
     pub stream_timeouts: StreamTimeouts,
@@ -197,6 +202,10 @@ pub struct ClientConfig {
     /// `client.readiness-bind-address`: a TCP listener open only while the
     /// Tunnel connection is up.
     pub readiness_bind_address: Option<SocketAddr>,
+    /// `metrics-bind-address`: Prometheus `/metrics` (off when `None`).
+    pub metrics_bind_address: Option<SocketAddr>,
+    /// `control-socket`: the Unix socket `client status` reads.
+    pub control_socket: Option<PathBuf>,
     pub services: Vec<ServiceConfig>,
     /// `stream-write-timeout`, `stream-idle-timeout`.
     pub stream_timeouts: StreamTimeouts,

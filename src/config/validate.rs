@@ -46,6 +46,25 @@ fn socket_addr(v: &Val<String>) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// The longest path a Unix socket address holds (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+fn control_socket(
+    label: &str,
+    key: &str,
+    path: Option<std::path::PathBuf>,
+) -> Result<Option<std::path::PathBuf>, ConfigError> {
+    if let Some(p) = &path
+        && p.as_os_str().len() > MAX_SOCKET_PATH
+    {
+        return Err(at(label, key).invalid(
+            &p.display().to_string(),
+            format!("is longer than {MAX_SOCKET_PATH} bytes, the limit of a Unix socket path; choose a shorter path"),
+        ));
+    }
+    Ok(path)
+}
+
 fn acme(label: &str, a: &PreparedAcme) -> Result<AcmeConfig, ConfigError> {
     if let Some(email) = &a.email {
         let looks_ok = match email.split_once('@') {
@@ -128,6 +147,11 @@ pub(crate) fn validate_server(p: PreparedServer) -> Result<ServerConfig, ConfigE
     let tunnel_bind_address = socket_addr(&p.tunnel_bind_address)?;
     let readiness_bind_address = p
         .readiness_bind_address
+        .as_ref()
+        .map(socket_addr)
+        .transpose()?;
+    let metrics_bind_address = p
+        .metrics_bind_address
         .as_ref()
         .map(socket_addr)
         .transpose()?;
@@ -249,6 +273,8 @@ pub(crate) fn validate_server(p: PreparedServer) -> Result<ServerConfig, ConfigE
         public_bind_address,
         tunnel_bind_address,
         readiness_bind_address,
+        metrics_bind_address,
+        control_socket: control_socket(label, "server.control-socket", p.control_socket)?,
         graceful_shutdown_duration,
         stream_timeouts,
         certificates,
@@ -517,7 +543,28 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
             )));
         }
         (Some(dir), None) => Some(PublicCertSource::Manual { dir: dir.clone() }),
-        (None, Some(a)) => Some(PublicCertSource::Acme(acme(label, a)?)),
+        (None, Some(a)) => {
+            // TLS-ALPN-01 (the only challenge Runewarp answers) cannot
+            // prove control of a wildcard: say so before anything runs.
+            for s in services.iter().filter(|s| s.tls_mode == TlsMode::Terminate) {
+                if let Some((j, h)) = s
+                    .public_hostnames
+                    .iter()
+                    .enumerate()
+                    .find(|(_, h)| h.is_wildcard())
+                {
+                    return Err(at(
+                        label,
+                        format!("client.services[{}].public-hostnames[{j}]", s.index),
+                    )
+                    .invalid(
+                        h.as_str(),
+                        "is a wildcard in a terminate Service with [client.acme]; ACME's TLS-ALPN-01 challenge cannot issue wildcard certificates: use public-cert-dir with a wildcard certificate, or list the names",
+                    ));
+                }
+            }
+            Some(PublicCertSource::Acme(acme(label, a)?))
+        }
         (None, None) if terminates => {
             return Err(ConfigError(format!(
                 "{label}: a Service terminates TLS: set client.public-cert-dir or [client.acme]"
@@ -525,6 +572,11 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         }
         (None, None) => None,
     };
+    let metrics_bind_address = p
+        .metrics_bind_address
+        .as_ref()
+        .map(socket_addr)
+        .transpose()?;
 
     let readiness_bind_address = p
         .readiness_bind_address
@@ -540,6 +592,8 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         identity_dir: p.identity_dir,
         public_certs,
         readiness_bind_address,
+        metrics_bind_address,
+        control_socket: control_socket(label, "client.control-socket", p.control_socket)?,
         services,
         stream_timeouts,
     })

@@ -464,6 +464,8 @@ fn server_config(m: &Material) -> Result<ServerConfig, BoxError> {
         public_bind_address: loopback,
         tunnel_bind_address: loopback,
         readiness_bind_address: None,
+        metrics_bind_address: None,
+        control_socket: None,
         graceful_shutdown_duration: Duration::from_secs(1),
         stream_timeouts: StreamTimeouts::default(),
         certificates: ServerCertSource::Manual {
@@ -503,6 +505,8 @@ fn client_config(
             dir: m.public_cert_dir.clone(),
         }),
         readiness_bind_address: None,
+        metrics_bind_address: None,
+        control_socket: None,
         services: vec![
             ServiceConfig {
                 index: 0,

@@ -261,6 +261,8 @@ pub struct Admission {
     peak: AtomicUsize,
     /// A saturated scope recovered: give memory back once work drained.
     release_due: AtomicBool,
+    /// Refusals and saturation per scope, once the Server attached them.
+    metrics: std::sync::OnceLock<Arc<crate::metrics::ServerMetrics>>,
 }
 
 /// After work in progress reached at least this much (or a saturated
@@ -328,12 +330,21 @@ impl Admission {
             closed: AtomicBool::new(false),
             peak: AtomicUsize::new(0),
             release_due: AtomicBool::new(false),
+            metrics: std::sync::OnceLock::new(),
             limits,
         })
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Count refusals and saturation per scope in `metrics`.
+    pub fn attach_metrics(&self, metrics: Arc<crate::metrics::ServerMetrics>) {
+        for scope in SCOPES {
+            metrics.admission_saturated(scope.as_str(), false);
+        }
+        let _ = self.metrics.set(metrics);
     }
 
     /// One Tunnel's share of the pending-open pool.
@@ -451,6 +462,9 @@ impl Admission {
         self.logs[scope as usize]
             .refused
             .fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = self.metrics.get() {
+            m.admission_refused(scope.as_str());
+        }
         scope
     }
 
@@ -541,6 +555,9 @@ impl Admission {
     fn review(&self, scope: Scope) -> (u32, bool) {
         let log = &self.logs[scope as usize];
         let refused = log.refused.swap(0, Ordering::Relaxed);
+        if let Some(m) = self.metrics.get() {
+            m.admission_saturated(scope.as_str(), refused > 0);
+        }
         let mut state = lock(&log.state);
         let now = Instant::now();
         if refused > 0 {

@@ -4,6 +4,8 @@
 pub mod admission;
 pub mod public_listener;
 pub mod registry;
+pub mod reload;
+pub mod status;
 pub mod tunnel_listener;
 
 use std::net::SocketAddr;
@@ -48,14 +50,20 @@ pub enum ServerError {
     Acme(#[from] AcmeSetupError),
 }
 
+/// Reads the config again (same file and overlays) for a reload.
+pub type Reloader = Box<dyn Fn() -> Result<ServerConfig, crate::config::ConfigError> + Send + Sync>;
+
 /// A Server whose listeners are bound and ready to run.
 pub struct Server {
+    reloader: Option<Reloader>,
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
     tls: Arc<TunnelTls>,
     admission: Arc<Admission>,
     public: tokio::net::TcpListener,
     readiness: Option<tokio::net::TcpListener>,
+    metrics: Option<tokio::net::TcpListener>,
+    control: Option<crate::control::ControlSocket>,
     tunnel: quinn::Endpoint,
     /// `[server.acme]`: the certificate manager (started by `run`) and the
     /// config answering TLS-ALPN-01 validations on the public listener.
@@ -76,9 +84,14 @@ impl Server {
         config: ServerConfig,
         limits: Limits,
     ) -> Result<Self, ServerError> {
+        let mut server_not_after = None;
         let (certificate, state_dir, acme) = match &config.certificates {
             ServerCertSource::Manual { cert_dir } => {
                 let cert = material::load_server_certificate(cert_dir)?;
+                server_not_after = cert
+                    .chain
+                    .first()
+                    .and_then(|c| crate::metrics::not_after(c));
                 let fixed: Arc<dyn ResolvesServerCert> =
                     Arc::new(transport::FixedCertificate::new(cert)?);
                 (fixed, cert_dir.join("state"), None)
@@ -117,17 +130,50 @@ impl Server {
                 }
             })?),
         };
+        let metrics = match config.metrics_bind_address {
+            None => None,
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|error| {
+                ServerError::Bind {
+                    what: "metrics listener (TCP)",
+                    addr,
+                    error,
+                }
+            })?),
+        };
+        let control = config
+            .control_socket
+            .as_deref()
+            .and_then(|path| crate::control::ControlSocket::bind(path, "server"));
         let admission = Admission::new(limits, config.tunnels.len());
+        admission.attach_metrics(registry.metrics().clone());
+        if let Some(not_after) = server_not_after {
+            registry
+                .metrics()
+                .certificate_expiry(config.hostname.as_str(), not_after);
+        }
         Ok(Self {
+            reloader: None,
             config: Arc::new(config),
             registry,
             tls,
             admission,
             public,
             readiness,
+            metrics,
+            control,
             tunnel,
             acme,
         })
+    }
+
+    /// Re-read the config with `reloader` on SIGHUP.
+    pub fn with_reloader(mut self, reloader: Reloader) -> Self {
+        self.reloader = Some(reloader);
+        self
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|r| r.local_addr().ok())
     }
 
     pub fn public_addr(&self) -> std::io::Result<SocketAddr> {
@@ -156,15 +202,19 @@ impl Server {
     /// closes every Tunnel connection with a reason and returns.
     pub async fn run(self, shutdown: Shutdown) {
         let Server {
+            reloader,
             config,
             registry,
             tls,
             admission,
             public,
             readiness,
+            metrics,
+            control,
             tunnel,
             acme,
         } = self;
+        let started = std::time::SystemTime::now();
         let (_acme_tasks, challenge) = match acme {
             Some((manager, challenge)) => (Some(manager.spawn()), Some(challenge)),
             None => (None, None),
@@ -175,11 +225,31 @@ impl Server {
             public = %public.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             tunnel = %tunnel.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             readiness = %readiness.as_ref().and_then(|r| r.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            metrics = %metrics.as_ref().and_then(|r| r.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            control = %control.as_ref().map(|c| c.path().display().to_string()).unwrap_or_else(|| "-".into()),
             tunnels = config.tunnels.len(),
         );
         let monitor = tokio::spawn(admission.clone().monitor());
         let ready_task = readiness.map(|listener| {
             tokio::spawn(readiness::serve(listener, admission.admitting(), |a| *a))
+        });
+        let reload_task = reloader.map(|r| {
+            tokio::spawn(reload::on_sighup(
+                r,
+                config.clone(),
+                registry.clone(),
+                tls.clone(),
+            ))
+        });
+        let _control = control.and_then(|c| {
+            let (config, registry) = (config.clone(), registry.clone());
+            c.serve(std::sync::Arc::new(move || {
+                status::snapshot(&config, &registry, started)
+            }))
+        });
+        let metrics_task = metrics.map(|listener| {
+            let m = registry.metrics().clone();
+            crate::metrics::spawn_listener(listener, Arc::new(move || m.render()))
         });
         let public_task = tokio::spawn(public_listener::serve(
             public,
@@ -223,6 +293,12 @@ impl Server {
             drained = drain(&admission, window) => drained,
         };
         monitor.abort();
+        if let Some(t) = reload_task {
+            t.abort();
+        }
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
         let left = admission.routed_in_flight();
         tunnel.close(close_code::SHUTDOWN, b"server shutting down");
         let _ = tokio::time::timeout(CLOSE_FLUSH, tunnel.wait_idle()).await;

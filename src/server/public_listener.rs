@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::ServerConfig;
 use crate::hostname::wire_lookup_key;
 use crate::logging::budget;
+use crate::metrics::ServerMetrics;
 use crate::proxy;
 use crate::server::admission::{Admission, IntakePermit};
 use crate::server::registry::{Registry, Route};
@@ -42,12 +43,13 @@ pub async fn serve(
         match accepted {
             Ok((tcp, peer)) => {
                 backoff.reset();
+                registry.metrics().visitors_accepted.inc();
                 // Admission happens here, before any task or buffer exists
                 // for this Visitor: the newest Visitor is the one refused.
                 let intake = match admission.intake(peer.ip()) {
                     Ok(permit) => permit,
                     Err(_) => {
-                        drops.count(DropReason::Overloaded);
+                        drops.count(DropReason::Overloaded, registry.metrics());
                         drop_visitor(&tcp, peer, None, DropReason::Overloaded);
                         continue;
                     }
@@ -92,7 +94,7 @@ pub enum DropReason {
 }
 
 /// Every reason token, in the order the summary line prints them.
-const REASONS: [&str; 13] = [
+pub(crate) const REASONS: [&str; 13] = [
     "not_tls",
     "malformed",
     "too_large",
@@ -131,8 +133,9 @@ pub const DROP_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 pub struct DropCounts([AtomicU64; REASONS.len()]);
 
 impl DropCounts {
-    fn count(&self, reason: DropReason) {
+    fn count(&self, reason: DropReason, metrics: &ServerMetrics) {
         let token = reason.as_str();
+        metrics.visitor_dropped(token);
         let i = REASONS
             .iter()
             .position(|r| *r == token)
@@ -198,7 +201,7 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
         acme_challenge,
     } = ctx;
     let dropped = |tcp: &TcpStream, host: Option<&str>, reason: DropReason| {
-        drops.count(reason);
+        drops.count(reason, registry.metrics());
         drop_visitor(tcp, peer, host, reason);
     };
     let _ = tcp.set_nodelay(true);
@@ -247,6 +250,11 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     // Routing is done: this Visitor no longer counts as intake.
     drop(intake);
     let _guard = tc.begin_stream();
+    let tunnel_metrics = registry.metrics().tunnel(tc.tunnel);
+    let _active = tunnel_metrics.as_ref().map(|m| {
+        m.streams.inc();
+        crate::metrics::ActiveStream::new(&m.streams_active)
+    });
     let (mut send, mut recv) = match opened {
         Ok(Ok(pair)) => pair,
         _ => return dropped(&tcp, Some(&key), DropReason::StreamOpenFailed),
@@ -266,7 +274,27 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     }
     tracing::debug!(event = "stream_routed", hostname = %key, %peer, tunnel = tc.tunnel, connection = tc.id);
     let started = std::time::Instant::now();
-    match proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv, config.stream_timeouts).await {
+    let relayed = {
+        let relay = proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv, config.stream_timeouts);
+        let window = config.graceful_shutdown_duration;
+        tokio::select! {
+            r = relay => Some(r),
+            () = route_revoked(&registry, &key, tc.tunnel, window) => None,
+        }
+    };
+    let Some(relayed) = relayed else {
+        // A reload took this hostname from this Tunnel and the stream
+        // outlived the graceful window.
+        proxy::abort_tcp(&tcp);
+        proxy::abort_stream(&mut send, &mut recv);
+        tracing::debug!(event = "stream_cut", hostname = %key, %peer, reason = "hostname_removed");
+        return;
+    };
+    if let (Some(m), Ok(t)) = (&tunnel_metrics, &relayed) {
+        m.bytes_to_client.inc_by(t.to_tunnel + hello_len);
+        m.bytes_to_visitor.inc_by(t.from_tunnel);
+    }
+    match relayed {
         Ok(t) => tracing::debug!(
             event = "stream_closed",
             hostname = %key,
@@ -283,6 +311,21 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
             error = ?e.to_string(),
         ),
     }
+}
+
+/// Resolves `window` after a reload stops `key` routing to `slot`; never
+/// otherwise.
+async fn route_revoked(registry: &Registry, key: &str, slot: usize, window: Duration) {
+    let mut reloads = registry.reloads();
+    loop {
+        if reloads.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if !registry.routes_to(key, slot) {
+            break;
+        }
+    }
+    tokio::time::sleep(window).await;
 }
 
 fn drop_visitor(tcp: &TcpStream, peer: SocketAddr, hostname: Option<&str>, reason: DropReason) {

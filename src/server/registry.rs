@@ -1,7 +1,8 @@
 //! The Server's routing table and Tunnel registry.
 //!
-//! Routing is immutable and built at startup from `[[server.tunnels]]`:
-//! Public hostname → Tunnel, Client identity → Tunnel. Each Tunnel has at
+//! Routing is built from `[[server.tunnels]]` at startup and replaced
+//! whole on reload: Public hostname (exact, else a `*.` wildcard) → Tunnel,
+//! Client identity → Tunnel. Each Tunnel has at
 //! most one active Tunnel connection; a newer authenticated connection
 //! replaces the older one, which is closed once its in-flight streams end
 //! or after a short grace. Replacements of one Tunnel's connection are at
@@ -18,7 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::config::TunnelConfig;
-use crate::hostname::PublicHostname;
+use crate::hostname::HostnameTable;
+use crate::metrics::ServerMetrics;
 use crate::tls::client_identity::ClientIdentity;
 
 /// How long a replaced connection may keep serving its in-flight streams.
@@ -41,6 +43,8 @@ pub struct TunnelConnection {
     pub identity: ClientIdentity,
     pub peer: SocketAddr,
     pub conn: quinn::Connection,
+    /// When it was authenticated (for status).
+    pub established: std::time::SystemTime,
     streams: AtomicUsize,
     idle: Notify,
 }
@@ -138,49 +142,201 @@ pub struct Flapping {
     pub first: bool,
 }
 
-#[derive(Debug)]
-pub struct Registry {
-    routes: HashMap<PublicHostname, usize>,
+/// The routing built from one version of `[[server.tunnels]]`: Public
+/// hostname → slot, Client identity → slot. Replaced whole on reload.
+#[derive(Debug, Default)]
+struct Routing {
+    routes: HostnameTable<usize>,
     identities: HashMap<ClientIdentity, usize>,
-    slots: Vec<Slot>,
-    next_id: AtomicU64,
+    /// Each configured Tunnel and the slot holding its connection.
+    tunnels: Vec<(usize, TunnelConfig)>,
 }
 
-impl Registry {
-    pub fn new(tunnels: &[TunnelConfig]) -> Self {
-        let mut routes = HashMap::new();
+impl Routing {
+    fn new(tunnels: Vec<(usize, TunnelConfig)>) -> Self {
+        let mut routes = HostnameTable::default();
         let mut identities = HashMap::new();
-        for (i, t) in tunnels.iter().enumerate() {
+        for (slot, t) in &tunnels {
             for h in &t.public_hostnames {
-                routes.insert(h.clone(), i);
+                routes.insert(h, *slot);
             }
             for id in &t.client_identities {
-                identities.insert(*id, i);
+                identities.insert(*id, *slot);
             }
         }
         Self {
             routes,
             identities,
-            slots: tunnels.iter().map(|_| Slot::default()).collect(),
-            next_id: AtomicU64::new(1),
+            tunnels,
         }
+    }
+}
+
+/// What [`Registry::reload`] changed.
+#[derive(Debug, Default)]
+pub struct ReloadDiff {
+    /// Names (first hostname) of Tunnels that are new.
+    pub tunnels_added: Vec<String>,
+    /// Names of Tunnels no longer configured.
+    pub tunnels_removed: Vec<String>,
+    pub hostnames_added: usize,
+    pub hostnames_removed: usize,
+    pub pins_added: usize,
+    pub pins_removed: usize,
+    /// Active connections whose identity is no longer pinned by their
+    /// Tunnel (or whose Tunnel is gone): the caller closes them.
+    pub disconnect: Vec<Arc<TunnelConnection>>,
+}
+
+impl ReloadDiff {
+    pub fn is_empty(&self) -> bool {
+        self.tunnels_added.is_empty()
+            && self.tunnels_removed.is_empty()
+            && self.hostnames_added + self.hostnames_removed + self.pins_added + self.pins_removed
+                == 0
+    }
+}
+
+/// Tunnels are numbered by slot: the config index at startup, and slots
+/// are only ever added (a Tunnel that keeps one of its pins across a
+/// reload keeps its slot, its connection and its streams).
+#[derive(Debug)]
+pub struct Registry {
+    routing: std::sync::RwLock<Arc<Routing>>,
+    slots: std::sync::RwLock<Vec<Arc<Slot>>>,
+    next_id: AtomicU64,
+    metrics: Arc<ServerMetrics>,
+    /// Bumped after each reload.
+    reloads: tokio::sync::watch::Sender<u64>,
+}
+
+impl Registry {
+    pub fn new(tunnels: &[TunnelConfig]) -> Self {
+        let routing = Routing::new(tunnels.iter().cloned().enumerate().collect());
+        Self {
+            routing: std::sync::RwLock::new(Arc::new(routing)),
+            slots: std::sync::RwLock::new(
+                tunnels.iter().map(|_| Arc::new(Slot::default())).collect(),
+            ),
+            next_id: AtomicU64::new(1),
+            metrics: Arc::new(ServerMetrics::new(tunnels)),
+            reloads: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Changes after every reload.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
+    /// Whether `key` still routes to the Tunnel in `slot`.
+    pub fn routes_to(&self, key: &str, slot: usize) -> bool {
+        self.routing().routes.lookup(key) == Some(&slot)
+    }
+
+    fn routing(&self) -> Arc<Routing> {
+        read(&self.routing).clone()
+    }
+
+    fn slot(&self, slot: usize) -> Arc<Slot> {
+        // Slots are only ever added, and every slot number handed out
+        // exists; an unknown one gets an empty slot rather than a panic.
+        read(&self.slots).get(slot).cloned().unwrap_or_default()
+    }
+
+    /// The Server's metrics (labels from these Tunnels).
+    pub fn metrics(&self) -> &Arc<ServerMetrics> {
+        &self.metrics
     }
 
     /// Every pinned identity (for the TLS verifier).
     pub fn pins(&self) -> HashSet<ClientIdentity> {
-        self.identities.keys().copied().collect()
+        self.routing().identities.keys().copied().collect()
     }
 
     pub fn tunnel_for(&self, identity: &ClientIdentity) -> Option<usize> {
-        self.identities.get(identity).copied()
+        self.routing().identities.get(identity).copied()
     }
 
-    /// Route a normalised SNI (see [`crate::hostname::wire_lookup_key`]).
+    /// The configured Tunnels with their slots, as of the last (re)load.
+    pub fn tunnels(&self) -> Vec<(usize, TunnelConfig)> {
+        self.routing().tunnels.clone()
+    }
+
+    /// Apply a new `[[server.tunnels]]`: new Tunnels, hostnames and pins
+    /// route from now on; a Tunnel sharing a pin with an old one keeps
+    /// that one's slot (and connection, if its identity is still pinned).
+    /// Established streams are not touched.
+    pub fn reload(&self, tunnels: &[TunnelConfig]) -> ReloadDiff {
+        let old = self.routing();
+        let mut diff = ReloadDiff::default();
+        let mut used = HashSet::new();
+        let mut next: Vec<(usize, TunnelConfig)> = Vec::with_capacity(tunnels.len());
+        for t in tunnels {
+            let previous = t
+                .client_identities
+                .iter()
+                .find_map(|id| old.identities.get(id).copied())
+                .filter(|slot| !used.contains(slot));
+            let slot = match previous {
+                Some(slot) => slot,
+                None => {
+                    let mut slots = write(&self.slots);
+                    slots.push(Arc::new(Slot::default()));
+                    diff.tunnels_added.push(crate::metrics::tunnel_name(t));
+                    slots.len() - 1
+                }
+            };
+            used.insert(slot);
+            self.metrics.ensure_tunnel(slot, t);
+            next.push((slot, t.clone()));
+        }
+        for (slot, t) in &old.tunnels {
+            if !used.contains(slot) {
+                diff.tunnels_removed.push(crate::metrics::tunnel_name(t));
+            }
+        }
+        let names = |r: &Routing| -> HashSet<String> {
+            r.tunnels
+                .iter()
+                .flat_map(|(_, t)| t.public_hostnames.iter().map(|h| h.to_string()))
+                .collect()
+        };
+        let routing = Routing::new(next);
+        let (before, after) = (names(&old), names(&routing));
+        diff.hostnames_added = after.difference(&before).count();
+        diff.hostnames_removed = before.difference(&after).count();
+        let pins =
+            |r: &Routing| -> HashSet<ClientIdentity> { r.identities.keys().copied().collect() };
+        let (before, after) = (pins(&old), pins(&routing));
+        diff.pins_added = after.difference(&before).count();
+        diff.pins_removed = before.difference(&after).count();
+        // Connections whose identity no longer belongs to their slot.
+        for (slot, s) in read(&self.slots).iter().enumerate() {
+            let mut state = lock(&s.active);
+            if let Some(active) = state.active.clone()
+                && routing.identities.get(&active.identity) != Some(&slot)
+            {
+                state.active = None;
+                state.waiting = None;
+                if let Some(m) = self.metrics.tunnel(slot) {
+                    m.connected.set(0);
+                }
+                diff.disconnect.push(active);
+            }
+        }
+        *write(&self.routing) = Arc::new(routing);
+        self.reloads.send_modify(|n| *n += 1);
+        diff
+    }
+
+    /// Route a normalised SNI (see [`crate::hostname::wire_lookup_key`]):
+    /// an exact Public hostname first, else a wildcard covering it.
     pub fn route(&self, key: &str) -> Route {
-        let Some(&tunnel) = self.routes.get(key) else {
+        let Some(tunnel) = self.routing().routes.lookup(key).copied() else {
             return Route::Unknown;
         };
-        match lock(&self.slots[tunnel].active).active.clone() {
+        match lock(&self.slot(tunnel).active).active.clone() {
             Some(c) => Route::Active(c),
             None => Route::NoConnection { tunnel },
         }
@@ -200,6 +356,7 @@ impl Registry {
             identity,
             peer,
             conn,
+            established: std::time::SystemTime::now(),
             streams: AtomicUsize::new(0),
             idle: Notify::new(),
         })
@@ -211,7 +368,8 @@ impl Registry {
     /// ([`Install::Superseded`]).
     pub fn install(&self, tc: &Arc<TunnelConnection>) -> Install {
         let now = Instant::now();
-        let mut slot = lock(&self.slots[tc.tunnel].active);
+        let slot = self.slot(tc.tunnel);
+        let mut slot = lock(&slot.active);
         if slot.waiting.is_some_and(|w| w > tc.id) {
             return Install::Superseded;
         }
@@ -255,28 +413,110 @@ impl Registry {
     /// Forget `tc` if it is still the active connection of its Tunnel (or
     /// the one waiting to become it). Returns whether it was active.
     pub fn remove(&self, tc: &TunnelConnection) -> bool {
-        let mut slot = lock(&self.slots[tc.tunnel].active);
+        let slot = self.slot(tc.tunnel);
+        let mut slot = lock(&slot.active);
         if slot.waiting == Some(tc.id) {
             slot.waiting = None;
         }
         if slot.active.as_ref().is_some_and(|a| a.id == tc.id) {
             slot.active = None;
+            if let Some(m) = self.metrics.tunnel(tc.tunnel) {
+                m.connected.set(0);
+            }
             true
         } else {
             false
         }
     }
 
+    /// The active connection of Tunnel `tunnel`, if any.
+    pub fn active_of(&self, tunnel: usize) -> Option<Arc<TunnelConnection>> {
+        read(&self.slots)
+            .get(tunnel)
+            .and_then(|s| lock(&s.active).active.clone())
+    }
+
     /// Every active connection (for shutdown).
     pub fn active(&self) -> Vec<Arc<TunnelConnection>> {
-        self.slots
+        read(&self.slots)
             .iter()
             .filter_map(|s| lock(&s.active).active.clone())
             .collect()
     }
 }
 
+fn read<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding this lock cannot leave the Option half-written.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hostname::PublicHostname;
+
+    fn tunnel(index: usize, hosts: &[&str], pins: &[u8]) -> TunnelConfig {
+        TunnelConfig {
+            index,
+            public_hostnames: hosts
+                .iter()
+                .map(|h| PublicHostname::parse(h).unwrap())
+                .collect(),
+            client_identities: pins
+                .iter()
+                .map(|p| ClientIdentity::parse(&format!("{p:02x}").repeat(32)).unwrap())
+                .collect(),
+        }
+    }
+
+    fn slot_of(r: &Registry, host: &str) -> Option<usize> {
+        match r.route(host) {
+            Route::Unknown => None,
+            Route::NoConnection { tunnel } => Some(tunnel),
+            Route::Active(c) => Some(c.tunnel),
+        }
+    }
+
+    #[test]
+    fn a_reload_keeps_the_slot_of_a_tunnel_that_keeps_a_pin_and_adds_new_ones() {
+        let r = Registry::new(&[
+            tunnel(0, &["a.example"], &[1]),
+            tunnel(1, &["b.example"], &[2]),
+        ]);
+        let mut reloads = r.reloads();
+        // The Tunnels swap places in the file, A gains a hostname and a
+        // pin, B is dropped, C is new.
+        let diff = r.reload(&[
+            tunnel(0, &["c.example"], &[3]),
+            tunnel(1, &["a.example", "*.a2.example"], &[1, 4]),
+        ]);
+        assert!(reloads.has_changed().unwrap());
+        reloads.mark_unchanged();
+        assert_eq!(slot_of(&r, "a.example"), Some(0));
+        assert_eq!(slot_of(&r, "x.a2.example"), Some(0));
+        assert_eq!(slot_of(&r, "c.example"), Some(2));
+        assert_eq!(slot_of(&r, "b.example"), None);
+        assert_eq!(diff.tunnels_added, vec!["c.example".to_string()]);
+        assert_eq!(diff.tunnels_removed, vec!["b.example".to_string()]);
+        assert_eq!((diff.hostnames_added, diff.hostnames_removed), (2, 1));
+        assert_eq!((diff.pins_added, diff.pins_removed), (2, 1));
+        assert!(r.routes_to("a.example", 0) && !r.routes_to("b.example", 1));
+        assert_eq!(r.pins().len(), 3);
+        assert_eq!(r.metrics().tunnel(2).unwrap().name, "c.example");
+        // The same file again changes nothing.
+        let again = r.reload(&[
+            tunnel(0, &["c.example"], &[3]),
+            tunnel(1, &["a.example", "*.a2.example"], &[1, 4]),
+        ]);
+        assert!(again.is_empty(), "{again:?}");
+        assert_eq!(slot_of(&r, "c.example"), Some(2));
+    }
 }

@@ -56,6 +56,7 @@ pub async fn serve(
                 // Costs one small packet and no state: a real Client
                 // answers with the token and comes back validated.
                 failures.retried.fetch_add(1, Ordering::Relaxed);
+                registry.metrics().tunnel_refused("retry_sent");
                 if let Err(e) = incoming.retry() {
                     e.into_incoming().refuse();
                 }
@@ -64,6 +65,7 @@ pub async fn serve(
             Err(_) => {
                 // Too many handshakes in progress: refuse the newest.
                 failures.refused.fetch_add(1, Ordering::Relaxed);
+                registry.metrics().tunnel_refused("overloaded");
                 incoming.refuse();
                 continue;
             }
@@ -85,6 +87,8 @@ async fn handshake(
     failures: Arc<Failures>,
 ) {
     let peer = incoming.remote_address();
+    let started = std::time::Instant::now();
+    let metrics = registry.metrics().clone();
     let config = match tls.config(Some(peer)) {
         Ok(c) => Arc::new(c),
         Err(error) => {
@@ -106,22 +110,27 @@ async fn handshake(
             // Refused identities were already logged (rate-limited) by the
             // verifier; other failures (scanners, wrong ALPN) are noise.
             failures.failed.fetch_add(1, Ordering::Relaxed);
+            metrics.tunnel_refused("handshake_failed");
             tracing::debug!(event = "tunnel_handshake_failed", %peer, error = ?error.to_string());
             return;
         }
         Err(_) => {
             failures.timeout.fetch_add(1, Ordering::Relaxed);
+            metrics.tunnel_refused("handshake_timeout");
             tracing::debug!(event = "tunnel_refused", %peer, reason = "handshake_timeout");
             return;
         }
     };
+    crate::metrics::observe_since(&metrics.handshake_duration, started);
     // The verifier admitted only pinned identities, so both look-ups hold;
     // stay defensive anyway.
     let Some(identity) = transport::peer_identity(&conn) else {
+        metrics.tunnel_refused("unauthorized");
         conn.close(close_code::UNAUTHORIZED, b"no client certificate");
         return;
     };
     let Some(tunnel) = registry.tunnel_for(&identity) else {
+        metrics.tunnel_refused("unauthorized");
         conn.close(close_code::UNAUTHORIZED, b"identity not pinned");
         return;
     };
@@ -157,6 +166,13 @@ async fn handshake(
         }
     };
     tracing::info!(event = "tunnel_connected", tunnel, %identity, %peer, connection = tc.id);
+    if let Some(m) = metrics.tunnel(tunnel) {
+        m.connected.set(1);
+        m.connections.inc();
+        if replaced.is_some() {
+            m.replaced.inc();
+        }
+    }
     if let Some(flap) = flapping.filter(|f| f.first) {
         tracing::warn!(
             event = "tunnel_flapping",

@@ -151,7 +151,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// is logged with where it came from.
 pub struct TunnelTls {
     certificate: Arc<dyn ResolvesServerCert>,
-    pins: Arc<HashSet<ClientIdentity>>,
+    /// Replaced on reload; each handshake takes the set current then.
+    pins: std::sync::RwLock<Arc<HashSet<ClientIdentity>>>,
     refusals: Arc<RateLimit<ClientIdentity>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     transport: Arc<TransportConfig>,
@@ -164,17 +165,23 @@ impl TunnelTls {
     pub fn new(certificate: Arc<dyn ResolvesServerCert>, pins: HashSet<ClientIdentity>) -> Self {
         Self {
             certificate,
-            pins: Arc::new(pins),
+            pins: std::sync::RwLock::new(Arc::new(pins)),
             refusals: Arc::new(RateLimit::new(REFUSAL_LOG_INTERVAL)),
             provider: provider(),
             transport: Arc::new(transport(true)),
         }
     }
 
+    /// Accept these pins from the next handshake on (config reload).
+    pub fn set_pins(&self, pins: HashSet<ClientIdentity>) {
+        *self.pins.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pins);
+    }
+
     /// The QUIC server config for a handshake from `peer`.
     pub fn config(&self, peer: Option<SocketAddr>) -> Result<quinn::ServerConfig, TransportError> {
+        let pins = self.pins.read().unwrap_or_else(|p| p.into_inner()).clone();
         let verifier = Arc::new(PinnedClientVerifier {
-            pins: self.pins.clone(),
+            pins,
             provider: self.provider.clone(),
             peer,
             refusals: self.refusals.clone(),

@@ -204,6 +204,8 @@ impl TestServer {
             public_bind_address: public,
             tunnel_bind_address: tunnel,
             readiness_bind_address: None,
+            metrics_bind_address: None,
+            control_socket: None,
             graceful_shutdown_duration: Duration::from_secs(1),
             stream_timeouts: StreamTimeouts::default(),
             certificates: ServerCertSource::Manual {
@@ -305,6 +307,8 @@ impl TestClient {
                 dir: d.to_path_buf(),
             }),
             readiness_bind_address: None,
+            metrics_bind_address: None,
+            control_socket: None,
             services: s.services,
             stream_timeouts: StreamTimeouts::default(),
         };
