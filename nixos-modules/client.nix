@@ -175,6 +175,21 @@ let
             default = null;
             description = "Obtain terminate-mode certificates via ACME (TLS-ALPN-01 through the Tunnel).";
           };
+          metrics-bind-address = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "127.0.0.1:9101";
+            description = ''
+              Optional Prometheus listener (`GET /metrics`, literal `ip:port`,
+              port 1024 or above), off by default. No authentication; never
+              opened in the firewall.
+            '';
+          };
+          control-socket = mkOption {
+            type = types.str;
+            default = "/run/${unit}/control.sock";
+            description = "Unix socket (mode 0600) that `runewarp client status --socket PATH` reads; run the command as root.";
+          };
           readiness-bind-address = mkOption {
             type = types.nullOr types.str;
             default = null;
@@ -343,11 +358,18 @@ let
             ]
             ++ c.extraArgs
           );
+          # `systemctl reload`: re-read Services and terminate certificates
+          # on the same Tunnel connection.
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
           KillSignal = "SIGTERM";
           # The Client closes its Tunnel connection with a short fixed grace.
           TimeoutStopSec = 20;
           StateDirectory = unit;
           StateDirectoryMode = "0700";
+          # Holds the control socket (`runewarp client status --socket
+          # /run/<unit>/control.sock`, as root).
+          RuntimeDirectory = unit;
+          RuntimeDirectoryMode = "0700";
           LoadCredential = lib.mapAttrsToList (cred: path: "${cred}:${path}") c.credentials;
           # Outbound only: no capabilities at all.
           CapabilityBoundingSet = "";
@@ -399,6 +421,14 @@ in
               in
               port == null || port >= 1024;
             message = "services.runewarp.clients.${name}.settings.client.readiness-bind-address: the port must be 1024 or above (Client units have no capabilities).";
+          }
+          {
+            assertion =
+              let
+                port = if s.metrics-bind-address == null then null else rw.portOf s.metrics-bind-address;
+              in
+              port == null || port >= 1024;
+            message = "services.runewarp.clients.${name}.settings.client.metrics-bind-address: the port must be 1024 or above (Client units have no capabilities).";
           }
           {
             assertion = builtins.match "[A-Za-z0-9_.-]+" name != null;

@@ -40,10 +40,12 @@ let
   publicPort = rw.portOf s.public-bind-address;
   tunnelPort = rw.portOf s.tunnel-bind-address;
   readinessPort = if s.readiness-bind-address == null then null else rw.portOf s.readiness-bind-address;
+  metricsPort = if s.metrics-bind-address == null then null else rw.portOf s.metrics-bind-address;
   boundPorts = lib.filter (p: p != null) [
     publicPort
     tunnelPort
     readinessPort
+    metricsPort
   ];
   needsLowPort = lib.any (p: p < 1024) boundPorts;
 
@@ -141,6 +143,25 @@ let
         default = null;
         example = "127.0.0.1:8081";
         description = "Optional TCP listener whose accept means ready (never opened in the firewall).";
+      };
+      metrics-bind-address = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "127.0.0.1:9100";
+        description = ''
+          Optional Prometheus listener (`GET /metrics`, literal `ip:port`),
+          off by default. It has no authentication and is never opened in the
+          firewall: scrape it locally, or open the port yourself for a
+          trusted scraper.
+        '';
+      };
+      control-socket = mkOption {
+        type = types.str;
+        default = "/run/${unit}/control.sock";
+        description = ''
+          Unix socket (mode 0600) that `runewarp server status --socket PATH`
+          reads; run the command as root.
+        '';
       };
       graceful-shutdown-duration = mkOption {
         type = types.str;
@@ -355,12 +376,19 @@ in
             ]
             ++ cfg.extraArgs
           );
+          # `systemctl reload`: re-read the config file (Tunnels, hostnames,
+          # pins) without dropping untouched Tunnels; an invalid file
+          # changes nothing and is logged.
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
           KillSignal = "SIGTERM";
           # The grace period plus time to close listeners and exit.
           TimeoutStopSec = if graceSeconds == null then 90 else graceSeconds + 15;
 
           StateDirectory = unit;
           StateDirectoryMode = "0700";
+          # Holds the control socket.
+          RuntimeDirectory = unit;
+          RuntimeDirectoryMode = "0700";
           LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") cfg.credentials;
 
           # Binding ports below 1024 needs exactly this capability; nothing

@@ -345,9 +345,6 @@ impl Client {
                     tracing::info!(event = "tunnel_connected", server = %server, %peer, identity = %self.identity);
                     self.set_status(true, None);
                     self.context.metrics.set_connection(Some(conn.clone()));
-                    if self.status.borrow().connections == 1 {
-                        notify::notify(notify::READY);
-                    }
                     if acme_tasks.is_none() {
                         // TLS-ALPN-01 validations reach us through the
                         // tunnel: order only once it is up, so a CA does

@@ -377,7 +377,16 @@ impl Ca {
         ];
         // Critical NameConstraints: a stolen CA key cannot mint
         // certificates for other domains.
-        let mut names: Vec<String> = permitted.iter().map(|h| h.to_ascii_lowercase()).collect();
+        // A dNSName subtree permits the name and every name below it, so a
+        // wildcard hostname is constrained by its parent domain ("*.a.b" by
+        // "a.b"); "*.a.b" itself is not a valid subtree.
+        let mut names: Vec<String> = permitted
+            .iter()
+            .map(|h| {
+                let h = h.to_ascii_lowercase();
+                h.strip_prefix("*.").map(str::to_string).unwrap_or(h)
+            })
+            .collect();
         if names.is_empty() {
             names.push(NO_HOSTNAME_CONSTRAINT.to_string());
         }
