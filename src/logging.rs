@@ -159,6 +159,9 @@ pub mod budget {
     pub static ACME_CHALLENGE: LogBudget = LogBudget::standard();
     /// `accept_failed` (a connection flood can exhaust descriptors).
     pub static ACCEPT_FAILED: LogBudget = LogBudget::standard();
+    /// Client `stream_rejected reason="no_service"` (any Visitor can send
+    /// an SNI the Server routes but no Service takes).
+    pub static NO_SERVICE: LogBudget = LogBudget::standard();
 }
 
 #[cfg(test)]

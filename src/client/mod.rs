@@ -328,7 +328,7 @@ impl Client {
                     |s: &ClientStatus| s.connected,
                 ))),
                 Err(error) => {
-                    tracing::warn!(event = "readiness_bind_failed", addr = ?addr, error = ?error.to_string());
+                    tracing::warn!(event = "readiness_bind_failed", addr = addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()), error = ?error.to_string());
                     None
                 }
             }
@@ -498,14 +498,17 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
             return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
         }
     };
-    let visitor = header.map(|h| h.source);
+    // For log lines: the Visitor's address, or "-" without a PROXY source.
+    let visitor = header
+        .map(|h| h.source.to_string())
+        .unwrap_or_else(|| "-".to_string());
     let mut hello = Vec::new();
     let deadline = tokio::time::Instant::now() + CLIENT_HELLO_DEADLINE;
     let info = match sni::read_client_hello(&mut recv, &mut hello, deadline).await {
         Ok(info) => info,
         Err(e) => {
             context.metrics.stream_rejected(e.reason());
-            tracing::debug!(event = "stream_rejected", visitor = ?visitor, reason = e.reason());
+            tracing::debug!(event = "stream_rejected", visitor, reason = e.reason());
             return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
         }
     };
@@ -513,7 +516,15 @@ async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context
     let services = context.services();
     let Some(service) = services.select(hostname.as_deref()) else {
         context.metrics.stream_rejected("no_service");
-        tracing::info!(event = "stream_rejected", hostname = hostname.as_deref().unwrap_or("-"), visitor = ?visitor, reason = "no_service");
+        if let Some(suppressed) = crate::logging::budget::NO_SERVICE.allow() {
+            tracing::info!(
+                event = "stream_rejected",
+                hostname = hostname.as_deref().unwrap_or("-"),
+                visitor,
+                reason = "no_service",
+                suppressed
+            );
+        }
         return reject(&mut send, &mut recv, stream_code::NO_SERVICE);
     };
     let host = hostname.as_deref().unwrap_or("-");
