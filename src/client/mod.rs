@@ -127,7 +127,7 @@ impl Client {
     pub fn new(config: ClientConfig) -> Result<Self, ClientError> {
         let (identity_material, identity) = material::load_client_identity(&config.identity_dir)?;
         let roots = trust::root_store(&config.server_trust)?;
-        let quic = transport::client_config(roots, identity_material)?;
+        let quic = transport::client_config(roots, identity_material, config.congestion_control)?;
         let mut acme = None;
         let acceptor = match &config.public_certs {
             None => None,
@@ -204,7 +204,7 @@ impl Client {
         let mut backoff = Backoff::default();
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let server = self.config.server_address.to_string();
-        tracing::info!(event = "client_started", server = %server, identity = %self.identity, services = self.config.services.len());
+        tracing::info!(event = "client_started", server = %server, identity = %self.identity, services = self.config.services.len(), congestion_control = %self.config.congestion_control);
         loop {
             let dialed = tokio::select! {
                 _ = shutdown.wait() => break,

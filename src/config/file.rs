@@ -52,6 +52,8 @@ pub(crate) struct RawServer {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub graceful_shutdown_duration: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub congestion_control: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<RawAcme>,
@@ -112,6 +114,8 @@ pub(crate) struct RawClient {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_cert_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub congestion_control: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<RawAcme>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub services: Option<Vec<RawService>>,
@@ -144,6 +148,7 @@ pub(crate) const SERVER_KEYS: &[&str] = &[
     "tunnel-bind-address",
     "readiness-bind-address",
     "graceful-shutdown-duration",
+    "congestion-control",
     "cert-dir",
     "acme",
     "tunnels",
@@ -157,6 +162,7 @@ pub(crate) const CLIENT_KEYS: &[&str] = &[
     "server-ca-file",
     "identity-dir",
     "public-cert-dir",
+    "congestion-control",
     "acme",
     "services",
 ];

@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
 use super::file::{self, LoadedFile, RawAcme, RawService, RawTunnel};
-use super::types::LETS_ENCRYPT_DIRECTORY;
+use super::types::{CongestionControl, LETS_ENCRYPT_DIRECTORY};
 use super::{ClientOverlay, ConfigError, Environment, ServerOverlay};
 
 /// The environment variable that overrides `server.hostname`.
@@ -230,6 +230,7 @@ pub(crate) struct PreparedServer {
     pub tunnel_bind_address: Val<String>,
     pub readiness_bind_address: Option<Val<String>>,
     pub graceful_shutdown_duration: Val<String>,
+    pub congestion_control: Val<String>,
     /// Filled with the default when neither this nor `acme` is set.
     pub cert_dir: Option<PathBuf>,
     pub acme: Option<PreparedAcme>,
@@ -322,6 +323,12 @@ pub(crate) fn prepare_server(
             &server.graceful_shutdown_duration,
             "60s",
         ),
+        congestion_control: file_or_default(
+            &label,
+            "server.congestion-control",
+            &server.congestion_control,
+            CongestionControl::default().as_str(),
+        ),
         cert_dir,
         acme,
         tunnels: server.tunnels.unwrap_or_default(),
@@ -353,6 +360,7 @@ pub(crate) struct PreparedClient {
     pub public_cert_dir: Option<PathBuf>,
     pub acme: Option<PreparedAcme>,
     pub services: Vec<PreparedService>,
+    pub congestion_control: Val<String>,
 }
 
 pub(crate) fn prepare_client(
@@ -460,6 +468,12 @@ pub(crate) fn prepare_client(
         public_cert_dir,
         acme,
         services,
+        congestion_control: file_or_default(
+            &label,
+            "client.congestion-control",
+            &raw_client.congestion_control,
+            CongestionControl::default().as_str(),
+        ),
         label,
     })
 }

@@ -50,6 +50,7 @@ pub fn render_server(c: &ServerConfig) -> String {
             tunnel_bind_address: Some(c.tunnel_bind_address.to_string()),
             readiness_bind_address: c.readiness_bind_address.map(|a| a.to_string()),
             graceful_shutdown_duration: Some(format_duration(c.graceful_shutdown_duration)),
+            congestion_control: Some(c.congestion_control.to_string()),
             cert_dir,
             acme: acme_raw,
             tunnels: Some(
@@ -98,6 +99,7 @@ pub fn render_client(c: &ClientConfig) -> String {
             server_ca_file,
             identity_dir: Some(path(&c.identity_dir)),
             public_cert_dir,
+            congestion_control: Some(c.congestion_control.to_string()),
             acme: acme_raw,
             services: Some(
                 c.services

@@ -1379,3 +1379,50 @@ fn client_overlays_suffice_when_file_has_no_client_section() {
     assert_eq!(c.log_level, LogLevel::Warn);
     assert!(c.services[0].public_hostnames.is_empty());
 }
+
+// ------------------------------------------------------ congestion-control
+
+#[test]
+fn congestion_control_defaults_parses_and_renders() {
+    let (_t, r) = server_with(&minimal_server(), None);
+    let c = r.expect("valid");
+    assert_eq!(c.congestion_control, CongestionControl::Bbr);
+    assert!(render_server(&c).contains("congestion-control = \"bbr\""));
+    let (_t, r) = client_with(minimal_client());
+    let c = r.expect("valid");
+    assert_eq!(c.congestion_control, CongestionControl::Bbr);
+    assert!(render_client(&c).contains("congestion-control = \"bbr\""));
+
+    let (_t, r) = server_with(&server_body("congestion-control = \"cubic\""), None);
+    let c = r.expect("valid");
+    assert_eq!(c.congestion_control, CongestionControl::Cubic);
+    assert_eq!(
+        reload_server(&render_server(&c), &Environment::default()).congestion_control,
+        CongestionControl::Cubic
+    );
+    let (_t, r) = client_with(&client_body("congestion-control = \"cubic\""));
+    assert_eq!(
+        r.expect("valid").congestion_control,
+        CongestionControl::Cubic
+    );
+}
+
+#[test]
+fn bad_congestion_control() {
+    let m = server_err(&server_body("congestion-control = \"reno\""));
+    assert_has(
+        &m,
+        &[
+            "server.congestion-control = \"reno\"",
+            "must be one of bbr, cubic",
+        ],
+    );
+    let m = client_err(&client_body("congestion-control = \"BBR\""));
+    assert_has(
+        &m,
+        &[
+            "client.congestion-control = \"BBR\"",
+            "must be one of bbr, cubic",
+        ],
+    );
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::hostname::{PublicHostname, ServerHostname};
 use crate::tls::client_identity::ClientIdentity;
+pub use crate::tunnel::congestion::CongestionControl;
 
 /// `log-level` at the top of the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -75,6 +76,8 @@ pub struct ServerConfig {
     pub tunnel_bind_address: SocketAddr,
     pub readiness_bind_address: Option<SocketAddr>,
     pub graceful_shutdown_duration: Duration,
+    /// `server.congestion-control`: for what the Server sends (uploads).
+    pub congestion_control: CongestionControl,
     pub certificates: ServerCertSource,
     pub tunnels: Vec<TunnelConfig>,
 }
@@ -159,4 +162,6 @@ pub struct ClientConfig {
     /// `Some` only when at least one Service terminates.
     pub public_certs: Option<PublicCertSource>,
     pub services: Vec<ServiceConfig>,
+    /// `client.congestion-control`: for what the Client sends (downloads).
+    pub congestion_control: CongestionControl,
 }

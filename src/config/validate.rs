@@ -32,6 +32,18 @@ pub(crate) fn log_level(v: &Val<String>) -> Result<LogLevel, ConfigError> {
     })
 }
 
+pub(crate) fn congestion_control(v: &Val<String>) -> Result<CongestionControl, ConfigError> {
+    CongestionControl::parse(&v.value).ok_or_else(|| {
+        v.origin.invalid(
+            &v.value,
+            format!(
+                "must be one of {} (the tunnel's QUIC congestion controller)",
+                CongestionControl::NAMES.join(", ")
+            ),
+        )
+    })
+}
+
 pub(crate) fn server_hostname(v: &Val<String>) -> Result<ServerHostname, ConfigError> {
     ServerHostname::parse(&v.value).map_err(|e| v.origin.invalid(&v.value, e))
 }
@@ -248,6 +260,7 @@ pub(crate) fn validate_server(p: PreparedServer) -> Result<ServerConfig, ConfigE
         tunnel_bind_address,
         readiness_bind_address,
         graceful_shutdown_duration,
+        congestion_control: congestion_control(&p.congestion_control)?,
         certificates,
         tunnels,
     })
@@ -483,5 +496,6 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         identity_dir: p.identity_dir,
         public_certs,
         services,
+        congestion_control: congestion_control(&p.congestion_control)?,
     })
 }

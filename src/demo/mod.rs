@@ -465,6 +465,7 @@ fn server_config(m: &Material) -> Result<ServerConfig, BoxError> {
         tunnel_bind_address: loopback,
         readiness_bind_address: None,
         graceful_shutdown_duration: Duration::from_secs(1),
+        congestion_control: Default::default(),
         certificates: ServerCertSource::Manual {
             cert_dir: m.server_cert_dir.clone(),
         },
@@ -517,6 +518,7 @@ fn client_config(
                 proxy_protocol: false,
             },
         ],
+        congestion_control: Default::default(),
     })
 }
 

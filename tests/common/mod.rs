@@ -185,6 +185,7 @@ impl TestServer {
             tunnel_bind_address: tunnel,
             readiness_bind_address: None,
             graceful_shutdown_duration: Duration::from_secs(1),
+            congestion_control: Default::default(),
             certificates: ServerCertSource::Manual {
                 cert_dir: cert_dir.to_path_buf(),
             },
@@ -284,6 +285,7 @@ impl TestClient {
                 dir: d.to_path_buf(),
             }),
             services: s.services,
+            congestion_control: Default::default(),
         };
         let client = Client::new(config).expect("client starts");
         let status = client.status();
