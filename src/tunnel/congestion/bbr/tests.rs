@@ -353,22 +353,25 @@ fn persistent_congestion_restarts_from_the_minimum_window() {
 }
 
 #[test]
-fn app_limited_samples_do_not_lower_the_estimate() {
+fn an_app_limited_sender_stays_in_startup() {
+    // One packet per 100 ms on a 40 ms path: every round's delivery rate
+    // is the same, but only because the application sends no more; that
+    // is no sign of a full pipe.
     let start = Instant::now();
     let mut bbr = Bbr::new(Arc::new(BbrConfig::default()), start, MTU as u16);
-    bbr.max_bw = 1e6;
-    bbr.bw_hi = [0.0, 1e6];
-    bbr.min_rtt = Some(Duration::from_millis(40));
-    // One packet per 100 ms, app-limited: 12 kB/s samples.
     let mut t = start;
-    for _ in 0..20 {
+    for _ in 0..30 {
         bbr.on_end_acks(t, 0, true, None);
         bbr.on_sent(t, MTU, 0);
-        t += Duration::from_millis(100);
-        bbr.acked(t, t - Duration::from_millis(100), MTU);
+        let sent = t;
+        t += Duration::from_millis(40);
+        bbr.acked(t, sent, MTU);
         bbr.on_end_acks(t, 0, true, None);
+        t += Duration::from_millis(60);
     }
-    assert_eq!(bbr.max_bw, 1e6);
+    assert!(bbr.round_count >= 20);
+    assert_eq!(bbr.state(), State::Startup);
+    assert!(!bbr.filled_pipe);
 }
 
 #[test]
