@@ -42,6 +42,7 @@
 //! | `server.tunnel-bind-address` | `0.0.0.0:443` (UDP) |
 //! | `server.readiness-bind-address` | none |
 //! | `server.graceful-shutdown-duration` | `60s` |
+//! | `server.congestion-control`, `client.congestion-control` | `bbr` |
 //! | `server.cert-dir` (when there is no `[server.acme]`) | `$XDG_DATA_HOME/runewarp/server` |
 //! | `server.acme.state-dir` | `$XDG_STATE_HOME/runewarp/server/acme` |
 //! | `client.server-address` port | `443` |

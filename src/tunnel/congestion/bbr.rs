@@ -19,15 +19,19 @@
 //! `1.25 × window / smoothed RTT`. A window of BBR's usual `2 × BDP` would
 //! therefore pace at `2.5 × bandwidth`, i.e. not at all, and keep a full
 //! BDP queued at the bottleneck. So the window carries BBR's pacing gain
-//! instead: in each state it is `gain × bandwidth × RTT` plus the
+//! instead: in each state it is `gain × bandwidth × min-RTT` plus the
 //! aggregation allowance (`extra_acked`) and a send-quantum budget, and the
 //! inflight it allows is what sets the rate (quinn's pacer, at 1.25× that,
 //! only spreads the bursts). Down (0.9) drains the queue a probe made, Up
-//! (1.25) probes for more, Cruise and Refill hold 1.0. Outside Down and
-//! ProbeRTT the RTT in that product is the larger of the min-RTT and the
-//! last round's smallest RTT sample, so a path whose RTT grows is filled
-//! within a round instead of after the 10 s min-RTT filter expires (with
-//! real pacing BBR would get there through its 2× cwnd gain).
+//! (1.25) probes for more, Cruise and Refill hold 1.0, Drain holds 1 BDP.
+//!
+//! One addition: in Cruise, Refill and Up the window is at least
+//! `gain × bandwidth × the last round's smallest RTT`, without headroom.
+//! When the path's RTT grows, BBR keeps sending at the old rate through
+//! its pacing (its `2 × BDP` cwnd leaves room); a window sized from the
+//! stale 10 s min-RTT would not, so this term fills the longer pipe within
+//! a round. It cannot grow a queue of our own (it holds it; Down drains
+//! it), and it is forgotten at each drain.
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -131,6 +135,9 @@ struct SendRecord {
     lost: u64,
     tx_in_flight: u64,
     app_limited: bool,
+    /// Sent while probing for bandwidth (Startup, Refill, Up): only the
+    /// loss and CE of such packets judge a probe.
+    probing: bool,
 }
 
 /// One rate sample, from the most recently sent packet of an ACK.
@@ -143,6 +150,7 @@ struct RateSample {
     lost: u64,
     tx_in_flight: u64,
     app_limited: bool,
+    probing: bool,
 }
 
 /// BBR for quinn (see the module docs).
@@ -202,6 +210,8 @@ pub struct Bbr {
     // Congestion signals of the current round.
     loss_in_round: bool,
     loss_events_in_round: u32,
+    lost_in_round: u64,
+    delivered_at_round_start: u64,
     ecn_in_round: bool,
     ce_events_in_round: u32,
     ack_batches_in_round: u32,
@@ -221,6 +231,8 @@ pub struct Bbr {
     probe_rtt_round_done: bool,
 
     cwnd: u64,
+    /// Instant and buffer length of the last `on_sent`.
+    last_send: (Instant, u64),
 }
 
 impl Bbr {
@@ -269,6 +281,8 @@ impl Bbr {
             full_bw_count: 0,
             loss_in_round: false,
             loss_events_in_round: 0,
+            lost_in_round: 0,
+            delivered_at_round_start: 0,
             ecn_in_round: false,
             ce_events_in_round: 0,
             ack_batches_in_round: 0,
@@ -283,6 +297,7 @@ impl Bbr {
             probe_rtt_done: None,
             probe_rtt_round_done: false,
             cwnd,
+            last_send: (now, 0),
         };
         bbr.pick_probe_wait();
         bbr
@@ -401,6 +416,16 @@ impl Bbr {
     // ---- events (quinn's Controller calls map onto these) ----
 
     fn sent(&mut self, now: Instant, bytes: u64) {
+        // quinn reports the length of its whole transmit buffer so far,
+        // which grows datagram by datagram within one segmentation-offload
+        // batch (all sent at the same instant).
+        let buffered = bytes;
+        let bytes = if now == self.last_send.0 && buffered > self.last_send.1 {
+            buffered - self.last_send.1
+        } else {
+            buffered
+        };
+        self.last_send = (now, buffered);
         if self.in_flight == 0 {
             self.first_sent_time = now;
             self.delivered_time = now;
@@ -417,6 +442,7 @@ impl Bbr {
             lost: self.lost,
             tx_in_flight: self.in_flight,
             app_limited: self.app_limited_until > 0,
+            probing: self.is_probing_bw(),
         };
         match self.records.back_mut() {
             Some(last) if last.time == now => last.tx_in_flight = self.in_flight,
@@ -446,9 +472,15 @@ impl Bbr {
             });
             self.first_sent_time = sent;
         }
-        // Packets sent before this one are acked, lost or late: their
-        // records go (a late one then gives no rate sample).
-        while self.records.front().is_some_and(|r| r.time < sent) {
+        // Packets sent well before this one are acked, lost or very late;
+        // loss is declared within about an RTT of later acks, so the
+        // records of the last two RTTs are kept for the loss response.
+        let rtt = self
+            .min_rtt
+            .max(self.prev_round_min_rtt)
+            .unwrap_or_default();
+        let keep = rtt.max(Duration::from_millis(1)) * 2;
+        while self.records.front().is_some_and(|r| r.time + keep < sent) {
             self.records.pop_front();
         }
     }
@@ -479,6 +511,7 @@ impl Bbr {
             lost: self.lost - record.lost,
             tx_in_flight: record.tx_in_flight,
             app_limited: record.app_limited,
+            probing: record.probing,
         };
         self.update_on_ack(now, &rs, acked, record.delivered);
     }
@@ -526,6 +559,8 @@ impl Bbr {
         if self.round_start {
             self.loss_in_round = false;
             self.loss_events_in_round = 0;
+            self.lost_in_round = 0;
+            self.delivered_at_round_start = self.delivered;
             self.ecn_in_round = false;
             self.ce_events_in_round = 0;
             self.ack_batches_in_round = 0;
@@ -535,7 +570,12 @@ impl Bbr {
 
     /// v3's lower bounds: a round with loss or CE outside bandwidth
     /// probing takes `bw_lo` and `inflight_lo` down to what that round
-    /// delivered, by at most `1 - BETA`.
+    /// delivered, by at most `1 - BETA`. Unlike the draft (any loss), the
+    /// round's loss rate must exceed [`LOSS_THRESH`]: each such round
+    /// lowers the bounds to what it delivered, so random loss below the
+    /// threshold would otherwise shave its own rate off every round until
+    /// the next probe (2-3 s) and cost a third of the throughput on a
+    /// 100 ms path with 0.5 % loss.
     fn adapt_lower_bounds(&mut self) {
         // The CE fraction of the round that just ended feeds the EWMA.
         if self.ack_batches_in_round > 0 {
@@ -545,7 +585,10 @@ impl Bbr {
         if self.is_probing_bw() {
             return;
         }
-        if self.loss_in_round {
+        let delivered = self.delivered - self.delivered_at_round_start;
+        let lossy =
+            self.lost_in_round as f64 > LOSS_THRESH * (delivered + self.lost_in_round) as f64;
+        if self.loss_in_round && lossy {
             if self.bw_lo.is_infinite() {
                 self.bw_lo = self.max_bw;
             }
@@ -580,7 +623,9 @@ impl Bbr {
 
     fn update_ack_aggregation(&mut self, now: Instant, acked: u64) {
         let interval = now.saturating_duration_since(self.extra_acked_start);
-        let expected = (self.bw() * interval.as_secs_f64()) as u64;
+        // Against the path's rate, not the lower bound: a low `bw_lo`
+        // would read as aggregation and inflate the window back.
+        let expected = (self.max_bw * interval.as_secs_f64()) as u64;
         if self.extra_acked_delivered <= expected {
             self.extra_acked_delivered = 0;
             self.extra_acked_start = now;
@@ -599,7 +644,8 @@ impl Bbr {
     }
 
     fn adapt_upper_bounds(&mut self, now: Instant, rs: &RateSample, acked: u64) {
-        if self.bw_probe_samples && Self::inflight_too_high(rs.lost, rs.tx_in_flight) {
+        if self.bw_probe_samples && rs.probing && Self::inflight_too_high(rs.lost, rs.tx_in_flight)
+        {
             self.handle_inflight_too_high(now, rs.tx_in_flight, rs.app_limited);
             return;
         }
@@ -878,8 +924,10 @@ impl Bbr {
         self.in_flight = self.in_flight.saturating_sub(bytes);
         self.loss_in_round = true;
         self.loss_events_in_round += 1;
+        self.lost_in_round += bytes;
         if self.bw_probe_samples
             && let Some(record) = self.record_for(sent)
+            && record.probing
             && Self::inflight_too_high(self.lost - record.lost, record.tx_in_flight)
         {
             // The inflight at which the loss rate crossed the threshold

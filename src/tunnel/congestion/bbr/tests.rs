@@ -377,8 +377,9 @@ fn an_app_limited_sender_stays_in_startup() {
 #[test]
 #[ignore]
 fn debug_trace() {
-    let mut sim = Sim::new(10.0, 40, 4.0);
-    for i in 1..=60 {
+    let mut sim = Sim::new(50.0, 100, 2.0);
+    sim.loss = 0.005;
+    for i in 1..=100 {
         sim.run_until(Duration::from_millis(100 * i));
         let b = &sim.bbr;
         let q = sim.link_free.saturating_sub(sim.now);
@@ -401,4 +402,23 @@ fn debug_trace() {
         );
     }
     println!("{:?}", sim.states);
+}
+
+#[test]
+#[ignore]
+fn debug_loss() {
+    for (mbit, rtt, loss) in [
+        (20.0, 50, 0.01),
+        (20.0, 50, 0.02),
+        (50.0, 100, 0.005),
+        (50.0, 30, 0.02),
+    ] {
+        let mut sim = Sim::new(mbit, rtt, 2.0);
+        sim.loss = loss;
+        let used = sim.utilisation(3.0, 15.0);
+        println!(
+            "{mbit} Mbit/s {rtt} ms loss {loss}: {used:.2} lo={} hi={}",
+            sim.bbr.inflight_lo, sim.bbr.inflight_hi
+        );
+    }
 }
