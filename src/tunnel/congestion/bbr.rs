@@ -80,6 +80,12 @@ const PROBE_RTT_DURATION: Duration = Duration::from_millis(200);
 const EXTRA_ACKED_ROUNDS: usize = 10;
 /// The window never goes below this many packets.
 const MIN_PIPE_PACKETS: u64 = 4;
+/// Largest [`Bbr::pacer_gain`]: the window at most this many times what
+/// the model asks for.
+const MAX_PACER_GAIN: f64 = 3.0;
+/// A round whose largest inflight reached this share of the window used
+/// the window.
+const WINDOW_FILLED: f64 = 0.85;
 /// Bound on the send records kept (one per send instant).
 const MAX_RECORDS: usize = 1 << 16;
 
@@ -231,6 +237,18 @@ pub struct Bbr {
     probe_rtt_round_done: bool,
 
     cwnd: u64,
+    /// Multiplies the window in Startup, Cruise, Refill and Up, 1 to
+    /// [`MAX_PACER_GAIN`] (see [`Bbr::adapt_pacer_gain`]).
+    pacer_gain: f64,
+    /// Largest `inflight / window` seen at an ACK this round.
+    round_max_fill: f64,
+    /// Consecutive rounds that left the window unused for want of pacing.
+    starved_rounds: u32,
+    /// `round_count` when the current state or phase began.
+    phase_round: u64,
+    /// The last round reached [`WINDOW_FILLED`].
+    round_filled: bool,
+    app_limited_in_round: bool,
     /// Instant and buffer length of the last `on_sent`.
     last_send: (Instant, u64),
 }
@@ -297,6 +315,12 @@ impl Bbr {
             probe_rtt_done: None,
             probe_rtt_round_done: false,
             cwnd,
+            pacer_gain: 1.0,
+            round_max_fill: 0.0,
+            starved_rounds: 0,
+            phase_round: 0,
+            round_filled: false,
+            app_limited_in_round: false,
             last_send: (now, 0),
         };
         bbr.pick_probe_wait();
@@ -362,7 +386,37 @@ impl Bbr {
     /// `gain × BDP` plus headroom for ACK aggregation, or more when the
     /// RTT has grown since the min-RTT was taken.
     fn full_pipe_target(&self, gain: f64) -> u64 {
-        (self.inflight(gain) + self.extra_acked()).max(self.recent_inflight(gain))
+        let model = (self.inflight(gain) + self.extra_acked()) as f64 * self.pacer_gain;
+        (model as u64).max(self.recent_inflight(gain))
+    }
+
+    /// Adapts [`Bbr::pacer_gain`] at the end of a round. quinn's pacer
+    /// sends at most `window × 2 ms / RTT` per wake-up; when the process
+    /// is woken late (a loaded host), a window of one BDP cannot keep the
+    /// pipe full and the round ends with the window unused although the
+    /// application had data. Such a round raises the gain; a round that
+    /// filled the window and queued (its smallest RTT a quarter above the
+    /// min-RTT) lowers it again.
+    fn adapt_pacer_gain(&mut self) {
+        let filled = self.round_max_fill >= WINDOW_FILLED;
+        self.round_filled = filled;
+        let queued = match (self.min_rtt, self.prev_round_min_rtt) {
+            (Some(min), Some(recent)) => recent > min + min / 4 + Duration::from_millis(1),
+            _ => false,
+        };
+        // Not in the first rounds of a state: the window is still growing
+        // towards its target then (after Down, Drain or ProbeRTT).
+        let settled = self.round_count >= self.phase_round + 2;
+        let starved = !filled
+            && settled
+            && !self.app_limited_in_round
+            && (self.state == State::Startup || self.bw_latest < 0.95 * self.max_bw);
+        self.starved_rounds = if starved { self.starved_rounds + 1 } else { 0 };
+        if self.starved_rounds >= 2 {
+            self.pacer_gain = (self.pacer_gain * 1.25).min(MAX_PACER_GAIN);
+        } else if filled && queued {
+            self.pacer_gain = (self.pacer_gain / 1.25).max(1.0);
+        }
     }
 
     fn extra_acked(&self) -> u64 {
@@ -382,7 +436,10 @@ impl Bbr {
     /// The window the current state aims at, before the model's bounds.
     fn target_cwnd(&self) -> u64 {
         match self.state {
-            State::Startup => self.inflight(STARTUP_CWND_GAIN) + self.extra_acked(),
+            State::Startup => {
+                ((self.inflight(STARTUP_CWND_GAIN) + self.extra_acked()) as f64 * self.pacer_gain)
+                    as u64
+            }
             State::Drain => self.inflight(1.0),
             State::ProbeBw(Phase::Down) => self.inflight(DOWN_GAIN),
             State::ProbeBw(Phase::Cruise) => self.full_pipe_target(CRUISE_GAIN),
@@ -456,6 +513,11 @@ impl Bbr {
     }
 
     fn acked(&mut self, now: Instant, sent: Instant, bytes: u64) {
+        if self.batch_acked == 0 {
+            // What was outstanding when this ACK arrived.
+            let fill = (self.in_flight + self.mtu) as f64 / self.window() as f64;
+            self.round_max_fill = self.round_max_fill.max(fill);
+        }
         self.delivered += bytes;
         self.delivered_time = now;
         self.in_flight = self.in_flight.saturating_sub(bytes);
@@ -489,6 +551,7 @@ impl Bbr {
         self.in_flight = in_flight;
         if app_limited {
             self.app_limited_until = (self.delivered + in_flight).max(1);
+            self.app_limited_in_round = true;
         }
         let acked = std::mem::take(&mut self.batch_acked);
         let Some(record) = self.batch.take() else {
@@ -528,6 +591,9 @@ impl Bbr {
             self.cwnd_limited = self.cwnd_limited_in_round;
             self.cwnd_limited_in_round = false;
             self.prev_round_min_rtt = self.round_min_rtt.take();
+            self.adapt_pacer_gain();
+            self.round_max_fill = 0.0;
+            self.app_limited_in_round = false;
             self.extra_acked[(self.round_count as usize) % EXTRA_ACKED_ROUNDS] = 0;
         }
         self.round_min_rtt = Some(self.round_min_rtt.map_or(rs.rtt, |r| r.min(rs.rtt)));
@@ -566,6 +632,24 @@ impl Bbr {
             self.ack_batches_in_round = 0;
         }
         self.set_cwnd(acked);
+        if self.round_start {
+            tracing::trace!(
+                event = "bbr_round",
+                round = self.round_count,
+                state = ?self.state,
+                cwnd = self.cwnd,
+                in_flight = self.in_flight,
+                max_bw = self.max_bw as u64,
+                bw_lo = self.bw_lo.min(u64::MAX as f64) as u64,
+                min_rtt_us = self.min_rtt.unwrap_or_default().as_micros() as u64,
+                round_rtt_us = self.prev_round_min_rtt.unwrap_or_default().as_micros() as u64,
+                extra_acked = self.extra_acked(),
+                pacer_gain = self.pacer_gain,
+                inflight_hi = self.inflight_hi,
+                inflight_lo = self.inflight_lo,
+                lost = self.lost,
+            );
+        }
     }
 
     /// v3's lower bounds: a round with loss or CE outside bandwidth
@@ -575,7 +659,8 @@ impl Bbr {
     /// lowers the bounds to what it delivered, so random loss below the
     /// threshold would otherwise shave its own rate off every round until
     /// the next probe (2-3 s) and cost a third of the throughput on a
-    /// 100 ms path with 0.5 % loss.
+    /// 100 ms path with 0.5 % loss. And the round must have been limited
+    /// by the window.
     fn adapt_lower_bounds(&mut self) {
         // The CE fraction of the round that just ended feeds the EWMA.
         if self.ack_batches_in_round > 0 {
@@ -588,7 +673,9 @@ impl Bbr {
         let delivered = self.delivered - self.delivered_at_round_start;
         let lossy =
             self.lost_in_round as f64 > LOSS_THRESH * (delivered + self.lost_in_round) as f64;
-        if self.loss_in_round && lossy {
+        // Only a round that filled its window says what the path carries;
+        // one limited by the application or flow control says nothing.
+        if self.loss_in_round && lossy && self.cwnd_limited {
             if self.bw_lo.is_infinite() {
                 self.bw_lo = self.max_bw;
             }
@@ -695,7 +782,13 @@ impl Bbr {
     }
 
     fn check_full_pipe(&mut self, rs: &RateSample) {
-        if self.filled_pipe || rs.app_limited {
+        // A round that did not fill its window (paced too slowly by a
+        // late-woken sender, see `adapt_pacer_gain`) is no plateau, until
+        // the window is as large as it gets.
+        if self.filled_pipe
+            || rs.app_limited
+            || (!self.round_filled && self.pacer_gain < MAX_PACER_GAIN)
+        {
             return;
         }
         if self.state == State::Startup
@@ -802,6 +895,7 @@ impl Bbr {
             self.prev_round_min_rtt = None;
         }
         self.state = state;
+        self.phase_round = self.round_count;
         if !matches!(state, State::ProbeBw(Phase::Cruise)) {
             self.phase_start = now;
         }
