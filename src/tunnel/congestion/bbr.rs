@@ -394,9 +394,11 @@ impl Bbr {
     /// sends at most `window × 2 ms / RTT` per wake-up; when the process
     /// is woken late (a loaded host), a window of one BDP cannot keep the
     /// pipe full and the round ends with the window unused although the
-    /// application had data. Such a round raises the gain; a round that
-    /// filled the window and queued (its smallest RTT a quarter above the
-    /// min-RTT) lowers it again.
+    /// application had data; and when the host delays ACKs, the RTT grows
+    /// without a queue anywhere. Two such rounds in a row that delivered
+    /// less than the path's rate raise the gain; a round that filled the
+    /// window at the path's rate and queued (its smallest RTT a quarter
+    /// above the min-RTT) lowers it again.
     fn adapt_pacer_gain(&mut self) {
         let filled = self.round_max_fill >= WINDOW_FILLED;
         self.round_filled = filled;
@@ -407,14 +409,22 @@ impl Bbr {
         // Not in the first rounds of a state: the window is still growing
         // towards its target then (after Down, Drain or ProbeRTT).
         let settled = self.round_count >= self.phase_round + 2;
-        let starved = !filled
-            && settled
+        // The link is saturated when the round delivered at the path's
+        // rate: then a longer RTT is a queue at the bottleneck. Below that
+        // rate, a longer RTT is the host (late wake-ups, delayed ACKs) and
+        // the window must cover it.
+        let saturated = self.bw_latest >= 0.95 * self.max_bw;
+        let starved = settled
             && !self.app_limited_in_round
-            && (self.state == State::Startup || self.bw_latest < 0.95 * self.max_bw);
+            && if self.state == State::Startup {
+                !filled
+            } else {
+                !saturated && (!filled || queued)
+            };
         self.starved_rounds = if starved { self.starved_rounds + 1 } else { 0 };
         if self.starved_rounds >= 2 {
             self.pacer_gain = (self.pacer_gain * 1.25).min(MAX_PACER_GAIN);
-        } else if filled && queued {
+        } else if filled && queued && saturated {
             self.pacer_gain = (self.pacer_gain / 1.25).max(1.0);
         }
     }
