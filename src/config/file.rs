@@ -442,6 +442,7 @@ public-bind-address = "a"
 tunnel-bind-address = "a"
 readiness-bind-address = "a"
 graceful-shutdown-duration = "a"
+congestion-control = "a"
 cert-dir = "a"
 [server.acme]
 email = "a"
@@ -458,6 +459,7 @@ server-trust = "a"
 server-ca-file = "a"
 identity-dir = "a"
 public-cert-dir = "a"
+congestion-control = "a"
 [client.acme]
 email = "a"
 [[client.services]]
