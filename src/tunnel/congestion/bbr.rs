@@ -32,6 +32,16 @@
 //! stale 10 s min-RTT would not, so this term fills the longer pipe within
 //! a round. It cannot grow a queue of our own (it holds it; Down drains
 //! it), and it is forgotten at each drain.
+//!
+//! And one for quinn's pacer, which lets out at most `window × 2 ms / RTT`
+//! per wake-up: on a loaded host, woken late, a one-BDP window leaves the
+//! link idle. The window's model part is multiplied by a pacer gain (1 to
+//! 3) that rounds delivering below the path's rate with the window unused
+//! (or filled at a stretched RTT) raise and rounds that queue at the
+//! path's rate lower (see `adapt_pacer_gain`).
+//!
+//! Departures from the draft are marked where they are made; the loss
+//! thresholds are in `adapt_lower_bounds` and `SendRecord::probing`.
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -356,20 +366,15 @@ impl Bbr {
         q.clamp(2 * self.mtu, 64 * 1024)
     }
 
-    /// `gain × bw × rtt` plus the offload budget (BBRInflight).
-    fn inflight_for(&self, rtt: Option<Duration>, gain: f64) -> u64 {
-        let Some(rtt) = rtt else {
-            return self.config.initial_window;
-        };
-        if self.bw() <= 0.0 {
-            return self.config.initial_window;
-        }
-        let bdp = self.bw() * rtt.as_secs_f64();
-        (gain * bdp) as u64 + 3 * self.send_quantum()
-    }
-
+    /// `gain × bw × min-RTT` plus the offload budget (BBRInflight); the
+    /// initial window until there is a model.
     fn inflight(&self, gain: f64) -> u64 {
-        self.inflight_for(self.min_rtt, gain)
+        match self.min_rtt {
+            Some(rtt) if self.bw() > 0.0 => {
+                (gain * self.bw() * rtt.as_secs_f64()) as u64 + 3 * self.send_quantum()
+            }
+            _ => self.config.initial_window,
+        }
     }
 
     /// `gain × bw × RTT` with the last round's smallest RTT sample: what
