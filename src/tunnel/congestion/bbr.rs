@@ -96,6 +96,10 @@ const MAX_PACER_GAIN: f64 = 3.0;
 /// A round whose largest inflight reached this share of the window used
 /// the window.
 const WINDOW_FILLED: f64 = 0.85;
+/// Added to the min-RTT in the window: the sender's timer (1 ms) and a
+/// wake-up's worth of delay, which on a LAN path are most of the real RTT
+/// and which BBR's pacing, absent here, would not need a window for.
+const HOST_ALLOWANCE: Duration = Duration::from_millis(2);
 /// Bound on the send records kept (one per send instant).
 const MAX_RECORDS: usize = 1 << 16;
 
@@ -371,6 +375,7 @@ impl Bbr {
     fn inflight(&self, gain: f64) -> u64 {
         match self.min_rtt {
             Some(rtt) if self.bw() > 0.0 => {
+                let rtt = rtt + HOST_ALLOWANCE;
                 (gain * self.bw() * rtt.as_secs_f64()) as u64 + 3 * self.send_quantum()
             }
             _ => self.config.initial_window,
