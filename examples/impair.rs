@@ -9,8 +9,16 @@
 //! survives the hop; the harness sets `gso_max_segs 1` on every interface so
 //! each frame is one wire packet and loss and rate apply per packet.
 //!
+//! Two more of netem's knobs: `--jitter-ms J` adds a uniformly random
+//! 0..2J ms around the delay (`delay D J`; frames are not reordered, as
+//! with netem's `rate` or a pfifo child), and `--delay2-ms D2 --period-ms P`
+//! switches the one-way delay between D and D2 every P ms (what the
+//! harness does with `tc qdisc change` under netem), for a path whose RTT
+//! changes mid-transfer.
+//!
 //! ```text
 //! impair A B [--delay-ms 25] [--loss 0.01] [--rate-bit 10000000] [--limit 1000]
+//!            [--jitter-ms 5] [--delay2-ms 40 --period-ms 2000]
 //! ```
 //! Runs until killed (the harness kills it).
 
@@ -25,6 +33,29 @@ struct Profile {
     loss: f64,
     rate_bit: u64,
     limit: usize,
+    jitter: Duration,
+    /// The other delay and how long each delay lasts (zero: no switching).
+    delay2: Duration,
+    period: Duration,
+}
+
+impl Profile {
+    /// The one-way delay at `at` since `start` (switching every period).
+    fn delay_at(&self, start: Instant, at: Instant) -> Duration {
+        if self.period.is_zero() {
+            return self.delay;
+        }
+        let n = at.saturating_duration_since(start).as_nanos() / self.period.as_nanos();
+        if n.is_multiple_of(2) {
+            self.delay
+        } else {
+            self.delay2
+        }
+    }
+}
+
+fn millis(text: String) -> Duration {
+    Duration::from_secs_f64(text.parse::<f64>().unwrap() / 1000.0)
 }
 
 fn main() {
@@ -35,6 +66,9 @@ fn main() {
         loss: 0.0,
         rate_bit: 0,
         limit: 1000,
+        jitter: Duration::ZERO,
+        delay2: Duration::ZERO,
+        period: Duration::ZERO,
     };
     let mut i = 0;
     while i < args.len() {
@@ -56,6 +90,18 @@ fn main() {
                 p.limit = value().parse().unwrap();
                 i += 1
             }
+            "--jitter-ms" => {
+                p.jitter = millis(value());
+                i += 1
+            }
+            "--delay2-ms" => {
+                p.delay2 = millis(value());
+                i += 1
+            }
+            "--period-ms" => {
+                p.period = millis(value());
+                i += 1
+            }
             other => names.push(other.to_string()),
         }
         i += 1;
@@ -64,8 +110,9 @@ fn main() {
     let a = PacketSocket::open(&names[0]);
     let b = PacketSocket::open(&names[1]);
     eprintln!(
-        "impair: bridging {} <-> {}: delay {:?} each way, loss {}, rate {} bit/s, limit {} packets",
-        names[0], names[1], p.delay, p.loss, p.rate_bit, p.limit
+        "impair: bridging {} <-> {}: delay {:?} each way, loss {}, rate {} bit/s, limit {} packets, \
+         jitter {:?}, delay2 {:?} every {:?}",
+        names[0], names[1], p.delay, p.loss, p.rate_bit, p.limit, p.jitter, p.delay2, p.period
     );
     let t1 = direction(a, b, p, 0x9e37_79b9_7f4a_7c15);
     let t2 = direction(b, a, p, 0xd1b5_4a32_d192_ed03);
@@ -211,6 +258,9 @@ fn direction(
         let mut buf = vec![0u8; 70_000];
         // When the link finishes serialising the last accepted frame.
         let mut link_free = Instant::now();
+        let start = link_free;
+        // Departures stay in order (no reordering by jitter).
+        let mut last_due = start;
         loop {
             let n = from.recv(&mut buf);
             let now = Instant::now();
@@ -236,7 +286,18 @@ fn direction(
                 }
                 None => now,
             };
-            items.push_back((depart + p.delay, buf[..n].to_vec()));
+            let mut delay = p.delay_at(start, now);
+            if !p.jitter.is_zero() {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let u = ((rng >> 11) as f64) / ((1u64 << 53) as f64);
+                let j = p.jitter.as_secs_f64() * (2.0 * u - 1.0);
+                delay = Duration::from_secs_f64((delay.as_secs_f64() + j).max(0.0));
+            }
+            let due = (depart + delay).max(last_due);
+            last_due = due;
+            items.push_back((due, buf[..n].to_vec()));
             drop(items);
             q.ready.notify_one();
         }

@@ -56,6 +56,7 @@ impl ReadyServer {
             },
             tunnels,
             stream_timeouts: Default::default(),
+            congestion_control: Default::default(),
         };
         let server = Server::bind_with_limits(config, limits).await.unwrap();
         let (trigger, stop) = shutdown::channel();
@@ -318,7 +319,8 @@ async fn one_tunnels_pending_flood_does_not_starve_another_tunnel() {
         store.add(r).unwrap();
     }
     let (id, _) = material::load_client_identity(&stuck_dir).unwrap();
-    let mut config = runewarp::tunnel::transport::client_config(store, id).unwrap();
+    let mut config =
+        runewarp::tunnel::transport::client_config(store, id, Default::default()).unwrap();
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
     config.transport_config(Arc::new(transport));

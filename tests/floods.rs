@@ -265,7 +265,9 @@ fn an_initial_flood_does_not_keep_a_restarted_client_out() {
 async fn probe_handshakes(home: &Home, tunnel: SocketAddr, n: usize) -> Vec<Duration> {
     let (id, _) =
         runewarp::tls::material::load_client_identity(&home.path().join("probe")).unwrap();
-    let config = runewarp::tunnel::transport::client_config(server_roots(home), id).unwrap();
+    let config =
+        runewarp::tunnel::transport::client_config(server_roots(home), id, Default::default())
+            .unwrap();
     let mut took = Vec::new();
     for _ in 0..n {
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -402,7 +404,7 @@ fn stranger_config(roots: &rustls::RootCertStore) -> quinn::ClientConfig {
         chain: vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
         key: PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
     };
-    runewarp::tunnel::transport::client_config(roots.clone(), material).unwrap()
+    runewarp::tunnel::transport::client_config(roots.clone(), material, Default::default()).unwrap()
 }
 
 fn server_roots(home: &Home) -> rustls::RootCertStore {
@@ -487,7 +489,7 @@ async fn two_instances_fighting_over_a_tunnel_replace_at_a_bounded_rate_and_are_
     let roots = server_roots(&home);
     let (id, _) =
         runewarp::tls::material::load_client_identity(&home.path().join("identity")).unwrap();
-    let config = runewarp::tunnel::transport::client_config(roots, id).unwrap();
+    let config = runewarp::tunnel::transport::client_config(roots, id, Default::default()).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Two instances with the same identity that, unlike the real Client,

@@ -27,6 +27,10 @@ fn server_and_client_processes_carry_a_visitor_and_stop_on_sigterm() {
     let effective = home.ok(&["config", "check", "--role", "server", "-c", "server.toml"]);
     assert!(effective.contains("log-level = \"info\""), "{effective}");
     assert!(
+        effective.contains("congestion-control = \"bbr\""),
+        "{effective}"
+    );
+    assert!(
         effective.contains(&home.path().join("server-certs").display().to_string()),
         "{effective}"
     );
@@ -56,6 +60,9 @@ fn server_and_client_processes_carry_a_visitor_and_stop_on_sigterm() {
         server.events("tunnel_connected")[0].contains(&pin),
         "the Server logs the identity"
     );
+    // Both ends log their congestion controller at start-up.
+    assert!(server.events("server_started")[0].contains("congestion_control=bbr"));
+    assert!(client.events("client_started")[0].contains("congestion_control=bbr"));
     for log in [client.log_text(), server.log_text()] {
         assert!(
             !log.contains("hello"),

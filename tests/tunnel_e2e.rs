@@ -296,7 +296,12 @@ async fn unknown_identity_is_refused_with_access_denied_then_a_pinned_one_is_acc
     let roots =
         runewarp::tls::trust::root_store(&runewarp::config::ServerTrust::CaFile(ca.clone()))
             .unwrap();
-    let quic = runewarp::tunnel::transport::client_config(roots, material).unwrap();
+    let quic = runewarp::tunnel::transport::client_config(
+        roots,
+        material,
+        runewarp::tunnel::congestion::CongestionControl::default(),
+    )
+    .unwrap();
     let endpoint =
         runewarp::tunnel::transport::endpoint("127.0.0.1:0".parse().unwrap(), None, None).unwrap();
     // TLS 1.3: the Client's side of the handshake completes first; the

@@ -25,6 +25,9 @@
 //! `RUNEWARP_BENCH_WORKERS=n` sets `TOKIO_WORKER_THREADS` for the Server
 //! and the Client (default: one worker per core).
 //!
+//! `RUNEWARP_BENCH_CC=bbr|cubic` sets `congestion-control` on the Server
+//! and the Client (default: the config default, `bbr`).
+//!
 //! `RUNEWARP_BENCH_LOG=debug` sets the Server's and Client's `RUNEWARP_LOG`
 //! (default `warn`); `RUNEWARP_BENCH_KEEP=1` keeps the temporary directory
 //! with configs and logs (it is always kept when the bench fails).

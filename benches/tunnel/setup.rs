@@ -84,12 +84,17 @@ pub(crate) fn setup() -> Res<Setup> {
     let tunnel_port = free_udp_port()?;
     let public: SocketAddr = ([127, 0, 0, 1], public_port).into();
 
+    // RUNEWARP_BENCH_CC=bbr|cubic sets congestion-control on both ends
+    // (default: the config default), to compare controllers run by run.
+    let cc = std::env::var("RUNEWARP_BENCH_CC")
+        .map(|c| format!("congestion-control = {}\n", toml_str(Path::new(&c))))
+        .unwrap_or_default();
     let server_toml = root.join("server.toml");
     let server_cfg = format!(
         "log-level = \"warn\"\n\n[server]\nhostname = \"{SERVER_HOST}\"\n\
          public-bind-address = \"127.0.0.1:{public_port}\"\n\
          tunnel-bind-address = \"127.0.0.1:{tunnel_port}\"\n\
-         graceful-shutdown-duration = \"0s\"\ncert-dir = {cert}\n\n\
+         graceful-shutdown-duration = \"0s\"\ncert-dir = {cert}\n{cc}\n\
          [[server.tunnels]]\npublic-hostnames = [\"{PASS_HOST}\", \"{TERM_HOST}\"]\n\
          client-identity = \"{pin}\"\n",
         cert = toml_str(&cert_dir),
@@ -99,7 +104,7 @@ pub(crate) fn setup() -> Res<Setup> {
     let client_cfg = format!(
         "log-level = \"warn\"\n\n[client]\nserver-address = \"{SERVER_HOST}:{tunnel_port}\"\n\
          server-trust = \"ca-file\"\nserver-ca-file = {ca}\nidentity-dir = {id}\n\
-         public-cert-dir = {public}\n\n\
+         public-cert-dir = {public}\n{cc}\n\
          [[client.services]]\npublic-hostnames = [\"{PASS_HOST}\"]\n\
          backend-address = \"{tls_addr}\"\ntls-mode = \"passthrough\"\n\n\
          [[client.services]]\npublic-hostnames = [\"{TERM_HOST}\"]\n\

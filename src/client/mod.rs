@@ -166,7 +166,11 @@ impl Client {
             &config.server_trust,
             Arc::new(rustls::crypto::ring::default_provider()),
         )?;
-        let quic = transport::client_config_with_verifier(verifier, identity_material)?;
+        let quic = transport::client_config_with_verifier(
+            verifier,
+            identity_material,
+            config.congestion_control,
+        )?;
         let mut acme = None;
         let mut swappable = None;
         let metrics = Arc::new(crate::metrics::ClientMetrics::new(&config.services));
@@ -333,6 +337,7 @@ impl Client {
                 }
             }
         });
+        tracing::info!(event = "client_started", server = %server, identity = %self.identity, services = self.config.services.len(), congestion_control = %self.config.congestion_control);
         loop {
             let dialed = tokio::select! {
                 _ = shutdown.wait() => break,

@@ -59,6 +59,7 @@ pub(crate) struct RawServer {
     pub stream_write_timeout: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_idle_timeout: Option<String>,
+    pub congestion_control: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -129,6 +130,7 @@ pub(crate) struct RawClient {
     pub metrics_bind_address: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
+    pub congestion_control: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<RawAcme>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -166,6 +168,7 @@ pub(crate) const SERVER_KEYS: &[&str] = &[
     "graceful-shutdown-duration",
     "stream-write-timeout",
     "stream-idle-timeout",
+    "congestion-control",
     "cert-dir",
     "acme",
     "tunnels",
@@ -185,6 +188,7 @@ pub(crate) const CLIENT_KEYS: &[&str] = &[
     "stream-idle-timeout",
     "metrics-bind-address",
     "control-socket",
+    "congestion-control",
     "acme",
     "services",
 ];
@@ -489,6 +493,7 @@ control-socket = "a"
 graceful-shutdown-duration = "a"
 stream-write-timeout = "a"
 stream-idle-timeout = "a"
+congestion-control = "a"
 cert-dir = "a"
 [server.acme]
 email = "a"
@@ -510,6 +515,7 @@ stream-write-timeout = "a"
 stream-idle-timeout = "a"
 metrics-bind-address = "a"
 control-socket = "a"
+congestion-control = "a"
 [client.acme]
 email = "a"
 [[client.services]]

@@ -46,6 +46,7 @@
 //! | `server.graceful-shutdown-duration` | `60s` |
 //! | `server.stream-write-timeout`, `client.stream-write-timeout` | `30s` |
 //! | `server.stream-idle-timeout`, `client.stream-idle-timeout` | `15m` |
+//! | `server.congestion-control`, `client.congestion-control` | `bbr` |
 //! | `server.cert-dir` (when there is no `[server.acme]`) | `$XDG_DATA_HOME/runewarp/server` |
 //! | `server.acme.state-dir` | `$XDG_STATE_HOME/runewarp/server/acme` |
 //! | `client.server-address` port | `443` |

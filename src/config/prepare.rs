@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
 use super::file::{self, LoadedFile, RawAcme, RawService, RawTunnel};
-use super::types::LETS_ENCRYPT_DIRECTORY;
+use super::types::{CongestionControl, LETS_ENCRYPT_DIRECTORY};
 use super::{ClientOverlay, ConfigError, Environment, ServerOverlay};
 
 /// The environment variable that overrides `server.hostname`.
@@ -247,6 +247,7 @@ pub(crate) struct PreparedServer {
     pub graceful_shutdown_duration: Val<String>,
     pub stream_write_timeout: Val<String>,
     pub stream_idle_timeout: Val<String>,
+    pub congestion_control: Val<String>,
     /// Filled with the default when neither this nor `acme` is set.
     pub cert_dir: Option<PathBuf>,
     pub acme: Option<PreparedAcme>,
@@ -365,6 +366,12 @@ pub(crate) fn prepare_server(
             &server.stream_idle_timeout,
             DEFAULT_STREAM_IDLE_TIMEOUT,
         ),
+        congestion_control: file_or_default(
+            &label,
+            "server.congestion-control",
+            &server.congestion_control,
+            CongestionControl::default().as_str(),
+        ),
         cert_dir,
         acme,
         tunnels: server.tunnels.unwrap_or_default(),
@@ -402,6 +409,7 @@ pub(crate) struct PreparedClient {
     pub services: Vec<PreparedService>,
     pub stream_write_timeout: Val<String>,
     pub stream_idle_timeout: Val<String>,
+    pub congestion_control: Val<String>,
 }
 
 pub(crate) fn prepare_client(
@@ -539,6 +547,12 @@ pub(crate) fn prepare_client(
             "client.stream-idle-timeout",
             &raw_client.stream_idle_timeout,
             DEFAULT_STREAM_IDLE_TIMEOUT,
+        ),
+        congestion_control: file_or_default(
+            &label,
+            "client.congestion-control",
+            &raw_client.congestion_control,
+            CongestionControl::default().as_str(),
         ),
         label,
     })

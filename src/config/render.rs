@@ -54,6 +54,7 @@ pub fn render_server(c: &ServerConfig) -> String {
             graceful_shutdown_duration: Some(format_duration(c.graceful_shutdown_duration)),
             stream_write_timeout: Some(format_duration(c.stream_timeouts.write)),
             stream_idle_timeout: Some(format_duration(c.stream_timeouts.idle)),
+            congestion_control: Some(c.congestion_control.to_string()),
             cert_dir,
             acme: acme_raw,
             tunnels: Some(
@@ -109,6 +110,7 @@ pub fn render_client(c: &ClientConfig) -> String {
             stream_idle_timeout: Some(format_duration(c.stream_timeouts.idle)),
             metrics_bind_address: c.metrics_bind_address.map(|a| a.to_string()),
             control_socket: c.control_socket.as_deref().map(path),
+            congestion_control: Some(c.congestion_control.to_string()),
             acme: acme_raw,
             services: Some(
                 c.services

@@ -1677,6 +1677,33 @@ fn stream_timeouts_are_read_and_rendered_on_both_sides() {
     );
 }
 
+// ------------------------------------------------------ congestion-control
+
+#[test]
+fn congestion_control_defaults_parses_and_renders() {
+    let (_t, r) = server_with(&minimal_server(), None);
+    let c = r.expect("valid");
+    assert_eq!(c.congestion_control, CongestionControl::Bbr);
+    assert!(render_server(&c).contains("congestion-control = \"bbr\""));
+    let (_t, r) = client_with(minimal_client());
+    let c = r.expect("valid");
+    assert_eq!(c.congestion_control, CongestionControl::Bbr);
+    assert!(render_client(&c).contains("congestion-control = \"bbr\""));
+
+    let (_t, r) = server_with(&server_body("congestion-control = \"cubic\""), None);
+    let c = r.expect("valid");
+    assert_eq!(c.congestion_control, CongestionControl::Cubic);
+    assert_eq!(
+        reload_server(&render_server(&c), &Environment::default()).congestion_control,
+        CongestionControl::Cubic
+    );
+    let (_t, r) = client_with(&client_body("congestion-control = \"cubic\""));
+    assert_eq!(
+        r.expect("valid").congestion_control,
+        CongestionControl::Cubic
+    );
+}
+
 #[test]
 fn invalid_stream_timeouts_name_key_and_value() {
     for key in ["stream-write-timeout", "stream-idle-timeout"] {
@@ -1698,4 +1725,24 @@ fn invalid_stream_timeouts_name_key_and_value() {
         let m = server_err(&server_body(&format!("{key} = 30")));
         assert_has(&m, &[key]);
     }
+}
+
+#[test]
+fn bad_congestion_control() {
+    let m = server_err(&server_body("congestion-control = \"reno\""));
+    assert_has(
+        &m,
+        &[
+            "server.congestion-control = \"reno\"",
+            "must be one of bbr, cubic",
+        ],
+    );
+    let m = client_err(&client_body("congestion-control = \"BBR\""));
+    assert_has(
+        &m,
+        &[
+            "client.congestion-control = \"BBR\"",
+            "must be one of bbr, cubic",
+        ],
+    );
 }

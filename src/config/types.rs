@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::hostname::{PublicHostname, ServerHostname};
 use crate::tls::client_identity::ClientIdentity;
 use crate::tls::server_pin::ServerPin;
+pub use crate::tunnel::congestion::CongestionControl;
 
 /// `log-level` at the top of the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -114,6 +115,8 @@ pub struct ServerConfig {
     pub graceful_shutdown_duration: Duration,
     /// `stream-write-timeout`, `stream-idle-timeout`.
     pub stream_timeouts: StreamTimeouts,
+    /// `server.congestion-control`: for what the Server sends (uploads).
+    pub congestion_control: CongestionControl,
     pub certificates: ServerCertSource,
     pub tunnels: Vec<TunnelConfig>,
 }
@@ -209,4 +212,6 @@ pub struct ClientConfig {
     pub services: Vec<ServiceConfig>,
     /// `stream-write-timeout`, `stream-idle-timeout`.
     pub stream_timeouts: StreamTimeouts,
+    /// `client.congestion-control`: for what the Client sends (downloads).
+    pub congestion_control: CongestionControl,
 }

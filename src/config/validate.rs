@@ -33,6 +33,18 @@ pub(crate) fn log_level(v: &Val<String>) -> Result<LogLevel, ConfigError> {
     })
 }
 
+pub(crate) fn congestion_control(v: &Val<String>) -> Result<CongestionControl, ConfigError> {
+    CongestionControl::parse(&v.value).ok_or_else(|| {
+        v.origin.invalid(
+            &v.value,
+            format!(
+                "must be one of {} (the tunnel's QUIC congestion controller)",
+                CongestionControl::NAMES.join(", ")
+            ),
+        )
+    })
+}
+
 pub(crate) fn server_hostname(v: &Val<String>) -> Result<ServerHostname, ConfigError> {
     ServerHostname::parse(&v.value).map_err(|e| v.origin.invalid(&v.value, e))
 }
@@ -277,6 +289,7 @@ pub(crate) fn validate_server(p: PreparedServer) -> Result<ServerConfig, ConfigE
         control_socket: control_socket(label, "server.control-socket", p.control_socket)?,
         graceful_shutdown_duration,
         stream_timeouts,
+        congestion_control: congestion_control(&p.congestion_control)?,
         certificates,
         tunnels,
     })
@@ -596,5 +609,6 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         control_socket: control_socket(label, "client.control-socket", p.control_socket)?,
         services,
         stream_timeouts,
+        congestion_control: congestion_control(&p.congestion_control)?,
     })
 }

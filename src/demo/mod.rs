@@ -468,6 +468,7 @@ fn server_config(m: &Material) -> Result<ServerConfig, BoxError> {
         control_socket: None,
         graceful_shutdown_duration: Duration::from_secs(1),
         stream_timeouts: StreamTimeouts::default(),
+        congestion_control: Default::default(),
         certificates: ServerCertSource::Manual {
             cert_dir: m.server_cert_dir.clone(),
         },
@@ -524,6 +525,7 @@ fn client_config(
             },
         ],
         stream_timeouts: StreamTimeouts::default(),
+        congestion_control: Default::default(),
     })
 }
 

@@ -107,7 +107,11 @@ impl Server {
         };
         let secret = reset_secret(&state_dir)?;
         let registry = Arc::new(Registry::new(&config.tunnels));
-        let tls = Arc::new(TunnelTls::new(certificate, registry.pins()));
+        let tls = Arc::new(TunnelTls::new(
+            certificate,
+            registry.pins(),
+            config.congestion_control,
+        ));
         let quic = tls.config(None)?;
         let tunnel = transport::endpoint(config.tunnel_bind_address, Some(quic), Some(&secret))
             .map_err(|error| ServerError::Bind {
@@ -228,6 +232,7 @@ impl Server {
             metrics = %metrics.as_ref().and_then(|r| r.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
             control = %control.as_ref().map(|c| c.path().display().to_string()).unwrap_or_else(|| "-".into()),
             tunnels = config.tunnels.len(),
+            congestion_control = %config.congestion_control,
         );
         let monitor = tokio::spawn(admission.clone().monitor());
         let ready_task = readiness.map(|listener| {

@@ -22,6 +22,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use crate::logging::RateLimit;
 use crate::tls::client_identity::ClientIdentity;
 use crate::tls::material::TlsMaterial;
+use crate::tunnel::congestion::CongestionControl;
 
 /// The ALPN protocol of the tunnel.
 pub const ALPN: &[u8] = b"runewarp/1";
@@ -115,8 +116,9 @@ pub enum TransportError {
     Quic(String),
 }
 
-fn transport(is_server: bool) -> TransportConfig {
+fn transport(is_server: bool, congestion: CongestionControl) -> TransportConfig {
     let mut t = TransportConfig::default();
+    t.congestion_controller_factory(congestion.factory());
     t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(
         IDLE_TIMEOUT.as_millis() as u32,
     ))));
@@ -162,13 +164,17 @@ pub struct TunnelTls {
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl TunnelTls {
-    pub fn new(certificate: Arc<dyn ResolvesServerCert>, pins: HashSet<ClientIdentity>) -> Self {
+    pub fn new(
+        certificate: Arc<dyn ResolvesServerCert>,
+        pins: HashSet<ClientIdentity>,
+        congestion: CongestionControl,
+    ) -> Self {
         Self {
             certificate,
             pins: std::sync::RwLock::new(Arc::new(pins)),
             refusals: Arc::new(RateLimit::new(REFUSAL_LOG_INTERVAL)),
             provider: provider(),
-            transport: Arc::new(transport(true)),
+            transport: Arc::new(transport(true, congestion)),
         }
     }
 
@@ -222,12 +228,13 @@ impl ResolvesServerCert for FixedCertificate {
 pub fn client_config(
     roots: rustls::RootCertStore,
     identity: TlsMaterial,
+    congestion: CongestionControl,
 ) -> Result<quinn::ClientConfig, TransportError> {
     let verifier =
         rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
             .map_err(|e| TransportError::Quic(e.to_string()))?;
-    client_config_with_verifier(verifier, identity)
+    client_config_with_verifier(verifier, identity, congestion)
 }
 
 /// [`client_config`] with any Server certificate verifier (such as the
@@ -235,6 +242,7 @@ pub fn client_config(
 pub fn client_config_with_verifier(
     verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
     identity: TlsMaterial,
+    congestion: CongestionControl,
 ) -> Result<quinn::ClientConfig, TransportError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -246,7 +254,7 @@ pub fn client_config_with_verifier(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TransportError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport(false)));
+    config.transport_config(Arc::new(transport(false, congestion)));
     Ok(config)
 }
 

@@ -208,6 +208,7 @@ impl TestServer {
             control_socket: None,
             graceful_shutdown_duration: Duration::from_secs(1),
             stream_timeouts: StreamTimeouts::default(),
+            congestion_control: Default::default(),
             certificates: ServerCertSource::Manual {
                 cert_dir: cert_dir.to_path_buf(),
             },
@@ -311,6 +312,7 @@ impl TestClient {
             control_socket: None,
             services: s.services,
             stream_timeouts: StreamTimeouts::default(),
+            congestion_control: Default::default(),
         };
         let client = Client::new(config).expect("client starts");
         let status = client.status();

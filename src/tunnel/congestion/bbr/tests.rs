@@ -1,0 +1,425 @@
+//! The state machine on synthetic traces: a deterministic event simulation
+//! of one bottleneck (rate, FIFO buffer with tail drop, one-way delay,
+//! seeded random loss and CE marks), no sockets, no clock.
+
+use super::*;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+const MTU: u64 = 1200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Ack {
+        ce: bool,
+    },
+    Loss,
+    /// The sender's timer (see [`Sim::wake`]).
+    Wake,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Event {
+    at: Duration,
+    seq: u64,
+    kind: Kind,
+    sent: Duration,
+}
+
+struct Sim {
+    bbr: Bbr,
+    start: Instant,
+    now: Duration,
+    /// Bottleneck rate in bytes per second.
+    rate: f64,
+    one_way: Duration,
+    buffer: u64,
+    /// Random loss probability per packet.
+    loss: f64,
+    /// CE-mark probability per delivered packet.
+    ce: f64,
+    link_free: Duration,
+    events: BinaryHeap<Reverse<Event>>,
+    seq: u64,
+    rng: u64,
+    in_flight: u64,
+    acked: u64,
+    /// (when, state) at every state change.
+    states: Vec<(Duration, State)>,
+    /// (when sent, queueing delay at the bottleneck).
+    queue: Vec<(Duration, Duration)>,
+    /// A late-woken sender under quinn's pacer: it runs only every `wake`
+    /// and then sends at most `window × 2 ms / RTT` (at least 10 packets).
+    wake: Option<Duration>,
+    next_wake: Duration,
+    wake_pending: bool,
+}
+
+impl Sim {
+    fn new(mbit: f64, rtt_ms: u64, buffer_bdp: f64) -> Self {
+        let start = Instant::now();
+        let rate = mbit * 1e6 / 8.0;
+        let one_way = Duration::from_millis(rtt_ms) / 2;
+        let bdp = rate * Duration::from_millis(rtt_ms).as_secs_f64();
+        let bbr = Bbr::new(Arc::new(BbrConfig::default()), start, MTU as u16);
+        let state = bbr.state();
+        Self {
+            bbr,
+            start,
+            now: Duration::ZERO,
+            rate,
+            one_way,
+            buffer: (bdp * buffer_bdp) as u64,
+            loss: 0.0,
+            ce: 0.0,
+            link_free: Duration::ZERO,
+            events: BinaryHeap::new(),
+            seq: 0,
+            rng: 0x9e37_79b9_7f4a_7c15,
+            in_flight: 0,
+            acked: 0,
+            states: vec![(Duration::ZERO, state)],
+            queue: Vec::new(),
+            wake: None,
+            next_wake: Duration::ZERO,
+            wake_pending: false,
+        }
+    }
+
+    fn bdp(&self) -> f64 {
+        self.rate * (2 * self.one_way).as_secs_f64()
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        self.rng = self
+            .rng
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((self.rng >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+
+    fn at(&self, d: Duration) -> Instant {
+        self.start + d
+    }
+
+    fn push(&mut self, at: Duration, kind: Kind, sent: Duration) {
+        self.seq += 1;
+        self.events.push(Reverse(Event {
+            at,
+            seq: self.seq,
+            kind,
+            sent,
+        }));
+    }
+
+    fn send(&mut self) {
+        let serialise = Duration::from_secs_f64(MTU as f64 / self.rate);
+        let mut budget = u64::MAX;
+        if let Some(tick) = self.wake {
+            if self.now < self.next_wake {
+                if !self.wake_pending {
+                    self.wake_pending = true;
+                    self.push(self.next_wake, Kind::Wake, self.next_wake);
+                }
+                return;
+            }
+            let rtt = (2 * self.one_way).as_secs_f64();
+            budget = ((self.bbr.window() as f64 * 0.002 / rtt) as u64).max(10 * MTU);
+            self.next_wake = self.now + tick;
+        }
+        while self.in_flight + MTU <= self.bbr.window() && budget >= MTU {
+            budget -= MTU;
+            let now = self.now;
+            self.bbr.on_sent(self.at(now), MTU, self.seq);
+            self.in_flight += MTU;
+            let queued = self.link_free.saturating_sub(now);
+            let queued_bytes = (queued.as_secs_f64() * self.rate) as u64;
+            // Loss is detected about three packets after the lost one.
+            let detect = 3 * serialise + 2 * self.one_way;
+            if queued_bytes + MTU > self.buffer {
+                self.push(now + queued + detect, Kind::Loss, now);
+                continue;
+            }
+            self.queue.push((now, queued));
+            let depart = now.max(self.link_free) + serialise;
+            self.link_free = depart;
+            let (loss, ce) = (self.loss, self.ce);
+            if self.chance(loss) {
+                self.push(depart + detect, Kind::Loss, now);
+            } else {
+                let ce = self.chance(ce);
+                self.push(depart + 2 * self.one_way, Kind::Ack { ce }, now);
+            }
+        }
+    }
+
+    fn run_until(&mut self, end: Duration) {
+        self.send();
+        while let Some(Reverse(event)) = self.events.peek().copied() {
+            if event.at > end {
+                break;
+            }
+            self.events.pop();
+            self.now = event.at;
+            let (now, sent) = (self.at(event.at), self.at(event.sent));
+            match event.kind {
+                Kind::Ack { ce } => {
+                    self.in_flight -= MTU;
+                    self.acked += MTU;
+                    self.bbr.acked(now, sent, MTU);
+                    self.bbr.on_end_acks(now, self.in_flight, false, None);
+                    if ce {
+                        self.bbr.on_congestion_event(now, sent, false, 0);
+                    }
+                }
+                Kind::Loss => {
+                    self.in_flight -= MTU;
+                    self.bbr.on_congestion_event(now, sent, false, MTU);
+                }
+                Kind::Wake => self.wake_pending = false,
+            }
+            if self.states.last().map(|s| s.1) != Some(self.bbr.state()) {
+                self.states.push((self.now, self.bbr.state()));
+            }
+            self.send();
+        }
+        self.now = end;
+    }
+
+    /// Delivery rate over `[from, to]` as a share of the bottleneck rate.
+    fn utilisation(&mut self, from: f64, to: f64) -> f64 {
+        self.run_until(Duration::from_secs_f64(from));
+        let before = self.acked;
+        self.run_until(Duration::from_secs_f64(to));
+        (self.acked - before) as f64 / (to - from) / self.rate
+    }
+
+    /// Mean bottleneck queueing delay of packets sent in `[from, to]`.
+    fn mean_queue(&self, from: f64, to: f64) -> Duration {
+        let (from, to) = (Duration::from_secs_f64(from), Duration::from_secs_f64(to));
+        let q: Vec<_> = self
+            .queue
+            .iter()
+            .filter(|(t, _)| *t >= from && *t <= to)
+            .map(|(_, q)| *q)
+            .collect();
+        q.iter().sum::<Duration>() / q.len().max(1) as u32
+    }
+
+    fn first(&self, pred: impl Fn(State) -> bool) -> Option<Duration> {
+        self.states.iter().find(|(_, s)| pred(*s)).map(|(t, _)| *t)
+    }
+
+    /// Run in small steps until `pred` holds; panics after `limit`.
+    fn run_until_state(&mut self, limit: f64, pred: impl Fn(State) -> bool) {
+        while !pred(self.bbr.state()) {
+            assert!(
+                self.now < Duration::from_secs_f64(limit),
+                "state not reached by {limit} s; states: {:?}",
+                self.states
+            );
+            let next = self.now + Duration::from_millis(1);
+            self.run_until(next);
+        }
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+#[test]
+fn startup_exits_once_bandwidth_plateaus_and_drain_empties_the_queue() {
+    let mut sim = Sim::new(10.0, 40, 4.0);
+    sim.run_until(Duration::from_secs(3));
+    let drain = sim
+        .first(|s| s == State::Drain)
+        .expect("Startup never ended");
+    // 12 kB to a 50 kB BDP doubles in ~2 rounds, then 3 flat rounds.
+    assert!(secs(drain) < 1.0, "Startup lasted {drain:?}");
+    let rate = sim.rate;
+    assert!(
+        (sim.bbr.max_bw - rate).abs() < 0.1 * rate,
+        "bw estimate {} vs link {rate}",
+        sim.bbr.max_bw
+    );
+    let probe = sim
+        .first(|s| matches!(s, State::ProbeBw(_)))
+        .expect("Drain never ended");
+    assert!(probe > drain && secs(probe - drain) < 0.5);
+    // After Drain the standing queue is gone.
+    assert!(sim.mean_queue(2.0, 3.0) < Duration::from_millis(10));
+}
+
+#[test]
+fn startup_keeps_growing_while_bandwidth_grows() {
+    // A 1 Gbit/s pipe: the bandwidth keeps doubling for many rounds, so
+    // three flat rounds come only when the pipe is full.
+    let mut sim = Sim::new(1000.0, 40, 2.0);
+    sim.run_until(Duration::from_millis(300));
+    assert_eq!(sim.bbr.state(), State::Startup);
+    sim.run_until(Duration::from_secs(2));
+    assert!(sim.first(|s| s == State::Drain).is_some());
+    assert!(sim.bbr.max_bw > 0.8 * sim.rate);
+}
+
+#[test]
+fn fills_the_link_with_a_small_queue() {
+    let mut sim = Sim::new(10.0, 40, 4.0);
+    let used = sim.utilisation(2.0, 10.0);
+    assert!(used > 0.9, "utilisation {used}");
+    let queue = sim.mean_queue(2.0, 10.0);
+    assert!(queue < Duration::from_millis(10), "mean queue {queue:?}");
+    // It cycled through all ProbeBW phases.
+    for phase in [Phase::Down, Phase::Cruise, Phase::Refill, Phase::Up] {
+        assert!(
+            sim.first(|s| s == State::ProbeBw(phase)).is_some(),
+            "{phase:?}"
+        );
+    }
+}
+
+#[test]
+fn random_loss_below_threshold_does_not_collapse_the_rate() {
+    // 1 % random loss on a 50 ms path: Cubic would halve per loss.
+    let mut sim = Sim::new(20.0, 50, 2.0);
+    sim.loss = 0.01;
+    let used = sim.utilisation(3.0, 12.0);
+    assert!(used > 0.8, "utilisation {used} under 1 % loss");
+}
+
+#[test]
+fn loss_above_threshold_in_probe_up_bounds_inflight() {
+    let mut sim = Sim::new(10.0, 40, 8.0);
+    // Loss starts with the probe (Refill, then Up); a lost packet is
+    // detected about an RTT after it was sent.
+    sim.run_until_state(10.0, |s| s == State::ProbeBw(Phase::Refill));
+    assert_eq!(sim.bbr.inflight_hi, u64::MAX, "no bound before the loss");
+    sim.loss = 0.10;
+    sim.run_until_state(12.0, |s| s == State::ProbeBw(Phase::Up));
+    sim.run_until_state(12.0, |s| s != State::ProbeBw(Phase::Up));
+    assert_eq!(sim.bbr.state(), State::ProbeBw(Phase::Down));
+    sim.run_until(sim.now + Duration::from_millis(100));
+    let hi = sim.bbr.inflight_hi;
+    assert!(hi != u64::MAX, "inflight_hi not set");
+    assert!(
+        (hi as f64) < 2.0 * sim.bdp(),
+        "inflight_hi {hi} vs BDP {}",
+        sim.bdp()
+    );
+    sim.loss = 0.0;
+    sim.run_until(sim.now + Duration::from_millis(200));
+    assert!(
+        sim.bbr.window() <= hi,
+        "window {} above inflight_hi {hi}",
+        sim.bbr.window()
+    );
+}
+
+#[test]
+fn ce_marks_in_probe_up_bound_inflight() {
+    let mut sim = Sim::new(10.0, 40, 8.0);
+    sim.run_until_state(10.0, |s| s == State::ProbeBw(Phase::Refill));
+    sim.ce = 0.9;
+    sim.run_until_state(12.0, |s| s == State::ProbeBw(Phase::Up));
+    sim.run_until_state(12.0, |s| s != State::ProbeBw(Phase::Up));
+    sim.run_until(sim.now + Duration::from_millis(100));
+    assert!(sim.bbr.inflight_hi != u64::MAX, "CE marks ignored");
+    // Sustained marking outside probes shrinks inflight_lo too.
+    sim.run_until(sim.now + Duration::from_secs(1));
+    assert!(sim.bbr.inflight_lo != u64::MAX);
+    assert!(sim.bbr.ecn_alpha > 0.1);
+}
+
+#[test]
+fn probe_rtt_entered_after_min_rtt_expiry_and_left_after_200ms() {
+    let mut sim = Sim::new(10.0, 40, 4.0);
+    sim.run_until(Duration::from_secs(12));
+    let entered = sim
+        .first(|s| s == State::ProbeRtt)
+        .expect("ProbeRTT never entered");
+    assert!(
+        secs(entered) > 4.5 && secs(entered) < 6.5,
+        "ProbeRTT at {entered:?}"
+    );
+    let left = sim
+        .states
+        .iter()
+        .find(|(t, s)| *t > entered && *s != State::ProbeRtt)
+        .map(|(t, _)| *t)
+        .expect("ProbeRTT never left");
+    let held = left - entered;
+    assert!(
+        held >= Duration::from_millis(200) && held < Duration::from_millis(500),
+        "ProbeRTT held {held:?}"
+    );
+    // During ProbeRTT the window is about half a BDP.
+    let mut sim = Sim::new(10.0, 40, 4.0);
+    sim.run_until_state(8.0, |s| s == State::ProbeRtt);
+    sim.run_until(sim.now + Duration::from_millis(100));
+    assert!((sim.bbr.window() as f64) < 0.8 * sim.bdp());
+}
+
+#[test]
+fn an_rtt_increase_is_followed_within_a_second() {
+    let mut sim = Sim::new(20.0, 20, 4.0);
+    sim.run_until(Duration::from_secs(3));
+    sim.one_way = Duration::from_millis(40); // 20 ms -> 80 ms
+    let used = sim.utilisation(4.0, 6.0);
+    assert!(used > 0.8, "utilisation {used} after the RTT grew");
+}
+
+#[test]
+fn a_late_woken_sender_widens_the_window_for_the_pacer() {
+    // Woken every 5 ms, a sender paced by quinn gets out 2 ms worth of its
+    // window per wake-up: with a window of one BDP, 40 % of the link.
+    let mut sim = Sim::new(50.0, 40, 4.0);
+    sim.wake = Some(Duration::from_millis(5));
+    let used = sim.utilisation(4.0, 10.0);
+    assert!(
+        used > 0.8,
+        "utilisation {used}, pacer gain {}",
+        sim.bbr.pacer_gain
+    );
+    // Woken in time again, the window comes back down: no standing queue.
+    sim.wake = None;
+    sim.run_until(Duration::from_secs(14));
+    assert!(
+        sim.bbr.pacer_gain < 1.5,
+        "pacer gain {}",
+        sim.bbr.pacer_gain
+    );
+    assert!(sim.mean_queue(13.0, 14.0) < Duration::from_millis(10));
+}
+
+#[test]
+fn persistent_congestion_restarts_from_the_minimum_window() {
+    let mut sim = Sim::new(10.0, 40, 4.0);
+    sim.run_until(Duration::from_secs(2));
+    assert!(sim.bbr.window() > 10 * MTU);
+    let now = sim.at(sim.now);
+    sim.bbr.on_congestion_event(now, now, true, 10 * MTU);
+    assert_eq!(sim.bbr.window(), 4 * MTU);
+}
+
+#[test]
+fn an_app_limited_sender_stays_in_startup() {
+    // One packet per 100 ms on a 40 ms path: every round's delivery rate
+    // is the same, but only because the application sends no more; that
+    // is no sign of a full pipe.
+    let start = Instant::now();
+    let mut bbr = Bbr::new(Arc::new(BbrConfig::default()), start, MTU as u16);
+    let mut t = start;
+    for _ in 0..30 {
+        bbr.on_end_acks(t, 0, true, None);
+        bbr.on_sent(t, MTU, 0);
+        let sent = t;
+        t += Duration::from_millis(40);
+        bbr.acked(t, sent, MTU);
+        bbr.on_end_acks(t, 0, true, None);
+        t += Duration::from_millis(60);
+    }
+    assert!(bbr.round_count >= 20);
+    assert_eq!(bbr.state(), State::Startup);
+    assert!(!bbr.filled_pipe);
+}
