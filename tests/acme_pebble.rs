@@ -70,6 +70,21 @@ struct Proc {
 }
 
 impl Proc {
+    /// Stop as an operator's restart does (SIGTERM, the Tunnel connection
+    /// closed cleanly), so the next Client is installed at once rather
+    /// than replacing a connection the Server still believes in.
+    fn stop(mut self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn spawn(mut cmd: Command, log: &Path) -> Self {
         let out = fs::OpenOptions::new()
             .create(true)
@@ -533,7 +548,7 @@ fn issue_reuse_and_reorder() {
     assert!(w.state_cert("client-acme", APP).is_file());
 
     // Restart both: stored certificates are reused, Pebble sees no order.
-    drop(client);
+    client.stop();
     drop(server);
     let _ = fs::remove_file(w.dir.join("server.log"));
     let _ = fs::remove_file(w.dir.join("client.log"));
@@ -562,7 +577,7 @@ fn issue_reuse_and_reorder() {
     assert_eq!(client.count(&["acme_certificate_issued"]), 0);
 
     // A deleted certificate is ordered again.
-    drop(client);
+    client.stop();
     let _ = fs::remove_file(w.dir.join("client.log"));
     fs::remove_file(w.state_cert("client-acme", APP)).unwrap();
     let mut client = w.client(&root, &backend, &[APP]);
@@ -579,7 +594,7 @@ fn issue_reuse_and_reorder() {
     );
 
     // An expired stored certificate is ordered again at once.
-    drop(client);
+    client.stop();
     let _ = fs::remove_file(w.dir.join("client.log"));
     fs::write(w.state_cert("client-acme", APP), expired_cert_pem(APP)).unwrap();
     let mut client = w.client(&root, &backend, &[APP]);

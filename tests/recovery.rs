@@ -40,6 +40,46 @@ fn a_server_killed_and_restarted_is_noticed_at_once_and_traffic_flows_within_5s(
     assert!(restarted.elapsed() < Duration::from_secs(5));
 }
 
+/// A Client that crashes twice in a row is restarted by its supervisor: the
+/// second restart replaces a connection installed a moment ago, which the
+/// replacement interval (10 s) would hold back; a dead, silent incumbent
+/// must not hold it back.
+#[test]
+fn a_client_crashing_twice_in_a_row_takes_its_tunnel_back_within_3s() {
+    let home = Home::new();
+    let backend = tls_backend();
+    home.server_material();
+    let pin = home.identity("identity");
+    let server = home.spawn("server", &home.server_config(&pin), "server.log");
+    let client_toml = home.client_config(
+        "client.toml",
+        "identity",
+        "server-certs/server-ca.crt",
+        backend.addr,
+    );
+    let mut client = home.spawn("client", &client_toml, "client-1.log");
+    visit_until_ok(home.public_addr(), &backend.cert, Duration::from_secs(15));
+    for round in 2..=3 {
+        client.stop_with(libc::SIGKILL, Duration::from_secs(2));
+        let restarted = Instant::now();
+        client = home.spawn("client", &client_toml, &format!("client-{round}.log"));
+        while server.events("tunnel_connected").len() < round {
+            assert!(
+                restarted.elapsed() < Duration::from_secs(3),
+                "restart {round}: the new connection was not installed within 3 s\n{}",
+                server.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "restart {round}: installed {:?} after the restart",
+            restarted.elapsed()
+        );
+    }
+    // And it serves.
+    visit_until_ok(home.public_addr(), &backend.cert, Duration::from_secs(10));
+}
+
 #[test]
 fn a_refused_identity_is_explained_and_retried_at_most_6_times_in_30s() {
     let home = Home::new();

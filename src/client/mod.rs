@@ -317,7 +317,6 @@ impl Client {
                 )
             }))
         });
-        tracing::info!(event = "client_started", server = %server, identity = %self.identity, services = self.config.services.len());
         // Ready means running and dialling, not connected: a Server that is
         // down, or does not know this pin yet (a first deploy), must not
         // hold up the service manager. "Connected" is the `tunnel_connected`

@@ -28,6 +28,10 @@ pub const REPLACEMENT_GRACE: Duration = Duration::from_secs(5);
 
 /// Least time between two replacements of one Tunnel's connection.
 pub const MIN_REPLACEMENT_INTERVAL: Duration = Duration::from_secs(10);
+/// An active connection that received no datagram for this long while a
+/// newer one waits is taken for dead (our Client sends a keep-alive every
+/// second), and the newer one is installed at once.
+pub const INCUMBENT_SILENCE: Duration = Duration::from_millis(1500);
 
 /// Two replacements in opposite directions between the same two peers
 /// within this time make a flapping pair.
@@ -367,6 +371,14 @@ impl Registry {
     /// ([`Install::Wait`]) or a newer connection waits for that
     /// ([`Install::Superseded`]).
     pub fn install(&self, tc: &Arc<TunnelConnection>) -> Install {
+        self.install_with(tc, false)
+    }
+
+    /// [`install`](Self::install); with `incumbent_silent`, the active
+    /// connection has received nothing for [`INCUMBENT_SILENCE`] (its
+    /// Client crashed or lost its path), so `tc` replaces it without waiting
+    /// for the interval: a dead connection cannot flap.
+    pub fn install_with(&self, tc: &Arc<TunnelConnection>, incumbent_silent: bool) -> Install {
         let now = Instant::now();
         let slot = self.slot(tc.tunnel);
         let mut slot = lock(&slot.active);
@@ -383,7 +395,7 @@ impl Registry {
         };
         if let Some((at, _, _)) = slot.last_replacement {
             let next = at + MIN_REPLACEMENT_INTERVAL;
-            if now < next {
+            if now < next && !incumbent_silent {
                 slot.waiting = Some(tc.id);
                 return Install::Wait(next - now);
             }
@@ -408,6 +420,16 @@ impl Registry {
             replaced: Some(old),
             flapping,
         }
+    }
+
+    /// Datagrams received so far on the Tunnel's active connection: a
+    /// count that stops moving means a silent incumbent.
+    pub fn active_rx(&self, tunnel: usize) -> Option<u64> {
+        let slot = self.slot(tunnel);
+        let slot = lock(&slot.active);
+        slot.active
+            .as_ref()
+            .map(|a| a.conn.stats().udp_rx.datagrams)
     }
 
     /// Forget `tc` if it is still the active connection of its Tunnel (or

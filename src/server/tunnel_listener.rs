@@ -15,12 +15,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::server::admission::{Admission, HandshakePermit, Scope};
-use crate::server::registry::{Install, REPLACEMENT_GRACE, Registry, TunnelConnection};
+use crate::server::registry::{
+    INCUMBENT_SILENCE, Install, REPLACEMENT_GRACE, Registry, TunnelConnection,
+};
 use crate::shutdown::Shutdown;
 use crate::tunnel::transport::{self, TunnelTls, close_code};
 
 /// How often failed handshakes are summarised at `info`.
 pub const HANDSHAKE_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+/// How often a waiting connection looks at whether the active one still
+/// receives anything.
+const INCUMBENT_CHECK: Duration = Duration::from_millis(250);
 
 /// Failed handshakes since the last summary (per-handshake lines are
 /// debug: anyone can start a handshake).
@@ -136,8 +141,9 @@ async fn handshake(
     };
     drop(permit);
     let tc = registry.connection(tunnel, identity, peer, conn);
+    let mut incumbent_silent = false;
     let (replaced, flapping) = loop {
-        match registry.install(&tc) {
+        match registry.install_with(&tc, incumbent_silent) {
             Install::Installed { replaced, flapping } => break (replaced, flapping),
             Install::Wait(delay) => {
                 tracing::debug!(
@@ -148,12 +154,33 @@ async fn handshake(
                     connection = tc.id,
                     wait_ms = delay.as_millis() as u64,
                 );
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = tc.conn.closed() => {
-                        registry.remove(&tc);
-                        tracing::debug!(event = "tunnel_closed", tunnel, %identity, %peer, connection = tc.id, reason = "closed_while_waiting");
-                        return;
+                // Wait out the interval, unless the active connection falls
+                // silent meanwhile (a crashed Client being restarted): then
+                // replace it at once.
+                let deadline = tokio::time::Instant::now() + delay;
+                let mut rx = registry.active_rx(tunnel);
+                let mut quiet_since = tokio::time::Instant::now();
+                loop {
+                    let tick = (tokio::time::Instant::now() + INCUMBENT_CHECK).min(deadline);
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(tick) => {}
+                        _ = tc.conn.closed() => {
+                            registry.remove(&tc);
+                            tracing::debug!(event = "tunnel_closed", tunnel, %identity, %peer, connection = tc.id, reason = "closed_while_waiting");
+                            return;
+                        }
+                    }
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    let current = registry.active_rx(tunnel);
+                    if current != rx {
+                        rx = current;
+                        quiet_since = now;
+                    } else if now.duration_since(quiet_since) >= INCUMBENT_SILENCE {
+                        incumbent_silent = true;
+                        break;
                     }
                 }
             }
