@@ -201,7 +201,8 @@ pub enum PublicCertCommand {
 pub enum ConfigCommand {
     /// Validate a config and print the effective, fully defaulted form.
     Check {
-        /// Which section to validate: the Server's or the Client's.
+        /// Which section to validate: the Server's, the Client's or the
+        /// standalone gate's (`[gate]`).
         #[arg(long, value_enum)]
         role: Role,
         /// Config file (default: $XDG_CONFIG_HOME/runewarp/config.toml).
@@ -214,6 +215,7 @@ pub enum ConfigCommand {
 pub enum Role {
     Server,
     Client,
+    Gate,
 }
 
 #[derive(Debug, Args, Clone, Default)]

@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod fdlimit;
 pub mod fsutil;
+pub mod gate;
 pub mod hostname;
 pub mod logging;
 pub mod man;

@@ -95,6 +95,9 @@ pub fn main(cli: Cli) -> ExitCode {
                     &env,
                 )
                 .map(|c| config::render_client(&c)),
+                Role::Gate => {
+                    config::load_gate(config.as_deref(), &env).map(|c| config::render_gate(&c))
+                }
             };
             match text {
                 Ok(t) => {

@@ -69,6 +69,7 @@
 
 mod duration;
 mod file;
+mod gate;
 pub mod prepare;
 mod render;
 #[cfg(test)]
@@ -77,6 +78,7 @@ pub mod types;
 pub mod validate;
 
 pub use duration::parse_duration;
+pub use gate::{load_gate, render_gate};
 pub use render::{render_client, render_server};
 pub use types::*;
 
