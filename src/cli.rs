@@ -22,6 +22,9 @@ pub enum Command {
     Server(ServerArgs),
     /// Run a Client instance, or manage its identity and public certificates.
     Client(ClientArgs),
+    /// Run Runegate standalone: email sign-in in front of a private web app
+    /// (the `[gate]` section), behind a TLS-terminating proxy.
+    Gate(GateArgs),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -216,6 +219,13 @@ pub enum Role {
     Server,
     Client,
     Gate,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct GateArgs {
+    /// Config file with a [gate] section (default: $XDG_CONFIG_HOME/runewarp/config.toml).
+    #[arg(short = 'c', long = "config", value_name = "PATH")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone, Default)]

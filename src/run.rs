@@ -7,7 +7,7 @@ use crate::cli::{
     Cli, ClientArgs, ClientCommand, Command, ConfigCommand, Role, ServerArgs, ServerCommand,
 };
 use crate::config::{self, ClientOverlay, Environment, ServerOverlay};
-use crate::{client, demo, fdlimit, logging, server, shutdown, tls};
+use crate::{client, demo, fdlimit, gate, logging, server, shutdown, tls};
 
 /// Runtime failure (bind, material, I/O).
 pub const EXIT_FAILURE: u8 = 1;
@@ -107,6 +107,13 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(e) => config_error(e),
             }
         }
+        Command::Gate(args) => {
+            let config = match config::load_gate(args.config.as_deref(), &env) {
+                Ok(c) => c,
+                Err(e) => return config_error(e),
+            };
+            serve("gate", config.log_level, gate::start(config), gate::run)
+        }
         Command::Demo(args) => runtime(None, demo::run(args)),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -170,10 +177,10 @@ where
         let service = match start.await {
             Ok(s) => s,
             Err(e) => {
-                let event = if role == "server" {
-                    "server_failed"
-                } else {
-                    "client_failed"
+                let event = match role {
+                    "server" => "server_failed",
+                    "gate" => "gate_failed",
+                    _ => "client_failed",
                 };
                 tracing::error!(event, error = ?e.to_string());
                 eprintln!("runewarp {role}: {e}");

@@ -9,3 +9,12 @@
 //! output.
 
 pub mod config;
+pub mod mail;
+pub mod pages;
+pub mod proxy;
+pub mod ratelimit;
+pub mod server;
+pub mod sessions;
+pub mod tokens;
+
+pub use server::{Started, run, start};
