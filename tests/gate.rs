@@ -64,9 +64,14 @@ from = "Sign-in <signin@example.com>"
 // keeps cookies like a browser.
 
 const SMTP_CAPTURE: &str = r#"
-import itertools, os, sys
+import itertools, os, ssl, sys
 from aiosmtpd.controller import Controller
 out, port = sys.argv[1], int(sys.argv[2])
+tls = {}
+if len(sys.argv) > 4:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(sys.argv[3], sys.argv[4])
+    tls = dict(tls_context=context, require_starttls=True)
 counter = itertools.count()
 class Capture:
     async def handle_DATA(self, server, session, envelope):
@@ -76,7 +81,7 @@ class Capture:
             f.write(envelope.content)
         os.rename(path + ".tmp", path)
         return "250 OK"
-controller = Controller(Capture(), hostname="127.0.0.1", port=port)
+controller = Controller(Capture(), hostname="127.0.0.1", port=port, **tls)
 controller.start()
 print("ready", flush=True)
 sys.stdin.read()
@@ -85,8 +90,9 @@ controller.stop()
 
 struct Smtp {
     child: Child,
-    port: u16,
     dir: PathBuf,
+    /// The `[gate.smtp]` table that reaches it.
+    section: String,
 }
 
 impl Drop for Smtp {
@@ -97,14 +103,38 @@ impl Drop for Smtp {
 }
 
 impl Smtp {
+    /// Plain SMTP on loopback (`tls = "none"`).
     fn start(dir: &Path) -> Smtp {
+        Self::spawn(dir, false)
+    }
+
+    /// SMTP that requires STARTTLS, with a certificate for `localhost`
+    /// that only `ca-file` makes trusted.
+    fn start_tls(dir: &Path) -> Smtp {
+        Self::spawn(dir, true)
+    }
+
+    fn spawn(dir: &Path, tls: bool) -> Smtp {
         let port = free_tcp();
         let maildir = dir.join("mail");
         std::fs::create_dir_all(&maildir).unwrap();
-        let mut child = std::process::Command::new("python3")
-            .args(["-c", SMTP_CAPTURE])
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args(["-c", SMTP_CAPTURE])
             .arg(&maildir)
-            .arg(port.to_string())
+            .arg(port.to_string());
+        let section = if tls {
+            let (cert, key) =
+                runewarp::tls::material::generate_self_signed(&["localhost"]).unwrap();
+            std::fs::write(dir.join("smtp.crt"), cert).unwrap();
+            std::fs::write(dir.join("smtp.key"), key).unwrap();
+            cmd.arg(dir.join("smtp.crt")).arg(dir.join("smtp.key"));
+            format!(
+                "host = \"localhost\"\nport = \"{port}\"\ntls = \"starttls\"\nca-file = \"smtp.crt\"\n"
+            )
+        } else {
+            format!("host = \"127.0.0.1\"\nport = \"{port}\"\ntls = \"none\"\n")
+        };
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -116,8 +146,8 @@ impl Smtp {
         assert_eq!(line.trim(), "ready", "aiosmtpd did not start");
         Smtp {
             child,
-            port,
             dir: maildir,
+            section,
         }
     }
 
@@ -253,12 +283,9 @@ allowed-emails = ["alice@example.com"]
 state-dir = "state"
 {extra}
 [gate.smtp]
-host = "127.0.0.1"
-port = "{}"
-tls = "none"
 from = "Sign-in <signin@example.com>"
-"#,
-                smtp.port
+{}"#,
+                smtp.section
             ),
         )
         .unwrap();
@@ -561,7 +588,36 @@ fn link_sign_in_proxies_with_identity_survives_restart_and_logs_out() {
         200
     );
     assert_eq!(b.get(port, "/private").status, 401);
+
+    // Removing the address from the config revokes its sessions at start.
+    b.ask(port, "/", "alice@example.com");
+    let (_, token, _) = smtp.mail(1);
+    assert_eq!(b.follow_link(port, &token).status, 303);
+    assert_eq!(b.get(port, "/private").status, 200);
+    let text = std::fs::read_to_string(&gate.config).unwrap();
+    std::fs::write(
+        &gate.config,
+        text.replace("alice@example.com", "bob@example.com"),
+    )
+    .unwrap();
+    let gate = gate.restart();
+    assert_eq!(b.get(port, "/private").status, 401);
     drop(gate);
+}
+
+#[test]
+fn mail_goes_over_starttls_to_a_relay_with_a_private_ca() {
+    if !external("mail_goes_over_starttls_to_a_relay_with_a_private_ca") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start_tls(home.path());
+    let gate = Gate::start(home.path(), &smtp, upstream(), "");
+    let mut b = Browser::default();
+    assert_eq!(b.ask(gate.port, "/", "alice@example.com").status, 200);
+    let (rcpt, token, _) = smtp.mail(0);
+    assert_eq!(rcpt, "alice@example.com");
+    assert_eq!(b.follow_link(gate.port, &token).status, 303);
 }
 
 #[test]

@@ -195,6 +195,8 @@ pub(crate) struct RawSmtp {
     pub password_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 pub(crate) const GATE_KEYS: &[&str] = &[
@@ -211,7 +213,15 @@ pub(crate) const GATE_KEYS: &[&str] = &[
     "state-dir",
     "smtp",
 ];
-pub(crate) const SMTP_KEYS: &[&str] = &["host", "port", "tls", "username", "password-file", "from"];
+pub(crate) const SMTP_KEYS: &[&str] = &[
+    "host",
+    "port",
+    "tls",
+    "username",
+    "password-file",
+    "from",
+    "ca-file",
+];
 
 // Known keys per level. Keep in sync with the structs above (a test checks
 // that every listed key deserializes).
@@ -589,6 +599,7 @@ tls = "a"
 username = "a"
 password-file = "a"
 from = "a"
+ca-file = "a"
 "#;
         let raw = parse("t.toml", text).map_err(|e| e.0);
         assert!(raw.is_ok(), "{raw:?}");

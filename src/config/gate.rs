@@ -495,12 +495,19 @@ fn smtp_config(file: &LoadedFile, raw: &RawSmtp) -> Result<SmtpConfig, ConfigErr
         )));
     };
     let from = mail_from(&at(label, "gate.smtp.from"), from_text)?;
+    let ca_file = resolve(file, "gate.smtp.ca-file", &raw.ca_file)?;
+    if ca_file.is_some() && tls == SmtpTls::None {
+        return Err(ConfigError(format!(
+            "{label}: gate.smtp.ca-file needs gate.smtp.tls = \"starttls\" or \"implicit\" (with tls = \"none\" no certificate is checked)"
+        )));
+    }
     Ok(SmtpConfig {
         host,
         port,
         tls,
         credentials,
         from,
+        ca_file,
     })
 }
 
@@ -558,6 +565,7 @@ pub fn render_gate(c: &GateConfig) -> String {
                     .as_ref()
                     .map(|c| render_path(&c.password_file)),
                 from: Some(smtp.from.to_string()),
+                ca_file: smtp.ca_file.as_deref().map(render_path),
             }),
         }),
     };
@@ -815,6 +823,15 @@ from = "signin@example.com"
             .from;
         assert_eq!(from.name.as_deref(), Some("Sign-in"));
         assert!(err(with_smtp("from = \"nobody\"")).contains("gate.smtp.from = \"nobody\""));
+        let ca = with_smtp("ca-file = \"relay-ca.pem\"")
+            .unwrap()
+            .smtp
+            .ca_file;
+        assert_eq!(ca, Some(PathBuf::from("/etc/relay-ca.pem")));
+        let e = err(with_smtp(
+            "ca-file = \"ca.pem\"\nhost = \"127.0.0.1\"\ntls = \"none\"",
+        ));
+        assert!(e.contains("gate.smtp.ca-file needs"), "{e}");
     }
 
     #[test]

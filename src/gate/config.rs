@@ -222,6 +222,9 @@ pub struct SmtpConfig {
     pub credentials: Option<SmtpCredentials>,
     /// The sender: a bare address, optionally with a display name.
     pub from: MailFrom,
+    /// Extra trust roots (PEM) for the mail server's certificate, besides
+    /// the system's: for a relay with a private CA.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

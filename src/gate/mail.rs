@@ -7,7 +7,7 @@ use std::time::Duration;
 use lettre::message::header::ContentType;
 use lettre::message::{Mailbox, Message};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
 use super::config::{SmtpConfig, SmtpTls};
@@ -27,6 +27,11 @@ pub enum MailError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot read gate.smtp.ca-file {path}: {source}")]
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("gate.smtp: {0}")]
     Setup(String),
 }
@@ -37,8 +42,27 @@ impl Mailer {
         let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(c.host.as_str())
             .port(c.port)
             .timeout(Some(SEND_TIMEOUT));
-        let params =
-            || TlsParameters::new(c.host.clone()).map_err(|e| MailError::Setup(e.to_string()));
+        let extra_roots =
+            match &c.ca_file {
+                Some(path) => {
+                    let pem = std::fs::read(path).map_err(|source| MailError::CaFile {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                    vec![Certificate::from_pem(&pem).map_err(|e| {
+                        MailError::Setup(format!("ca-file {}: {e}", path.display()))
+                    })?]
+                }
+                None => Vec::new(),
+            };
+        let params = || {
+            let mut b = TlsParameters::builder(c.host.clone());
+            for root in &extra_roots {
+                b = b.add_root_certificate(root.clone());
+            }
+            b.build_rustls()
+                .map_err(|e| MailError::Setup(e.to_string()))
+        };
         builder = builder.tls(match c.tls {
             SmtpTls::StartTls => Tls::Required(params()?),
             SmtpTls::Implicit => Tls::Wrapper(params()?),
