@@ -32,6 +32,10 @@ pub const CODE_TRIES: u8 = 5;
 const MAX_PENDING: usize = 10_000;
 /// Largest form body the gate reads.
 const MAX_FORM: usize = 8 * 1024;
+/// Connections served at once; beyond, accepting pauses.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// How often ended sessions are deleted from the store.
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
 /// Name of the browser-binding cookie (always host-only).
 pub const STATE_COOKIE: &str = "__Host-runegate-state";
 
@@ -148,7 +152,18 @@ pub async fn start(config: GateConfig) -> Result<Started, GateError> {
 /// Accept connections until shutdown.
 pub async fn run(started: Started, mut shutdown: Shutdown) {
     let Started { gate, listener } = started;
+    let sweeper = tokio::spawn(sweep_every(gate.clone(), SWEEP_EVERY));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // At the cap, stop accepting: new connections wait in the kernel's
+        // queue instead of costing memory here.
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            () = shutdown.wait() => break,
+        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = shutdown.wait() => break,
@@ -163,6 +178,7 @@ pub async fn run(started: Started, mut shutdown: Shutdown) {
         };
         let gate = gate.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let gate = gate.clone();
                 async move { Ok::<_, Infallible>(gate.handle(req, peer).await) }
@@ -175,7 +191,25 @@ pub async fn run(started: Started, mut shutdown: Shutdown) {
                 .await;
         });
     }
+    sweeper.abort();
     tracing::info!(event = "gate_stopped");
+}
+
+/// Delete ended sessions now and then (lookups already refuse them; this
+/// keeps the file small).
+async fn sweep_every(gate: Arc<Gate>, period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        let allowed = gate.config.allowed.clone();
+        let result = gate.store.sweep(|email| {
+            super::config::EmailAddress::parse(email)
+                .map(|e| allowed.allows(&e))
+                .unwrap_or(false)
+        });
+        if let Err(e) = result {
+            tracing::error!(event = "gate_store_failed", error = %e);
+        }
+    }
 }
 
 pub fn full(body: impl Into<Bytes>) -> Body {
