@@ -711,6 +711,26 @@ fn codes_other_browsers_unknown_addresses_and_forged_forms() {
     assert_eq!(late.status, 400, "{}", late.body);
     assert_eq!(carol.get(port, "/").status, 401);
 
+    // Three sign-in requests per address, then 429 (bob asked once above).
+    let page = stranger.get(port, "/_runewarp/gate/sign-in");
+    let csrf = page.field("csrf");
+    let form = [
+        ("email", "bob@other.example"),
+        ("csrf", csrf.as_str()),
+        ("next", "/"),
+    ];
+    assert_eq!(
+        stranger.post(port, "/_runewarp/gate/sign-in", &form).status,
+        200
+    );
+    assert_eq!(
+        stranger.post(port, "/_runewarp/gate/sign-in", &form).status,
+        200
+    );
+    let limited = stranger.post(port, "/_runewarp/gate/sign-in", &form);
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    assert_eq!(limited.header("retry-after"), Some("300"));
+
     // Only the two requests for the allowed address produced mail.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(smtp.count(), 2);
