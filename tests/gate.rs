@@ -268,8 +268,15 @@ impl Drop for Gate {
 }
 
 impl Gate {
+    /// A gate for `alice@example.com`; `extra` lines go into `[gate]` and
+    /// may replace the default `base-url`.
     fn start(home: &Path, smtp: &Smtp, upstream: u16, extra: &str) -> Gate {
         let port = free_tcp();
+        let base_url = if extra.contains("base-url") {
+            String::new()
+        } else {
+            format!("base-url = \"http://127.0.0.1:{port}\"")
+        };
         let config = home.join("gate.toml");
         std::fs::write(
             &config,
@@ -278,7 +285,7 @@ impl Gate {
 [gate]
 listen-address = "127.0.0.1:{port}"
 upstream = "http://127.0.0.1:{upstream}"
-base-url = "http://127.0.0.1:{port}"
+{base_url}
 allowed-emails = ["alice@example.com"]
 state-dir = "state"
 {extra}
@@ -612,12 +619,37 @@ fn mail_goes_over_starttls_to_a_relay_with_a_private_ca() {
     }
     let home = tempfile::tempdir().unwrap();
     let smtp = Smtp::start_tls(home.path());
-    let gate = Gate::start(home.path(), &smtp, upstream(), "");
+    // Also: with cookie-domain the session cookie is __Secure- with Domain.
+    let gate = Gate::start(
+        home.path(),
+        &smtp,
+        upstream(),
+        "base-url = \"http://app.example.localhost\"\ncookie-domain = \"example.localhost\"",
+    );
     let mut b = Browser::default();
     assert_eq!(b.ask(gate.port, "/", "alice@example.com").status, 200);
     let (rcpt, token, _) = smtp.mail(0);
     assert_eq!(rcpt, "alice@example.com");
-    assert_eq!(b.follow_link(gate.port, &token).status, 303);
+    let done = b.follow_link(gate.port, &token);
+    assert_eq!(done.status, 303);
+    let cookie = done.header("set-cookie").unwrap_or_default();
+    assert!(
+        cookie.starts_with("__Secure-runegate=") && cookie.contains("; Domain=example.localhost"),
+        "{cookie}"
+    );
+    assert_eq!(b.get(gate.port, "/").status, 200);
+    // A form posted from another site is refused.
+    let page = b.get(gate.port, "/_runewarp/gate/logout");
+    let body = format!("csrf={}", page.field("csrf"));
+    let cross = b.request(
+        gate.port,
+        "POST",
+        "/_runewarp/gate/logout",
+        &[("Origin", "http://evil.example")],
+        &body,
+    );
+    assert_eq!(cross.status, 403);
+    assert_eq!(b.get(gate.port, "/").status, 200, "still signed in");
 }
 
 #[test]
@@ -744,7 +776,12 @@ fn expired_links_and_rate_limits() {
     }
     let home = tempfile::tempdir().unwrap();
     let smtp = Smtp::start(home.path());
-    let gate = Gate::start(home.path(), &smtp, upstream(), "link-ttl = \"1s\"");
+    let gate = Gate::start(
+        home.path(),
+        &smtp,
+        upstream(),
+        "link-ttl = \"1s\"\nsession-idle = \"2s\"",
+    );
     let port = gate.port;
     let mut b = Browser::default();
     b.ask(port, "/", "alice@example.com");
@@ -753,6 +790,19 @@ fn expired_links_and_rate_limits() {
     let late = b.follow_link(port, &token);
     assert_eq!(late.status, 410, "{}", late.body);
     assert!(late.body.contains("expired"), "{}", late.body);
+
+    // A session unused for session-idle ends.
+    let csrf = b.ask(port, "/", "alice@example.com").field("csrf");
+    let (_, _, code) = smtp.mail(1);
+    let signed = b.post(
+        port,
+        "/_runewarp/gate/code",
+        &[("code", &code), ("csrf", &csrf)],
+    );
+    assert_eq!(signed.status, 303, "{}", signed.body);
+    assert_eq!(b.get(port, "/").status, 200);
+    std::thread::sleep(Duration::from_millis(3100));
+    assert_eq!(b.get(port, "/").status, 401, "idle session still valid");
 
     // Ten sign-in requests per source address, then 429.
     let page = b.get(port, "/_runewarp/gate/sign-in");
@@ -767,9 +817,9 @@ fn expired_links_and_rate_limits() {
         );
         statuses.push(r.status);
     }
-    // The first request above counted too: nine more pass, then 429.
-    assert_eq!(&statuses[..9], &[200; 9]);
-    assert_eq!(statuses[9], 429);
+    // The two requests above counted too: eight more pass, then 429.
+    assert_eq!(&statuses[..8], &[200; 8]);
+    assert_eq!(statuses[8], 429);
     drop(gate);
 }
 
