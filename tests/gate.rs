@@ -554,6 +554,7 @@ fn link_sign_in_proxies_with_identity_survives_restart_and_logs_out() {
         &[
             ("X-Forwarded-Email", "mallory@evil.example"),
             ("X-Forwarded-User", "mallory"),
+            ("X-Forwarded-For", "203.0.113.9"),
         ],
         "",
     );
@@ -569,7 +570,9 @@ fn link_sign_in_proxies_with_identity_survives_restart_and_logs_out() {
         "{seen}"
     );
     assert!(!seen.contains("mallory"), "{seen}");
-    assert!(seen.contains("x-forwarded-for: 127.0.0.1"), "{seen}");
+    // The peer is not a trusted proxy: its X-Forwarded-For is ignored.
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1\r\n"), "{seen}");
+    assert!(!seen.contains("203.0.113.9"), "{seen}");
     assert!(seen.contains("x-forwarded-proto: http"), "{seen}");
     assert!(
         !seen.contains("runegate"),
@@ -830,12 +833,29 @@ fn websocket_upgrades_and_large_downloads_stream_through() {
     }
     let home = tempfile::tempdir().unwrap();
     let smtp = Smtp::start(home.path());
-    let gate = Gate::start(home.path(), &smtp, upstream(), "");
+    let gate = Gate::start(
+        home.path(),
+        &smtp,
+        upstream(),
+        "trusted-proxies = [\"127.0.0.0/8\"]",
+    );
     let port = gate.port;
     let mut b = Browser::default();
     b.ask(port, "/", "alice@example.com");
     let (_, token, _) = smtp.mail(0);
     assert_eq!(b.follow_link(port, &token).status, 303);
+
+    // Behind a trusted proxy, the Visitor is the right-most untrusted
+    // X-Forwarded-For entry.
+    let app = b.request(
+        port,
+        "GET",
+        "/",
+        &[("X-Forwarded-For", "198.51.100.1, 203.0.113.9, 127.0.0.5")],
+        "",
+    );
+    let seen = app.body.to_ascii_lowercase();
+    assert!(seen.contains("x-forwarded-for: 203.0.113.9\r\n"), "{seen}");
     let jar: Vec<String> = b.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
 
     // Unauthenticated upgrade: the sign-in page, no switch.
