@@ -270,7 +270,7 @@ impl Drop for Gate {
 impl Gate {
     /// A gate for `alice@example.com`; `extra` lines go into `[gate]` and
     /// may replace the default `base-url`.
-    fn start(home: &Path, smtp: &Smtp, upstream: u16, extra: &str) -> Gate {
+    fn start(home: &Path, smtp_section: &str, upstream: u16, extra: &str) -> Gate {
         let port = free_tcp();
         let base_url = if extra.contains("base-url") {
             String::new()
@@ -291,8 +291,7 @@ state-dir = "state"
 {extra}
 [gate.smtp]
 from = "Sign-in <signin@example.com>"
-{}"#,
-                smtp.section
+{smtp_section}"#
             ),
         )
         .unwrap();
@@ -522,7 +521,7 @@ fn link_sign_in_proxies_with_identity_survives_restart_and_logs_out() {
     }
     let home = tempfile::tempdir().unwrap();
     let smtp = Smtp::start(home.path());
-    let gate = Gate::start(home.path(), &smtp, upstream(), "");
+    let gate = Gate::start(home.path(), &smtp.section, upstream(), "");
     let port = gate.port;
     let mut b = Browser::default();
 
@@ -625,7 +624,7 @@ fn mail_goes_over_starttls_to_a_relay_with_a_private_ca() {
     // Also: with cookie-domain the session cookie is __Secure- with Domain.
     let gate = Gate::start(
         home.path(),
-        &smtp,
+        &smtp.section,
         upstream(),
         "base-url = \"http://app.example.localhost\"\ncookie-domain = \"example.localhost\"",
     );
@@ -662,7 +661,7 @@ fn codes_other_browsers_unknown_addresses_and_forged_forms() {
     }
     let home = tempfile::tempdir().unwrap();
     let smtp = Smtp::start(home.path());
-    let gate = Gate::start(home.path(), &smtp, upstream(), "");
+    let gate = Gate::start(home.path(), &smtp.section, upstream(), "");
     let port = gate.port;
 
     // An address that may not sign in: the same answer, and no mail.
@@ -781,7 +780,7 @@ fn expired_links_and_rate_limits() {
     let smtp = Smtp::start(home.path());
     let gate = Gate::start(
         home.path(),
-        &smtp,
+        &smtp.section,
         upstream(),
         "link-ttl = \"1s\"\nsession-idle = \"2s\"",
     );
@@ -835,7 +834,7 @@ fn websocket_upgrades_and_large_downloads_stream_through() {
     let smtp = Smtp::start(home.path());
     let gate = Gate::start(
         home.path(),
-        &smtp,
+        &smtp.section,
         upstream(),
         "trusted-proxies = [\"127.0.0.0/8\"]",
     );
@@ -920,4 +919,33 @@ fn websocket_upgrades_and_large_downloads_stream_through() {
         "peak RSS grew from {before} KiB to {after} KiB"
     );
     drop(gate);
+}
+
+#[test]
+fn a_failed_send_is_logged_and_the_visitor_sees_the_same_page() {
+    // No SMTP server listens on this port: the send fails.
+    let home = tempfile::tempdir().unwrap();
+    let section = format!(
+        "host = \"127.0.0.1\"\nport = \"{}\"\ntls = \"none\"\n",
+        free_tcp()
+    );
+    let gate = Gate::start(home.path(), &section, upstream(), "");
+    let mut b = Browser::default();
+    let page = b.ask(gate.port, "/", "alice@example.com");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("Check your mail"), "{}", page.body);
+    let log = home.path().join(format!("gate-{}.log", gate.port));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("gate_mail_failed") {
+            assert!(
+                !text.contains("token="),
+                "the link must not be logged: {text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no gate_mail_failed in {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
