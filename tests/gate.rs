@@ -228,6 +228,31 @@ fn upstream() -> u16 {
                             return;
                         }
                     }
+                } else if head.starts_with("POST /upload ") {
+                    // Count the body (Content-Length) without keeping it.
+                    let lower = head.to_ascii_lowercase();
+                    let length: usize = lower
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    let mut left = length;
+                    let mut buf = vec![0u8; 1 << 16];
+                    while left > 0 {
+                        let n = s.read(&mut buf[..left.min(1 << 16)]).unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        left -= n;
+                    }
+                    let reply = format!("received {length}");
+                    let _ = s.write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}",
+                            reply.len()
+                        )
+                        .as_bytes(),
+                    );
                 } else if head.starts_with("GET /ws ") {
                     let _ = s.write_all(
                         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
@@ -826,8 +851,8 @@ fn expired_links_and_rate_limits() {
 }
 
 #[test]
-fn websocket_upgrades_and_large_downloads_stream_through() {
-    if !external("websocket_upgrades_and_large_downloads_stream_through") {
+fn websocket_upgrades_and_large_bodies_stream_through() {
+    if !external("websocket_upgrades_and_large_bodies_stream_through") {
         return;
     }
     let home = tempfile::tempdir().unwrap();
@@ -912,8 +937,31 @@ fn websocket_upgrades_and_large_downloads_stream_through() {
         total += n;
     }
     assert!(total > 128 << 20, "got {total} bytes");
+
+    // And 128 MiB the other way, as a request body.
+    let mut up = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    up.write_all(
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\nCookie: {}\r\n\r\n",
+            128usize << 20,
+            jar.join("; ")
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let chunk = vec![b'u'; 1 << 20];
+    for _ in 0..128 {
+        up.write_all(&chunk).unwrap();
+    }
+    let mut reply = String::new();
+    up.read_to_string(&mut reply).unwrap();
+    assert!(
+        reply.ends_with(&format!("received {}", 128usize << 20)),
+        "{reply}"
+    );
+
     let after = gate.rss_peak_kib();
-    eprintln!("gate peak RSS before {before} KiB, after 128 MiB download {after} KiB");
+    eprintln!("gate peak RSS before {before} KiB, after 128 MiB down and 128 MiB up {after} KiB");
     assert!(
         after < before + 32 * 1024,
         "peak RSS grew from {before} KiB to {after} KiB"
