@@ -22,6 +22,9 @@ pub enum Command {
     Server(ServerArgs),
     /// Run a Client instance, or manage its identity and public certificates.
     Client(ClientArgs),
+    /// Run Runegate standalone: email sign-in in front of a private web app
+    /// (the `[gate]` section), behind a TLS-terminating proxy.
+    Gate(GateArgs),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -218,7 +221,8 @@ pub enum PublicCertCommand {
 pub enum ConfigCommand {
     /// Validate a config and print the effective, fully defaulted form.
     Check {
-        /// Which section to validate: the Server's or the Client's.
+        /// Which section to validate: the Server's, the Client's or the
+        /// standalone gate's (`[gate]`).
         #[arg(long, value_enum)]
         role: Role,
         /// Config file (default: $XDG_CONFIG_HOME/runewarp/config.toml).
@@ -231,6 +235,14 @@ pub enum ConfigCommand {
 pub enum Role {
     Server,
     Client,
+    Gate,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct GateArgs {
+    /// Config file with a [gate] section (default: $XDG_CONFIG_HOME/runewarp/config.toml).
+    #[arg(short = 'c', long = "config", value_name = "PATH")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone, Default)]

@@ -13,6 +13,7 @@ pub mod control;
 pub mod demo;
 pub mod fdlimit;
 pub mod fsutil;
+pub mod gate;
 pub mod hostname;
 pub mod logging;
 pub mod man;

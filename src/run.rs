@@ -7,7 +7,7 @@ use crate::cli::{
     Cli, ClientArgs, ClientCommand, Command, ConfigCommand, Role, ServerArgs, ServerCommand,
 };
 use crate::config::{self, ClientOverlay, Environment, ServerOverlay};
-use crate::{client, demo, fdlimit, logging, server, shutdown, tls};
+use crate::{client, demo, fdlimit, gate, logging, server, shutdown, tls};
 
 /// Runtime failure (bind, material, I/O).
 pub const EXIT_FAILURE: u8 = 1;
@@ -113,6 +113,9 @@ pub fn main(cli: Cli) -> ExitCode {
                     &env,
                 )
                 .map(|c| config::render_client(&c)),
+                Role::Gate => {
+                    config::load_gate(config.as_deref(), &env).map(|c| config::render_gate(&c))
+                }
             };
             match text {
                 Ok(t) => {
@@ -121,6 +124,13 @@ pub fn main(cli: Cli) -> ExitCode {
                 }
                 Err(e) => config_error(e),
             }
+        }
+        Command::Gate(args) => {
+            let config = match config::load_gate(args.config.as_deref(), &env) {
+                Ok(c) => c,
+                Err(e) => return config_error(e),
+            };
+            serve("gate", config.log_level, gate::start(config), gate::run)
         }
         Command::Demo(args) => runtime(None, demo::run(args)),
         Command::Completions { shell } => {
@@ -185,10 +195,10 @@ where
         let service = match start.await {
             Ok(s) => s,
             Err(e) => {
-                let event = if role == "server" {
-                    "server_failed"
-                } else {
-                    "client_failed"
+                let event = match role {
+                    "server" => "server_failed",
+                    "gate" => "gate_failed",
+                    _ => "client_failed",
                 };
                 tracing::error!(event, error = ?e.to_string());
                 eprintln!("runewarp {role}: {e}");
@@ -267,13 +277,15 @@ fn status(role: Role, args: &crate::cli::StatusArgs, env: &Environment) -> ExitC
     let name = match role {
         Role::Server => "server",
         Role::Client => "client",
+        // Only `server status` and `client status` exist.
+        Role::Gate => return usage_error("the gate has no status command"),
     };
     let path = match &args.socket {
         Some(p) => Some(p.clone()),
         None => match config::material_defaults(args.config.as_deref(), env) {
             Ok(d) => match role {
                 Role::Server => d.server_control_socket,
-                Role::Client => d.client_control_socket,
+                Role::Client | Role::Gate => d.client_control_socket,
             },
             Err(e) => return config_error(e),
         },

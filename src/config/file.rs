@@ -31,6 +31,8 @@ pub(crate) struct RawFile {
     pub server: Option<RawServer>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client: Option<RawClient>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate: Option<RawGate>,
 }
 
 /// `[server]`.
@@ -155,9 +157,91 @@ pub(crate) struct RawService {
     pub proxy_protocol: Option<String>,
 }
 
+/// `[gate]`: the standalone Runegate (`runewarp gate`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "a [gate] table"
+)]
+pub(crate) struct RawGate {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted_proxies: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_emails: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_domains: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link_ttl: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_ttl: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_idle: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cookie_domain: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smtp: Option<RawSmtp>,
+}
+
+/// `[gate.smtp]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    rename_all = "kebab-case",
+    expecting = "an [smtp] table"
+)]
+pub(crate) struct RawSmtp {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+pub(crate) const GATE_KEYS: &[&str] = &[
+    "listen-address",
+    "upstream",
+    "base-url",
+    "trusted-proxies",
+    "allowed-emails",
+    "allowed-domains",
+    "link-ttl",
+    "session-ttl",
+    "session-idle",
+    "cookie-domain",
+    "state-dir",
+    "smtp",
+];
+pub(crate) const SMTP_KEYS: &[&str] = &[
+    "host",
+    "port",
+    "tls",
+    "username",
+    "password-file",
+    "from",
+    "ca-file",
+];
+
 // Known keys per level. Keep in sync with the structs above (a test checks
 // that every listed key deserializes).
-pub(crate) const TOP_KEYS: &[&str] = &["log-level", "server", "client"];
+pub(crate) const TOP_KEYS: &[&str] = &["log-level", "server", "client", "gate"];
 pub(crate) const SERVER_KEYS: &[&str] = &[
     "hostname",
     "public-bind-address",
@@ -309,6 +393,8 @@ enum LevelKind {
     Acme,
     Tunnel,
     Service,
+    Gate,
+    Smtp,
 }
 
 impl Level {
@@ -327,6 +413,8 @@ impl Level {
             (LevelKind::Top, "client") => ("[client]", CLIENT_KEYS, LevelKind::Client),
             (LevelKind::Server, "acme") => ("[server.acme]", ACME_KEYS, LevelKind::Acme),
             (LevelKind::Client, "acme") => ("[client.acme]", ACME_KEYS, LevelKind::Acme),
+            (LevelKind::Top, "gate") => ("[gate]", GATE_KEYS, LevelKind::Gate),
+            (LevelKind::Gate, "smtp") => ("[gate.smtp]", SMTP_KEYS, LevelKind::Smtp),
             _ => return None,
         };
         Some(Level {
@@ -410,7 +498,12 @@ fn is_table(value: &DeValue<'_>) -> bool {
 /// top level, or `[server]` and `[client]` mixed up) is pointed there.
 fn suggest(unknown: &str, level: &Level, unknown_is_table: bool) -> Option<String> {
     let elsewhere = match level.kind {
-        LevelKind::Top => [("server", SERVER_KEYS), ("client", CLIENT_KEYS)].as_slice(),
+        LevelKind::Top => [
+            ("server", SERVER_KEYS),
+            ("client", CLIENT_KEYS),
+            ("gate", GATE_KEYS),
+        ]
+        .as_slice(),
         LevelKind::Server => [("client", CLIENT_KEYS)].as_slice(),
         LevelKind::Client => [("server", SERVER_KEYS)].as_slice(),
         _ => [].as_slice(),
@@ -523,6 +616,26 @@ public-hostnames = ["a"]
 backend-address = "a"
 tls-mode = "a"
 proxy-protocol = "a"
+[gate]
+listen-address = "a"
+upstream = "a"
+base-url = "a"
+trusted-proxies = ["a"]
+allowed-emails = ["a"]
+allowed-domains = ["a"]
+link-ttl = "a"
+session-ttl = "a"
+session-idle = "a"
+cookie-domain = "a"
+state-dir = "a"
+[gate.smtp]
+host = "a"
+port = "a"
+tls = "a"
+username = "a"
+password-file = "a"
+from = "a"
+ca-file = "a"
 "#;
         let raw = parse("t.toml", text).map_err(|e| e.0);
         assert!(raw.is_ok(), "{raw:?}");
@@ -535,10 +648,12 @@ proxy-protocol = "a"
             TUNNEL_KEYS,
             CLIENT_KEYS,
             SERVICE_KEYS,
+            GATE_KEYS,
+            SMTP_KEYS,
         ] {
             for k in keys {
                 assert!(
-                    mentioned(k) || ["server", "client", "tunnels", "services"].contains(k),
+                    mentioned(k) || ["server", "client", "gate", "tunnels", "services"].contains(k),
                     "{k} not covered"
                 );
             }

@@ -74,6 +74,7 @@
 
 mod duration;
 mod file;
+mod gate;
 pub mod prepare;
 mod render;
 #[cfg(test)]
@@ -82,6 +83,7 @@ pub mod types;
 pub mod validate;
 
 pub use duration::parse_duration;
+pub use gate::{load_gate, render_gate};
 pub use render::{render_client, render_server};
 pub use types::*;
 

@@ -10,7 +10,7 @@ use super::types::*;
 
 /// A path as TOML text (non-UTF-8 bytes are replaced; such paths cannot be
 /// written in a TOML file anyway).
-fn path(p: &Path) -> PathBuf {
+pub(super) fn path(p: &Path) -> PathBuf {
     PathBuf::from(p.to_string_lossy().into_owned())
 }
 
@@ -23,14 +23,14 @@ fn acme(a: &AcmeConfig) -> RawAcme {
     }
 }
 
-fn header(source: &Option<PathBuf>) -> String {
+pub(super) fn header(source: &Option<PathBuf>) -> String {
     match source {
         Some(p) => format!("# Effective configuration (from {})\n", p.display()),
         None => "# Effective configuration (from the command line)\n".to_string(),
     }
 }
 
-fn to_toml(raw: &RawFile) -> String {
+pub(super) fn to_toml(raw: &RawFile) -> String {
     // Every value is a string, a list of strings or a table of those, which
     // always serializes; fall back to a comment rather than panicking.
     toml::to_string(raw).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
@@ -79,6 +79,7 @@ pub fn render_server(c: &ServerConfig) -> String {
             ),
         }),
         client: None,
+        gate: None,
     };
     header(&c.source) + &to_toml(&raw)
 }
@@ -131,6 +132,7 @@ pub fn render_client(c: &ClientConfig) -> String {
                     .collect(),
             ),
         }),
+        gate: None,
     };
     header(&c.source) + &to_toml(&raw)
 }

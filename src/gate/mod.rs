@@ -1,0 +1,20 @@
+//! Runegate: email sign-in in front of private web apps.
+//!
+//! A Visitor without a session gets a sign-in page; an allowed address
+//! receives a single-use link and a 6-digit code by mail; a valid link or
+//! code yields a server-side session, after which requests are
+//! reverse-proxied to the app. See docs/gate.md.
+//!
+//! This module holds one file per concept; [`config`] is the config seam's
+//! output.
+
+pub mod config;
+pub mod mail;
+pub mod pages;
+pub mod proxy;
+pub mod ratelimit;
+pub mod server;
+pub mod sessions;
+pub mod tokens;
+
+pub use server::{Started, run, start};

@@ -1,0 +1,813 @@
+//! The gate's HTTP side: hyper 1.x server, the sign-in flow, and the
+//! hand-off of authenticated requests to [`super::proxy`].
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use super::config::{GATE_PATH_PREFIX, GateConfig};
+use super::mail::Mailer;
+use super::pages;
+use super::proxy;
+use super::ratelimit::RateLimiter;
+use super::sessions::{Session, SessionStore};
+use super::tokens;
+use crate::shutdown::Shutdown;
+
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Wrong codes allowed per sign-in request.
+pub const CODE_TRIES: u8 = 5;
+/// Pending sign-in requests kept at most (oldest dropped beyond).
+const MAX_PENDING: usize = 10_000;
+/// Largest form body the gate reads.
+const MAX_FORM: usize = 8 * 1024;
+/// Connections served at once; beyond, accepting pauses.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// How often ended sessions are deleted from the store.
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
+/// Name of the browser-binding cookie (always host-only).
+pub const STATE_COOKIE: &str = "__Host-runegate-state";
+
+const SIGN_IN: &str = "/_runewarp/gate/sign-in";
+const CODE: &str = "/_runewarp/gate/code";
+const LINK: &str = "/_runewarp/gate/link";
+const LOGOUT: &str = "/_runewarp/gate/logout";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("cannot listen on gate.listen-address {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] super::sessions::StoreError),
+    #[error(transparent)]
+    Mail(#[from] super::mail::MailError),
+}
+
+struct Pending {
+    email: String,
+    token_digest: String,
+    code_digest: String,
+    expires: Instant,
+    tries_left: u8,
+    next: String,
+}
+
+struct Limits {
+    sign_in_ip: RateLimiter,
+    sign_in_address: RateLimiter,
+    code_ip: RateLimiter,
+}
+
+pub struct Gate {
+    config: GateConfig,
+    store: SessionStore,
+    csrf_key: Vec<u8>,
+    mailer: Arc<Mailer>,
+    /// Keyed by the digest of the browser's state cookie.
+    pending: Mutex<HashMap<String, Pending>>,
+    limits: Limits,
+    session_cookie: String,
+}
+
+/// A started gate: the listener is bound, the store open.
+pub struct Started {
+    gate: Arc<Gate>,
+    listener: TcpListener,
+}
+
+impl Started {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+}
+
+/// Open the store (revoking sessions of addresses no longer allowed), read
+/// the SMTP password, bind the listener.
+pub async fn start(config: GateConfig) -> Result<Started, GateError> {
+    let store = SessionStore::open(&config.state_dir, config.session_ttl, config.session_idle)?;
+    let allowed = config.allowed.clone();
+    let revoked = store.sweep(|email| {
+        super::config::EmailAddress::parse(email)
+            .map(|e| allowed.allows(&e))
+            .unwrap_or(false)
+    })?;
+    if revoked > 0 {
+        tracing::info!(
+            event = "gate_sessions_revoked",
+            count = revoked,
+            reason = "not_allowed"
+        );
+    }
+    let csrf_key = store.csrf_key()?;
+    let mailer = Arc::new(Mailer::new(&config.smtp)?);
+    let listener = TcpListener::bind(config.listen_address)
+        .await
+        .map_err(|source| GateError::Bind {
+            addr: config.listen_address,
+            source,
+        })?;
+    let session_cookie = match config.cookie_domain {
+        Some(_) => "__Secure-runegate",
+        None => "__Host-runegate",
+    }
+    .to_string();
+    tracing::info!(
+        event = "gate_listening",
+        address = %config.listen_address,
+        upstream = %config.upstream,
+        base_url = %config.base_url,
+    );
+    Ok(Started {
+        gate: Arc::new(Gate {
+            config,
+            store,
+            csrf_key,
+            mailer,
+            pending: Mutex::new(HashMap::new()),
+            limits: Limits {
+                sign_in_ip: RateLimiter::new(10, Duration::from_secs(60)),
+                sign_in_address: RateLimiter::new(3, Duration::from_secs(300)),
+                code_ip: RateLimiter::new(20, Duration::from_secs(10)),
+            },
+            session_cookie,
+        }),
+        listener,
+    })
+}
+
+/// Accept connections until shutdown.
+pub async fn run(started: Started, mut shutdown: Shutdown) {
+    let Started { gate, listener } = started;
+    let sweeper = tokio::spawn(sweep_every(gate.clone(), SWEEP_EVERY));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        // At the cap, stop accepting: new connections wait in the kernel's
+        // queue instead of costing memory here.
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            () = shutdown.wait() => break,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.wait() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(event = "gate_accept_failed", error = %e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |req| {
+                let gate = gate.clone();
+                async move { Ok::<_, Infallible>(gate.handle(req, peer).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+    sweeper.abort();
+    tracing::info!(event = "gate_stopped");
+}
+
+/// Delete ended sessions now and then (lookups already refuse them; this
+/// keeps the file small).
+async fn sweep_every(gate: Arc<Gate>, period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        let allowed = gate.config.allowed.clone();
+        let result = gate.store.sweep(|email| {
+            super::config::EmailAddress::parse(email)
+                .map(|e| allowed.allows(&e))
+                .unwrap_or(false)
+        });
+        if let Err(e) = result {
+            tracing::error!(event = "gate_store_failed", error = %e);
+        }
+    }
+}
+
+pub fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+fn html(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(pages::CSP),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    r
+}
+
+fn add_cookie(r: &mut Response<Body>, cookie: String) {
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
+}
+
+/// The value of cookie `name` in the request, if sent.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// A same-origin path to return to after sign-in; anything else is `/`.
+pub fn safe_next(next: &str) -> String {
+    let ok = next.starts_with('/')
+        && !next.starts_with("//")
+        && !next.starts_with("/\\")
+        && !next.starts_with(GATE_PATH_PREFIX)
+        && next.len() <= 2048
+        && next.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        next.to_string()
+    } else {
+        "/".to_string()
+    }
+}
+
+async fn read_form(req: Request<Incoming>) -> Option<HashMap<String, String>> {
+    let body = Limited::new(req.into_body(), MAX_FORM)
+        .collect()
+        .await
+        .ok()?;
+    Some(
+        form_urlencoded::parse(&body.to_bytes())
+            .into_owned()
+            .collect(),
+    )
+}
+
+impl Gate {
+    /// The Visitor's address: the peer, or for a trusted proxy the
+    /// right-most `X-Forwarded-For` entry that is not itself trusted.
+    fn client_ip(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+        let trusted = |ip: IpAddr| self.config.trusted_proxies.iter().any(|n| n.contains(ip));
+        if !trusted(peer) {
+            return peer;
+        }
+        let chain: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        chain
+            .into_iter()
+            .rev()
+            .find(|ip| !trusted(*ip))
+            .unwrap_or(peer)
+    }
+
+    fn session_cookie_header(&self, value: &str, max_age: u64) -> String {
+        let domain = self
+            .config
+            .cookie_domain
+            .as_ref()
+            .map(|d| format!("; Domain={d}"))
+            .unwrap_or_default();
+        format!(
+            "{}={value}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={max_age}{domain}",
+            self.session_cookie
+        )
+    }
+
+    fn session(&self, headers: &HeaderMap) -> Option<Session> {
+        let secret = cookie(headers, &self.session_cookie)?;
+        match self.store.lookup(secret) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(event = "gate_store_failed", error = %e);
+                None
+            }
+        }
+    }
+
+    /// The browser id from the state cookie, or a new one to set.
+    fn browser(&self, headers: &HeaderMap) -> (String, bool) {
+        match cookie(headers, STATE_COOKIE).filter(|v| tokens::looks_like_secret(v)) {
+            Some(b) => (b.to_string(), false),
+            None => (tokens::new_secret(), true),
+        }
+    }
+
+    fn with_browser(&self, mut r: Response<Body>, browser: &str, new: bool) -> Response<Body> {
+        if new {
+            add_cookie(
+                &mut r,
+                format!("{STATE_COOKIE}={browser}; Path=/; Secure; HttpOnly; SameSite=Lax"),
+            );
+        }
+        r
+    }
+
+    fn sign_in_page(
+        &self,
+        headers: &HeaderMap,
+        status: StatusCode,
+        next: &str,
+        note: Option<&str>,
+    ) -> Response<Body> {
+        let (browser, new) = self.browser(headers);
+        let csrf = tokens::csrf_token(&self.csrf_key, "sign-in", &browser);
+        let page = pages::sign_in(SIGN_IN, &csrf, &safe_next(next), note);
+        self.with_browser(html(status, page), &browser, new)
+    }
+
+    fn message(&self, status: StatusCode, title: &str, text: &str) -> Response<Body> {
+        html(status, pages::message(title, text, SIGN_IN))
+    }
+
+    fn too_many(&self) -> Response<Body> {
+        let mut r = self.message(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many attempts",
+            "Too many sign-in attempts. Wait a few minutes, then try again.",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("300"));
+        r
+    }
+
+    /// A POST from another origin (when the browser says so) is refused.
+    fn cross_origin(&self, headers: &HeaderMap) -> bool {
+        match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+            Some(origin) => origin != self.config.base_url.to_string(),
+            None => false,
+        }
+    }
+
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
+        let ip = self.client_ip(req.headers(), peer.ip());
+        let path = req.uri().path().to_string();
+        if path.starts_with(GATE_PATH_PREFIX) || path == GATE_PATH_PREFIX.trim_end_matches('/') {
+            return self.gate_route(req, &path, ip).await;
+        }
+        match self.session(req.headers()) {
+            Some(session) => {
+                proxy::forward(&self.config, req, &session, ip, &self.session_cookie).await
+            }
+            None => {
+                let next = if req.method() == Method::GET {
+                    req.uri()
+                        .path_and_query()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_else(|| "/".to_string())
+                } else {
+                    "/".to_string()
+                };
+                self.sign_in_page(req.headers(), StatusCode::UNAUTHORIZED, &next, None)
+            }
+        }
+    }
+
+    async fn gate_route(&self, req: Request<Incoming>, path: &str, ip: IpAddr) -> Response<Body> {
+        let method = req.method().clone();
+        if method == Method::POST && self.cross_origin(req.headers()) {
+            return self.message(
+                StatusCode::FORBIDDEN,
+                "Refused",
+                "This form was sent from another site.",
+            );
+        }
+        match (method, path) {
+            (Method::GET | Method::HEAD, SIGN_IN) => {
+                self.sign_in_page(req.headers(), StatusCode::OK, "/", None)
+            }
+            (Method::POST, SIGN_IN) => self.post_sign_in(req, ip).await,
+            (Method::POST, CODE) => self.post_code(req, ip).await,
+            (Method::GET | Method::HEAD, LINK) => self.get_link(req),
+            (Method::POST, LINK) => self.post_link(req).await,
+            (Method::GET | Method::HEAD, LOGOUT) => match self.session(req.headers()) {
+                Some(s) => {
+                    let csrf = tokens::csrf_token(&self.csrf_key, "logout", &s.id);
+                    html(StatusCode::OK, pages::logout(LOGOUT, &csrf, &s.email))
+                }
+                None => self.message(StatusCode::OK, "Signed out", "You are not signed in."),
+            },
+            (Method::POST, LOGOUT) => self.post_logout(req).await,
+            _ => self.message(StatusCode::NOT_FOUND, "Not found", "There is no such page."),
+        }
+    }
+
+    async fn post_sign_in(&self, req: Request<Incoming>, ip: IpAddr) -> Response<Body> {
+        let headers = req.headers().clone();
+        let Some(form) = read_form(req).await else {
+            return self.message(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "The form could not be read.",
+            );
+        };
+        let next = form.get("next").map(String::as_str).unwrap_or("/");
+        let browser = cookie(&headers, STATE_COOKIE).filter(|v| tokens::looks_like_secret(v));
+        let csrf_ok = browser.is_some_and(|b| {
+            tokens::csrf_ok(
+                &self.csrf_key,
+                "sign-in",
+                b,
+                form.get("csrf").map(String::as_str).unwrap_or(""),
+            )
+        });
+        let Some(browser) = browser.filter(|_| csrf_ok) else {
+            tracing::info!(event = "gate_csrf_rejected", form = "sign-in", ip = %ip);
+            return self.sign_in_page(
+                &headers,
+                StatusCode::FORBIDDEN,
+                next,
+                Some("This page was out of date or your browser blocked its cookie. Please try again (cookies must be enabled)."),
+            );
+        };
+        if !self.limits.sign_in_ip.allow(&ip.to_string()) {
+            tracing::warn!(event = "gate_rate_limited", what = "sign_in", key = "ip", ip = %ip);
+            return self.too_many();
+        }
+        let raw_email = form.get("email").map(String::as_str).unwrap_or("");
+        let Ok(email) = super::config::EmailAddress::parse(raw_email) else {
+            return self.sign_in_page(
+                &headers,
+                StatusCode::BAD_REQUEST,
+                next,
+                Some("That does not look like an email address."),
+            );
+        };
+        if !self.limits.sign_in_address.allow(&email.key()) {
+            tracing::warn!(event = "gate_rate_limited", what = "sign_in", key = "address", ip = %ip);
+            return self.too_many();
+        }
+        let browser_digest = tokens::digest(browser);
+        if self.config.allowed.allows(&email) {
+            let token = tokens::new_secret();
+            let code = tokens::new_code();
+            let pending = Pending {
+                email: email.key(),
+                token_digest: tokens::digest(&token),
+                code_digest: tokens::digest(&code),
+                expires: Instant::now() + self.config.link_ttl,
+                tries_left: CODE_TRIES,
+                next: safe_next(next),
+            };
+            self.insert_pending(browser_digest, pending);
+            let link = format!("{}{LINK}?token={token}", self.config.base_url);
+            let mailer = self.mailer.clone();
+            let site = self.config.base_url.authority();
+            let ttl = self.config.link_ttl;
+            let to = email.to_string();
+            tokio::spawn(async move {
+                match mailer.send_sign_in(&to, &site, &link, &code, ttl).await {
+                    Ok(()) => tracing::info!(event = "gate_mail_sent"),
+                    Err(e) => tracing::error!(event = "gate_mail_failed", error = %e),
+                }
+            });
+            tracing::info!(event = "gate_sign_in_requested", allowed = true, ip = %ip);
+        } else {
+            // Forget any earlier request of this browser, exactly as a new
+            // allowed request would replace it.
+            self.lock_pending().remove(&browser_digest);
+            tracing::info!(event = "gate_sign_in_requested", allowed = false, ip = %ip);
+        }
+        let csrf = tokens::csrf_token(&self.csrf_key, "code", browser);
+        html(StatusCode::OK, pages::check_mail(CODE, &csrf, None))
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+        match self.pending.lock() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn insert_pending(&self, browser_digest: String, p: Pending) {
+        let mut pending = self.lock_pending();
+        let now = Instant::now();
+        pending.retain(|_, p| p.expires > now);
+        if pending.len() >= MAX_PENDING
+            && let Some(oldest) = pending
+                .iter()
+                .min_by_key(|(_, p)| p.expires)
+                .map(|(k, _)| k.clone())
+        {
+            pending.remove(&oldest);
+        }
+        pending.insert(browser_digest, p);
+    }
+
+    async fn post_code(&self, req: Request<Incoming>, ip: IpAddr) -> Response<Body> {
+        let headers = req.headers().clone();
+        let Some(form) = read_form(req).await else {
+            return self.message(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "The form could not be read.",
+            );
+        };
+        let Some(browser) = cookie(&headers, STATE_COOKIE)
+            .filter(|v| tokens::looks_like_secret(v))
+            .filter(|b| {
+                tokens::csrf_ok(
+                    &self.csrf_key,
+                    "code",
+                    b,
+                    form.get("csrf").map(String::as_str).unwrap_or(""),
+                )
+            })
+        else {
+            tracing::info!(event = "gate_csrf_rejected", form = "code", ip = %ip);
+            return self.sign_in_page(
+                &headers,
+                StatusCode::FORBIDDEN,
+                "/",
+                Some("This page was out of date. Please request a new sign-in mail."),
+            );
+        };
+        if !self.limits.code_ip.allow(&ip.to_string()) {
+            tracing::warn!(event = "gate_rate_limited", what = "code", key = "ip", ip = %ip);
+            return self.too_many();
+        }
+        let csrf = tokens::csrf_token(&self.csrf_key, "code", browser);
+        let typed = form.get("code").and_then(|c| tokens::normalize_code(c));
+        let browser_digest = tokens::digest(browser);
+        let mut pending = self.lock_pending();
+        let Some(p) = pending.get_mut(&browser_digest) else {
+            drop(pending);
+            return html(
+                StatusCode::BAD_REQUEST,
+                pages::check_mail(
+                    CODE,
+                    &csrf,
+                    Some("That code is not right. Check the mail and try again."),
+                ),
+            );
+        };
+        if p.expires <= Instant::now() {
+            pending.remove(&browser_digest);
+            drop(pending);
+            return self.message(
+                StatusCode::GONE,
+                "Code expired",
+                "This code has expired. Request a new sign-in mail.",
+            );
+        }
+        if typed.map(|c| tokens::digest(&c)) != Some(p.code_digest.clone()) {
+            p.tries_left = p.tries_left.saturating_sub(1);
+            if p.tries_left == 0 {
+                pending.remove(&browser_digest);
+                drop(pending);
+                tracing::info!(event = "gate_code_burned", ip = %ip);
+                return self.message(
+                    StatusCode::FORBIDDEN,
+                    "Too many wrong codes",
+                    "Too many wrong codes: this sign-in request is cancelled. Request a new sign-in mail.",
+                );
+            }
+            drop(pending);
+            return html(
+                StatusCode::BAD_REQUEST,
+                pages::check_mail(
+                    CODE,
+                    &csrf,
+                    Some("That code is not right. Check the mail and try again."),
+                ),
+            );
+        }
+        let Some(p) = pending.remove(&browser_digest) else {
+            return self.message(StatusCode::GONE, "Expired", "Request a new sign-in mail.");
+        };
+        drop(pending);
+        self.signed_in(&p, "code")
+    }
+
+    fn get_link(&self, req: Request<Incoming>) -> Response<Body> {
+        let token = req
+            .uri()
+            .query()
+            .and_then(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .find(|(k, _)| k == "token")
+                    .map(|(_, v)| v.into_owned())
+            })
+            .unwrap_or_default();
+        let (browser, new) = self.browser(req.headers());
+        let csrf = tokens::csrf_token(&self.csrf_key, "link", &browser);
+        let r = html(StatusCode::OK, pages::confirm_link(LINK, &csrf, &token));
+        self.with_browser(r, &browser, new)
+    }
+
+    async fn post_link(&self, req: Request<Incoming>) -> Response<Body> {
+        let headers = req.headers().clone();
+        let Some(form) = read_form(req).await else {
+            return self.message(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "The form could not be read.",
+            );
+        };
+        let Some(browser) = cookie(&headers, STATE_COOKIE)
+            .filter(|v| tokens::looks_like_secret(v))
+            .filter(|b| {
+                tokens::csrf_ok(
+                    &self.csrf_key,
+                    "link",
+                    b,
+                    form.get("csrf").map(String::as_str).unwrap_or(""),
+                )
+            })
+        else {
+            return self.message(
+                StatusCode::FORBIDDEN,
+                "Refused",
+                "This page was out of date or your browser blocked its cookie. Open the link from the mail again.",
+            );
+        };
+        let token = form.get("token").map(String::as_str).unwrap_or("");
+        if !tokens::looks_like_secret(token) {
+            return self.invalid_link();
+        }
+        let token_digest = tokens::digest(token);
+        let browser_digest = tokens::digest(browser);
+        let mut pending = self.lock_pending();
+        let Some(owner) = pending
+            .iter()
+            .find(|(_, p)| p.token_digest == token_digest)
+            .map(|(k, _)| k.clone())
+        else {
+            drop(pending);
+            return self.invalid_link();
+        };
+        let expired = pending
+            .get(&owner)
+            .is_some_and(|p| p.expires <= Instant::now());
+        if expired {
+            pending.remove(&owner);
+            drop(pending);
+            return self.message(
+                StatusCode::GONE,
+                "Link expired",
+                "This sign-in link has expired. Request a new sign-in mail.",
+            );
+        }
+        if owner != browser_digest {
+            drop(pending);
+            return self.message(
+                StatusCode::FORBIDDEN,
+                "Use the code instead",
+                "This link was requested from another browser or device. Type the 6-digit code from the mail into the page where you asked to sign in.",
+            );
+        }
+        let Some(p) = pending.remove(&owner) else {
+            return self.invalid_link();
+        };
+        drop(pending);
+        self.signed_in(&p, "link")
+    }
+
+    fn invalid_link(&self) -> Response<Body> {
+        self.message(
+            StatusCode::GONE,
+            "Link not valid",
+            "This sign-in link is not valid or was already used. Request a new sign-in mail.",
+        )
+    }
+
+    fn signed_in(&self, p: &Pending, by: &'static str) -> Response<Body> {
+        let secret = match self.store.create(&p.email) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(event = "gate_store_failed", error = %e);
+                return self.message(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Try again later",
+                    "Signing in failed on our side. Please try again later.",
+                );
+            }
+        };
+        tracing::info!(event = "gate_signed_in", by);
+        let mut r = Response::new(full(Bytes::new()));
+        *r.status_mut() = StatusCode::SEE_OTHER;
+        if let Ok(v) = HeaderValue::from_str(&safe_next(&p.next)) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let cookie = self.session_cookie_header(&secret, self.config.session_ttl.as_secs());
+        add_cookie(&mut r, cookie);
+        r
+    }
+
+    async fn post_logout(&self, req: Request<Incoming>) -> Response<Body> {
+        let session = self.session(req.headers());
+        let Some(form) = read_form(req).await else {
+            return self.message(
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                "The form could not be read.",
+            );
+        };
+        let Some(session) = session else {
+            return self.message(StatusCode::OK, "Signed out", "You are not signed in.");
+        };
+        let presented = form.get("csrf").map(String::as_str).unwrap_or("");
+        if !tokens::csrf_ok(&self.csrf_key, "logout", &session.id, presented) {
+            return self.message(
+                StatusCode::FORBIDDEN,
+                "Refused",
+                "This sign-out form was out of date. Open the sign-out page again.",
+            );
+        }
+        if let Err(e) = self.store.delete(&session.id) {
+            tracing::error!(event = "gate_store_failed", error = %e);
+        }
+        tracing::info!(event = "gate_signed_out");
+        let mut r = self.message(StatusCode::OK, "Signed out", "You are signed out.");
+        add_cookie(&mut r, self.session_cookie_header("", 0));
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_is_same_origin_only() {
+        assert_eq!(safe_next("/app?x=1"), "/app?x=1");
+        for bad in [
+            "//evil.example",
+            "/\\evil.example",
+            "https://evil.example/",
+            "evil",
+            "/_runewarp/gate/logout",
+            "/a b",
+            "",
+        ] {
+            assert_eq!(safe_next(bad), "/", "{bad}");
+        }
+    }
+
+    #[test]
+    fn cookies_are_found_by_exact_name() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; __Host-runegate-state=s; __Host-runegate=x"),
+        );
+        assert_eq!(cookie(&h, "__Host-runegate"), Some("x"));
+        assert_eq!(cookie(&h, STATE_COOKIE), Some("s"));
+        assert_eq!(cookie(&h, "b"), None);
+    }
+}

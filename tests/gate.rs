@@ -1,0 +1,999 @@
+//! Runegate (`[gate]`) through the real binary: `config check --role gate`,
+//! and end to end the gate process with a real SMTP server (Python
+//! aiosmtpd, opt-in with RUNEWARP_TEST_EXTERNAL=1) capturing the mail, a
+//! plain HTTP upstream, and a cookie-keeping HTTP/1.1 client.
+
+mod common;
+#[path = "common/opt_in.rs"]
+mod opt_in;
+
+use common::proc::*;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn config_check_role_gate_prints_the_effective_gate_config() {
+    let home = Home::new();
+    std::fs::write(
+        home.path().join("gate.toml"),
+        r#"
+[gate]
+upstream = "http://127.0.0.1:7860"
+base-url = "https://app.example.com"
+allowed-domains = ["example.com"]
+[gate.smtp]
+host = "127.0.0.1"
+tls = "none"
+from = "Sign-in <signin@example.com>"
+"#,
+    )
+    .unwrap();
+    let effective = home.ok(&["config", "check", "--role", "gate", "-c", "gate.toml"]);
+    for line in [
+        "listen-address = \"127.0.0.1:7870\"",
+        "link-ttl = \"600s\"",
+        "session-ttl = \"43200s\"",
+        "port = \"25\"",
+    ] {
+        assert!(effective.contains(line), "{line} missing in {effective}");
+    }
+
+    std::fs::write(
+        home.path().join("bad.toml"),
+        "[gate]\nupstream = \"http://127.0.0.1:7860\"\nbase-url = \"https://app.example.com\"\nallowed-domains = [\"example.com\"]\n[gate.smtp]\nhost = \"smtp.example.com\"\ntls = \"none\"\nfrom = \"s@example.com\"\n",
+    )
+    .unwrap();
+    let err = stderr_of(
+        home.cmd()
+            .args(["config", "check", "--role", "gate", "-c", "bad.toml"]),
+        2,
+    );
+    assert!(
+        err.contains("gate.smtp.tls = \"none\"") && err.contains("loopback"),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// End to end: the real gate process, a real SMTP server (Python aiosmtpd)
+// capturing mail, a plain HTTP upstream, and a small HTTP/1.1 client that
+// keeps cookies like a browser.
+
+const SMTP_CAPTURE: &str = r#"
+import itertools, os, ssl, sys
+from aiosmtpd.controller import Controller
+out, port = sys.argv[1], int(sys.argv[2])
+tls = {}
+if len(sys.argv) > 4:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(sys.argv[3], sys.argv[4])
+    tls = dict(tls_context=context, require_starttls=True)
+counter = itertools.count()
+class Capture:
+    async def handle_DATA(self, server, session, envelope):
+        path = os.path.join(out, "%03d.eml" % next(counter))
+        with open(path + ".tmp", "wb") as f:
+            f.write(("X-Rcpt: %s\n" % ",".join(envelope.rcpt_tos)).encode())
+            f.write(envelope.content)
+        os.rename(path + ".tmp", path)
+        return "250 OK"
+controller = Controller(Capture(), hostname="127.0.0.1", port=port, **tls)
+controller.start()
+print("ready", flush=True)
+sys.stdin.read()
+controller.stop()
+"#;
+
+struct Smtp {
+    child: Child,
+    dir: PathBuf,
+    /// The `[gate.smtp]` table that reaches it.
+    section: String,
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Smtp {
+    /// Plain SMTP on loopback (`tls = "none"`).
+    fn start(dir: &Path) -> Smtp {
+        Self::spawn(dir, false)
+    }
+
+    /// SMTP that requires STARTTLS, with a certificate for `localhost`
+    /// that only `ca-file` makes trusted.
+    fn start_tls(dir: &Path) -> Smtp {
+        Self::spawn(dir, true)
+    }
+
+    fn spawn(dir: &Path, tls: bool) -> Smtp {
+        let port = free_tcp();
+        let maildir = dir.join("mail");
+        std::fs::create_dir_all(&maildir).unwrap();
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args(["-c", SMTP_CAPTURE])
+            .arg(&maildir)
+            .arg(port.to_string());
+        let section = if tls {
+            let (cert, key) =
+                runewarp::tls::material::generate_self_signed(&["localhost"]).unwrap();
+            std::fs::write(dir.join("smtp.crt"), cert).unwrap();
+            std::fs::write(dir.join("smtp.key"), key).unwrap();
+            cmd.arg(dir.join("smtp.crt")).arg(dir.join("smtp.key"));
+            format!(
+                "host = \"localhost\"\nport = \"{port}\"\ntls = \"starttls\"\nca-file = \"smtp.crt\"\n"
+            )
+        } else {
+            format!("host = \"127.0.0.1\"\nport = \"{port}\"\ntls = \"none\"\n")
+        };
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 with aiosmtpd (pip install aiosmtpd)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "aiosmtpd did not start");
+        Smtp {
+            child,
+            dir: maildir,
+            section,
+        }
+    }
+
+    fn count(&self) -> usize {
+        std::fs::read_dir(&self.dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "eml"))
+            })
+            .count()
+    }
+
+    /// Wait for mail number `n` (0-based); returns (recipient, token, code).
+    fn mail(&self, n: usize) -> (String, String, String) {
+        let path = self.dir.join(format!("{n:03}.eml"));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !path.exists() {
+            assert!(Instant::now() < deadline, "no mail #{n} within 15 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Undo quoted-printable: soft line breaks and `=3D`.
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("=\r\n", "")
+            .replace("=\n", "")
+            .replace("=3D", "=");
+        let rcpt = text
+            .lines()
+            .next()
+            .unwrap()
+            .trim_start_matches("X-Rcpt: ")
+            .to_string();
+        let token_at = text
+            .find("token=")
+            .unwrap_or_else(|| panic!("no link in {text}"))
+            + 6;
+        let token = text[token_at..token_at + 43].to_string();
+        let code_at = text
+            .find("waiting page: ")
+            .unwrap_or_else(|| panic!("no code in {text}"))
+            + 14;
+        let code = text[code_at..code_at + 6].to_string();
+        (rcpt, token, code)
+    }
+}
+
+/// A plain HTTP/1.1 upstream: `/big` streams 128 MiB, `/ws` answers a
+/// WebSocket upgrade and echoes bytes, anything else echoes the request
+/// head as the body.
+fn upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                if head.starts_with("GET /big ") {
+                    let chunk = vec![b'x'; 1 << 20];
+                    let _ = s.write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                            128usize << 20
+                        )
+                        .as_bytes(),
+                    );
+                    for _ in 0..128 {
+                        if s.write_all(&chunk).is_err() {
+                            return;
+                        }
+                    }
+                } else if head.starts_with("POST /upload ") {
+                    // Count the body (Content-Length) without keeping it.
+                    let lower = head.to_ascii_lowercase();
+                    let length: usize = lower
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    let mut left = length;
+                    let mut buf = vec![0u8; 1 << 16];
+                    while left > 0 {
+                        let n = s.read(&mut buf[..left.min(1 << 16)]).unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        left -= n;
+                    }
+                    let reply = format!("received {length}");
+                    let _ = s.write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}",
+                            reply.len()
+                        )
+                        .as_bytes(),
+                    );
+                } else if head.starts_with("GET /ws ") {
+                    let _ = s.write_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+                    );
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 || s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                } else {
+                    let _ = s.write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{head}",
+                            head.len()
+                        )
+                        .as_bytes(),
+                    );
+                }
+            });
+        }
+    });
+    port
+}
+
+struct Gate {
+    child: Child,
+    port: u16,
+    config: PathBuf,
+    home: PathBuf,
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Gate {
+    /// A gate for `alice@example.com`; `extra` lines go into `[gate]` and
+    /// may replace the default `base-url`.
+    fn start(home: &Path, smtp_section: &str, upstream: u16, extra: &str) -> Gate {
+        let port = free_tcp();
+        let base_url = if extra.contains("base-url") {
+            String::new()
+        } else {
+            format!("base-url = \"http://127.0.0.1:{port}\"")
+        };
+        let config = home.join("gate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[gate]
+listen-address = "127.0.0.1:{port}"
+upstream = "http://127.0.0.1:{upstream}"
+{base_url}
+allowed-emails = ["alice@example.com"]
+state-dir = "state"
+{extra}
+[gate.smtp]
+from = "Sign-in <signin@example.com>"
+{smtp_section}"#
+            ),
+        )
+        .unwrap();
+        Self::spawn(home, config, port)
+    }
+
+    fn spawn(home: &Path, config: PathBuf, port: u16) -> Gate {
+        let log = std::fs::File::create(home.join(format!("gate-{port}.log"))).unwrap();
+        let child = std::process::Command::new(BIN)
+            .env_clear()
+            .env("HOME", home)
+            .env("RUNEWARP_LOG", "info")
+            .current_dir(home)
+            .args(["gate", "-c"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "gate did not listen within 15 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Gate {
+            child,
+            port,
+            config,
+            home: home.to_path_buf(),
+        }
+    }
+
+    fn restart(mut self) -> Gate {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (home, config, port) = (self.home.clone(), self.config.clone(), self.port);
+        std::mem::forget(self);
+        Self::spawn(&home, config, port)
+    }
+
+    fn rss_peak_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+}
+
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    /// The value of hidden field `name` in the page.
+    fn field(&self, name: &str) -> String {
+        let key = format!("name=\"{name}\" value=\"");
+        let at = self
+            .body
+            .find(&key)
+            .unwrap_or_else(|| panic!("no {name} in {}", self.body))
+            + key.len();
+        let end = self.body[at..].find('"').unwrap() + at;
+        self.body[at..end]
+            .replace("&amp;", "&")
+            .replace("&#39;", "'")
+            .replace("&quot;", "\"")
+    }
+}
+
+fn enc(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A browser: a cookie jar and requests over fresh connections.
+#[derive(Default, Clone)]
+struct Browser {
+    cookies: HashMap<String, String>,
+}
+
+impl Browser {
+    fn request(
+        &mut self,
+        port: u16,
+        method: &str,
+        path: &str,
+        extra: &[(&str, &str)],
+        body: &str,
+    ) -> Resp {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+        if !self.cookies.is_empty() {
+            let jar: Vec<String> = self
+                .cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            req += &format!("Cookie: {}\r\n", jar.join("; "));
+        }
+        for (k, v) in extra {
+            req += &format!("{k}: {v}\r\n");
+        }
+        if method == "POST" {
+            req += &format!(
+                "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+                body.len()
+            );
+        }
+        req += "\r\n";
+        req += body;
+        s.write_all(req.as_bytes()).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&raw[..split]).to_string();
+        let mut body = raw[split + 4..].to_vec();
+        let mut lines = head.lines();
+        let status: u16 = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        if headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"))
+        {
+            let mut out = Vec::new();
+            let mut rest = &body[..];
+            loop {
+                let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+                let size =
+                    usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
+                        .unwrap();
+                if size == 0 {
+                    break;
+                }
+                out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+                rest = &rest[eol + 2 + size + 2..];
+            }
+            body = out;
+        }
+        for (k, v) in &headers {
+            if k.eq_ignore_ascii_case("set-cookie") {
+                let pair = v.split(';').next().unwrap();
+                let (name, value) = pair.split_once('=').unwrap();
+                if v.contains("Max-Age=0") {
+                    self.cookies.remove(name);
+                } else {
+                    self.cookies.insert(name.to_string(), value.to_string());
+                }
+            }
+        }
+        Resp {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    fn get(&mut self, port: u16, path: &str) -> Resp {
+        self.request(port, "GET", path, &[], "")
+    }
+
+    fn post(&mut self, port: u16, path: &str, form: &[(&str, &str)]) -> Resp {
+        let body: Vec<String> = form
+            .iter()
+            .map(|(k, v)| format!("{k}={}", enc(v)))
+            .collect();
+        self.request(port, "POST", path, &[], &body.join("&"))
+    }
+
+    /// Open `path`, get the sign-in page, ask for a link for `email`.
+    fn ask(&mut self, port: u16, path: &str, email: &str) -> Resp {
+        let page = self.get(port, path);
+        assert_eq!(page.status, 401, "{}", page.body);
+        let csrf = page.field("csrf");
+        let next = page.field("next");
+        self.post(
+            port,
+            "/_runewarp/gate/sign-in",
+            &[("email", email), ("csrf", &csrf), ("next", &next)],
+        )
+    }
+
+    /// Open the mailed link and press its button.
+    fn follow_link(&mut self, port: u16, token: &str) -> Resp {
+        let confirm = self.get(port, &format!("/_runewarp/gate/link?token={token}"));
+        assert_eq!(confirm.status, 200, "{}", confirm.body);
+        assert!(!confirm.body.contains("Signed"), "a GET must not sign in");
+        let csrf = confirm.field("csrf");
+        self.post(
+            port,
+            "/_runewarp/gate/link",
+            &[("token", token), ("csrf", &csrf)],
+        )
+    }
+}
+
+fn external(test: &str) -> bool {
+    opt_in::enabled(opt_in::EXTERNAL, test, "python3 with aiosmtpd")
+}
+
+#[test]
+fn link_sign_in_proxies_with_identity_survives_restart_and_logs_out() {
+    if !external("link_sign_in_proxies_with_identity_survives_restart_and_logs_out") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start(home.path());
+    let gate = Gate::start(home.path(), &smtp.section, upstream(), "");
+    let port = gate.port;
+    let mut b = Browser::default();
+
+    let asked = b.ask(port, "/private?x=1", "Alice@Example.com");
+    assert_eq!(asked.status, 200);
+    assert!(asked.body.contains("Check your mail"), "{}", asked.body);
+    let (rcpt, token, _code) = smtp.mail(0);
+    assert_eq!(rcpt, "Alice@example.com");
+
+    let done = b.follow_link(port, &token);
+    assert_eq!(done.status, 303, "{}", done.body);
+    assert_eq!(done.header("location"), Some("/private?x=1"));
+    let cookie = done
+        .headers
+        .iter()
+        .find(|(k, v)| k.eq_ignore_ascii_case("set-cookie") && v.starts_with("__Host-runegate="))
+        .map(|(_, v)| v.clone())
+        .expect("session cookie");
+    for attr in ["Path=/", "Secure", "HttpOnly", "SameSite=Lax"] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+    assert!(!cookie.contains("Domain"), "{cookie}");
+
+    // Proxied, with the gate's identity headers only.
+    let app = b.request(
+        port,
+        "GET",
+        "/private?x=1",
+        &[
+            ("X-Forwarded-Email", "mallory@evil.example"),
+            ("X-Forwarded-User", "mallory"),
+            ("X-Forwarded-For", "203.0.113.9"),
+        ],
+        "",
+    );
+    assert_eq!(app.status, 200, "{}", app.body);
+    let seen = app.body.to_ascii_lowercase();
+    assert!(seen.starts_with("get /private?x=1 "), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-email: alice@example.com"),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("x-forwarded-user: alice@example.com"),
+        "{seen}"
+    );
+    assert!(!seen.contains("mallory"), "{seen}");
+    // The peer is not a trusted proxy: its X-Forwarded-For is ignored.
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1\r\n"), "{seen}");
+    assert!(!seen.contains("203.0.113.9"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto: http"), "{seen}");
+    assert!(
+        !seen.contains("runegate"),
+        "gate cookies reach the app: {seen}"
+    );
+
+    // The link works once.
+    let again = b.follow_link(port, &token);
+    assert_eq!(again.status, 410, "{}", again.body);
+
+    // Sessions live in SQLite and survive a restart.
+    let gate = gate.restart();
+    assert_eq!(b.get(port, "/private").status, 200);
+
+    // Logout: POST with CSRF only.
+    let page = b.get(port, "/_runewarp/gate/logout");
+    let csrf = page.field("csrf");
+    assert_eq!(b.post(port, "/_runewarp/gate/logout", &[]).status, 403);
+    assert_eq!(b.get(port, "/private").status, 200);
+    assert_eq!(
+        b.post(port, "/_runewarp/gate/logout", &[("csrf", &csrf)])
+            .status,
+        200
+    );
+    assert_eq!(b.get(port, "/private").status, 401);
+
+    // Removing the address from the config revokes its sessions at start.
+    b.ask(port, "/", "alice@example.com");
+    let (_, token, _) = smtp.mail(1);
+    assert_eq!(b.follow_link(port, &token).status, 303);
+    assert_eq!(b.get(port, "/private").status, 200);
+    let text = std::fs::read_to_string(&gate.config).unwrap();
+    std::fs::write(
+        &gate.config,
+        text.replace("alice@example.com", "bob@example.com"),
+    )
+    .unwrap();
+    let gate = gate.restart();
+    assert_eq!(b.get(port, "/private").status, 401);
+    drop(gate);
+}
+
+#[test]
+fn mail_goes_over_starttls_to_a_relay_with_a_private_ca() {
+    if !external("mail_goes_over_starttls_to_a_relay_with_a_private_ca") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start_tls(home.path());
+    // Also: with cookie-domain the session cookie is __Secure- with Domain.
+    let gate = Gate::start(
+        home.path(),
+        &smtp.section,
+        upstream(),
+        "base-url = \"http://app.example.localhost\"\ncookie-domain = \"example.localhost\"",
+    );
+    let mut b = Browser::default();
+    assert_eq!(b.ask(gate.port, "/", "alice@example.com").status, 200);
+    let (rcpt, token, _) = smtp.mail(0);
+    assert_eq!(rcpt, "alice@example.com");
+    let done = b.follow_link(gate.port, &token);
+    assert_eq!(done.status, 303);
+    let cookie = done.header("set-cookie").unwrap_or_default();
+    assert!(
+        cookie.starts_with("__Secure-runegate=") && cookie.contains("; Domain=example.localhost"),
+        "{cookie}"
+    );
+    assert_eq!(b.get(gate.port, "/").status, 200);
+    // A form posted from another site is refused.
+    let page = b.get(gate.port, "/_runewarp/gate/logout");
+    let body = format!("csrf={}", page.field("csrf"));
+    let cross = b.request(
+        gate.port,
+        "POST",
+        "/_runewarp/gate/logout",
+        &[("Origin", "http://evil.example")],
+        &body,
+    );
+    assert_eq!(cross.status, 403);
+    assert_eq!(b.get(gate.port, "/").status, 200, "still signed in");
+}
+
+#[test]
+fn codes_other_browsers_unknown_addresses_and_forged_forms() {
+    if !external("codes_other_browsers_unknown_addresses_and_forged_forms") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start(home.path());
+    let gate = Gate::start(home.path(), &smtp.section, upstream(), "");
+    let port = gate.port;
+
+    // An address that may not sign in: the same answer, and no mail.
+    let mut stranger = Browser::default();
+    let answer = stranger.ask(port, "/", "bob@other.example");
+    assert_eq!(answer.status, 200);
+    assert!(answer.body.contains("Check your mail"), "{}", answer.body);
+
+    // A form without its CSRF token is refused and sends nothing.
+    let mut forger = Browser::default();
+    forger.get(port, "/");
+    let forged = forger.post(
+        port,
+        "/_runewarp/gate/sign-in",
+        &[("email", "alice@example.com"), ("next", "/")],
+    );
+    assert_eq!(forged.status, 403);
+
+    // Alice asks with an open-redirect `next`; the link opened in another
+    // browser is refused and points to the code.
+    let mut alice = Browser::default();
+    alice.get(port, "/");
+    let page = alice.get(port, "/_runewarp/gate/sign-in");
+    let csrf = page.field("csrf");
+    let asked = alice.post(
+        port,
+        "/_runewarp/gate/sign-in",
+        &[
+            ("email", "alice@example.com"),
+            ("csrf", &csrf),
+            ("next", "//evil.example/"),
+        ],
+    );
+    assert_eq!(asked.status, 200);
+    let code_csrf = asked.field("csrf");
+    let (_, token, code) = smtp.mail(0);
+    let mut phone = Browser::default();
+    let refused = phone.follow_link(port, &token);
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(refused.body.contains("code"), "{}", refused.body);
+    assert_eq!(phone.get(port, "/").status, 401);
+
+    // Wrong codes count down; the right one signs in and lands on `/`.
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    for _ in 0..4 {
+        let r = alice.post(
+            port,
+            "/_runewarp/gate/code",
+            &[("code", wrong), ("csrf", &code_csrf)],
+        );
+        assert_eq!(r.status, 400, "{}", r.body);
+    }
+    let ok = alice.post(
+        port,
+        "/_runewarp/gate/code",
+        &[("code", &code), ("csrf", &code_csrf)],
+    );
+    assert_eq!(ok.status, 303, "{}", ok.body);
+    assert_eq!(ok.header("location"), Some("/"), "no open redirect");
+    assert_eq!(alice.get(port, "/anything").status, 200);
+
+    // Five wrong codes burn the request: the right code no longer works.
+    let mut carol = Browser::default();
+    let asked = carol.ask(port, "/", "alice@example.com");
+    let code_csrf = asked.field("csrf");
+    let (_, _, code) = smtp.mail(1);
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    for i in 0..5 {
+        let r = carol.post(
+            port,
+            "/_runewarp/gate/code",
+            &[("code", wrong), ("csrf", &code_csrf)],
+        );
+        assert_eq!(r.status, if i < 4 { 400 } else { 403 }, "{}", r.body);
+    }
+    let late = carol.post(
+        port,
+        "/_runewarp/gate/code",
+        &[("code", &code), ("csrf", &code_csrf)],
+    );
+    assert_eq!(late.status, 400, "{}", late.body);
+    assert_eq!(carol.get(port, "/").status, 401);
+
+    // Three sign-in requests per address, then 429 (bob asked once above).
+    let page = stranger.get(port, "/_runewarp/gate/sign-in");
+    let csrf = page.field("csrf");
+    let form = [
+        ("email", "bob@other.example"),
+        ("csrf", csrf.as_str()),
+        ("next", "/"),
+    ];
+    assert_eq!(
+        stranger.post(port, "/_runewarp/gate/sign-in", &form).status,
+        200
+    );
+    assert_eq!(
+        stranger.post(port, "/_runewarp/gate/sign-in", &form).status,
+        200
+    );
+    let limited = stranger.post(port, "/_runewarp/gate/sign-in", &form);
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    assert_eq!(limited.header("retry-after"), Some("300"));
+
+    // Only the two requests for the allowed address produced mail.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(smtp.count(), 2);
+    drop(gate);
+}
+
+#[test]
+fn expired_links_and_rate_limits() {
+    if !external("expired_links_and_rate_limits") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start(home.path());
+    let gate = Gate::start(
+        home.path(),
+        &smtp.section,
+        upstream(),
+        "link-ttl = \"1s\"\nsession-idle = \"2s\"",
+    );
+    let port = gate.port;
+    let mut b = Browser::default();
+    b.ask(port, "/", "alice@example.com");
+    let (_, token, _) = smtp.mail(0);
+    std::thread::sleep(Duration::from_millis(1500));
+    let late = b.follow_link(port, &token);
+    assert_eq!(late.status, 410, "{}", late.body);
+    assert!(late.body.contains("expired"), "{}", late.body);
+
+    // A session unused for session-idle ends.
+    let csrf = b.ask(port, "/", "alice@example.com").field("csrf");
+    let (_, _, code) = smtp.mail(1);
+    let signed = b.post(
+        port,
+        "/_runewarp/gate/code",
+        &[("code", &code), ("csrf", &csrf)],
+    );
+    assert_eq!(signed.status, 303, "{}", signed.body);
+    assert_eq!(b.get(port, "/").status, 200);
+    std::thread::sleep(Duration::from_millis(3100));
+    assert_eq!(b.get(port, "/").status, 401, "idle session still valid");
+
+    // Ten sign-in requests per source address, then 429.
+    let page = b.get(port, "/_runewarp/gate/sign-in");
+    let csrf = page.field("csrf");
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        let email = format!("user{i}@other.example");
+        let r = b.post(
+            port,
+            "/_runewarp/gate/sign-in",
+            &[("email", &email), ("csrf", &csrf), ("next", "/")],
+        );
+        statuses.push(r.status);
+    }
+    // The two requests above counted too: eight more pass, then 429.
+    assert_eq!(&statuses[..8], &[200; 8]);
+    assert_eq!(statuses[8], 429);
+    drop(gate);
+}
+
+#[test]
+fn websocket_upgrades_and_large_bodies_stream_through() {
+    if !external("websocket_upgrades_and_large_bodies_stream_through") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start(home.path());
+    let gate = Gate::start(
+        home.path(),
+        &smtp.section,
+        upstream(),
+        "trusted-proxies = [\"127.0.0.0/8\"]",
+    );
+    let port = gate.port;
+    let mut b = Browser::default();
+    b.ask(port, "/", "alice@example.com");
+    let (_, token, _) = smtp.mail(0);
+    assert_eq!(b.follow_link(port, &token).status, 303);
+
+    // Behind a trusted proxy, the Visitor is the right-most untrusted
+    // X-Forwarded-For entry.
+    let app = b.request(
+        port,
+        "GET",
+        "/",
+        &[("X-Forwarded-For", "198.51.100.1, 203.0.113.9, 127.0.0.5")],
+        "",
+    );
+    let seen = app.body.to_ascii_lowercase();
+    assert!(seen.contains("x-forwarded-for: 203.0.113.9\r\n"), "{seen}");
+    let jar: Vec<String> = b.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+
+    // Unauthenticated upgrade: the sign-in page, no switch.
+    let mut anon = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    anon.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .unwrap();
+    let mut first = [0u8; 12];
+    anon.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 401");
+
+    let mut ws = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    ws.write_all(
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nCookie: {}\r\n\r\n",
+            jar.join("; ")
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ws.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    ws.write_all(b"ping through the gate").unwrap();
+    let mut echo = [0u8; 21];
+    ws.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"ping through the gate");
+
+    // 128 MiB through the gate without the gate holding it in memory.
+    let before = gate.rss_peak_kib();
+    let mut big = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    big.write_all(
+        format!(
+            "GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\nCookie: {}\r\n\r\n",
+            jar.join("; ")
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = big.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    assert!(total > 128 << 20, "got {total} bytes");
+
+    // And 128 MiB the other way, as a request body.
+    let mut up = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    up.write_all(
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\nCookie: {}\r\n\r\n",
+            128usize << 20,
+            jar.join("; ")
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let chunk = vec![b'u'; 1 << 20];
+    for _ in 0..128 {
+        up.write_all(&chunk).unwrap();
+    }
+    let mut reply = String::new();
+    up.read_to_string(&mut reply).unwrap();
+    assert!(
+        reply.ends_with(&format!("received {}", 128usize << 20)),
+        "{reply}"
+    );
+
+    let after = gate.rss_peak_kib();
+    eprintln!("gate peak RSS before {before} KiB, after 128 MiB down and 128 MiB up {after} KiB");
+    assert!(
+        after < before + 32 * 1024,
+        "peak RSS grew from {before} KiB to {after} KiB"
+    );
+    drop(gate);
+}
+
+#[test]
+fn a_failed_send_is_logged_and_the_visitor_sees_the_same_page() {
+    // No SMTP server listens on this port: the send fails.
+    let home = tempfile::tempdir().unwrap();
+    let section = format!(
+        "host = \"127.0.0.1\"\nport = \"{}\"\ntls = \"none\"\n",
+        free_tcp()
+    );
+    let gate = Gate::start(home.path(), &section, upstream(), "");
+    let mut b = Browser::default();
+    let page = b.ask(gate.port, "/", "alice@example.com");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("Check your mail"), "{}", page.body);
+    let log = home.path().join(format!("gate-{}.log", gate.port));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("gate_mail_failed") {
+            assert!(
+                !text.contains("token="),
+                "the link must not be logged: {text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no gate_mail_failed in {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
