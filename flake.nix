@@ -64,8 +64,9 @@
                   --bash <("$out/bin/runewarp" completions bash) \
                   --fish <("$out/bin/runewarp" completions fish) \
                   --zsh <("$out/bin/runewarp" completions zsh)
-                "$out/bin/runewarp" man > runewarp.1
-                installManPage runewarp.1
+                # runewarp(1) and one page per subcommand.
+                "$out/bin/runewarp" man --out-dir man
+                installManPage man/*.1
               '';
 
               meta = {
