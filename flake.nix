@@ -25,6 +25,8 @@
           ./src
           ./tests
           (lib.fileset.maybeMissing ./benches)
+          # The metrics tests check the Grafana dashboard against the metrics.
+          (lib.fileset.maybeMissing ./contrib)
         ];
       };
 

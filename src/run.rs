@@ -200,8 +200,12 @@ where
                     "gate" => "gate_failed",
                     _ => "client_failed",
                 };
-                tracing::error!(event, error = ?e.to_string());
-                eprintln!("runewarp {role}: {e}");
+                // The log goes to stderr already; say it there only once.
+                if level == config::LogLevel::Off {
+                    eprintln!("runewarp {role}: {e}");
+                } else {
+                    tracing::error!(event, error = ?e.to_string());
+                }
                 return ExitCode::from(EXIT_FAILURE);
             }
         };

@@ -232,6 +232,14 @@ fn a_second_signal_stops_at_once_cutting_the_drain_short() {
     std::thread::sleep(Duration::from_millis(300));
     server.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
+    // The first signal says, once, what it is waiting for and how to stop.
+    let draining = server.events("server_draining");
+    assert_eq!(draining.len(), 1, "{}", server.log_text());
+    assert!(
+        draining[0].contains("up to 60 s") && draining[0].contains("Ctrl-C again"),
+        "{}",
+        draining[0]
+    );
     let (status, took) = server.stop_with(libc::SIGTERM, Duration::from_secs(3));
     assert!(status.success());
     assert!(took < Duration::from_secs(2), "fast stop took {took:?}");

@@ -117,6 +117,12 @@ fn a_client_without_identity_says_which_command_creates_it() {
     let home = Home::new();
     let err = stderr_of(&mut bare_client(&home), 1);
     assert!(err.contains("runewarp client identity init"), "{err}");
+    // Said once: the log line, not the log line and a copy of it.
+    assert_eq!(
+        err.matches("runewarp client identity init").count(),
+        1,
+        "{err}"
+    );
 }
 
 #[test]

@@ -22,8 +22,10 @@ pub(crate) async fn idle_streams(
         while started < plan.idle || !set.is_empty() {
             while started < plan.idle && set.len() < 32 {
                 let v = v.clone();
+                // 100 streams per source address, under the per-source cap.
+                let source = u8::try_from(started / 100).unwrap_or(u8::MAX - 2);
                 set.spawn(async move {
-                    tokio::time::timeout(Duration::from_secs(10), v.connect()).await
+                    tokio::time::timeout(Duration::from_secs(10), v.connect_from(source)).await
                 });
                 started += 1;
             }

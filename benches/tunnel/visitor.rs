@@ -31,6 +31,17 @@ impl Visitor {
         self.connector.connect(self.name.clone(), tcp).await
     }
 
+    /// [`connect`](Self::connect) from loopback address 127.0.0.(2 + n):
+    /// many streams held at once come from several sources, as the Server
+    /// caps streams per source (128).
+    pub(crate) async fn connect_from(&self, n: u8) -> io::Result<Tls> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from(([127, 0, 0, n.saturating_add(2)], 0)))?;
+        let tcp = socket.connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        self.connector.connect(self.name.clone(), tcp).await
+    }
+
     pub(crate) async fn download(&self, n: u64) -> io::Result<()> {
         let mut s = self.connect().await?;
         command(&mut s, b'D', n).await?;

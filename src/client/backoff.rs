@@ -10,6 +10,10 @@ use rand::Rng;
 /// The window sequence, in seconds.
 pub const WINDOWS_SECS: [u64; 10] = [1, 2, 3, 5, 8, 12, 18, 27, 41, 60];
 
+/// The largest window after a refused identity (the delay is the whole
+/// window plus up to a quarter).
+pub const REFUSED_WINDOW_CAP: Duration = Duration::from_secs(15);
+
 #[derive(Debug, Default, Clone)]
 pub struct Backoff {
     attempt: usize,
@@ -35,7 +39,9 @@ impl Backoff {
     /// Client makes at most 6 attempts in 30 s instead of hammering the
     /// Server while its operator fixes the pin.
     pub fn next_refused_delay(&mut self, rng: &mut impl Rng) -> Duration {
-        let window = self.window();
+        // Capped: once the operator adds the pin, the Client is back within
+        // about 19 s instead of up to 75 s.
+        let window = self.window().min(REFUSED_WINDOW_CAP);
         self.attempt = self.attempt.saturating_add(1);
         let ms = window.as_millis() as u64;
         Duration::from_millis(ms + rng.random_range(0..=ms / 4))
@@ -79,6 +85,15 @@ mod tests {
                 attempts += 1;
             }
             assert!(attempts <= 6, "{attempts} attempts in 30 s");
+        }
+    }
+
+    #[test]
+    fn a_long_refused_client_still_retries_within_19s() {
+        let mut rng = rand::rng();
+        let mut b = Backoff::default();
+        for _ in 0..50 {
+            assert!(b.next_refused_delay(&mut rng) <= Duration::from_millis(18_750));
         }
     }
 

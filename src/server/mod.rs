@@ -288,11 +288,25 @@ impl Server {
         }
         let window = config.graceful_shutdown_duration;
         let in_flight = admission.routed_in_flight();
-        tracing::info!(
-            event = "server_draining",
-            streams_in_flight = in_flight,
-            window_ms = window.as_millis() as u64
-        );
+        if in_flight > 0 {
+            // A person at a terminal pressed Ctrl-C and sees nothing happen
+            // for up to the whole window: say what is going on, once.
+            tracing::info!(
+                event = "server_draining",
+                streams_in_flight = in_flight,
+                window_ms = window.as_millis() as u64,
+                hint = %format!(
+                    "letting {in_flight} open streams finish for up to {} s; press Ctrl-C again (or send SIGTERM) to stop now",
+                    window.as_secs_f64().ceil()
+                ),
+            );
+        } else {
+            tracing::info!(
+                event = "server_draining",
+                streams_in_flight = in_flight,
+                window_ms = window.as_millis() as u64
+            );
+        }
         let drained = tokio::select! {
             _ = stop.wait_fast() => false,
             drained = drain(&admission, window) => drained,

@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::ServerConfig;
 use crate::hostname::wire_lookup_key;
-use crate::logging::budget;
+use crate::logging::{RateLimit, budget};
 use crate::metrics::ServerMetrics;
 use crate::proxy;
 use crate::server::admission::{Admission, IntakePermit};
@@ -34,6 +34,12 @@ pub async fn serve(
     let mut backoff = AcceptBackoff::default();
     let drops = Arc::new(DropCounts::default());
     let summary = tokio::spawn(summarise_drops(drops.clone()));
+    // Dropped in reverse order: the periodic task stops, then the last
+    // summary is written.
+    let _final = FinalSummary {
+        counts: drops.clone(),
+        since: std::time::Instant::now(),
+    };
     let _summary = AbortOnDrop(summary);
     loop {
         let accepted = tokio::select! {
@@ -49,7 +55,7 @@ pub async fn serve(
                 let intake = match admission.intake(peer.ip()) {
                     Ok(permit) => permit,
                     Err(_) => {
-                        drops.count(DropReason::Overloaded, registry.metrics());
+                        drops.count(DropReason::Overloaded, registry.metrics(), None);
                         drop_visitor(&tcp, peer, None, DropReason::Overloaded);
                         continue;
                     }
@@ -128,30 +134,101 @@ impl DropReason {
 /// How often dropped Visitors are summarised at `info`.
 pub const DROP_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Dropped Visitors by reason since the last summary.
-#[derive(Debug, Default)]
-pub struct DropCounts([AtomicU64; REASONS.len()]);
+/// Dropped Visitors by reason since the last summary, and when each reason
+/// was last noticed at `info`.
+#[derive(Debug)]
+pub struct DropCounts {
+    counts: [AtomicU64; REASONS.len()],
+    /// The first drop of each reason is logged at once (then at most once
+    /// per summary interval), so an operator sees a misrouted hostname or
+    /// plain HTTP on 443 without waiting for the summary.
+    noticed: RateLimit<&'static str>,
+}
+
+impl Default for DropCounts {
+    fn default() -> Self {
+        Self {
+            counts: Default::default(),
+            noticed: RateLimit::new(DROP_SUMMARY_INTERVAL),
+        }
+    }
+}
 
 impl DropCounts {
-    fn count(&self, reason: DropReason, metrics: &ServerMetrics) {
+    fn count(&self, reason: DropReason, metrics: &ServerMetrics, hostname: Option<&str>) {
         let token = reason.as_str();
         metrics.visitor_dropped(token);
         let i = REASONS
             .iter()
             .position(|r| *r == token)
             .unwrap_or(REASONS.len() - 1);
-        self.0[i].fetch_add(1, Ordering::Relaxed);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        if self.noticed.allow(&token).is_some() {
+            tracing::info!(
+                event = "visitor_drop_noticed",
+                reason = token,
+                // Visitor input: quoted and escaped.
+                hostname = ?hostname.unwrap_or("-"),
+                hint = drop_hint(reason),
+            );
+        }
     }
 
     /// Take the counts, resetting them; empty when nothing was dropped.
     fn take(&self) -> Vec<(&'static str, u64)> {
         REASONS
             .iter()
-            .zip(&self.0)
+            .zip(&self.counts)
             .map(|(r, c)| (*r, c.swap(0, Ordering::Relaxed)))
             .filter(|(_, n)| *n > 0)
             .collect()
     }
+}
+
+/// What an operator can do about the first drop of each reason.
+fn drop_hint(reason: DropReason) -> &'static str {
+    match reason {
+        DropReason::UnknownHostname => {
+            "no Tunnel lists this hostname: check DNS and the public-hostnames of [[server.tunnels]]"
+        }
+        DropReason::NoTunnelConnection => {
+            "the hostname's Tunnel has no Client connected: check the Client instance"
+        }
+        DropReason::NoSni => "TLS without SNI: Visitors must use a hostname, not an IP address",
+        DropReason::ServerHostname => {
+            "the Server hostname is not routed; only ACME validations may use it"
+        }
+        DropReason::Overloaded => "an admission limit refused the Visitor (admission_saturated)",
+        DropReason::StreamOpenFailed => "the Tunnel connection could not open a stream in time",
+        DropReason::ShuttingDown => "the Server is stopping",
+        DropReason::ClientHello("not_tls") => {
+            "not TLS (plain HTTP on the TLS port?); the Server only routes TLS by SNI"
+        }
+        DropReason::ClientHello("eof") => {
+            "the Visitor closed before sending a ClientHello (a port scan or a TCP health check?)"
+        }
+        DropReason::ClientHello(_) => "the Visitor did not send a complete TLS ClientHello in time",
+    }
+}
+
+/// Log one summary line of dropped Visitors, if any.
+fn log_drop_summary(counts: &DropCounts, window: Duration) {
+    let taken = counts.take();
+    if taken.is_empty() {
+        return;
+    }
+    let total: u64 = taken.iter().map(|(_, n)| n).sum();
+    let by_reason = taken
+        .iter()
+        .map(|(r, n)| format!("{r}:{n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    tracing::info!(
+        event = "visitors_dropped",
+        window_s = window.as_secs(),
+        total,
+        by_reason = %by_reason,
+    );
 }
 
 /// Log one line per interval summarising dropped Visitors, if any.
@@ -160,22 +237,24 @@ async fn summarise_drops(counts: Arc<DropCounts>) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let taken = counts.take();
-        if taken.is_empty() {
-            continue;
-        }
-        let total: u64 = taken.iter().map(|(_, n)| n).sum();
-        let by_reason = taken
-            .iter()
-            .map(|(r, n)| format!("{r}:{n}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        tracing::info!(
-            event = "visitors_dropped",
-            window_s = DROP_SUMMARY_INTERVAL.as_secs(),
-            total,
-            by_reason = %by_reason,
+        log_drop_summary(&counts, DROP_SUMMARY_INTERVAL);
+    }
+}
+
+/// Writes the last summary when the listener stops, so drops since the
+/// previous one are not lost with the process.
+struct FinalSummary {
+    counts: Arc<DropCounts>,
+    since: std::time::Instant,
+}
+
+impl Drop for FinalSummary {
+    fn drop(&mut self) {
+        // The window ends now; it started at the last periodic summary.
+        let window = Duration::from_secs(
+            self.since.elapsed().as_secs() % DROP_SUMMARY_INTERVAL.as_secs().max(1),
         );
+        log_drop_summary(&self.counts, window);
     }
 }
 
@@ -201,7 +280,7 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
         acme_challenge,
     } = ctx;
     let dropped = |tcp: &TcpStream, host: Option<&str>, reason: DropReason| {
-        drops.count(reason, registry.metrics());
+        drops.count(reason, registry.metrics(), host);
         drop_visitor(tcp, peer, host, reason);
     };
     let _ = tcp.set_nodelay(true);

@@ -266,6 +266,32 @@ pub fn peer_identity(conn: &quinn::Connection) -> Option<ClientIdentity> {
     ClientIdentity::from_certificate_der(leaf).ok()
 }
 
+/// At most this many differing characters make a configured pin "close"
+/// to a presented one (a typo, not another key: two random pins differ in
+/// about 60 of 64).
+const CLOSE_PIN_DIFFERENCES: usize = 4;
+
+/// The configured pin that differs from `presented` in the fewest hex
+/// characters, if that is at most [`CLOSE_PIN_DIFFERENCES`].
+fn closest_pin(
+    pins: &HashSet<ClientIdentity>,
+    presented: &ClientIdentity,
+) -> Option<(ClientIdentity, usize)> {
+    let want = presented.to_string();
+    pins.iter()
+        .map(|pin| {
+            let differ = pin
+                .to_string()
+                .bytes()
+                .zip(want.bytes())
+                .filter(|(a, b)| a != b)
+                .count();
+            (*pin, differ)
+        })
+        .filter(|(_, differ)| *differ <= CLOSE_PIN_DIFFERENCES)
+        .min_by_key(|(_, differ)| *differ)
+}
+
 /// Accepts a Client certificate if and only if its SPKI pin is known.
 /// Rejection maps to the TLS `access_denied` alert.
 #[derive(Debug)]
@@ -311,14 +337,31 @@ impl ClientCertVerifier for PinnedClientVerifier {
             };
             if let Some(suppressed) = allowed {
                 // Unproven: the handshake has not shown the key is held.
-                tracing::warn!(
-                    event = "tunnel_refused",
-                    claimed_identity = %identity,
-                    peer = %self.peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                    reason = "unknown_identity",
-                    suppressed,
-                    hint = "add this pin to a [[server.tunnels]] entry to accept it",
-                );
+                let peer = self
+                    .peer
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into());
+                match closest_pin(&self.pins, &identity) {
+                    // One or two mistyped characters in the config are the
+                    // common case: point at the pin that was meant.
+                    Some((pin, differ)) => tracing::warn!(
+                        event = "tunnel_refused",
+                        claimed_identity = %identity,
+                        peer,
+                        reason = "unknown_identity",
+                        suppressed,
+                        closest_configured = %pin,
+                        hint = %format!("a configured client-identity differs from this pin in {differ} characters: a typo in the Server's config?"),
+                    ),
+                    None => tracing::warn!(
+                        event = "tunnel_refused",
+                        claimed_identity = %identity,
+                        peer,
+                        reason = "unknown_identity",
+                        suppressed,
+                        hint = "add this pin to a [[server.tunnels]] entry to accept it",
+                    ),
+                }
             }
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
@@ -440,4 +483,24 @@ pub fn endpoint(
         });
     }
     quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+}
+
+#[cfg(test)]
+mod closest_pin_tests {
+    use super::*;
+
+    fn pin(hex: &str) -> ClientIdentity {
+        ClientIdentity::parse(hex).expect("pin")
+    }
+
+    #[test]
+    fn a_mistyped_configured_pin_is_named_and_a_stranger_is_not() {
+        let good = "a".repeat(64);
+        let typo = format!("ab{}", "a".repeat(62));
+        let other = "0123456789abcdef".repeat(4);
+        let pins: HashSet<ClientIdentity> = [pin(&typo), pin(&other)].into_iter().collect();
+        assert_eq!(closest_pin(&pins, &pin(&good)), Some((pin(&typo), 1)));
+        let stranger = "f".repeat(64);
+        assert_eq!(closest_pin(&pins, &pin(&stranger)), None);
+    }
 }

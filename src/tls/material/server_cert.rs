@@ -232,9 +232,10 @@ fn report_tail(out: &mut String, p: &Paths, ca: &Ca, leaf_der: &[u8]) -> Result<
         pki::not_after(&p.cert, leaf_der)?
     );
     let _ = writeln!(out, "Server CA SHA-256 fingerprint: {}", ca.fingerprint());
+    // The path is this host's: the Client reads its own copy.
     let _ = writeln!(
         out,
-        "Clients trust it with: server-trust = \"ca-file\", server-ca-file = \"{}\"",
+        "Copy {} to each Client host; there, set server-trust = \"ca-file\" and server-ca-file = \"<path of the copy>\"",
         p.ca_cert.display()
     );
     if let Some(pin) = ServerPin::of_certificate(leaf_der) {
