@@ -40,7 +40,7 @@ pub fn init() {
 /// soft open-files limit to the hard one. A login session's soft limit is
 /// often 1024 (as for the unprivileged user of `.ci/check_phase`), which
 /// the slowloris test exceeds.
-fn raise_open_files_limit() {
+pub fn raise_open_files_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

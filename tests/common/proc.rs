@@ -49,6 +49,8 @@ pub fn stderr_of(cmd: &mut std::process::Command, code: i32) -> String {
 
 impl Home {
     pub fn new() -> Self {
+        // Flood tests hold thousands of sockets in the test process.
+        super::raise_open_files_limit();
         Self {
             dir: tempfile::tempdir().unwrap(),
             public: free_tcp(),
