@@ -246,6 +246,22 @@ impl TestServer {
         }
     }
 
+    /// Wait until `host` routes to an active connection other than `old`.
+    pub async fn wait_replaced(&self, host: &str, old: u64, within: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match self.active_id(host) {
+                Some(id) if id != old => return id,
+                _ => {}
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{host} still routes to connection {old} after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn active_id(&self, host: &str) -> Option<u64> {
         match self.registry.route(host) {
             Route::Active(tc) => Some(tc.id),
