@@ -315,3 +315,97 @@ fn client_sighup_replaces_services_without_reconnecting() {
     client.stop_with(libc::SIGTERM, Duration::from_secs(5));
     server.stop_with(libc::SIGTERM, Duration::from_secs(5));
 }
+
+#[test]
+fn client_sighup_with_a_new_identity_or_server_address_dials_again() {
+    let home = Home::new();
+    let (backend, root) = tagged_backend(b"ok");
+    home.server_material();
+    let pin1 = home.identity("id1");
+    let pin2 = home.identity("id2");
+    // Server A knows id1 for APP and id2 for NEW; Server B (same
+    // certificates, other ports) knows id1 for OTHER.
+    home.write(
+        "a.toml",
+        &server_toml(&home, &[(&[APP], &pin1), (&[NEW], &pin2)]),
+    );
+    let (b_public, b_tunnel) = (free_tcp(), free_udp());
+    let b_toml = server_toml(&home, &[(&[OTHER], &pin1)])
+        .replace(
+            &format!("127.0.0.1:{}\"\ntunnel", home.public),
+            &format!("127.0.0.1:{b_public}\"\ntunnel"),
+        )
+        .replace(
+            &format!("127.0.0.1:{}\"\ncert", home.tunnel),
+            &format!("127.0.0.1:{b_tunnel}\"\ncert"),
+        );
+    assert!(b_toml.contains(&b_tunnel.to_string()), "{b_toml}");
+    home.write("b.toml", &b_toml);
+    let mut a = home.spawn("server", &home.path().join("a.toml"), "a.log");
+    let mut b = home.spawn("server", &home.path().join("b.toml"), "b.log");
+    let client_toml = |identity: &str, tunnel_port: u16| {
+        home.write(
+            "client.toml",
+            &format!(
+                "[client]\nserver-address = \"localhost:{tunnel_port}\"\nserver-trust = \"ca-file\"\n\
+                 server-ca-file = \"server-certs/server-ca.crt\"\nidentity-dir = \"{identity}\"\n\n\
+                 [[client.services]]\nbackend-address = \"{backend}\"\n"
+            ),
+        )
+    };
+    let toml = client_toml("id1", home.tunnel);
+    let mut client = home.spawn("client", &toml, "client.log");
+    let a_public = home.public_addr();
+    let b_public: SocketAddr = format!("127.0.0.1:{b_public}").parse().unwrap();
+    wait_for("APP on A", Duration::from_secs(15), || {
+        get(a_public, APP, &root, b"hi").is_ok()
+    });
+
+    // Another identity: the Client closes its connection and dials as id2.
+    client_toml("id2", home.tunnel);
+    client.signal(libc::SIGHUP);
+    wait_for("NEW on A", Duration::from_secs(5), || {
+        get(a_public, NEW, &root, b"hi").is_ok()
+    });
+    wait_for("APP gone from A", Duration::from_secs(5), || {
+        get(a_public, APP, &root, b"hi").is_err()
+    });
+    let reloaded = client.events("config_reloaded");
+    assert!(
+        reloaded[0].contains("reconnect=identity"),
+        "{}",
+        reloaded[0]
+    );
+
+    // Another Server (and the first identity again).
+    client_toml("id1", b_tunnel);
+    client.signal(libc::SIGHUP);
+    wait_for("OTHER on B", Duration::from_secs(5), || {
+        get(b_public, OTHER, &root, b"hi").is_ok()
+    });
+    wait_for("NEW gone from A", Duration::from_secs(5), || {
+        get(a_public, NEW, &root, b"hi").is_err()
+    });
+    let reloaded = client.events("config_reloaded");
+    assert!(
+        reloaded[1].contains("reconnect=server-address,identity"),
+        "{}",
+        reloaded[1]
+    );
+    assert_eq!(client.events("tunnel_reconnecting").len(), 2);
+    assert!(client.events("reload_restart_needed").is_empty());
+
+    // A rotated key in the same directory is a new identity too; B does not
+    // know it, so the Client is refused and says so.
+    let _ = std::fs::remove_dir_all(home.path().join("id1"));
+    home.identity("id1");
+    client.signal(libc::SIGHUP);
+    wait_for("refused after rotation", Duration::from_secs(5), || {
+        !client.events("tunnel_refused").is_empty()
+    });
+    assert_eq!(client.events("tunnel_reconnecting").len(), 3);
+
+    client.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    a.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    b.stop_with(libc::SIGTERM, Duration::from_secs(5));
+}

@@ -90,12 +90,26 @@ struct Context {
     acceptor: Option<terminate::Acceptor>,
     /// One `backend_unreachable` line per backend per interval.
     backend_errors: RateLimit<String>,
-    /// Deadlines of every relayed stream.
-    stream_timeouts: StreamTimeouts,
     metrics: Arc<crate::metrics::ClientMetrics>,
+    /// The config and identity the Tunnel connection uses now: a reload
+    /// that changes the tunnel keys replaces both.
+    running: std::sync::RwLock<(Arc<ClientConfig>, ClientIdentity)>,
 }
 
 impl Context {
+    /// Deadlines of every relayed stream, as of the last (re)load.
+    fn stream_timeouts(&self) -> StreamTimeouts {
+        self.running().0.stream_timeouts
+    }
+
+    /// The config and identity in effect.
+    fn running(&self) -> (Arc<ClientConfig>, ClientIdentity) {
+        self.running
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The Services as of the last (re)load.
     fn services(&self) -> Arc<ServiceTable> {
         self.services
@@ -129,6 +143,9 @@ pub enum TunnelEnd {
     Replaced,
     /// Lost: closed by the Server, timed out, reset.
     Lost,
+    /// Closed by this Client because a reload changed where or as whom it
+    /// connects (`server-address`, trust, identity, congestion control).
+    Reconfigured,
 }
 
 /// A Client instance ready to run.
@@ -156,21 +173,32 @@ enum Ended {
     Shutdown,
     Replaced,
     Lost(quinn::ConnectionError),
+    Reconfigured(reload::Redial),
+}
+
+/// The dialer and identity a config's tunnel keys describe: the Client
+/// identity, the Server trust and the QUIC settings.
+fn tunnel_dialer(config: &ClientConfig) -> Result<(Dialer, ClientIdentity), ClientError> {
+    let (identity_material, identity) = material::load_client_identity(&config.identity_dir)?;
+    let verifier = trust::server_verifier(
+        &config.server_trust,
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )?;
+    let quic = transport::client_config_with_verifier(
+        verifier,
+        identity_material,
+        config.congestion_control,
+    )?;
+    Ok((
+        Dialer::new(config.server_address.clone(), &config.server_trust, quic),
+        identity,
+    ))
 }
 
 impl Client {
     /// Load the identity, Server trust and terminate certificates.
     pub fn new(config: ClientConfig) -> Result<Self, ClientError> {
-        let (identity_material, identity) = material::load_client_identity(&config.identity_dir)?;
-        let verifier = trust::server_verifier(
-            &config.server_trust,
-            Arc::new(rustls::crypto::ring::default_provider()),
-        )?;
-        let quic = transport::client_config_with_verifier(
-            verifier,
-            identity_material,
-            config.congestion_control,
-        )?;
+        let (dialer, identity) = tunnel_dialer(&config)?;
         let mut acme = None;
         let mut swappable = None;
         let metrics = Arc::new(crate::metrics::ClientMetrics::new(&config.services));
@@ -229,13 +257,14 @@ impl Client {
             })
             .transpose()?;
         let certs = swappable;
+        let config = Arc::new(config);
         let context = Arc::new(Context {
+            running: std::sync::RwLock::new((config.clone(), identity)),
             services: std::sync::RwLock::new(Arc::new(ServiceTable::new(&config.services))),
             certs,
             handlers: Arc::new(tokio::sync::Semaphore::new(STREAM_HANDLERS)),
             acceptor,
             backend_errors: RateLimit::new(BACKEND_ERROR_LOG_INTERVAL),
-            stream_timeouts: config.stream_timeouts,
             metrics,
         });
         let control = config
@@ -243,8 +272,8 @@ impl Client {
             .as_deref()
             .and_then(|path| crate::control::ControlSocket::bind(path, "client"));
         Ok(Self {
-            dialer: Dialer::new(config.server_address.clone(), &config.server_trust, quic),
-            config: Arc::new(config),
+            dialer,
+            config,
             identity,
             context,
             status: tokio::sync::watch::Sender::new(ClientStatus::default()),
@@ -288,24 +317,25 @@ impl Client {
         let mut acme_tasks = None;
         let mut backoff = Backoff::default();
         let mut rng = rand::rngs::StdRng::from_os_rng();
-        let server = self.config.server_address.to_string();
+        let mut server = self.config.server_address.to_string();
         let _metrics_task = self.metrics_listener.take().and_then(|l| {
             let m = self.context.metrics.clone();
             crate::metrics::spawn_std_listener(l, Arc::new(move || m.render()))
         });
+        let (redial_tx, mut redial) = tokio::sync::mpsc::unbounded_channel();
         let _reload = self.reloader.take().map(|r| {
             crate::metrics::AbortOnDrop::new(tokio::spawn(reload::on_sighup(
                 r,
-                self.config.clone(),
                 self.context.clone(),
+                redial_tx,
             )))
         });
         let _control = self.control.take().and_then(|c| {
-            let (config, identity, context) =
-                (self.config.clone(), self.identity, self.context.clone());
+            let context = self.context.clone();
             let status = self.status.subscribe();
             let started = std::time::SystemTime::now();
             c.serve(Arc::new(move || {
+                let (config, identity) = context.running();
                 let services = context.services();
                 status::snapshot(
                     &config,
@@ -340,6 +370,11 @@ impl Client {
         loop {
             let dialed = tokio::select! {
                 _ = shutdown.wait() => break,
+                Some(r) = redial.recv() => {
+                    server = self.switch(r, &mut redial).await;
+                    backoff.reset();
+                    continue;
+                }
                 dialed = self.dialer.dial() => dialed,
             };
             let delay = match dialed {
@@ -355,7 +390,8 @@ impl Client {
                         // not count failed validations against us.
                         acme_tasks = self.acme.take().map(AcmeManager::spawn);
                     }
-                    let ended = serve(&conn, self.context.clone(), &mut shutdown).await;
+                    let ended =
+                        serve(&conn, self.context.clone(), &mut shutdown, &mut redial).await;
                     self.context.metrics.set_connection(None);
                     self.set_status(
                         false,
@@ -363,6 +399,7 @@ impl Client {
                             Ended::Shutdown => TunnelEnd::Shutdown,
                             Ended::Replaced => TunnelEnd::Replaced,
                             Ended::Lost(_) => TunnelEnd::Lost,
+                            Ended::Reconfigured(_) => TunnelEnd::Reconfigured,
                         }),
                     );
                     match ended {
@@ -384,6 +421,12 @@ impl Client {
                                 REPLACED_PAUSE,
                             );
                             REPLACED_PAUSE
+                        }
+                        Ended::Reconfigured(r) => {
+                            conn.close(close_code::SHUTDOWN, b"client reconfigured");
+                            server = self.switch(r, &mut redial).await;
+                            backoff.reset();
+                            continue;
                         }
                         Ended::Lost(error) => {
                             let delay = backoff.next_delay(&mut rng);
@@ -410,6 +453,10 @@ impl Client {
             };
             tokio::select! {
                 _ = shutdown.wait() => break,
+                Some(r) = redial.recv() => {
+                    server = self.switch(r, &mut redial).await;
+                    backoff.reset();
+                }
                 _ = tokio::time::sleep(delay) => {}
             }
         }
@@ -422,6 +469,36 @@ impl Client {
             let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
         }
         tracing::info!(event = "client_stopped");
+    }
+}
+
+impl Client {
+    /// Take the dialer and identity a reload built (the newest, if several
+    /// reloads came at once), closing the old endpoint; returns the new
+    /// Server address for log lines. The caller dials at once.
+    async fn switch(
+        &mut self,
+        mut r: reload::Redial,
+        pending: &mut tokio::sync::mpsc::UnboundedReceiver<reload::Redial>,
+    ) -> String {
+        while let Ok(newer) = pending.try_recv() {
+            r = newer;
+        }
+        if let Ok(endpoint) = self.dialer.endpoint() {
+            endpoint.close(close_code::SHUTDOWN, b"client reconfigured");
+            let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
+        }
+        let server = r.config.server_address.to_string();
+        tracing::info!(
+            event = "tunnel_reconnecting",
+            server = %server,
+            identity = %r.identity,
+            changed = %r.changed.join(","),
+        );
+        self.dialer = r.dialer;
+        self.identity = r.identity;
+        self.config = r.config;
+        server
     }
 }
 
@@ -453,10 +530,16 @@ fn log_dial_failure(server: &str, identity: &ClientIdentity, error: &DialError, 
     }
 }
 
-async fn serve(conn: &quinn::Connection, context: Arc<Context>, shutdown: &mut Shutdown) -> Ended {
+async fn serve(
+    conn: &quinn::Connection,
+    context: Arc<Context>,
+    shutdown: &mut Shutdown,
+    redial: &mut tokio::sync::mpsc::UnboundedReceiver<reload::Redial>,
+) -> Ended {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait() => return Ended::Shutdown,
+            Some(r) = redial.recv() => return Ended::Reconfigured(r),
             accepted = conn.accept_bi() => accepted,
         };
         match accepted {
@@ -670,7 +753,7 @@ async fn passthrough(
         return Err("backend_write_failed");
     }
     // Here the TCP side of the relay is the backend.
-    let t = proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv, context.stream_timeouts)
+    let t = proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv, context.stream_timeouts())
         .await
         .map_err(|e| e.reason())?;
     Ok(Moved {
@@ -726,8 +809,8 @@ async fn terminate(
         abort_tls(&mut tls);
         return Err("backend_write_failed");
     }
-    proxy::tune_tcp(&tcp, context.stream_timeouts);
-    match proxy::relay_io(&mut tls, &mut tcp, context.stream_timeouts).await {
+    proxy::tune_tcp(&tcp, context.stream_timeouts());
+    match proxy::relay_io(&mut tls, &mut tcp, context.stream_timeouts()).await {
         Ok(t) => Ok(Moved {
             to_backend: t.to_tunnel,
             from_backend: t.from_tunnel,

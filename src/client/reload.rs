@@ -1,10 +1,14 @@
 //! Live reload of a Client instance (SIGHUP): re-read the config; an
-//! invalid file (or unreadable terminate certificates) changes nothing.
-//! Otherwise the Services are replaced whole, so new and changed Services
-//! take the next stream, removed ones take none (streams in flight finish
-//! as they are); `public-cert-dir` certificates are re-read. Keys only a
-//! restart applies (server address, trust, identity, listeners, the
-//! certificate source) are named in a warning.
+//! invalid file (or unreadable terminate certificates or identity) changes
+//! nothing. Otherwise the Services are replaced whole, so new and changed
+//! Services take the next stream, removed ones take none (streams in flight
+//! finish as they are); `public-cert-dir` certificates are re-read; the
+//! stream deadlines apply to new streams. A changed `server-address`,
+//! `server-trust`/`server-ca-file`/`server-pin`, identity (another
+//! `identity-dir` or a new key in the same one) or `congestion-control`
+//! closes the Tunnel connection and dials again with the new settings.
+//! Keys only a restart applies (listeners, log level, the certificate
+//! source) are named in a warning.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,11 +23,21 @@ use crate::tls::material;
 /// Reads the config again (same file and overlays) for a reload.
 pub type Reloader = Box<dyn Fn() -> Result<ClientConfig, crate::config::ConfigError> + Send + Sync>;
 
+/// What a reload hands the run loop when the tunnel keys changed: dial
+/// again with these.
+pub(super) struct Redial {
+    pub(super) dialer: super::dialer::Dialer,
+    pub(super) identity: crate::tls::client_identity::ClientIdentity,
+    pub(super) config: Arc<ClientConfig>,
+    /// The keys that changed, for the log line.
+    pub(super) changed: Vec<&'static str>,
+}
+
 /// Wait for SIGHUP and reload, until the task is aborted.
 pub(super) async fn on_sighup(
     reloader: Reloader,
-    running: Arc<ClientConfig>,
     context: Arc<Context>,
+    redial: tokio::sync::mpsc::UnboundedSender<Redial>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -34,19 +48,33 @@ pub(super) async fn on_sighup(
         return;
     };
     while hup.recv().await.is_some() {
-        reload(&reloader, &running, &context);
+        if let Some(r) = reload(&reloader, &context) {
+            // The run loop only ends at shutdown, when nothing is left to
+            // redial.
+            let _ = redial.send(r);
+        }
     }
 }
 
-fn reload(reloader: &Reloader, running: &ClientConfig, context: &Context) {
+fn reload(reloader: &Reloader, context: &Context) -> Option<Redial> {
     let failed = |error: &dyn std::fmt::Display| {
         tracing::error!(event = "reload_failed", error = %error, hint = "nothing was changed; fix it and send SIGHUP again");
+        None
     };
     let new = match reloader() {
         Ok(c) => c,
         Err(e) => return failed(&e),
     };
+    let (running, identity) = context.running();
+    let running = &*running;
     let mut restart = restart_needed(running, &new);
+    // The identity is read again even when its directory is the same: a
+    // rotated key (`identity init --force`) is a new identity.
+    let (dialer, new_identity) = match super::tunnel_dialer(&new) {
+        Ok(d) => d,
+        Err(e) => return failed(&e),
+    };
+    let redial_keys = redial_needed(running, &new, identity != new_identity);
     // Terminate certificates from the same public-cert-dir are re-read;
     // a new source needs a restart.
     let certs = match (&running.public_certs, &new.public_certs, &context.certs) {
@@ -132,7 +160,59 @@ fn reload(reloader: &Reloader, running: &ClientConfig, context: &Context) {
         services_removed = %list(&removed),
         services_changed = changed,
         certificates,
+        reconnect = %if redial_keys.is_empty() { "-".to_string() } else { redial_keys.join(",") },
     );
+    // What runs from now on: the new file, except the keys only a restart
+    // applies.
+    let effective = Arc::new(ClientConfig {
+        log_level: running.log_level,
+        readiness_bind_address: running.readiness_bind_address,
+        metrics_bind_address: running.metrics_bind_address,
+        control_socket: running.control_socket.clone(),
+        public_certs: if restart.contains(&"public-cert-dir/acme") {
+            running.public_certs.clone()
+        } else {
+            new.public_certs.clone()
+        },
+        ..new
+    });
+    let (identity, redial) = if redial_keys.is_empty() {
+        (identity, None)
+    } else {
+        (
+            new_identity,
+            Some(Redial {
+                dialer,
+                identity: new_identity,
+                config: effective.clone(),
+                changed: redial_keys,
+            }),
+        )
+    };
+    *context.running.write().unwrap_or_else(|p| p.into_inner()) = (effective, identity);
+    redial
+}
+
+/// The tunnel keys whose change closes the Tunnel connection and dials
+/// again.
+fn redial_needed(old: &ClientConfig, new: &ClientConfig, new_identity: bool) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut check = |changed: bool, key| {
+        if changed {
+            keys.push(key);
+        }
+    };
+    check(old.server_address != new.server_address, "server-address");
+    check(old.server_trust != new.server_trust, "server-trust");
+    check(
+        old.identity_dir != new.identity_dir || new_identity,
+        "identity",
+    );
+    check(
+        old.congestion_control != new.congestion_control,
+        "congestion-control",
+    );
+    keys
 }
 
 /// A Service without its position in the file (moving it is no change).
@@ -150,12 +230,10 @@ fn restart_needed(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
             keys.push(key);
         }
     };
-    check(old.server_address != new.server_address, "server-address");
     check(
-        old.server_trust != new.server_trust,
-        "server-trust/server-ca-file",
+        old.readiness_bind_address != new.readiness_bind_address,
+        "readiness-bind-address",
     );
-    check(old.identity_dir != new.identity_dir, "identity-dir");
     check(old.log_level != new.log_level, "log-level");
     check(
         old.metrics_bind_address != new.metrics_bind_address,
