@@ -173,7 +173,7 @@ enum Ended {
     Shutdown,
     Replaced,
     Lost(quinn::ConnectionError),
-    Reconfigured(reload::Redial),
+    Reconfigured(Box<reload::Redial>),
 }
 
 /// The dialer and identity a config's tunnel keys describe: the Client
@@ -424,7 +424,7 @@ impl Client {
                         }
                         Ended::Reconfigured(r) => {
                             conn.close(close_code::SHUTDOWN, b"client reconfigured");
-                            server = self.switch(r, &mut redial).await;
+                            server = self.switch(*r, &mut redial).await;
                             backoff.reset();
                             continue;
                         }
@@ -539,7 +539,7 @@ async fn serve(
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait() => return Ended::Shutdown,
-            Some(r) = redial.recv() => return Ended::Reconfigured(r),
+            Some(r) = redial.recv() => return Ended::Reconfigured(Box::new(r)),
             accepted = conn.accept_bi() => accepted,
         };
         match accepted {
