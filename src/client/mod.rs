@@ -8,42 +8,30 @@ pub mod dialer;
 pub mod reload;
 pub mod service;
 pub mod status;
+mod stream;
 pub mod terminate;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use quinn::{RecvStream, SendStream};
 use rand::SeedableRng;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
-use crate::config::{ClientConfig, PublicCertSource, ServiceConfig, StreamTimeouts, TlsMode};
-use crate::hostname::wire_lookup_key;
+use crate::config::{ClientConfig, PublicCertSource, StreamTimeouts, TlsMode};
 use crate::logging::RateLimit;
 use crate::notify;
-use crate::proxy;
 use crate::shutdown::Shutdown;
 use crate::tls::acme::{AcmeManager, AcmeSetupError};
 use crate::tls::client_identity::ClientIdentity;
 use crate::tls::material::{self, MaterialError};
-use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE};
 use crate::tls::trust::{self, TrustError};
-use crate::tunnel::framing::{self, ProxyHeader};
 use crate::tunnel::transport::{self, TransportError, close_code, stream_code};
 
 use backoff::Backoff;
 use dialer::{DialError, Dialer};
 use service::ServiceTable;
-use terminate::{Accepted, CertificateTable, TerminateError, TunnelStream};
+use terminate::{CertificateTable, TerminateError};
 
-/// The Local backend must accept the TCP connection within this time.
-pub const BACKEND_CONNECT_DEADLINE: Duration = Duration::from_secs(5);
-/// The PROXY header of a new stream must arrive within this time.
-const STREAM_HEADER_DEADLINE: Duration = Duration::from_secs(10);
-/// Terminate mode: the Visitor's TLS handshake must finish within this time.
-const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+pub use stream::BACKEND_CONNECT_DEADLINE;
 /// After being replaced by a newer connection with the same identity, wait
 /// this long before dialing again, so two instances sharing an identity do
 /// not flap the Tunnel back and forth.
@@ -135,14 +123,14 @@ pub struct ClientStatus {
 }
 
 /// How a Tunnel connection ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TunnelEnd {
     /// Local shutdown.
     Shutdown,
     /// The Server replaced it with a newer connection for the same Tunnel.
     Replaced,
     /// Lost: closed by the Server, timed out, reset.
-    Lost,
+    Lost(quinn::ConnectionError),
     /// Closed by this Client because a reload changed where or as whom it
     /// connects (`server-address`, trust, identity, congestion control).
     Reconfigured,
@@ -166,14 +154,6 @@ pub struct Client {
     control: Option<crate::control::ControlSocket>,
     /// Re-reads the config on SIGHUP.
     reloader: Option<reload::Reloader>,
-}
-
-/// How a Tunnel connection ended.
-enum Ended {
-    Shutdown,
-    Replaced,
-    Lost(quinn::ConnectionError),
-    Reconfigured(Box<reload::Redial>),
 }
 
 /// The dialer and identity a config's tunnel keys describe: the Client
@@ -390,24 +370,23 @@ impl Client {
                         // not count failed validations against us.
                         acme_tasks = self.acme.take().map(AcmeManager::spawn);
                     }
-                    let ended =
-                        serve(&conn, self.context.clone(), &mut shutdown, &mut redial).await;
+                    let mut next = None;
+                    let ended = serve(
+                        &conn,
+                        self.context.clone(),
+                        &mut shutdown,
+                        &mut redial,
+                        &mut next,
+                    )
+                    .await;
                     self.context.metrics.set_connection(None);
-                    self.set_status(
-                        false,
-                        Some(match &ended {
-                            Ended::Shutdown => TunnelEnd::Shutdown,
-                            Ended::Replaced => TunnelEnd::Replaced,
-                            Ended::Lost(_) => TunnelEnd::Lost,
-                            Ended::Reconfigured(_) => TunnelEnd::Reconfigured,
-                        }),
-                    );
+                    self.set_status(false, Some(ended.clone()));
                     match ended {
-                        Ended::Shutdown => {
+                        TunnelEnd::Shutdown => {
                             conn.close(close_code::SHUTDOWN, b"client shutting down");
                             break;
                         }
-                        Ended::Replaced => {
+                        TunnelEnd::Replaced => {
                             tracing::warn!(
                                 event = "tunnel_replaced",
                                 server = %server,
@@ -422,13 +401,15 @@ impl Client {
                             );
                             REPLACED_PAUSE
                         }
-                        Ended::Reconfigured(r) => {
+                        TunnelEnd::Reconfigured => {
                             conn.close(close_code::SHUTDOWN, b"client reconfigured");
-                            server = self.switch(*r, &mut redial).await;
+                            if let Some(r) = next.take() {
+                                server = self.switch(r, &mut redial).await;
+                            }
                             backoff.reset();
                             continue;
                         }
-                        Ended::Lost(error) => {
+                        TunnelEnd::Lost(error) => {
                             let delay = backoff.next_delay(&mut rng);
                             tracing::info!(event = "tunnel_closed", server = %server, %peer, detail = ?error.to_string(), retry_in_ms = delay.as_millis() as u64);
                             self.context
@@ -530,300 +511,44 @@ fn log_dial_failure(server: &str, identity: &ClientIdentity, error: &DialError, 
     }
 }
 
+/// Hand the Visitor streams the Server opens on `conn` to stream handlers
+/// until the connection ends; when a reload asks to dial again, its
+/// [`reload::Redial`] is left in `next`.
 async fn serve(
     conn: &quinn::Connection,
     context: Arc<Context>,
     shutdown: &mut Shutdown,
     redial: &mut tokio::sync::mpsc::UnboundedReceiver<reload::Redial>,
-) -> Ended {
+    next: &mut Option<reload::Redial>,
+) -> TunnelEnd {
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.wait() => return Ended::Shutdown,
-            Some(r) = redial.recv() => return Ended::Reconfigured(Box::new(r)),
+            _ = shutdown.wait() => return TunnelEnd::Shutdown,
+            Some(r) = redial.recv() => {
+                *next = Some(r);
+                return TunnelEnd::Reconfigured;
+            }
             accepted = conn.accept_bi() => accepted,
         };
         match accepted {
             Ok((mut send, mut recv)) => {
                 let Ok(permit) = context.handlers.clone().try_acquire_owned() else {
                     context.metrics.stream_rejected("overloaded");
-                    reject(&mut send, &mut recv, stream_code::OVERLOADED);
+                    stream::reject(&mut send, &mut recv, stream_code::OVERLOADED);
                     continue;
                 };
                 let context = context.clone();
                 tokio::spawn(async move {
-                    stream(send, recv, context).await;
+                    stream::stream(send, recv, context).await;
                     drop(permit);
                 });
             }
             Err(quinn::ConnectionError::ApplicationClosed(c))
                 if c.error_code == close_code::REPLACED =>
             {
-                return Ended::Replaced;
+                return TunnelEnd::Replaced;
             }
-            Err(e) => return Ended::Lost(e),
-        }
-    }
-}
-
-/// One Visitor stream: PROXY header, ClientHello, Service, backend.
-async fn stream(mut send: SendStream, mut recv: RecvStream, context: Arc<Context>) {
-    let header = match tokio::time::timeout(
-        STREAM_HEADER_DEADLINE,
-        framing::read_proxy_header(&mut recv),
-    )
-    .await
-    {
-        Ok(Ok(h)) => h,
-        Ok(Err(error)) => {
-            context.metrics.stream_rejected("bad_proxy_header");
-            tracing::debug!(event = "stream_rejected", reason = "bad_proxy_header", error = ?error.to_string());
-            return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
-        }
-        Err(_) => {
-            context.metrics.stream_rejected("proxy_header_timeout");
-            tracing::debug!(event = "stream_rejected", reason = "proxy_header_timeout");
-            return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
-        }
-    };
-    // For log lines: the Visitor's address, or "-" without a PROXY source.
-    let visitor = header
-        .map(|h| h.source.to_string())
-        .unwrap_or_else(|| "-".to_string());
-    let mut hello = Vec::new();
-    let deadline = tokio::time::Instant::now() + CLIENT_HELLO_DEADLINE;
-    let info = match sni::read_client_hello(&mut recv, &mut hello, deadline).await {
-        Ok(info) => info,
-        Err(e) => {
-            context.metrics.stream_rejected(e.reason());
-            tracing::debug!(event = "stream_rejected", visitor, reason = e.reason());
-            return reject(&mut send, &mut recv, stream_code::BAD_FRAMING);
-        }
-    };
-    let hostname = info.server_name.as_deref().map(wire_lookup_key);
-    let services = context.services();
-    let Some(service) = services.select(hostname.as_deref()) else {
-        context.metrics.stream_rejected("no_service");
-        if let Some(suppressed) = crate::logging::budget::NO_SERVICE.allow() {
-            tracing::info!(
-                event = "stream_rejected",
-                hostname = hostname.as_deref().unwrap_or("-"),
-                visitor,
-                reason = "no_service",
-                suppressed
-            );
-        }
-        return reject(&mut send, &mut recv, stream_code::NO_SERVICE);
-    };
-    let host = hostname.as_deref().unwrap_or("-");
-    let started = std::time::Instant::now();
-    let service_metrics = context.metrics.service(service);
-    let _active = service_metrics.as_ref().map(|m| {
-        m.streams.inc();
-        crate::metrics::ActiveStream::new(&m.streams_active)
-    });
-    let result = match service.tls_mode {
-        TlsMode::Passthrough => {
-            passthrough(
-                &context,
-                service,
-                header,
-                Bytes::from(hello),
-                send,
-                recv,
-                host,
-            )
-            .await
-        }
-        TlsMode::Terminate => match &context.acceptor {
-            Some(acceptor) => {
-                terminate(
-                    &context,
-                    acceptor,
-                    service,
-                    header,
-                    Bytes::from(hello),
-                    send,
-                    recv,
-                    host,
-                )
-                .await
-            }
-            None => {
-                reject(&mut send, &mut recv, stream_code::TLS_FAILED);
-                Err("no_certificates")
-            }
-        },
-    };
-    if let (Some(m), Ok(t)) = (&service_metrics, &result) {
-        m.bytes_to_backend.inc_by(t.to_backend);
-        m.bytes_from_backend.inc_by(t.from_backend);
-    }
-    match result {
-        Ok(t) => tracing::debug!(
-            event = "stream_closed",
-            hostname = host,
-            service = service.index,
-            to_backend = t.to_backend,
-            from_backend = t.from_backend,
-            duration_ms = started.elapsed().as_millis() as u64,
-        ),
-        Err(reason) => tracing::debug!(
-            event = "stream_aborted",
-            hostname = host,
-            service = service.index,
-            reason
-        ),
-    }
-}
-
-fn reject(send: &mut SendStream, recv: &mut RecvStream, code: quinn::VarInt) {
-    let _ = send.reset(code);
-    let _ = recv.stop(code);
-}
-
-async fn connect_backend(
-    context: &Context,
-    service: &ServiceConfig,
-    hostname: &str,
-) -> Result<TcpStream, &'static str> {
-    let addr = &service.backend_address;
-    let metrics = context.metrics.service(service);
-    let started = std::time::Instant::now();
-    let connect = TcpStream::connect((addr.host.as_str(), addr.port));
-    let (reason, error) = match tokio::time::timeout(BACKEND_CONNECT_DEADLINE, connect).await {
-        Ok(Ok(tcp)) => {
-            if let Some(m) = &metrics {
-                crate::metrics::observe_since(&m.backend_connect, started);
-            }
-            let _ = tcp.set_nodelay(true);
-            return Ok(tcp);
-        }
-        Ok(Err(error)) => ("backend_unreachable", error.to_string()),
-        Err(_) => ("backend_timeout", "connect timed out".to_string()),
-    };
-    if let Some(m) = &metrics {
-        m.backend_failed(reason);
-    }
-    if let Some(suppressed) = context.backend_errors.allow(&addr.to_string()) {
-        tracing::warn!(event = "backend_unreachable", backend = %addr, hostname, error = ?error, suppressed);
-    }
-    Err(reason)
-}
-
-/// Write the PROXY v2 header the Service asked for (the Visitor's
-/// addresses, as the Server saw them).
-async fn send_proxy_header(
-    tcp: &mut TcpStream,
-    service: &ServiceConfig,
-    header: Option<ProxyHeader>,
-) -> std::io::Result<()> {
-    if !service.proxy_protocol {
-        return Ok(());
-    }
-    let bytes = match header {
-        Some(h) => framing::encode(&h),
-        None => framing::encode_local(),
-    };
-    tcp.write_all(&bytes).await
-}
-
-async fn passthrough(
-    context: &Context,
-    service: &ServiceConfig,
-    header: Option<ProxyHeader>,
-    hello: Bytes,
-    mut send: SendStream,
-    mut recv: RecvStream,
-    hostname: &str,
-) -> Result<Moved, &'static str> {
-    let mut tcp = match connect_backend(context, service, hostname).await {
-        Ok(tcp) => tcp,
-        Err(reason) => {
-            reject(&mut send, &mut recv, stream_code::BACKEND_UNREACHABLE);
-            return Err(reason);
-        }
-    };
-    let first = async {
-        send_proxy_header(&mut tcp, service, header).await?;
-        tcp.write_all(&hello).await
-    };
-    if first.await.is_err() {
-        proxy::abort_tcp(&tcp);
-        proxy::abort_stream(&mut send, &mut recv);
-        return Err("backend_write_failed");
-    }
-    // Here the TCP side of the relay is the backend.
-    let t = proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv, context.stream_timeouts())
-        .await
-        .map_err(|e| e.reason())?;
-    Ok(Moved {
-        to_backend: t.from_tunnel + hello.len() as u64,
-        from_backend: t.to_tunnel,
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn terminate(
-    context: &Context,
-    acceptor: &terminate::Acceptor,
-    service: &ServiceConfig,
-    header: Option<ProxyHeader>,
-    hello: Bytes,
-    send: SendStream,
-    recv: RecvStream,
-    hostname: &str,
-) -> Result<Moved, &'static str> {
-    let stream = terminate::tunnel_stream(hello, send, recv);
-    let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, acceptor.accept(stream)).await
-    {
-        Ok(Ok(Accepted::Visitor(tls))) => *tls,
-        Ok(Ok(Accepted::AcmeChallenge)) => {
-            tracing::info!(event = "acme_challenge_answered", hostname);
-            return Ok(Moved {
-                to_backend: 0,
-                from_backend: 0,
-            });
-        }
-        Ok(Err(error)) => {
-            // The alert, if any, went out through the stream; dropping it
-            // finishes the stream cleanly behind it.
-            tracing::debug!(event = "terminate_handshake_failed", hostname, error = ?error.to_string());
-            return Err("tls_handshake_failed");
-        }
-        Err(_) => return Err("tls_handshake_timeout"),
-    };
-    let abort_tls = |tls: &mut tokio_rustls::server::TlsStream<TunnelStream>| {
-        let quic = tls.get_mut().0.get_mut();
-        let _ = quic.writer_mut().reset(stream_code::ABORTED);
-        let _ = quic.reader_mut().stop(stream_code::ABORTED);
-    };
-    let mut tcp = match connect_backend(context, service, hostname).await {
-        Ok(tcp) => tcp,
-        Err(reason) => {
-            abort_tls(&mut tls);
-            return Err(reason);
-        }
-    };
-    if send_proxy_header(&mut tcp, service, header).await.is_err() {
-        proxy::abort_tcp(&tcp);
-        abort_tls(&mut tls);
-        return Err("backend_write_failed");
-    }
-    proxy::tune_tcp(&tcp, context.stream_timeouts());
-    match proxy::relay_io(&mut tls, &mut tcp, context.stream_timeouts()).await {
-        Ok(t) => Ok(Moved {
-            to_backend: t.to_tunnel,
-            from_backend: t.from_tunnel,
-        }),
-        Err(e) => {
-            proxy::abort_tcp(&tcp);
-            abort_tls(&mut tls);
-            Err(match e {
-                proxy::RelayError::WriteTimeout(_) | proxy::RelayError::IdleTimeout(_) => {
-                    e.reason()
-                }
-                _ => "relay_failed",
-            })
+            Err(e) => return TunnelEnd::Lost(e),
         }
     }
 }
@@ -831,11 +556,4 @@ async fn terminate(
 /// An address as people write it (no IPv4-mapped IPv6 form).
 fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-/// Bytes moved between the Visitor side and the Local backend.
-#[derive(Debug, Clone, Copy)]
-struct Moved {
-    to_backend: u64,
-    from_backend: u64,
 }
