@@ -4,10 +4,11 @@
 //! ClientHello ([`tls::sni`]), picks a Tunnel by exact Public hostname and
 //! forwards the still-encrypted bytes over one mutually authenticated QUIC
 //! Tunnel connection ([`tunnel`]) to a [`client`] instance, which hands them
-//! to a Local backend ([`proxy`]).
+//! to a Local backend ([`relay`]).
 
 pub mod cli;
 pub mod client;
+pub mod commands;
 pub mod config;
 pub mod control;
 pub mod demo;
@@ -15,12 +16,13 @@ pub mod fdlimit;
 pub mod fsutil;
 pub mod gate;
 pub mod hostname;
+pub mod identity;
 pub mod logging;
 pub mod man;
 pub mod metrics;
 pub mod notify;
-pub mod proxy;
 pub mod readiness;
+pub mod relay;
 pub mod run;
 pub mod server;
 pub mod shutdown;

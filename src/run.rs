@@ -7,7 +7,7 @@ use crate::cli::{
     Cli, ClientArgs, ClientCommand, Command, ConfigCommand, Role, ServerArgs, ServerCommand,
 };
 use crate::config::{self, ClientOverlay, Environment, ServerOverlay};
-use crate::{client, demo, fdlimit, gate, logging, server, shutdown, tls};
+use crate::{client, commands, demo, fdlimit, gate, logging, server, shutdown, tls};
 
 /// Runtime failure (bind, material, I/O).
 pub const EXIT_FAILURE: u8 = 1;
@@ -35,15 +35,15 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Server(ServerArgs {
             command: Some(ServerCommand::Cert(cmd)),
             ..
-        }) => material_result(tls::material::run_server_cert(&cmd, &env)),
+        }) => material_result(commands::material::run_server_cert(&cmd, &env)),
         Command::Client(ClientArgs {
             command: Some(ClientCommand::Identity(cmd)),
             ..
-        }) => material_result(tls::material::run_identity(&cmd, &env)),
+        }) => material_result(commands::material::run_identity(&cmd, &env)),
         Command::Client(ClientArgs {
             command: Some(ClientCommand::PublicCert(cmd)),
             ..
-        }) => material_result(tls::material::run_public_cert(&cmd, &env)),
+        }) => material_result(commands::material::run_public_cert(&cmd, &env)),
         Command::Server(ServerArgs {
             command: Some(ServerCommand::Status(args)),
             ..

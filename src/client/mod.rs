@@ -23,10 +23,10 @@ use crate::config::{ClientConfig, PublicCertSource, ServiceConfig, StreamTimeout
 use crate::hostname::wire_lookup_key;
 use crate::logging::RateLimit;
 use crate::notify;
-use crate::proxy;
+use crate::relay as proxy;
 use crate::shutdown::Shutdown;
 use crate::tls::acme::{AcmeManager, AcmeSetupError};
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 use crate::tls::material::{self, MaterialError};
 use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE};
 use crate::tls::trust::{self, TrustError};

@@ -9,7 +9,7 @@ use crate::client::ClientStatus;
 use crate::config::{ClientConfig, TlsMode};
 use crate::control::unix;
 use crate::metrics::{ClientMetrics, service_name};
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 
 /// The Client instance's state now.
 pub fn snapshot(

@@ -13,7 +13,7 @@ use rustls::sign::CertifiedKey;
 use tokio::io::Join;
 
 use crate::hostname::{HostnameTable, PublicHostname, wire_lookup_key};
-use crate::proxy::Prefixed;
+use crate::relay::Prefixed;
 use crate::tls::acme;
 use crate::tls::material::{MaterialError, TlsMaterial};
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::hostname::{PublicHostname, ServerHostname};
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 use crate::tls::server_pin::ServerPin;
 pub use crate::tunnel::congestion::CongestionControl;
 

@@ -18,7 +18,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use super::BoxError;
 use crate::fsutil;
 use crate::hostname::{PublicHostname, ServerHostname};
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 use crate::tls::material;
 
 /// Mode of the backend's key file (the commands use the same for theirs).

@@ -34,7 +34,7 @@ use crate::config::{
 use crate::hostname::{PublicHostname, ServerHostname};
 use crate::run::EXIT_FAILURE;
 use crate::server::Server;
-use crate::server::registry::{Registry, Route};
+use crate::server::tunnels::{Registry, Route};
 use crate::shutdown::{self, Trigger};
 use crate::{logging, tls};
 

@@ -1,9 +1,10 @@
 //! The Server: the public listener (Visitor TLS on TCP), the tunnel
-//! listener (QUIC from Client instances) and the registry that joins them.
+//! listener (QUIC from Client instances) and the Tunnel registry
+//! ([`tunnels`]) that joins them.
 
 pub mod admission;
 pub mod public_listener;
-pub mod registry;
+pub mod tunnels;
 pub mod reload;
 pub mod status;
 pub mod tunnel_listener;
@@ -23,7 +24,7 @@ use crate::tunnel::transport::{self, TunnelTls, close_code};
 use admission::{Admission, Limits};
 use rustls::server::ResolvesServerCert;
 
-pub use registry::Registry;
+pub use tunnels::Registry;
 
 /// After closing the tunnels, wait at most this long for the close frames
 /// to go out.

@@ -15,9 +15,9 @@ use crate::config::ServerConfig;
 use crate::hostname::wire_lookup_key;
 use crate::logging::{RateLimit, budget};
 use crate::metrics::ServerMetrics;
-use crate::proxy;
+use crate::relay;
 use crate::server::admission::{Admission, IntakePermit};
-use crate::server::registry::{Registry, Route};
+use crate::server::tunnels::{Registry, Route};
 use crate::shutdown::Shutdown;
 use crate::tls::acme;
 use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE};
@@ -348,24 +348,24 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     let hello_len = hello.len() as u64;
     drop(hello);
     if send.write_chunk(first.freeze()).await.is_err() {
-        proxy::abort_stream(&mut send, &mut recv);
+        relay::abort_stream(&mut send, &mut recv);
         return dropped(&tcp, Some(&key), DropReason::StreamOpenFailed);
     }
     tracing::debug!(event = "stream_routed", hostname = %key, %peer, tunnel = tc.tunnel, connection = tc.id);
     let started = std::time::Instant::now();
     let relayed = {
-        let relay = proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv, config.stream_timeouts);
+        let relaying = relay::relay_tcp_stream(&mut tcp, &mut send, &mut recv, config.stream_timeouts);
         let window = config.graceful_shutdown_duration;
         tokio::select! {
-            r = relay => Some(r),
+            r = relaying => Some(r),
             () = route_revoked(&registry, &key, tc.tunnel, window) => None,
         }
     };
     let Some(relayed) = relayed else {
         // A reload took this hostname from this Tunnel and the stream
         // outlived the graceful window.
-        proxy::abort_tcp(&tcp);
-        proxy::abort_stream(&mut send, &mut recv);
+        relay::abort_tcp(&tcp);
+        relay::abort_stream(&mut send, &mut recv);
         tracing::debug!(event = "stream_cut", hostname = %key, %peer, reason = "hostname_removed");
         return;
     };
@@ -409,7 +409,7 @@ async fn route_revoked(registry: &Registry, key: &str, slot: usize, window: Dura
 
 fn drop_visitor(tcp: &TcpStream, peer: SocketAddr, hostname: Option<&str>, reason: DropReason) {
     // Reset rather than FIN: the Visitor gets an immediate, unambiguous end.
-    proxy::abort_tcp(tcp);
+    relay::abort_tcp(tcp);
     tracing::debug!(event = "visitor_dropped", %peer, hostname = hostname.unwrap_or("-"), reason = reason.as_str());
 }
 

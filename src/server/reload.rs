@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::config::ServerConfig;
 use crate::server::Reloader;
-use crate::server::registry::{Registry, TunnelConnection};
+use crate::server::tunnels::{Registry, TunnelConnection};
 use crate::tunnel::transport::{TunnelTls, close_code};
 
 /// Wait for SIGHUP and reload, until the task is aborted.

@@ -9,7 +9,7 @@ use crate::config::ServerConfig;
 use crate::control::unix;
 use crate::metrics::tunnel_name;
 use crate::server::public_listener::REASONS;
-use crate::server::registry::Registry;
+use crate::server::tunnels::Registry;
 
 /// The Server's state now.
 pub fn snapshot(config: &ServerConfig, registry: &Registry, started: SystemTime) -> Value {

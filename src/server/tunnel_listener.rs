@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::server::admission::{Admission, HandshakePermit, Scope};
-use crate::server::registry::{
+use crate::server::tunnels::{
     INCUMBENT_SILENCE, Install, REPLACEMENT_GRACE, Registry, TunnelConnection,
 };
 use crate::shutdown::Shutdown;
@@ -207,7 +207,7 @@ async fn handshake(
             %identity,
             peer_a = %flap.peers.0,
             peer_b = %flap.peers.1,
-            min_interval_s = crate::server::registry::MIN_REPLACEMENT_INTERVAL.as_secs(),
+            min_interval_s = crate::server::tunnels::MIN_REPLACEMENT_INTERVAL.as_secs(),
             hint = "two Client instances keep taking this Tunnel from each other; give each its own identity and Tunnel",
         );
     }

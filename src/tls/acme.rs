@@ -401,7 +401,7 @@ where
 {
     use tokio::io::AsyncWriteExt;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let stream = crate::proxy::Prefixed::new(prefix, io);
+    let stream = crate::relay::Prefixed::new(prefix, io);
     match tokio::time::timeout(CHALLENGE_DEADLINE, acceptor.accept(stream)).await {
         Ok(Ok(mut tls)) => {
             let _ = tokio::time::timeout(CHALLENGE_DEADLINE, tls.shutdown()).await;

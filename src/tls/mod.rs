@@ -1,8 +1,8 @@
-//! TLS concerns: SNI parsing of Visitor ClientHellos, Client identities,
-//! certificate material and ACME.
+//! TLS concerns: SNI parsing of Visitor ClientHellos, certificate material,
+//! trust in and pinning of the Server certificate, and ACME. (The Client
+//! identity type itself is [`crate::identity`].)
 
 pub mod acme;
-pub mod client_identity;
 pub mod material;
 pub mod server_pin;
 pub mod sni;

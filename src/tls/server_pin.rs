@@ -10,7 +10,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 
 /// The SHA-256 of a Server certificate's SubjectPublicKeyInfo DER, written
 /// as 64 lowercase hex characters (the same form as a Client identity).

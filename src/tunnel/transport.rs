@@ -20,7 +20,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::logging::RateLimit;
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 use crate::tls::material::TlsMaterial;
 use crate::tunnel::congestion::CongestionControl;
 

@@ -12,7 +12,7 @@ use rcgen::PKCS_ED25519;
 
 use super::pki::{self, TlsMaterial, WriteMode, Writer};
 use super::{MaterialError, exists, shell_arg};
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 
 pub const CLIENT_CERT: &str = "client.crt";
 pub const CLIENT_KEY: &str = "client.key";

@@ -1,6 +1,7 @@
 //! Certificate material on disk: the Server `cert-dir`, the Client
-//! `identity-dir` and the Client `public-cert-dir`, with the commands that
-//! create, renew and rotate them and the loaders the runtime uses.
+//! `identity-dir` and the Client `public-cert-dir`: the operations that
+//! create, renew and rotate them (their CLI front end is
+//! [`crate::commands::material`]) and the loaders the runtime uses.
 //!
 //! Layouts (compatible with the public implementation):
 //!
@@ -18,13 +19,11 @@
 //! the old certificate, or a new CA next to an old leaf), which the loaders
 //! report as a mismatch and the same command, run again, repairs.
 
-mod commands;
 mod identity;
 mod pki;
 mod public_cert;
 mod server_cert;
 
-pub use commands::{MaterialCommand, run, run_identity, run_public_cert, run_server_cert};
 pub use identity::{
     CLIENT_CERT, CLIENT_IDENTITY_TXT, CLIENT_KEY, init_client_identity, rotate_client_identity,
     show_client_identity,
@@ -47,7 +46,7 @@ use rustls::pki_types::CertificateDer;
 
 use crate::config::ConfigError;
 use crate::hostname::{HostnameError, PublicHostname};
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 
 /// Name of the directory holding CA keys inside a material directory.
 pub const STATE_DIR: &str = "state";

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use super::{
+use crate::tls::material::{
     MaterialError, init_client_identity, init_public_certs, init_server_cert, renew_public_certs,
     renew_server_cert, rotate_client_identity, rotate_public_ca, rotate_server_ca,
     show_client_identity, show_server_pin,
@@ -14,23 +14,6 @@ use super::{
 use crate::cli::{IdentityCommand, MaterialArgs, PublicCertCommand, ServerCertCommand};
 use crate::config::{Environment, MaterialDefaults, material_defaults};
 use crate::hostname::{PublicHostname, ServerHostname};
-
-/// One of the three material command families.
-#[derive(Debug, Clone, Copy)]
-pub enum MaterialCommand<'a> {
-    ServerCert(&'a ServerCertCommand),
-    Identity(&'a IdentityCommand),
-    PublicCert(&'a PublicCertCommand),
-}
-
-/// Run a material command; returns the text for stdout.
-pub fn run(cmd: MaterialCommand<'_>, env: &Environment) -> Result<String, MaterialError> {
-    match cmd {
-        MaterialCommand::ServerCert(c) => run_server_cert(c, env),
-        MaterialCommand::Identity(c) => run_identity(c, env),
-        MaterialCommand::PublicCert(c) => run_public_cert(c, env),
-    }
-}
 
 /// `runewarp server cert init|renew|rotate-ca`.
 pub fn run_server_cert(

@@ -1,4 +1,5 @@
-//! The Server's routing table and Tunnel registry.
+//! The Server's Tunnels at run time: the registry of Tunnels, each one's
+//! active [`TunnelConnection`], and the routing table that leads to them.
 //!
 //! Routing is built from `[[server.tunnels]]` at startup and replaced
 //! whole on reload: Public hostname (exact, else a `*.` wildcard) → Tunnel,
@@ -21,7 +22,7 @@ use tokio::sync::Notify;
 use crate::config::TunnelConfig;
 use crate::hostname::HostnameTable;
 use crate::metrics::ServerMetrics;
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 
 /// How long a replaced connection may keep serving its in-flight streams.
 pub const REPLACEMENT_GRACE: Duration = Duration::from_secs(5);
