@@ -93,16 +93,19 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Where a Visitor's hostname leads.
+/// Where a Visitor's hostname leads. `C` is the connection handed out
+/// (generic so routing decisions can be tested without a QUIC connection).
 #[derive(Debug)]
-pub enum Route {
+pub enum Route<C = Arc<TunnelConnection>> {
     /// No Tunnel owns this hostname.
     Unknown,
     /// The Tunnel exists but no Client instance is connected.
     NoConnection {
+        /// Index of the Tunnel in the config.
         tunnel: usize,
     },
-    Active(Arc<TunnelConnection>),
+    /// The Tunnel's active Tunnel connection.
+    Active(C),
 }
 
 #[derive(Debug, Default)]
