@@ -26,5 +26,6 @@ pub mod relay;
 pub mod run;
 pub mod server;
 pub mod shutdown;
+pub mod sync;
 pub mod tls;
 pub mod tunnel;

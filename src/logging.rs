@@ -6,6 +6,7 @@
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogLevel;
+use crate::sync::lock;
 
 /// Install the global subscriber (idempotent: later calls are ignored).
 pub fn init(level: LogLevel) {
@@ -51,7 +52,7 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimit<K> {
     /// number of lines suppressed since the last one; `None` otherwise.
     pub fn allow(&self, key: &K) -> Option<u64> {
         let now = std::time::Instant::now();
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         if let Some((last, suppressed)) = state.get_mut(key) {
             if now.duration_since(*last) < self.interval {
                 *suppressed += 1;
@@ -120,7 +121,7 @@ impl LogBudget {
     /// lines suppressed since the last one; `None` otherwise.
     pub fn allow(&self) -> Option<u64> {
         let now = std::time::Instant::now();
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.state);
         let since = *s.since.get_or_insert(now);
         let refill = self.refill.as_nanos().max(1);
         let earned = (now.duration_since(since).as_nanos() / refill) as u64;
@@ -143,7 +144,7 @@ impl LogBudget {
     /// Count a line that was suppressed for another reason (e.g. a
     /// per-key [`RateLimit`]), so the next line reports it too.
     pub fn suppressed(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.state);
         s.suppressed += 1;
     }
 }

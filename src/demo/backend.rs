@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use super::BoxError;
+use crate::sync::lock;
 
 /// A whole backend connection (handshake, request, answer) must finish
 /// within this time.
@@ -107,10 +108,6 @@ impl Drop for Backend {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn accept_loop(

@@ -23,6 +23,8 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::config::{ServiceConfig, TunnelConfig};
+pub use crate::sync::AbortOnDrop;
+use crate::sync::{lock, read, write};
 
 /// A label set: fixed keys, values from the config or fixed tokens.
 pub type Labels = Vec<(&'static str, String)>;
@@ -257,17 +259,14 @@ impl ServerMetrics {
 
     /// The counters of the Tunnel in `slot`.
     pub fn tunnel(&self, slot: usize) -> Option<TunnelMetrics> {
-        self.tunnels
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(slot)
+        read(&self.tunnels).get(slot)
             .cloned()
     }
 
     /// Count the Tunnel `t` in `slot` from now on (after a reload): a new
     /// slot gets new series; a renamed Tunnel (new first hostname) too.
     pub fn ensure_tunnel(&self, slot: usize, t: &TunnelConfig) {
-        let mut tunnels = self.tunnels.write().unwrap_or_else(|p| p.into_inner());
+        let mut tunnels = write(&self.tunnels);
         match tunnels.get(slot) {
             Some(m) if m.name == tunnel_name(t) => {}
             Some(_) => tunnels[slot] = self.families.create(t),
@@ -650,7 +649,7 @@ pub fn spawn_std_listener(
     render: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> Option<AbortOnDrop> {
     match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => Some(AbortOnDrop(spawn_listener(l, render))),
+        Ok(l) => Some(AbortOnDrop::new(spawn_listener(l, render))),
         Err(error) => {
             tracing::warn!(event = "metrics_listener_failed", error = ?error.to_string());
             None
@@ -658,25 +657,6 @@ pub fn spawn_std_listener(
     }
 }
 
-/// Aborts the listener task when dropped.
-#[derive(Debug)]
-pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl AbortOnDrop {
-    pub fn new(task: tokio::task::JoinHandle<()>) -> Self {
-        Self(task)
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 #[cfg(test)]
 mod tests {

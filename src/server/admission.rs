@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use crate::sync::{InFlight, InFlightGuard, lock};
+
 /// The limits. [`Limits::default`] holds the production values (see
 /// docs/operations.md for their reasoning); tests inject small ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,6 +255,8 @@ pub struct Admission {
     stream_opens: Arc<Semaphore>,
     pending_by_tunnel: Shares<usize>,
     routed: Arc<Semaphore>,
+    /// The routed streams held, for draining.
+    routed_active: InFlight,
     streams_by_source: Shares<Source>,
     logs: [ScopeLog; SCOPES.len()],
     admitting: watch::Sender<bool>,
@@ -303,6 +307,7 @@ pub struct HandshakePermit {
 pub struct RoutedPermit {
     _share: ShareGuard<Source>,
     _global: OwnedSemaphorePermit,
+    _active: InFlightGuard,
 }
 
 /// Held while a Visitor waits for a stream on its Tunnel connection.
@@ -324,6 +329,7 @@ impl Admission {
             stream_opens: Arc::new(Semaphore::new(limits.pending_stream_opens)),
             pending_by_tunnel: Shares::new(),
             routed: Arc::new(Semaphore::new(limits.routed_streams)),
+            routed_active: InFlight::default(),
             streams_by_source: Shares::new(),
             logs: Default::default(),
             admitting: watch::Sender::new(true),
@@ -417,6 +423,7 @@ impl Admission {
         Ok(RoutedPermit {
             _share: share,
             _global: global,
+            _active: self.routed_active.enter(),
         })
     }
 
@@ -437,6 +444,12 @@ impl Admission {
     /// Visitor streams currently relayed.
     pub fn routed_in_flight(&self) -> usize {
         self.limits.routed_streams - self.routed.available_permits()
+    }
+
+    /// Wait until no Visitor stream is relayed any more (true), or `window`
+    /// passed (false).
+    pub async fn routed_drained(&self, window: Duration) -> bool {
+        self.routed_active.drained(window).await
     }
 
     fn share<K: Hash + Eq + Copy>(
@@ -603,10 +616,6 @@ fn release_free_memory() -> bool {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_free_memory() -> bool {
     false
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

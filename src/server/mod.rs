@@ -310,7 +310,7 @@ impl Server {
         }
         let drained = tokio::select! {
             _ = stop.wait_fast() => false,
-            drained = drain(&admission, window) => drained,
+            drained = admission.routed_drained(window) => drained,
         };
         monitor.abort();
         if let Some(t) = reload_task {
@@ -341,18 +341,6 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(PUBLIC_BACKLOG)
-}
-
-/// Wait until no Visitor stream is relayed any more, or `window` passed.
-async fn drain(admission: &Admission, window: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + window;
-    while admission.routed_in_flight() > 0 {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
 }
 
 /// File (in the Server's state directory) holding the secret that keys

@@ -19,6 +19,7 @@ use crate::relay;
 use crate::server::admission::{Admission, IntakePermit};
 use crate::server::tunnels::{Registry, Route};
 use crate::shutdown::Shutdown;
+use crate::sync::AbortOnDrop;
 use crate::tls::acme;
 use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE, ReadHelloError, SniError};
 use crate::tunnel::framing::{self, ProxyHeader};
@@ -40,7 +41,7 @@ pub async fn serve(
         counts: drops.clone(),
         since: std::time::Instant::now(),
     };
-    let _summary = AbortOnDrop(summary);
+    let _summary = AbortOnDrop::new(summary);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait() => return,
@@ -496,15 +497,6 @@ fn drop_visitor(tcp: &TcpStream, peer: SocketAddr, hostname: Option<&str>, reaso
     // Reset rather than FIN: the Visitor gets an immediate, unambiguous end.
     relay::abort_tcp(tcp);
     tracing::debug!(event = "visitor_dropped", %peer, hostname = hostname.unwrap_or("-"), reason = reason.as_str());
-}
-
-/// Aborts a task when dropped (the summary task ends with the listener).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Accept-error backoff: 10 ms doubling to 1 s.

@@ -19,6 +19,7 @@ use crate::server::tunnels::{
     INCUMBENT_SILENCE, Install, REPLACEMENT_GRACE, Registry, TunnelConnection,
 };
 use crate::shutdown::Shutdown;
+use crate::sync::AbortOnDrop;
 use crate::tunnel::transport::{self, TunnelTls, close_code};
 
 /// How often failed handshakes are summarised at `info`.
@@ -46,7 +47,7 @@ pub async fn serve(
 ) {
     let failures = Arc::new(Failures::default());
     let summary = tokio::spawn(summarise(failures.clone()));
-    let _summary = AbortOnDrop(summary);
+    let _summary = AbortOnDrop::new(summary);
     loop {
         let incoming = tokio::select! {
             _ = shutdown.wait() => return,
@@ -297,11 +298,3 @@ async fn summarise(f: Arc<Failures>) {
     }
 }
 
-/// Aborts a task when dropped (the summary task ends with the listener).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}

@@ -13,15 +13,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use tokio::sync::Notify;
 
 use crate::config::TunnelConfig;
 use crate::hostname::HostnameTable;
 use crate::metrics::ServerMetrics;
+use crate::sync::{InFlight, InFlightGuard, lock, read, write};
 use crate::identity::ClientIdentity;
 
 /// How long a replaced connection may keep serving its in-flight streams.
@@ -50,46 +49,24 @@ pub struct TunnelConnection {
     pub conn: quinn::Connection,
     /// When it was authenticated (for status).
     pub established: std::time::SystemTime,
-    streams: AtomicUsize,
-    idle: Notify,
+    streams: InFlight,
 }
 
 impl TunnelConnection {
     /// Count a Visitor stream as in flight on this connection until the
     /// returned guard is dropped.
-    pub fn begin_stream(self: &Arc<Self>) -> StreamGuard {
-        self.streams.fetch_add(1, Ordering::AcqRel);
-        StreamGuard(self.clone())
+    pub fn begin_stream(&self) -> InFlightGuard {
+        self.streams.enter()
     }
 
+    /// Visitor streams in flight on this connection.
     pub fn streams_in_flight(&self) -> usize {
-        self.streams.load(Ordering::Acquire)
+        self.streams.count()
     }
 
     /// Wait until no stream is in flight, or `limit` passed.
     pub async fn drained(&self, limit: Duration) -> bool {
-        let wait = async {
-            loop {
-                let notified = self.idle.notified();
-                if self.streams_in_flight() == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        tokio::time::timeout(limit, wait).await.is_ok()
-    }
-}
-
-/// Marks one Visitor stream in flight.
-#[derive(Debug)]
-pub struct StreamGuard(Arc<TunnelConnection>);
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        self.streams.drained(limit).await
     }
 }
 
@@ -365,8 +342,7 @@ impl Registry {
             peer,
             conn,
             established: std::time::SystemTime::now(),
-            streams: AtomicUsize::new(0),
-            idle: Notify::new(),
+            streams: InFlight::default(),
         })
     }
 
@@ -469,19 +445,6 @@ impl Registry {
             .filter_map(|s| lock(&s.active).active.clone())
             .collect()
     }
-}
-
-fn read<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding this lock cannot leave the Option half-written.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::logging::RateLimit;
+use crate::sync::{read, write};
 use crate::identity::ClientIdentity;
 use crate::tls::material::TlsMaterial;
 use crate::tunnel::congestion::CongestionControl;
@@ -180,12 +181,12 @@ impl TunnelTls {
 
     /// Accept these pins from the next handshake on (config reload).
     pub fn set_pins(&self, pins: HashSet<ClientIdentity>) {
-        *self.pins.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pins);
+        *write(&self.pins) = Arc::new(pins);
     }
 
     /// The QUIC server config for a handshake from `peer`.
     pub fn config(&self, peer: Option<SocketAddr>) -> Result<quinn::ServerConfig, TransportError> {
-        let pins = self.pins.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let pins = read(&self.pins).clone();
         let verifier = Arc::new(PinnedClientVerifier {
             pins,
             provider: self.provider.clone(),
