@@ -140,7 +140,7 @@ pub struct ServerMetrics {
     pub visitors_accepted: Counter,
     visitors_dropped: Family<Labels, Counter>,
     families: TunnelFamilies,
-    /// By slot (see [`crate::server::registry`]).
+    /// By slot (see [`crate::server::tunnels`]).
     tunnels: std::sync::RwLock<Vec<TunnelMetrics>>,
     tunnels_refused: Family<Labels, Counter>,
     pub handshake_duration: Histogram,
