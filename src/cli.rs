@@ -249,5 +249,5 @@ pub struct GateArgs {
 pub struct DemoArgs {
     /// Leave everything running and print curl commands to try.
     #[arg(long)]
-    pub keep_running: bool,
+    pub(crate) keep_running: bool,
 }

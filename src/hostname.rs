@@ -44,7 +44,7 @@ pub enum HostnameError {
 }
 
 /// Normalise and validate a DNS hostname. Returns the canonical form.
-pub fn normalize(raw: &str) -> Result<String, HostnameError> {
+pub(crate) fn normalize(raw: &str) -> Result<String, HostnameError> {
     let trimmed = raw.strip_suffix('.').unwrap_or(raw);
     if trimmed.is_empty() {
         return Err(HostnameError::Empty);
@@ -100,7 +100,7 @@ pub fn normalize(raw: &str) -> Result<String, HostnameError> {
 
 /// Normalise and validate a Public hostname: a DNS name, or a wildcard
 /// `*.<name>` whose `<name>` has at least two labels.
-pub fn normalize_public(raw: &str) -> Result<String, HostnameError> {
+pub(crate) fn normalize_public(raw: &str) -> Result<String, HostnameError> {
     match raw.strip_prefix("*.") {
         Some(rest) => {
             let suffix = normalize(rest).map_err(|e| match e {
@@ -118,7 +118,7 @@ pub fn normalize_public(raw: &str) -> Result<String, HostnameError> {
 
 /// What a [`PublicHostname`] matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HostnamePattern<'a> {
+pub(crate) enum HostnamePattern<'a> {
     /// Exactly this name.
     Exact(&'a str),
     /// `*.<suffix>`: any one label followed by `.<suffix>`.
@@ -178,14 +178,14 @@ hostname_type!(
 
 impl PublicHostname {
     /// Exact name or wildcard.
-    pub fn pattern(&self) -> HostnamePattern<'_> {
+    pub(crate) fn pattern(&self) -> HostnamePattern<'_> {
         match self.0.strip_prefix("*.") {
             Some(suffix) => HostnamePattern::Wildcard { suffix },
             None => HostnamePattern::Exact(&self.0),
         }
     }
 
-    pub fn is_wildcard(&self) -> bool {
+    pub(crate) fn is_wildcard(&self) -> bool {
         matches!(self.pattern(), HostnamePattern::Wildcard { .. })
     }
 
@@ -222,7 +222,7 @@ fn wildcard_suffix(key: &str) -> Option<&str> {
 /// wildcards. A lookup costs at most two hash look-ups, whatever the
 /// number of names.
 #[derive(Debug, Clone)]
-pub struct HostnameTable<T> {
+pub(crate) struct HostnameTable<T> {
     exact: HashMap<String, T>,
     /// By suffix (`example.com` for `*.example.com`).
     wildcard: HashMap<String, T>,
@@ -248,7 +248,7 @@ impl<T> HostnameTable<T> {
 
     /// The value for a lookup key (see [`wire_lookup_key`]): the exact
     /// name's, else the wildcard's that covers it.
-    pub fn lookup(&self, key: &str) -> Option<&T> {
+    pub(crate) fn lookup(&self, key: &str) -> Option<&T> {
         if let Some(v) = self.exact.get(key) {
             return Some(v);
         }
@@ -262,16 +262,12 @@ impl<T> HostnameTable<T> {
             HostnamePattern::Wildcard { suffix } => self.wildcard.get(suffix),
         }
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.exact.is_empty() && self.wildcard.is_empty()
-    }
 }
 
 /// Normalise a hostname taken from the wire (an SNI value) for lookup in a
 /// table keyed by [`PublicHostname`]. Never fails: an SNI that is not a
 /// valid hostname simply matches nothing.
-pub fn wire_lookup_key(sni: &str) -> String {
+pub(crate) fn wire_lookup_key(sni: &str) -> String {
     sni.strip_suffix('.').unwrap_or(sni).to_ascii_lowercase()
 }
 

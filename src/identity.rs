@@ -38,7 +38,7 @@ impl ClientIdentity {
     }
 
     /// The identity of a SubjectPublicKeyInfo DER blob.
-    pub fn from_spki_der(spki: &[u8]) -> Self {
+    pub(crate) fn from_spki_der(spki: &[u8]) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, spki);
         let mut out = [0u8; 32];
         out.copy_from_slice(digest.as_ref());

@@ -39,14 +39,20 @@
 //! below them never imports `cli`. [`demo`] composes the Tunnel's Server
 //! and Client in one process.
 
+#![warn(missing_docs)]
+
 pub mod cli;
+// The lead is reworking `client`, and `gate` has its own owner: both adopt
+// `missing_docs` with those changes.
+#[allow(missing_docs)]
 pub mod client;
 pub mod commands;
 pub mod config;
 pub mod control;
 pub mod demo;
-pub mod fdlimit;
-pub mod fsutil;
+pub(crate) mod fdlimit;
+pub(crate) mod fsutil;
+#[allow(missing_docs)]
 pub mod gate;
 pub mod hostname;
 pub mod identity;
@@ -55,7 +61,7 @@ pub mod man;
 pub mod metrics;
 pub mod notify;
 pub mod readiness;
-pub mod relay;
+pub(crate) mod relay;
 pub mod run;
 pub mod server;
 pub mod shutdown;

@@ -10,9 +10,9 @@ use crate::config::{self, ClientOverlay, Environment, ServerOverlay};
 use crate::{client, commands, demo, fdlimit, gate, logging, server, shutdown, tls};
 
 /// Runtime failure (bind, material, I/O).
-pub const EXIT_FAILURE: u8 = 1;
+pub(crate) const EXIT_FAILURE: u8 = 1;
 /// Configuration or usage error.
-pub const EXIT_CONFIG: u8 = 2;
+pub(crate) const EXIT_CONFIG: u8 = 2;
 
 pub fn main(cli: Cli) -> ExitCode {
     tls::install_crypto_provider();

@@ -7,7 +7,7 @@ use tokio::sync::watch;
 
 /// How far shutdown has gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stage {
+pub(crate) enum Stage {
     Running,
     Graceful,
     Fast,
@@ -34,7 +34,7 @@ impl Trigger {
     }
 
     /// Ask for a fast stop.
-    pub fn fire_fast(&self) {
+    pub(crate) fn fire_fast(&self) {
         self.escalate(Stage::Fast);
     }
 
@@ -57,22 +57,22 @@ impl Shutdown {
     }
 
     /// Resolves once a fast stop was requested (or the trigger is gone).
-    pub async fn wait_fast(&mut self) {
+    pub(crate) async fn wait_fast(&mut self) {
         let _ = self.0.wait_for(|s| *s >= Stage::Fast).await;
     }
 
-    pub fn stage(&self) -> Stage {
+    pub(crate) fn stage(&self) -> Stage {
         *self.0.borrow()
     }
 
-    pub fn is_requested(&self) -> bool {
+    pub(crate) fn is_requested(&self) -> bool {
         self.stage() >= Stage::Graceful
     }
 }
 
 /// Map process signals to stages: SIGTERM/SIGINT → graceful, a second one
 /// (or SIGQUIT) → fast.
-pub fn on_signals(trigger: Trigger) {
+pub(crate) fn on_signals(trigger: Trigger) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
         signal(SignalKind::terminate()),

@@ -32,7 +32,7 @@ pub fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 /// Aborts its task when dropped, so a helper task (a summary logger, a
 /// listener) ends with the scope that owns it.
 #[derive(Debug)]
-pub struct AbortOnDrop(JoinHandle<()>);
+pub(crate) struct AbortOnDrop(JoinHandle<()>);
 
 impl AbortOnDrop {
     /// Guard `task`.
@@ -51,7 +51,7 @@ impl Drop for AbortOnDrop {
 /// draining owner wait until none is left, woken by the last one to end
 /// rather than by polling. Clones share the count.
 #[derive(Debug, Clone, Default)]
-pub struct InFlight(Arc<InFlightState>);
+pub(crate) struct InFlight(Arc<InFlightState>);
 
 #[derive(Debug, Default)]
 struct InFlightState {
@@ -61,11 +61,11 @@ struct InFlightState {
 
 /// One unit of work counted by an [`InFlight`] until dropped.
 #[derive(Debug)]
-pub struct InFlightGuard(Arc<InFlightState>);
+pub(crate) struct InFlightGuard(Arc<InFlightState>);
 
 impl InFlight {
     /// Count one unit as in flight until the returned guard is dropped.
-    pub fn enter(&self) -> InFlightGuard {
+    pub(crate) fn enter(&self) -> InFlightGuard {
         self.0.count.fetch_add(1, Ordering::AcqRel);
         InFlightGuard(self.0.clone())
     }

@@ -16,7 +16,7 @@ use crate::config::{Environment, MaterialDefaults, material_defaults};
 use crate::hostname::{PublicHostname, ServerHostname};
 
 /// `runewarp server cert init|renew|rotate-ca`.
-pub fn run_server_cert(
+pub(crate) fn run_server_cert(
     cmd: &ServerCertCommand,
     env: &Environment,
 ) -> Result<String, MaterialError> {
@@ -61,7 +61,7 @@ pub fn run_server_cert(
 
 /// `runewarp client identity init|show|rotate`. `show` returns exactly the
 /// pin and a newline.
-pub fn run_identity(cmd: &IdentityCommand, env: &Environment) -> Result<String, MaterialError> {
+pub(crate) fn run_identity(cmd: &IdentityCommand, env: &Environment) -> Result<String, MaterialError> {
     let material = match cmd {
         IdentityCommand::Init { material, .. }
         | IdentityCommand::Show { material }
@@ -76,7 +76,7 @@ pub fn run_identity(cmd: &IdentityCommand, env: &Environment) -> Result<String, 
 }
 
 /// `runewarp client public-cert init|renew|rotate-ca`.
-pub fn run_public_cert(
+pub(crate) fn run_public_cert(
     cmd: &PublicCertCommand,
     env: &Environment,
 ) -> Result<String, MaterialError> {

@@ -40,13 +40,13 @@ impl LogLevel {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmeConfig {
     pub email: Option<String>,
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     pub directory_url: String,
-    pub directory_ca_file: Option<PathBuf>,
+    pub(crate) directory_ca_file: Option<PathBuf>,
 }
 
 /// Let's Encrypt production, the default ACME directory.
-pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub(crate) const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 /// Where the Server certificate comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,11 +70,11 @@ pub struct StreamTimeouts {
 
 impl StreamTimeouts {
     /// `stream-write-timeout` default.
-    pub const DEFAULT_WRITE: Duration = Duration::from_secs(30);
+    pub(crate) const DEFAULT_WRITE: Duration = Duration::from_secs(30);
     /// `stream-idle-timeout` default (the common edge default).
-    pub const DEFAULT_IDLE: Duration = Duration::from_secs(15 * 60);
+    pub(crate) const DEFAULT_IDLE: Duration = Duration::from_secs(15 * 60);
     /// Smallest accepted value of either key.
-    pub const MIN: Duration = Duration::from_secs(1);
+    pub(crate) const MIN: Duration = Duration::from_secs(1);
     /// Largest accepted value of either key.
     pub const MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 }

@@ -24,14 +24,14 @@ const DEADLINE: Duration = Duration::from_secs(5);
 /// Longest request line.
 const MAX_REQUEST: usize = 64;
 /// Mode of the socket file.
-pub const SOCKET_MODE: u32 = 0o600;
+pub(crate) const SOCKET_MODE: u32 = 0o600;
 
 /// Builds the JSON document `status` answers.
-pub type Snapshot = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+pub(crate) type Snapshot = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// A bound control socket; the file is removed when it is dropped.
 #[derive(Debug)]
-pub struct ControlSocket {
+pub(crate) struct ControlSocket {
     listener: Option<UnixListener>,
     path: PathBuf,
 }
@@ -96,7 +96,7 @@ impl Drop for ControlSocket {
 
 /// A control socket being served.
 #[derive(Debug)]
-pub struct Serving {
+pub(crate) struct Serving {
     task: tokio::task::JoinHandle<()>,
     _socket: ControlSocket,
 }
@@ -192,7 +192,7 @@ async fn answer(stream: tokio::net::UnixStream, snapshot: Snapshot) -> io::Resul
 
 /// Why `status` could not read an instance.
 #[derive(Debug, thiserror::Error)]
-pub enum QueryError {
+pub(crate) enum QueryError {
     #[error(
         "no running {role} answers at {path}: {error} (is it running, with this control-socket? pass --socket or -c to point at it)"
     )]
@@ -211,7 +211,7 @@ pub enum QueryError {
 }
 
 /// Ask the instance at `path` for its status.
-pub fn query(path: &Path, role: &str) -> Result<serde_json::Value, QueryError> {
+pub(crate) fn query(path: &Path, role: &str) -> Result<serde_json::Value, QueryError> {
     let mut stream = UnixStream::connect(path).map_err(|error| QueryError::Connect {
         role: role.to_string(),
         path: path.to_path_buf(),

@@ -26,7 +26,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// How the request's bytes reached the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arrival {
+pub(crate) enum Arrival {
     /// A TLS ClientHello: the Visitor's TLS was still intact.
     Tls,
     /// A readable HTTP request line.
@@ -37,14 +37,14 @@ pub enum Arrival {
 
 /// What a backend saw on one connection.
 #[derive(Debug, Clone)]
-pub struct Observation {
+pub(crate) struct Observation {
     /// Who connected (the Client instance, on loopback).
     pub peer: SocketAddr,
-    pub first_byte: Option<u8>,
-    pub arrival: Arrival,
+    pub(crate) first_byte: Option<u8>,
+    pub(crate) arrival: Arrival,
     /// `GET / HTTP/1.1`, as the backend read it (after decryption for the
     /// TLS backend).
-    pub request_line: Option<String>,
+    pub(crate) request_line: Option<String>,
     pub method: Option<String>,
     pub path: Option<String>,
     pub host: Option<String>,
@@ -81,7 +81,7 @@ impl Backend {
     }
 
     /// A backend that speaks plaintext HTTP.
-    pub async fn start_plain() -> Result<Self, BoxError> {
+    pub(crate) async fn start_plain() -> Result<Self, BoxError> {
         Self::start(Kind::Plain, None).await
     }
 
@@ -99,7 +99,7 @@ impl Backend {
     }
 
     /// The most recent connection's observation, if any.
-    pub fn last_seen(&self) -> Option<Observation> {
+    pub(crate) fn last_seen(&self) -> Option<Observation> {
         lock(&self.seen).last().cloned()
     }
 }

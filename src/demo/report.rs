@@ -15,7 +15,7 @@ pub fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-pub fn holder_name(h: Holder) -> &'static str {
+pub(crate) fn holder_name(h: Holder) -> &'static str {
     match h {
         Holder::LocalBackend => "Local backend",
         Holder::ClientInstance => "Client instance",
@@ -214,7 +214,7 @@ fn print_certificate(c: &CertificateSummary) {
 }
 
 /// `--keep-running`: how to try it by hand.
-pub fn keep_running(live: &Live, dir: &Path) {
+pub(crate) fn keep_running(live: &Live, dir: &Path) {
     let port = live.public.port();
     let ip = live.public.ip();
     println!();

@@ -83,7 +83,7 @@ impl Limits {
 /// IPv4-mapped IPv6 address counts as its IPv4 address), or an IPv6 /64
 /// (one subscriber's network: a host can use any address in it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Source {
+pub(crate) enum Source {
     V4(Ipv4Addr),
     V6Prefix(u64),
 }
@@ -155,7 +155,7 @@ impl Scope {
 
     /// Whether this is a Server-wide pool (whose sustained saturation
     /// closes readiness) rather than one holder's share of it.
-    pub fn is_server_wide(self) -> bool {
+    pub(crate) fn is_server_wide(self) -> bool {
         matches!(
             self,
             Scope::ClientHelloIntake
@@ -181,12 +181,12 @@ impl Scope {
 }
 
 /// Saturation is reported at most this often per scope.
-pub const SATURATION_LOG_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const SATURATION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Readiness closes once a Server-wide pool has refused work in this many
 /// consecutive one-second checks: a burst that fills a pool for a moment
 /// does not take the Server out of a load balancer.
-pub const READINESS_SUSTAIN_CHECKS: u32 = 3;
+pub(crate) const READINESS_SUSTAIN_CHECKS: u32 = 3;
 
 #[derive(Debug, Default)]
 struct ScopeLog {
@@ -304,7 +304,7 @@ pub struct HandshakePermit {
 
 /// Held while a Visitor is routed (waiting for its stream or relayed).
 #[derive(Debug)]
-pub struct RoutedPermit {
+pub(crate) struct RoutedPermit {
     _share: ShareGuard<Source>,
     _global: OwnedSemaphorePermit,
     _active: InFlightGuard,
@@ -312,7 +312,7 @@ pub struct RoutedPermit {
 
 /// Held while a Visitor waits for a stream on its Tunnel connection.
 #[derive(Debug)]
-pub struct PendingPermit {
+pub(crate) struct PendingPermit {
     _share: ShareGuard<usize>,
     _global: OwnedSemaphorePermit,
 }
@@ -346,7 +346,7 @@ impl Admission {
     }
 
     /// Count refusals and saturation per scope in `metrics`.
-    pub fn attach_metrics(&self, metrics: Arc<crate::metrics::ServerMetrics>) {
+    pub(crate) fn attach_metrics(&self, metrics: Arc<crate::metrics::ServerMetrics>) {
         for scope in SCOPES {
             metrics.admission_saturated(scope.as_str(), false);
         }
@@ -410,7 +410,7 @@ impl Admission {
     }
 
     /// Admit a routed Visitor stream from `ip` (held until it ends).
-    pub fn routed_stream(self: &Arc<Self>, ip: IpAddr) -> Result<RoutedPermit, Scope> {
+    pub(crate) fn routed_stream(self: &Arc<Self>, ip: IpAddr) -> Result<RoutedPermit, Scope> {
         let source = Source::of(ip);
         let share = self
             .share(
@@ -428,7 +428,7 @@ impl Admission {
     }
 
     /// Admit a Visitor of Tunnel `tunnel` to wait for a stream.
-    pub fn stream_open(self: &Arc<Self>, tunnel: usize) -> Result<PendingPermit, Scope> {
+    pub(crate) fn stream_open(self: &Arc<Self>, tunnel: usize) -> Result<PendingPermit, Scope> {
         let share = self
             .share(tunnel, |a| &a.pending_by_tunnel, self.pending_share)
             .ok_or_else(|| {
@@ -442,13 +442,13 @@ impl Admission {
     }
 
     /// Visitor streams currently relayed.
-    pub fn routed_in_flight(&self) -> usize {
+    pub(crate) fn routed_in_flight(&self) -> usize {
         self.limits.routed_streams - self.routed.available_permits()
     }
 
     /// Wait until no Visitor stream is relayed any more (true), or `window`
     /// passed (false).
-    pub async fn routed_drained(&self, window: Duration) -> bool {
+    pub(crate) async fn routed_drained(&self, window: Duration) -> bool {
         self.routed_active.drained(window).await
     }
 
@@ -487,7 +487,7 @@ impl Admission {
     }
 
     /// Whether new work is admitted (drives the readiness listener).
-    pub fn admitting(&self) -> watch::Receiver<bool> {
+    pub(crate) fn admitting(&self) -> watch::Receiver<bool> {
         self.admitting.subscribe()
     }
 
@@ -499,7 +499,7 @@ impl Admission {
 
     /// Once a second: report saturation and recovery per scope, and keep
     /// the "admitting" signal current. Runs until the Server stops.
-    pub async fn monitor(self: Arc<Self>) {
+    pub(crate) async fn monitor(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;

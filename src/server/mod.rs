@@ -3,11 +3,11 @@
 //! ([`tunnels`]) that joins them.
 
 pub mod admission;
-pub mod public_listener;
+pub(crate) mod public_listener;
 pub mod tunnels;
 pub mod reload;
 pub mod status;
-pub mod tunnel_listener;
+pub(crate) mod tunnel_listener;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,7 +52,7 @@ pub enum ServerError {
 }
 
 /// Reads the config again (same file and overlays) for a reload.
-pub type Reloader = Box<dyn Fn() -> Result<ServerConfig, crate::config::ConfigError> + Send + Sync>;
+pub(crate) type Reloader = Box<dyn Fn() -> Result<ServerConfig, crate::config::ConfigError> + Send + Sync>;
 
 /// A Server whose listeners are bound and ready to run.
 pub struct Server {
@@ -172,7 +172,7 @@ impl Server {
     }
 
     /// Re-read the config with `reloader` on SIGHUP.
-    pub fn with_reloader(mut self, reloader: Reloader) -> Self {
+    pub(crate) fn with_reloader(mut self, reloader: Reloader) -> Self {
         self.reloader = Some(reloader);
         self
     }
@@ -345,7 +345,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 
 /// File (in the Server's state directory) holding the secret that keys
 /// stateless resets; created on first start.
-pub const RESET_SECRET_FILE: &str = "stateless-reset.secret";
+pub(crate) const RESET_SECRET_FILE: &str = "stateless-reset.secret";
 
 /// Load the stateless-reset secret, creating it (32 random bytes, mode
 /// 0600) on first start.

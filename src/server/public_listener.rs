@@ -87,7 +87,7 @@ pub async fn serve(
 /// the reason's index in [`DropReason::ALL`], so counters indexed by it and
 /// the names in logs, metrics and status cannot drift apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
+pub(crate) enum DropReason {
     /// The first bytes were not a TLS handshake record.
     NotTls,
     /// The ClientHello could not be parsed.
@@ -119,7 +119,7 @@ pub enum DropReason {
 impl DropReason {
     /// Every reason, in the order the summary line prints them; entry `i`
     /// is the reason whose [`DropReason::index`] is `i`.
-    pub const ALL: [DropReason; 13] = [
+    pub(crate) const ALL: [DropReason; 13] = [
         DropReason::NotTls,
         DropReason::Malformed,
         DropReason::TooLarge,
@@ -160,7 +160,7 @@ impl DropReason {
     }
 
     /// The reason for a ClientHello that could not be read.
-    pub fn from_hello(error: &ReadHelloError) -> Self {
+    pub(crate) fn from_hello(error: &ReadHelloError) -> Self {
         match error {
             ReadHelloError::Io(_) => DropReason::Io,
             ReadHelloError::Timeout => DropReason::Timeout,
@@ -222,12 +222,12 @@ pub(crate) fn decide<C>(
 }
 
 /// How often dropped Visitors are summarised at `info`.
-pub const DROP_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const DROP_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Dropped Visitors by reason since the last summary, and when each reason
 /// was last noticed at `info`.
 #[derive(Debug)]
-pub struct DropCounts {
+pub(crate) struct DropCounts {
     counts: [AtomicU64; DropReason::ALL.len()],
     /// The first drop of each reason is logged at once (then at most once
     /// per summary interval), so an operator sees a misrouted hostname or

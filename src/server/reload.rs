@@ -15,7 +15,7 @@ use crate::server::tunnels::{Registry, TunnelConnection};
 use crate::tunnel::transport::{TunnelTls, close_code};
 
 /// Wait for SIGHUP and reload, until the task is aborted.
-pub async fn on_sighup(
+pub(crate) async fn on_sighup(
     reloader: Reloader,
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,

@@ -23,7 +23,7 @@ use crate::sync::AbortOnDrop;
 use crate::tunnel::transport::{self, TunnelTls, close_code};
 
 /// How often failed handshakes are summarised at `info`.
-pub const HANDSHAKE_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const HANDSHAKE_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 /// How often a waiting connection looks at whether the active one still
 /// receives anything.
 const INCUMBENT_CHECK: Duration = Duration::from_millis(250);

@@ -24,18 +24,18 @@ use crate::sync::{InFlight, InFlightGuard, lock, read, write};
 use crate::identity::ClientIdentity;
 
 /// How long a replaced connection may keep serving its in-flight streams.
-pub const REPLACEMENT_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const REPLACEMENT_GRACE: Duration = Duration::from_secs(5);
 
 /// Least time between two replacements of one Tunnel's connection.
-pub const MIN_REPLACEMENT_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const MIN_REPLACEMENT_INTERVAL: Duration = Duration::from_secs(10);
 /// An active connection that received no datagram for this long while a
 /// newer one waits is taken for dead (our Client sends a keep-alive every
 /// second), and the newer one is installed at once.
-pub const INCUMBENT_SILENCE: Duration = Duration::from_millis(1500);
+pub(crate) const INCUMBENT_SILENCE: Duration = Duration::from_millis(1500);
 
 /// Two replacements in opposite directions between the same two peers
 /// within this time make a flapping pair.
-pub const FLAP_WINDOW: Duration = Duration::from_secs(5 * 60);
+pub(crate) const FLAP_WINDOW: Duration = Duration::from_secs(5 * 60);
 
 /// One authenticated Tunnel connection.
 #[derive(Debug)]
@@ -55,12 +55,12 @@ pub struct TunnelConnection {
 impl TunnelConnection {
     /// Count a Visitor stream as in flight on this connection until the
     /// returned guard is dropped.
-    pub fn begin_stream(&self) -> InFlightGuard {
+    pub(crate) fn begin_stream(&self) -> InFlightGuard {
         self.streams.enter()
     }
 
     /// Visitor streams in flight on this connection.
-    pub fn streams_in_flight(&self) -> usize {
+    pub(crate) fn streams_in_flight(&self) -> usize {
         self.streams.count()
     }
 
@@ -165,12 +165,12 @@ pub struct ReloadDiff {
     /// Names of Tunnels no longer configured.
     pub tunnels_removed: Vec<String>,
     pub hostnames_added: usize,
-    pub hostnames_removed: usize,
+    pub(crate) hostnames_removed: usize,
     pub pins_added: usize,
-    pub pins_removed: usize,
+    pub(crate) pins_removed: usize,
     /// Active connections whose identity is no longer pinned by their
     /// Tunnel (or whose Tunnel is gone): the caller closes them.
-    pub disconnect: Vec<Arc<TunnelConnection>>,
+    pub(crate) disconnect: Vec<Arc<TunnelConnection>>,
 }
 
 impl ReloadDiff {
@@ -210,12 +210,12 @@ impl Registry {
     }
 
     /// Changes after every reload.
-    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub(crate) fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
         self.reloads.subscribe()
     }
 
     /// Whether `key` still routes to the Tunnel in `slot`.
-    pub fn routes_to(&self, key: &str, slot: usize) -> bool {
+    pub(crate) fn routes_to(&self, key: &str, slot: usize) -> bool {
         self.routing().routes.lookup(key) == Some(&slot)
     }
 
@@ -239,7 +239,7 @@ impl Registry {
         self.routing().identities.keys().copied().collect()
     }
 
-    pub fn tunnel_for(&self, identity: &ClientIdentity) -> Option<usize> {
+    pub(crate) fn tunnel_for(&self, identity: &ClientIdentity) -> Option<usize> {
         self.routing().identities.get(identity).copied()
     }
 
@@ -358,7 +358,7 @@ impl Registry {
     /// connection has received nothing for [`INCUMBENT_SILENCE`] (its
     /// Client crashed or lost its path), so `tc` replaces it without waiting
     /// for the interval: a dead connection cannot flap.
-    pub fn install_with(&self, tc: &Arc<TunnelConnection>, incumbent_silent: bool) -> Install {
+    pub(crate) fn install_with(&self, tc: &Arc<TunnelConnection>, incumbent_silent: bool) -> Install {
         let now = Instant::now();
         let slot = self.slot(tc.tunnel);
         let mut slot = lock(&slot.active);
@@ -404,7 +404,7 @@ impl Registry {
 
     /// Datagrams received so far on the Tunnel's active connection: a
     /// count that stops moving means a silent incumbent.
-    pub fn active_rx(&self, tunnel: usize) -> Option<u64> {
+    pub(crate) fn active_rx(&self, tunnel: usize) -> Option<u64> {
         let slot = self.slot(tunnel);
         let slot = lock(&slot.active);
         slot.active
@@ -432,7 +432,7 @@ impl Registry {
     }
 
     /// The active connection of Tunnel `tunnel`, if any.
-    pub fn active_of(&self, tunnel: usize) -> Option<Arc<TunnelConnection>> {
+    pub(crate) fn active_of(&self, tunnel: usize) -> Option<Arc<TunnelConnection>> {
         read(&self.slots)
             .get(tunnel)
             .and_then(|s| lock(&s.active).active.clone())

@@ -55,15 +55,15 @@ use crate::hostname::wire_lookup_key;
 use crate::tls::material;
 
 /// The ALPN protocol of TLS-ALPN-01 challenge connections.
-pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// Mode of `state-dir`.
-pub const STATE_DIR_MODE: u32 = 0o700;
+pub(crate) const STATE_DIR_MODE: u32 = 0o700;
 /// Mode of every file in `state-dir` (account key, key + certificate chain).
-pub const STATE_FILE_MODE: u32 = 0o600;
+pub(crate) const STATE_FILE_MODE: u32 = 0o600;
 
 /// A TLS-ALPN-01 challenge handshake must finish within this time.
-pub const CHALLENGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const CHALLENGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeSetupError {
@@ -90,13 +90,13 @@ pub enum AcmeSetupError {
 
 /// Is this ClientHello a TLS-ALPN-01 validation (ALPN exactly `acme-tls/1`,
 /// as RFC 8737 requires of the CA)?
-pub fn is_challenge_alpn(alpn: &[Vec<u8>]) -> bool {
+pub(crate) fn is_challenge_alpn(alpn: &[Vec<u8>]) -> bool {
     alpn.len() == 1 && alpn[0] == ACME_TLS_ALPN
 }
 
 /// The ACME certificates of one role (Server or Client instance): the
 /// resolver to serve from, and the per-hostname state machines to drive.
-pub struct AcmeManager {
+pub(crate) struct AcmeManager {
     role: &'static str,
     directory_url: String,
     resolver: Arc<AcmeResolver>,
@@ -146,7 +146,7 @@ impl AcmeManager {
     }
 
     /// The certificate resolver (SNI → issued or challenge certificate).
-    pub fn resolver(&self) -> Arc<AcmeResolver> {
+    pub(crate) fn resolver(&self) -> Arc<AcmeResolver> {
         self.resolver.clone()
     }
 
@@ -167,7 +167,7 @@ impl AcmeManager {
 }
 
 /// The running drivers; dropping this stops them.
-pub struct AcmeTasks(Vec<tokio::task::JoinHandle<()>>);
+pub(crate) struct AcmeTasks(Vec<tokio::task::JoinHandle<()>>);
 
 impl Drop for AcmeTasks {
     fn drop(&mut self) {
@@ -261,8 +261,8 @@ async fn drive(role: &'static str, hostname: String, directory: String, mut stat
 /// An ACME problem document's type and detail (RFC 8555 §6.7), as far as
 /// they can be recovered from a failure.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub typ: Option<String>,
+pub(crate) struct Problem {
+    pub(crate) typ: Option<String>,
     pub detail: Option<String>,
 }
 
@@ -286,7 +286,7 @@ impl Problem {
 
     /// An HTTP failure carries the response body (the problem JSON) in its
     /// message as a debug-quoted string: `non 2xx http status: 400 "{..}"`.
-    pub fn from_message(message: &str) -> Self {
+    pub(crate) fn from_message(message: &str) -> Self {
         let Some(start) = message.find("non 2xx http status: ") else {
             return Self::default();
         };
@@ -344,7 +344,7 @@ fn unquote_debug(s: &str) -> Option<String> {
 
 /// Serves the ACME certificates by SNI.
 #[derive(Debug)]
-pub struct AcmeResolver {
+pub(crate) struct AcmeResolver {
     by_hostname: HashMap<String, Arc<ResolvesServerCertAcme>>,
 }
 
@@ -362,7 +362,7 @@ impl ResolvesServerCert for AcmeResolver {
 /// handshakes (the Server's QUIC listener, like `cert-dir` mode, presents
 /// its certificate whatever name the Client asked for).
 #[derive(Debug)]
-pub struct SingleResolver(Arc<ResolvesServerCertAcme>);
+pub(crate) struct SingleResolver(Arc<ResolvesServerCertAcme>);
 
 impl AcmeResolver {
     pub fn single(&self, hostname: &str) -> Option<SingleResolver> {
@@ -377,7 +377,7 @@ impl ResolvesServerCert for SingleResolver {
 }
 
 /// A rustls server config that answers TLS-ALPN-01 validations only.
-pub fn challenge_config(
+pub(crate) fn challenge_config(
     resolver: Arc<dyn ResolvesServerCert>,
 ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -391,7 +391,7 @@ pub fn challenge_config(
 
 /// Complete a TLS-ALPN-01 validation handshake on `io` (whose first bytes,
 /// already read, are `prefix`) and close. Returns whether it succeeded.
-pub async fn answer_challenge<IO>(
+pub(crate) async fn answer_challenge<IO>(
     config: Arc<rustls::ServerConfig>,
     prefix: Bytes,
     io: IO,
@@ -445,7 +445,7 @@ impl StateDirCache {
     }
 
     /// The file holding the account key for `contact` at `directory_url`.
-    pub fn account_path(dir: &Path, contact: &[String], directory_url: &str) -> PathBuf {
+    pub(crate) fn account_path(dir: &Path, contact: &[String], directory_url: &str) -> PathBuf {
         dir.join(Self::name("cached_account_", contact, directory_url))
     }
 

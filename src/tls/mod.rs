@@ -4,7 +4,7 @@
 
 pub mod acme;
 pub mod material;
-pub mod server_pin;
+pub(crate) mod server_pin;
 pub mod sni;
 pub mod trust;
 

@@ -43,7 +43,7 @@ impl ServerPin {
     }
 
     /// The pin of a DER certificate; `None` if it does not parse.
-    pub fn of_certificate(cert: &[u8]) -> Option<Self> {
+    pub(crate) fn of_certificate(cert: &[u8]) -> Option<Self> {
         ClientIdentity::from_certificate_der(cert)
             .ok()
             .map(|id| Self(*id.as_bytes()))
@@ -76,7 +76,7 @@ impl fmt::Debug for ServerPin {
 /// Accepts a Server certificate if and only if its SPKI pin is `expected`,
 /// then verifies the TLS 1.3 handshake signature with that key.
 #[derive(Debug)]
-pub struct PinnedServerVerifier {
+pub(crate) struct PinnedServerVerifier {
     expected: ServerPin,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }

@@ -25,7 +25,7 @@ pub enum TrustError {
 }
 
 /// The verifier of the Server certificate for `trust`.
-pub fn server_verifier(
+pub(crate) fn server_verifier(
     trust: &ServerTrust,
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<Arc<dyn ServerCertVerifier>, TrustError> {

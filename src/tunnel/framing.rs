@@ -68,7 +68,7 @@ pub enum FramingError {
 
 /// Why [`read_proxy_header`] failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ReadFramingError {
+pub(crate) enum ReadFramingError {
     #[error("i/o error reading the PROXY header: {0}")]
     Io(#[from] std::io::Error),
     #[error("invalid PROXY header: {0}")]
@@ -104,7 +104,7 @@ pub fn encode(h: &ProxyHeader) -> Vec<u8> {
 }
 
 /// Encodes a LOCAL command header (UNSPEC family, no addresses).
-pub fn encode_local() -> Vec<u8> {
+pub(crate) fn encode_local() -> Vec<u8> {
     let mut out = Vec::with_capacity(FIXED_LEN);
     out.extend_from_slice(&SIGNATURE);
     out.push(VERSION_2 << 4 | COMMAND_LOCAL);
@@ -244,7 +244,7 @@ pub fn decode(buf: &[u8]) -> Result<Decoded, FramingError> {
 /// read, so the stream data stays in `r`. Returns `None` for LOCAL.
 ///
 /// The caller applies its own timeout.
-pub async fn read_proxy_header<R: AsyncRead + Unpin>(
+pub(crate) async fn read_proxy_header<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<ProxyHeader>, ReadFramingError> {
     let mut head = [0u8; FIXED_LEN];

@@ -28,24 +28,24 @@ use crate::tunnel::congestion::CongestionControl;
 /// The ALPN protocol of the tunnel.
 pub const ALPN: &[u8] = b"runewarp/1";
 /// QUIC idle timeout.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Keep-alive interval of the Server.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(20);
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// Keep-alive interval of the Client: short, so that a Server that crashed
 /// and restarted answers a probe with a stateless reset within a second or
 /// two and the Client redials at once, instead of waiting out the 60 s idle
 /// timeout. Costs one small packet per second per Client.
-pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
+pub(crate) const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// A tunnel handshake must complete within this time (the Client's wait;
 /// the Server gives a handshake slot 5 s, see `server::admission::Limits`).
-pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Streams the Client guarantees the Server can have open at once.
-pub const MAX_STREAMS: u32 = 1024;
+pub(crate) const MAX_STREAMS: u32 = 1024;
 /// Stream credit the Client actually grants. quinn re-announces stream
 /// credit only after 1/8 of it was freed, so granting exactly 1024 could
 /// leave the Server with as few as 896 usable streams; the extra eighth
 /// keeps at least [`MAX_STREAMS`] available at all times.
-pub const STREAM_CREDIT: u32 = MAX_STREAMS + MAX_STREAMS / 8;
+pub(crate) const STREAM_CREDIT: u32 = MAX_STREAMS + MAX_STREAMS / 8;
 
 /// Per-stream receive window. One stream can carry at most this much per
 /// round trip: 2 MiB is 336 Mbit/s over a 50 ms path and 84 Mbit/s over
@@ -54,14 +54,14 @@ pub const STREAM_CREDIT: u32 = MAX_STREAMS + MAX_STREAMS / 8;
 /// deadline resets it; 1 MiB would halve that but cost 10-20 % of
 /// single-stream throughput in the loopback bench. See
 /// docs/architecture.md, "Flow-control windows".
-pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+pub(crate) const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 /// Connection-wide receive window: every stream the peer may have open at
 /// once, each with a full stream window. Stuck streams can therefore never
 /// exhaust the connection's credit and hold back the other streams of the
 /// Tunnel connection; what bounds the memory they pin is the stream count
 /// (admission limits, [`STREAM_CREDIT`]) times [`STREAM_WINDOW`], and the
 /// write deadline that resets them.
-pub const CONNECTION_WINDOW: u32 = STREAM_CREDIT * STREAM_WINDOW;
+pub(crate) const CONNECTION_WINDOW: u32 = STREAM_CREDIT * STREAM_WINDOW;
 /// How much unacknowledged data we keep buffered for sending, all streams
 /// together: 80 MB/s over a 50 ms path. 8 MiB bought no throughput in the
 /// bench and cost ~6 MiB of peak RSS.
@@ -74,7 +74,7 @@ const SEND_WINDOW: u64 = 4 * 1024 * 1024;
 /// by segmentation offload: quinn sends up to 10 segments in one `sendmsg`
 /// and the kernel refuses a batch over 64 KiB (EMSGSIZE, the whole batch
 /// lost), so 10 segments plus IP and UDP headers must fit in 65,535 bytes.
-pub const MAX_UDP_PAYLOAD: u16 = 6_500;
+pub(crate) const MAX_UDP_PAYLOAD: u16 = 6_500;
 const _: () = assert!(10 * MAX_UDP_PAYLOAD as usize + 40 + 8 <= 65_535);
 
 /// Application error codes carried in CONNECTION_CLOSE.
@@ -162,7 +162,7 @@ pub struct TunnelTls {
 }
 
 /// A refused identity is logged at most once per this interval.
-pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl TunnelTls {
     pub fn new(
@@ -180,7 +180,7 @@ impl TunnelTls {
     }
 
     /// Accept these pins from the next handshake on (config reload).
-    pub fn set_pins(&self, pins: HashSet<ClientIdentity>) {
+    pub(crate) fn set_pins(&self, pins: HashSet<ClientIdentity>) {
         *write(&self.pins) = Arc::new(pins);
     }
 
@@ -209,7 +209,7 @@ impl TunnelTls {
 
 /// Always presents the same certificate (cert-dir mode).
 #[derive(Debug)]
-pub struct FixedCertificate(Arc<CertifiedKey>);
+pub(crate) struct FixedCertificate(Arc<CertifiedKey>);
 
 impl FixedCertificate {
     pub fn new(material: TlsMaterial) -> Result<Self, TransportError> {
@@ -240,7 +240,7 @@ pub fn client_config(
 
 /// [`client_config`] with any Server certificate verifier (such as the
 /// `server-trust = "pin"` one).
-pub fn client_config_with_verifier(
+pub(crate) fn client_config_with_verifier(
     verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
     identity: TlsMaterial,
     congestion: CongestionControl,
@@ -260,7 +260,7 @@ pub fn client_config_with_verifier(
 }
 
 /// The identity of an authenticated peer, from its certificate.
-pub fn peer_identity(conn: &quinn::Connection) -> Option<ClientIdentity> {
+pub(crate) fn peer_identity(conn: &quinn::Connection) -> Option<ClientIdentity> {
     let any = conn.peer_identity()?;
     let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
     let leaf = certs.first()?;
@@ -410,7 +410,7 @@ const UDP_BUFFER: usize = 8 * 1024 * 1024;
 
 /// A UDP socket for a QUIC endpoint with enlarged buffers, so bursts at
 /// full speed are not dropped by the kernel.
-pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+pub(crate) fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {

@@ -49,7 +49,7 @@ use crate::hostname::{HostnameError, PublicHostname};
 use crate::identity::ClientIdentity;
 
 /// Name of the directory holding CA keys inside a material directory.
-pub const STATE_DIR: &str = "state";
+pub(crate) const STATE_DIR: &str = "state";
 
 /// Everything that can go wrong with material on disk. Each message names
 /// the file or directory and, where there is one, the command to run next.

@@ -108,7 +108,7 @@ const DEFAULT_INITIAL_WINDOW: u64 = 12_000;
 
 /// The factory quinn builds a [`Bbr`] from, per connection.
 #[derive(Debug, Clone)]
-pub struct BbrConfig {
+pub(crate) struct BbrConfig {
     initial_window: u64,
     /// Seed of the probe-timing randomisation (fixed in tests).
     seed: u64,
@@ -175,7 +175,7 @@ struct RateSample {
 
 /// BBR for quinn (see the module docs).
 #[derive(Debug, Clone)]
-pub struct Bbr {
+pub(crate) struct Bbr {
     config: Arc<BbrConfig>,
     mtu: u64,
     state: State,
@@ -341,8 +341,9 @@ impl Bbr {
         bbr
     }
 
-    /// The current state (for tests and logs).
-    pub fn state(&self) -> State {
+    /// The current state (for tests).
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> State {
         self.state
     }
 

@@ -24,7 +24,7 @@ pub enum CongestionControl {
 
 impl CongestionControl {
     /// Every accepted spelling, for error messages.
-    pub const NAMES: &'static [&'static str] = &["bbr", "cubic"];
+    pub(crate) const NAMES: &'static [&'static str] = &["bbr", "cubic"];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -43,7 +43,7 @@ impl CongestionControl {
     }
 
     /// The quinn controller factory for this choice.
-    pub fn factory(self) -> Arc<dyn ControllerFactory + Send + Sync> {
+    pub(crate) fn factory(self) -> Arc<dyn ControllerFactory + Send + Sync> {
         match self {
             CongestionControl::Bbr => Arc::new(bbr::BbrConfig::default()),
             CongestionControl::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
