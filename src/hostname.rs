@@ -20,26 +20,36 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HostnameError {
     #[error("hostname is empty")]
+    /// The hostname is empty.
     Empty,
     #[error("hostname is longer than 253 characters")]
+    /// Longer than 253 characters.
     TooLong,
     #[error("IP literals are not hostnames; use a DNS name")]
+    /// An IP address, not a DNS name.
     IpLiteral,
     #[error(
         "a wildcard must be the whole first label, as in \"*.example.com\" (one label, no partial or nested wildcards)"
     )]
+    /// A `*` anywhere but as the whole first label.
     Wildcard,
     #[error("a wildcard needs at least two labels after \"*.\" (\"*.example.com\", not \"*.com\")")]
+    /// A wildcard over fewer than two labels.
     WildcardTooBroad,
     #[error("wildcards are not allowed here; give one DNS name")]
+    /// A wildcard where only one DNS name is accepted.
     WildcardNotAllowed,
     #[error("raw Unicode is not allowed; write the punycode (xn--) form")]
+    /// Raw Unicode instead of the punycode form.
     NonAscii,
     #[error("a bare DNS name is expected, without scheme, port or path (e.g. \"app.example.com\")")]
+    /// A scheme, port or path around the name.
     NotBare,
     #[error("label {0:?} is empty or longer than 63 characters")]
+    /// This label is empty or longer than 63 characters.
     BadLabelLength(String),
     #[error("label {0:?} may contain only a-z, 0-9 and '-', and may not start or end with '-'")]
+    /// This label has a character outside a-z, 0-9 and '-', or starts or ends with '-'.
     BadLabelChars(String),
 }
 

@@ -14,6 +14,7 @@ pub(crate) const EXIT_FAILURE: u8 = 1;
 /// Configuration or usage error.
 pub(crate) const EXIT_CONFIG: u8 = 2;
 
+/// Run the parsed command line; returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
     tls::install_crypto_provider();
     let env = Environment::from_process();

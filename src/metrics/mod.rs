@@ -123,13 +123,19 @@ impl TunnelFamilies {
 /// The counters of one Tunnel.
 #[derive(Debug, Clone, Default)]
 pub struct TunnelMetrics {
+    /// The Tunnel's label (its first Public hostname).
     pub name: String,
+    /// Visitor streams routed to it.
     pub streams: Counter,
     pub(crate) streams_active: Gauge,
     pub(crate) bytes_to_client: Counter,
+    /// Bytes relayed from the Tunnel to Visitors.
     pub bytes_to_visitor: Counter,
+    /// 1 while a Tunnel connection is active, else 0.
     pub connected: Gauge,
+    /// Tunnel connections installed.
     pub connections: Counter,
+    /// Tunnel connections replaced by a newer one.
     pub replaced: Counter,
 }
 
@@ -152,6 +158,7 @@ pub struct ServerMetrics {
 }
 
 impl ServerMetrics {
+    /// Counters for `tunnels`, registered under the `runewarp` prefix.
     pub fn new(tunnels: &[TunnelConfig]) -> Self {
         let mut registry = Registry::with_prefix("runewarp");
         register_process(&mut registry, "server");
@@ -282,6 +289,7 @@ impl ServerMetrics {
             .inc();
     }
 
+    /// Count a refused Tunnel connection; `reason` is a fixed token.
     pub fn tunnel_refused(&self, reason: &'static str) {
         self.tunnels_refused
             .get_or_create(&labels(&[("reason", reason)]))
@@ -316,9 +324,11 @@ impl ServerMetrics {
 /// The counters of one Service.
 #[derive(Debug, Clone)]
 pub struct ServiceMetrics {
+    /// Streams handed to the Service.
     pub streams: Counter,
     pub(crate) streams_active: Gauge,
     pub(crate) bytes_to_backend: Counter,
+    /// Bytes relayed from the Local backend to Visitors.
     pub bytes_from_backend: Counter,
     pub(crate) backend_connect: Histogram,
     /// All backend failures (for status; the exposition has them by reason).
@@ -375,6 +385,7 @@ impl ServiceFamilies {
 pub struct ClientMetrics {
     registry: Registry,
     services: ServiceFamilies,
+    /// 1 while the Tunnel connection is up, else 0.
     pub tunnel_connected: Gauge,
     pub(crate) tunnel_connections: Counter,
     tunnel_rtt: FloatGauge,
@@ -393,11 +404,13 @@ pub struct ClientMetrics {
 pub struct Waiting {
     /// A fixed token (`refused`, `timeout`, `replaced`, `lost`...).
     pub reason: &'static str,
+    /// The error behind `reason`, for people.
     pub detail: String,
     pub(crate) retry_at: SystemTime,
 }
 
 impl ClientMetrics {
+    /// Counters for `services`, registered under the `runewarp_client` prefix.
     pub fn new(services: &[ServiceConfig]) -> Self {
         let mut registry = Registry::with_prefix("runewarp_client");
         register_process(&mut registry, "client");

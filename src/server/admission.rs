@@ -115,14 +115,23 @@ impl fmt::Display for Source {
 /// What a refusal was about, for logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
+    /// ClientHello intake in all.
     ClientHelloIntake,
+    /// ClientHello intake per source.
     PerSourceIp,
+    /// QUIC handshakes in progress.
     QuicHandshakes,
+    /// Handshakes from addresses QUIC has not validated.
     UnvalidatedHandshakes,
+    /// Handshakes per source.
     HandshakesPerSource,
+    /// Stream opens waiting for credit, in all.
     PendingStreamOpens,
+    /// Stream opens waiting per Tunnel.
     PendingPerTunnel,
+    /// Routed streams in all.
     RoutedStreams,
+    /// Routed streams per source.
     StreamsPerSource,
 }
 
@@ -139,6 +148,7 @@ const SCOPES: [Scope; 9] = [
 ];
 
 impl Scope {
+    /// The scope's stable token in logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::ClientHelloIntake => "client_hello_intake",
@@ -244,6 +254,7 @@ impl<K: Hash + Eq + Copy> Shares<K> {
     }
 }
 
+/// The Server's admission limits and the work they currently hold.
 #[derive(Debug)]
 pub struct Admission {
     limits: Limits,
@@ -341,6 +352,7 @@ impl Admission {
         })
     }
 
+    /// The limits in force.
     pub fn limits(&self) -> &Limits {
         &self.limits
     }

@@ -30,24 +30,35 @@ pub use tunnels::Registry;
 /// to go out.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
+/// Why the Server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{0}")]
+    /// Certificate material could not be loaded.
     Material(#[from] material::MaterialError),
     #[error("tunnel TLS: {0}")]
+    /// The Tunnel TLS or QUIC configuration could not be built.
     Transport(#[from] transport::TransportError),
     #[error("cannot bind {what} {addr}: {error}")]
+    /// A listener could not be bound.
     Bind {
+        /// Which listener.
         what: &'static str,
+        /// The address it was to bind.
         addr: SocketAddr,
+        /// The underlying error.
         error: std::io::Error,
     },
     #[error("stateless-reset secret {path}: {error}")]
+    /// The stateless-reset secret could not be read or created.
     ResetSecret {
+        /// Its file.
         path: std::path::PathBuf,
+        /// The underlying error.
         error: std::io::Error,
     },
     #[error("{0}")]
+    /// ACME could not be set up.
     Acme(#[from] AcmeSetupError),
 }
 
@@ -177,26 +188,32 @@ impl Server {
         self
     }
 
+    /// The bound metrics address, if the metrics listener runs.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().and_then(|r| r.local_addr().ok())
     }
 
+    /// The bound public listener address.
     pub fn public_addr(&self) -> std::io::Result<SocketAddr> {
         self.public.local_addr()
     }
 
+    /// The bound tunnel listener address.
     pub fn tunnel_addr(&self) -> std::io::Result<SocketAddr> {
         self.tunnel.local_addr()
     }
 
+    /// The Tunnel registry.
     pub fn registry(&self) -> Arc<Registry> {
         self.registry.clone()
     }
 
+    /// The bound readiness address, if the readiness listener runs.
     pub fn readiness_addr(&self) -> Option<SocketAddr> {
         self.readiness.as_ref().and_then(|r| r.local_addr().ok())
     }
 
+    /// The admission limits.
     pub fn admission(&self) -> Arc<Admission> {
         self.admission.clone()
     }

@@ -44,8 +44,11 @@ pub struct TunnelConnection {
     pub id: u64,
     /// Index of the Tunnel in the config.
     pub tunnel: usize,
+    /// The Client identity it authenticated with.
     pub identity: ClientIdentity,
+    /// The Client instance's address.
     pub peer: SocketAddr,
+    /// The QUIC connection.
     pub conn: quinn::Connection,
     /// When it was authenticated (for status).
     pub established: std::time::SystemTime,
@@ -106,6 +109,7 @@ struct SlotState {
 pub enum Install {
     /// The connection is now the active one of its Tunnel.
     Installed {
+        /// The connection it replaced, if any.
         replaced: Option<Arc<TunnelConnection>>,
         /// The replacement reversed the previous one between the same two
         /// peers.
@@ -122,6 +126,7 @@ pub enum Install {
 /// A pair of peers taking a Tunnel from each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flapping {
+    /// The two peers, lower address first.
     pub peers: (SocketAddr, SocketAddr),
     /// First time this pair is seen flapping (log it once).
     pub first: bool,
@@ -164,8 +169,10 @@ pub struct ReloadDiff {
     pub tunnels_added: Vec<String>,
     /// Names of Tunnels no longer configured.
     pub tunnels_removed: Vec<String>,
+    /// Public hostnames added.
     pub hostnames_added: usize,
     pub(crate) hostnames_removed: usize,
+    /// Client identity pins added.
     pub pins_added: usize,
     pub(crate) pins_removed: usize,
     /// Active connections whose identity is no longer pinned by their
@@ -174,6 +181,7 @@ pub struct ReloadDiff {
 }
 
 impl ReloadDiff {
+    /// Nothing changed.
     pub fn is_empty(&self) -> bool {
         self.tunnels_added.is_empty()
             && self.tunnels_removed.is_empty()
@@ -196,6 +204,7 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// A registry of `tunnels`, numbered by their config index.
     pub fn new(tunnels: &[TunnelConfig]) -> Self {
         let routing = Routing::new(tunnels.iter().cloned().enumerate().collect());
         Self {

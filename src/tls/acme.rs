@@ -65,26 +65,39 @@ pub(crate) const STATE_FILE_MODE: u32 = 0o600;
 /// A TLS-ALPN-01 challenge handshake must finish within this time.
 pub(crate) const CHALLENGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Why ACME could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeSetupError {
     #[error("{section}.state-dir: cannot use {}: {error}", path.display())]
+    /// The `state-dir` cannot be created or used.
     StateDir {
+        /// `server.acme` or `client.acme`.
         section: &'static str,
+        /// The directory.
         path: PathBuf,
+        /// The underlying error.
         error: io::Error,
     },
     #[error("{section}.directory-ca-file: {error}")]
+    /// The `directory-ca-file` cannot be read.
     DirectoryCa {
+        /// `server.acme` or `client.acme`.
         section: &'static str,
+        /// The underlying error.
         error: Box<material::MaterialError>,
     },
     #[error("{section}.directory-ca-file: {}: certificate rejected: {error}", path.display())]
+    /// A certificate in `directory-ca-file` was rejected.
     BadDirectoryCa {
+        /// `server.acme` or `client.acme`.
         section: &'static str,
+        /// The file.
         path: PathBuf,
+        /// The underlying error.
         error: rustls::Error,
     },
     #[error("TLS configuration: {0}")]
+    /// The TLS configuration could not be built.
     Tls(#[from] rustls::Error),
 }
 
@@ -424,6 +437,7 @@ pub struct StateDirCache {
 }
 
 impl StateDirCache {
+    /// A cache in `dir`.
     pub fn new(dir: PathBuf) -> Self {
         Self { dir }
     }

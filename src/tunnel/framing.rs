@@ -33,9 +33,12 @@ const FAMILY_TCP6: u8 = 0x21;
 const ADDR_LEN_TCP4: usize = 12;
 const ADDR_LEN_TCP6: usize = 36;
 
+/// The addresses a PROXY v2 PROXY command carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProxyHeader {
+    /// The Visitor's address.
     pub source: SocketAddr,
+    /// The address the Visitor connected to.
     pub destination: SocketAddr,
 }
 
@@ -47,23 +50,36 @@ pub enum Decoded {
     /// A whole header: `header` is `None` for a LOCAL command. `consumed` is
     /// the header's total size, TLVs included; the stream data follows it.
     Complete {
+        /// The addresses; `None` for LOCAL.
         header: Option<ProxyHeader>,
+        /// Header bytes, TLVs included.
         consumed: usize,
     },
 }
 
+/// Why bytes are not a valid PROXY v2 header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FramingError {
     #[error("missing PROXY protocol v2 signature")]
+    /// The 12-byte signature is missing.
     BadSignature,
     #[error("unsupported PROXY protocol version {0} (expected 2)")]
+    /// A version other than 2.
     BadVersion(u8),
     #[error("invalid PROXY protocol command {0:#x} (expected LOCAL or PROXY)")]
+    /// A command other than LOCAL or PROXY.
     BadCommand(u8),
     #[error("unsupported PROXY protocol address family/protocol {0:#04x}")]
+    /// An address family or protocol other than TCP over IPv4/IPv6.
     UnsupportedFamily(u8),
     #[error("PROXY header length {length} too short for address family {family:#04x}")]
-    LengthTooShort { family: u8, length: u16 },
+    /// The length cannot hold the family's addresses.
+    LengthTooShort {
+        /// The family/protocol byte.
+        family: u8,
+        /// The header's length field.
+        length: u16,
+    },
 }
 
 /// Why [`read_proxy_header`] failed.

@@ -109,11 +109,14 @@ pub mod stream_code {
     pub const OVERLOADED: VarInt = VarInt::from_u32(7);
 }
 
+/// Why the Tunnel TLS or QUIC configuration cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("TLS configuration: {0}")]
+    /// rustls refused the configuration.
     Tls(#[from] rustls::Error),
     #[error("QUIC crypto configuration: {0}")]
+    /// quinn refused the crypto configuration.
     Quic(String),
 }
 
@@ -165,6 +168,7 @@ pub struct TunnelTls {
 pub(crate) const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl TunnelTls {
+    /// TLS for the Server's tunnel listener: present `certificate`, accept the Client identities in `pins`, send with `congestion`.
     pub fn new(
         certificate: Arc<dyn ResolvesServerCert>,
         pins: HashSet<ClientIdentity>,

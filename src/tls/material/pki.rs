@@ -26,7 +26,9 @@ const BACKDATE: Duration = Duration::from_secs(60 * 60);
 /// A certificate chain (leaf first) and its private key, ready for rustls.
 #[derive(Debug)]
 pub struct TlsMaterial {
+    /// The certificates, leaf first.
     pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
     pub key: PrivateKeyDer<'static>,
 }
 

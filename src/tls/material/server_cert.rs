@@ -13,8 +13,11 @@ use super::{MaterialError, STATE_DIR, exists, shell_arg};
 use crate::hostname::ServerHostname;
 use crate::tls::server_pin::ServerPin;
 
+/// The Server certificate in `cert-dir`.
 pub const SERVER_CERT: &str = "server.crt";
+/// The Server private key in `cert-dir`.
 pub const SERVER_KEY: &str = "server.key";
+/// The private Server CA certificate in `cert-dir`.
 pub const SERVER_CA_CERT: &str = "server-ca.crt";
 /// Inside `state/`.
 pub const SERVER_CA_KEY: &str = "server-ca.key";

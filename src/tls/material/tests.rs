@@ -1,3 +1,6 @@
+//! Tests of the certificate material: creating, loading, renewing and
+//! rotating each directory, and the errors for broken or partial material.
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -129,19 +129,29 @@ impl ControllerFactory for BbrConfig {
     }
 }
 
+/// BBR's state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// Exponential growth until the bandwidth stops growing.
     Startup,
+    /// Drain the queue Startup built.
     Drain,
+    /// Steady state, cycling through its phases.
     ProbeBw(Phase),
+    /// Shrink the window briefly to measure the minimum RTT.
     ProbeRtt,
 }
 
+/// The phases of ProbeBw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// Send below the estimate to drain the queue.
     Down,
+    /// Send at the estimate.
     Cruise,
+    /// Refill the pipe before probing.
     Refill,
+    /// Probe for more bandwidth.
     Up,
 }
 

@@ -26,6 +26,7 @@ impl CongestionControl {
     /// Every accepted spelling, for error messages.
     pub(crate) const NAMES: &'static [&'static str] = &["bbr", "cubic"];
 
+    /// The spelling in the config file.
     pub fn as_str(self) -> &'static str {
         match self {
             CongestionControl::Bbr => "bbr",
