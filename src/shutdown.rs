@@ -2,6 +2,8 @@
 //! **graceful** (stop admitting new work, let established streams finish)
 //! and **fast** (close everything now). The first SIGTERM or SIGINT asks for
 //! a graceful stop; a second one, or SIGQUIT, for a fast one.
+//! SIGHUP, which asks a running role to reload its config, is routed here
+//! too ([`on_each_sighup`]).
 
 use tokio::sync::watch;
 
@@ -104,4 +106,20 @@ pub(crate) fn on_signals(trigger: Trigger) {
             }
         }
     });
+}
+
+/// Call `reload` on every SIGHUP, until the task is aborted. Without a
+/// SIGHUP handler it warns once (`reload_unavailable`) and returns.
+pub(crate) async fn on_each_sighup(mut reload: impl FnMut()) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!(
+            event = "reload_unavailable",
+            reason = "cannot install the SIGHUP handler"
+        );
+        return;
+    };
+    while hup.recv().await.is_some() {
+        reload();
+    }
 }

@@ -21,17 +21,7 @@ pub(crate) async fn on_sighup(
     registry: Arc<Registry>,
     tls: Arc<TunnelTls>,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!(
-            event = "reload_unavailable",
-            reason = "cannot install the SIGHUP handler"
-        );
-        return;
-    };
-    while hup.recv().await.is_some() {
-        reload(&reloader, &config, &registry, &tls);
-    }
+    crate::shutdown::on_each_sighup(|| reload(&reloader, &config, &registry, &tls)).await;
 }
 
 /// One reload: read, check, apply, log one line.
