@@ -16,14 +16,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::BoxError;
-use crate::fsutil;
+use crate::fsutil::{self, CERT_MODE, KEY_MODE};
 use crate::hostname::{PublicHostname, ServerHostname};
 use crate::identity::ClientIdentity;
 use crate::tls::material;
-
-/// Mode of the backend's key file (the commands use the same for theirs).
-const KEY_MODE: u32 = 0o600;
-const CERT_MODE: u32 = 0o644;
 
 /// Where things were written, and what the report and the Visitor need.
 pub struct Material {
