@@ -21,12 +21,12 @@ use tokio::net::TcpStream;
 
 use crate::config::{ClientConfig, PublicCertSource, ServiceConfig, StreamTimeouts, TlsMode};
 use crate::hostname::wire_lookup_key;
+use crate::identity::ClientIdentity;
 use crate::logging::RateLimit;
 use crate::notify;
 use crate::relay as proxy;
 use crate::shutdown::Shutdown;
 use crate::tls::acme::{AcmeManager, AcmeSetupError};
-use crate::identity::ClientIdentity;
 use crate::tls::material::{self, MaterialError};
 use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE};
 use crate::tls::trust::{self, TrustError};

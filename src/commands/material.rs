@@ -6,14 +6,14 @@
 
 use std::path::PathBuf;
 
+use crate::cli::{IdentityCommand, MaterialArgs, PublicCertCommand, ServerCertCommand};
+use crate::config::{Environment, MaterialDefaults, material_defaults};
+use crate::hostname::{PublicHostname, ServerHostname};
 use crate::tls::material::{
     MaterialError, init_client_identity, init_public_certs, init_server_cert, renew_public_certs,
     renew_server_cert, rotate_client_identity, rotate_public_ca, rotate_server_ca,
     show_client_identity, show_server_pin,
 };
-use crate::cli::{IdentityCommand, MaterialArgs, PublicCertCommand, ServerCertCommand};
-use crate::config::{Environment, MaterialDefaults, material_defaults};
-use crate::hostname::{PublicHostname, ServerHostname};
 
 /// `runewarp server cert init|renew|rotate-ca`.
 pub(crate) fn run_server_cert(
@@ -61,7 +61,10 @@ pub(crate) fn run_server_cert(
 
 /// `runewarp client identity init|show|rotate`. `show` returns exactly the
 /// pin and a newline.
-pub(crate) fn run_identity(cmd: &IdentityCommand, env: &Environment) -> Result<String, MaterialError> {
+pub(crate) fn run_identity(
+    cmd: &IdentityCommand,
+    env: &Environment,
+) -> Result<String, MaterialError> {
     let material = match cmd {
         IdentityCommand::Init { material, .. }
         | IdentityCommand::Show { material }

@@ -20,7 +20,10 @@ use crate::hostname::ServerHostname;
 
 /// Prepare and validate the `[gate]` config from `config` (must exist) or
 /// the discovered file.
-pub(crate) fn load_gate(config: Option<&Path>, env: &Environment) -> Result<GateConfig, ConfigError> {
+pub(crate) fn load_gate(
+    config: Option<&Path>,
+    env: &Environment,
+) -> Result<GateConfig, ConfigError> {
     let xdg = Xdg::from_env(env);
     let file = match locate(config, &xdg)? {
         Located::Found(file) => *file,

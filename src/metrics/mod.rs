@@ -266,8 +266,7 @@ impl ServerMetrics {
 
     /// The counters of the Tunnel in `slot`.
     pub fn tunnel(&self, slot: usize) -> Option<TunnelMetrics> {
-        read(&self.tunnels).get(slot)
-            .cloned()
+        read(&self.tunnels).get(slot).cloned()
     }
 
     /// Count the Tunnel `t` in `slot` from now on (after a reload): a new
@@ -669,7 +668,6 @@ pub(crate) fn spawn_std_listener(
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -4,10 +4,10 @@
 
 pub mod admission;
 pub(crate) mod public_listener;
-pub mod tunnels;
 pub mod reload;
 pub mod status;
 pub(crate) mod tunnel_listener;
+pub mod tunnels;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,7 +63,8 @@ pub enum ServerError {
 }
 
 /// Reads the config again (same file and overlays) for a reload.
-pub(crate) type Reloader = Box<dyn Fn() -> Result<ServerConfig, crate::config::ConfigError> + Send + Sync>;
+pub(crate) type Reloader =
+    Box<dyn Fn() -> Result<ServerConfig, crate::config::ConfigError> + Send + Sync>;
 
 /// A Server whose listeners are bound and ready to run.
 pub struct Server {

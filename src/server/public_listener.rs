@@ -440,7 +440,8 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     tracing::debug!(event = "stream_routed", hostname = %key, %peer, tunnel = tc.tunnel, connection = tc.id);
     let started = std::time::Instant::now();
     let relayed = {
-        let relaying = relay::relay_tcp_stream(&mut tcp, &mut send, &mut recv, config.stream_timeouts);
+        let relaying =
+            relay::relay_tcp_stream(&mut tcp, &mut send, &mut recv, config.stream_timeouts);
         let window = config.graceful_shutdown_duration;
         tokio::select! {
             r = relaying => Some(r),
@@ -572,7 +573,10 @@ mod tests {
     #[test]
     fn drops_what_cannot_be_routed() {
         let drop = Verdict::<u32>::Drop;
-        assert_eq!(decide_for(None, false, false), (drop(DropReason::NoSni), vec![]));
+        assert_eq!(
+            decide_for(None, false, false),
+            (drop(DropReason::NoSni), vec![])
+        );
         assert_eq!(
             decide_for(Some("other.example"), false, false).0,
             drop(DropReason::UnknownHostname)
@@ -599,6 +603,9 @@ mod tests {
             (Verdict::AcmeChallenge, vec![])
         );
         // Even while stopping, a validation is answered (as before).
-        assert_eq!(decide_for(Some("server.example"), true, true).0, Verdict::AcmeChallenge);
+        assert_eq!(
+            decide_for(Some("server.example"), true, true).0,
+            Verdict::AcmeChallenge
+        );
     }
 }

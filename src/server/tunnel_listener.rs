@@ -297,4 +297,3 @@ async fn summarise(f: Arc<Failures>) {
         }
     }
 }
-

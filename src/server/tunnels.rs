@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use crate::config::TunnelConfig;
 use crate::hostname::HostnameTable;
+use crate::identity::ClientIdentity;
 use crate::metrics::ServerMetrics;
 use crate::sync::{InFlight, InFlightGuard, lock, read, write};
-use crate::identity::ClientIdentity;
 
 /// How long a replaced connection may keep serving its in-flight streams.
 pub(crate) const REPLACEMENT_GRACE: Duration = Duration::from_secs(5);
@@ -367,7 +367,11 @@ impl Registry {
     /// connection has received nothing for [`INCUMBENT_SILENCE`] (its
     /// Client crashed or lost its path), so `tc` replaces it without waiting
     /// for the interval: a dead connection cannot flap.
-    pub(crate) fn install_with(&self, tc: &Arc<TunnelConnection>, incumbent_silent: bool) -> Install {
+    pub(crate) fn install_with(
+        &self,
+        tc: &Arc<TunnelConnection>,
+        incumbent_silent: bool,
+    ) -> Install {
         let now = Instant::now();
         let slot = self.slot(tc.tunnel);
         let mut slot = lock(&slot.active);

@@ -6,9 +6,9 @@
 use std::fmt;
 use std::sync::Arc;
 
+use rustls::CertificateError;
 use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::CertificateError;
 
 use crate::identity::ClientIdentity;
 

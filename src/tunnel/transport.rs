@@ -18,9 +18,9 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DistinguishedName};
 
+use crate::identity::ClientIdentity;
 use crate::logging::RateLimit;
 use crate::sync::{read, write};
-use crate::identity::ClientIdentity;
 use crate::tls::material::TlsMaterial;
 use crate::tunnel::congestion::CongestionControl;
 

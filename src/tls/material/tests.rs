@@ -293,7 +293,10 @@ fn server_init_refuses_existing_material_and_force_replaces() {
     let dir = tmp.path();
     init_server_cert(dir, &server_host("edge.example.com"), false).unwrap();
     let key = fs::read(dir.join(SERVER_KEY)).unwrap();
-    let err = fails_with!(init_server_cert(dir, &server_host("edge.example.com"), false), MaterialError::Exists { .. });
+    let err = fails_with!(
+        init_server_cert(dir, &server_host("edge.example.com"), false),
+        MaterialError::Exists { .. }
+    );
     let msg = err.to_string();
     assert!(msg.contains("server-ca.key"), "{msg}");
     assert!(msg.contains("--force"), "{msg}");
@@ -342,13 +345,19 @@ fn server_key_mismatch_is_detected() {
     init_server_cert(&a, &server_host("a.example.com"), false).unwrap();
     init_server_cert(&b, &server_host("b.example.com"), false).unwrap();
     fs::copy(b.join(SERVER_KEY), a.join(SERVER_KEY)).unwrap();
-    fails_with!(load_server_certificate(&a), MaterialError::KeyMismatch { .. });
+    fails_with!(
+        load_server_certificate(&a),
+        MaterialError::KeyMismatch { .. }
+    );
     fs::copy(
         b.join(STATE_DIR).join(SERVER_CA_KEY),
         a.join(STATE_DIR).join(SERVER_CA_KEY),
     )
     .unwrap();
-    fails_with!(renew_server_cert(&a, None), MaterialError::KeyMismatch { .. });
+    fails_with!(
+        renew_server_cert(&a, None),
+        MaterialError::KeyMismatch { .. }
+    );
 }
 
 #[test]
@@ -424,7 +433,10 @@ fn identity_rotate_changes_pin_and_init_refuses() {
     let old = show_client_identity(dir).unwrap();
     let key = fs::read(dir.join(CLIENT_KEY)).unwrap();
 
-    let err = fails_with!(init_client_identity(dir, false), MaterialError::Exists { .. });
+    let err = fails_with!(
+        init_client_identity(dir, false),
+        MaterialError::Exists { .. }
+    );
     assert!(err.to_string().contains("client.key"), "{err}");
     assert_eq!(fs::read(dir.join(CLIENT_KEY)).unwrap(), key);
 
@@ -632,7 +644,10 @@ fn public_renew_and_rotate_ca() {
 fn public_load_errors_and_skips() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    fails_with!(load_public_certs(&dir.join("absent")), MaterialError::Missing { .. });
+    fails_with!(
+        load_public_certs(&dir.join("absent")),
+        MaterialError::Missing { .. }
+    );
     fails_with!(rotate_public_ca(dir), MaterialError::Missing { .. });
 
     init_public_certs(dir, &[public_host("a.example.com")], false).unwrap();
@@ -664,7 +679,10 @@ fn public_init_with_partial_ca_writes_nothing() {
     let dir = tmp.path();
     init_public_certs(dir, &[public_host("a.example.com")], false).unwrap();
     fs::remove_file(dir.join(STATE_DIR).join(PUBLIC_CA_KEY)).unwrap();
-    fails_with!(init_public_certs(dir, &[public_host("b.example.com")], false), MaterialError::Partial { .. });
+    fails_with!(
+        init_public_certs(dir, &[public_host("b.example.com")], false),
+        MaterialError::Partial { .. }
+    );
     assert!(!dir.join("b.example.com").exists());
 }
 
