@@ -8,8 +8,8 @@
 //!
 //! A [`PublicHostname`] may also be a wildcard, `*.example.com`, matching
 //! exactly one more label (`a.example.com`, not `a.b.example.com`, not
-//! `example.com`); [`PublicHostname::pattern`] tells the two apart and
-//! [`HostnameTable`] looks names up with exact names winning over
+//! `example.com`); `PublicHostname::pattern` tells the two apart and
+//! `HostnameTable` looks names up with exact names winning over
 //! wildcards. The Server hostname is never a wildcard.
 
 use std::borrow::Borrow;
@@ -199,7 +199,7 @@ impl PublicHostname {
         matches!(self.pattern(), HostnamePattern::Wildcard { .. })
     }
 
-    /// Whether a lookup key (see [`wire_lookup_key`]) matches this name or
+    /// Whether a lookup key (see `wire_lookup_key`) matches this name or
     /// pattern.
     pub fn matches(&self, key: &str) -> bool {
         match self.pattern() {

@@ -4,7 +4,7 @@
 //! ClientHello ([`tls::sni`]), picks a Tunnel by exact Public hostname and
 //! forwards the still-encrypted bytes over one mutually authenticated QUIC
 //! Tunnel connection ([`tunnel`]) to a [`client`] instance, which hands them
-//! to a Local backend ([`relay`]).
+//! to a Local backend (`relay`).
 //!
 //! # Layout
 //!
@@ -26,11 +26,11 @@
 //! - identity and names: [`identity`] (Client identity pins), [`hostname`];
 //! - configuration: [`config`] (file discovery, overlays, validation; one
 //!   `[section]` per system);
-//! - TLS material and trust: [`tls`], [`fsutil`] (atomic writes, file modes);
+//! - TLS material and trust: [`tls`], `fsutil` (atomic writes, file modes);
 //! - lifecycle: [`shutdown`] (signal stages), [`sync`] (poison-tolerant
-//!   locks, abort-on-drop, draining), [`notify`], [`readiness`], [`fdlimit`];
+//!   locks, abort-on-drop, draining), [`notify`], [`readiness`], `fdlimit`;
 //! - observability: [`logging`], [`metrics`];
-//! - byte relaying: [`relay`].
+//! - byte relaying: `relay`.
 //!
 //! The rule: a system uses the common pieces and its own modules, never
 //! another system's internals; what two systems need becomes a common

@@ -3,7 +3,7 @@
 //! and **fast** (close everything now). The first SIGTERM or SIGINT asks for
 //! a graceful stop; a second one, or SIGQUIT, for a fast one.
 //! SIGHUP, which asks a running role to reload its config, is routed here
-//! too ([`on_each_sighup`]).
+//! too (`on_each_sighup`).
 
 use tokio::sync::watch;
 

@@ -1,6 +1,6 @@
 //! Small concurrency pieces every system shares: lock helpers that survive
 //! a poisoned lock, a guard that aborts a task when dropped, and
-//! [`InFlight`], the one way to count work in flight and wait for it to
+//! `InFlight`, the one way to count work in flight and wait for it to
 //! drain.
 //!
 //! A poisoned lock only means another thread panicked while holding it;

@@ -2,7 +2,7 @@
 //!
 //! 1. **prepare** ([`prepare`]): pick the config file, apply CLI overlays,
 //!    fill XDG and hardcoded defaults, resolve config-relative paths.
-//! 2. **validate** ([`validate`]): turn the prepared shape into the typed
+//! 2. **validate** (`validate`): turn the prepared shape into the typed
 //!    [`ServerConfig`] / [`ClientConfig`], checking invariants, mutual
 //!    exclusion, trust and routing rules.
 //! 3. **start**: side effects (creating directories) belong to the runtime,
@@ -55,7 +55,7 @@
 //! | `client.public-cert-dir` (some Service terminates, no `[client.acme]`) | `$XDG_DATA_HOME/runewarp/client/public-certs` |
 //! | `client.readiness-bind-address` | none |
 //! | `client.acme.state-dir` | `$XDG_STATE_HOME/runewarp/client/acme` |
-//! | `[*.acme].directory-url` | [`LETS_ENCRYPT_DIRECTORY`] |
+//! | `[*.acme].directory-url` | `LETS_ENCRYPT_DIRECTORY` |
 //! | `[[client.services]].tls-mode` | `passthrough` |
 //! | `[[client.services]].proxy-protocol` | none |
 //!

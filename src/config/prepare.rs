@@ -1,6 +1,6 @@
 //! Step 1, **prepare**: pick the config file, apply CLI and environment
 //! overlays, fill XDG and hardcoded defaults, and resolve config-relative
-//! paths. The output still holds raw strings; [`super::validate`] turns it
+//! paths. The output still holds raw strings; `super::validate` turns it
 //! into the typed config. Nothing here touches the filesystem apart from
 //! reading the config file.
 

@@ -28,7 +28,7 @@ use crate::sync::{InFlight, InFlightGuard, lock};
 pub struct Limits {
     /// Visitors whose ClientHello is still being read (pre-routing work).
     pub client_hello_intake: usize,
-    /// Of those, at most this many from one [`Source`].
+    /// Of those, at most this many from one `Source`.
     pub per_source_ip: usize,
     /// QUIC handshakes with would-be Client instances in progress.
     pub quic_handshakes: usize,
@@ -36,7 +36,7 @@ pub struct Limits {
     /// address QUIC has not validated gets a Retry (address validation)
     /// instead of a slot: spoofed or junk Initials cannot take more.
     pub handshake_retry_above: usize,
-    /// Handshakes in progress from one validated [`Source`].
+    /// Handshakes in progress from one validated `Source`.
     pub handshakes_per_source: usize,
     /// How long a handshake may hold its slot.
     pub handshake_deadline: Duration,
@@ -46,7 +46,7 @@ pub struct Limits {
     pub stream_open_deadline: Duration,
     /// Visitor streams relayed through Tunnels at once.
     pub routed_streams: usize,
-    /// Routed plus pending Visitor streams from one [`Source`].
+    /// Routed plus pending Visitor streams from one `Source`.
     pub streams_per_source: usize,
 }
 

@@ -7,7 +7,7 @@
 //! most one active Tunnel connection; a newer authenticated connection
 //! replaces the older one, which is closed once its in-flight streams end
 //! or after a short grace. Replacements of one Tunnel's connection are at
-//! least [`MIN_REPLACEMENT_INTERVAL`] apart: a newer connection arriving
+//! least `MIN_REPLACEMENT_INTERVAL` apart: a newer connection arriving
 //! sooner waits (it is not refused), so two instances that keep taking
 //! the Tunnel from each other flap at a bounded rate.
 
@@ -324,7 +324,7 @@ impl Registry {
         diff
     }
 
-    /// Route a normalised SNI (see [`crate::hostname::wire_lookup_key`]):
+    /// Route a normalised SNI (see `crate::hostname::wire_lookup_key`):
     /// an exact Public hostname first, else a wildcard covering it.
     pub fn route(&self, key: &str) -> Route {
         let Some(tunnel) = self.routing().routes.lookup(key).copied() else {
@@ -356,7 +356,7 @@ impl Registry {
     }
 
     /// Make `tc` the active connection of its Tunnel, unless the Tunnel's
-    /// connection was replaced less than [`MIN_REPLACEMENT_INTERVAL`] ago
+    /// connection was replaced less than `MIN_REPLACEMENT_INTERVAL` ago
     /// ([`Install::Wait`]) or a newer connection waits for that
     /// ([`Install::Superseded`]).
     pub fn install(&self, tc: &Arc<TunnelConnection>) -> Install {

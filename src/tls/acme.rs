@@ -22,12 +22,12 @@
 //!   extracts the CA's problem document (type, detail) from failures.
 //!   `rustls-acme` retries a failed order after 1 s, doubling up to ~18 h;
 //!   a success resets it. Nothing here ever ends the process;
-//! - [`AcmeResolver`]: a [`ResolvesServerCert`] choosing by SNI, answering
+//! - `AcmeResolver`: a [`ResolvesServerCert`] choosing by SNI, answering
 //!   `acme-tls/1` ClientHellos with the challenge certificate and every
 //!   other ClientHello with the issued certificate, or with nothing (the
 //!   handshake fails closed) while there is none yet.
 //!
-//! Startup never waits for issuance: [`AcmeManager::spawn`] starts the
+//! Startup never waits for issuance: `AcmeManager::spawn` starts the
 //! drivers and returns at once; a cached certificate is deployed as soon as
 //! it is read, and renewal (at two thirds of the validity) swaps the new
 //! certificate in while the old one keeps serving.

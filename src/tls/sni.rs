@@ -3,10 +3,10 @@
 //!
 //! The Server never terminates Visitor TLS; it only peeks at the first
 //! handshake message to route the connection, then forwards every byte it
-//! read unchanged. [`parse_client_hello`] is therefore a pure function of the
+//! read unchanged. `parse_client_hello` is therefore a pure function of the
 //! bytes received so far and may be called again after each read; it
 //! reassembles a ClientHello that is fragmented across several TLS records
-//! and never looks at more than [`MAX_CLIENT_HELLO`] bytes.
+//! and never looks at more than `MAX_CLIENT_HELLO` bytes.
 //!
 //! All parsing goes through a bounds-checked cursor (`Reader`), so no
 //! network input can cause a panic.

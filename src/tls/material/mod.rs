@@ -13,7 +13,7 @@
 //!
 //! Keys are written with mode 0600, certificates 0644, `state/` is 0700 and
 //! a material directory created here is 0755 (an existing one keeps its
-//! mode). Every file is written atomically ([`crate::fsutil`]), and each new
+//! mode). Every file is written atomically (`crate::fsutil`), and each new
 //! key is written before the certificate that needs it, CA before leaf. A
 //! crash can therefore leave at most one pair out of step (a new key next to
 //! the old certificate, or a new CA next to an old leaf), which the loaders

@@ -15,7 +15,7 @@ use quinn::congestion::ControllerFactory;
 /// `congestion-control = "bbr" | "cubic"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CongestionControl {
-    /// Our BBR ([`bbr::Bbr`]): loss-tolerant, model-based. The default.
+    /// Our BBR (`bbr::Bbr`): loss-tolerant, model-based. The default.
     #[default]
     Bbr,
     /// quinn's Cubic: loss-based, halves on loss.
