@@ -80,6 +80,12 @@ fn assert_has(message: &str, needles: &[&str]) {
     }
 }
 
+/// `text` contains `needle` (shown whole when it does not).
+#[track_caller]
+fn assert_contains(text: &str, needle: &str) {
+    assert!(text.contains(needle), "{needle:?} not in:\n{text}");
+}
+
 /// Loading `text` as a Server config fails with a message containing every
 /// one of `needles`.
 #[track_caller]
@@ -1454,10 +1460,7 @@ fn render_round_trip_server() {
         let (tmp, r) = server_with(&text, None);
         let mut c = r.expect("valid");
         let rendered = render_server(&c);
-        assert!(
-            rendered.contains("graceful-shutdown-duration = \""),
-            "{rendered}"
-        );
+        assert_contains(&rendered, "graceful-shutdown-duration = \"");
         // The reload must not depend on the environment for defaults.
         let again = reload_server(&rendered, &Environment::default());
         c.source = None;
@@ -1466,16 +1469,10 @@ fn render_round_trip_server() {
     }
     let (_t, r) = server_with(&minimal_server(), None);
     let rendered = render_server(&r.expect("valid"));
-    assert!(
-        rendered.contains("graceful-shutdown-duration = \"60s\""),
-        "{rendered}"
-    );
-    assert!(
-        rendered.contains("public-bind-address = \"0.0.0.0:443\""),
-        "{rendered}"
-    );
-    assert!(rendered.contains("log-level = \"info\""), "{rendered}");
-    assert!(rendered.contains("cert-dir = \"/"), "{rendered}");
+    assert_contains(&rendered, "graceful-shutdown-duration = \"60s\"");
+    assert_contains(&rendered, "public-bind-address = \"0.0.0.0:443\"");
+    assert_contains(&rendered, "log-level = \"info\"");
+    assert_contains(&rendered, "cert-dir = \"/");
 }
 
 #[test]
@@ -1628,14 +1625,8 @@ fn stream_timeouts_are_read_and_rendered_on_both_sides() {
     let c = r.expect("valid");
     assert_eq!(c.stream_timeouts, want);
     let rendered = render_server(&c);
-    assert!(
-        rendered.contains("stream-write-timeout = \"2s\""),
-        "{rendered}"
-    );
-    assert!(
-        rendered.contains("stream-idle-timeout = \"3600s\""),
-        "{rendered}"
-    );
+    assert_contains(&rendered, "stream-write-timeout = \"2s\"");
+    assert_contains(&rendered, "stream-idle-timeout = \"3600s\"");
     assert_eq!(
         reload_server(&rendered, &Environment::default()).stream_timeouts,
         want
@@ -1644,10 +1635,7 @@ fn stream_timeouts_are_read_and_rendered_on_both_sides() {
     let c = r.expect("valid");
     assert_eq!(c.stream_timeouts, want);
     let rendered = render_client(&c);
-    assert!(
-        rendered.contains("stream-write-timeout = \"2s\""),
-        "{rendered}"
-    );
+    assert_contains(&rendered, "stream-write-timeout = \"2s\"");
     assert_eq!(
         reload_client(&rendered, &Environment::default()).stream_timeouts,
         want

@@ -23,6 +23,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::config::{ServiceConfig, TunnelConfig};
+// Re-exported for `client/`, which names it here until it adopts `crate::sync`.
 pub(crate) use crate::sync::AbortOnDrop;
 use crate::sync::{lock, read, write};
 
