@@ -17,6 +17,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
+use crate::sync::AbortOnDrop;
+
 /// Callers served at once.
 const CONNECTIONS: usize = 4;
 /// A caller must send its request and take the answer within this time.
@@ -82,7 +84,7 @@ impl ControlSocket {
         };
         let task = tokio::spawn(accept(listener, snapshot));
         Some(Serving {
-            task,
+            _task: AbortOnDrop::new(task),
             _socket: self,
         })
     }
@@ -97,14 +99,9 @@ impl Drop for ControlSocket {
 /// A control socket being served.
 #[derive(Debug)]
 pub(crate) struct Serving {
-    task: tokio::task::JoinHandle<()>,
+    /// Declared first: the task stops before the socket file goes.
+    _task: AbortOnDrop,
     _socket: ControlSocket,
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 fn bind(path: &Path) -> io::Result<Option<UnixListener>> {

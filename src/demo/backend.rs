@@ -11,10 +11,9 @@ use std::time::Duration;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 
 use super::BoxError;
-use crate::sync::lock;
+use crate::sync::{AbortOnDrop, lock};
 
 /// A whole backend connection (handshake, request, answer) must finish
 /// within this time.
@@ -60,7 +59,7 @@ enum Kind {
 pub struct Backend {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Observation>>>,
-    task: JoinHandle<()>,
+    _task: AbortOnDrop,
 }
 
 impl Backend {
@@ -95,18 +94,16 @@ impl Backend {
         let addr = listener.local_addr()?;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(accept_loop(listener, kind, acceptor, seen.clone()));
-        Ok(Self { addr, seen, task })
+        Ok(Self {
+            addr,
+            seen,
+            _task: AbortOnDrop::new(task),
+        })
     }
 
     /// The most recent connection's observation, if any.
     pub(crate) fn last_seen(&self) -> Option<Observation> {
         lock(&self.seen).last().cloned()
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

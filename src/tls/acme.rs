@@ -52,6 +52,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::config::AcmeConfig;
 use crate::fsutil;
 use crate::hostname::wire_lookup_key;
+use crate::sync::AbortOnDrop;
 use crate::tls::material;
 
 /// The ALPN protocol of TLS-ALPN-01 challenge connections.
@@ -168,27 +169,19 @@ impl AcmeManager {
     pub fn spawn(self) -> AcmeTasks {
         let mut tasks = Vec::new();
         for (hostname, state) in self.states {
-            tasks.push(tokio::spawn(drive(
+            tasks.push(AbortOnDrop::new(tokio::spawn(drive(
                 self.role,
                 hostname,
                 self.directory_url.clone(),
                 state,
-            )));
+            ))));
         }
         AcmeTasks(tasks)
     }
 }
 
 /// The running drivers; dropping this stops them.
-pub(crate) struct AcmeTasks(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for AcmeTasks {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
+pub(crate) struct AcmeTasks(Vec<AbortOnDrop>);
 
 impl fmt::Debug for AcmeTasks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
