@@ -1,6 +1,10 @@
 //! The command line: `runewarp server|client|config|demo` and the material
 //! commands. Parsing only; each command is carried out by its module.
 
+// clap turns doc comments into `--help` text and the man pages: an item
+// carries one only where help text is meant, so `missing_docs` is off here.
+#![allow(missing_docs)]
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -249,5 +253,5 @@ pub struct GateArgs {
 pub struct DemoArgs {
     /// Leave everything running and print curl commands to try.
     #[arg(long)]
-    pub keep_running: bool,
+    pub(crate) keep_running: bool,
 }

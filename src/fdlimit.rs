@@ -8,25 +8,25 @@ use crate::server::admission::Limits;
 /// Descriptors a process holds besides its Visitor and backend sockets:
 /// listeners, the QUIC UDP socket, epoll and wake-up descriptors, stdio,
 /// ACME HTTPS connections, files read at start-up. Generous on purpose.
-pub const BASE_DESCRIPTORS: u64 = 64;
+pub(crate) const BASE_DESCRIPTORS: u64 = 64;
 
 /// Descriptors a Server may need at its admission limits: one socket per
 /// Visitor whose ClientHello is being read or that waits for its stream
 /// (the intake pool covers both), plus one per routed Visitor stream.
-pub fn server_needs() -> u64 {
+pub(crate) fn server_needs() -> u64 {
     let l = Limits::default();
     l.client_hello_intake as u64 + l.routed_streams as u64 + BASE_DESCRIPTORS
 }
 
 /// Descriptors a Client instance may need: one backend socket per stream
 /// it handles at once.
-pub fn client_needs() -> u64 {
+pub(crate) fn client_needs() -> u64 {
     crate::client::STREAM_HANDLERS as u64 + BASE_DESCRIPTORS
 }
 
 /// What start-up did to RLIMIT_NOFILE.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NofileReport {
+pub(crate) struct NofileReport {
     /// Soft limit found at start.
     pub was: u64,
     /// Soft limit now.
@@ -38,7 +38,7 @@ pub struct NofileReport {
 
 /// Raise the soft RLIMIT_NOFILE to the hard limit (capped by the kernel's
 /// per-process maximum when the hard limit is unlimited).
-pub fn raise_nofile() -> Result<NofileReport, std::io::Error> {
+pub(crate) fn raise_nofile() -> Result<NofileReport, std::io::Error> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -86,7 +86,7 @@ fn kernel_nr_open() -> u64 {
 
 /// Raise the limit and log the result for `role` (one info line; one
 /// warning line more when the limit stays below `needed`).
-pub fn raise_and_log(role: &'static str, needed: u64) {
+pub(crate) fn raise_and_log(role: &'static str, needed: u64) {
     match raise_nofile() {
         Ok(r) => {
             match &r.error {

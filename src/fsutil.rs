@@ -16,16 +16,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Mode of private key files.
-pub const KEY_MODE: u32 = 0o600;
+pub(crate) const KEY_MODE: u32 = 0o600;
 /// Mode of certificate and other public files.
-pub const CERT_MODE: u32 = 0o644;
+pub(crate) const CERT_MODE: u32 = 0o644;
 /// Mode of `state/` directories (they hold CA keys).
-pub const STATE_DIR_MODE: u32 = 0o700;
+pub(crate) const STATE_DIR_MODE: u32 = 0o700;
 /// Mode of a newly created material directory.
-pub const MATERIAL_DIR_MODE: u32 = 0o755;
+pub(crate) const MATERIAL_DIR_MODE: u32 = 0o755;
 
 /// Atomically replace (or create) `path` with `bytes`, giving it `mode`.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = write_temp(path, bytes, mode)?;
     if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
@@ -42,7 +42,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 /// replaces an existing name, so this is race-free. On file systems without
 /// hard links it falls back to "check, then rename", where a file created
 /// by someone else between the check and the rename would be replaced.
-pub fn write_new_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn write_new_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     if fs::symlink_metadata(path).is_ok() {
         return Err(already_exists(path));
     }
@@ -83,7 +83,7 @@ pub fn write_new_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> 
 /// with a looser mode is tightened to `mode`, with a warning. A symbolic
 /// link at `path` is refused: whoever can write the link's directory could
 /// otherwise redirect the keys anywhere.
-pub fn create_dir_private(path: &Path, mode: u32) -> io::Result<()> {
+pub(crate) fn create_dir_private(path: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     check_not_symlink(path)?;
     if let Some(parent) = path.parent()
@@ -133,7 +133,7 @@ pub fn create_dir_private(path: &Path, mode: u32) -> io::Result<()> {
 
 /// An error if `path` is a symbolic link (a private directory must not be
 /// one; see [`create_dir_private`]).
-pub fn check_not_symlink(path: &Path) -> io::Result<()> {
+pub(crate) fn check_not_symlink(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_symlink() => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -148,7 +148,7 @@ pub fn check_not_symlink(path: &Path) -> io::Result<()> {
 
 /// Warn when a secret file (a private key, a secret) is readable or
 /// writable by group or others. `what` names it in the log line.
-pub fn warn_if_exposed(path: &Path, what: &'static str) {
+pub(crate) fn warn_if_exposed(path: &Path, what: &'static str) {
     if let Ok(meta) = fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
     {
@@ -164,7 +164,7 @@ pub fn warn_if_exposed(path: &Path, what: &'static str) {
 
 /// Create `path` (and its parents) with `mode` if it does not exist yet; an
 /// existing directory keeps its mode.
-pub fn ensure_dir(path: &Path, mode: u32) -> io::Result<()> {
+pub(crate) fn ensure_dir(path: &Path, mode: u32) -> io::Result<()> {
     match fs::metadata(path) {
         Ok(meta) if meta.is_dir() => Ok(()),
         Ok(_) => Err(io::Error::new(
@@ -177,7 +177,7 @@ pub fn ensure_dir(path: &Path, mode: u32) -> io::Result<()> {
 }
 
 /// fsync a directory so that renames inside it are durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

@@ -8,8 +8,8 @@
 //!
 //! A [`PublicHostname`] may also be a wildcard, `*.example.com`, matching
 //! exactly one more label (`a.example.com`, not `a.b.example.com`, not
-//! `example.com`); [`PublicHostname::pattern`] tells the two apart and
-//! [`HostnameTable`] looks names up with exact names winning over
+//! `example.com`); `PublicHostname::pattern` tells the two apart and
+//! `HostnameTable` looks names up with exact names winning over
 //! wildcards. The Server hostname is never a wildcard.
 
 use std::borrow::Borrow;
@@ -20,31 +20,41 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HostnameError {
     #[error("hostname is empty")]
+    /// The hostname is empty.
     Empty,
     #[error("hostname is longer than 253 characters")]
+    /// Longer than 253 characters.
     TooLong,
     #[error("IP literals are not hostnames; use a DNS name")]
+    /// An IP address, not a DNS name.
     IpLiteral,
     #[error(
         "a wildcard must be the whole first label, as in \"*.example.com\" (one label, no partial or nested wildcards)"
     )]
+    /// A `*` anywhere but as the whole first label.
     Wildcard,
     #[error("a wildcard needs at least two labels after \"*.\" (\"*.example.com\", not \"*.com\")")]
+    /// A wildcard over fewer than two labels.
     WildcardTooBroad,
     #[error("wildcards are not allowed here; give one DNS name")]
+    /// A wildcard where only one DNS name is accepted.
     WildcardNotAllowed,
     #[error("raw Unicode is not allowed; write the punycode (xn--) form")]
+    /// Raw Unicode instead of the punycode form.
     NonAscii,
     #[error("a bare DNS name is expected, without scheme, port or path (e.g. \"app.example.com\")")]
+    /// A scheme, port or path around the name.
     NotBare,
     #[error("label {0:?} is empty or longer than 63 characters")]
+    /// This label is empty or longer than 63 characters.
     BadLabelLength(String),
     #[error("label {0:?} may contain only a-z, 0-9 and '-', and may not start or end with '-'")]
+    /// This label has a character outside a-z, 0-9 and '-', or starts or ends with '-'.
     BadLabelChars(String),
 }
 
 /// Normalise and validate a DNS hostname. Returns the canonical form.
-pub fn normalize(raw: &str) -> Result<String, HostnameError> {
+pub(crate) fn normalize(raw: &str) -> Result<String, HostnameError> {
     let trimmed = raw.strip_suffix('.').unwrap_or(raw);
     if trimmed.is_empty() {
         return Err(HostnameError::Empty);
@@ -100,7 +110,7 @@ pub fn normalize(raw: &str) -> Result<String, HostnameError> {
 
 /// Normalise and validate a Public hostname: a DNS name, or a wildcard
 /// `*.<name>` whose `<name>` has at least two labels.
-pub fn normalize_public(raw: &str) -> Result<String, HostnameError> {
+pub(crate) fn normalize_public(raw: &str) -> Result<String, HostnameError> {
     match raw.strip_prefix("*.") {
         Some(rest) => {
             let suffix = normalize(rest).map_err(|e| match e {
@@ -118,7 +128,7 @@ pub fn normalize_public(raw: &str) -> Result<String, HostnameError> {
 
 /// What a [`PublicHostname`] matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HostnamePattern<'a> {
+pub(crate) enum HostnamePattern<'a> {
     /// Exactly this name.
     Exact(&'a str),
     /// `*.<suffix>`: any one label followed by `.<suffix>`.
@@ -178,18 +188,18 @@ hostname_type!(
 
 impl PublicHostname {
     /// Exact name or wildcard.
-    pub fn pattern(&self) -> HostnamePattern<'_> {
+    pub(crate) fn pattern(&self) -> HostnamePattern<'_> {
         match self.0.strip_prefix("*.") {
             Some(suffix) => HostnamePattern::Wildcard { suffix },
             None => HostnamePattern::Exact(&self.0),
         }
     }
 
-    pub fn is_wildcard(&self) -> bool {
+    pub(crate) fn is_wildcard(&self) -> bool {
         matches!(self.pattern(), HostnamePattern::Wildcard { .. })
     }
 
-    /// Whether a lookup key (see [`wire_lookup_key`]) matches this name or
+    /// Whether a lookup key (see `wire_lookup_key`) matches this name or
     /// pattern.
     pub fn matches(&self, key: &str) -> bool {
         match self.pattern() {
@@ -222,7 +232,7 @@ fn wildcard_suffix(key: &str) -> Option<&str> {
 /// wildcards. A lookup costs at most two hash look-ups, whatever the
 /// number of names.
 #[derive(Debug, Clone)]
-pub struct HostnameTable<T> {
+pub(crate) struct HostnameTable<T> {
     exact: HashMap<String, T>,
     /// By suffix (`example.com` for `*.example.com`).
     wildcard: HashMap<String, T>,
@@ -248,7 +258,7 @@ impl<T> HostnameTable<T> {
 
     /// The value for a lookup key (see [`wire_lookup_key`]): the exact
     /// name's, else the wildcard's that covers it.
-    pub fn lookup(&self, key: &str) -> Option<&T> {
+    pub(crate) fn lookup(&self, key: &str) -> Option<&T> {
         if let Some(v) = self.exact.get(key) {
             return Some(v);
         }
@@ -262,16 +272,12 @@ impl<T> HostnameTable<T> {
             HostnamePattern::Wildcard { suffix } => self.wildcard.get(suffix),
         }
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.exact.is_empty() && self.wildcard.is_empty()
-    }
 }
 
 /// Normalise a hostname taken from the wire (an SNI value) for lookup in a
 /// table keyed by [`PublicHostname`]. Never fails: an SNI that is not a
 /// valid hostname simply matches nothing.
-pub fn wire_lookup_key(sni: &str) -> String {
+pub(crate) fn wire_lookup_key(sni: &str) -> String {
     sni.strip_suffix('.').unwrap_or(sni).to_ascii_lowercase()
 }
 

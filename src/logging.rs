@@ -6,6 +6,7 @@
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogLevel;
+use crate::sync::lock;
 
 /// Install the global subscriber (idempotent: later calls are ignored).
 pub fn init(level: LogLevel) {
@@ -31,7 +32,7 @@ pub fn init(level: LogLevel) {
 /// Rate-limits log lines per key: at most one per `interval`, counting what
 /// was suppressed in between so the next line can say so.
 #[derive(Debug)]
-pub struct RateLimit<K> {
+pub(crate) struct RateLimit<K> {
     interval: std::time::Duration,
     state: std::sync::Mutex<std::collections::HashMap<K, (std::time::Instant, u64)>>,
 }
@@ -51,7 +52,7 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimit<K> {
     /// number of lines suppressed since the last one; `None` otherwise.
     pub fn allow(&self, key: &K) -> Option<u64> {
         let now = std::time::Instant::now();
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         if let Some((last, suppressed)) = state.get_mut(key) {
             if now.duration_since(*last) < self.interval {
                 *suppressed += 1;
@@ -79,7 +80,7 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimit<K> {
 /// the event costs at most that many lines; each line that gets through
 /// carries the number suppressed before it.
 #[derive(Debug)]
-pub struct LogBudget {
+pub(crate) struct LogBudget {
     burst: u64,
     refill: std::time::Duration,
     state: std::sync::Mutex<BudgetState>,
@@ -94,9 +95,9 @@ struct BudgetState {
 }
 
 /// Lines a [`LogBudget`] lets through at once.
-pub const LOG_BUDGET_BURST: u64 = 10;
+pub(crate) const LOG_BUDGET_BURST: u64 = 10;
 /// A [`LogBudget`] earns one more line per this interval.
-pub const LOG_BUDGET_REFILL: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const LOG_BUDGET_REFILL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl LogBudget {
     pub const fn new(burst: u64, refill: std::time::Duration) -> Self {
@@ -112,7 +113,7 @@ impl LogBudget {
     }
 
     /// The production budget.
-    pub const fn standard() -> Self {
+    pub(crate) const fn standard() -> Self {
         Self::new(LOG_BUDGET_BURST, LOG_BUDGET_REFILL)
     }
 
@@ -120,7 +121,7 @@ impl LogBudget {
     /// lines suppressed since the last one; `None` otherwise.
     pub fn allow(&self) -> Option<u64> {
         let now = std::time::Instant::now();
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.state);
         let since = *s.since.get_or_insert(now);
         let refill = self.refill.as_nanos().max(1);
         let earned = (now.duration_since(since).as_nanos() / refill) as u64;
@@ -142,26 +143,26 @@ impl LogBudget {
 
     /// Count a line that was suppressed for another reason (e.g. a
     /// per-key [`RateLimit`]), so the next line reports it too.
-    pub fn suppressed(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+    pub(crate) fn suppressed(&self) {
+        let mut s = lock(&self.state);
         s.suppressed += 1;
     }
 }
 
 /// Server-wide budgets, one per event an unauthenticated party can
 /// trigger at `info` or `warn`.
-pub mod budget {
+pub(crate) mod budget {
     use super::LogBudget;
 
     /// `tunnel_refused reason="unknown_identity"` (any key can be offered).
-    pub static UNKNOWN_IDENTITY: LogBudget = LogBudget::standard();
+    pub(crate) static UNKNOWN_IDENTITY: LogBudget = LogBudget::standard();
     /// `acme_challenge_answered` (anyone can send the ACME ALPN).
-    pub static ACME_CHALLENGE: LogBudget = LogBudget::standard();
+    pub(crate) static ACME_CHALLENGE: LogBudget = LogBudget::standard();
     /// `accept_failed` (a connection flood can exhaust descriptors).
-    pub static ACCEPT_FAILED: LogBudget = LogBudget::standard();
+    pub(crate) static ACCEPT_FAILED: LogBudget = LogBudget::standard();
     /// Client `stream_rejected reason="no_service"` (any Visitor can send
     /// an SNI the Server routes but no Service takes).
-    pub static NO_SERVICE: LogBudget = LogBudget::standard();
+    pub(crate) static NO_SERVICE: LogBudget = LogBudget::standard();
 }
 
 #[cfg(test)]

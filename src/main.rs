@@ -1,3 +1,6 @@
+//! The `runewarp` binary: parses the command line and hands it to
+//! [`runewarp::run::main`].
+
 use std::process::ExitCode;
 
 use clap::Parser;

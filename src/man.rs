@@ -91,7 +91,7 @@ fn command() -> clap::Command {
 }
 
 /// runewarp(1) with its extra sections.
-pub fn render_main(w: &mut dyn Write) -> io::Result<()> {
+pub(crate) fn render_main(w: &mut dyn Write) -> io::Result<()> {
     let man = clap_mangen::Man::new(command());
     let mut page = Vec::new();
     man.render(&mut page)?;

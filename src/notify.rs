@@ -27,5 +27,7 @@ pub fn notify(state: &str) {
     }
 }
 
+/// Tells systemd the service is ready.
 pub const READY: &str = "READY=1";
+/// Tells systemd the service is stopping.
 pub const STOPPING: &str = "STOPPING=1";

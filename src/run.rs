@@ -7,13 +7,14 @@ use crate::cli::{
     Cli, ClientArgs, ClientCommand, Command, ConfigCommand, Role, ServerArgs, ServerCommand,
 };
 use crate::config::{self, ClientOverlay, Environment, ServerOverlay};
-use crate::{client, demo, fdlimit, gate, logging, server, shutdown, tls};
+use crate::{client, commands, demo, fdlimit, gate, logging, server, shutdown, tls};
 
 /// Runtime failure (bind, material, I/O).
-pub const EXIT_FAILURE: u8 = 1;
+pub(crate) const EXIT_FAILURE: u8 = 1;
 /// Configuration or usage error.
-pub const EXIT_CONFIG: u8 = 2;
+pub(crate) const EXIT_CONFIG: u8 = 2;
 
+/// Run the parsed command line; returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
     tls::install_crypto_provider();
     let env = Environment::from_process();
@@ -35,15 +36,15 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Server(ServerArgs {
             command: Some(ServerCommand::Cert(cmd)),
             ..
-        }) => material_result(tls::material::run_server_cert(&cmd, &env)),
+        }) => material_result(commands::material::run_server_cert(&cmd, &env)),
         Command::Client(ClientArgs {
             command: Some(ClientCommand::Identity(cmd)),
             ..
-        }) => material_result(tls::material::run_identity(&cmd, &env)),
+        }) => material_result(commands::material::run_identity(&cmd, &env)),
         Command::Client(ClientArgs {
             command: Some(ClientCommand::PublicCert(cmd)),
             ..
-        }) => material_result(tls::material::run_public_cert(&cmd, &env)),
+        }) => material_result(commands::material::run_public_cert(&cmd, &env)),
         Command::Server(ServerArgs {
             command: Some(ServerCommand::Status(args)),
             ..

@@ -2,12 +2,14 @@
 //! **graceful** (stop admitting new work, let established streams finish)
 //! and **fast** (close everything now). The first SIGTERM or SIGINT asks for
 //! a graceful stop; a second one, or SIGQUIT, for a fast one.
+//! SIGHUP, which asks a running role to reload its config, is routed here
+//! too (`on_each_sighup`).
 
 use tokio::sync::watch;
 
 /// How far shutdown has gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stage {
+pub(crate) enum Stage {
     Running,
     Graceful,
     Fast,
@@ -34,7 +36,7 @@ impl Trigger {
     }
 
     /// Ask for a fast stop.
-    pub fn fire_fast(&self) {
+    pub(crate) fn fire_fast(&self) {
         self.escalate(Stage::Fast);
     }
 
@@ -57,22 +59,22 @@ impl Shutdown {
     }
 
     /// Resolves once a fast stop was requested (or the trigger is gone).
-    pub async fn wait_fast(&mut self) {
+    pub(crate) async fn wait_fast(&mut self) {
         let _ = self.0.wait_for(|s| *s >= Stage::Fast).await;
     }
 
-    pub fn stage(&self) -> Stage {
+    pub(crate) fn stage(&self) -> Stage {
         *self.0.borrow()
     }
 
-    pub fn is_requested(&self) -> bool {
+    pub(crate) fn is_requested(&self) -> bool {
         self.stage() >= Stage::Graceful
     }
 }
 
 /// Map process signals to stages: SIGTERM/SIGINT → graceful, a second one
 /// (or SIGQUIT) → fast.
-pub fn on_signals(trigger: Trigger) {
+pub(crate) fn on_signals(trigger: Trigger) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
         signal(SignalKind::terminate()),
@@ -104,4 +106,20 @@ pub fn on_signals(trigger: Trigger) {
             }
         }
     });
+}
+
+/// Call `reload` on every SIGHUP, until the task is aborted. Without a
+/// SIGHUP handler it warns once (`reload_unavailable`) and returns.
+pub(crate) async fn on_each_sighup(mut reload: impl FnMut()) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!(
+            event = "reload_unavailable",
+            reason = "cannot install the SIGHUP handler"
+        );
+        return;
+    };
+    while hup.recv().await.is_some() {
+        reload();
+    }
 }

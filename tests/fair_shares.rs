@@ -15,7 +15,7 @@ use runewarp::config::*;
 use runewarp::hostname::ServerHostname;
 use runewarp::server::Server;
 use runewarp::server::admission::Limits;
-use runewarp::server::registry::Registry;
+use runewarp::server::tunnels::Registry;
 use runewarp::shutdown::{self, Trigger};
 use runewarp::tls::material;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,7 +78,7 @@ impl ReadyServer {
         let deadline = Instant::now() + UP;
         while !matches!(
             self.registry.route(host),
-            runewarp::server::registry::Route::Active(_)
+            runewarp::server::tunnels::Route::Active(_)
         ) {
             assert!(Instant::now() < deadline, "no tunnel for {host}");
             tokio::time::sleep(Duration::from_millis(20)).await;

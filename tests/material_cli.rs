@@ -373,7 +373,7 @@ fn identity_init_show_rotate() {
         cert.public_key().algorithm.algorithm.to_id_string(),
         "1.3.101.112"
     );
-    let pin = runewarp::tls::client_identity::ClientIdentity::from_certificate_der(&der).unwrap();
+    let pin = runewarp::identity::ClientIdentity::from_certificate_der(&der).unwrap();
     assert_eq!(pin.to_string(), init_pin);
 
     // init again: refused, files unchanged.

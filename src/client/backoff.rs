@@ -15,6 +15,8 @@ pub const WINDOWS_SECS: [u64; 10] = [1, 2, 3, 5, 8, 12, 18, 27, 41, 60];
 pub const REFUSED_WINDOW_CAP: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Default, Clone)]
+/// Reconnect delays: random within a growing window (see the module doc),
+/// back to the first window after a success.
 pub struct Backoff {
     attempt: usize,
 }

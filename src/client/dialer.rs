@@ -34,38 +34,60 @@ fn resolve_override(host: &str) -> Option<IpAddr> {
 const STAGGER: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
+/// Why a dial attempt failed.
 pub enum DialError {
     #[error("cannot resolve {address}: {error}")]
+    /// DNS resolution of `server-address` failed.
     Resolve {
+        /// The `server-address` as configured.
         address: String,
+        /// What the resolver returned.
         error: std::io::Error,
     },
     #[error("{address} resolved to no addresses")]
+    /// Resolution succeeded but gave no address.
+    #[allow(missing_docs)]
     NoAddresses { address: String },
     #[error("cannot create a UDP socket: {0}")]
+    /// No UDP socket could be created.
     Socket(std::io::Error),
     #[error("{addr}: {error}")]
+    /// QUIC refused to start the connection (bad address, endpoint closed).
     Connect {
+        /// The address tried.
         addr: SocketAddr,
+        /// Why quinn refused.
         error: quinn::ConnectError,
     },
     #[error("{addr}: {error}")]
+    /// The handshake failed.
     Handshake {
+        /// The address tried.
         addr: SocketAddr,
+        /// How the connection ended.
         error: quinn::ConnectionError,
     },
     #[error("{addr}: no answer within {}s", HANDSHAKE_DEADLINE.as_secs())]
+    /// No answer within the handshake deadline.
+    #[allow(missing_docs)]
     Timeout { addr: SocketAddr },
     #[error("{addr}: the Server certificate for {hostname} is not trusted with {trust}: {detail}")]
+    /// The Server's certificate did not verify against the configured trust.
     Untrusted {
+        /// The address tried.
         addr: SocketAddr,
+        /// The Server hostname verified against.
         hostname: String,
+        /// The trust setting in use (`ca-file`, `system`, `pin`).
         trust: String,
+        /// What the verifier said.
         detail: String,
     },
     #[error(
         "{addr}: the Server refused this Client identity (TLS access_denied); add its pin to a [[server.tunnels]] entry on the Server"
     )]
+    /// The Server refused this Client identity (TLS access_denied).
+    #[allow(missing_docs)]
     Refused { addr: SocketAddr },
 }
 
@@ -118,6 +140,8 @@ async fn confirmed(
     }
 }
 
+/// Resolves `server-address` and races the addresses to one Tunnel
+/// connection.
 pub struct Dialer {
     address: ServerAddress,
     /// How the Server certificate is trusted, for error messages.
@@ -127,6 +151,7 @@ pub struct Dialer {
 }
 
 impl Dialer {
+    /// A dialer for `address` with the Server trust and QUIC settings.
     pub fn new(address: ServerAddress, trust: &ServerTrust, quic: quinn::ClientConfig) -> Self {
         let trust = match trust {
             ServerTrust::System => {
@@ -163,6 +188,8 @@ impl Dialer {
         Ok(endpoint)
     }
 
+    /// One dial: resolve, race the addresses, wait for the Server to confirm
+    /// the handshake.
     pub async fn dial(&mut self) -> Result<quinn::Connection, DialError> {
         let host = self.address.host.as_str().to_string();
         let address = self.address.to_string();

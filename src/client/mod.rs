@@ -17,11 +17,11 @@ use std::time::Duration;
 use rand::SeedableRng;
 
 use crate::config::{ClientConfig, PublicCertSource, StreamTimeouts, TlsMode};
+use crate::identity::ClientIdentity;
 use crate::logging::RateLimit;
 use crate::notify;
 use crate::shutdown::Shutdown;
 use crate::tls::acme::{AcmeManager, AcmeSetupError};
-use crate::tls::client_identity::ClientIdentity;
 use crate::tls::material::{self, MaterialError};
 use crate::tls::trust::{self, TrustError};
 use crate::tunnel::transport::{self, TransportError, close_code, stream_code};
@@ -45,25 +45,37 @@ pub const STREAM_HANDLERS: usize = transport::STREAM_CREDIT as usize;
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
+/// Why a Client instance could not start.
 pub enum ClientError {
     #[error("{0}")]
+    /// The identity or terminate certificates could not be loaded.
     Material(#[from] MaterialError),
     #[error("{0}")]
+    /// The Server trust (`server-trust`, CA file, pin) is unusable.
     Trust(#[from] TrustError),
     #[error("tunnel TLS: {0}")]
+    /// The Tunnel TLS or QUIC configuration could not be built.
     Transport(#[from] TransportError),
     #[error("terminate: {0}")]
+    /// The terminate certificates could not be made into a TLS config.
     Terminate(#[from] TerminateError),
     #[error("{0}")]
+    /// `[client.acme]` could not be set up.
     Acme(#[from] AcmeSetupError),
     #[error("cannot bind the readiness listener (TCP) on {addr}: {error}")]
+    /// `readiness-bind-address` could not be bound.
     Readiness {
+        /// The address asked for.
         addr: std::net::SocketAddr,
+        /// What the bind returned.
         error: std::io::Error,
     },
     #[error("cannot bind metrics listener (TCP) {addr}: {error}")]
+    /// `metrics-bind-address` could not be bound.
     MetricsBind {
+        /// The address asked for.
         addr: std::net::SocketAddr,
+        /// What the bind returned.
         error: std::io::Error,
     },
 }
@@ -92,18 +104,12 @@ impl Context {
 
     /// The config and identity in effect.
     fn running(&self) -> (Arc<ClientConfig>, ClientIdentity) {
-        self.running
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        crate::sync::read(&self.running).clone()
     }
 
     /// The Services as of the last (re)load.
     fn services(&self) -> Arc<ServiceTable> {
-        self.services
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        crate::sync::read(&self.services).clone()
     }
 }
 
@@ -271,6 +277,7 @@ impl Client {
         self
     }
 
+    /// The pin of the identity this instance presents (as of start).
     pub fn identity(&self) -> ClientIdentity {
         self.identity
     }
@@ -304,7 +311,7 @@ impl Client {
         });
         let (redial_tx, mut redial) = tokio::sync::mpsc::unbounded_channel();
         let _reload = self.reloader.take().map(|r| {
-            crate::metrics::AbortOnDrop::new(tokio::spawn(reload::on_sighup(
+            crate::sync::AbortOnDrop::new(tokio::spawn(reload::on_sighup(
                 r,
                 self.context.clone(),
                 redial_tx,

@@ -27,7 +27,7 @@ pub type Reloader = Box<dyn Fn() -> Result<ClientConfig, crate::config::ConfigEr
 /// again with these.
 pub(super) struct Redial {
     pub(super) dialer: super::dialer::Dialer,
-    pub(super) identity: crate::tls::client_identity::ClientIdentity,
+    pub(super) identity: crate::identity::ClientIdentity,
     pub(super) config: Arc<ClientConfig>,
     /// The keys that changed, for the log line.
     pub(super) changed: Vec<&'static str>,
@@ -39,21 +39,14 @@ pub(super) async fn on_sighup(
     context: Arc<Context>,
     redial: tokio::sync::mpsc::UnboundedSender<Redial>,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!(
-            event = "reload_unavailable",
-            reason = "cannot install the SIGHUP handler"
-        );
-        return;
-    };
-    while hup.recv().await.is_some() {
+    crate::shutdown::on_each_sighup(|| {
         if let Some(r) = reload(&reloader, &context) {
             // The run loop only ends at shutdown, when nothing is left to
             // redial.
             let _ = redial.send(r);
         }
-    }
+    })
+    .await;
 }
 
 fn reload(reloader: &Reloader, context: &Context) -> Option<Redial> {
@@ -135,8 +128,7 @@ fn reload(reloader: &Reloader, context: &Context) -> Option<Redial> {
     if !restart.is_empty() {
         tracing::warn!(event = "reload_restart_needed", keys = %restart.join(","), hint = "these keys keep their running values until a restart");
     }
-    *context.services.write().unwrap_or_else(|p| p.into_inner()) =
-        Arc::new(ServiceTable::new(&new.services));
+    *crate::sync::write(&context.services) = Arc::new(ServiceTable::new(&new.services));
     let certificates = certs.as_ref().map(|(_, e)| e.len()).unwrap_or(0);
     if let (Some((table, expiry)), Some(swap)) = (certs, &context.certs) {
         swap.replace(table);
@@ -189,7 +181,7 @@ fn reload(reloader: &Reloader, context: &Context) -> Option<Redial> {
             }),
         )
     };
-    *context.running.write().unwrap_or_else(|p| p.into_inner()) = (effective, identity);
+    *crate::sync::write(&context.running) = (effective, identity);
     redial
 }
 

@@ -9,6 +9,8 @@ use crate::config::ServiceConfig;
 use crate::hostname::{HostnameTable, wire_lookup_key};
 
 #[derive(Debug, Default)]
+/// The Services by Public hostname (exact names, then wildcards, then
+/// the catch-all).
 pub struct ServiceTable {
     exact: HostnameTable<Arc<ServiceConfig>>,
     catch_all: Option<Arc<ServiceConfig>>,
@@ -16,6 +18,7 @@ pub struct ServiceTable {
 }
 
 impl ServiceTable {
+    /// The table for `services` as configured.
     pub fn new(services: &[ServiceConfig]) -> Self {
         let mut table = Self::default();
         for s in services {

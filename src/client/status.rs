@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 use crate::client::ClientStatus;
 use crate::config::{ClientConfig, TlsMode};
 use crate::control::unix;
+use crate::identity::ClientIdentity;
 use crate::metrics::{ClientMetrics, service_name};
-use crate::tls::client_identity::ClientIdentity;
 
 /// The Client instance's state now.
 pub fn snapshot(

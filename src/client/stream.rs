@@ -15,7 +15,7 @@ use super::Context;
 use super::terminate::{self, Accepted, TunnelStream};
 use crate::config::{ServiceConfig, TlsMode};
 use crate::hostname::wire_lookup_key;
-use crate::proxy;
+use crate::relay as proxy;
 use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE};
 use crate::tunnel::framing::{self, ProxyHeader};
 use crate::tunnel::transport::stream_code;

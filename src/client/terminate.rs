@@ -13,20 +13,26 @@ use rustls::sign::CertifiedKey;
 use tokio::io::Join;
 
 use crate::hostname::{HostnameTable, PublicHostname, wire_lookup_key};
-use crate::proxy::Prefixed;
+use crate::relay::Prefixed;
 use crate::tls::acme;
 use crate::tls::material::{MaterialError, TlsMaterial};
 
 #[derive(Debug, thiserror::Error)]
+/// Why the terminate TLS configuration could not be built.
 pub enum TerminateError {
     #[error("{hostname}: unusable certificate or key: {error}")]
+    /// A certificate's key is not usable by rustls.
     Key {
+        /// The hostname the certificate is for.
         hostname: PublicHostname,
+        /// What rustls said.
         error: rustls::Error,
     },
     #[error("{0}")]
+    /// The certificates could not be loaded.
     Material(#[from] MaterialError),
     #[error("TLS configuration: {0}")]
+    /// rustls refused the configuration.
     Tls(#[from] rustls::Error),
 }
 
@@ -38,6 +44,7 @@ pub struct CertificateTable {
 }
 
 impl CertificateTable {
+    /// A table of the loaded certificates, by hostname.
     pub fn new(material: Vec<(PublicHostname, TlsMaterial)>) -> Result<Self, TerminateError> {
         let mut by_hostname = HostnameTable::default();
         for (hostname, m) in material {
@@ -72,18 +79,23 @@ impl ResolvesServerCert for CertificateTable {
 pub struct SwappableCerts(std::sync::RwLock<Arc<CertificateTable>>);
 
 impl SwappableCerts {
+    /// Start with `table`.
     pub fn new(table: CertificateTable) -> Self {
         Self(std::sync::RwLock::new(Arc::new(table)))
     }
 
+    /// The table in use now.
     pub fn current(&self) -> Arc<CertificateTable> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Swap in a newly loaded table (reload); handshakes in progress keep
+    /// the old one.
     pub fn replace(&self, table: CertificateTable) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
     }
 
+    /// Whether a certificate for `hostname` is loaded.
     pub fn contains(&self, hostname: &PublicHostname) -> bool {
         self.current().contains(hostname)
     }
@@ -142,6 +154,8 @@ pub enum Accepted {
 }
 
 impl Acceptor {
+    /// Accept the Visitor's TLS on `stream`, or answer an ACME TLS-ALPN-01
+    /// challenge.
     pub async fn accept(&self, stream: TunnelStream) -> io::Result<Accepted> {
         let Some(challenge) = &self.acme_challenge else {
             let acceptor = tokio_rustls::TlsAcceptor::from(self.visitors.clone());
@@ -170,6 +184,8 @@ impl Acceptor {
 /// Service selection) are replayed before the rest of the stream.
 pub type TunnelStream = Prefixed<Join<RecvStream, SendStream>>;
 
+/// The tunnel stream as a byte stream, with the ClientHello already read
+/// replayed first.
 pub fn tunnel_stream(prefix: Bytes, send: SendStream, recv: RecvStream) -> TunnelStream {
     Prefixed::new(prefix, tokio::io::join(recv, send))
 }

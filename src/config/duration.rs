@@ -34,7 +34,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// The canonical text of a duration: whole seconds as `"<n>s"`, anything
 /// else as `"<n>ms"`. Always parses back to the same value (sub-millisecond
 /// parts cannot come from [`parse_duration`]).
-pub fn format_duration(duration: Duration) -> String {
+pub(crate) fn format_duration(duration: Duration) -> String {
     if duration.subsec_nanos() == 0 {
         format!("{}s", duration.as_secs())
     } else {

@@ -58,9 +58,9 @@ pub(crate) struct RawServer {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub graceful_shutdown_duration: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub stream_write_timeout: Option<String>,
+    pub(crate) stream_write_timeout: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub stream_idle_timeout: Option<String>,
+    pub(crate) stream_idle_timeout: Option<String>,
     pub congestion_control: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_dir: Option<PathBuf>,
@@ -81,11 +81,11 @@ pub(crate) struct RawAcme {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub state_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub directory_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub directory_ca_file: Option<PathBuf>,
+    pub(crate) directory_ca_file: Option<PathBuf>,
 }
 
 /// One `[[server.tunnels]]` entry.
@@ -99,7 +99,7 @@ pub(crate) struct RawTunnel {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_hostnames: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub client_identity: Option<String>,
+    pub(crate) client_identity: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_identities: Option<Vec<String>>,
 }
@@ -117,18 +117,18 @@ pub(crate) struct RawClient {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_trust: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub server_ca_file: Option<PathBuf>,
+    pub(crate) server_ca_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub server_pin: Option<String>,
+    pub(crate) server_pin: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_cert_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub readiness_bind_address: Option<String>,
-    pub stream_write_timeout: Option<String>,
+    pub(crate) stream_write_timeout: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub stream_idle_timeout: Option<String>,
+    pub(crate) stream_idle_timeout: Option<String>,
     pub metrics_bind_address: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
@@ -166,27 +166,27 @@ pub(crate) struct RawService {
 )]
 pub(crate) struct RawGate {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen_address: Option<String>,
+    pub(crate) listen_address: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub trusted_proxies: Option<Vec<String>>,
+    pub(crate) trusted_proxies: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub allowed_emails: Option<Vec<String>>,
+    pub(crate) allowed_emails: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub allowed_domains: Option<Vec<String>>,
+    pub(crate) allowed_domains: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub link_ttl: Option<String>,
+    pub(crate) link_ttl: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub session_ttl: Option<String>,
+    pub(crate) session_ttl: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub session_idle: Option<String>,
+    pub(crate) session_idle: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cookie_domain: Option<String>,
+    pub(crate) cookie_domain: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub state_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub smtp: Option<RawSmtp>,
 }
@@ -206,13 +206,13 @@ pub(crate) struct RawSmtp {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
+    pub(crate) username: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub password_file: Option<PathBuf>,
+    pub(crate) password_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
 }
 
 pub(crate) const GATE_KEYS: &[&str] = &[

@@ -20,7 +20,10 @@ use crate::hostname::ServerHostname;
 
 /// Prepare and validate the `[gate]` config from `config` (must exist) or
 /// the discovered file.
-pub fn load_gate(config: Option<&Path>, env: &Environment) -> Result<GateConfig, ConfigError> {
+pub(crate) fn load_gate(
+    config: Option<&Path>,
+    env: &Environment,
+) -> Result<GateConfig, ConfigError> {
     let xdg = Xdg::from_env(env);
     let file = match locate(config, &xdg)? {
         Located::Found(file) => *file,
@@ -536,7 +539,7 @@ fn mail_from(origin: &Origin, text: &str) -> Result<MailFrom, ConfigError> {
 
 /// The effective `[gate]` config as TOML: every default filled, paths
 /// absolute, durations in canonical form. Loads back to the same config.
-pub fn render_gate(c: &GateConfig) -> String {
+pub(crate) fn render_gate(c: &GateConfig) -> String {
     let strings = |v: Vec<String>| (!v.is_empty()).then_some(v);
     let smtp = &c.smtp;
     let raw = RawFile {

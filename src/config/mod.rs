@@ -2,7 +2,7 @@
 //!
 //! 1. **prepare** ([`prepare`]): pick the config file, apply CLI overlays,
 //!    fill XDG and hardcoded defaults, resolve config-relative paths.
-//! 2. **validate** ([`validate`]): turn the prepared shape into the typed
+//! 2. **validate** (`validate`): turn the prepared shape into the typed
 //!    [`ServerConfig`] / [`ClientConfig`], checking invariants, mutual
 //!    exclusion, trust and routing rules.
 //! 3. **start**: side effects (creating directories) belong to the runtime,
@@ -55,7 +55,7 @@
 //! | `client.public-cert-dir` (some Service terminates, no `[client.acme]`) | `$XDG_DATA_HOME/runewarp/client/public-certs` |
 //! | `client.readiness-bind-address` | none |
 //! | `client.acme.state-dir` | `$XDG_STATE_HOME/runewarp/client/acme` |
-//! | `[*.acme].directory-url` | [`LETS_ENCRYPT_DIRECTORY`] |
+//! | `[*.acme].directory-url` | `LETS_ENCRYPT_DIRECTORY` |
 //! | `[[client.services]].tls-mode` | `passthrough` |
 //! | `[[client.services]].proxy-protocol` | none |
 //!
@@ -79,12 +79,12 @@ pub mod prepare;
 mod render;
 #[cfg(test)]
 mod tests;
-pub mod types;
-pub mod validate;
+pub(crate) mod types;
+pub(crate) mod validate;
 
 pub use duration::parse_duration;
-pub use gate::{load_gate, render_gate};
-pub use render::{render_client, render_server};
+pub(crate) use gate::{load_gate, render_gate};
+pub(crate) use render::{render_client, render_server};
 pub use types::*;
 
 use std::collections::HashMap;
@@ -94,17 +94,19 @@ use crate::hostname::ServerHostname;
 
 /// The process environment as the config seam sees it (injectable in tests).
 #[derive(Debug, Clone, Default)]
-pub struct Environment {
+pub(crate) struct Environment {
     vars: HashMap<String, String>,
 }
 
 impl Environment {
-    pub fn from_process() -> Self {
+    pub(crate) fn from_process() -> Self {
         Self {
             vars: std::env::vars().collect(),
         }
     }
-    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+    /// An environment of exactly `pairs` (for tests).
+    #[cfg(test)]
+    pub(crate) fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
         Self {
             vars: pairs
                 .into_iter()
@@ -128,14 +130,14 @@ pub struct ConfigError(pub String);
 
 /// CLI overlays for `runewarp server`.
 #[derive(Debug, Clone, Default)]
-pub struct ServerOverlay {
+pub(crate) struct ServerOverlay {
     pub config: Option<PathBuf>,
     pub hostname: Option<String>,
 }
 
 /// CLI overlays for `runewarp client`.
 #[derive(Debug, Clone, Default)]
-pub struct ClientOverlay {
+pub(crate) struct ClientOverlay {
     pub config: Option<PathBuf>,
     pub server_address: Option<String>,
     pub backend_address: Option<String>,
@@ -143,20 +145,20 @@ pub struct ClientOverlay {
 
 /// Defaults the material commands read from a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MaterialDefaults {
+pub(crate) struct MaterialDefaults {
     /// RUNEWARP_SERVER_HOSTNAME, else `server.hostname` from the file.
-    pub server_hostname: Option<ServerHostname>,
-    pub server_cert_dir: PathBuf,
+    pub(crate) server_hostname: Option<ServerHostname>,
+    pub(crate) server_cert_dir: PathBuf,
     pub identity_dir: PathBuf,
     pub public_cert_dir: PathBuf,
     /// `server.control-socket` (or its default), for `server status`.
-    pub server_control_socket: Option<PathBuf>,
+    pub(crate) server_control_socket: Option<PathBuf>,
     /// `client.control-socket` (or its default), for `client status`.
-    pub client_control_socket: Option<PathBuf>,
+    pub(crate) client_control_socket: Option<PathBuf>,
 }
 
 /// Prepare and validate the Server config.
-pub fn load_server(
+pub(crate) fn load_server(
     overlay: &ServerOverlay,
     env: &Environment,
 ) -> Result<ServerConfig, ConfigError> {
@@ -164,7 +166,7 @@ pub fn load_server(
 }
 
 /// Prepare and validate the Client instance config.
-pub fn load_client(
+pub(crate) fn load_client(
     overlay: &ClientOverlay,
     env: &Environment,
 ) -> Result<ClientConfig, ConfigError> {
@@ -174,7 +176,7 @@ pub fn load_client(
 /// Defaults for the material commands, from `config` (must exist) or the
 /// discovered file (may be missing). Only the file's syntax and shape must be
 /// valid; a file without tunnels or services is fine.
-pub fn material_defaults(
+pub(crate) fn material_defaults(
     config: Option<&Path>,
     env: &Environment,
 ) -> Result<MaterialDefaults, ConfigError> {

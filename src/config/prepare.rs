@@ -1,6 +1,6 @@
 //! Step 1, **prepare**: pick the config file, apply CLI and environment
 //! overlays, fill XDG and hardcoded defaults, and resolve config-relative
-//! paths. The output still holds raw strings; [`super::validate`] turns it
+//! paths. The output still holds raw strings; `super::validate` turns it
 //! into the typed config. Nothing here touches the filesystem apart from
 //! reading the config file.
 
@@ -43,7 +43,7 @@ impl Origin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Val<T> {
     pub value: T,
-    pub origin: Origin,
+    pub(crate) origin: Origin,
 }
 
 impl<T> Val<T> {
@@ -94,7 +94,7 @@ impl Xdg {
     }
 
     /// `$XDG_CONFIG_HOME/runewarp/config.toml` (or under `~/.config`).
-    pub fn config_file(&self) -> Option<PathBuf> {
+    pub(crate) fn config_file(&self) -> Option<PathBuf> {
         let base = self
             .config_home
             .clone()
@@ -200,9 +200,9 @@ pub(crate) struct PreparedAcme {
     /// `server.acme` or `client.acme`.
     pub section: &'static str,
     pub email: Option<String>,
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     pub directory_url: String,
-    pub directory_ca_file: Option<PathBuf>,
+    pub(crate) directory_ca_file: Option<PathBuf>,
 }
 
 fn prepare_acme(
@@ -245,8 +245,8 @@ pub(crate) struct PreparedServer {
     pub metrics_bind_address: Option<Val<String>>,
     pub control_socket: Option<PathBuf>,
     pub graceful_shutdown_duration: Val<String>,
-    pub stream_write_timeout: Val<String>,
-    pub stream_idle_timeout: Val<String>,
+    pub(crate) stream_write_timeout: Val<String>,
+    pub(crate) stream_idle_timeout: Val<String>,
     pub congestion_control: Val<String>,
     /// Filled with the default when neither this nor `acme` is set.
     pub cert_dir: Option<PathBuf>,
@@ -396,8 +396,8 @@ pub(crate) struct PreparedClient {
     pub log_level: Val<String>,
     pub server_address: Option<Val<String>>,
     pub server_trust: Option<String>,
-    pub server_ca_file: Option<PathBuf>,
-    pub server_pin: Option<String>,
+    pub(crate) server_ca_file: Option<PathBuf>,
+    pub(crate) server_pin: Option<String>,
     pub identity_dir: PathBuf,
     /// Filled with the default when some Service terminates and neither
     /// this nor `acme` is set.
@@ -407,8 +407,8 @@ pub(crate) struct PreparedClient {
     pub metrics_bind_address: Option<Val<String>>,
     pub control_socket: Option<PathBuf>,
     pub services: Vec<PreparedService>,
-    pub stream_write_timeout: Val<String>,
-    pub stream_idle_timeout: Val<String>,
+    pub(crate) stream_write_timeout: Val<String>,
+    pub(crate) stream_idle_timeout: Val<String>,
     pub congestion_control: Val<String>,
 }
 
@@ -561,12 +561,12 @@ pub(crate) fn prepare_client(
 /// Step 1 for the material commands: only the file's own values and the
 /// defaults, without requiring the rest of the config to be valid.
 pub(crate) struct PreparedMaterial {
-    pub server_hostname: Option<Val<String>>,
-    pub server_cert_dir: PathBuf,
+    pub(crate) server_hostname: Option<Val<String>>,
+    pub(crate) server_cert_dir: PathBuf,
     pub identity_dir: PathBuf,
     pub public_cert_dir: PathBuf,
-    pub server_control_socket: Option<PathBuf>,
-    pub client_control_socket: Option<PathBuf>,
+    pub(crate) server_control_socket: Option<PathBuf>,
+    pub(crate) client_control_socket: Option<PathBuf>,
 }
 
 pub(crate) fn prepare_material(

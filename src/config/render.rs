@@ -37,7 +37,7 @@ pub(super) fn to_toml(raw: &RawFile) -> String {
 }
 
 /// The effective Server config.
-pub fn render_server(c: &ServerConfig) -> String {
+pub(crate) fn render_server(c: &ServerConfig) -> String {
     let (cert_dir, acme_raw) = match &c.certificates {
         ServerCertSource::Manual { cert_dir } => (Some(path(cert_dir)), None),
         ServerCertSource::Acme(a) => (None, Some(acme(a))),
@@ -85,7 +85,7 @@ pub fn render_server(c: &ServerConfig) -> String {
 }
 
 /// The effective Client config.
-pub fn render_client(c: &ClientConfig) -> String {
+pub(crate) fn render_client(c: &ClientConfig) -> String {
     let (server_trust, server_ca_file, server_pin) = match &c.server_trust {
         ServerTrust::System => ("system", None, None),
         ServerTrust::CaFile(p) => ("ca-file", Some(path(p)), None),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::hostname::{PublicHostname, ServerHostname};
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 use crate::tls::server_pin::ServerPin;
 pub use crate::tunnel::congestion::CongestionControl;
 
@@ -15,15 +15,22 @@ pub use crate::tunnel::congestion::CongestionControl;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
+    /// Nothing is logged.
     Off,
+    /// Errors only.
     Error,
+    /// Warnings and errors.
     Warn,
+    /// Operational events (the default).
     Info,
+    /// Per-connection and per-stream events.
     Debug,
+    /// Everything, including library internals.
     Trace,
 }
 
 impl LogLevel {
+    /// The level's spelling in the config file and in `RUNEWARP_LOG`.
     pub fn as_str(self) -> &'static str {
         match self {
             LogLevel::Off => "off",
@@ -39,20 +46,25 @@ impl LogLevel {
 /// ACME settings, shared by `[server.acme]` and `[client.acme]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcmeConfig {
+    /// `email`: the ACME account contact, if any.
     pub email: Option<String>,
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
+    /// `directory-url`: the ACME directory (default: Let's Encrypt production).
     pub directory_url: String,
-    pub directory_ca_file: Option<PathBuf>,
+    pub(crate) directory_ca_file: Option<PathBuf>,
 }
 
 /// Let's Encrypt production, the default ACME directory.
-pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub(crate) const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 /// Where the Server certificate comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerCertSource {
     /// `cert-dir`: `server.crt`, `server.key`, `server-ca.crt`, `state/`.
-    Manual { cert_dir: PathBuf },
+    Manual {
+        /// The directory.
+        cert_dir: PathBuf,
+    },
     /// `[server.acme]`.
     Acme(AcmeConfig),
 }
@@ -70,11 +82,11 @@ pub struct StreamTimeouts {
 
 impl StreamTimeouts {
     /// `stream-write-timeout` default.
-    pub const DEFAULT_WRITE: Duration = Duration::from_secs(30);
+    pub(crate) const DEFAULT_WRITE: Duration = Duration::from_secs(30);
     /// `stream-idle-timeout` default (the common edge default).
-    pub const DEFAULT_IDLE: Duration = Duration::from_secs(15 * 60);
+    pub(crate) const DEFAULT_IDLE: Duration = Duration::from_secs(15 * 60);
     /// Smallest accepted value of either key.
-    pub const MIN: Duration = Duration::from_secs(1);
+    pub(crate) const MIN: Duration = Duration::from_secs(1);
     /// Largest accepted value of either key.
     pub const MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 }
@@ -93,7 +105,9 @@ impl Default for StreamTimeouts {
 pub struct TunnelConfig {
     /// Position in the file (0-based), used in logs as `tunnel=<index>`.
     pub index: usize,
+    /// `public-hostnames`: the hostnames this Tunnel serves.
     pub public_hostnames: Vec<PublicHostname>,
+    /// `client-identities`: the pins of the Client instances allowed to serve them.
     pub client_identities: Vec<ClientIdentity>,
 }
 
@@ -102,29 +116,39 @@ pub struct TunnelConfig {
 pub struct ServerConfig {
     /// The file it came from, if any.
     pub source: Option<PathBuf>,
+    /// `log-level`.
     pub log_level: LogLevel,
+    /// `server.hostname`: the Server hostname (never routed to a Tunnel).
     pub hostname: ServerHostname,
+    /// `public-bind-address`: the TCP listener for Visitors.
     pub public_bind_address: SocketAddr,
+    /// `tunnel-bind-address`: the UDP socket for Tunnel connections.
     pub tunnel_bind_address: SocketAddr,
+    /// `server.readiness-bind-address`: a TCP listener open while the Server admits work.
     pub readiness_bind_address: Option<SocketAddr>,
     /// `metrics-bind-address`: Prometheus `/metrics` (off when `None`).
     pub metrics_bind_address: Option<SocketAddr>,
     /// `control-socket`: the Unix socket `server status` reads (`None`:
     /// none, when no default location exists).
     pub control_socket: Option<PathBuf>,
+    /// `graceful-shutdown-duration`: how long streams may finish after a graceful stop.
     pub graceful_shutdown_duration: Duration,
     /// `stream-write-timeout`, `stream-idle-timeout`.
     pub stream_timeouts: StreamTimeouts,
     /// `server.congestion-control`: for what the Server sends (uploads).
     pub congestion_control: CongestionControl,
+    /// Where the Server certificate comes from.
     pub certificates: ServerCertSource,
+    /// The `[[server.tunnels]]` entries, in file order.
     pub tunnels: Vec<TunnelConfig>,
 }
 
 /// `client.server-address`: a DNS name and a UDP port (default 443).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerAddress {
+    /// The Server hostname, also checked against the Server certificate.
     pub host: ServerHostname,
+    /// The UDP port.
     pub port: u16,
 }
 
@@ -149,7 +173,10 @@ pub enum ServerTrust {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublicCertSource {
     /// `public-cert-dir`: `public-ca.crt`, `<hostname>/public.{crt,key}`.
-    Manual { dir: PathBuf },
+    Manual {
+        /// The directory.
+        dir: PathBuf,
+    },
     /// `[client.acme]`.
     Acme(AcmeConfig),
 }
@@ -158,7 +185,9 @@ pub enum PublicCertSource {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
+    /// Forward the Visitor's TLS unchanged to the Local backend (the default).
     Passthrough,
+    /// Terminate the Visitor's TLS in the Client instance and forward plaintext.
     Terminate,
 }
 
@@ -166,7 +195,9 @@ pub enum TlsMode {
 /// name (resolved at connect time); the port is required.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendAddress {
+    /// An IP literal or a DNS name.
     pub host: String,
+    /// The TCP port.
     pub port: u16,
 }
 
@@ -183,10 +214,13 @@ impl std::fmt::Display for BackendAddress {
 /// One `[[client.services]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
+    /// Position in the file (0-based), used in logs as `service=<index>`.
     pub index: usize,
     /// Empty means the sole catch-all Service.
     pub public_hostnames: Vec<PublicHostname>,
+    /// `backend-address`: where the Local backend listens.
     pub backend_address: BackendAddress,
+    /// `tls-mode`.
     pub tls_mode: TlsMode,
     /// Send a PROXY protocol v2 header to the backend.
     pub proxy_protocol: bool,
@@ -195,10 +229,15 @@ pub struct ServiceConfig {
 /// A fully prepared and validated Client instance config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
+    /// The file it came from, if any.
     pub source: Option<PathBuf>,
+    /// `log-level`.
     pub log_level: LogLevel,
+    /// `client.server-address`.
     pub server_address: ServerAddress,
+    /// `server-trust` and its CA file or pin.
     pub server_trust: ServerTrust,
+    /// `identity-dir`: the Client identity's certificate and key.
     pub identity_dir: PathBuf,
     /// `Some` only when at least one Service terminates.
     pub public_certs: Option<PublicCertSource>,
@@ -209,6 +248,7 @@ pub struct ClientConfig {
     pub metrics_bind_address: Option<SocketAddr>,
     /// `control-socket`: the Unix socket `client status` reads.
     pub control_socket: Option<PathBuf>,
+    /// The `[[client.services]]` entries, in file order.
     pub services: Vec<ServiceConfig>,
     /// `stream-write-timeout`, `stream-idle-timeout`.
     pub stream_timeouts: StreamTimeouts,

@@ -10,7 +10,7 @@ use super::duration::parse_duration;
 use super::prepare::{Origin, PreparedAcme, PreparedClient, PreparedServer, Val};
 use super::types::*;
 use crate::hostname::{HostnameError, PublicHostname, ServerHostname};
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 use crate::tls::server_pin::ServerPin;
 
 fn at(label: &str, key: impl Into<String>) -> Origin {

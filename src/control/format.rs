@@ -6,7 +6,7 @@ use std::fmt::Write;
 use serde_json::Value;
 
 /// Render a status document (`role` server or client) as text.
-pub fn human(v: &Value, now: u64) -> String {
+pub(crate) fn human(v: &Value, now: u64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -205,7 +205,7 @@ pub fn bytes(b: u64) -> String {
 }
 
 /// `2027-03-01 12:00 UTC` from Unix seconds.
-pub fn date(unix: i64) -> String {
+pub(crate) fn date(unix: i64) -> String {
     let days = unix.div_euclid(86_400);
     let secs = unix.rem_euclid(86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

@@ -17,6 +17,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
+use crate::sync::AbortOnDrop;
+
 /// Callers served at once.
 const CONNECTIONS: usize = 4;
 /// A caller must send its request and take the answer within this time.
@@ -24,14 +26,14 @@ const DEADLINE: Duration = Duration::from_secs(5);
 /// Longest request line.
 const MAX_REQUEST: usize = 64;
 /// Mode of the socket file.
-pub const SOCKET_MODE: u32 = 0o600;
+pub(crate) const SOCKET_MODE: u32 = 0o600;
 
 /// Builds the JSON document `status` answers.
-pub type Snapshot = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+pub(crate) type Snapshot = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// A bound control socket; the file is removed when it is dropped.
 #[derive(Debug)]
-pub struct ControlSocket {
+pub(crate) struct ControlSocket {
     listener: Option<UnixListener>,
     path: PathBuf,
 }
@@ -82,7 +84,7 @@ impl ControlSocket {
         };
         let task = tokio::spawn(accept(listener, snapshot));
         Some(Serving {
-            task,
+            _task: AbortOnDrop::new(task),
             _socket: self,
         })
     }
@@ -96,15 +98,10 @@ impl Drop for ControlSocket {
 
 /// A control socket being served.
 #[derive(Debug)]
-pub struct Serving {
-    task: tokio::task::JoinHandle<()>,
+pub(crate) struct Serving {
+    /// Declared first: the task stops before the socket file goes.
+    _task: AbortOnDrop,
     _socket: ControlSocket,
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 fn bind(path: &Path) -> io::Result<Option<UnixListener>> {
@@ -192,7 +189,7 @@ async fn answer(stream: tokio::net::UnixStream, snapshot: Snapshot) -> io::Resul
 
 /// Why `status` could not read an instance.
 #[derive(Debug, thiserror::Error)]
-pub enum QueryError {
+pub(crate) enum QueryError {
     #[error(
         "no running {role} answers at {path}: {error} (is it running, with this control-socket? pass --socket or -c to point at it)"
     )]
@@ -211,7 +208,7 @@ pub enum QueryError {
 }
 
 /// Ask the instance at `path` for its status.
-pub fn query(path: &Path, role: &str) -> Result<serde_json::Value, QueryError> {
+pub(crate) fn query(path: &Path, role: &str) -> Result<serde_json::Value, QueryError> {
     let mut stream = UnixStream::connect(path).map_err(|error| QueryError::Connect {
         role: role.to_string(),
         path: path.to_path_buf(),

@@ -11,9 +11,9 @@ use std::time::Duration;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 
 use super::BoxError;
+use crate::sync::{AbortOnDrop, lock};
 
 /// A whole backend connection (handshake, request, answer) must finish
 /// within this time.
@@ -25,7 +25,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// How the request's bytes reached the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arrival {
+pub(crate) enum Arrival {
     /// A TLS ClientHello: the Visitor's TLS was still intact.
     Tls,
     /// A readable HTTP request line.
@@ -36,14 +36,14 @@ pub enum Arrival {
 
 /// What a backend saw on one connection.
 #[derive(Debug, Clone)]
-pub struct Observation {
+pub(crate) struct Observation {
     /// Who connected (the Client instance, on loopback).
     pub peer: SocketAddr,
-    pub first_byte: Option<u8>,
-    pub arrival: Arrival,
+    pub(crate) first_byte: Option<u8>,
+    pub(crate) arrival: Arrival,
     /// `GET / HTTP/1.1`, as the backend read it (after decryption for the
     /// TLS backend).
-    pub request_line: Option<String>,
+    pub(crate) request_line: Option<String>,
     pub method: Option<String>,
     pub path: Option<String>,
     pub host: Option<String>,
@@ -59,7 +59,7 @@ enum Kind {
 pub struct Backend {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Observation>>>,
-    task: JoinHandle<()>,
+    _task: AbortOnDrop,
 }
 
 impl Backend {
@@ -80,7 +80,7 @@ impl Backend {
     }
 
     /// A backend that speaks plaintext HTTP.
-    pub async fn start_plain() -> Result<Self, BoxError> {
+    pub(crate) async fn start_plain() -> Result<Self, BoxError> {
         Self::start(Kind::Plain, None).await
     }
 
@@ -94,23 +94,17 @@ impl Backend {
         let addr = listener.local_addr()?;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(accept_loop(listener, kind, acceptor, seen.clone()));
-        Ok(Self { addr, seen, task })
+        Ok(Self {
+            addr,
+            seen,
+            _task: AbortOnDrop::new(task),
+        })
     }
 
     /// The most recent connection's observation, if any.
-    pub fn last_seen(&self) -> Option<Observation> {
+    pub(crate) fn last_seen(&self) -> Option<Observation> {
         lock(&self.seen).last().cloned()
     }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn accept_loop(

@@ -16,31 +16,27 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::BoxError;
-use crate::fsutil;
+use crate::fsutil::{self, CERT_MODE, KEY_MODE};
 use crate::hostname::{PublicHostname, ServerHostname};
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 use crate::tls::material;
-
-/// Mode of the backend's key file (the commands use the same for theirs).
-const KEY_MODE: u32 = 0o600;
-const CERT_MODE: u32 = 0o644;
 
 /// Where things were written, and what the report and the Visitor need.
 pub struct Material {
-    pub server_cert_dir: PathBuf,
-    pub server_ca_file: PathBuf,
+    pub(crate) server_cert_dir: PathBuf,
+    pub(crate) server_ca_file: PathBuf,
     pub identity_dir: PathBuf,
     pub public_cert_dir: PathBuf,
-    pub public_ca_file: PathBuf,
-    pub backend_cert_file: PathBuf,
+    pub(crate) public_ca_file: PathBuf,
+    pub(crate) backend_cert_file: PathBuf,
 
-    pub server_ca: CertificateDer<'static>,
-    pub server_leaf: CertificateDer<'static>,
-    pub client_pin: ClientIdentity,
+    pub(crate) server_ca: CertificateDer<'static>,
+    pub(crate) server_leaf: CertificateDer<'static>,
+    pub(crate) client_pin: ClientIdentity,
     pub public_ca: CertificateDer<'static>,
-    pub public_leaf: CertificateDer<'static>,
+    pub(crate) public_leaf: CertificateDer<'static>,
     pub backend_cert: CertificateDer<'static>,
-    pub backend_key: PrivateKeyDer<'static>,
+    pub(crate) backend_key: PrivateKeyDer<'static>,
 }
 
 /// Generate every certificate and key and write them under `root`.

@@ -34,7 +34,7 @@ use crate::config::{
 use crate::hostname::{PublicHostname, ServerHostname};
 use crate::run::EXIT_FAILURE;
 use crate::server::Server;
-use crate::server::registry::{Registry, Route};
+use crate::server::tunnels::{Registry, Route};
 use crate::shutdown::{self, Trigger};
 use crate::{logging, tls};
 
@@ -47,9 +47,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The name in the Server certificate; the Client dials it.
 pub const SERVER_HOSTNAME: &str = "localhost";
 /// Served by the TLS Local backend, passed through untouched.
-pub const PASSTHROUGH_HOSTNAME: &str = "app.demo.runewarp.test";
+pub(crate) const PASSTHROUGH_HOSTNAME: &str = "app.demo.runewarp.test";
 /// Served by the plaintext Local backend; the Client instance terminates TLS.
-pub const TERMINATE_HOSTNAME: &str = "secure.demo.runewarp.test";
+pub(crate) const TERMINATE_HOSTNAME: &str = "secure.demo.runewarp.test";
 
 /// Upper bound for every step.
 const STEP_DEADLINE: Duration = Duration::from_secs(10);
@@ -110,8 +110,8 @@ pub async fn run(args: DemoArgs) -> ExitCode {
 /// What stays up after the report (for `--keep-running`).
 struct Live {
     pub public: SocketAddr,
-    pub passthrough_trust: PathBuf,
-    pub terminate_trust: PathBuf,
+    pub(crate) passthrough_trust: PathBuf,
+    pub(crate) terminate_trust: PathBuf,
 }
 
 /// The failure of one step.
@@ -312,7 +312,7 @@ struct Hop {
     pub mode: TlsMode,
     pub backend: SocketAddr,
     pub visit: Visit,
-    pub holder: Holder,
+    pub(crate) holder: Holder,
     pub seen: Observation,
 }
 
@@ -324,7 +324,7 @@ struct Overview<'a> {
     pub tunnel: SocketAddr,
     pub tls_backend: SocketAddr,
     pub plain_backend: SocketAddr,
-    pub tunnel_info: &'a TunnelInfo,
+    pub(crate) tunnel_info: &'a TunnelInfo,
 }
 
 async fn demo(stack: &mut Stack) -> Result<Live, StepError> {

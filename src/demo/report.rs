@@ -15,7 +15,7 @@ pub fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-pub fn holder_name(h: Holder) -> &'static str {
+pub(crate) fn holder_name(h: Holder) -> &'static str {
     match h {
         Holder::LocalBackend => "Local backend",
         Holder::ClientInstance => "Client instance",
@@ -29,6 +29,16 @@ fn mode_name(mode: TlsMode) -> &'static str {
     }
 }
 
+/// Two lines for a certificate: its SHA-256 under `label`, then its file
+/// and what it is for.
+fn fingerprint(label: &str, der: &[u8], file: &str, purpose: &str) {
+    println!(
+        "  {label:<27}SHA-256 {}",
+        crate::tls::material::fingerprint_sha256(der)
+    );
+    println!("{:29}{file}: {purpose}", "");
+}
+
 /// A path inside the demo directory, shown relative to it.
 fn rel<'a>(dir: &Path, path: &'a Path) -> std::borrow::Cow<'a, str> {
     path.strip_prefix(dir).unwrap_or(path).to_string_lossy()
@@ -39,13 +49,11 @@ pub fn print(o: &Overview<'_>, hops: &[Hop]) {
     let server_leaf = visitor::summarize(&m.server_leaf).ok();
     println!();
     println!("Material (throw-away, in {})", o.dir.display());
-    println!(
-        "  Server CA (private)        SHA-256 {}",
-        crate::tls::material::fingerprint_sha256(&m.server_ca)
-    );
-    println!(
-        "                             {}: the Client trusts only this CA for the Tunnel",
-        rel(o.dir, &m.server_ca_file)
+    fingerprint(
+        "Server CA (private)",
+        &m.server_ca,
+        &rel(o.dir, &m.server_ca_file),
+        "the Client trusts only this CA for the Tunnel",
     );
     if let Some(leaf) = &server_leaf {
         println!(
@@ -59,21 +67,17 @@ pub fn print(o: &Overview<'_>, hops: &[Hop]) {
     println!(
         "                             SHA-256 of the Client's Ed25519 public key; pinned by the Server's Tunnel"
     );
-    println!(
-        "  Public hostname CA         SHA-256 {}",
-        crate::tls::material::fingerprint_sha256(&m.public_ca)
+    fingerprint(
+        "Public hostname CA",
+        &m.public_ca,
+        &rel(o.dir, &m.public_ca_file),
+        "Visitors of terminate Services trust this",
     );
-    println!(
-        "                             {}: Visitors of terminate Services trust this",
-        rel(o.dir, &m.public_ca_file)
-    );
-    println!(
-        "  Local backend certificate  SHA-256 {}",
-        crate::tls::material::fingerprint_sha256(&m.backend_cert)
-    );
-    println!(
-        "                             {}: self-signed, its key never leaves the TLS Local backend",
-        rel(o.dir, &m.backend_cert_file)
+    fingerprint(
+        "Local backend certificate",
+        &m.backend_cert,
+        &rel(o.dir, &m.backend_cert_file),
+        "self-signed, its key never leaves the TLS Local backend",
     );
 
     println!();
@@ -214,7 +218,7 @@ fn print_certificate(c: &CertificateSummary) {
 }
 
 /// `--keep-running`: how to try it by hand.
-pub fn keep_running(live: &Live, dir: &Path) {
+pub(crate) fn keep_running(live: &Live, dir: &Path) {
     let port = live.public.port();
     let ip = live.public.ip();
     println!();

@@ -17,28 +17,28 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use super::BoxError;
 
 /// What one Visitor request looked like from the Visitor's side.
-pub struct Visit {
+pub(crate) struct Visit {
     pub certificate: CertificateSummary,
-    pub tls_version: String,
-    pub cipher_suite: String,
-    pub alpn: Option<String>,
-    pub status_line: String,
+    pub(crate) tls_version: String,
+    pub(crate) cipher_suite: String,
+    pub(crate) alpn: Option<String>,
+    pub(crate) status_line: String,
     pub body: String,
     /// HTTP bytes (inside TLS).
-    pub request_bytes: usize,
-    pub response_bytes: usize,
+    pub(crate) request_bytes: usize,
+    pub(crate) response_bytes: usize,
     /// TCP payload bytes on the wire (TLS records).
-    pub wire_sent: u64,
-    pub wire_received: u64,
+    pub(crate) wire_sent: u64,
+    pub(crate) wire_received: u64,
     pub connect: Duration,
     pub handshake: Duration,
     pub total: Duration,
     /// Whether the peer ended TLS with close_notify.
-    pub clean_close: bool,
+    pub(crate) clean_close: bool,
 }
 
 /// The certificate the Visitor was shown.
-pub struct CertificateSummary {
+pub(crate) struct CertificateSummary {
     pub subject: String,
     pub dns_names: Vec<String>,
     pub issuer: String,
@@ -145,7 +145,7 @@ pub async fn visit(
 }
 
 /// Subject, SANs, issuer and SHA-256 fingerprint of a DER certificate.
-pub fn summarize(der: &[u8]) -> Result<CertificateSummary, BoxError> {
+pub(crate) fn summarize(der: &[u8]) -> Result<CertificateSummary, BoxError> {
     let (_, cert) = X509Certificate::from_der(der)
         .map_err(|e| format!("the certificate is not valid X.509: {e}"))?;
     let dns_names = match cert.subject_alternative_name() {

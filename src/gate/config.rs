@@ -1,6 +1,6 @@
 //! The validated `[gate]` configuration (the config seam's output for
 //! Runegate). Every value here was checked once by
-//! [`crate::config::load_gate`]; the gate never re-parses addresses, URLs or
+//! `crate::config::load_gate`; the gate never re-parses addresses, URLs or
 //! mail addresses.
 
 use std::fmt;

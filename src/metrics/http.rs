@@ -22,6 +22,7 @@ const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 /// The OpenMetrics text format `prometheus-client` writes.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// Serve `GET /metrics` with the text `render` returns, until the task is aborted.
 pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
     let slots = Arc::new(Semaphore::new(CONNECTIONS));
     loop {

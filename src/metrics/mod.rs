@@ -23,9 +23,12 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::config::{ServiceConfig, TunnelConfig};
+// Re-exported for `client/`, which names it here until it adopts `crate::sync`.
+pub(crate) use crate::sync::AbortOnDrop;
+use crate::sync::{lock, read, write};
 
 /// A label set: fixed keys, values from the config or fixed tokens.
-pub type Labels = Vec<(&'static str, String)>;
+pub(crate) type Labels = Vec<(&'static str, String)>;
 
 fn labels(pairs: &[(&'static str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
@@ -43,7 +46,7 @@ fn get<M: Clone, C: prometheus_client::metrics::family::MetricConstructor<M>>(
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// The name a Tunnel has in metrics and status: its first Public hostname.
-pub fn tunnel_name(t: &TunnelConfig) -> String {
+pub(crate) fn tunnel_name(t: &TunnelConfig) -> String {
     t.public_hostnames
         .first()
         .map(|h| h.to_string())
@@ -52,7 +55,7 @@ pub fn tunnel_name(t: &TunnelConfig) -> String {
 
 /// The name a Service has in metrics and status: its first Public
 /// hostname, or `catch-all`.
-pub fn service_name(s: &ServiceConfig) -> String {
+pub(crate) fn service_name(s: &ServiceConfig) -> String {
     s.public_hostnames
         .first()
         .map(|h| h.to_string())
@@ -121,13 +124,19 @@ impl TunnelFamilies {
 /// The counters of one Tunnel.
 #[derive(Debug, Clone, Default)]
 pub struct TunnelMetrics {
+    /// The Tunnel's label (its first Public hostname).
     pub name: String,
+    /// Visitor streams routed to it.
     pub streams: Counter,
-    pub streams_active: Gauge,
-    pub bytes_to_client: Counter,
+    pub(crate) streams_active: Gauge,
+    pub(crate) bytes_to_client: Counter,
+    /// Bytes relayed from the Tunnel to Visitors.
     pub bytes_to_visitor: Counter,
+    /// 1 while a Tunnel connection is active, else 0.
     pub connected: Gauge,
+    /// Tunnel connections installed.
     pub connections: Counter,
+    /// Tunnel connections replaced by a newer one.
     pub replaced: Counter,
 }
 
@@ -135,13 +144,13 @@ pub struct TunnelMetrics {
 #[derive(Debug)]
 pub struct ServerMetrics {
     registry: Registry,
-    pub visitors_accepted: Counter,
+    pub(crate) visitors_accepted: Counter,
     visitors_dropped: Family<Labels, Counter>,
     families: TunnelFamilies,
-    /// By slot (see [`crate::server::registry`]).
+    /// By slot (see [`crate::server::tunnels`]).
     tunnels: std::sync::RwLock<Vec<TunnelMetrics>>,
     tunnels_refused: Family<Labels, Counter>,
-    pub handshake_duration: Histogram,
+    pub(crate) handshake_duration: Histogram,
     admission_refused: Family<Labels, Counter>,
     admission_saturated: Family<Labels, Gauge>,
     certificate_expiry: Family<Labels, Gauge>,
@@ -150,6 +159,7 @@ pub struct ServerMetrics {
 }
 
 impl ServerMetrics {
+    /// Counters for `tunnels`, registered under the `runewarp` prefix.
     pub fn new(tunnels: &[TunnelConfig]) -> Self {
         let mut registry = Registry::with_prefix("runewarp");
         register_process(&mut registry, "server");
@@ -257,17 +267,13 @@ impl ServerMetrics {
 
     /// The counters of the Tunnel in `slot`.
     pub fn tunnel(&self, slot: usize) -> Option<TunnelMetrics> {
-        self.tunnels
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(slot)
-            .cloned()
+        read(&self.tunnels).get(slot).cloned()
     }
 
     /// Count the Tunnel `t` in `slot` from now on (after a reload): a new
     /// slot gets new series; a renamed Tunnel (new first hostname) too.
-    pub fn ensure_tunnel(&self, slot: usize, t: &TunnelConfig) {
-        let mut tunnels = self.tunnels.write().unwrap_or_else(|p| p.into_inner());
+    pub(crate) fn ensure_tunnel(&self, slot: usize, t: &TunnelConfig) {
+        let mut tunnels = write(&self.tunnels);
         match tunnels.get(slot) {
             Some(m) if m.name == tunnel_name(t) => {}
             Some(_) => tunnels[slot] = self.families.create(t),
@@ -277,39 +283,40 @@ impl ServerMetrics {
     }
 
     /// `reason` is one of the fixed drop tokens.
-    pub fn visitor_dropped(&self, reason: &'static str) {
+    pub(crate) fn visitor_dropped(&self, reason: &'static str) {
         self.visitors_dropped
             .get_or_create(&labels(&[("reason", reason)]))
             .inc();
     }
 
+    /// Count a refused Tunnel connection; `reason` is a fixed token.
     pub fn tunnel_refused(&self, reason: &'static str) {
         self.tunnels_refused
             .get_or_create(&labels(&[("reason", reason)]))
             .inc();
     }
 
-    pub fn admission_refused(&self, scope: &'static str) {
+    pub(crate) fn admission_refused(&self, scope: &'static str) {
         self.admission_refused
             .get_or_create(&labels(&[("scope", scope)]))
             .inc();
     }
 
-    pub fn admission_saturated(&self, scope: &'static str, saturated: bool) {
+    pub(crate) fn admission_saturated(&self, scope: &'static str, saturated: bool) {
         self.admission_saturated
             .get_or_create(&labels(&[("scope", scope)]))
             .set(i64::from(saturated));
     }
 
     /// `hostname` is a configured name (the Server hostname).
-    pub fn certificate_expiry(&self, hostname: &str, not_after: i64) {
+    pub(crate) fn certificate_expiry(&self, hostname: &str, not_after: i64) {
         self.certificate_expiry
             .get_or_create(&labels(&[("hostname", hostname)]))
             .set(not_after);
         remember(&self.certificates, hostname, not_after);
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         render(&self.registry)
     }
 }
@@ -317,20 +324,22 @@ impl ServerMetrics {
 /// The counters of one Service.
 #[derive(Debug, Clone)]
 pub struct ServiceMetrics {
+    /// Streams handed to the Service.
     pub streams: Counter,
-    pub streams_active: Gauge,
-    pub bytes_to_backend: Counter,
+    pub(crate) streams_active: Gauge,
+    pub(crate) bytes_to_backend: Counter,
+    /// Bytes relayed from the Local backend to Visitors.
     pub bytes_from_backend: Counter,
-    pub backend_connect: Histogram,
+    pub(crate) backend_connect: Histogram,
     /// All backend failures (for status; the exposition has them by reason).
-    pub backend_failures: Counter,
+    pub(crate) backend_failures: Counter,
     name: String,
     failures: Family<Labels, Counter>,
 }
 
 impl ServiceMetrics {
     /// `reason`: `backend_unreachable` or `backend_timeout`.
-    pub fn backend_failed(&self, reason: &'static str) {
+    pub(crate) fn backend_failed(&self, reason: &'static str) {
         self.backend_failures.inc();
         self.failures
             .get_or_create(&labels(&[("service", &self.name), ("reason", reason)]))
@@ -376,8 +385,9 @@ impl ServiceFamilies {
 pub struct ClientMetrics {
     registry: Registry,
     services: ServiceFamilies,
+    /// 1 while the Tunnel connection is up, else 0.
     pub tunnel_connected: Gauge,
-    pub tunnel_connections: Counter,
+    pub(crate) tunnel_connections: Counter,
     tunnel_rtt: FloatGauge,
     dial_failures: Family<Labels, Counter>,
     streams_rejected: Family<Labels, Counter>,
@@ -394,11 +404,13 @@ pub struct ClientMetrics {
 pub struct Waiting {
     /// A fixed token (`refused`, `timeout`, `replaced`, `lost`...).
     pub reason: &'static str,
+    /// The error behind `reason`, for people.
     pub detail: String,
-    pub retry_at: SystemTime,
+    pub(crate) retry_at: SystemTime,
 }
 
 impl ClientMetrics {
+    /// Counters for `services`, registered under the `runewarp_client` prefix.
     pub fn new(services: &[ServiceConfig]) -> Self {
         let mut registry = Registry::with_prefix("runewarp_client");
         register_process(&mut registry, "client");
@@ -503,7 +515,7 @@ impl ClientMetrics {
     }
 
     /// The Tunnel connection is up (`Some`) or down (`None`).
-    pub fn set_connection(&self, conn: Option<quinn::Connection>) {
+    pub(crate) fn set_connection(&self, conn: Option<quinn::Connection>) {
         self.tunnel_connected.set(i64::from(conn.is_some()));
         if conn.is_some() {
             self.tunnel_connections.inc();
@@ -517,26 +529,26 @@ impl ClientMetrics {
     }
 
     /// The current round-trip time estimate, if connected.
-    pub fn rtt(&self) -> Option<Duration> {
+    pub(crate) fn rtt(&self) -> Option<Duration> {
         lock(&self.connection).as_ref().map(|c| c.rtt())
     }
 
     /// `reason` is a fixed dial-error token.
-    pub fn dial_failed(&self, reason: &'static str) {
+    pub(crate) fn dial_failed(&self, reason: &'static str) {
         self.dial_failures
             .get_or_create(&labels(&[("reason", reason)]))
             .inc();
     }
 
     /// `reason` is a fixed token (`no_service`, `bad_framing`...).
-    pub fn stream_rejected(&self, reason: &'static str) {
+    pub(crate) fn stream_rejected(&self, reason: &'static str) {
         self.streams_rejected
             .get_or_create(&labels(&[("reason", reason)]))
             .inc();
     }
 
     /// `hostname` is a configured Public hostname.
-    pub fn certificate_expiry(&self, hostname: &str, not_after: i64) {
+    pub(crate) fn certificate_expiry(&self, hostname: &str, not_after: i64) {
         self.certificate_expiry
             .get_or_create(&labels(&[("hostname", hostname)]))
             .set(not_after);
@@ -549,7 +561,7 @@ impl ClientMetrics {
     }
 
     /// When the current Tunnel connection came up, if it is up.
-    pub fn connected_since(&self) -> Option<SystemTime> {
+    pub(crate) fn connected_since(&self) -> Option<SystemTime> {
         *lock(&self.connected_since)
     }
 
@@ -567,7 +579,7 @@ impl ClientMetrics {
     }
 
     /// Not connected: record why and until when.
-    pub fn set_waiting(&self, reason: &'static str, detail: String, retry_in: Duration) {
+    pub(crate) fn set_waiting(&self, reason: &'static str, detail: String, retry_in: Duration) {
         *lock(&self.waiting) = Some(Waiting {
             reason,
             detail,
@@ -575,7 +587,7 @@ impl ClientMetrics {
         });
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         if let Some(rtt) = self.rtt() {
             self.tunnel_rtt.set(rtt.as_secs_f64());
         }
@@ -598,7 +610,7 @@ pub fn not_after(der: &[u8]) -> Option<i64> {
 
 /// Counts one stream in a gauge until dropped.
 #[derive(Debug)]
-pub struct ActiveStream(Gauge);
+pub(crate) struct ActiveStream(Gauge);
 
 impl ActiveStream {
     pub fn new(gauge: &Gauge) -> Self {
@@ -614,12 +626,12 @@ impl Drop for ActiveStream {
 }
 
 /// Count `duration` since `started` into `histogram`.
-pub fn observe_since(histogram: &Histogram, started: std::time::Instant) {
+pub(crate) fn observe_since(histogram: &Histogram, started: std::time::Instant) {
     histogram.observe(started.elapsed().as_secs_f64());
 }
 
 /// Serve `metrics` on `listener` until the task is aborted.
-pub fn spawn_listener(
+pub(crate) fn spawn_listener(
     listener: tokio::net::TcpListener,
     render: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> tokio::task::JoinHandle<()> {
@@ -645,37 +657,17 @@ pub fn bind(
 }
 
 /// [`spawn_listener`] for a listener bound with [`bind`].
-pub fn spawn_std_listener(
+pub(crate) fn spawn_std_listener(
     listener: std::net::TcpListener,
     render: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> Option<AbortOnDrop> {
     match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => Some(AbortOnDrop(spawn_listener(l, render))),
+        Ok(l) => Some(AbortOnDrop::new(spawn_listener(l, render))),
         Err(error) => {
             tracing::warn!(event = "metrics_listener_failed", error = ?error.to_string());
             None
         }
     }
-}
-
-/// Aborts the listener task when dropped.
-#[derive(Debug)]
-pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl AbortOnDrop {
-    pub fn new(task: tokio::task::JoinHandle<()>) -> Self {
-        Self(task)
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -20,13 +20,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use crate::sync::{InFlight, InFlightGuard, lock};
+
 /// The limits. [`Limits::default`] holds the production values (see
 /// docs/operations.md for their reasoning); tests inject small ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Visitors whose ClientHello is still being read (pre-routing work).
     pub client_hello_intake: usize,
-    /// Of those, at most this many from one [`Source`].
+    /// Of those, at most this many from one `Source`.
     pub per_source_ip: usize,
     /// QUIC handshakes with would-be Client instances in progress.
     pub quic_handshakes: usize,
@@ -34,7 +36,7 @@ pub struct Limits {
     /// address QUIC has not validated gets a Retry (address validation)
     /// instead of a slot: spoofed or junk Initials cannot take more.
     pub handshake_retry_above: usize,
-    /// Handshakes in progress from one validated [`Source`].
+    /// Handshakes in progress from one validated `Source`.
     pub handshakes_per_source: usize,
     /// How long a handshake may hold its slot.
     pub handshake_deadline: Duration,
@@ -44,7 +46,7 @@ pub struct Limits {
     pub stream_open_deadline: Duration,
     /// Visitor streams relayed through Tunnels at once.
     pub routed_streams: usize,
-    /// Routed plus pending Visitor streams from one [`Source`].
+    /// Routed plus pending Visitor streams from one `Source`.
     pub streams_per_source: usize,
 }
 
@@ -81,7 +83,7 @@ impl Limits {
 /// IPv4-mapped IPv6 address counts as its IPv4 address), or an IPv6 /64
 /// (one subscriber's network: a host can use any address in it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Source {
+pub(crate) enum Source {
     V4(Ipv4Addr),
     V6Prefix(u64),
 }
@@ -113,14 +115,23 @@ impl fmt::Display for Source {
 /// What a refusal was about, for logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
+    /// ClientHello intake in all.
     ClientHelloIntake,
+    /// ClientHello intake per source.
     PerSourceIp,
+    /// QUIC handshakes in progress.
     QuicHandshakes,
+    /// Handshakes from addresses QUIC has not validated.
     UnvalidatedHandshakes,
+    /// Handshakes per source.
     HandshakesPerSource,
+    /// Stream opens waiting for credit, in all.
     PendingStreamOpens,
+    /// Stream opens waiting per Tunnel.
     PendingPerTunnel,
+    /// Routed streams in all.
     RoutedStreams,
+    /// Routed streams per source.
     StreamsPerSource,
 }
 
@@ -137,6 +148,7 @@ const SCOPES: [Scope; 9] = [
 ];
 
 impl Scope {
+    /// The scope's stable token in logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::ClientHelloIntake => "client_hello_intake",
@@ -153,7 +165,7 @@ impl Scope {
 
     /// Whether this is a Server-wide pool (whose sustained saturation
     /// closes readiness) rather than one holder's share of it.
-    pub fn is_server_wide(self) -> bool {
+    pub(crate) fn is_server_wide(self) -> bool {
         matches!(
             self,
             Scope::ClientHelloIntake
@@ -179,12 +191,12 @@ impl Scope {
 }
 
 /// Saturation is reported at most this often per scope.
-pub const SATURATION_LOG_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const SATURATION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Readiness closes once a Server-wide pool has refused work in this many
 /// consecutive one-second checks: a burst that fills a pool for a moment
 /// does not take the Server out of a load balancer.
-pub const READINESS_SUSTAIN_CHECKS: u32 = 3;
+pub(crate) const READINESS_SUSTAIN_CHECKS: u32 = 3;
 
 #[derive(Debug, Default)]
 struct ScopeLog {
@@ -242,6 +254,7 @@ impl<K: Hash + Eq + Copy> Shares<K> {
     }
 }
 
+/// The Server's admission limits and the work they currently hold.
 #[derive(Debug)]
 pub struct Admission {
     limits: Limits,
@@ -253,6 +266,8 @@ pub struct Admission {
     stream_opens: Arc<Semaphore>,
     pending_by_tunnel: Shares<usize>,
     routed: Arc<Semaphore>,
+    /// The routed streams held, for draining.
+    routed_active: InFlight,
     streams_by_source: Shares<Source>,
     logs: [ScopeLog; SCOPES.len()],
     admitting: watch::Sender<bool>,
@@ -300,14 +315,15 @@ pub struct HandshakePermit {
 
 /// Held while a Visitor is routed (waiting for its stream or relayed).
 #[derive(Debug)]
-pub struct RoutedPermit {
+pub(crate) struct RoutedPermit {
     _share: ShareGuard<Source>,
     _global: OwnedSemaphorePermit,
+    _active: InFlightGuard,
 }
 
 /// Held while a Visitor waits for a stream on its Tunnel connection.
 #[derive(Debug)]
-pub struct PendingPermit {
+pub(crate) struct PendingPermit {
     _share: ShareGuard<usize>,
     _global: OwnedSemaphorePermit,
 }
@@ -324,6 +340,7 @@ impl Admission {
             stream_opens: Arc::new(Semaphore::new(limits.pending_stream_opens)),
             pending_by_tunnel: Shares::new(),
             routed: Arc::new(Semaphore::new(limits.routed_streams)),
+            routed_active: InFlight::default(),
             streams_by_source: Shares::new(),
             logs: Default::default(),
             admitting: watch::Sender::new(true),
@@ -335,12 +352,13 @@ impl Admission {
         })
     }
 
+    /// The limits in force.
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
 
     /// Count refusals and saturation per scope in `metrics`.
-    pub fn attach_metrics(&self, metrics: Arc<crate::metrics::ServerMetrics>) {
+    pub(crate) fn attach_metrics(&self, metrics: Arc<crate::metrics::ServerMetrics>) {
         for scope in SCOPES {
             metrics.admission_saturated(scope.as_str(), false);
         }
@@ -404,7 +422,7 @@ impl Admission {
     }
 
     /// Admit a routed Visitor stream from `ip` (held until it ends).
-    pub fn routed_stream(self: &Arc<Self>, ip: IpAddr) -> Result<RoutedPermit, Scope> {
+    pub(crate) fn routed_stream(self: &Arc<Self>, ip: IpAddr) -> Result<RoutedPermit, Scope> {
         let source = Source::of(ip);
         let share = self
             .share(
@@ -417,11 +435,12 @@ impl Admission {
         Ok(RoutedPermit {
             _share: share,
             _global: global,
+            _active: self.routed_active.enter(),
         })
     }
 
     /// Admit a Visitor of Tunnel `tunnel` to wait for a stream.
-    pub fn stream_open(self: &Arc<Self>, tunnel: usize) -> Result<PendingPermit, Scope> {
+    pub(crate) fn stream_open(self: &Arc<Self>, tunnel: usize) -> Result<PendingPermit, Scope> {
         let share = self
             .share(tunnel, |a| &a.pending_by_tunnel, self.pending_share)
             .ok_or_else(|| {
@@ -435,8 +454,14 @@ impl Admission {
     }
 
     /// Visitor streams currently relayed.
-    pub fn routed_in_flight(&self) -> usize {
+    pub(crate) fn routed_in_flight(&self) -> usize {
         self.limits.routed_streams - self.routed.available_permits()
+    }
+
+    /// Wait until no Visitor stream is relayed any more (true), or `window`
+    /// passed (false).
+    pub(crate) async fn routed_drained(&self, window: Duration) -> bool {
+        self.routed_active.drained(window).await
     }
 
     fn share<K: Hash + Eq + Copy>(
@@ -474,7 +499,7 @@ impl Admission {
     }
 
     /// Whether new work is admitted (drives the readiness listener).
-    pub fn admitting(&self) -> watch::Receiver<bool> {
+    pub(crate) fn admitting(&self) -> watch::Receiver<bool> {
         self.admitting.subscribe()
     }
 
@@ -486,7 +511,7 @@ impl Admission {
 
     /// Once a second: report saturation and recovery per scope, and keep
     /// the "admitting" signal current. Runs until the Server stops.
-    pub async fn monitor(self: Arc<Self>) {
+    pub(crate) async fn monitor(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
@@ -603,10 +628,6 @@ fn release_free_memory() -> bool {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_free_memory() -> bool {
     false
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

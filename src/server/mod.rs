@@ -1,12 +1,13 @@
 //! The Server: the public listener (Visitor TLS on TCP), the tunnel
-//! listener (QUIC from Client instances) and the registry that joins them.
+//! listener (QUIC from Client instances) and the Tunnel registry
+//! ([`tunnels`]) that joins them.
 
 pub mod admission;
-pub mod public_listener;
-pub mod registry;
+pub(crate) mod public_listener;
 pub mod reload;
 pub mod status;
-pub mod tunnel_listener;
+pub(crate) mod tunnel_listener;
+pub mod tunnels;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,35 +24,47 @@ use crate::tunnel::transport::{self, TunnelTls, close_code};
 use admission::{Admission, Limits};
 use rustls::server::ResolvesServerCert;
 
-pub use registry::Registry;
+pub use tunnels::Registry;
 
 /// After closing the tunnels, wait at most this long for the close frames
 /// to go out.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
+/// Why the Server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{0}")]
+    /// Certificate material could not be loaded.
     Material(#[from] material::MaterialError),
     #[error("tunnel TLS: {0}")]
+    /// The Tunnel TLS or QUIC configuration could not be built.
     Transport(#[from] transport::TransportError),
     #[error("cannot bind {what} {addr}: {error}")]
+    /// A listener could not be bound.
     Bind {
+        /// Which listener.
         what: &'static str,
+        /// The address it was to bind.
         addr: SocketAddr,
+        /// The underlying error.
         error: std::io::Error,
     },
     #[error("stateless-reset secret {path}: {error}")]
+    /// The stateless-reset secret could not be read or created.
     ResetSecret {
+        /// Its file.
         path: std::path::PathBuf,
+        /// The underlying error.
         error: std::io::Error,
     },
     #[error("{0}")]
+    /// ACME could not be set up.
     Acme(#[from] AcmeSetupError),
 }
 
 /// Reads the config again (same file and overlays) for a reload.
-pub type Reloader = Box<dyn Fn() -> Result<ServerConfig, crate::config::ConfigError> + Send + Sync>;
+pub(crate) type Reloader =
+    Box<dyn Fn() -> Result<ServerConfig, crate::config::ConfigError> + Send + Sync>;
 
 /// A Server whose listeners are bound and ready to run.
 pub struct Server {
@@ -171,31 +184,37 @@ impl Server {
     }
 
     /// Re-read the config with `reloader` on SIGHUP.
-    pub fn with_reloader(mut self, reloader: Reloader) -> Self {
+    pub(crate) fn with_reloader(mut self, reloader: Reloader) -> Self {
         self.reloader = Some(reloader);
         self
     }
 
+    /// The bound metrics address, if the metrics listener runs.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().and_then(|r| r.local_addr().ok())
     }
 
+    /// The bound public listener address.
     pub fn public_addr(&self) -> std::io::Result<SocketAddr> {
         self.public.local_addr()
     }
 
+    /// The bound tunnel listener address.
     pub fn tunnel_addr(&self) -> std::io::Result<SocketAddr> {
         self.tunnel.local_addr()
     }
 
+    /// The Tunnel registry.
     pub fn registry(&self) -> Arc<Registry> {
         self.registry.clone()
     }
 
+    /// The bound readiness address, if the readiness listener runs.
     pub fn readiness_addr(&self) -> Option<SocketAddr> {
         self.readiness.as_ref().and_then(|r| r.local_addr().ok())
     }
 
+    /// The admission limits.
     pub fn admission(&self) -> Arc<Admission> {
         self.admission.clone()
     }
@@ -309,7 +328,7 @@ impl Server {
         }
         let drained = tokio::select! {
             _ = stop.wait_fast() => false,
-            drained = drain(&admission, window) => drained,
+            drained = admission.routed_drained(window) => drained,
         };
         monitor.abort();
         if let Some(t) = reload_task {
@@ -342,21 +361,9 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(PUBLIC_BACKLOG)
 }
 
-/// Wait until no Visitor stream is relayed any more, or `window` passed.
-async fn drain(admission: &Admission, window: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + window;
-    while admission.routed_in_flight() > 0 {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
 /// File (in the Server's state directory) holding the secret that keys
 /// stateless resets; created on first start.
-pub const RESET_SECRET_FILE: &str = "stateless-reset.secret";
+pub(crate) const RESET_SECRET_FILE: &str = "stateless-reset.secret";
 
 /// Load the stateless-reset secret, creating it (32 random bytes, mode
 /// 0600) on first start.

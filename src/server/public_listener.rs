@@ -15,12 +15,13 @@ use crate::config::ServerConfig;
 use crate::hostname::wire_lookup_key;
 use crate::logging::{RateLimit, budget};
 use crate::metrics::ServerMetrics;
-use crate::proxy;
+use crate::relay;
 use crate::server::admission::{Admission, IntakePermit};
-use crate::server::registry::{Registry, Route};
+use crate::server::tunnels::{Registry, Route};
 use crate::shutdown::Shutdown;
+use crate::sync::AbortOnDrop;
 use crate::tls::acme;
-use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE};
+use crate::tls::sni::{self, CLIENT_HELLO_DEADLINE, ReadHelloError, SniError};
 use crate::tunnel::framing::{self, ProxyHeader};
 
 pub async fn serve(
@@ -40,7 +41,7 @@ pub async fn serve(
         counts: drops.clone(),
         since: std::time::Instant::now(),
     };
-    let _summary = AbortOnDrop(summary);
+    let _summary = AbortOnDrop::new(summary);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait() => return,
@@ -82,16 +83,32 @@ pub async fn serve(
     }
 }
 
-/// Why a Visitor was dropped before reaching a Tunnel.
+/// Why a Visitor was dropped before reaching a Tunnel. The discriminant is
+/// the reason's index in [`DropReason::ALL`], so counters indexed by it and
+/// the names in logs, metrics and status cannot drift apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// The ClientHello never completed, or was not TLS: the token of
-    /// [`sni::ReadHelloError::reason`].
-    ClientHello(&'static str),
+pub(crate) enum DropReason {
+    /// The first bytes were not a TLS handshake record.
+    NotTls,
+    /// The ClientHello could not be parsed.
+    Malformed,
+    /// The ClientHello exceeded the 16 KiB cap.
+    TooLarge,
+    /// The ClientHello did not arrive within its deadline.
+    Timeout,
+    /// The Visitor closed before the ClientHello was complete.
+    Eof,
+    /// Reading the ClientHello failed.
+    Io,
+    /// The ClientHello carried no SNI.
     NoSni,
+    /// The SNI named the Server hostname (and was not an ACME validation).
     ServerHostname,
+    /// No Tunnel lists the hostname.
     UnknownHostname,
+    /// The hostname's Tunnel has no active Tunnel connection.
     NoTunnelConnection,
+    /// A stream could not be opened or written on the Tunnel connection.
     StreamOpenFailed,
     /// An admission limit was reached.
     Overloaded,
@@ -99,27 +116,39 @@ pub enum DropReason {
     ShuttingDown,
 }
 
-/// Every reason token, in the order the summary line prints them.
-pub(crate) const REASONS: [&str; 13] = [
-    "not_tls",
-    "malformed",
-    "too_large",
-    "timeout",
-    "eof",
-    "io",
-    "no_sni",
-    "server_hostname",
-    "unknown_hostname",
-    "no_tunnel_connection",
-    "stream_open_failed",
-    "overloaded",
-    "shutting_down",
-];
-
 impl DropReason {
+    /// Every reason, in the order the summary line prints them; entry `i`
+    /// is the reason whose [`DropReason::index`] is `i`.
+    pub(crate) const ALL: [DropReason; 13] = [
+        DropReason::NotTls,
+        DropReason::Malformed,
+        DropReason::TooLarge,
+        DropReason::Timeout,
+        DropReason::Eof,
+        DropReason::Io,
+        DropReason::NoSni,
+        DropReason::ServerHostname,
+        DropReason::UnknownHostname,
+        DropReason::NoTunnelConnection,
+        DropReason::StreamOpenFailed,
+        DropReason::Overloaded,
+        DropReason::ShuttingDown,
+    ];
+
+    /// Position in [`DropReason::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The reason's stable token in logs, metrics and status.
     pub fn as_str(self) -> &'static str {
         match self {
-            DropReason::ClientHello(r) => r,
+            DropReason::NotTls => "not_tls",
+            DropReason::Malformed => "malformed",
+            DropReason::TooLarge => "too_large",
+            DropReason::Timeout => "timeout",
+            DropReason::Eof => "eof",
+            DropReason::Io => "io",
             DropReason::NoSni => "no_sni",
             DropReason::ServerHostname => "server_hostname",
             DropReason::UnknownHostname => "unknown_hostname",
@@ -129,16 +158,77 @@ impl DropReason {
             DropReason::ShuttingDown => "shutting_down",
         }
     }
+
+    /// The reason for a ClientHello that could not be read.
+    pub(crate) fn from_hello(error: &ReadHelloError) -> Self {
+        match error {
+            ReadHelloError::Io(_) => DropReason::Io,
+            ReadHelloError::Timeout => DropReason::Timeout,
+            ReadHelloError::Eof => DropReason::Eof,
+            ReadHelloError::Parse(SniError::NotTls) => DropReason::NotTls,
+            ReadHelloError::Parse(SniError::Malformed(_)) => DropReason::Malformed,
+            ReadHelloError::Parse(SniError::TooLarge) => DropReason::TooLarge,
+        }
+    }
+}
+
+// `ALL` ends with the last variant, so with `index` checked per entry in
+// the tests it lists every variant exactly once.
+const _: () = assert!(DropReason::ShuttingDown.index() + 1 == DropReason::ALL.len());
+
+/// What the public listener does with a Visitor whose ClientHello it has
+/// read.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Verdict<C> {
+    /// Open a stream to the Visitor's Tunnel on this Tunnel connection.
+    Forward(C),
+    /// Answer the ACME TLS-ALPN-01 validation for the Server hostname.
+    AcmeChallenge,
+    /// Drop the Visitor.
+    Drop(DropReason),
+}
+
+/// The routing decision, free of I/O. `key` is the normalised SNI (`None`
+/// without SNI); `acme_challenge` says that the Server runs ACME and the
+/// ClientHello offers exactly `acme-tls/1`; `route` looks a hostname up in
+/// the registry. Only a hostname that passes the earlier checks is looked
+/// up.
+pub(crate) fn decide<C>(
+    key: Option<&str>,
+    server_hostname: &str,
+    acme_challenge: bool,
+    shutting_down: bool,
+    route: impl FnOnce(&str) -> Route<C>,
+) -> Verdict<C> {
+    let Some(key) = key else {
+        return Verdict::Drop(DropReason::NoSni);
+    };
+    if key == server_hostname {
+        // Only ACME TLS-ALPN-01 validations may address the Server
+        // hostname, and only when the Server itself runs ACME.
+        return match acme_challenge {
+            true => Verdict::AcmeChallenge,
+            false => Verdict::Drop(DropReason::ServerHostname),
+        };
+    }
+    if shutting_down {
+        return Verdict::Drop(DropReason::ShuttingDown);
+    }
+    match route(key) {
+        Route::Unknown => Verdict::Drop(DropReason::UnknownHostname),
+        Route::NoConnection { .. } => Verdict::Drop(DropReason::NoTunnelConnection),
+        Route::Active(c) => Verdict::Forward(c),
+    }
 }
 
 /// How often dropped Visitors are summarised at `info`.
-pub const DROP_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const DROP_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Dropped Visitors by reason since the last summary, and when each reason
 /// was last noticed at `info`.
 #[derive(Debug)]
-pub struct DropCounts {
-    counts: [AtomicU64; REASONS.len()],
+pub(crate) struct DropCounts {
+    counts: [AtomicU64; DropReason::ALL.len()],
     /// The first drop of each reason is logged at once (then at most once
     /// per summary interval), so an operator sees a misrouted hostname or
     /// plain HTTP on 443 without waiting for the summary.
@@ -158,11 +248,7 @@ impl DropCounts {
     fn count(&self, reason: DropReason, metrics: &ServerMetrics, hostname: Option<&str>) {
         let token = reason.as_str();
         metrics.visitor_dropped(token);
-        let i = REASONS
-            .iter()
-            .position(|r| *r == token)
-            .unwrap_or(REASONS.len() - 1);
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.counts[reason.index()].fetch_add(1, Ordering::Relaxed);
         if self.noticed.allow(&token).is_some() {
             tracing::info!(
                 event = "visitor_drop_noticed",
@@ -176,10 +262,10 @@ impl DropCounts {
 
     /// Take the counts, resetting them; empty when nothing was dropped.
     fn take(&self) -> Vec<(&'static str, u64)> {
-        REASONS
+        DropReason::ALL
             .iter()
             .zip(&self.counts)
-            .map(|(r, c)| (*r, c.swap(0, Ordering::Relaxed)))
+            .map(|(r, c)| (r.as_str(), c.swap(0, Ordering::Relaxed)))
             .filter(|(_, n)| *n > 0)
             .collect()
     }
@@ -201,13 +287,15 @@ fn drop_hint(reason: DropReason) -> &'static str {
         DropReason::Overloaded => "an admission limit refused the Visitor (admission_saturated)",
         DropReason::StreamOpenFailed => "the Tunnel connection could not open a stream in time",
         DropReason::ShuttingDown => "the Server is stopping",
-        DropReason::ClientHello("not_tls") => {
+        DropReason::NotTls => {
             "not TLS (plain HTTP on the TLS port?); the Server only routes TLS by SNI"
         }
-        DropReason::ClientHello("eof") => {
+        DropReason::Eof => {
             "the Visitor closed before sending a ClientHello (a port scan or a TCP health check?)"
         }
-        DropReason::ClientHello(_) => "the Visitor did not send a complete TLS ClientHello in time",
+        DropReason::Malformed | DropReason::TooLarge | DropReason::Timeout | DropReason::Io => {
+            "the Visitor did not send a complete TLS ClientHello in time"
+        }
     }
 }
 
@@ -289,34 +377,32 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     let deadline = tokio::time::Instant::now() + CLIENT_HELLO_DEADLINE;
     let info = match sni::read_client_hello(&mut tcp, &mut hello, deadline).await {
         Ok(info) => info,
-        Err(e) => return dropped(&tcp, None, DropReason::ClientHello(e.reason())),
+        Err(e) => return dropped(&tcp, None, DropReason::from_hello(&e)),
     };
-    let Some(server_name) = info.server_name.as_deref() else {
-        return dropped(&tcp, None, DropReason::NoSni);
-    };
-    let key = wire_lookup_key(server_name);
-    if key == config.hostname.as_str() {
-        // Only ACME TLS-ALPN-01 validations may address the Server
-        // hostname, and only when the Server itself runs ACME.
-        if let Some(challenge) = acme_challenge.filter(|_| acme::is_challenge_alpn(&info.alpn)) {
-            let result = acme::answer_challenge(challenge, hello.into(), tcp).await;
-            if let Some(suppressed) = budget::ACME_CHALLENGE.allow() {
-                tracing::info!(event = "acme_challenge_answered", hostname = %key, %peer, result = result.err().unwrap_or("ok"), suppressed);
+    let key = info.server_name.as_deref().map(wire_lookup_key);
+    let answers_acme = acme_challenge.is_some() && acme::is_challenge_alpn(&info.alpn);
+    let verdict = decide(
+        key.as_deref(),
+        config.hostname.as_str(),
+        answers_acme,
+        shutdown.is_requested(),
+        |key| registry.route(key),
+    );
+    let tc = match verdict {
+        Verdict::Forward(tc) => tc,
+        Verdict::Drop(reason) => return dropped(&tcp, key.as_deref(), reason),
+        Verdict::AcmeChallenge => {
+            if let Some(challenge) = acme_challenge {
+                let result = acme::answer_challenge(challenge, hello.into(), tcp).await;
+                if let Some(suppressed) = budget::ACME_CHALLENGE.allow() {
+                    tracing::info!(event = "acme_challenge_answered", hostname = %key.as_deref().unwrap_or_default(), %peer, result = result.err().unwrap_or("ok"), suppressed);
+                }
             }
             return;
         }
-        return dropped(&tcp, Some(&key), DropReason::ServerHostname);
-    }
-    if shutdown.is_requested() {
-        return dropped(&tcp, Some(&key), DropReason::ShuttingDown);
-    }
-    let tc = match registry.route(&key) {
-        Route::Unknown => return dropped(&tcp, Some(&key), DropReason::UnknownHostname),
-        Route::NoConnection { .. } => {
-            return dropped(&tcp, Some(&key), DropReason::NoTunnelConnection);
-        }
-        Route::Active(tc) => tc,
     };
+    // `Forward` is only decided for a hostname.
+    let key = key.unwrap_or_default();
     let Ok(_routed) = admission.routed_stream(peer.ip()) else {
         return dropped(&tcp, Some(&key), DropReason::Overloaded);
     };
@@ -348,24 +434,25 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     let hello_len = hello.len() as u64;
     drop(hello);
     if send.write_chunk(first.freeze()).await.is_err() {
-        proxy::abort_stream(&mut send, &mut recv);
+        relay::abort_stream(&mut send, &mut recv);
         return dropped(&tcp, Some(&key), DropReason::StreamOpenFailed);
     }
     tracing::debug!(event = "stream_routed", hostname = %key, %peer, tunnel = tc.tunnel, connection = tc.id);
     let started = std::time::Instant::now();
     let relayed = {
-        let relay = proxy::relay_tcp_stream(&mut tcp, &mut send, &mut recv, config.stream_timeouts);
+        let relaying =
+            relay::relay_tcp_stream(&mut tcp, &mut send, &mut recv, config.stream_timeouts);
         let window = config.graceful_shutdown_duration;
         tokio::select! {
-            r = relay => Some(r),
+            r = relaying => Some(r),
             () = route_revoked(&registry, &key, tc.tunnel, window) => None,
         }
     };
     let Some(relayed) = relayed else {
         // A reload took this hostname from this Tunnel and the stream
         // outlived the graceful window.
-        proxy::abort_tcp(&tcp);
-        proxy::abort_stream(&mut send, &mut recv);
+        relay::abort_tcp(&tcp);
+        relay::abort_stream(&mut send, &mut recv);
         tracing::debug!(event = "stream_cut", hostname = %key, %peer, reason = "hostname_removed");
         return;
     };
@@ -409,17 +496,8 @@ async fn route_revoked(registry: &Registry, key: &str, slot: usize, window: Dura
 
 fn drop_visitor(tcp: &TcpStream, peer: SocketAddr, hostname: Option<&str>, reason: DropReason) {
     // Reset rather than FIN: the Visitor gets an immediate, unambiguous end.
-    proxy::abort_tcp(tcp);
+    relay::abort_tcp(tcp);
     tracing::debug!(event = "visitor_dropped", %peer, hostname = hostname.unwrap_or("-"), reason = reason.as_str());
-}
-
-/// Aborts a task when dropped (the summary task ends with the listener).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Accept-error backoff: 10 ms doubling to 1 s.
@@ -437,5 +515,97 @@ impl AcceptBackoff {
 
     fn reset(&mut self) {
         self.next = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_sits_at_its_index_with_a_distinct_token() {
+        let mut tokens = std::collections::HashSet::new();
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason:?}");
+            assert!(tokens.insert(reason.as_str()), "{reason:?} repeats a token");
+        }
+    }
+
+    #[test]
+    fn client_hello_failures_keep_the_parser_tokens() {
+        let errors = [
+            ReadHelloError::Io(std::io::Error::other("x")),
+            ReadHelloError::Timeout,
+            ReadHelloError::Eof,
+            ReadHelloError::Parse(SniError::NotTls),
+            ReadHelloError::Parse(SniError::Malformed("x")),
+            ReadHelloError::Parse(SniError::TooLarge),
+        ];
+        for e in &errors {
+            assert_eq!(DropReason::from_hello(e).as_str(), e.reason());
+        }
+    }
+
+    /// `decide` with the Server hostname `server.example`, looking hostnames
+    /// up in a table where `up.example` has a connection (`7`) and
+    /// `down.example` has none; also returns the hostnames looked up.
+    fn decide_for(key: Option<&str>, acme: bool, stopping: bool) -> (Verdict<u32>, Vec<String>) {
+        let mut looked_up = Vec::new();
+        let verdict = decide(key, "server.example", acme, stopping, |k| {
+            looked_up.push(k.to_string());
+            match k {
+                "up.example" => Route::Active(7),
+                "down.example" => Route::NoConnection { tunnel: 0 },
+                _ => Route::Unknown,
+            }
+        });
+        (verdict, looked_up)
+    }
+
+    #[test]
+    fn routes_a_connected_hostname_to_its_connection() {
+        assert_eq!(
+            decide_for(Some("up.example"), false, false),
+            (Verdict::Forward(7), vec!["up.example".to_string()])
+        );
+    }
+
+    #[test]
+    fn drops_what_cannot_be_routed() {
+        let drop = Verdict::<u32>::Drop;
+        assert_eq!(
+            decide_for(None, false, false),
+            (drop(DropReason::NoSni), vec![])
+        );
+        assert_eq!(
+            decide_for(Some("other.example"), false, false).0,
+            drop(DropReason::UnknownHostname)
+        );
+        assert_eq!(
+            decide_for(Some("down.example"), false, false).0,
+            drop(DropReason::NoTunnelConnection)
+        );
+        // No lookup once the Server is stopping.
+        assert_eq!(
+            decide_for(Some("up.example"), false, true),
+            (drop(DropReason::ShuttingDown), vec![])
+        );
+    }
+
+    #[test]
+    fn the_server_hostname_only_answers_acme_validations() {
+        assert_eq!(
+            decide_for(Some("server.example"), false, false),
+            (Verdict::Drop(DropReason::ServerHostname), vec![])
+        );
+        assert_eq!(
+            decide_for(Some("server.example"), true, false),
+            (Verdict::AcmeChallenge, vec![])
+        );
+        // Even while stopping, a validation is answered (as before).
+        assert_eq!(
+            decide_for(Some("server.example"), true, true).0,
+            Verdict::AcmeChallenge
+        );
     }
 }

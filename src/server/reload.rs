@@ -11,27 +11,17 @@ use std::sync::Arc;
 
 use crate::config::ServerConfig;
 use crate::server::Reloader;
-use crate::server::registry::{Registry, TunnelConnection};
+use crate::server::tunnels::{Registry, TunnelConnection};
 use crate::tunnel::transport::{TunnelTls, close_code};
 
 /// Wait for SIGHUP and reload, until the task is aborted.
-pub async fn on_sighup(
+pub(crate) async fn on_sighup(
     reloader: Reloader,
     config: Arc<ServerConfig>,
     registry: Arc<Registry>,
     tls: Arc<TunnelTls>,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!(
-            event = "reload_unavailable",
-            reason = "cannot install the SIGHUP handler"
-        );
-        return;
-    };
-    while hup.recv().await.is_some() {
-        reload(&reloader, &config, &registry, &tls);
-    }
+    crate::shutdown::on_each_sighup(|| reload(&reloader, &config, &registry, &tls)).await;
 }
 
 /// One reload: read, check, apply, log one line.

@@ -8,16 +8,16 @@ use serde_json::{Value, json};
 use crate::config::ServerConfig;
 use crate::control::unix;
 use crate::metrics::tunnel_name;
-use crate::server::public_listener::REASONS;
-use crate::server::registry::Registry;
+use crate::server::public_listener::DropReason;
+use crate::server::tunnels::Registry;
 
 /// The Server's state now.
 pub fn snapshot(config: &ServerConfig, registry: &Registry, started: SystemTime) -> Value {
     let now = SystemTime::now();
     let metrics = registry.metrics();
-    let dropped: serde_json::Map<String, Value> = REASONS
+    let dropped: serde_json::Map<String, Value> = DropReason::ALL
         .iter()
-        .map(|r| (r.to_string(), metrics.dropped(r)))
+        .map(|r| (r.as_str().to_string(), metrics.dropped(r.as_str())))
         .filter(|(_, n)| *n > 0)
         .map(|(r, n)| (r, json!(n)))
         .collect();

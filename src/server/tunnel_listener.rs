@@ -15,14 +15,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::server::admission::{Admission, HandshakePermit, Scope};
-use crate::server::registry::{
+use crate::server::tunnels::{
     INCUMBENT_SILENCE, Install, REPLACEMENT_GRACE, Registry, TunnelConnection,
 };
 use crate::shutdown::Shutdown;
+use crate::sync::AbortOnDrop;
 use crate::tunnel::transport::{self, TunnelTls, close_code};
 
 /// How often failed handshakes are summarised at `info`.
-pub const HANDSHAKE_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const HANDSHAKE_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 /// How often a waiting connection looks at whether the active one still
 /// receives anything.
 const INCUMBENT_CHECK: Duration = Duration::from_millis(250);
@@ -46,7 +47,7 @@ pub async fn serve(
 ) {
     let failures = Arc::new(Failures::default());
     let summary = tokio::spawn(summarise(failures.clone()));
-    let _summary = AbortOnDrop(summary);
+    let _summary = AbortOnDrop::new(summary);
     loop {
         let incoming = tokio::select! {
             _ = shutdown.wait() => return,
@@ -207,7 +208,7 @@ async fn handshake(
             %identity,
             peer_a = %flap.peers.0,
             peer_b = %flap.peers.1,
-            min_interval_s = crate::server::registry::MIN_REPLACEMENT_INTERVAL.as_secs(),
+            min_interval_s = crate::server::tunnels::MIN_REPLACEMENT_INTERVAL.as_secs(),
             hint = "two Client instances keep taking this Tunnel from each other; give each its own identity and Tunnel",
         );
     }
@@ -294,14 +295,5 @@ async fn summarise(f: Arc<Failures>) {
                 retried,
             );
         }
-    }
-}
-
-/// Aborts a task when dropped (the summary task ends with the listener).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

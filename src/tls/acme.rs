@@ -22,12 +22,12 @@
 //!   extracts the CA's problem document (type, detail) from failures.
 //!   `rustls-acme` retries a failed order after 1 s, doubling up to ~18 h;
 //!   a success resets it. Nothing here ever ends the process;
-//! - [`AcmeResolver`]: a [`ResolvesServerCert`] choosing by SNI, answering
+//! - `AcmeResolver`: a [`ResolvesServerCert`] choosing by SNI, answering
 //!   `acme-tls/1` ClientHellos with the challenge certificate and every
 //!   other ClientHello with the issued certificate, or with nothing (the
 //!   handshake fails closed) while there is none yet.
 //!
-//! Startup never waits for issuance: [`AcmeManager::spawn`] starts the
+//! Startup never waits for issuance: `AcmeManager::spawn` starts the
 //! drivers and returns at once; a cached certificate is deployed as soon as
 //! it is read, and renewal (at two thirds of the validity) swaps the new
 //! certificate in while the old one keeps serving.
@@ -52,51 +52,65 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::config::AcmeConfig;
 use crate::fsutil;
 use crate::hostname::wire_lookup_key;
+use crate::sync::AbortOnDrop;
 use crate::tls::material;
 
 /// The ALPN protocol of TLS-ALPN-01 challenge connections.
-pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// Mode of `state-dir`.
-pub const STATE_DIR_MODE: u32 = 0o700;
+pub(crate) const STATE_DIR_MODE: u32 = 0o700;
 /// Mode of every file in `state-dir` (account key, key + certificate chain).
-pub const STATE_FILE_MODE: u32 = 0o600;
+pub(crate) const STATE_FILE_MODE: u32 = 0o600;
 
 /// A TLS-ALPN-01 challenge handshake must finish within this time.
-pub const CHALLENGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const CHALLENGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Why ACME could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeSetupError {
     #[error("{section}.state-dir: cannot use {}: {error}", path.display())]
+    /// The `state-dir` cannot be created or used.
     StateDir {
+        /// `server.acme` or `client.acme`.
         section: &'static str,
+        /// The directory.
         path: PathBuf,
+        /// The underlying error.
         error: io::Error,
     },
     #[error("{section}.directory-ca-file: {error}")]
+    /// The `directory-ca-file` cannot be read.
     DirectoryCa {
+        /// `server.acme` or `client.acme`.
         section: &'static str,
+        /// The underlying error.
         error: Box<material::MaterialError>,
     },
     #[error("{section}.directory-ca-file: {}: certificate rejected: {error}", path.display())]
+    /// A certificate in `directory-ca-file` was rejected.
     BadDirectoryCa {
+        /// `server.acme` or `client.acme`.
         section: &'static str,
+        /// The file.
         path: PathBuf,
+        /// The underlying error.
         error: rustls::Error,
     },
     #[error("TLS configuration: {0}")]
+    /// The TLS configuration could not be built.
     Tls(#[from] rustls::Error),
 }
 
 /// Is this ClientHello a TLS-ALPN-01 validation (ALPN exactly `acme-tls/1`,
 /// as RFC 8737 requires of the CA)?
-pub fn is_challenge_alpn(alpn: &[Vec<u8>]) -> bool {
+pub(crate) fn is_challenge_alpn(alpn: &[Vec<u8>]) -> bool {
     alpn.len() == 1 && alpn[0] == ACME_TLS_ALPN
 }
 
 /// The ACME certificates of one role (Server or Client instance): the
 /// resolver to serve from, and the per-hostname state machines to drive.
-pub struct AcmeManager {
+pub(crate) struct AcmeManager {
     role: &'static str,
     directory_url: String,
     resolver: Arc<AcmeResolver>,
@@ -146,7 +160,7 @@ impl AcmeManager {
     }
 
     /// The certificate resolver (SNI → issued or challenge certificate).
-    pub fn resolver(&self) -> Arc<AcmeResolver> {
+    pub(crate) fn resolver(&self) -> Arc<AcmeResolver> {
         self.resolver.clone()
     }
 
@@ -155,27 +169,19 @@ impl AcmeManager {
     pub fn spawn(self) -> AcmeTasks {
         let mut tasks = Vec::new();
         for (hostname, state) in self.states {
-            tasks.push(tokio::spawn(drive(
+            tasks.push(AbortOnDrop::new(tokio::spawn(drive(
                 self.role,
                 hostname,
                 self.directory_url.clone(),
                 state,
-            )));
+            ))));
         }
         AcmeTasks(tasks)
     }
 }
 
 /// The running drivers; dropping this stops them.
-pub struct AcmeTasks(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for AcmeTasks {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
+pub(crate) struct AcmeTasks(Vec<AbortOnDrop>);
 
 impl fmt::Debug for AcmeTasks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -261,8 +267,8 @@ async fn drive(role: &'static str, hostname: String, directory: String, mut stat
 /// An ACME problem document's type and detail (RFC 8555 §6.7), as far as
 /// they can be recovered from a failure.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub typ: Option<String>,
+pub(crate) struct Problem {
+    pub(crate) typ: Option<String>,
     pub detail: Option<String>,
 }
 
@@ -286,7 +292,7 @@ impl Problem {
 
     /// An HTTP failure carries the response body (the problem JSON) in its
     /// message as a debug-quoted string: `non 2xx http status: 400 "{..}"`.
-    pub fn from_message(message: &str) -> Self {
+    pub(crate) fn from_message(message: &str) -> Self {
         let Some(start) = message.find("non 2xx http status: ") else {
             return Self::default();
         };
@@ -344,7 +350,7 @@ fn unquote_debug(s: &str) -> Option<String> {
 
 /// Serves the ACME certificates by SNI.
 #[derive(Debug)]
-pub struct AcmeResolver {
+pub(crate) struct AcmeResolver {
     by_hostname: HashMap<String, Arc<ResolvesServerCertAcme>>,
 }
 
@@ -362,7 +368,7 @@ impl ResolvesServerCert for AcmeResolver {
 /// handshakes (the Server's QUIC listener, like `cert-dir` mode, presents
 /// its certificate whatever name the Client asked for).
 #[derive(Debug)]
-pub struct SingleResolver(Arc<ResolvesServerCertAcme>);
+pub(crate) struct SingleResolver(Arc<ResolvesServerCertAcme>);
 
 impl AcmeResolver {
     pub fn single(&self, hostname: &str) -> Option<SingleResolver> {
@@ -377,7 +383,7 @@ impl ResolvesServerCert for SingleResolver {
 }
 
 /// A rustls server config that answers TLS-ALPN-01 validations only.
-pub fn challenge_config(
+pub(crate) fn challenge_config(
     resolver: Arc<dyn ResolvesServerCert>,
 ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -391,7 +397,7 @@ pub fn challenge_config(
 
 /// Complete a TLS-ALPN-01 validation handshake on `io` (whose first bytes,
 /// already read, are `prefix`) and close. Returns whether it succeeded.
-pub async fn answer_challenge<IO>(
+pub(crate) async fn answer_challenge<IO>(
     config: Arc<rustls::ServerConfig>,
     prefix: Bytes,
     io: IO,
@@ -401,7 +407,7 @@ where
 {
     use tokio::io::AsyncWriteExt;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let stream = crate::proxy::Prefixed::new(prefix, io);
+    let stream = crate::relay::Prefixed::new(prefix, io);
     match tokio::time::timeout(CHALLENGE_DEADLINE, acceptor.accept(stream)).await {
         Ok(Ok(mut tls)) => {
             let _ = tokio::time::timeout(CHALLENGE_DEADLINE, tls.shutdown()).await;
@@ -424,6 +430,7 @@ pub struct StateDirCache {
 }
 
 impl StateDirCache {
+    /// A cache in `dir`.
     pub fn new(dir: PathBuf) -> Self {
         Self { dir }
     }
@@ -445,7 +452,7 @@ impl StateDirCache {
     }
 
     /// The file holding the account key for `contact` at `directory_url`.
-    pub fn account_path(dir: &Path, contact: &[String], directory_url: &str) -> PathBuf {
+    pub(crate) fn account_path(dir: &Path, contact: &[String], directory_url: &str) -> PathBuf {
         dir.join(Self::name("cached_account_", contact, directory_url))
     }
 

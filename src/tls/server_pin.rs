@@ -6,11 +6,11 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::CertificateError;
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 
 /// The SHA-256 of a Server certificate's SubjectPublicKeyInfo DER, written
 /// as 64 lowercase hex characters (the same form as a Client identity).
@@ -43,7 +43,7 @@ impl ServerPin {
     }
 
     /// The pin of a DER certificate; `None` if it does not parse.
-    pub fn of_certificate(cert: &[u8]) -> Option<Self> {
+    pub(crate) fn of_certificate(cert: &[u8]) -> Option<Self> {
         ClientIdentity::from_certificate_der(cert)
             .ok()
             .map(|id| Self(*id.as_bytes()))
@@ -76,7 +76,7 @@ impl fmt::Debug for ServerPin {
 /// Accepts a Server certificate if and only if its SPKI pin is `expected`,
 /// then verifies the TLS 1.3 handshake signature with that key.
 #[derive(Debug)]
-pub struct PinnedServerVerifier {
+pub(crate) struct PinnedServerVerifier {
     expected: ServerPin,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
@@ -116,37 +116,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         ))
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // The Tunnel connection is QUIC, which is TLS 1.3 only.
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    crate::tls::tls13_only_signatures!(Tls12NotOffered);
 }
 
 #[cfg(test)]

@@ -3,10 +3,10 @@
 //!
 //! The Server never terminates Visitor TLS; it only peeks at the first
 //! handshake message to route the connection, then forwards every byte it
-//! read unchanged. [`parse_client_hello`] is therefore a pure function of the
+//! read unchanged. `parse_client_hello` is therefore a pure function of the
 //! bytes received so far and may be called again after each read; it
 //! reassembles a ClientHello that is fragmented across several TLS records
-//! and never looks at more than [`MAX_CLIENT_HELLO`] bytes.
+//! and never looks at more than `MAX_CLIENT_HELLO` bytes.
 //!
 //! All parsing goes through a bounds-checked cursor (`Reader`), so no
 //! network input can cause a panic.
@@ -16,9 +16,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// At most this many bytes of ClientHello are buffered.
-pub const MAX_CLIENT_HELLO: usize = 16 * 1024;
+pub(crate) const MAX_CLIENT_HELLO: usize = 16 * 1024;
 /// The whole ClientHello must arrive within this time.
-pub const CLIENT_HELLO_DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const CLIENT_HELLO_DEADLINE: Duration = Duration::from_secs(5);
 
 /// TLS record content type `handshake`.
 const CONTENT_TYPE_HANDSHAKE: u8 = 22;
@@ -41,22 +41,22 @@ const NAME_TYPE_HOST_NAME: u8 = 0;
 const MAX_HOST_NAME: usize = 255;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ClientHelloInfo {
+pub(crate) struct ClientHelloInfo {
     /// The first host_name entry of server_name, as sent (not normalised).
-    pub server_name: Option<String>,
+    pub(crate) server_name: Option<String>,
     /// ALPN protocol names, in the Visitor's order.
-    pub alpn: Vec<Vec<u8>>,
+    pub(crate) alpn: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parse {
+pub(crate) enum Parse {
     /// More bytes are needed.
     Incomplete,
     Complete(ClientHelloInfo),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SniError {
+pub(crate) enum SniError {
     #[error("not TLS")]
     NotTls,
     #[error("malformed ClientHello: {0}")]
@@ -78,7 +78,7 @@ fn is_tls_minor(minor: u8) -> bool {
 /// [`MAX_CLIENT_HELLO`] bytes of `buf` are ever examined; if the ClientHello
 /// (including its record framing) does not fit in them, the result is
 /// [`SniError::TooLarge`]. Bytes following the ClientHello are ignored.
-pub fn parse_client_hello(buf: &[u8]) -> Result<Parse, SniError> {
+pub(crate) fn parse_client_hello(buf: &[u8]) -> Result<Parse, SniError> {
     // Decide NotTls from as few bytes as possible: a handshake record
     // starts with 0x16 0x03 0x01..=0x04.
     match *buf {
@@ -393,7 +393,7 @@ impl<'a> Reader<'a> {
 
 /// Why [`read_client_hello`] failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ReadHelloError {
+pub(crate) enum ReadHelloError {
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
     #[error("timed out waiting for the ClientHello")]
@@ -429,7 +429,7 @@ const READ_CHUNK: usize = 4096;
 /// are capped so that `buf` never grows beyond `MAX_CLIENT_HELLO + 1` bytes:
 /// one byte past the budget is enough to report [`SniError::TooLarge`].
 /// The whole operation must finish by `deadline`.
-pub async fn read_client_hello<R: AsyncRead + Unpin>(
+pub(crate) async fn read_client_hello<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
     deadline: tokio::time::Instant,

@@ -12,20 +12,30 @@ use crate::config::ServerTrust;
 use crate::tls::material::{self, MaterialError};
 use crate::tls::server_pin::PinnedServerVerifier;
 
+/// Why the Client cannot build its trust in the Server certificate.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
     #[error("server-trust = \"system\": no usable system root certificates ({0})")]
+    /// `server-trust = "system"` found no usable root.
     NoSystemRoots(String),
     #[error("server-trust = \"ca-file\": {0}")]
+    /// The `server-ca-file` cannot be read.
     CaFile(#[from] MaterialError),
     #[error("server-trust = \"ca-file\": {path}: certificate rejected: {error}")]
-    BadCa { path: String, error: rustls::Error },
+    /// A CA in `server-ca-file` was rejected.
+    BadCa {
+        /// The file.
+        path: String,
+        /// Why rustls rejected it.
+        error: rustls::Error,
+    },
     #[error("cannot build the Server certificate verifier: {0}")]
+    /// The verifier could not be built.
     Verifier(String),
 }
 
 /// The verifier of the Server certificate for `trust`.
-pub fn server_verifier(
+pub(crate) fn server_verifier(
     trust: &ServerTrust,
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<Arc<dyn ServerCertVerifier>, TrustError> {

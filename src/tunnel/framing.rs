@@ -33,9 +33,12 @@ const FAMILY_TCP6: u8 = 0x21;
 const ADDR_LEN_TCP4: usize = 12;
 const ADDR_LEN_TCP6: usize = 36;
 
+/// The addresses a PROXY v2 PROXY command carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProxyHeader {
+    /// The Visitor's address.
     pub source: SocketAddr,
+    /// The address the Visitor connected to.
     pub destination: SocketAddr,
 }
 
@@ -47,28 +50,41 @@ pub enum Decoded {
     /// A whole header: `header` is `None` for a LOCAL command. `consumed` is
     /// the header's total size, TLVs included; the stream data follows it.
     Complete {
+        /// The addresses; `None` for LOCAL.
         header: Option<ProxyHeader>,
+        /// Header bytes, TLVs included.
         consumed: usize,
     },
 }
 
+/// Why bytes are not a valid PROXY v2 header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FramingError {
     #[error("missing PROXY protocol v2 signature")]
+    /// The 12-byte signature is missing.
     BadSignature,
     #[error("unsupported PROXY protocol version {0} (expected 2)")]
+    /// A version other than 2.
     BadVersion(u8),
     #[error("invalid PROXY protocol command {0:#x} (expected LOCAL or PROXY)")]
+    /// A command other than LOCAL or PROXY.
     BadCommand(u8),
     #[error("unsupported PROXY protocol address family/protocol {0:#04x}")]
+    /// An address family or protocol other than TCP over IPv4/IPv6.
     UnsupportedFamily(u8),
     #[error("PROXY header length {length} too short for address family {family:#04x}")]
-    LengthTooShort { family: u8, length: u16 },
+    /// The length cannot hold the family's addresses.
+    LengthTooShort {
+        /// The family/protocol byte.
+        family: u8,
+        /// The header's length field.
+        length: u16,
+    },
 }
 
 /// Why [`read_proxy_header`] failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ReadFramingError {
+pub(crate) enum ReadFramingError {
     #[error("i/o error reading the PROXY header: {0}")]
     Io(#[from] std::io::Error),
     #[error("invalid PROXY header: {0}")]
@@ -104,7 +120,7 @@ pub fn encode(h: &ProxyHeader) -> Vec<u8> {
 }
 
 /// Encodes a LOCAL command header (UNSPEC family, no addresses).
-pub fn encode_local() -> Vec<u8> {
+pub(crate) fn encode_local() -> Vec<u8> {
     let mut out = Vec::with_capacity(FIXED_LEN);
     out.extend_from_slice(&SIGNATURE);
     out.push(VERSION_2 << 4 | COMMAND_LOCAL);
@@ -244,7 +260,7 @@ pub fn decode(buf: &[u8]) -> Result<Decoded, FramingError> {
 /// read, so the stream data stays in `r`. Returns `None` for LOCAL.
 ///
 /// The caller applies its own timeout.
-pub async fn read_proxy_header<R: AsyncRead + Unpin>(
+pub(crate) async fn read_proxy_header<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<ProxyHeader>, ReadFramingError> {
     let mut head = [0u8; FIXED_LEN];

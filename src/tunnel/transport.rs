@@ -12,39 +12,39 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{IdleTimeout, TransportConfig, VarInt};
-use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::ResolvesServerCert;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::{CertificateError, DistinguishedName};
 
+use crate::identity::ClientIdentity;
 use crate::logging::RateLimit;
-use crate::tls::client_identity::ClientIdentity;
+use crate::sync::{read, write};
 use crate::tls::material::TlsMaterial;
 use crate::tunnel::congestion::CongestionControl;
 
 /// The ALPN protocol of the tunnel.
 pub const ALPN: &[u8] = b"runewarp/1";
 /// QUIC idle timeout.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Keep-alive interval of the Server.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(20);
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// Keep-alive interval of the Client: short, so that a Server that crashed
 /// and restarted answers a probe with a stateless reset within a second or
 /// two and the Client redials at once, instead of waiting out the 60 s idle
 /// timeout. Costs one small packet per second per Client.
-pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
+pub(crate) const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// A tunnel handshake must complete within this time (the Client's wait;
 /// the Server gives a handshake slot 5 s, see `server::admission::Limits`).
-pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Streams the Client guarantees the Server can have open at once.
-pub const MAX_STREAMS: u32 = 1024;
+pub(crate) const MAX_STREAMS: u32 = 1024;
 /// Stream credit the Client actually grants. quinn re-announces stream
 /// credit only after 1/8 of it was freed, so granting exactly 1024 could
 /// leave the Server with as few as 896 usable streams; the extra eighth
 /// keeps at least [`MAX_STREAMS`] available at all times.
-pub const STREAM_CREDIT: u32 = MAX_STREAMS + MAX_STREAMS / 8;
+pub(crate) const STREAM_CREDIT: u32 = MAX_STREAMS + MAX_STREAMS / 8;
 
 /// Per-stream receive window. One stream can carry at most this much per
 /// round trip: 2 MiB is 336 Mbit/s over a 50 ms path and 84 Mbit/s over
@@ -53,14 +53,14 @@ pub const STREAM_CREDIT: u32 = MAX_STREAMS + MAX_STREAMS / 8;
 /// deadline resets it; 1 MiB would halve that but cost 10-20 % of
 /// single-stream throughput in the loopback bench. See
 /// docs/architecture.md, "Flow-control windows".
-pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+pub(crate) const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 /// Connection-wide receive window: every stream the peer may have open at
 /// once, each with a full stream window. Stuck streams can therefore never
 /// exhaust the connection's credit and hold back the other streams of the
 /// Tunnel connection; what bounds the memory they pin is the stream count
 /// (admission limits, [`STREAM_CREDIT`]) times [`STREAM_WINDOW`], and the
 /// write deadline that resets them.
-pub const CONNECTION_WINDOW: u32 = STREAM_CREDIT * STREAM_WINDOW;
+pub(crate) const CONNECTION_WINDOW: u32 = STREAM_CREDIT * STREAM_WINDOW;
 /// How much unacknowledged data we keep buffered for sending, all streams
 /// together: 80 MB/s over a 50 ms path. 8 MiB bought no throughput in the
 /// bench and cost ~6 MiB of peak RSS.
@@ -73,7 +73,7 @@ const SEND_WINDOW: u64 = 4 * 1024 * 1024;
 /// by segmentation offload: quinn sends up to 10 segments in one `sendmsg`
 /// and the kernel refuses a batch over 64 KiB (EMSGSIZE, the whole batch
 /// lost), so 10 segments plus IP and UDP headers must fit in 65,535 bytes.
-pub const MAX_UDP_PAYLOAD: u16 = 6_500;
+pub(crate) const MAX_UDP_PAYLOAD: u16 = 6_500;
 const _: () = assert!(10 * MAX_UDP_PAYLOAD as usize + 40 + 8 <= 65_535);
 
 /// Application error codes carried in CONNECTION_CLOSE.
@@ -108,11 +108,14 @@ pub mod stream_code {
     pub const OVERLOADED: VarInt = VarInt::from_u32(7);
 }
 
+/// Why the Tunnel TLS or QUIC configuration cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("TLS configuration: {0}")]
+    /// rustls refused the configuration.
     Tls(#[from] rustls::Error),
     #[error("QUIC crypto configuration: {0}")]
+    /// quinn refused the crypto configuration.
     Quic(String),
 }
 
@@ -161,9 +164,10 @@ pub struct TunnelTls {
 }
 
 /// A refused identity is logged at most once per this interval.
-pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl TunnelTls {
+    /// TLS for the Server's tunnel listener: present `certificate`, accept the Client identities in `pins`, send with `congestion`.
     pub fn new(
         certificate: Arc<dyn ResolvesServerCert>,
         pins: HashSet<ClientIdentity>,
@@ -179,13 +183,13 @@ impl TunnelTls {
     }
 
     /// Accept these pins from the next handshake on (config reload).
-    pub fn set_pins(&self, pins: HashSet<ClientIdentity>) {
-        *self.pins.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pins);
+    pub(crate) fn set_pins(&self, pins: HashSet<ClientIdentity>) {
+        *write(&self.pins) = Arc::new(pins);
     }
 
     /// The QUIC server config for a handshake from `peer`.
     pub fn config(&self, peer: Option<SocketAddr>) -> Result<quinn::ServerConfig, TransportError> {
-        let pins = self.pins.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let pins = read(&self.pins).clone();
         let verifier = Arc::new(PinnedClientVerifier {
             pins,
             provider: self.provider.clone(),
@@ -208,7 +212,7 @@ impl TunnelTls {
 
 /// Always presents the same certificate (cert-dir mode).
 #[derive(Debug)]
-pub struct FixedCertificate(Arc<CertifiedKey>);
+pub(crate) struct FixedCertificate(Arc<CertifiedKey>);
 
 impl FixedCertificate {
     pub fn new(material: TlsMaterial) -> Result<Self, TransportError> {
@@ -239,7 +243,7 @@ pub fn client_config(
 
 /// [`client_config`] with any Server certificate verifier (such as the
 /// `server-trust = "pin"` one).
-pub fn client_config_with_verifier(
+pub(crate) fn client_config_with_verifier(
     verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
     identity: TlsMaterial,
     congestion: CongestionControl,
@@ -259,7 +263,7 @@ pub fn client_config_with_verifier(
 }
 
 /// The identity of an authenticated peer, from its certificate.
-pub fn peer_identity(conn: &quinn::Connection) -> Option<ClientIdentity> {
+pub(crate) fn peer_identity(conn: &quinn::Connection) -> Option<ClientIdentity> {
     let any = conn.peer_identity()?;
     let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
     let leaf = certs.first()?;
@@ -369,37 +373,7 @@ impl ClientCertVerifier for PinnedClientVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // TLS 1.2 is not offered on the tunnel.
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    crate::tls::tls13_only_signatures!(Tls13RequiredForQuic);
 }
 
 /// Socket buffer size asked for on tunnel UDP sockets; the kernel may cap
@@ -409,7 +383,7 @@ const UDP_BUFFER: usize = 8 * 1024 * 1024;
 
 /// A UDP socket for a QUIC endpoint with enlarged buffers, so bursts at
 /// full speed are not dropped by the kernel.
-pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+pub(crate) fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {

@@ -18,11 +18,11 @@ use tokio::task::JoinHandle;
 use runewarp::client::{Client, ClientStatus};
 use runewarp::config::*;
 use runewarp::hostname::{PublicHostname, ServerHostname};
+use runewarp::identity::ClientIdentity;
 use runewarp::server::admission::Limits;
-use runewarp::server::registry::Route;
+use runewarp::server::tunnels::Route;
 use runewarp::server::{Registry, Server};
 use runewarp::shutdown::{self, Trigger};
-use runewarp::tls::client_identity::ClientIdentity;
 use runewarp::tls::material;
 
 pub const SERVER_HOSTNAME: &str = "localhost";

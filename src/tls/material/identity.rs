@@ -12,10 +12,13 @@ use rcgen::PKCS_ED25519;
 
 use super::pki::{self, TlsMaterial, WriteMode, Writer};
 use super::{MaterialError, exists, shell_arg};
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 
+/// The Client certificate in `identity-dir`.
 pub const CLIENT_CERT: &str = "client.crt";
+/// The Client private key in `identity-dir`.
 pub const CLIENT_KEY: &str = "client.key";
+/// The Client identity (pin) in `identity-dir`, for operators to copy.
 pub const CLIENT_IDENTITY_TXT: &str = "client-identity.txt";
 
 const COMMON_NAME: &str = "runewarp client";

@@ -1,6 +1,7 @@
 //! Certificate material on disk: the Server `cert-dir`, the Client
-//! `identity-dir` and the Client `public-cert-dir`, with the commands that
-//! create, renew and rotate them and the loaders the runtime uses.
+//! `identity-dir` and the Client `public-cert-dir`: the operations that
+//! create, renew and rotate them (their CLI front end is
+//! [`crate::commands::material`]) and the loaders the runtime uses.
 //!
 //! Layouts (compatible with the public implementation):
 //!
@@ -12,19 +13,17 @@
 //!
 //! Keys are written with mode 0600, certificates 0644, `state/` is 0700 and
 //! a material directory created here is 0755 (an existing one keeps its
-//! mode). Every file is written atomically ([`crate::fsutil`]), and each new
+//! mode). Every file is written atomically (`crate::fsutil`), and each new
 //! key is written before the certificate that needs it, CA before leaf. A
 //! crash can therefore leave at most one pair out of step (a new key next to
 //! the old certificate, or a new CA next to an old leaf), which the loaders
 //! report as a mismatch and the same command, run again, repairs.
 
-mod commands;
 mod identity;
 mod pki;
 mod public_cert;
 mod server_cert;
 
-pub use commands::{MaterialCommand, run, run_identity, run_public_cert, run_server_cert};
 pub use identity::{
     CLIENT_CERT, CLIENT_IDENTITY_TXT, CLIENT_KEY, init_client_identity, rotate_client_identity,
     show_client_identity,
@@ -47,46 +46,87 @@ use rustls::pki_types::CertificateDer;
 
 use crate::config::ConfigError;
 use crate::hostname::{HostnameError, PublicHostname};
-use crate::tls::client_identity::ClientIdentity;
+use crate::identity::ClientIdentity;
 
 /// Name of the directory holding CA keys inside a material directory.
-pub const STATE_DIR: &str = "state";
+pub(crate) const STATE_DIR: &str = "state";
 
 /// Everything that can go wrong with material on disk. Each message names
 /// the file or directory and, where there is one, the command to run next.
 #[derive(Debug, thiserror::Error)]
 pub enum MaterialError {
     #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: io::Error },
+    /// A file could not be read.
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
     #[error("cannot write {}: {source}", path.display())]
-    Write { path: PathBuf, source: io::Error },
+    /// A file could not be written.
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
     #[error("no {what} in {}: run \"{next}\"", dir.display())]
+    /// The material does not exist yet.
     Missing {
+        /// What is missing.
         what: &'static str,
+        /// Where it was looked for.
         dir: PathBuf,
+        /// The command that creates it.
         next: String,
     },
     #[error("{} already exists; refusing to overwrite it: {next}", path.display())]
-    Exists { path: PathBuf, next: String },
+    /// A file that would be overwritten exists (no `--force`).
+    Exists {
+        /// The file.
+        path: PathBuf,
+        /// What to do instead.
+        next: String,
+    },
     #[error(
         "incomplete {what}: {} exists but {} is missing; nothing was written: {next}",
         present.display(),
         missing.display()
     )]
+    /// One file of a pair exists without the other.
     Partial {
+        /// What the pair is.
         what: &'static str,
+        /// The file present.
         present: PathBuf,
+        /// The file missing.
         missing: PathBuf,
+        /// The command that repairs it.
         next: String,
     },
     #[error("{}: {reason}", path.display())]
-    Invalid { path: PathBuf, reason: String },
+    /// A file's content is not valid.
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     #[error("{}: no PEM certificate found", path.display())]
-    NoCertificates { path: PathBuf },
+    /// A PEM file holds no certificate.
+    NoCertificates {
+        /// The file.
+        path: PathBuf,
+    },
     #[error("{} does not belong to {}: {next}", key.display(), cert.display())]
+    /// A key does not match its certificate.
     KeyMismatch {
+        /// The key file.
         key: PathBuf,
+        /// The certificate file.
         cert: PathBuf,
+        /// The command that repairs it.
         next: String,
     },
     #[error(
@@ -94,26 +134,38 @@ pub enum MaterialError {
         recorded_path.display(),
         cert_path.display()
     )]
+    /// The recorded Client identity differs from the certificate's.
     PinMismatch {
+        /// The file recording the pin.
         recorded_path: PathBuf,
+        /// The recorded pin.
         recorded: String,
+        /// The certificate file.
         cert_path: PathBuf,
+        /// The certificate's pin.
         actual: String,
+        /// The command that repairs it.
         next: String,
     },
     #[error(
         "no Server hostname: pass --hostname or set RUNEWARP_SERVER_HOSTNAME or server.hostname"
     )]
+    /// No Server hostname was given or configured.
     NoServerHostname,
     #[error("invalid hostname {value:?}: {source}")]
+    /// A hostname argument is invalid.
     Hostname {
+        /// The hostname as given.
         value: String,
+        /// Why it is invalid.
         #[source]
         source: HostnameError,
     },
     #[error("cannot generate certificate: {0}")]
+    /// Certificate generation failed.
     Generate(#[from] rcgen::Error),
     #[error(transparent)]
+    /// The config file could not be loaded.
     Config(#[from] ConfigError),
 }
 

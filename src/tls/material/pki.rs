@@ -26,7 +26,9 @@ const BACKDATE: Duration = Duration::from_secs(60 * 60);
 /// A certificate chain (leaf first) and its private key, ready for rustls.
 #[derive(Debug)]
 pub struct TlsMaterial {
+    /// The certificates, leaf first.
     pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
     pub key: PrivateKeyDer<'static>,
 }
 
@@ -344,7 +346,7 @@ impl Ca {
 
     /// The same CA (same key, same name, so every leaf it signed still
     /// chains to it) with a new certificate that permits `permitted`.
-    pub fn reissue(self, days: u32, permitted: &[&str]) -> Result<Self, MaterialError> {
+    pub(crate) fn reissue(self, days: u32, permitted: &[&str]) -> Result<Self, MaterialError> {
         let path = Path::new("CA certificate");
         let parsed = parse_x509(path, &self.cert_der)?;
         let common_name = parsed
@@ -409,7 +411,7 @@ impl Ca {
     /// The dNSName subtrees this CA may issue for; `None` when its
     /// certificate carries no NameConstraints (a CA made before they were
     /// added), which permits every name.
-    pub fn permitted_dns(&self) -> Result<Option<Vec<String>>, MaterialError> {
+    pub(crate) fn permitted_dns(&self) -> Result<Option<Vec<String>>, MaterialError> {
         let path = Path::new("CA certificate");
         let parsed = parse_x509(path, &self.cert_der)?;
         let ext = parsed
@@ -432,7 +434,7 @@ impl Ca {
     }
 
     /// Whether this CA's constraints let it issue for `hostname`.
-    pub fn permits(&self, hostname: &str) -> Result<bool, MaterialError> {
+    pub(crate) fn permits(&self, hostname: &str) -> Result<bool, MaterialError> {
         Ok(match self.permitted_dns()? {
             None => true,
             Some(list) => list.iter().any(|c| constraint_permits(c, hostname)),
@@ -477,7 +479,7 @@ impl Ca {
 
     /// Issue an ECDSA P-256 server leaf for `hostname` (SAN and CN), valid
     /// for `days`, with a new key.
-    pub fn issue_leaf(&self, hostname: &str, days: u32) -> Result<Leaf, MaterialError> {
+    pub(crate) fn issue_leaf(&self, hostname: &str, days: u32) -> Result<Leaf, MaterialError> {
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let params = leaf_params(hostname, days)?;

@@ -16,6 +16,7 @@ use super::{MaterialError, STATE_DIR, exists, shell_arg};
 use crate::fsutil;
 use crate::hostname::PublicHostname;
 
+/// The Public hostname CA certificate in `public-cert-dir`.
 pub const PUBLIC_CA_CERT: &str = "public-ca.crt";
 /// Inside `state/`.
 pub const PUBLIC_CA_KEY: &str = "public-ca.key";

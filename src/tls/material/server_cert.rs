@@ -8,13 +8,16 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use super::pki::{self, Ca, WriteMode, Writer};
+use super::pki::{self, Ca, Leaf, WriteMode, Writer};
 use super::{MaterialError, STATE_DIR, exists, shell_arg};
 use crate::hostname::ServerHostname;
 use crate::tls::server_pin::ServerPin;
 
+/// The Server certificate in `cert-dir`.
 pub const SERVER_CERT: &str = "server.crt";
+/// The Server private key in `cert-dir`.
 pub const SERVER_KEY: &str = "server.key";
+/// The private Server CA certificate in `cert-dir`.
 pub const SERVER_CA_CERT: &str = "server-ca.crt";
 /// Inside `state/`.
 pub const SERVER_CA_KEY: &str = "server-ca.key";
@@ -76,19 +79,13 @@ pub fn init_server_cert(
             next,
         });
     }
-    let ca = Ca::generate(&ca_name(hostname), CA_DAYS, &[hostname.as_str()])?;
-    let leaf = ca.issue_leaf(hostname.as_str(), LEAF_DAYS)?;
-    pki::prepare_dirs(dir, true)?;
     let mode = if force {
         WriteMode::Replace
     } else {
         WriteMode::Create
     };
     let mut w = Writer::new(mode, next);
-    w.key(&p.ca_key, &ca.key.serialize_pem())?;
-    w.cert(&p.ca_cert, &ca.cert_pem)?;
-    w.key(&p.key, &leaf.key_pem)?;
-    w.cert(&p.cert, &leaf.cert_pem)?;
+    let (ca, leaf) = write_ca_and_leaf(dir, &p, hostname, &mut w)?;
 
     let mut out = format!(
         "Created a private Server CA and a Server certificate for {hostname} in {}\n",
@@ -144,14 +141,8 @@ pub fn rotate_server_ca(
     let p = paths(dir);
     let old = load_ca(dir, &p)?;
     let hostname = resolve_hostname(&p, hostname)?;
-    let ca = Ca::generate(&ca_name(&hostname), CA_DAYS, &[hostname.as_str()])?;
-    let leaf = ca.issue_leaf(hostname.as_str(), LEAF_DAYS)?;
-    pki::prepare_dirs(dir, true)?;
     let mut w = Writer::new(WriteMode::Replace, String::new());
-    w.key(&p.ca_key, &ca.key.serialize_pem())?;
-    w.cert(&p.ca_cert, &ca.cert_pem)?;
-    w.key(&p.key, &leaf.key_pem)?;
-    w.cert(&p.cert, &leaf.cert_pem)?;
+    let (ca, leaf) = write_ca_and_leaf(dir, &p, &hostname, &mut w)?;
 
     let mut out = format!(
         "Replaced the private Server CA and reissued the Server certificate for {hostname} in {}\n",
@@ -170,6 +161,24 @@ pub fn rotate_server_ca(
         p.ca_cert.display()
     );
     Ok(out)
+}
+
+/// Generate a new private CA for `hostname` and its Server certificate and
+/// write both with `w`: each key before its certificate, CA before leaf.
+fn write_ca_and_leaf(
+    dir: &Path,
+    p: &Paths,
+    hostname: &ServerHostname,
+    w: &mut Writer,
+) -> Result<(Ca, Leaf), MaterialError> {
+    let ca = Ca::generate(&ca_name(hostname), CA_DAYS, &[hostname.as_str()])?;
+    let leaf = ca.issue_leaf(hostname.as_str(), LEAF_DAYS)?;
+    pki::prepare_dirs(dir, true)?;
+    w.key(&p.ca_key, &ca.key.serialize_pem())?;
+    w.cert(&p.ca_cert, &ca.cert_pem)?;
+    w.key(&p.key, &leaf.key_pem)?;
+    w.cert(&p.cert, &leaf.cert_pem)?;
+    Ok((ca, leaf))
 }
 
 fn load_ca(dir: &Path, p: &Paths) -> Result<Ca, MaterialError> {

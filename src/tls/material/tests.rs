@@ -1,3 +1,6 @@
+//! Tests of the certificate material: creating, loading, renewing and
+//! rotating each directory, and the errors for broken or partial material.
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -11,6 +14,15 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::*;
 use crate::hostname::ServerHostname;
+
+/// The error `$result` fails with, checked to be a `$kind`.
+macro_rules! fails_with {
+    ($result:expr, $kind:pat) => {{
+        let err = $result.unwrap_err();
+        assert!(matches!(err, $kind), "{err}");
+        err
+    }};
+}
 
 fn server_host(h: &str) -> ServerHostname {
     ServerHostname::parse(h).unwrap()
@@ -281,8 +293,10 @@ fn server_init_refuses_existing_material_and_force_replaces() {
     let dir = tmp.path();
     init_server_cert(dir, &server_host("edge.example.com"), false).unwrap();
     let key = fs::read(dir.join(SERVER_KEY)).unwrap();
-    let err = init_server_cert(dir, &server_host("edge.example.com"), false).unwrap_err();
-    assert!(matches!(err, MaterialError::Exists { .. }), "{err}");
+    let err = fails_with!(
+        init_server_cert(dir, &server_host("edge.example.com"), false),
+        MaterialError::Exists { .. }
+    );
     let msg = err.to_string();
     assert!(msg.contains("server-ca.key"), "{msg}");
     assert!(msg.contains("--force"), "{msg}");
@@ -305,26 +319,22 @@ fn server_partial_states_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
 
-    let err = renew_server_cert(dir, None).unwrap_err();
-    assert!(matches!(err, MaterialError::Missing { .. }), "{err}");
+    let err = fails_with!(renew_server_cert(dir, None), MaterialError::Missing { .. });
     assert!(
         err.to_string().contains("runewarp server cert init"),
         "{err}"
     );
-    let err = load_server_certificate(dir).unwrap_err();
-    assert!(matches!(err, MaterialError::Missing { .. }), "{err}");
+    fails_with!(load_server_certificate(dir), MaterialError::Missing { .. });
 
     init_server_cert(dir, &server_host("edge.example.com"), false).unwrap();
     fs::remove_file(dir.join(STATE_DIR).join(SERVER_CA_KEY)).unwrap();
     let before = fs::read(dir.join(SERVER_CERT)).unwrap();
-    let err = renew_server_cert(dir, None).unwrap_err();
-    assert!(matches!(err, MaterialError::Partial { .. }), "{err}");
+    let err = fails_with!(renew_server_cert(dir, None), MaterialError::Partial { .. });
     assert!(err.to_string().contains("server-ca.key"), "{err}");
     assert_eq!(fs::read(dir.join(SERVER_CERT)).unwrap(), before);
 
     fs::remove_file(dir.join(SERVER_KEY)).unwrap();
-    let err = load_server_certificate(dir).unwrap_err();
-    assert!(matches!(err, MaterialError::Partial { .. }), "{err}");
+    fails_with!(load_server_certificate(dir), MaterialError::Partial { .. });
 }
 
 #[test]
@@ -335,15 +345,19 @@ fn server_key_mismatch_is_detected() {
     init_server_cert(&a, &server_host("a.example.com"), false).unwrap();
     init_server_cert(&b, &server_host("b.example.com"), false).unwrap();
     fs::copy(b.join(SERVER_KEY), a.join(SERVER_KEY)).unwrap();
-    let err = load_server_certificate(&a).unwrap_err();
-    assert!(matches!(err, MaterialError::KeyMismatch { .. }), "{err}");
+    fails_with!(
+        load_server_certificate(&a),
+        MaterialError::KeyMismatch { .. }
+    );
     fs::copy(
         b.join(STATE_DIR).join(SERVER_CA_KEY),
         a.join(STATE_DIR).join(SERVER_CA_KEY),
     )
     .unwrap();
-    let err = renew_server_cert(&a, None).unwrap_err();
-    assert!(matches!(err, MaterialError::KeyMismatch { .. }), "{err}");
+    fails_with!(
+        renew_server_cert(&a, None),
+        MaterialError::KeyMismatch { .. }
+    );
 }
 
 #[test]
@@ -419,8 +433,10 @@ fn identity_rotate_changes_pin_and_init_refuses() {
     let old = show_client_identity(dir).unwrap();
     let key = fs::read(dir.join(CLIENT_KEY)).unwrap();
 
-    let err = init_client_identity(dir, false).unwrap_err();
-    assert!(matches!(err, MaterialError::Exists { .. }), "{err}");
+    let err = fails_with!(
+        init_client_identity(dir, false),
+        MaterialError::Exists { .. }
+    );
     assert!(err.to_string().contains("client.key"), "{err}");
     assert_eq!(fs::read(dir.join(CLIENT_KEY)).unwrap(), key);
 
@@ -446,8 +462,7 @@ fn identity_inconsistencies_are_errors() {
             d = dir.display()
         )
     );
-    let err = rotate_client_identity(dir).unwrap_err();
-    assert!(matches!(err, MaterialError::Missing { .. }), "{err}");
+    fails_with!(rotate_client_identity(dir), MaterialError::Missing { .. });
 
     init_client_identity(dir, false).unwrap();
     fs::write(
@@ -455,18 +470,15 @@ fn identity_inconsistencies_are_errors() {
         format!("{}\n", "0".repeat(64)),
     )
     .unwrap();
-    let err = show_client_identity(dir).unwrap_err();
-    assert!(matches!(err, MaterialError::PinMismatch { .. }), "{err}");
+    fails_with!(show_client_identity(dir), MaterialError::PinMismatch { .. });
 
     let other = tmp.path().join("other");
     init_client_identity(&other, false).unwrap();
     fs::copy(other.join(CLIENT_KEY), dir.join(CLIENT_KEY)).unwrap();
-    let err = load_client_identity(dir).unwrap_err();
-    assert!(matches!(err, MaterialError::KeyMismatch { .. }), "{err}");
+    fails_with!(load_client_identity(dir), MaterialError::KeyMismatch { .. });
 
     fs::remove_file(dir.join(CLIENT_KEY)).unwrap();
-    let err = load_client_identity(dir).unwrap_err();
-    assert!(matches!(err, MaterialError::Partial { .. }), "{err}");
+    fails_with!(load_client_identity(dir), MaterialError::Partial { .. });
 }
 
 #[test]
@@ -632,10 +644,11 @@ fn public_renew_and_rotate_ca() {
 fn public_load_errors_and_skips() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let err = load_public_certs(&dir.join("absent")).unwrap_err();
-    assert!(matches!(err, MaterialError::Missing { .. }), "{err}");
-    let err = rotate_public_ca(dir).unwrap_err();
-    assert!(matches!(err, MaterialError::Missing { .. }), "{err}");
+    fails_with!(
+        load_public_certs(&dir.join("absent")),
+        MaterialError::Missing { .. }
+    );
+    fails_with!(rotate_public_ca(dir), MaterialError::Missing { .. });
 
     init_public_certs(dir, &[public_host("a.example.com")], false).unwrap();
     fs::create_dir(dir.join("not a hostname")).unwrap();
@@ -657,8 +670,7 @@ fn public_load_errors_and_skips() {
         "{err}"
     );
     fs::remove_file(dir.join("b.example.com").join(PUBLIC_KEY)).unwrap();
-    let err = load_public_certs(dir).unwrap_err();
-    assert!(matches!(err, MaterialError::Partial { .. }), "{err}");
+    fails_with!(load_public_certs(dir), MaterialError::Partial { .. });
 }
 
 #[test]
@@ -667,8 +679,10 @@ fn public_init_with_partial_ca_writes_nothing() {
     let dir = tmp.path();
     init_public_certs(dir, &[public_host("a.example.com")], false).unwrap();
     fs::remove_file(dir.join(STATE_DIR).join(PUBLIC_CA_KEY)).unwrap();
-    let err = init_public_certs(dir, &[public_host("b.example.com")], false).unwrap_err();
-    assert!(matches!(err, MaterialError::Partial { .. }), "{err}");
+    fails_with!(
+        init_public_certs(dir, &[public_host("b.example.com")], false),
+        MaterialError::Partial { .. }
+    );
     assert!(!dir.join("b.example.com").exists());
 }
 
@@ -677,8 +691,7 @@ fn ca_bundle_needs_certificates() {
     let tmp = tempfile::tempdir().unwrap();
     let empty = tmp.path().join("empty.pem");
     fs::write(&empty, "not pem at all\n").unwrap();
-    let err = load_ca_bundle(&empty).unwrap_err();
-    assert!(matches!(err, MaterialError::NoCertificates { .. }), "{err}");
+    let err = fails_with!(load_ca_bundle(&empty), MaterialError::NoCertificates { .. });
     assert!(err.to_string().contains("empty.pem"));
 
     let missing = load_ca_bundle(&tmp.path().join("missing.pem")).unwrap_err();

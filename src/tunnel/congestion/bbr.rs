@@ -108,7 +108,7 @@ const DEFAULT_INITIAL_WINDOW: u64 = 12_000;
 
 /// The factory quinn builds a [`Bbr`] from, per connection.
 #[derive(Debug, Clone)]
-pub struct BbrConfig {
+pub(crate) struct BbrConfig {
     initial_window: u64,
     /// Seed of the probe-timing randomisation (fixed in tests).
     seed: u64,
@@ -129,19 +129,29 @@ impl ControllerFactory for BbrConfig {
     }
 }
 
+/// BBR's state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// Exponential growth until the bandwidth stops growing.
     Startup,
+    /// Drain the queue Startup built.
     Drain,
+    /// Steady state, cycling through its phases.
     ProbeBw(Phase),
+    /// Shrink the window briefly to measure the minimum RTT.
     ProbeRtt,
 }
 
+/// The phases of ProbeBw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// Send below the estimate to drain the queue.
     Down,
+    /// Send at the estimate.
     Cruise,
+    /// Refill the pipe before probing.
     Refill,
+    /// Probe for more bandwidth.
     Up,
 }
 
@@ -175,7 +185,7 @@ struct RateSample {
 
 /// BBR for quinn (see the module docs).
 #[derive(Debug, Clone)]
-pub struct Bbr {
+pub(crate) struct Bbr {
     config: Arc<BbrConfig>,
     mtu: u64,
     state: State,
@@ -341,8 +351,9 @@ impl Bbr {
         bbr
     }
 
-    /// The current state (for tests and logs).
-    pub fn state(&self) -> State {
+    /// The current state (for tests).
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> State {
         self.state
     }
 

@@ -15,7 +15,7 @@ use quinn::congestion::ControllerFactory;
 /// `congestion-control = "bbr" | "cubic"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CongestionControl {
-    /// Our BBR ([`bbr::Bbr`]): loss-tolerant, model-based. The default.
+    /// Our BBR (`bbr::Bbr`): loss-tolerant, model-based. The default.
     #[default]
     Bbr,
     /// quinn's Cubic: loss-based, halves on loss.
@@ -24,8 +24,9 @@ pub enum CongestionControl {
 
 impl CongestionControl {
     /// Every accepted spelling, for error messages.
-    pub const NAMES: &'static [&'static str] = &["bbr", "cubic"];
+    pub(crate) const NAMES: &'static [&'static str] = &["bbr", "cubic"];
 
+    /// The spelling in the config file.
     pub fn as_str(self) -> &'static str {
         match self {
             CongestionControl::Bbr => "bbr",
@@ -43,7 +44,7 @@ impl CongestionControl {
     }
 
     /// The quinn controller factory for this choice.
-    pub fn factory(self) -> Arc<dyn ControllerFactory + Send + Sync> {
+    pub(crate) fn factory(self) -> Arc<dyn ControllerFactory + Send + Sync> {
         match self {
             CongestionControl::Bbr => Arc::new(bbr::BbrConfig::default()),
             CongestionControl::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),

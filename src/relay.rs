@@ -35,15 +35,15 @@ const SHRINK_BELOW: usize = CHUNK / 4;
 
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Transferred {
+pub(crate) struct Transferred {
     /// TCP peer → tunnel stream.
-    pub to_tunnel: u64,
+    pub(crate) to_tunnel: u64,
     /// Tunnel stream → TCP peer.
-    pub from_tunnel: u64,
+    pub(crate) from_tunnel: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
+pub(crate) enum RelayError {
     #[error("tcp: {0}")]
     Tcp(#[from] io::Error),
     #[error("tunnel stream write: {0}")]
@@ -130,7 +130,7 @@ impl Deadlines {
 /// unacknowledged data with the default deadlines). Twice, so that a peer
 /// that is alive but not reading meets the relay's own write deadline
 /// first, which resets the stream and says so in the log.
-pub fn tune_tcp(tcp: &TcpStream, timeouts: StreamTimeouts) {
+pub(crate) fn tune_tcp(tcp: &TcpStream, timeouts: StreamTimeouts) {
     let sock = socket2::SockRef::from(tcp);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
@@ -141,17 +141,17 @@ pub fn tune_tcp(tcp: &TcpStream, timeouts: StreamTimeouts) {
 }
 
 /// First keep-alive probe after this much silence on the socket.
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+pub(crate) const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// Between unanswered keep-alive probes.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 /// Unanswered probes before the kernel resets the connection (the user
 /// timeout usually ends it sooner, after the first unanswered probe).
-pub const KEEPALIVE_PROBES: u32 = 4;
+pub(crate) const KEEPALIVE_PROBES: u32 = 4;
 
 /// Relay between `tcp` and a tunnel stream until both directions have
 /// ended, under the `timeouts` deadlines. On any error, deadline included,
 /// both sides are aborted before returning.
-pub async fn relay_tcp_stream(
+pub(crate) async fn relay_tcp_stream(
     tcp: &mut TcpStream,
     send: &mut SendStream,
     recv: &mut RecvStream,
@@ -288,7 +288,7 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
 /// bytes `a→b` as `to_tunnel` and `b→a` as `from_tunnel`. Errors are
 /// returned without aborting: the caller owns the concrete transports and
 /// aborts them.
-pub async fn relay_io<A, B>(
+pub(crate) async fn relay_io<A, B>(
     a: &mut A,
     b: &mut B,
     timeouts: StreamTimeouts,
@@ -373,13 +373,13 @@ where
 }
 
 /// Make the next close of `tcp` a reset rather than an orderly FIN.
-pub fn abort_tcp(tcp: &TcpStream) {
+pub(crate) fn abort_tcp(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
 }
 
 /// Abort both halves of a tunnel stream (dropping a quinn SendStream would
 /// otherwise finish it cleanly, hiding the failure from the peer).
-pub fn abort_stream(send: &mut SendStream, recv: &mut RecvStream) {
+pub(crate) fn abort_stream(send: &mut SendStream, recv: &mut RecvStream) {
     let _ = send.reset(stream_code::ABORTED);
     let _ = recv.stop(stream_code::ABORTED);
 }
@@ -398,7 +398,7 @@ impl<IO> Prefixed<IO> {
         Self { prefix, inner }
     }
 
-    pub fn get_mut(&mut self) -> &mut IO {
+    pub(crate) fn get_mut(&mut self) -> &mut IO {
         &mut self.inner
     }
 }

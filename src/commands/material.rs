@@ -6,34 +6,17 @@
 
 use std::path::PathBuf;
 
-use super::{
+use crate::cli::{IdentityCommand, MaterialArgs, PublicCertCommand, ServerCertCommand};
+use crate::config::{Environment, MaterialDefaults, material_defaults};
+use crate::hostname::{PublicHostname, ServerHostname};
+use crate::tls::material::{
     MaterialError, init_client_identity, init_public_certs, init_server_cert, renew_public_certs,
     renew_server_cert, rotate_client_identity, rotate_public_ca, rotate_server_ca,
     show_client_identity, show_server_pin,
 };
-use crate::cli::{IdentityCommand, MaterialArgs, PublicCertCommand, ServerCertCommand};
-use crate::config::{Environment, MaterialDefaults, material_defaults};
-use crate::hostname::{PublicHostname, ServerHostname};
-
-/// One of the three material command families.
-#[derive(Debug, Clone, Copy)]
-pub enum MaterialCommand<'a> {
-    ServerCert(&'a ServerCertCommand),
-    Identity(&'a IdentityCommand),
-    PublicCert(&'a PublicCertCommand),
-}
-
-/// Run a material command; returns the text for stdout.
-pub fn run(cmd: MaterialCommand<'_>, env: &Environment) -> Result<String, MaterialError> {
-    match cmd {
-        MaterialCommand::ServerCert(c) => run_server_cert(c, env),
-        MaterialCommand::Identity(c) => run_identity(c, env),
-        MaterialCommand::PublicCert(c) => run_public_cert(c, env),
-    }
-}
 
 /// `runewarp server cert init|renew|rotate-ca`.
-pub fn run_server_cert(
+pub(crate) fn run_server_cert(
     cmd: &ServerCertCommand,
     env: &Environment,
 ) -> Result<String, MaterialError> {
@@ -78,7 +61,10 @@ pub fn run_server_cert(
 
 /// `runewarp client identity init|show|rotate`. `show` returns exactly the
 /// pin and a newline.
-pub fn run_identity(cmd: &IdentityCommand, env: &Environment) -> Result<String, MaterialError> {
+pub(crate) fn run_identity(
+    cmd: &IdentityCommand,
+    env: &Environment,
+) -> Result<String, MaterialError> {
     let material = match cmd {
         IdentityCommand::Init { material, .. }
         | IdentityCommand::Show { material }
@@ -93,7 +79,7 @@ pub fn run_identity(cmd: &IdentityCommand, env: &Environment) -> Result<String, 
 }
 
 /// `runewarp client public-cert init|renew|rotate-ca`.
-pub fn run_public_cert(
+pub(crate) fn run_public_cert(
     cmd: &PublicCertCommand,
     env: &Environment,
 ) -> Result<String, MaterialError> {

@@ -9,15 +9,19 @@ use std::str::FromStr;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientIdentity([u8; 32]);
 
+/// Why a text or certificate is not a Client identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientIdentityError {
     #[error(
         "a client identity is 64 lowercase hex characters (SHA-256 of the public key), got {0} characters"
     )]
+    /// Not 64 characters long (the length found).
     Length(usize),
     #[error("a client identity is lowercase hex without colons or spaces")]
+    /// A character that is not lowercase hex.
     NotLowerHex,
     #[error("certificate is not valid DER X.509: {0}")]
+    /// The certificate is not valid DER X.509.
     BadCertificate(String),
 }
 
@@ -38,7 +42,7 @@ impl ClientIdentity {
     }
 
     /// The identity of a SubjectPublicKeyInfo DER blob.
-    pub fn from_spki_der(spki: &[u8]) -> Self {
+    pub(crate) fn from_spki_der(spki: &[u8]) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, spki);
         let mut out = [0u8; 32];
         out.copy_from_slice(digest.as_ref());
@@ -52,6 +56,7 @@ impl ClientIdentity {
         Ok(Self::from_spki_der(parsed.tbs_certificate.subject_pki.raw))
     }
 
+    /// The 32 bytes of the SHA-256.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }

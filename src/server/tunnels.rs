@@ -1,4 +1,5 @@
-//! The Server's routing table and Tunnel registry.
+//! The Server's Tunnels at run time: the registry of Tunnels, each one's
+//! active [`TunnelConnection`], and the routing table that leads to them.
 //!
 //! Routing is built from `[[server.tunnels]]` at startup and replaced
 //! whole on reload: Public hostname (exact, else a `*.` wildcard) → Tunnel,
@@ -6,36 +7,35 @@
 //! most one active Tunnel connection; a newer authenticated connection
 //! replaces the older one, which is closed once its in-flight streams end
 //! or after a short grace. Replacements of one Tunnel's connection are at
-//! least [`MIN_REPLACEMENT_INTERVAL`] apart: a newer connection arriving
+//! least `MIN_REPLACEMENT_INTERVAL` apart: a newer connection arriving
 //! sooner waits (it is not refused), so two instances that keep taking
 //! the Tunnel from each other flap at a bounded rate.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-
 use crate::config::TunnelConfig;
 use crate::hostname::HostnameTable;
+use crate::identity::ClientIdentity;
 use crate::metrics::ServerMetrics;
-use crate::tls::client_identity::ClientIdentity;
+use crate::sync::{InFlight, InFlightGuard, lock, read, write};
 
 /// How long a replaced connection may keep serving its in-flight streams.
-pub const REPLACEMENT_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const REPLACEMENT_GRACE: Duration = Duration::from_secs(5);
 
 /// Least time between two replacements of one Tunnel's connection.
-pub const MIN_REPLACEMENT_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const MIN_REPLACEMENT_INTERVAL: Duration = Duration::from_secs(10);
 /// An active connection that received no datagram for this long while a
 /// newer one waits is taken for dead (our Client sends a keep-alive every
 /// second), and the newer one is installed at once.
-pub const INCUMBENT_SILENCE: Duration = Duration::from_millis(1500);
+pub(crate) const INCUMBENT_SILENCE: Duration = Duration::from_millis(1500);
 
 /// Two replacements in opposite directions between the same two peers
 /// within this time make a flapping pair.
-pub const FLAP_WINDOW: Duration = Duration::from_secs(5 * 60);
+pub(crate) const FLAP_WINDOW: Duration = Duration::from_secs(5 * 60);
 
 /// One authenticated Tunnel connection.
 #[derive(Debug)]
@@ -44,64 +44,48 @@ pub struct TunnelConnection {
     pub id: u64,
     /// Index of the Tunnel in the config.
     pub tunnel: usize,
+    /// The Client identity it authenticated with.
     pub identity: ClientIdentity,
+    /// The Client instance's address.
     pub peer: SocketAddr,
+    /// The QUIC connection.
     pub conn: quinn::Connection,
     /// When it was authenticated (for status).
     pub established: std::time::SystemTime,
-    streams: AtomicUsize,
-    idle: Notify,
+    streams: InFlight,
 }
 
 impl TunnelConnection {
     /// Count a Visitor stream as in flight on this connection until the
     /// returned guard is dropped.
-    pub fn begin_stream(self: &Arc<Self>) -> StreamGuard {
-        self.streams.fetch_add(1, Ordering::AcqRel);
-        StreamGuard(self.clone())
+    pub(crate) fn begin_stream(&self) -> InFlightGuard {
+        self.streams.enter()
     }
 
-    pub fn streams_in_flight(&self) -> usize {
-        self.streams.load(Ordering::Acquire)
+    /// Visitor streams in flight on this connection.
+    pub(crate) fn streams_in_flight(&self) -> usize {
+        self.streams.count()
     }
 
     /// Wait until no stream is in flight, or `limit` passed.
     pub async fn drained(&self, limit: Duration) -> bool {
-        let wait = async {
-            loop {
-                let notified = self.idle.notified();
-                if self.streams_in_flight() == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        tokio::time::timeout(limit, wait).await.is_ok()
+        self.streams.drained(limit).await
     }
 }
 
-/// Marks one Visitor stream in flight.
+/// Where a Visitor's hostname leads. `C` is the connection handed out
+/// (generic so routing decisions can be tested without a QUIC connection).
 #[derive(Debug)]
-pub struct StreamGuard(Arc<TunnelConnection>);
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
-/// Where a Visitor's hostname leads.
-#[derive(Debug)]
-pub enum Route {
+pub enum Route<C = Arc<TunnelConnection>> {
     /// No Tunnel owns this hostname.
     Unknown,
     /// The Tunnel exists but no Client instance is connected.
     NoConnection {
+        /// Index of the Tunnel in the config.
         tunnel: usize,
     },
-    Active(Arc<TunnelConnection>),
+    /// The Tunnel's active Tunnel connection.
+    Active(C),
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +109,7 @@ struct SlotState {
 pub enum Install {
     /// The connection is now the active one of its Tunnel.
     Installed {
+        /// The connection it replaced, if any.
         replaced: Option<Arc<TunnelConnection>>,
         /// The replacement reversed the previous one between the same two
         /// peers.
@@ -141,6 +126,7 @@ pub enum Install {
 /// A pair of peers taking a Tunnel from each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flapping {
+    /// The two peers, lower address first.
     pub peers: (SocketAddr, SocketAddr),
     /// First time this pair is seen flapping (log it once).
     pub first: bool,
@@ -183,16 +169,19 @@ pub struct ReloadDiff {
     pub tunnels_added: Vec<String>,
     /// Names of Tunnels no longer configured.
     pub tunnels_removed: Vec<String>,
+    /// Public hostnames added.
     pub hostnames_added: usize,
-    pub hostnames_removed: usize,
+    pub(crate) hostnames_removed: usize,
+    /// Client identity pins added.
     pub pins_added: usize,
-    pub pins_removed: usize,
+    pub(crate) pins_removed: usize,
     /// Active connections whose identity is no longer pinned by their
     /// Tunnel (or whose Tunnel is gone): the caller closes them.
-    pub disconnect: Vec<Arc<TunnelConnection>>,
+    pub(crate) disconnect: Vec<Arc<TunnelConnection>>,
 }
 
 impl ReloadDiff {
+    /// Nothing changed.
     pub fn is_empty(&self) -> bool {
         self.tunnels_added.is_empty()
             && self.tunnels_removed.is_empty()
@@ -215,6 +204,7 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// A registry of `tunnels`, numbered by their config index.
     pub fn new(tunnels: &[TunnelConfig]) -> Self {
         let routing = Routing::new(tunnels.iter().cloned().enumerate().collect());
         Self {
@@ -229,12 +219,12 @@ impl Registry {
     }
 
     /// Changes after every reload.
-    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub(crate) fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
         self.reloads.subscribe()
     }
 
     /// Whether `key` still routes to the Tunnel in `slot`.
-    pub fn routes_to(&self, key: &str, slot: usize) -> bool {
+    pub(crate) fn routes_to(&self, key: &str, slot: usize) -> bool {
         self.routing().routes.lookup(key) == Some(&slot)
     }
 
@@ -258,7 +248,7 @@ impl Registry {
         self.routing().identities.keys().copied().collect()
     }
 
-    pub fn tunnel_for(&self, identity: &ClientIdentity) -> Option<usize> {
+    pub(crate) fn tunnel_for(&self, identity: &ClientIdentity) -> Option<usize> {
         self.routing().identities.get(identity).copied()
     }
 
@@ -334,7 +324,7 @@ impl Registry {
         diff
     }
 
-    /// Route a normalised SNI (see [`crate::hostname::wire_lookup_key`]):
+    /// Route a normalised SNI (see `crate::hostname::wire_lookup_key`):
     /// an exact Public hostname first, else a wildcard covering it.
     pub fn route(&self, key: &str) -> Route {
         let Some(tunnel) = self.routing().routes.lookup(key).copied() else {
@@ -361,13 +351,12 @@ impl Registry {
             peer,
             conn,
             established: std::time::SystemTime::now(),
-            streams: AtomicUsize::new(0),
-            idle: Notify::new(),
+            streams: InFlight::default(),
         })
     }
 
     /// Make `tc` the active connection of its Tunnel, unless the Tunnel's
-    /// connection was replaced less than [`MIN_REPLACEMENT_INTERVAL`] ago
+    /// connection was replaced less than `MIN_REPLACEMENT_INTERVAL` ago
     /// ([`Install::Wait`]) or a newer connection waits for that
     /// ([`Install::Superseded`]).
     pub fn install(&self, tc: &Arc<TunnelConnection>) -> Install {
@@ -378,7 +367,11 @@ impl Registry {
     /// connection has received nothing for [`INCUMBENT_SILENCE`] (its
     /// Client crashed or lost its path), so `tc` replaces it without waiting
     /// for the interval: a dead connection cannot flap.
-    pub fn install_with(&self, tc: &Arc<TunnelConnection>, incumbent_silent: bool) -> Install {
+    pub(crate) fn install_with(
+        &self,
+        tc: &Arc<TunnelConnection>,
+        incumbent_silent: bool,
+    ) -> Install {
         let now = Instant::now();
         let slot = self.slot(tc.tunnel);
         let mut slot = lock(&slot.active);
@@ -424,7 +417,7 @@ impl Registry {
 
     /// Datagrams received so far on the Tunnel's active connection: a
     /// count that stops moving means a silent incumbent.
-    pub fn active_rx(&self, tunnel: usize) -> Option<u64> {
+    pub(crate) fn active_rx(&self, tunnel: usize) -> Option<u64> {
         let slot = self.slot(tunnel);
         let slot = lock(&slot.active);
         slot.active
@@ -452,7 +445,7 @@ impl Registry {
     }
 
     /// The active connection of Tunnel `tunnel`, if any.
-    pub fn active_of(&self, tunnel: usize) -> Option<Arc<TunnelConnection>> {
+    pub(crate) fn active_of(&self, tunnel: usize) -> Option<Arc<TunnelConnection>> {
         read(&self.slots)
             .get(tunnel)
             .and_then(|s| lock(&s.active).active.clone())
@@ -465,19 +458,6 @@ impl Registry {
             .filter_map(|s| lock(&s.active).active.clone())
             .collect()
     }
-}
-
-fn read<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding this lock cannot leave the Option half-written.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
