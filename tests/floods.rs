@@ -151,12 +151,7 @@ fn setup() -> Setup {
              public-hostnames = [\"{PROBE}\"]\nclient-identity = \"{probe}\"\n"
         ),
     );
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let server = home.spawn("server", &server_toml, "server.log");
     let client = home.spawn("client", &client_toml, "client-1.log");
     visit_until_ok(home.public_addr(), &backend.cert, Duration::from_secs(15));

@@ -156,15 +156,7 @@ fn pinned_client_config(home: &Home, name: &str, pin: &str, backend: std::net::S
 fn a_client_pinning_the_server_key_routes_and_a_wrong_pin_is_refused() {
     let home = Home::new();
     let backend = tls_backend();
-    let init = home.ok(&[
-        "server",
-        "cert",
-        "init",
-        "--hostname",
-        "localhost",
-        "--dir",
-        "server-certs",
-    ]);
+    let init = home.ok(&server_cert_init("server-certs"));
     let pin = home.ok(&["server", "cert", "show-pin", "--dir", "server-certs"]);
     let pin = pin.strip_suffix('\n').expect("one line");
     assert_eq!(pin.len(), 64);
@@ -248,18 +240,7 @@ fn material_commands_refuse_a_symlinked_state_directory() {
     std::fs::create_dir(&elsewhere).unwrap();
     std::fs::create_dir(home.path().join("server-certs")).unwrap();
     std::os::unix::fs::symlink(&elsewhere, home.path().join("server-certs/state")).unwrap();
-    let err = stderr_of(
-        home.cmd().args([
-            "server",
-            "cert",
-            "init",
-            "--hostname",
-            "localhost",
-            "--dir",
-            "server-certs",
-        ]),
-        1,
-    );
+    let err = stderr_of(home.cmd().args(server_cert_init("server-certs")), 1);
     assert!(err.contains("is a symbolic link"), "{err}");
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
 }

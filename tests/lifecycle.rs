@@ -172,12 +172,7 @@ fn slow_setup(home: &Home, graceful: &str) -> (Running, Running, Backend) {
         &pin,
         &format!("graceful-shutdown-duration = \"{graceful}\"\n"),
     );
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let server = home.spawn("server", &server_toml, "server.log");
     let client = home.spawn("client", &client_toml, "client.log");
     wait_until("tunnel up", Duration::from_secs(15), || {

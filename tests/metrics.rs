@@ -99,12 +99,7 @@ fn metrics_count_real_traffic_and_never_label_visitor_input() {
             "graceful-shutdown-duration = \"1s\"\nmetrics-bind-address = \"{server_metrics}\"\n"
         ),
     );
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let text = std::fs::read_to_string(&client_toml).unwrap().replace(
         "[[client.services]]",
         &format!("metrics-bind-address = \"{client_metrics}\"\n\n[[client.services]]"),

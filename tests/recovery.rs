@@ -16,12 +16,7 @@ fn a_server_killed_and_restarted_is_noticed_at_once_and_traffic_flows_within_5s(
     home.server_material();
     let pin = home.identity("identity");
     let server_toml = home.server_config(&pin);
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let mut server = home.spawn("server", &server_toml, "server-1.log");
     let client = home.spawn("client", &client_toml, "client.log");
     visit_until_ok(home.public_addr(), &backend.cert, Duration::from_secs(15));
@@ -51,12 +46,7 @@ fn a_client_crashing_twice_in_a_row_takes_its_tunnel_back_within_3s() {
     home.server_material();
     let pin = home.identity("identity");
     let server = home.spawn("server", &home.server_config(&pin), "server.log");
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let mut client = home.spawn("client", &client_toml, "client-1.log");
     visit_until_ok(home.public_addr(), &backend.cert, Duration::from_secs(15));
     for round in 2..=3 {
@@ -134,15 +124,7 @@ fn an_untrusted_server_certificate_names_hostname_trust_mode_ca_file_and_error()
     home.server_material();
     let pin = home.identity("identity");
     // A CA the Server certificate was not issued by.
-    home.ok(&[
-        "server",
-        "cert",
-        "init",
-        "--hostname",
-        "localhost",
-        "--dir",
-        "other-ca",
-    ]);
+    home.ok(&server_cert_init("other-ca"));
     let _server = home.spawn("server", &home.server_config(&pin), "server.log");
     let client_toml = home.client_config(
         "client.toml",

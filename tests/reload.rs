@@ -6,13 +6,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use common::proc::*;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::CertificateDer;
 
 const NEW: &str = "new.runewarp.test";
 const OTHER: &str = "other.runewarp.test";
@@ -26,17 +24,7 @@ fn backend() -> (SocketAddr, CertificateDer<'static>) {
 
 /// [`backend`] answering `tag` to short requests.
 fn tagged_backend(tag: &'static [u8]) -> (SocketAddr, CertificateDer<'static>) {
-    runewarp::tls::install_crypto_provider();
-    let (cert_pem, key_pem) =
-        runewarp::tls::material::generate_self_signed(&[APP, NEW, OTHER]).unwrap();
-    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-    let config = Arc::new(
-        rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap(),
-    );
+    let (cert, config) = common::tls::self_signed(&[APP, NEW, OTHER]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -73,18 +61,8 @@ fn get(
     root: &CertificateDer<'static>,
     req: &[u8],
 ) -> std::io::Result<Vec<u8>> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut conn = rustls::ClientConnection::new(
-        Arc::new(config),
-        ServerName::try_from(sni.to_string()).unwrap(),
-    )
-    .unwrap();
-    let mut tcp = TcpStream::connect(public)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let roots = std::slice::from_ref(root);
+    let (mut conn, mut tcp) = common::tls::connect(public, sni, roots, Duration::from_secs(10))?;
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     tls.write_all(req)?;
     let mut out = Vec::new();

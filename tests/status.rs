@@ -35,12 +35,7 @@ fn status_shows_tunnels_services_and_their_traffic_from_the_running_processes() 
         &pin,
         "graceful-shutdown-duration = \"1s\"\ncontrol-socket = \"run/server.sock\"\n",
     );
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let server_sock = home.path().join("run/server.sock");
     let client_sock = home.path().join(".local/state/runewarp/client.sock");
 
@@ -137,12 +132,7 @@ fn a_second_instance_leaves_the_first_ones_socket_alone() {
     home.server_material();
     let pin = home.identity("identity");
     home.server_config(&pin);
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let sock = home.path().join(".local/state/runewarp/client.sock");
     let first = home.spawn("client", &client_toml, "first.log");
     wait_until("first socket", || sock.exists());

@@ -19,8 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::CertificateDer;
 
 use common::proc::*;
 
@@ -51,16 +50,7 @@ struct Backend {
 /// reads again; `hold` → answers `held` and waits (up to 60 s) for the other
 /// side to close; anything else → `backend got "<request>"`.
 fn backend() -> Backend {
-    runewarp::tls::install_crypto_provider();
-    let (cert_pem, key_pem) = runewarp::tls::material::generate_self_signed(&[APP]).unwrap();
-    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-    let config = Arc::new(
-        rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap(),
-    );
+    let (cert, config) = common::tls::self_signed(&[APP]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Seen::default());
@@ -181,14 +171,7 @@ fn visitor(public: SocketAddr, root: &CertificateDer<'static>, request: &[u8]) -
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     tcp.set_write_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut conn =
-        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(APP).unwrap())
-            .unwrap();
+    let mut conn = common::tls::client_conn(APP, std::slice::from_ref(root));
     rustls::Stream::new(&mut conn, &mut tcp)
         .write_all(request)
         .expect("the TLS handshake and request through the tunnel");

@@ -15,6 +15,43 @@ const APP: &str = "app.runewarp.test";
 const SECURE: &str = "secure.runewarp.test";
 const UP: Duration = Duration::from_secs(10);
 
+/// A Server with one Tunnel for SECURE and a Client terminating TLS for it
+/// with its own public certificate, forwarding plaintext to a backend.
+struct Terminating {
+    _dir: tempfile::TempDir,
+    public_ca: rustls::pki_types::CertificateDer<'static>,
+    server: TestServer,
+    client: TestClient,
+}
+
+impl Terminating {
+    /// Started, with the tunnel up; `proxy_protocol` turns on the PROXY v2
+    /// header towards `backend`.
+    async fn up(backend: std::net::SocketAddr, proxy_protocol: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_dir, ca) = server_material(dir.path());
+        let (id_dir, pin) = identity(dir.path(), "client");
+        let (public_dir, public_ca) = public_certs(dir.path(), &[SECURE]);
+        let server = TestServer::start(&cert_dir, vec![tunnel(0, &[SECURE], &[pin])]).await;
+        let mut svc = service(0, &[SECURE], backend, TlsMode::Terminate);
+        svc.proxy_protocol = proxy_protocol;
+        let client = TestClient::start(ClientSetup {
+            tunnel: server.tunnel,
+            ca: &ca,
+            identity_dir: &id_dir,
+            public_cert_dir: Some(&public_dir),
+            services: vec![svc],
+        });
+        server.wait_active(SECURE, UP).await;
+        Self {
+            _dir: dir,
+            public_ca,
+            server,
+            client,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_moves_64_mib_exactly_and_visitor_sees_backend_certificate() {
     init();
@@ -52,20 +89,13 @@ async fn passthrough_moves_64_mib_exactly_and_visitor_sees_backend_certificate()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_presents_client_certificate_and_backend_gets_plaintext() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
-    let (public_dir, public_ca) = public_certs(dir.path(), &[SECURE]);
     let backend = EchoBackend::plain().await;
-    let server = TestServer::start(&cert_dir, vec![tunnel(0, &[SECURE], &[pin])]).await;
-    let client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: Some(&public_dir),
-        services: vec![service(0, &[SECURE], backend.addr, TlsMode::Terminate)],
-    });
-    server.wait_active(SECURE, UP).await;
+    let Terminating {
+        _dir,
+        public_ca,
+        server,
+        client,
+    } = Terminating::up(backend.addr, false).await;
 
     let v = visitor(server.public, SECURE, std::slice::from_ref(&public_ca))
         .await
@@ -113,10 +143,6 @@ fn material_root() -> rustls::pki_types::CertificateDer<'static> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_keeps_half_close_in_both_directions() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
-    let (public_dir, public_ca) = public_certs(dir.path(), &[SECURE]);
     // A backend that answers only after the Visitor finished sending: it
     // needs the FIN to cross Server, tunnel and Client.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -134,15 +160,12 @@ async fn terminate_keeps_half_close_in_both_directions() {
             });
         }
     });
-    let server = TestServer::start(&cert_dir, vec![tunnel(0, &[SECURE], &[pin])]).await;
-    let client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: Some(&public_dir),
-        services: vec![service(0, &[SECURE], backend, TlsMode::Terminate)],
-    });
-    server.wait_active(SECURE, UP).await;
+    let Terminating {
+        _dir,
+        public_ca,
+        server,
+        client,
+    } = Terminating::up(backend, false).await;
     let v = visitor(server.public, SECURE, &[public_ca]).await.unwrap();
     let reply = tokio::time::timeout(UP, roundtrip(v, &[7u8; 100_000]))
         .await
@@ -489,22 +512,13 @@ async fn a_thousand_concurrent_visitors_share_one_tunnel_byte_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_v2_header_reaches_the_backend_with_the_visitor_address() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
-    let (public_dir, public_ca) = public_certs(dir.path(), &[SECURE]);
     let backend = EchoBackend::plain_with_proxy_header().await;
-    let server = TestServer::start(&cert_dir, vec![tunnel(0, &[SECURE], &[pin])]).await;
-    let mut svc = service(0, &[SECURE], backend.addr, TlsMode::Terminate);
-    svc.proxy_protocol = true;
-    let client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: Some(&public_dir),
-        services: vec![svc],
-    });
-    server.wait_active(SECURE, UP).await;
+    let Terminating {
+        _dir,
+        public_ca,
+        server,
+        client,
+    } = Terminating::up(backend.addr, true).await;
     let v = visitor(server.public, SECURE, &[public_ca]).await.unwrap();
     let visitor_addr = v.get_ref().0.local_addr().unwrap();
     assert_eq!(roundtrip(v, b"x").await.unwrap(), b"x");

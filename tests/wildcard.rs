@@ -7,14 +7,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proc::*;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 
 /// A plaintext backend answering `tag` to every connection.
 fn tagged_backend(tag: &'static str) -> SocketAddr {
@@ -39,20 +38,7 @@ fn visit_as(
     sni: &str,
     roots: &[CertificateDer<'static>],
 ) -> std::io::Result<String> {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(r.clone()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    let mut conn = rustls::ClientConnection::new(
-        Arc::new(config),
-        ServerName::try_from(sni.to_string()).unwrap(),
-    )
-    .unwrap();
-    let mut tcp = TcpStream::connect(public)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let (mut conn, mut tcp) = common::tls::connect(public, sni, roots, Duration::from_secs(5))?;
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     tls.write_all(b"hello")?;
     let mut out = String::new();

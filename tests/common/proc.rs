@@ -7,11 +7,9 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::CertificateDer;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_runewarp");
 pub const APP: &str = "app.runewarp.test";
@@ -30,6 +28,19 @@ pub fn free_udp() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The arguments that make Server material for `localhost` in `dir`.
+pub fn server_cert_init(dir: &str) -> [&str; 7] {
+    [
+        "server",
+        "cert",
+        "init",
+        "--hostname",
+        "localhost",
+        "--dir",
+        dir,
+    ]
 }
 
 /// A throw-away HOME holding material, configs and logs.
@@ -90,15 +101,7 @@ impl Home {
 
     /// Server material for `localhost` in `server-certs/`.
     pub fn server_material(&self) {
-        self.ok(&[
-            "server",
-            "cert",
-            "init",
-            "--hostname",
-            "localhost",
-            "--dir",
-            "server-certs",
-        ]);
+        self.ok(&server_cert_init("server-certs"));
     }
 
     /// A Client identity in `dir`; returns its pin.
@@ -149,6 +152,18 @@ impl Home {
                  [[client.services]]\npublic-hostnames = [\"{APP}\"]\nbackend-address = \"{backend}\"\n",
                 self.tunnel
             ),
+        )
+    }
+
+    /// `client.toml` for the identity in `identity/`, trusting the Server
+    /// material [`Home::server_material`] made: APP passed through to
+    /// `backend`.
+    pub fn default_client_config(&self, backend: SocketAddr) -> PathBuf {
+        self.client_config(
+            "client.toml",
+            "identity",
+            "server-certs/server-ca.crt",
+            backend,
         )
     }
 
@@ -298,16 +313,7 @@ pub fn slow_tls_backend(chunks: usize, every: Duration) -> Backend {
 type TlsConn<'a> = rustls::Stream<'a, rustls::ServerConnection, std::net::TcpStream>;
 
 fn tls_backend_with(serve: impl Fn(&mut TlsConn<'_>) + Send + Sync + Copy + 'static) -> Backend {
-    runewarp::tls::install_crypto_provider();
-    let (cert_pem, key_pem) = runewarp::tls::material::generate_self_signed(&[APP]).unwrap();
-    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-    let config = Arc::new(
-        rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap(),
-    );
+    let (cert, config) = super::tls::self_signed(&[APP]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -331,32 +337,16 @@ pub fn open_visit(
     public: SocketAddr,
     root: &CertificateDer<'static>,
 ) -> std::io::Result<(rustls::ClientConnection, std::net::TcpStream)> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut conn =
-        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(APP).unwrap())
-            .unwrap();
-    let mut tcp = std::net::TcpStream::connect(public)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let roots = std::slice::from_ref(root);
+    let (mut conn, mut tcp) = super::tls::connect(public, APP, roots, Duration::from_secs(10))?;
     std::io::Write::write_all(&mut rustls::Stream::new(&mut conn, &mut tcp), b"hello")?;
     Ok((conn, tcp))
 }
 
 /// One TLS Visitor request for APP; returns the reply.
 pub fn visit(public: SocketAddr, root: &CertificateDer<'static>) -> std::io::Result<String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut conn =
-        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(APP).unwrap())
-            .unwrap();
-    let mut tcp = std::net::TcpStream::connect(public)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let roots = std::slice::from_ref(root);
+    let (mut conn, mut tcp) = super::tls::connect(public, APP, roots, Duration::from_secs(5))?;
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     std::io::Write::write_all(&mut tls, b"hello")?;
     let mut out = String::new();
