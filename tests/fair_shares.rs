@@ -37,13 +37,7 @@ async fn a_source_at_its_share_is_refused_alone_and_readiness_stays_open() {
         per_source_ip: 2,
         ..Limits::default()
     };
-    let Rig {
-        dir: _dir,
-        backend,
-        server,
-        client,
-        ..
-    } = Rig::up_with_readiness(APP, limits).await;
+    let (_dir, backend, server, client) = Rig::up_with_readiness(APP, limits).await.parts();
     let cert = backend.cert.clone().unwrap();
 
     // 127.0.0.2 holds its two streams; a third from it is refused at once,
@@ -121,8 +115,7 @@ async fn a_source_at_its_share_is_refused_alone_and_readiness_stays_open() {
         .unwrap();
     echo_once(&mut again, b"again").await.unwrap();
     drop(silent);
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,13 +126,7 @@ async fn readiness_closes_only_on_sustained_saturation_of_a_server_wide_pool() {
         streams_per_source: 2,
         ..Limits::default()
     };
-    let Rig {
-        dir: _dir,
-        backend,
-        server,
-        client,
-        ..
-    } = Rig::up_with_readiness(APP, limits).await;
+    let (_dir, backend, server, client) = Rig::up_with_readiness(APP, limits).await.parts();
     let cert = backend.cert.clone().unwrap();
     assert!(server.ready().await);
 
@@ -210,8 +197,7 @@ async fn readiness_closes_only_on_sustained_saturation_of_a_server_wide_pool() {
         .await
         .unwrap();
     echo_once(&mut v, b"back").await.unwrap();
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,8 +276,7 @@ async fn one_tunnels_pending_flood_does_not_starve_another_tunnel() {
     assert!(started.elapsed() < Duration::from_secs(1));
     drop(flood);
     stuck.close(0u32.into(), b"done");
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 fn server_share(pool: usize, tunnels: usize) -> usize {

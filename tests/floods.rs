@@ -139,10 +139,8 @@ struct Setup {
 const PROBE: &str = "probe.runewarp.test";
 
 fn setup() -> Setup {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let probe = home.identity("probe");
     let server_toml = home.server_config_with(
         &pin,
@@ -417,9 +415,7 @@ fn server_roots(home: &Home) -> rustls::RootCertStore {
 async fn a_flood_of_unknown_keys_logs_a_bounded_number_of_lines_naming_the_claimed_identity() {
     let _serial = SERIAL.lock().await;
     runewarp::tls::install_crypto_provider();
-    let home = Home::new();
-    home.server_material();
-    let pin = home.identity("identity");
+    let (home, pin) = Home::with_identity();
     let server = home.spawn("server", &home.server_config(&pin), "server.log");
     let tunnel = SocketAddr::from(([127, 0, 0, 1], home.tunnel));
     let roots = server_roots(&home);
@@ -476,9 +472,7 @@ async fn a_flood_of_unknown_keys_logs_a_bounded_number_of_lines_naming_the_claim
 async fn two_instances_fighting_over_a_tunnel_replace_at_a_bounded_rate_and_are_logged_once() {
     let _serial = SERIAL.lock().await;
     runewarp::tls::install_crypto_provider();
-    let home = Home::new();
-    home.server_material();
-    let pin = home.identity("identity");
+    let (home, pin) = Home::with_identity();
     let server = home.spawn("server", &home.server_config(&pin), "server.log");
     let tunnel = SocketAddr::from(([127, 0, 0, 1], home.tunnel));
     let roots = server_roots(&home);

@@ -77,9 +77,7 @@ fn server_with_nofile(home: &Home, soft: u64, hard: u64, log: &str) -> Running {
 }
 
 fn server_home() -> Home {
-    let home = Home::new();
-    home.server_material();
-    let pin = home.identity("identity");
+    let (home, pin) = Home::with_identity();
     home.server_config(&pin);
     home
 }

@@ -28,10 +28,8 @@ fn recv_state(sock: &UnixDatagram, within: Duration) -> String {
 
 #[test]
 fn readiness_and_sd_notify_follow_the_server_and_client_lifecycle() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let ready_port = free_tcp();
     let server_toml = home.server_config_with(
         &pin,
@@ -268,9 +266,7 @@ fn a_client_killed_mid_stream_resets_the_visitor_and_the_next_client_is_served()
 
 #[test]
 fn a_garbage_flood_leaves_no_memory_or_descriptor_behind() {
-    let home = Home::new();
-    home.server_material();
-    let pin = home.identity("identity");
+    let (home, pin) = Home::with_identity();
     let server = home.spawn("server", &home.server_config(&pin), "server.log");
     wait_until("listening", Duration::from_secs(10), || {
         TcpStream::connect(home.public_addr()).is_ok()

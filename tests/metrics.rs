@@ -87,10 +87,8 @@ const SERVICE: &str = "service=\"app.runewarp.test\"";
 
 #[test]
 fn metrics_count_real_traffic_and_never_label_visitor_input() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let server_metrics = SocketAddr::from(([127, 0, 0, 1], free_tcp()));
     let client_metrics = SocketAddr::from(([127, 0, 0, 1], free_tcp()));
     let server_toml = home.server_config_with(
@@ -219,9 +217,7 @@ fn metrics_count_real_traffic_and_never_label_visitor_input() {
 
 #[test]
 fn metrics_are_off_by_default() {
-    let home = Home::new();
-    home.server_material();
-    let pin = home.identity("identity");
+    let (home, pin) = Home::with_identity();
     let server_toml = home.server_config(&pin);
     let effective = home.ok(&["config", "check", "--role", "server", "-c", "server.toml"]);
     assert!(!effective.contains("metrics-bind-address"), "{effective}");

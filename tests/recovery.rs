@@ -11,10 +11,8 @@ use common::proc::*;
 
 #[test]
 fn a_server_killed_and_restarted_is_noticed_at_once_and_traffic_flows_within_5s() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let server_toml = home.server_config(&pin);
     let client_toml = home.default_client_config(backend.addr);
     let mut server = home.spawn("server", &server_toml, "server-1.log");
@@ -41,10 +39,8 @@ fn a_server_killed_and_restarted_is_noticed_at_once_and_traffic_flows_within_5s(
 /// must not hold it back.
 #[test]
 fn a_client_crashing_twice_in_a_row_takes_its_tunnel_back_within_3s() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let server = home.spawn("server", &home.server_config(&pin), "server.log");
     let client_toml = home.default_client_config(backend.addr);
     let mut client = home.spawn("client", &client_toml, "client-1.log");
@@ -72,10 +68,8 @@ fn a_client_crashing_twice_in_a_row_takes_its_tunnel_back_within_3s() {
 
 #[test]
 fn a_refused_identity_is_explained_and_retried_at_most_6_times_in_30s() {
-    let home = Home::new();
+    let (home, pinned) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pinned = home.identity("identity");
     let stranger = home.identity("stranger");
     let server = home.spawn("server", &home.server_config(&pinned), "server.log");
     let client_toml = home.client_config(
@@ -119,10 +113,8 @@ fn a_refused_identity_is_explained_and_retried_at_most_6_times_in_30s() {
 
 #[test]
 fn an_untrusted_server_certificate_names_hostname_trust_mode_ca_file_and_error() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     // A CA the Server certificate was not issued by.
     home.ok(&server_cert_init("other-ca"));
     let _server = home.spawn("server", &home.server_config(&pin), "server.log");
@@ -183,9 +175,7 @@ fn an_unknown_top_level_key_is_rejected_with_a_suggestion() {
 
 #[test]
 fn a_thousand_probes_produce_only_a_handful_of_info_lines() {
-    let home = Home::new();
-    home.server_material();
-    let pin = home.identity("identity");
+    let (home, pin) = Home::with_identity();
     let mut server = home.spawn("server", &home.server_config(&pin), "server.log");
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(home.public_addr()).is_err() {
@@ -233,10 +223,8 @@ fn a_thousand_probes_produce_only_a_handful_of_info_lines() {
 
 #[test]
 fn a_stopped_backend_closes_the_visitor_at_once_and_is_logged_once() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let _server = home.spawn("server", &home.server_config(&pin), "server.log");
     // A backend address nothing listens on.
     let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_tcp()));

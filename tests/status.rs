@@ -26,10 +26,8 @@ fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 
 #[test]
 fn status_shows_tunnels_services_and_their_traffic_from_the_running_processes() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     // The Server's socket is set in the file; the Client uses the default.
     let server_toml = home.server_config_with(
         &pin,
@@ -127,10 +125,8 @@ fn status_shows_tunnels_services_and_their_traffic_from_the_running_processes() 
 
 #[test]
 fn a_second_instance_leaves_the_first_ones_socket_alone() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     home.server_config(&pin);
     let client_toml = home.default_client_config(backend.addr);
     let sock = home.path().join(".local/state/runewarp/client.sock");

@@ -121,10 +121,8 @@ struct Setup {
 const DEBUG_LOG: &str = "warn,runewarp=debug";
 
 fn setup(server_extra: &str, client_extra: &str) -> Setup {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let server_toml = home.server_config_with(
         &pin,
         &format!("graceful-shutdown-duration = \"1s\"\n{server_extra}"),

@@ -132,6 +132,11 @@ impl Rig {
         rig
     }
 
+    /// The material directory, backend, Server and Client.
+    pub fn parts(self) -> (tempfile::TempDir, EchoBackend, TestServer, TestClient) {
+        (self.dir, self.backend, self.server, self.client)
+    }
+
     /// Started with `limits`, without waiting for the tunnel.
     pub async fn start_with_limits(host: &str, limits: Limits) -> Self {
         Self::start_full(host, limits, false).await
@@ -194,6 +199,12 @@ pub fn server_config(cert_dir: &Path, tunnels: Vec<TunnelConfig>) -> ServerConfi
         },
         tunnels,
     }
+}
+
+/// Stop a Client, then its Server.
+pub async fn stop(client: TestClient, server: TestServer) {
+    client.stop().await;
+    server.stop().await;
 }
 
 pub struct TestServer {

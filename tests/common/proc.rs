@@ -69,6 +69,15 @@ impl Home {
         }
     }
 
+    /// A new HOME with Server material and a Client identity in
+    /// `identity/`; returns it and the identity's pin.
+    pub fn with_identity() -> (Self, String) {
+        let home = Self::new();
+        home.server_material();
+        let pin = home.identity("identity");
+        (home, pin)
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
