@@ -227,18 +227,7 @@ let
           type = types.submodule {
             freeformType = settingsFormat.type;
             options = {
-              log-level = mkOption {
-                type = types.enum [
-                  "off"
-                  "error"
-                  "warn"
-                  "info"
-                  "debug"
-                  "trace"
-                ];
-                default = "info";
-                description = "Log verbosity.";
-              };
+              log-level = rw.logLevelOption;
               client = mkOption {
                 type = clientSection;
                 description = "The `[client]` section.";
@@ -259,26 +248,17 @@ let
           description = "Use this file at run time instead of the one generated from `settings` (validated on start, not at build time).";
         };
 
-        generatedConfigFile = mkOption {
-          type = types.path;
-          readOnly = true;
-          default = rw.configFile {
+        generatedConfigFile = rw.generatedConfigFileOption (
+          rw.configFile {
             inherit pkgs;
             inherit (config) package settings;
             role = "client";
             name = unit;
             check = config.checkConfig;
-          };
-          defaultText = literalExpression "the TOML file generated from settings";
-          description = "The configuration file generated from `settings` (validated at build time when `checkConfig` is on).";
-        };
+          }
+        );
 
-        checkConfig = mkOption {
-          type = types.bool;
-          default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
-          defaultText = literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
-          description = "Validate the generated configuration at build time with `runewarp config check`.";
-        };
+        checkConfig = rw.checkConfigOption pkgs;
 
         createMaterial = mkOption {
           type = types.bool;
@@ -301,18 +281,9 @@ let
           '';
         };
 
-        credentialsDirectory = mkOption {
-          type = types.str;
-          readOnly = true;
-          default = "/run/credentials/${unit}.service";
-          description = "Where `credentials` appear at run time.";
-        };
+        credentialsDirectory = rw.credentialsDirectoryOption "/run/credentials/${unit}.service";
 
-        extraArgs = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-          description = "Extra arguments for `runewarp client`.";
-        };
+        extraArgs = rw.extraArgsOption "client";
       };
     };
 
@@ -332,45 +303,30 @@ let
         "network-online.target"
         "nss-lookup.target"
       ];
-      environment = {
-        HOME = stateDir;
-        XDG_DATA_HOME = stateDir;
-        XDG_STATE_HOME = stateDir;
-      };
+      environment = rw.stateEnvironment stateDir;
+      # READY=1 is sent once the instance is running and dialling the
+      # Server, not once connected: a Server that is down or does not know
+      # the pin yet (a first deploy) must not hold up the start job or
+      # `nixos-rebuild switch`. Connected: the `tunnel_connected` log event,
+      # or the Client's readiness-bind-address. `systemctl reload` re-reads
+      # Services and terminate certificates on the same Tunnel connection.
+      # The control socket: `runewarp client status --socket
+      # /run/<unit>/control.sock`, as root.
       serviceConfig =
-        rw.hardening
-        // rw.restartPolicy
+        rw.roleServiceConfig {
+          inherit
+            pkgs
+            utils
+            unit
+            configPath
+            ;
+          inherit (c) package extraArgs credentials;
+          role = "client";
+          prepare = prepareFor name c;
+        }
         // {
-          # READY=1 is sent once the instance is running and dialling the
-          # Server, not once connected: a Server that is down or does not
-          # know the pin yet (a first deploy) must not hold up the start job
-          # or `nixos-rebuild switch`. Connected: the `tunnel_connected` log
-          # event, or the Client's readiness-bind-address.
-          Type = "notify";
-          NotifyAccess = "main";
-          ExecStartPre = rw.execPrepare (prepareFor name c) configPath utils;
-          ExecStart = utils.escapeSystemdExecArgs (
-            [
-              (lib.getExe c.package)
-              "client"
-              "--config"
-              configPath
-            ]
-            ++ c.extraArgs
-          );
-          # `systemctl reload`: re-read Services and terminate certificates
-          # on the same Tunnel connection.
-          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-          KillSignal = "SIGTERM";
           # The Client closes its Tunnel connection with a short fixed grace.
           TimeoutStopSec = 20;
-          StateDirectory = unit;
-          StateDirectoryMode = "0700";
-          # Holds the control socket (`runewarp client status --socket
-          # /run/<unit>/control.sock`, as root).
-          RuntimeDirectory = unit;
-          RuntimeDirectoryMode = "0700";
-          LoadCredential = lib.mapAttrsToList (cred: path: "${cred}:${path}") c.credentials;
           # Outbound only: no capabilities at all.
           CapabilityBoundingSet = "";
           PrivateUsers = true;

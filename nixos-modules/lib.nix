@@ -150,6 +150,109 @@ rec {
     TimeoutStartSec = "90s";
   };
 
+  # What every role unit shares: the hardening, the restart policy, the
+  # notify start, the prepare step, `runewarp <role> --config <configPath>`,
+  # reload by SIGHUP, and a private state and runtime (control socket)
+  # directory named after the unit. Timeouts on stop and capabilities are
+  # per role.
+  roleServiceConfig =
+    {
+      pkgs,
+      utils,
+      role,
+      unit,
+      package,
+      prepare,
+      configPath,
+      extraArgs,
+      credentials,
+    }:
+    hardening
+    // restartPolicy
+    // {
+      Type = "notify";
+      NotifyAccess = "main";
+      ExecStartPre = execPrepare prepare configPath utils;
+      ExecStart = utils.escapeSystemdExecArgs (
+        [
+          (lib.getExe package)
+          role
+          "--config"
+          configPath
+        ]
+        ++ extraArgs
+      );
+      # `systemctl reload`: the role re-reads its configuration file; an
+      # invalid file changes nothing and is logged.
+      ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+      KillSignal = "SIGTERM";
+      StateDirectory = unit;
+      StateDirectoryMode = "0700";
+      # Holds the control socket.
+      RuntimeDirectory = unit;
+      RuntimeDirectoryMode = "0700";
+      LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") credentials;
+    };
+
+  # A role unit's environment: the defaults for paths a runtime configFile
+  # omits resolve under the unit's state directory.
+  stateEnvironment = stateDir: {
+    HOME = stateDir;
+    XDG_DATA_HOME = stateDir;
+    XDG_STATE_HOME = stateDir;
+  };
+
+  # Options whose declaration is the same for the Server and each Client
+  # instance.
+  logLevelOption = lib.mkOption {
+    type = lib.types.enum [
+      "off"
+      "error"
+      "warn"
+      "info"
+      "debug"
+      "trace"
+    ];
+    default = "info";
+    description = "Log verbosity.";
+  };
+
+  checkConfigOption =
+    pkgs:
+    lib.mkOption {
+      type = lib.types.bool;
+      default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
+      defaultText = lib.literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
+      description = "Validate the generated configuration at build time with `runewarp config check`.";
+    };
+
+  generatedConfigFileOption =
+    file:
+    lib.mkOption {
+      type = lib.types.path;
+      readOnly = true;
+      default = file;
+      defaultText = lib.literalExpression "the TOML file generated from settings";
+      description = "The configuration file generated from `settings` (validated at build time when `checkConfig` is on).";
+    };
+
+  credentialsDirectoryOption =
+    dir:
+    lib.mkOption {
+      type = lib.types.str;
+      readOnly = true;
+      default = dir;
+      description = "Where `credentials` appear at run time.";
+    };
+
+  extraArgsOption =
+    role:
+    lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      description = "Extra arguments for `runewarp ${role}`.";
+    };
+
   # ExecStartPre running `prepare` on `configPath`, escaped for systemd.
   execPrepare = prepare: configPath: utils: [
     (utils.escapeSystemdExecArgs [

@@ -211,18 +211,7 @@ in
       type = types.submodule {
         freeformType = settingsFormat.type;
         options = {
-          log-level = mkOption {
-            type = types.enum [
-              "off"
-              "error"
-              "warn"
-              "info"
-              "debug"
-              "trace"
-            ];
-            default = "info";
-            description = "Log verbosity.";
-          };
+          log-level = rw.logLevelOption;
           server = mkOption {
             type = serverSection;
             description = "The `[server]` section.";
@@ -263,20 +252,9 @@ in
       '';
     };
 
-    generatedConfigFile = mkOption {
-      type = types.path;
-      readOnly = true;
-      default = generatedConfig;
-      defaultText = literalExpression "the TOML file generated from settings";
-      description = "The configuration file generated from `settings` (validated at build time when `checkConfig` is on).";
-    };
+    generatedConfigFile = rw.generatedConfigFileOption generatedConfig;
 
-    checkConfig = mkOption {
-      type = types.bool;
-      default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
-      defaultText = literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
-      description = "Validate the generated configuration at build time with `runewarp config check`.";
-    };
+    checkConfig = rw.checkConfigOption pkgs;
 
     createMaterial = mkOption {
       type = types.bool;
@@ -307,18 +285,9 @@ in
       '';
     };
 
-    credentialsDirectory = mkOption {
-      type = types.str;
-      readOnly = true;
-      default = credentialsDirectory;
-      description = "Where `credentials` appear at run time.";
-    };
+    credentialsDirectory = rw.credentialsDirectoryOption credentialsDirectory;
 
-    extraArgs = mkOption {
-      type = types.listOf types.str;
-      default = [ ];
-      description = "Extra arguments for `runewarp server`.";
-    };
+    extraArgs = rw.extraArgsOption "server";
   };
 
   config = mkIf cfg.enable {
@@ -353,43 +322,26 @@ in
       after = [ "network-online.target" ];
 
       # Only consulted when a runtime configFile omits a path.
-      environment = {
-        HOME = stateDir;
-        XDG_DATA_HOME = stateDir;
-        XDG_STATE_HOME = stateDir;
-      };
+      environment = rw.stateEnvironment stateDir;
 
+      # READY=1 is sent once both listeners are bound. `systemctl reload`
+      # re-reads the config file (Tunnels, hostnames, pins) without
+      # dropping untouched Tunnels.
       serviceConfig =
-        rw.hardening
-        // rw.restartPolicy
+        rw.roleServiceConfig {
+          inherit
+            pkgs
+            utils
+            unit
+            prepare
+            configPath
+            ;
+          inherit (cfg) package extraArgs credentials;
+          role = "server";
+        }
         // {
-          # READY=1 is sent once both listeners are bound.
-          Type = "notify";
-          NotifyAccess = "main";
-          ExecStartPre = rw.execPrepare prepare configPath utils;
-          ExecStart = utils.escapeSystemdExecArgs (
-            [
-              (lib.getExe cfg.package)
-              "server"
-              "--config"
-              configPath
-            ]
-            ++ cfg.extraArgs
-          );
-          # `systemctl reload`: re-read the config file (Tunnels, hostnames,
-          # pins) without dropping untouched Tunnels; an invalid file
-          # changes nothing and is logged.
-          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-          KillSignal = "SIGTERM";
           # The grace period plus time to close listeners and exit.
           TimeoutStopSec = if graceSeconds == null then 90 else graceSeconds + 15;
-
-          StateDirectory = unit;
-          StateDirectoryMode = "0700";
-          # Holds the control socket.
-          RuntimeDirectory = unit;
-          RuntimeDirectoryMode = "0700";
-          LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") cfg.credentials;
 
           # Binding ports below 1024 needs exactly this capability; nothing
           # else is ever granted.
