@@ -152,6 +152,28 @@ rec {
 
   visitor = { };
 
+  # A VM test with the usual nodes: `server` and `client` (from the
+  # functions above, unless `nodes` replaces them), `backend`, `visitor`,
+  # and `acme` when `withAcme`; the shared helpers precede `script`.
+  test =
+    {
+      name,
+      nodes ? { },
+      withAcme ? false,
+      script,
+    }:
+    pkgs.testers.runNixOSTest {
+      inherit name defaults;
+      nodes = {
+        server = server { };
+        client = client { };
+        inherit backend visitor;
+      }
+      // lib.optionalAttrs withAcme { inherit acme; }
+      // nodes;
+      testScript = helpers + script;
+    };
+
   # Python shared by the test scripts.
   helpers = ''
     import time

@@ -17,20 +17,13 @@ let
     ];
   };
 in
-pkgs.testers.runNixOSTest {
+common.test {
   name = "runewarp-connection-replacement";
-  inherit (common) defaults;
   nodes = {
-    server = common.server { };
     client = common.client { override = to 8443; };
     client2 = common.client { override = to 8444; };
-    backend = common.backend;
-    visitor = common.visitor;
   };
-
-  testScript = ''
-    ${common.helpers}
-
+  script = ''
     start_all()
     backend.wait_for_unit("nginx.service")
     server.wait_for_unit("runewarp-server.service")

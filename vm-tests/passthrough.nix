@@ -8,35 +8,26 @@
   lib,
   common,
 }:
-pkgs.testers.runNixOSTest {
+common.test {
   name = "runewarp-passthrough";
-  inherit (common) defaults;
-  nodes = {
-    server = common.server { };
-    client = {
-      imports = [ (common.client { }) ];
-      services.runewarp.clients.test.settings.client.readiness-bind-address = "127.0.0.1:8083";
-      # A second instance with a fresh identity the Server does not know.
-      services.runewarp.clients.fresh = {
-        settings.client = {
-          server-address = "tunnel.example.com";
-          server-trust = "ca-file";
-          server-ca-file = "/run/credentials/runewarp-client-fresh.service/server-ca.crt";
-          readiness-bind-address = "127.0.0.1:8082";
-          services = [ { backend-address = "backend:8443"; } ];
-        };
-        credentials."server-ca.crt" = "/run/runewarp-test/server-ca.crt";
+  nodes.client = {
+    imports = [ (common.client { }) ];
+    services.runewarp.clients.test.settings.client.readiness-bind-address = "127.0.0.1:8083";
+    # A second instance with a fresh identity the Server does not know.
+    services.runewarp.clients.fresh = {
+      settings.client = {
+        server-address = "tunnel.example.com";
+        server-trust = "ca-file";
+        server-ca-file = "/run/credentials/runewarp-client-fresh.service/server-ca.crt";
+        readiness-bind-address = "127.0.0.1:8082";
+        services = [ { backend-address = "backend:8443"; } ];
       };
-      systemd.services.runewarp-client-fresh.wantedBy = lib.mkForce [ ];
+      credentials."server-ca.crt" = "/run/runewarp-test/server-ca.crt";
     };
-    backend = common.backend;
-    visitor = common.visitor;
+    systemd.services.runewarp-client-fresh.wantedBy = lib.mkForce [ ];
   };
-
-  testScript = ''
+  script = ''
     import re
-
-    ${common.helpers}
 
     start_all()
     backend.wait_for_unit("nginx.service")

@@ -7,20 +7,11 @@
   lib,
   common,
 }:
-pkgs.testers.runNixOSTest {
+common.test {
   name = "runewarp-server-acme";
-  inherit (common) defaults;
-  nodes = {
-    acme = common.acme;
-    server = common.server { config = ./configs/server-acme.toml; };
-    client = common.client { };
-    backend = common.backend;
-    visitor = common.visitor;
-  };
-
-  testScript = ''
-    ${common.helpers}
-
+  withAcme = true;
+  nodes.server = common.server { config = ./configs/server-acme.toml; };
+  script = ''
     start_all()
     acme.wait_for_unit("pebble.service")
     acme.wait_for_open_port(14000)

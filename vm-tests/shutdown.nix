@@ -6,19 +6,9 @@
   lib,
   common,
 }:
-pkgs.testers.runNixOSTest {
+common.test {
   name = "runewarp-shutdown";
-  inherit (common) defaults;
-  nodes = {
-    server = common.server { };
-    client = common.client { };
-    backend = common.backend;
-    visitor = common.visitor;
-  };
-
-  testScript = ''
-    ${common.helpers}
-
+  script = ''
     # graceful-shutdown-duration = "5s" (configs/server.toml); TimeoutStopSec
     # is 20 s. A clean stop must beat the timeout.
     BOUND = 19

@@ -7,20 +7,11 @@
   lib,
   common,
 }:
-pkgs.testers.runNixOSTest {
+common.test {
   name = "runewarp-terminate-client-acme";
-  inherit (common) defaults;
-  nodes = {
-    acme = common.acme;
-    server = common.server { };
-    client = common.client { config = ./configs/client-terminate-acme.toml; };
-    backend = common.backend;
-    visitor = common.visitor;
-  };
-
-  testScript = ''
-    ${common.helpers}
-
+  withAcme = true;
+  nodes.client = common.client { config = ./configs/client-terminate-acme.toml; };
+  script = ''
     start_all()
     acme.wait_for_unit("pebble.service")
     acme.wait_for_open_port(14000)
