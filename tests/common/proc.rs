@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -14,21 +14,7 @@ use rustls::pki_types::CertificateDer;
 pub const BIN: &str = env!("CARGO_BIN_EXE_runewarp");
 pub const APP: &str = "app.runewarp.test";
 
-pub fn free_tcp() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub fn free_udp() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use super::ports::{free_tcp, free_udp};
 
 /// The arguments that make Server material for `localhost` in `dir`.
 pub fn server_cert_init(dir: &str) -> [&str; 7] {
@@ -222,6 +208,76 @@ impl Drop for Running {
 }
 
 impl Running {
+    /// Start `cmd` with stdin closed and stdout and stderr appended to
+    /// `log`.
+    pub fn spawn_logged(mut cmd: Command, log: &Path) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Self {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Stop as an operator's restart does (SIGTERM, so a Client closes its
+    /// Tunnel connection cleanly), waiting up to 5 s; killed on drop after
+    /// that.
+    pub fn terminate(mut self) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Panic, with the log, if the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("process exited ({status}); log:\n{}", self.log_text());
+        }
+    }
+
+    /// Wait until a log line contains every one of `parts`; returns it.
+    pub fn wait_line(&mut self, parts: &[&str], within: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self
+                .log_text()
+                .lines()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return line.to_string();
+            }
+            self.assert_running();
+            assert!(
+                start.elapsed() < within,
+                "no log line with {parts:?} within {within:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// How many log lines contain every one of `parts`.
+    pub fn count(&self, parts: &[&str]) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .count()
+    }
+
     pub fn signal(&self, sig: i32) {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
