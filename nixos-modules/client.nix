@@ -209,30 +209,42 @@ let
       };
     in
     {
-      options = {
+      options = rw.roleOptions {
+        inherit pkgs;
+        role = "client";
+        packageDefault = top.services.runewarp.package;
+        packageDescription = "The Runewarp package for this instance.";
+        generatedConfig = rw.configFile {
+          inherit pkgs;
+          inherit (config) package settings;
+          role = "client";
+          name = unit;
+          check = config.checkConfig;
+        };
+        credentialsDirectory = "/run/credentials/${unit}.service";
+        credentialsExample = {
+          "server-ca.crt" = "/run/secrets/runewarp/server-ca.crt";
+        };
+        credentialsDescription = ''
+          Files passed with systemd `LoadCredential=` (name = absolute path
+          outside the Nix store), readable only by this instance under
+          `credentialsDirectory`. To bring an existing identity, pass
+          `client.key`, `client.crt` and `client-identity.txt` and set
+          `settings.client.identity-dir` to `credentialsDirectory`.
+        '';
+      }
+      // {
         enable = mkOption {
           type = types.bool;
           default = true;
           description = "Whether to run this Client instance (unit `${unit}`).";
         };
 
-        package = mkOption {
-          type = types.package;
-          default = top.services.runewarp.package;
-          defaultText = literalExpression "config.services.runewarp.package";
-          description = "The Runewarp package for this instance.";
-        };
-
         settings = mkOption {
-          type = types.submodule {
+          type = rw.settingsType {
             freeformType = settingsFormat.type;
-            options = {
-              log-level = rw.logLevelOption;
-              client = mkOption {
-                type = clientSection;
-                description = "The `[client]` section.";
-              };
-            };
+            section = "client";
+            sectionType = clientSection;
           };
           description = ''
             This instance's configuration, mirroring the config file (see
@@ -248,42 +260,11 @@ let
           description = "Use this file at run time instead of the one generated from `settings` (validated on start, not at build time).";
         };
 
-        generatedConfigFile = rw.generatedConfigFileOption (
-          rw.configFile {
-            inherit pkgs;
-            inherit (config) package settings;
-            role = "client";
-            name = unit;
-            check = config.checkConfig;
-          }
-        );
-
-        checkConfig = rw.checkConfigOption pkgs;
-
         createMaterial = mkOption {
           type = types.bool;
           default = true;
           description = "Create a missing Client identity (and missing manual terminate-mode certificates) on start.";
         };
-
-        credentials = mkOption {
-          type = types.attrsOf rw.credentialPath;
-          default = { };
-          example = {
-            "server-ca.crt" = "/run/secrets/runewarp/server-ca.crt";
-          };
-          description = ''
-            Files passed with systemd `LoadCredential=` (name = absolute path
-            outside the Nix store), readable only by this instance under
-            `credentialsDirectory`. To bring an existing identity, pass
-            `client.key`, `client.crt` and `client-identity.txt` and set
-            `settings.client.identity-dir` to `credentialsDirectory`.
-          '';
-        };
-
-        credentialsDirectory = rw.credentialsDirectoryOption "/run/credentials/${unit}.service";
-
-        extraArgs = rw.extraArgsOption "client";
       };
     };
 

@@ -203,54 +203,87 @@ rec {
   };
 
   # Options whose declaration is the same for the Server and each Client
-  # instance.
-  logLevelOption = lib.mkOption {
-    type = lib.types.enum [
-      "off"
-      "error"
-      "warn"
-      "info"
-      "debug"
-      "trace"
-    ];
-    default = "info";
-    description = "Log verbosity.";
-  };
-
-  checkConfigOption =
-    pkgs:
-    lib.mkOption {
-      type = lib.types.bool;
-      default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
-      defaultText = lib.literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
-      description = "Validate the generated configuration at build time with `runewarp config check`.";
+  # instance, apart from the values given here: `package` (defaulting to
+  # `packageDefault`), `generatedConfigFile`, `checkConfig`, `credentials`,
+  # `credentialsDirectory` and `extraArgs`.
+  roleOptions =
+    {
+      pkgs,
+      role,
+      packageDefault,
+      packageDescription,
+      generatedConfig,
+      credentialsDirectory,
+      credentialsExample,
+      credentialsDescription,
+    }:
+    {
+      package = lib.mkOption {
+        type = lib.types.package;
+        default = packageDefault;
+        defaultText = lib.literalExpression "config.services.runewarp.package";
+        description = packageDescription;
+      };
+      generatedConfigFile = lib.mkOption {
+        type = lib.types.path;
+        readOnly = true;
+        default = generatedConfig;
+        defaultText = lib.literalExpression "the TOML file generated from settings";
+        description = "The configuration file generated from `settings` (validated at build time when `checkConfig` is on).";
+      };
+      checkConfig = lib.mkOption {
+        type = lib.types.bool;
+        default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
+        defaultText = lib.literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
+        description = "Validate the generated configuration at build time with `runewarp config check`.";
+      };
+      credentials = lib.mkOption {
+        type = lib.types.attrsOf credentialPath;
+        default = { };
+        example = credentialsExample;
+        description = credentialsDescription;
+      };
+      credentialsDirectory = lib.mkOption {
+        type = lib.types.str;
+        readOnly = true;
+        default = credentialsDirectory;
+        description = "Where `credentials` appear at run time.";
+      };
+      extraArgs = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        description = "Extra arguments for `runewarp ${role}`.";
+      };
     };
 
-  generatedConfigFileOption =
-    file:
-    lib.mkOption {
-      type = lib.types.path;
-      readOnly = true;
-      default = file;
-      defaultText = lib.literalExpression "the TOML file generated from settings";
-      description = "The configuration file generated from `settings` (validated at build time when `checkConfig` is on).";
-    };
-
-  credentialsDirectoryOption =
-    dir:
-    lib.mkOption {
-      type = lib.types.str;
-      readOnly = true;
-      default = dir;
-      description = "Where `credentials` appear at run time.";
-    };
-
-  extraArgsOption =
-    role:
-    lib.mkOption {
-      type = lib.types.listOf lib.types.str;
-      default = [ ];
-      description = "Extra arguments for `runewarp ${role}`.";
+  # The type of a role's `settings`: `log-level` plus the role's section
+  # (`section`, of type `sectionType`), anything else passed through as TOML.
+  settingsType =
+    {
+      freeformType,
+      section,
+      sectionType,
+    }:
+    lib.types.submodule {
+      inherit freeformType;
+      options = {
+        log-level = lib.mkOption {
+          type = lib.types.enum [
+            "off"
+            "error"
+            "warn"
+            "info"
+            "debug"
+            "trace"
+          ];
+          default = "info";
+          description = "Log verbosity.";
+        };
+        ${section} = lib.mkOption {
+          type = sectionType;
+          description = "The `[${section}]` section.";
+        };
+      };
     };
 
   # ExecStartPre running `prepare` on `configPath`, escaped for systemd.

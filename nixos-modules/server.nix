@@ -197,26 +197,29 @@ in
 {
   imports = [ ./common.nix ];
 
-  options.services.runewarp.server = {
+  options.services.runewarp.server = rw.roleOptions {
+    inherit pkgs generatedConfig credentialsDirectory;
+    role = "server";
+    packageDefault = config.services.runewarp.package;
+    packageDescription = "The Runewarp package for the Server.";
+    credentialsExample = {
+      "server.key" = "/run/secrets/runewarp/server.key";
+    };
+    credentialsDescription = ''
+      Files passed to the unit with systemd `LoadCredential=` (name =
+      absolute path outside the Nix store). They appear read-only, owned by
+      the service user, under `credentialsDirectory`; refer to them from
+      `settings` by that path.
+    '';
+  }
+  // {
     enable = mkEnableOption "the Runewarp Server (public ingress edge)";
 
-    package = mkOption {
-      type = types.package;
-      default = config.services.runewarp.package;
-      defaultText = literalExpression "config.services.runewarp.package";
-      description = "The Runewarp package for the Server.";
-    };
-
     settings = mkOption {
-      type = types.submodule {
+      type = rw.settingsType {
         freeformType = settingsFormat.type;
-        options = {
-          log-level = rw.logLevelOption;
-          server = mkOption {
-            type = serverSection;
-            description = "The `[server]` section.";
-          };
-        };
+        section = "server";
+        sectionType = serverSection;
       };
       example = literalExpression ''
         {
@@ -252,10 +255,6 @@ in
       '';
     };
 
-    generatedConfigFile = rw.generatedConfigFileOption generatedConfig;
-
-    checkConfig = rw.checkConfigOption pkgs;
-
     createMaterial = mkOption {
       type = types.bool;
       default = true;
@@ -270,24 +269,6 @@ in
       default = false;
       description = "Open the TCP port of `public-bind-address` and the UDP port of `tunnel-bind-address`.";
     };
-
-    credentials = mkOption {
-      type = types.attrsOf rw.credentialPath;
-      default = { };
-      example = {
-        "server.key" = "/run/secrets/runewarp/server.key";
-      };
-      description = ''
-        Files passed to the unit with systemd `LoadCredential=` (name =
-        absolute path outside the Nix store). They appear read-only, owned by
-        the service user, under `credentialsDirectory`; refer to them from
-        `settings` by that path.
-      '';
-    };
-
-    credentialsDirectory = rw.credentialsDirectoryOption credentialsDirectory;
-
-    extraArgs = rw.extraArgsOption "server";
   };
 
   config = mkIf cfg.enable {
