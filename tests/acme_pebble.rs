@@ -281,6 +281,16 @@ impl World {
         )
     }
 
+    /// Pebble up, a backend, and a Server holding its ACME certificate.
+    fn serving() -> (Self, Backend, Proc) {
+        let mut w = Self::new();
+        w.pebble.start();
+        let backend = backend();
+        let mut server = w.server();
+        server.wait_line(&parts(&issued(SERVER_HOST)), WAIT);
+        (w, backend, server)
+    }
+
     fn server(&self) -> Proc {
         let config = self.dir.join("server.toml");
         fs::write(
@@ -405,12 +415,7 @@ fn issue_reuse_and_reorder() {
         return;
     }
     let started = Instant::now();
-    let mut w = World::new();
-    w.pebble.start();
-    let backend = backend();
-
-    let mut server = w.server();
-    server.wait_line(&parts(&issued(SERVER_HOST)), WAIT);
+    let (w, backend, server) = World::serving();
     assert!(
         server.log_text().contains("acme_public_port"),
         "warns about a public port other than 443"
@@ -525,11 +530,7 @@ fn not_yet_issued_hostname_fails_closed() {
         return;
     }
     let started = Instant::now();
-    let mut w = World::new();
-    w.pebble.start();
-    let backend = backend();
-    let mut server = w.server();
-    server.wait_line(&parts(&issued(SERVER_HOST)), WAIT);
+    let (w, backend, mut server) = World::serving();
     let root = w.pebble.root();
     // Pebble resolves LATE to an address where nothing listens.
     set_a_record(&w, LATE, "127.0.0.2");

@@ -400,6 +400,17 @@ fn stranger_config(roots: &rustls::RootCertStore) -> quinn::ClientConfig {
     runewarp::tunnel::transport::client_config(roots.clone(), material, Default::default()).unwrap()
 }
 
+/// A running Server (server.toml, pinning `identity/`) without a Client;
+/// its home, process, tunnel address and the roots that trust it.
+fn lone_server() -> (Home, Running, SocketAddr, rustls::RootCertStore) {
+    runewarp::tls::install_crypto_provider();
+    let (home, pin) = Home::with_identity();
+    let server = home.spawn("server", &home.server_config(&pin), "server.log");
+    let tunnel = SocketAddr::from(([127, 0, 0, 1], home.tunnel));
+    let roots = server_roots(&home);
+    (home, server, tunnel, roots)
+}
+
 fn server_roots(home: &Home) -> rustls::RootCertStore {
     let mut roots = rustls::RootCertStore::empty();
     for c in
@@ -414,11 +425,7 @@ fn server_roots(home: &Home) -> rustls::RootCertStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unknown_keys_logs_a_bounded_number_of_lines_naming_the_claimed_identity() {
     let _serial = SERIAL.lock().await;
-    runewarp::tls::install_crypto_provider();
-    let (home, pin) = Home::with_identity();
-    let server = home.spawn("server", &home.server_config(&pin), "server.log");
-    let tunnel = SocketAddr::from(([127, 0, 0, 1], home.tunnel));
-    let roots = server_roots(&home);
+    let (_home, server, tunnel, roots) = lone_server();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // 100 handshakes, each with a new key, from 20 addresses.
@@ -471,11 +478,7 @@ async fn a_flood_of_unknown_keys_logs_a_bounded_number_of_lines_naming_the_claim
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_fighting_over_a_tunnel_replace_at_a_bounded_rate_and_are_logged_once() {
     let _serial = SERIAL.lock().await;
-    runewarp::tls::install_crypto_provider();
-    let (home, pin) = Home::with_identity();
-    let server = home.spawn("server", &home.server_config(&pin), "server.log");
-    let tunnel = SocketAddr::from(([127, 0, 0, 1], home.tunnel));
-    let roots = server_roots(&home);
+    let (home, server, tunnel, roots) = lone_server();
     let (id, _) =
         runewarp::tls::material::load_client_identity(&home.path().join("identity")).unwrap();
     let config = runewarp::tunnel::transport::client_config(roots, id, Default::default()).unwrap();

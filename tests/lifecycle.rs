@@ -11,14 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::proc::*;
 
-fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what} within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn recv_state(sock: &UnixDatagram, within: Duration) -> String {
     sock.set_read_timeout(Some(within)).unwrap();
     let mut buf = [0u8; 256];

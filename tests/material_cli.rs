@@ -23,6 +23,13 @@ impl Sandbox {
         }
     }
 
+    /// A new sandbox and the path of `rel` in it (not created).
+    fn with_dir(rel: &str) -> (Self, PathBuf) {
+        let sb = Self::new();
+        let dir = sb.path(rel);
+        (sb, dir)
+    }
+
     fn path(&self, rel: &str) -> PathBuf {
         self.tmp.path().join(rel)
     }
@@ -139,8 +146,7 @@ fn server_files(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn server_cert_init_renew_rotate_ca() {
-    let sb = Sandbox::new();
-    let dir = sb.path("server");
+    let (sb, dir) = Sandbox::with_dir("server");
     let d = dir.to_str().unwrap();
 
     let out = sb.ok(&server_init("Edge.Example.com.", d));
@@ -194,8 +200,7 @@ fn server_cert_init_renew_rotate_ca() {
 
 #[test]
 fn server_cert_init_refuses_to_overwrite_without_force() {
-    let sb = Sandbox::new();
-    let dir = sb.path("server");
+    let (sb, dir) = Sandbox::with_dir("server");
     let d = dir.to_str().unwrap();
     sb.ok(&server_init("edge.example.com", d));
     let files = server_files(&dir);
@@ -233,8 +238,7 @@ fn server_cert_init_refuses_to_overwrite_without_force() {
 
 #[test]
 fn server_hostname_from_environment_and_flag_precedence() {
-    let sb = Sandbox::new();
-    let dir = sb.path("server");
+    let (sb, dir) = Sandbox::with_dir("server");
     let d = dir.to_str().unwrap();
 
     sb.ok_env(
@@ -266,8 +270,7 @@ fn server_hostname_from_environment_and_flag_precedence() {
 
 #[test]
 fn server_cert_init_needs_a_hostname() {
-    let sb = Sandbox::new();
-    let dir = sb.path("server");
+    let (sb, dir) = Sandbox::with_dir("server");
     let err = sb.fails(&["server", "cert", "init", "--dir", dir.to_str().unwrap()]);
     assert!(
         err.contains(
@@ -283,8 +286,7 @@ fn server_cert_init_needs_a_hostname() {
 
 #[test]
 fn bad_hostnames_are_clear_errors_and_write_nothing() {
-    let sb = Sandbox::new();
-    let dir = sb.path("m");
+    let (sb, dir) = Sandbox::with_dir("m");
     let d = dir.to_str().unwrap();
 
     let err = sb.fails(&server_init("10.0.0.1", d));
@@ -314,8 +316,7 @@ fn bad_hostnames_are_clear_errors_and_write_nothing() {
 
 #[test]
 fn identity_init_show_rotate() {
-    let sb = Sandbox::new();
-    let dir = sb.path("identity");
+    let (sb, dir) = Sandbox::with_dir("identity");
     let d = dir.to_str().unwrap();
 
     let out = sb.ok(&["client", "identity", "init", "--dir", d]);
@@ -385,8 +386,7 @@ fn identity_init_show_rotate() {
 
 #[test]
 fn identity_show_detects_a_disagreeing_pin_file() {
-    let sb = Sandbox::new();
-    let dir = sb.path("identity");
+    let (sb, dir) = Sandbox::with_dir("identity");
     let d = dir.to_str().unwrap();
     let err = sb.fails(&["client", "identity", "show", "--dir", d]);
     assert!(
@@ -425,8 +425,7 @@ fn identity_uses_the_default_directory_without_dir() {
 
 #[test]
 fn public_cert_init_renew_rotate_ca() {
-    let sb = Sandbox::new();
-    let dir = sb.path("public");
+    let (sb, dir) = Sandbox::with_dir("public");
     let d = dir.to_str().unwrap();
 
     sb.ok(&public_init("a.example.com", d));
@@ -506,8 +505,7 @@ fn public_cert_init_renew_rotate_ca() {
 
 #[test]
 fn public_cert_renew_of_unknown_hostname_says_what_to_run() {
-    let sb = Sandbox::new();
-    let dir = sb.path("public");
+    let (sb, dir) = Sandbox::with_dir("public");
     let d = dir.to_str().unwrap();
     let err = sb.fails(&[
         "client",

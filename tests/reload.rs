@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::proc::*;
 use rustls::pki_types::CertificateDer;
@@ -104,15 +104,6 @@ fn catch_all(home: &Home, name: &str, identity: &str, backend: SocketAddr) -> st
     )
 }
 
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "{what} within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
-}
-
 #[test]
 fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
     let home = Home::new();
@@ -125,7 +116,7 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
     let c1 = catch_all(&home, "c1.toml", "id1", backend);
     let mut client1 = home.spawn("client", &c1, "c1.log");
     let public = home.public_addr();
-    wait_for("APP routes", Duration::from_secs(15), || {
+    wait_until("APP routes", Duration::from_secs(15), || {
         get(public, APP, &root, b"hi").is_ok()
     });
     assert!(
@@ -143,7 +134,7 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
         "[server]\nhostname = \"localhost\"\n[[server.tunnels]]\npublic-hostnames = [\"a*.b\"]\n",
     );
     server.signal(libc::SIGHUP);
-    wait_for("reload_failed", Duration::from_secs(5), || {
+    wait_until("reload_failed", Duration::from_secs(5), || {
         !server.events("reload_failed").is_empty()
     });
     assert_eq!(server.events("reload_failed").len(), 1);
@@ -160,7 +151,7 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
         &server_toml(&home, &[(&[APP, NEW], &pin1), (&[OTHER], &pin2)]),
     );
     server.signal(libc::SIGHUP);
-    let routed_in = wait_for("NEW routes", Duration::from_secs(3), || {
+    let routed_in = wait_until("NEW routes", Duration::from_secs(3), || {
         get(public, NEW, &root, b"hi").is_ok()
     });
     eprintln!("a new hostname routed {routed_in:?} after SIGHUP");
@@ -176,7 +167,7 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
     }
     let c2 = catch_all(&home, "c2.toml", "id2", backend);
     let mut client2 = home.spawn("client", &c2, "c2.log");
-    wait_for(
+    wait_until(
         "the new pin connects and OTHER routes",
         Duration::from_secs(10),
         || get(public, OTHER, &root, b"hi").is_ok(),
@@ -190,10 +181,10 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
     // pin2's Tunnel removed: its Client is disconnected, OTHER stops routing.
     home.write("server.toml", &server_toml(&home, &[(&[APP, NEW], &pin1)]));
     server.signal(libc::SIGHUP);
-    wait_for("OTHER unrouted", Duration::from_secs(3), || {
+    wait_until("OTHER unrouted", Duration::from_secs(3), || {
         get(public, OTHER, &root, b"hi").is_err()
     });
-    wait_for("client2 disconnected", Duration::from_secs(5), || {
+    wait_until("client2 disconnected", Duration::from_secs(5), || {
         !client2.events("tunnel_closed").is_empty()
     });
     let disconnecting = server.events("tunnel_disconnecting");
@@ -235,7 +226,7 @@ fn client_sighup_replaces_services_without_reconnecting() {
     let toml = services(&home, &[(APP, one)]);
     let mut client = home.spawn("client", &toml, "client.log");
     let public = home.public_addr();
-    wait_for("APP routes", Duration::from_secs(15), || {
+    wait_until("APP routes", Duration::from_secs(15), || {
         get(public, APP, &root, b"hi").is_ok()
     });
     assert!(
@@ -249,7 +240,7 @@ fn client_sighup_replaces_services_without_reconnecting() {
         "[client]\nserver-address = \"localhost:0\"\n",
     );
     client.signal(libc::SIGHUP);
-    wait_for("reload_failed", Duration::from_secs(5), || {
+    wait_until("reload_failed", Duration::from_secs(5), || {
         !client.events("reload_failed").is_empty()
     });
     assert_eq!(get(public, APP, &root, b"hi").unwrap(), b"one");
@@ -257,7 +248,7 @@ fn client_sighup_replaces_services_without_reconnecting() {
     // A Service for NEW is added.
     services(&home, &[(APP, one), (NEW, two)]);
     client.signal(libc::SIGHUP);
-    wait_for("NEW served", Duration::from_secs(3), || {
+    wait_until("NEW served", Duration::from_secs(3), || {
         get(public, NEW, &root2, b"hi").is_ok_and(|r| r == b"two")
     });
     assert_eq!(get(public, APP, &root, b"hi").unwrap(), b"one");
@@ -272,7 +263,7 @@ fn client_sighup_replaces_services_without_reconnecting() {
     // APP's Service is removed and NEW's moves to the other backend.
     services(&home, &[(NEW, one)]);
     client.signal(libc::SIGHUP);
-    wait_for("APP no longer served", Duration::from_secs(3), || {
+    wait_until("APP no longer served", Duration::from_secs(3), || {
         get(public, APP, &root, b"hi").is_err()
     });
     assert_eq!(get(public, NEW, &root, b"hi").unwrap(), b"one");

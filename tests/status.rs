@@ -6,7 +6,7 @@
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::proc::*;
 use serde_json::Value;
@@ -14,14 +14,6 @@ use serde_json::Value;
 fn status_json(home: &Home, role: &str, config: &str) -> Value {
     let out = home.ok(&[role, "status", "-c", config, "--json"]);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < Duration::from_secs(15), "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -38,7 +30,9 @@ fn status_shows_tunnels_services_and_their_traffic_from_the_running_processes() 
     let client_sock = home.path().join(".local/state/runewarp/client.sock");
 
     let mut server = home.spawn("server", &server_toml, "server.log");
-    wait_until("server socket", || server_sock.exists());
+    wait_until("server socket", Duration::from_secs(15), || {
+        server_sock.exists()
+    });
     let s = status_json(&home, "server", "server.toml");
     assert_eq!(s["tunnels"][0]["state"], "not_connected", "{s}");
 
@@ -104,7 +98,7 @@ fn status_shows_tunnels_services_and_their_traffic_from_the_running_processes() 
     // The Server goes away: the Client says what it waits for.
     server.stop_with(libc::SIGTERM, Duration::from_secs(5));
     assert!(!server_sock.exists(), "the socket is removed on exit");
-    wait_until("client waiting", || {
+    wait_until("client waiting", Duration::from_secs(15), || {
         status_json(&home, "client", "client.toml")["tunnel"]["state"] == "waiting"
     });
     let text = home.ok(&["client", "status", "-c", "client.toml"]);
@@ -131,9 +125,9 @@ fn a_second_instance_leaves_the_first_ones_socket_alone() {
     let client_toml = home.default_client_config(backend.addr);
     let sock = home.path().join(".local/state/runewarp/client.sock");
     let first = home.spawn("client", &client_toml, "first.log");
-    wait_until("first socket", || sock.exists());
+    wait_until("first socket", Duration::from_secs(15), || sock.exists());
     let second = home.spawn("client", &client_toml, "second.log");
-    wait_until("second warns", || {
+    wait_until("second warns", Duration::from_secs(15), || {
         !second.events("control_socket_in_use").is_empty()
     });
     let c = status_json(&home, "client", "client.toml");

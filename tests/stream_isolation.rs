@@ -216,15 +216,6 @@ impl Visitor {
     }
 }
 
-fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < within, "{what} within {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
-
 /// A good Visitor's request, answered while other streams are stuck.
 fn good_visit(s: &Setup, what: &str) {
     for i in 0..3 {

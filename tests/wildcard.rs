@@ -9,7 +9,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::proc::*;
 use rustls::pki_types::CertificateDer;
@@ -78,14 +78,6 @@ fn service(host: &str, backend: SocketAddr) -> String {
     )
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < Duration::from_secs(15), "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn wildcards_take_one_label_and_exact_names_win_on_both_sides() {
     runewarp::tls::install_crypto_provider();
@@ -145,10 +137,10 @@ fn wildcards_take_one_label_and_exact_names_win_on_both_sides() {
     let mut client_a = home.spawn("client", &a, "client-a.log");
     let mut client_b = home.spawn("client", &b, "client-b.log");
     let public = home.public_addr();
-    wait_for("Tunnel A up", || {
+    wait_until("Tunnel A up", Duration::from_secs(15), || {
         visit_as(public, "www.app.test", &roots).is_ok()
     });
-    wait_for("Tunnel B up", || {
+    wait_until("Tunnel B up", Duration::from_secs(15), || {
         visit_as(public, "api.app.test", &roots).is_ok()
     });
 

@@ -74,24 +74,23 @@ pub fn identity(dir: &Path, name: &str) -> (PathBuf, ClientIdentity) {
 /// Terminate-mode material for `hosts` in `dir/public`; returns (dir, CA).
 pub fn public_certs(dir: &Path, hosts: &[&str]) -> (PathBuf, CertificateDer<'static>) {
     let d = dir.join("public");
-    let hs: Vec<_> = hosts
-        .iter()
-        .map(|h| PublicHostname::parse(h).unwrap())
-        .collect();
-    material::init_public_certs(&d, &hs, false).unwrap();
+    material::init_public_certs(&d, &hostnames(hosts), false).unwrap();
     let ca = material::load_ca_bundle(&d.join("public-ca.crt"))
         .unwrap()
         .remove(0);
     (d, ca)
 }
 
+/// `hosts` parsed as Public hostnames.
+pub fn hostnames(hosts: &[&str]) -> Vec<PublicHostname> {
+    let parse = |h: &&str| PublicHostname::parse(h).unwrap();
+    hosts.iter().map(parse).collect()
+}
+
 pub fn tunnel(index: usize, hosts: &[&str], pins: &[ClientIdentity]) -> TunnelConfig {
     TunnelConfig {
         index,
-        public_hostnames: hosts
-            .iter()
-            .map(|h| PublicHostname::parse(h).unwrap())
-            .collect(),
+        public_hostnames: hostnames(hosts),
         client_identities: pins.to_vec(),
     }
 }
@@ -99,10 +98,7 @@ pub fn tunnel(index: usize, hosts: &[&str], pins: &[ClientIdentity]) -> TunnelCo
 pub fn service(index: usize, hosts: &[&str], backend: SocketAddr, mode: TlsMode) -> ServiceConfig {
     ServiceConfig {
         index,
-        public_hostnames: hosts
-            .iter()
-            .map(|h| PublicHostname::parse(h).unwrap())
-            .collect(),
+        public_hostnames: hostnames(hosts),
         backend_address: BackendAddress {
             host: backend.ip().to_string(),
             port: backend.port(),

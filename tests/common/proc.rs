@@ -16,6 +16,17 @@ pub const APP: &str = "app.runewarp.test";
 
 pub use super::ports::{free_tcp, free_udp};
 
+/// Poll `ok` every 20 ms until it holds; panic naming `what` once `within`
+/// has passed. Returns how long it took.
+pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < within, "{what} within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
 /// The arguments that make Server material for `localhost` in `dir`.
 pub fn server_cert_init(dir: &str) -> [&str; 7] {
     [
