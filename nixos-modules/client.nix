@@ -272,47 +272,41 @@ let
     name: c:
     let
       unit = "runewarp-client-${name}";
-      stateDir = "/var/lib/${unit}";
       configPath = if c.configFile != null then c.configFile else c.generatedConfigFile;
     in
-    lib.nameValuePair unit {
-      description = "Runewarp Client instance ${name}";
-      documentation = [ "man:runewarp(1)" ];
-      wantedBy = [ "multi-user.target" ];
-      wants = [ "network-online.target" ];
-      after = [
-        "network-online.target"
-        "nss-lookup.target"
-      ];
-      environment = rw.stateEnvironment stateDir;
-      # READY=1 is sent once the instance is running and dialling the
-      # Server, not once connected: a Server that is down or does not know
-      # the pin yet (a first deploy) must not hold up the start job or
-      # `nixos-rebuild switch`. Connected: the `tunnel_connected` log event,
-      # or the Client's readiness-bind-address. `systemctl reload` re-reads
-      # Services and terminate certificates on the same Tunnel connection.
-      # The control socket: `runewarp client status --socket
-      # /run/<unit>/control.sock`, as root.
-      serviceConfig =
-        rw.roleServiceConfig {
-          inherit
-            pkgs
-            utils
-            unit
-            configPath
-            ;
-          inherit (c) package extraArgs credentials;
-          role = "client";
-          prepare = prepareFor name c;
-        }
-        // {
+    # READY=1 is sent once the instance is running and dialling the Server,
+    # not once connected: a Server that is down or does not know the pin
+    # yet (a first deploy) must not hold up the start job or `nixos-rebuild
+    # switch`. Connected: the `tunnel_connected` log event, or the Client's
+    # readiness-bind-address. `systemctl reload` re-reads Services and
+    # terminate certificates on the same Tunnel connection. The control
+    # socket: `runewarp client status --socket /run/<unit>/control.sock`,
+    # as root.
+    lib.nameValuePair unit (
+      rw.roleUnit {
+        inherit
+          pkgs
+          utils
+          unit
+          configPath
+          ;
+        inherit (c) package extraArgs credentials;
+        role = "client";
+        description = "Runewarp Client instance ${name}";
+        after = [
+          "network-online.target"
+          "nss-lookup.target"
+        ];
+        prepare = prepareFor name c;
+        serviceConfig = {
           # The Client closes its Tunnel connection with a short fixed grace.
           TimeoutStopSec = 20;
           # Outbound only: no capabilities at all.
           CapabilityBoundingSet = "";
           PrivateUsers = true;
         };
-    };
+      }
+    );
 in
 {
   imports = [ ./common.nix ];

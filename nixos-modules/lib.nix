@@ -150,57 +150,70 @@ rec {
     TimeoutStartSec = "90s";
   };
 
-  # What every role unit shares: the hardening, the restart policy, the
-  # notify start, the prepare step, `runewarp <role> --config <configPath>`,
-  # reload by SIGHUP, and a private state and runtime (control socket)
-  # directory named after the unit. Timeouts on stop and capabilities are
-  # per role.
-  roleServiceConfig =
+  # A role's systemd unit: started at boot once the network is online,
+  # `runewarp <role> --config <configPath>` with the hardening, the restart
+  # policy, the notify start, the prepare step, reload by SIGHUP, and a
+  # private state and runtime (control socket) directory named after the
+  # unit. The paths a runtime configFile omits default under the state
+  # directory. `serviceConfig` adds the role's own settings (the stop
+  # timeout, capabilities).
+  roleUnit =
     {
       pkgs,
       utils,
       role,
       unit,
+      description,
+      after ? [ "network-online.target" ],
       package,
       prepare,
       configPath,
       extraArgs,
       credentials,
+      serviceConfig,
     }:
-    hardening
-    // restartPolicy
-    // {
-      Type = "notify";
-      NotifyAccess = "main";
-      ExecStartPre = execPrepare prepare configPath utils;
-      ExecStart = utils.escapeSystemdExecArgs (
-        [
-          (lib.getExe package)
-          role
-          "--config"
-          configPath
-        ]
-        ++ extraArgs
-      );
-      # `systemctl reload`: the role re-reads its configuration file; an
-      # invalid file changes nothing and is logged.
-      ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-      KillSignal = "SIGTERM";
-      StateDirectory = unit;
-      StateDirectoryMode = "0700";
-      # Holds the control socket.
-      RuntimeDirectory = unit;
-      RuntimeDirectoryMode = "0700";
-      LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") credentials;
+    let
+      stateDir = "/var/lib/${unit}";
+    in
+    {
+      inherit description after;
+      documentation = [ "man:runewarp(1)" ];
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      environment = {
+        HOME = stateDir;
+        XDG_DATA_HOME = stateDir;
+        XDG_STATE_HOME = stateDir;
+      };
+      serviceConfig =
+        hardening
+        // restartPolicy
+        // {
+          Type = "notify";
+          NotifyAccess = "main";
+          ExecStartPre = execPrepare prepare configPath utils;
+          ExecStart = utils.escapeSystemdExecArgs (
+            [
+              (lib.getExe package)
+              role
+              "--config"
+              configPath
+            ]
+            ++ extraArgs
+          );
+          # `systemctl reload`: the role re-reads its configuration file; an
+          # invalid file changes nothing and is logged.
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+          KillSignal = "SIGTERM";
+          StateDirectory = unit;
+          StateDirectoryMode = "0700";
+          # Holds the control socket.
+          RuntimeDirectory = unit;
+          RuntimeDirectoryMode = "0700";
+          LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") credentials;
+        }
+        // serviceConfig;
     };
-
-  # A role unit's environment: the defaults for paths a runtime configFile
-  # omits resolve under the unit's state directory.
-  stateEnvironment = stateDir: {
-    HOME = stateDir;
-    XDG_DATA_HOME = stateDir;
-    XDG_STATE_HOME = stateDir;
-  };
 
   # Options whose declaration is the same for the Server and each Client
   # instance, apart from the values given here: `package` (defaulting to

@@ -295,43 +295,32 @@ in
 
     environment.systemPackages = [ cfg.package ];
 
-    systemd.services.${unit} = {
+    # READY=1 is sent once both listeners are bound. `systemctl reload`
+    # re-reads the config file (Tunnels, hostnames, pins) without dropping
+    # untouched Tunnels.
+    systemd.services.${unit} = rw.roleUnit {
+      inherit
+        pkgs
+        utils
+        unit
+        prepare
+        configPath
+        ;
+      inherit (cfg) package extraArgs credentials;
+      role = "server";
       description = "Runewarp Server (public ingress edge)";
-      documentation = [ "man:runewarp(1)" ];
-      wantedBy = [ "multi-user.target" ];
-      wants = [ "network-online.target" ];
-      after = [ "network-online.target" ];
+      serviceConfig = {
+        # The grace period plus time to close listeners and exit.
+        TimeoutStopSec = if graceSeconds == null then 90 else graceSeconds + 15;
 
-      # Only consulted when a runtime configFile omits a path.
-      environment = rw.stateEnvironment stateDir;
-
-      # READY=1 is sent once both listeners are bound. `systemctl reload`
-      # re-reads the config file (Tunnels, hostnames, pins) without
-      # dropping untouched Tunnels.
-      serviceConfig =
-        rw.roleServiceConfig {
-          inherit
-            pkgs
-            utils
-            unit
-            prepare
-            configPath
-            ;
-          inherit (cfg) package extraArgs credentials;
-          role = "server";
-        }
-        // {
-          # The grace period plus time to close listeners and exit.
-          TimeoutStopSec = if graceSeconds == null then 90 else graceSeconds + 15;
-
-          # Binding ports below 1024 needs exactly this capability; nothing
-          # else is ever granted.
-          AmbientCapabilities = lib.optionals needsLowPort [ "CAP_NET_BIND_SERVICE" ];
-          CapabilityBoundingSet = if needsLowPort then "CAP_NET_BIND_SERVICE" else "";
-          # A user namespace would hide the capability from the host's
-          # network namespace.
-          PrivateUsers = !needsLowPort;
-        };
+        # Binding ports below 1024 needs exactly this capability; nothing
+        # else is ever granted.
+        AmbientCapabilities = lib.optionals needsLowPort [ "CAP_NET_BIND_SERVICE" ];
+        CapabilityBoundingSet = if needsLowPort then "CAP_NET_BIND_SERVICE" else "";
+        # A user namespace would hide the capability from the host's
+        # network namespace.
+        PrivateUsers = !needsLowPort;
+      };
     };
   };
 }
