@@ -72,13 +72,7 @@ fn a_refused_identity_is_explained_and_retried_at_most_6_times_in_30s() {
     let backend = tls_backend();
     let stranger = home.identity("stranger");
     let server = home.spawn("server", &home.server_config(&pinned), "server.log");
-    let client_toml = home.client_config(
-        "client.toml",
-        "stranger",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
-    let client = home.spawn("client", &client_toml, "client.log");
+    let client = home.spawn_client("stranger", "server-certs/server-ca.crt", backend.addr);
     std::thread::sleep(Duration::from_secs(30));
 
     let refused = client.events("tunnel_refused");
@@ -118,13 +112,7 @@ fn an_untrusted_server_certificate_names_hostname_trust_mode_ca_file_and_error()
     // A CA the Server certificate was not issued by.
     home.ok(&server_cert_init("other-ca"));
     let _server = home.spawn("server", &home.server_config(&pin), "server.log");
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "other-ca/server-ca.crt",
-        backend.addr,
-    );
-    let client = home.spawn("client", &client_toml, "client.log");
+    let client = home.spawn_client("identity", "other-ca/server-ca.crt", backend.addr);
     let deadline = Instant::now() + Duration::from_secs(10);
     let line = loop {
         if let Some(l) = client.events("tunnel_refused").into_iter().next() {

@@ -173,6 +173,13 @@ impl Home {
         )
     }
 
+    /// A Client logging to `client.log`: APP passed through to `backend`,
+    /// with the identity in `identity_dir`, trusting `ca`.
+    pub fn spawn_client(&self, identity_dir: &str, ca: &str, backend: SocketAddr) -> Running {
+        let config = self.client_config("client.toml", identity_dir, ca, backend);
+        self.spawn("client", &config, "client.log")
+    }
+
     /// Start `runewarp <role> -c <config>`, logging to `<log>`.
     pub fn spawn(&self, role: &str, config: &Path, log: &str) -> Running {
         self.spawn_env(role, config, log, &[])

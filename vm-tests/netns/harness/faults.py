@@ -17,6 +17,18 @@ def tunnel_up(w):
     return server, client
 
 
+def download_end(d, within, late):
+    """Wait up to `within` s for the download `d` to end (killed after
+    that: its exit code is then `late`); returns (curl exit code, correct
+    bytes received)."""
+    try:
+        code = d.p.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        d.kill()
+        code = late
+    return code, check_prefix(d.out)
+
+
 def fault_link_down(w, seconds=30):
     server, client = tunnel_up(w)
     closed = client.count("tunnel_closed")
@@ -39,12 +51,7 @@ def fault_link_down(w, seconds=30):
         reconnected = client.count("tunnel_closed") > closed
         log(f"    Visitors succeed {back:.1f}s after link up; tunnel "
             f"{'was re-established' if reconnected else 'survived (same QUIC connection)'}")
-        try:
-            code = d.p.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            d.kill()
-            code = "killed"
-        size = check_prefix(d.out)
+        code, size = download_end(d, 120, "killed")
         log(f"    in-flight download across the outage: curl exit {code}, {size} correct bytes "
             f"of {n} ({'completed' if size == n and code == 0 else 'cut'})")
         if code == 0 and size != n:
@@ -64,12 +71,7 @@ def fault_address_change(w):
         w.client.ip("addr", "add", f"{new}/32", "dev", "eth0")
         w.net.client_routes("client", new)
         w.client.ip("addr", "del", f"{CLIENT_WAN['client']}/32", "dev", "eth0")
-        try:
-            code = d.p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            d.kill()
-            code = "timeout"
-        size = check_prefix(d.out)
+        code, size = download_end(d, 60, "timeout")
         stream = size == n and code == 0
         w.visitor.wait_until_succeeds(curl(w, "https://app.example.com/ | grep -qx backend-1"), timeout=60)
         survived = client.count("tunnel_closed") == closed
