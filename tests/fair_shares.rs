@@ -203,10 +203,8 @@ async fn readiness_closes_only_on_sustained_saturation_of_a_server_wide_pool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tunnels_pending_flood_does_not_starve_another_tunnel() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
+    let (dir, cert_dir, ca, id_dir, pin) = material("client");
     let (stuck_dir, stuck_pin) = identity(dir.path(), "stuck");
-    let (id_dir, pin) = identity(dir.path(), "client");
     let backend = EchoBackend::tls(&[OTHER]).await;
     let cert = backend.cert.clone().unwrap();
     let limits = Limits {

@@ -29,9 +29,7 @@ async fn terminating(
     TestServer,
     TestClient,
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
+    let (dir, cert_dir, ca, id_dir, pin) = material("client");
     let (public_dir, public_ca) = public_certs(dir.path(), &[SECURE]);
     let server = TestServer::start(&cert_dir, vec![tunnel(0, &[SECURE], &[pin])]).await;
     let mut svc = service(0, &[SECURE], backend, TlsMode::Terminate);
@@ -153,9 +151,7 @@ async fn terminate_keeps_half_close_in_both_directions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catch_all_service_receives_every_hostname_the_server_routes() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
+    let (_dir, cert_dir, ca, id_dir, pin) = material("client");
     let hosts = ["a.runewarp.test", "b.runewarp.test", "c.runewarp.test"];
     let backend = EchoBackend::tls(&hosts).await;
     let server = TestServer::start(&cert_dir, vec![tunnel(0, &hosts, &[pin])]).await;
@@ -185,9 +181,7 @@ async fn catch_all_service_receives_every_hostname_the_server_routes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_drop_rule_closes_the_visitor_within_6s_while_good_traffic_flows() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
+    let (dir, cert_dir, ca, id_dir, pin) = material("client");
     let (_, other_pin) = identity(dir.path(), "never-connects");
     let backend = EchoBackend::tls(&[APP]).await;
     let unserved = "unserved.runewarp.test"; // routed by the Server, no Client Service
@@ -279,9 +273,7 @@ fn client_hello(sni: Option<&str>) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_identity_is_refused_with_access_denied_then_a_pinned_one_is_accepted() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (good_dir, pin) = identity(dir.path(), "pinned");
+    let (dir, cert_dir, ca, good_dir, pin) = material("pinned");
     let (bad_dir, _) = identity(dir.path(), "stranger");
     let backend = EchoBackend::tls(&[APP]).await;
     let server = TestServer::start(&cert_dir, vec![tunnel(0, &[APP], &[pin])]).await;
@@ -339,9 +331,7 @@ async fn unknown_identity_is_refused_with_access_denied_then_a_pinned_one_is_acc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_connection_replaces_the_older_one_in_the_same_tunnel() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "shared");
+    let (_dir, cert_dir, ca, id_dir, pin) = material("shared");
     let backend_a = EchoBackend::tls(&[APP]).await;
     let backend_b = EchoBackend::tls(&[APP]).await;
     let roots = [
@@ -397,9 +387,7 @@ async fn a_newer_connection_replaces_the_older_one_in_the_same_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reconnects_after_the_server_restarts() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
+    let (_dir, cert_dir, ca, id_dir, pin) = material("client");
     let backend = EchoBackend::tls(&[APP]).await;
     let tunnels = vec![tunnel(0, &[APP], &[pin])];
     let server = TestServer::start(&cert_dir, tunnels.clone()).await;

@@ -71,6 +71,15 @@ pub fn identity(dir: &Path, name: &str) -> (PathBuf, ClientIdentity) {
     (d, pin)
 }
 
+/// A new temporary directory with Server material and the Client identity
+/// `name`; returns (directory, cert dir, CA file, identity dir, pin).
+pub fn material(name: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf, ClientIdentity) {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_dir, ca) = server_material(dir.path());
+    let (id_dir, pin) = identity(dir.path(), name);
+    (dir, cert_dir, ca, id_dir, pin)
+}
+
 /// Terminate-mode material for `hosts` in `dir/public`; returns (dir, CA).
 pub fn public_certs(dir: &Path, hosts: &[&str]) -> (PathBuf, CertificateDer<'static>) {
     let d = dir.join("public");
@@ -147,9 +156,7 @@ impl Rig {
     }
 
     async fn start_full(host: &str, limits: Limits, readiness: bool) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (cert_dir, ca) = server_material(dir.path());
-        let (id_dir, pin) = identity(dir.path(), "client");
+        let (dir, cert_dir, ca, id_dir, pin) = material("client");
         let backend = EchoBackend::tls(&[host]).await;
         let mut config = server_config(&cert_dir, vec![tunnel(0, &[host], &[pin])]);
         if readiness {
