@@ -210,17 +210,11 @@ let
     in
     {
       options = rw.roleOptions {
-        inherit pkgs;
+        inherit pkgs unit;
+        cfg = config;
         role = "client";
         packageDefault = top.services.runewarp.package;
         packageDescription = "The Runewarp package for this instance.";
-        generatedConfig = rw.configFile {
-          inherit pkgs;
-          inherit (config) package settings;
-          role = "client";
-          name = unit;
-          check = config.checkConfig;
-        };
         credentialsDirectory = "/run/credentials/${unit}.service";
         credentialsExample = {
           "server-ca.crt" = "/run/secrets/runewarp/server-ca.crt";

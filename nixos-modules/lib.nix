@@ -217,15 +217,17 @@ rec {
 
   # Options whose declaration is the same for the Server and each Client
   # instance, apart from the values given here: `package` (defaulting to
-  # `packageDefault`), `generatedConfigFile`, `checkConfig`, `credentials`,
-  # `credentialsDirectory` and `extraArgs`.
+  # `packageDefault`), `generatedConfigFile` (the TOML file for the
+  # instance's own `cfg.settings`, named after its `unit`), `checkConfig`,
+  # `credentials`, `credentialsDirectory` and `extraArgs`.
   roleOptions =
     {
       pkgs,
+      cfg,
       role,
+      unit,
       packageDefault,
       packageDescription,
-      generatedConfig,
       credentialsDirectory,
       credentialsExample,
       credentialsDescription,
@@ -240,7 +242,12 @@ rec {
       generatedConfigFile = lib.mkOption {
         type = lib.types.path;
         readOnly = true;
-        default = generatedConfig;
+        default = configFile {
+          inherit pkgs role;
+          inherit (cfg) package settings;
+          name = unit;
+          check = cfg.checkConfig;
+        };
         defaultText = lib.literalExpression "the TOML file generated from settings";
         description = "The configuration file generated from `settings` (validated at build time when `checkConfig` is on).";
       };

@@ -28,13 +28,6 @@ let
 
   s = cfg.settings.server;
 
-  generatedConfig = rw.configFile {
-    inherit pkgs;
-    inherit (cfg) package settings;
-    role = "server";
-    name = unit;
-    check = cfg.checkConfig;
-  };
   configPath = if cfg.configFile != null then cfg.configFile else cfg.generatedConfigFile;
 
   publicPort = rw.portOf s.public-bind-address;
@@ -198,7 +191,12 @@ in
   imports = [ ./common.nix ];
 
   options.services.runewarp.server = rw.roleOptions {
-    inherit pkgs generatedConfig credentialsDirectory;
+    inherit
+      pkgs
+      cfg
+      unit
+      credentialsDirectory
+      ;
     role = "server";
     packageDefault = config.services.runewarp.package;
     packageDescription = "The Runewarp package for the Server.";
