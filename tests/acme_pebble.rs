@@ -343,6 +343,16 @@ impl World {
 
     /// A Visitor: curl over TLS to `host` through the Server's public
     /// listener, trusting only Pebble's root.
+    /// A Visitor request for APP trusting `root` reaches the backend;
+    /// `when` names the moment in the failure message.
+    fn assert_serves(&self, root: &Path, when: &str) {
+        let out = self.curl(APP, root);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(REPLY),
+            "{when}: {out:?}"
+        );
+    }
+
     fn curl(&self, host: &str, root: &Path) -> std::process::Output {
         Command::new("curl")
             .args(["-sS", "--max-time", "10", "--cacert"])
@@ -472,11 +482,7 @@ fn issue_reuse_and_reorder() {
         WAIT,
     );
     client.wait_line(&["tunnel_connected"], WAIT);
-    let out = w.curl(APP, &root);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains(REPLY),
-        "after restart: {out:?}"
-    );
+    w.assert_serves(&root, "after restart");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(w.pebble.orders(), 2, "a restart must not order again");
     assert_eq!(server.count(&["acme_certificate_issued"]), 0);
@@ -493,11 +499,7 @@ fn issue_reuse_and_reorder() {
         3,
         "the deleted certificate is ordered again"
     );
-    let out = w.curl(APP, &root);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains(REPLY),
-        "after re-order: {out:?}"
-    );
+    w.assert_serves(&root, "after re-order");
 
     // An expired stored certificate is ordered again at once.
     client.terminate();
@@ -510,11 +512,7 @@ fn issue_reuse_and_reorder() {
         4,
         "the expired certificate is ordered again"
     );
-    let out = w.curl(APP, &root);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains(REPLY),
-        "after expiry: {out:?}"
-    );
+    w.assert_serves(&root, "after expiry");
 
     assert!(backend.connections.load(Ordering::SeqCst) >= 4);
     server.assert_running();

@@ -207,12 +207,19 @@ fn a_client_pinning_the_server_key_routes_and_a_wrong_pin_is_refused() {
 
 // ------------------------------------------------------ private material
 
-#[test]
-fn an_exposed_stateless_reset_secret_is_reported_at_start() {
-    let home = server_home();
+/// The Server started once (logging to first.log, creating its state) and
+/// stopped again.
+fn started_once(home: &Home) -> Running {
     let mut server = home.spawn("server", &home.path().join("server.toml"), "first.log");
     wait_event(&server, "server_started", Duration::from_secs(10));
     server.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    server
+}
+
+#[test]
+fn an_exposed_stateless_reset_secret_is_reported_at_start() {
+    let home = server_home();
+    let server = started_once(&home);
     let secret = home
         .path()
         .join("server-certs/state/stateless-reset.secret");
@@ -247,9 +254,7 @@ fn material_commands_refuse_a_symlinked_state_directory() {
 fn the_server_refuses_a_symlinked_state_directory() {
     let home = server_home();
     // A first start creates the stateless-reset secret in state/.
-    let mut first = home.spawn("server", &home.path().join("server.toml"), "first.log");
-    wait_event(&first, "server_started", Duration::from_secs(10));
-    first.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    started_once(&home);
     let state = home.path().join("server-certs/state");
     let moved = home.path().join("moved-state");
     std::fs::rename(&state, &moved).unwrap();

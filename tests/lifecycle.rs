@@ -18,6 +18,28 @@ fn recv_state(sock: &UnixDatagram, within: Duration) -> String {
     String::from_utf8_lossy(&buf[..n]).to_string()
 }
 
+/// A Client with the identity in `identity_dir`, a readiness listener and
+/// a NOTIFY_SOCKET, once it has sent READY=1; returns it, the notify
+/// socket and the readiness address.
+fn notifying_client(
+    home: &Home,
+    identity_dir: &str,
+    backend: &Backend,
+) -> (Running, UnixDatagram, std::net::SocketAddr) {
+    let sock_path = home.path().join("client-notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let ready = std::net::SocketAddr::from(([127, 0, 0, 1], free_tcp()));
+    let client_toml = client_config_with_readiness(home, identity_dir, backend.addr, ready);
+    let client = home.spawn_env(
+        "client",
+        &client_toml,
+        "client.log",
+        &[("NOTIFY_SOCKET", &sock_path)],
+    );
+    assert_eq!(recv_state(&sock, Duration::from_secs(10)), "READY=1");
+    (client, sock, ready)
+}
+
 #[test]
 fn readiness_and_sd_notify_follow_the_server_and_client_lifecycle() {
     let (home, pin) = Home::with_identity();
@@ -41,17 +63,7 @@ fn readiness_and_sd_notify_follow_the_server_and_client_lifecycle() {
 
     // The Client is READY once it runs and dials; its readiness listener
     // accepts once the Tunnel is up.
-    let client_sock_path = home.path().join("client-notify.sock");
-    let client_sock = UnixDatagram::bind(&client_sock_path).unwrap();
-    let client_ready = std::net::SocketAddr::from(([127, 0, 0, 1], free_tcp()));
-    let client_toml = client_config_with_readiness(&home, "identity", backend.addr, client_ready);
-    let mut client = home.spawn_env(
-        "client",
-        &client_toml,
-        "client.log",
-        &[("NOTIFY_SOCKET", &client_sock_path)],
-    );
-    assert_eq!(recv_state(&client_sock, Duration::from_secs(10)), "READY=1");
+    let (mut client, client_sock, client_ready) = notifying_client(&home, "identity", &backend);
     wait_until("the tunnel is up", Duration::from_secs(15), || {
         !client.events("tunnel_connected").is_empty()
     });
@@ -125,17 +137,7 @@ fn client_is_ready_while_the_server_refuses_it_but_its_readiness_stays_closed() 
     let server_toml = home.server_config(&pinned);
     let _server = home.spawn("server", &server_toml, "server.log");
 
-    let sock_path = home.path().join("client-notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    let ready = std::net::SocketAddr::from(([127, 0, 0, 1], free_tcp()));
-    let client_toml = client_config_with_readiness(&home, "fresh", backend.addr, ready);
-    let mut client = home.spawn_env(
-        "client",
-        &client_toml,
-        "client.log",
-        &[("NOTIFY_SOCKET", &sock_path)],
-    );
-    assert_eq!(recv_state(&sock, Duration::from_secs(10)), "READY=1");
+    let (mut client, _sock, ready) = notifying_client(&home, "fresh", &backend);
     wait_until("the refusal is logged", Duration::from_secs(15), || {
         !client.events("tunnel_refused").is_empty()
     });

@@ -210,6 +210,16 @@ pub async fn stop(client: TestClient, server: TestServer) {
     server.stop().await;
 }
 
+/// Fire `trigger` and wait for `task` (the role `what`) to end: within 5 s,
+/// without a panic.
+async fn shut_down(what: &str, trigger: Trigger, task: JoinHandle<()>) {
+    trigger.fire();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap_or_else(|_| panic!("{what} stops within 5 s"))
+        .unwrap();
+}
+
 pub struct TestServer {
     pub public: SocketAddr,
     pub tunnel: SocketAddr,
@@ -328,11 +338,7 @@ impl TestServer {
     }
 
     pub async fn stop(self) {
-        self.trigger.fire();
-        tokio::time::timeout(Duration::from_secs(5), self.task)
-            .await
-            .expect("server stops within 5 s")
-            .unwrap();
+        shut_down("server", self.trigger, self.task).await;
     }
 }
 
@@ -412,11 +418,7 @@ impl TestClient {
     }
 
     pub async fn stop(self) {
-        self.trigger.fire();
-        tokio::time::timeout(Duration::from_secs(5), self.task)
-            .await
-            .expect("client stops within 5 s")
-            .unwrap();
+        shut_down("client", self.trigger, self.task).await;
     }
 }
 
