@@ -11,6 +11,8 @@
 //! they fail, saying so.
 
 mod common;
+#[path = "common/opt_in.rs"]
+mod opt_in;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -21,7 +23,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::opt_in;
 use common::ports::{free_tcp, free_udp_tcp};
 use common::proc::{BIN, Running as Proc};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};

@@ -580,7 +580,7 @@ pub async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Dura
         }
     }
 }
-pub mod opt_in;
+
 pub mod ports;
 pub mod proc;
 pub mod tls;
