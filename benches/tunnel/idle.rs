@@ -2,14 +2,13 @@
 
 use super::*;
 
-pub(crate) async fn idle_streams(phase: Phase<'_, '_>) -> Res<()> {
-    let Phase {
-        plan,
-        route,
-        v,
-        procs,
-        f,
-    } = phase;
+pub(crate) async fn idle_streams(
+    plan: &Plan,
+    route: Route,
+    v: &Visitor,
+    procs: &mut Procs<'_>,
+    f: &mut Figures,
+) -> Res<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     f.idle_before = Some(procs.mem()?);
     let mut held = Vec::with_capacity(plan.idle);

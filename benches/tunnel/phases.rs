@@ -119,34 +119,6 @@ pub(crate) struct Outcome {
     pub(crate) peak_reset: bool,
 }
 
-/// What one measurement phase works with for one route: the plan, the
-/// route's Visitor, the processes and the route's figures.
-pub(crate) struct Phase<'a, 'p> {
-    pub(crate) plan: &'a Plan,
-    pub(crate) route: Route,
-    pub(crate) v: &'a Visitor,
-    pub(crate) procs: &'a mut Procs<'p>,
-    pub(crate) f: &'a mut Figures,
-}
-
-impl<'a, 'p> Phase<'a, 'p> {
-    fn of(
-        plan: &'a Plan,
-        route: Route,
-        visitors: &'a [Visitor; 3],
-        procs: &'a mut Procs<'p>,
-        figures: &'a mut [Figures; 3],
-    ) -> Self {
-        Phase {
-            plan,
-            route,
-            v: &visitors[route.index()],
-            procs,
-            f: &mut figures[route.index()],
-        }
-    }
-}
-
 pub(crate) async fn measure(plan: &Plan, s: &mut Setup) -> Res<Outcome> {
     let tls_backend = listener(&s.tls_backend)?;
     let plain_backend = listener(&s.plain_backend)?;
@@ -188,7 +160,14 @@ pub(crate) async fn measure(plan: &Plan, s: &mut Setup) -> Res<Outcome> {
     );
     for _ in 0..plan.rounds {
         for r in ROUTES {
-            bulk(Phase::of(plan, r, &visitors, &mut procs, &mut figures)).await?;
+            bulk(
+                plan,
+                r,
+                &visitors[r.index()],
+                &mut procs,
+                &mut figures[r.index()],
+            )
+            .await?;
         }
     }
     for f in &mut figures {
@@ -204,11 +183,25 @@ pub(crate) async fn measure(plan: &Plan, s: &mut Setup) -> Res<Outcome> {
     );
     for r in ROUTES {
         procs.check()?;
-        conn_rate(Phase::of(plan, r, &visitors, &mut procs, &mut figures)).await?;
+        conn_rate(
+            plan,
+            r,
+            &visitors[r.index()],
+            &mut procs,
+            &mut figures[r.index()],
+        )
+        .await?;
     }
     eprintln!("idle streams ({})", plan.idle);
     for r in [Route::Passthrough, Route::Terminate] {
-        idle_streams(Phase::of(plan, r, &visitors, &mut procs, &mut figures)).await?;
+        idle_streams(
+            plan,
+            r,
+            &visitors[r.index()],
+            &mut procs,
+            &mut figures[r.index()],
+        )
+        .await?;
     }
     procs.check()?;
     let udp_drops_run = udp_rcvbuf_errors()?.saturating_sub(drops_start);

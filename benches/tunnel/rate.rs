@@ -2,14 +2,13 @@
 
 use super::*;
 
-pub(crate) async fn conn_rate(phase: Phase<'_, '_>) -> Res<()> {
-    let Phase {
-        plan,
-        route,
-        v,
-        procs,
-        f,
-    } = phase;
+pub(crate) async fn conn_rate(
+    plan: &Plan,
+    route: Route,
+    v: &Visitor,
+    procs: &mut Procs<'_>,
+    f: &mut Figures,
+) -> Res<()> {
     let before = procs.cpu()?;
     let start = Instant::now();
     let deadline = start + plan.rate_for;
