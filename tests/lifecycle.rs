@@ -64,9 +64,7 @@ fn readiness_and_sd_notify_follow_the_server_and_client_lifecycle() {
     // The Client is READY once it runs and dials; its readiness listener
     // accepts once the Tunnel is up.
     let (mut client, client_sock, client_ready) = notifying_client(&home, "identity", &backend);
-    wait_until("the tunnel is up", Duration::from_secs(15), || {
-        !client.events("tunnel_connected").is_empty()
-    });
+    client.wait_event("tunnel_connected", Duration::from_secs(15));
     wait_until(
         "the Client's readiness listener accepts once connected",
         Duration::from_secs(5),
@@ -138,9 +136,7 @@ fn client_is_ready_while_the_server_refuses_it_but_its_readiness_stays_closed() 
     let _server = home.spawn("server", &server_toml, "server.log");
 
     let (mut client, _sock, ready) = notifying_client(&home, "fresh", &backend);
-    wait_until("the refusal is logged", Duration::from_secs(15), || {
-        !client.events("tunnel_refused").is_empty()
-    });
+    client.wait_event("tunnel_refused", Duration::from_secs(15));
     assert!(
         client.child.try_wait().unwrap().is_none(),
         "the refused Client keeps running"
@@ -167,9 +163,7 @@ fn slow_setup(home: &Home, graceful: &str) -> (Running, Running, Backend) {
     let client_toml = home.default_client_config(backend.addr);
     let server = home.spawn("server", &server_toml, "server.log");
     let client = home.spawn("client", &client_toml, "client.log");
-    wait_until("tunnel up", Duration::from_secs(15), || {
-        !client.events("tunnel_connected").is_empty()
-    });
+    client.wait_event("tunnel_connected", Duration::from_secs(15));
     (server, client, backend)
 }
 
@@ -250,9 +244,7 @@ fn a_client_killed_mid_stream_resets_the_visitor_and_the_next_client_is_served()
 
     let client_toml = home.path().join("client.toml");
     let next = home.spawn("client", &client_toml, "client-2.log");
-    wait_until("the next Client connects", Duration::from_secs(10), || {
-        !next.events("tunnel_connected").is_empty()
-    });
+    next.wait_event("tunnel_connected", Duration::from_secs(10));
     let (conn, tcp) = open_visit(home.public_addr(), &backend.cert).unwrap();
     let (bytes, clean) = download(conn, tcp);
     assert!(clean && bytes == 20 * 1024);

@@ -222,16 +222,7 @@ fn metrics_are_off_by_default() {
     let effective = home.ok(&["config", "check", "--role", "server", "-c", "server.toml"]);
     assert!(!effective.contains("metrics-bind-address"), "{effective}");
     let mut server = home.spawn("server", &server_toml, "server.log");
-    let start = Instant::now();
-    while server.events("server_started").is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{}",
-            server.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let started = &server.events("server_started")[0];
+    let started = &server.wait_event("server_started", Duration::from_secs(10))[0];
     assert!(started.contains(" metrics=- "), "{started}");
     server.stop_with(libc::SIGTERM, Duration::from_secs(5));
 }

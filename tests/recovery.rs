@@ -219,11 +219,7 @@ fn a_stopped_backend_closes_the_visitor_at_once_and_is_logged_once() {
     let client_toml =
         home.client_config("dead.toml", "identity", "server-certs/server-ca.crt", dead);
     let client = home.spawn("client", &client_toml, "client.log");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client.events("tunnel_connected").is_empty() {
-        assert!(Instant::now() < deadline, "{}", client.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    client.wait_event("tunnel_connected", Duration::from_secs(10));
     for _ in 0..20 {
         let start = Instant::now();
         let result = visit(home.public_addr(), &backend.cert);

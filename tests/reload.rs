@@ -134,9 +134,7 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
         "[server]\nhostname = \"localhost\"\n[[server.tunnels]]\npublic-hostnames = [\"a*.b\"]\n",
     );
     server.signal(libc::SIGHUP);
-    wait_until("reload_failed", Duration::from_secs(5), || {
-        !server.events("reload_failed").is_empty()
-    });
+    server.wait_event("reload_failed", Duration::from_secs(5));
     assert_eq!(server.events("reload_failed").len(), 1);
     assert!(
         server.events("reload_failed")[0].contains("a*.b"),
@@ -184,9 +182,7 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
     wait_until("OTHER unrouted", Duration::from_secs(3), || {
         get(public, OTHER, &root, b"hi").is_err()
     });
-    wait_until("client2 disconnected", Duration::from_secs(5), || {
-        !client2.events("tunnel_closed").is_empty()
-    });
+    client2.wait_event("tunnel_closed", Duration::from_secs(5));
     let disconnecting = server.events("tunnel_disconnecting");
     assert_eq!(disconnecting.len(), 1, "{}", server.log_text());
     assert!(disconnecting[0].contains(&pin2), "{}", disconnecting[0]);
@@ -240,9 +236,7 @@ fn client_sighup_replaces_services_without_reconnecting() {
         "[client]\nserver-address = \"localhost:0\"\n",
     );
     client.signal(libc::SIGHUP);
-    wait_until("reload_failed", Duration::from_secs(5), || {
-        !client.events("reload_failed").is_empty()
-    });
+    client.wait_event("reload_failed", Duration::from_secs(5));
     assert_eq!(get(public, APP, &root, b"hi").unwrap(), b"one");
 
     // A Service for NEW is added.

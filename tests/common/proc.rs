@@ -350,6 +350,24 @@ impl Running {
         (rss, fds)
     }
 
+    /// Wait until the log has `event="<event>"` lines and return them;
+    /// panics, showing the log, after `within`.
+    pub fn wait_event(&self, event: &str, within: Duration) -> Vec<String> {
+        let start = Instant::now();
+        loop {
+            let lines = self.events(event);
+            if !lines.is_empty() {
+                return lines;
+            }
+            assert!(
+                start.elapsed() < within,
+                "no {event} within {within:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn events(&self, name: &str) -> Vec<String> {
         let needle = format!("event=\"{name}\"");
         self.log_text()
