@@ -177,13 +177,23 @@ fn download(conn: rustls::ClientConnection, mut tcp: TcpStream) -> (usize, bool)
     (got.len(), clean)
 }
 
-#[test]
-fn graceful_shutdown_lets_a_download_finish_and_refuses_new_visitors_at_once() {
-    let home = Home::new();
-    let (mut server, _client, backend) = slow_setup(&home, "5s");
+/// [`slow_setup`] with a Visitor's download under way for 300 ms; returns
+/// the Server, the Client and the download's thread.
+fn downloading(
+    home: &Home,
+    graceful: &str,
+) -> (Running, Running, std::thread::JoinHandle<(usize, bool)>) {
+    let (server, client, backend) = slow_setup(home, graceful);
     let (conn, tcp) = open_visit(home.public_addr(), &backend.cert).unwrap();
     let reader = std::thread::spawn(move || download(conn, tcp));
     std::thread::sleep(Duration::from_millis(300));
+    (server, client, reader)
+}
+
+#[test]
+fn graceful_shutdown_lets_a_download_finish_and_refuses_new_visitors_at_once() {
+    let home = Home::new();
+    let (mut server, _client, reader) = downloading(&home, "5s");
 
     let stop = Instant::now();
     server.signal(libc::SIGTERM);
@@ -207,10 +217,7 @@ fn graceful_shutdown_lets_a_download_finish_and_refuses_new_visitors_at_once() {
 #[test]
 fn a_second_signal_stops_at_once_cutting_the_drain_short() {
     let home = Home::new();
-    let (mut server, _client, backend) = slow_setup(&home, "60s");
-    let (conn, tcp) = open_visit(home.public_addr(), &backend.cert).unwrap();
-    let reader = std::thread::spawn(move || download(conn, tcp));
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut server, _client, reader) = downloading(&home, "60s");
     server.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
     // The first signal says, once, what it is waiting for and how to stop.

@@ -289,21 +289,22 @@ fn a_backend_that_stops_reading_uploads_does_not_stall_the_tunnel() {
     good_visit(&s, "8 uploads the backend does not read");
 }
 
+/// Wait (15 s at most) until `role` logs a stream aborted for its write
+/// deadline; returns how long it took.
+fn write_timeout_reset(role: &Running, what: &str) -> Duration {
+    wait_until(what, Duration::from_secs(15), || {
+        role.events("stream_aborted")
+            .iter()
+            .any(|l| l.contains("reason=\"write_timeout\""))
+    })
+}
+
 #[test]
 fn server_write_deadline_resets_a_stream_whose_visitor_stops_reading() {
     let s = setup("stream-write-timeout = \"2s\"\n", "");
     let (_, fds_before) = s.server.rss_kib_and_fds();
     let mut stuck = visitor(s.home.public_addr(), &s.backend.cert, b"big");
-    let took = wait_until(
-        "the Server resets the stuck stream",
-        Duration::from_secs(15),
-        || {
-            s.server
-                .events("stream_aborted")
-                .iter()
-                .any(|l| l.contains("reason=\"write_timeout\""))
-        },
-    );
+    let took = write_timeout_reset(&s.server, "the Server resets the stuck stream");
     println!("Server reset the stuck stream after {took:?}");
     // Both ways: the Client reset the backend connection, so the
     // backend's writes fail...
@@ -342,16 +343,7 @@ fn client_write_deadline_resets_a_stream_whose_backend_stops_reading() {
         }
         (sent, None)
     });
-    let took = wait_until(
-        "the Client resets the stuck stream",
-        Duration::from_secs(15),
-        || {
-            s.client
-                .events("stream_aborted")
-                .iter()
-                .any(|l| l.contains("reason=\"write_timeout\""))
-        },
-    );
+    let took = write_timeout_reset(&s.client, "the Client resets the stuck stream");
     println!("Client reset the stuck stream after {took:?}");
     let (sent, end) = upload.join().unwrap();
     println!("stuck upload sent {sent} bytes, then {end:?}");
