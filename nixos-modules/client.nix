@@ -46,15 +46,18 @@ let
 
         identity_dir="$(value identity-dir)"
         if [ ! -e "$identity_dir/client.key" ]; then
-          ${rw.createOrRefuse {
-            inherit (c) createMaterial;
-            unit = "runewarp-client-${name}";
-            missing = "$identity_dir/client.key";
-            create = ''
-              echo "No Client identity in $identity_dir: creating one"
-              runewarp client identity init --dir "$identity_dir" > /dev/null
-            '';
-          }}
+          ${
+            if c.createMaterial then
+              ''
+                echo "No Client identity in $identity_dir: creating one"
+                runewarp client identity init --dir "$identity_dir" > /dev/null
+              ''
+            else
+              ''
+                echo "runewarp-client-${name}: $identity_dir/client.key is missing (createMaterial is off)" >&2
+                exit 1
+              ''
+          }
         fi
         pin="$(runewarp client identity show --dir "$identity_dir")"
         echo "Client identity pin: $pin (pin it in the Server's [[server.tunnels]] client-identity)"
@@ -75,14 +78,17 @@ let
           ')"
           for hostname in $hostnames; do
             if [ ! -e "$public_dir/$hostname/public.key" ]; then
-              ${rw.createOrRefuse {
-                inherit (c) createMaterial;
-                unit = "runewarp-client-${name}";
-                missing = "$public_dir/$hostname/public.key";
-                create = ''
-                  runewarp client public-cert init --dir "$public_dir" --hostname "$hostname"
-                '';
-              }}
+              ${
+                if c.createMaterial then
+                  ''
+                    runewarp client public-cert init --dir "$public_dir" --hostname "$hostname"
+                  ''
+                else
+                  ''
+                    echo "runewarp-client-${name}: $public_dir/$hostname/public.key is missing (createMaterial is off)" >&2
+                    exit 1
+                  ''
+              }
             fi
           done
         fi

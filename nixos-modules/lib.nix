@@ -323,23 +323,6 @@ rec {
     exit 0
   '';
 
-  # A prepare script's step for missing material (`missing`, a path):
-  # `create` (shell) when createMaterial is on, otherwise fail naming it.
-  createOrRefuse =
-    {
-      createMaterial,
-      unit,
-      missing,
-      create,
-    }:
-    if createMaterial then
-      create
-    else
-      ''
-        echo "${unit}: ${missing} is missing (createMaterial is off)" >&2
-        exit 1
-      '';
-
   # Assertions that the material paths a module writes are absolute (a
   # relative path would resolve against the config file's directory, which is
   # in the read-only Nix store).

@@ -67,15 +67,18 @@ let
         exit 0
       fi
       if [ ! -e "$cert_dir/server.key" ]; then
-        ${rw.createOrRefuse {
-          inherit (cfg) createMaterial;
-          unit = "runewarp-server";
-          missing = "$cert_dir/server.key";
-          create = ''
-            echo "No Server certificate in $cert_dir: creating a private Server CA and certificate"
-            runewarp server cert init -c "$config"
-          '';
-        }}
+        ${
+          if cfg.createMaterial then
+            ''
+              echo "No Server certificate in $cert_dir: creating a private Server CA and certificate"
+              runewarp server cert init -c "$config"
+            ''
+          else
+            ''
+              echo "runewarp-server: $cert_dir/server.key is missing (createMaterial is off)" >&2
+              exit 1
+            ''
+        }
       fi
       if [ -e "$cert_dir/server-ca.crt" ]; then
         fingerprint="$(openssl x509 -in "$cert_dir/server-ca.crt" -noout -fingerprint -sha256 | cut -d= -f2)"
