@@ -209,41 +209,36 @@ let
       };
     in
     {
-      options = {
+      options = rw.roleOptions {
+        inherit pkgs unit;
+        cfg = config;
+        role = "client";
+        packageDefault = top.services.runewarp.package;
+        packageDescription = "The Runewarp package for this instance.";
+        credentialsDirectory = "/run/credentials/${unit}.service";
+        credentialsExample = {
+          "server-ca.crt" = "/run/secrets/runewarp/server-ca.crt";
+        };
+        credentialsDescription = ''
+          Files passed with systemd `LoadCredential=` (name = absolute path
+          outside the Nix store), readable only by this instance under
+          `credentialsDirectory`. To bring an existing identity, pass
+          `client.key`, `client.crt` and `client-identity.txt` and set
+          `settings.client.identity-dir` to `credentialsDirectory`.
+        '';
+      }
+      // {
         enable = mkOption {
           type = types.bool;
           default = true;
           description = "Whether to run this Client instance (unit `${unit}`).";
         };
 
-        package = mkOption {
-          type = types.package;
-          default = top.services.runewarp.package;
-          defaultText = literalExpression "config.services.runewarp.package";
-          description = "The Runewarp package for this instance.";
-        };
-
         settings = mkOption {
-          type = types.submodule {
+          type = rw.settingsType {
             freeformType = settingsFormat.type;
-            options = {
-              log-level = mkOption {
-                type = types.enum [
-                  "off"
-                  "error"
-                  "warn"
-                  "info"
-                  "debug"
-                  "trace"
-                ];
-                default = "info";
-                description = "Log verbosity.";
-              };
-              client = mkOption {
-                type = clientSection;
-                description = "The `[client]` section.";
-              };
-            };
+            section = "client";
+            sectionType = clientSection;
           };
           description = ''
             This instance's configuration, mirroring the config file (see
@@ -259,59 +254,10 @@ let
           description = "Use this file at run time instead of the one generated from `settings` (validated on start, not at build time).";
         };
 
-        generatedConfigFile = mkOption {
-          type = types.path;
-          readOnly = true;
-          default = rw.configFile {
-            inherit pkgs;
-            inherit (config) package settings;
-            role = "client";
-            name = unit;
-            check = config.checkConfig;
-          };
-          defaultText = literalExpression "the TOML file generated from settings";
-          description = "The configuration file generated from `settings` (validated at build time when `checkConfig` is on).";
-        };
-
-        checkConfig = mkOption {
-          type = types.bool;
-          default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
-          defaultText = literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
-          description = "Validate the generated configuration at build time with `runewarp config check`.";
-        };
-
         createMaterial = mkOption {
           type = types.bool;
           default = true;
           description = "Create a missing Client identity (and missing manual terminate-mode certificates) on start.";
-        };
-
-        credentials = mkOption {
-          type = types.attrsOf rw.credentialPath;
-          default = { };
-          example = {
-            "server-ca.crt" = "/run/secrets/runewarp/server-ca.crt";
-          };
-          description = ''
-            Files passed with systemd `LoadCredential=` (name = absolute path
-            outside the Nix store), readable only by this instance under
-            `credentialsDirectory`. To bring an existing identity, pass
-            `client.key`, `client.crt` and `client-identity.txt` and set
-            `settings.client.identity-dir` to `credentialsDirectory`.
-          '';
-        };
-
-        credentialsDirectory = mkOption {
-          type = types.str;
-          readOnly = true;
-          default = "/run/credentials/${unit}.service";
-          description = "Where `credentials` appear at run time.";
-        };
-
-        extraArgs = mkOption {
-          type = types.listOf types.str;
-          default = [ ];
-          description = "Extra arguments for `runewarp client`.";
         };
       };
     };
@@ -320,62 +266,41 @@ let
     name: c:
     let
       unit = "runewarp-client-${name}";
-      stateDir = "/var/lib/${unit}";
       configPath = if c.configFile != null then c.configFile else c.generatedConfigFile;
     in
-    lib.nameValuePair unit {
-      description = "Runewarp Client instance ${name}";
-      documentation = [ "man:runewarp(1)" ];
-      wantedBy = [ "multi-user.target" ];
-      wants = [ "network-online.target" ];
-      after = [
-        "network-online.target"
-        "nss-lookup.target"
-      ];
-      environment = {
-        HOME = stateDir;
-        XDG_DATA_HOME = stateDir;
-        XDG_STATE_HOME = stateDir;
-      };
-      serviceConfig =
-        rw.hardening
-        // rw.restartPolicy
-        // {
-          # READY=1 is sent once the instance is running and dialling the
-          # Server, not once connected: a Server that is down or does not
-          # know the pin yet (a first deploy) must not hold up the start job
-          # or `nixos-rebuild switch`. Connected: the `tunnel_connected` log
-          # event, or the Client's readiness-bind-address.
-          Type = "notify";
-          NotifyAccess = "main";
-          ExecStartPre = rw.execPrepare (prepareFor name c) configPath utils;
-          ExecStart = utils.escapeSystemdExecArgs (
-            [
-              (lib.getExe c.package)
-              "client"
-              "--config"
-              configPath
-            ]
-            ++ c.extraArgs
-          );
-          # `systemctl reload`: re-read Services and terminate certificates
-          # on the same Tunnel connection.
-          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-          KillSignal = "SIGTERM";
+    # READY=1 is sent once the instance is running and dialling the Server,
+    # not once connected: a Server that is down or does not know the pin
+    # yet (a first deploy) must not hold up the start job or `nixos-rebuild
+    # switch`. Connected: the `tunnel_connected` log event, or the Client's
+    # readiness-bind-address. `systemctl reload` re-reads Services and
+    # terminate certificates on the same Tunnel connection. The control
+    # socket: `runewarp client status --socket /run/<unit>/control.sock`,
+    # as root.
+    lib.nameValuePair unit (
+      rw.roleUnit {
+        inherit
+          pkgs
+          utils
+          unit
+          configPath
+          ;
+        inherit (c) package extraArgs credentials;
+        role = "client";
+        description = "Runewarp Client instance ${name}";
+        after = [
+          "network-online.target"
+          "nss-lookup.target"
+        ];
+        prepare = prepareFor name c;
+        serviceConfig = {
           # The Client closes its Tunnel connection with a short fixed grace.
           TimeoutStopSec = 20;
-          StateDirectory = unit;
-          StateDirectoryMode = "0700";
-          # Holds the control socket (`runewarp client status --socket
-          # /run/<unit>/control.sock`, as root).
-          RuntimeDirectory = unit;
-          RuntimeDirectoryMode = "0700";
-          LoadCredential = lib.mapAttrsToList (cred: path: "${cred}:${path}") c.credentials;
           # Outbound only: no capabilities at all.
           CapabilityBoundingSet = "";
           PrivateUsers = true;
         };
-    };
+      }
+    );
 in
 {
   imports = [ ./common.nix ];

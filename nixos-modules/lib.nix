@@ -150,6 +150,162 @@ rec {
     TimeoutStartSec = "90s";
   };
 
+  # A role's systemd unit: started at boot once the network is online,
+  # `runewarp <role> --config <configPath>` with the hardening, the restart
+  # policy, the notify start, the prepare step, reload by SIGHUP, and a
+  # private state and runtime (control socket) directory named after the
+  # unit. The paths a runtime configFile omits default under the state
+  # directory. `serviceConfig` adds the role's own settings (the stop
+  # timeout, capabilities).
+  roleUnit =
+    {
+      pkgs,
+      utils,
+      role,
+      unit,
+      description,
+      after ? [ "network-online.target" ],
+      package,
+      prepare,
+      configPath,
+      extraArgs,
+      credentials,
+      serviceConfig,
+    }:
+    let
+      stateDir = "/var/lib/${unit}";
+    in
+    {
+      inherit description after;
+      documentation = [ "man:runewarp(1)" ];
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      environment = {
+        HOME = stateDir;
+        XDG_DATA_HOME = stateDir;
+        XDG_STATE_HOME = stateDir;
+      };
+      serviceConfig =
+        hardening
+        // restartPolicy
+        // {
+          Type = "notify";
+          NotifyAccess = "main";
+          ExecStartPre = execPrepare prepare configPath utils;
+          ExecStart = utils.escapeSystemdExecArgs (
+            [
+              (lib.getExe package)
+              role
+              "--config"
+              configPath
+            ]
+            ++ extraArgs
+          );
+          # `systemctl reload`: the role re-reads its configuration file; an
+          # invalid file changes nothing and is logged.
+          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+          KillSignal = "SIGTERM";
+          StateDirectory = unit;
+          StateDirectoryMode = "0700";
+          # Holds the control socket.
+          RuntimeDirectory = unit;
+          RuntimeDirectoryMode = "0700";
+          LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") credentials;
+        }
+        // serviceConfig;
+    };
+
+  # Options whose declaration is the same for the Server and each Client
+  # instance, apart from the values given here: `package` (defaulting to
+  # `packageDefault`), `generatedConfigFile` (the TOML file for the
+  # instance's own `cfg.settings`, named after its `unit`), `checkConfig`,
+  # `credentials`, `credentialsDirectory` and `extraArgs`.
+  roleOptions =
+    {
+      pkgs,
+      cfg,
+      role,
+      unit,
+      packageDefault,
+      packageDescription,
+      credentialsDirectory,
+      credentialsExample,
+      credentialsDescription,
+    }:
+    {
+      package = lib.mkOption {
+        type = lib.types.package;
+        default = packageDefault;
+        defaultText = lib.literalExpression "config.services.runewarp.package";
+        description = packageDescription;
+      };
+      generatedConfigFile = lib.mkOption {
+        type = lib.types.path;
+        readOnly = true;
+        default = configFile {
+          inherit pkgs role;
+          inherit (cfg) package settings;
+          name = unit;
+          check = cfg.checkConfig;
+        };
+        defaultText = lib.literalExpression "the TOML file generated from settings";
+        description = "The configuration file generated from `settings` (validated at build time when `checkConfig` is on).";
+      };
+      checkConfig = lib.mkOption {
+        type = lib.types.bool;
+        default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
+        defaultText = lib.literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
+        description = "Validate the generated configuration at build time with `runewarp config check`.";
+      };
+      credentials = lib.mkOption {
+        type = lib.types.attrsOf credentialPath;
+        default = { };
+        example = credentialsExample;
+        description = credentialsDescription;
+      };
+      credentialsDirectory = lib.mkOption {
+        type = lib.types.str;
+        readOnly = true;
+        default = credentialsDirectory;
+        description = "Where `credentials` appear at run time.";
+      };
+      extraArgs = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        description = "Extra arguments for `runewarp ${role}`.";
+      };
+    };
+
+  # The type of a role's `settings`: `log-level` plus the role's section
+  # (`section`, of type `sectionType`), anything else passed through as TOML.
+  settingsType =
+    {
+      freeformType,
+      section,
+      sectionType,
+    }:
+    lib.types.submodule {
+      inherit freeformType;
+      options = {
+        log-level = lib.mkOption {
+          type = lib.types.enum [
+            "off"
+            "error"
+            "warn"
+            "info"
+            "debug"
+            "trace"
+          ];
+          default = "info";
+          description = "Log verbosity.";
+        };
+        ${section} = lib.mkOption {
+          type = sectionType;
+          description = "The `[${section}]` section.";
+        };
+      };
+    };
+
   # ExecStartPre running `prepare` on `configPath`, escaped for systemd.
   execPrepare = prepare: configPath: utils: [
     (utils.escapeSystemdExecArgs [

@@ -28,13 +28,6 @@ let
 
   s = cfg.settings.server;
 
-  generatedConfig = rw.configFile {
-    inherit pkgs;
-    inherit (cfg) package settings;
-    role = "server";
-    name = unit;
-    check = cfg.checkConfig;
-  };
   configPath = if cfg.configFile != null then cfg.configFile else cfg.generatedConfigFile;
 
   publicPort = rw.portOf s.public-bind-address;
@@ -197,37 +190,34 @@ in
 {
   imports = [ ./common.nix ];
 
-  options.services.runewarp.server = {
+  options.services.runewarp.server = rw.roleOptions {
+    inherit
+      pkgs
+      cfg
+      unit
+      credentialsDirectory
+      ;
+    role = "server";
+    packageDefault = config.services.runewarp.package;
+    packageDescription = "The Runewarp package for the Server.";
+    credentialsExample = {
+      "server.key" = "/run/secrets/runewarp/server.key";
+    };
+    credentialsDescription = ''
+      Files passed to the unit with systemd `LoadCredential=` (name =
+      absolute path outside the Nix store). They appear read-only, owned by
+      the service user, under `credentialsDirectory`; refer to them from
+      `settings` by that path.
+    '';
+  }
+  // {
     enable = mkEnableOption "the Runewarp Server (public ingress edge)";
 
-    package = mkOption {
-      type = types.package;
-      default = config.services.runewarp.package;
-      defaultText = literalExpression "config.services.runewarp.package";
-      description = "The Runewarp package for the Server.";
-    };
-
     settings = mkOption {
-      type = types.submodule {
+      type = rw.settingsType {
         freeformType = settingsFormat.type;
-        options = {
-          log-level = mkOption {
-            type = types.enum [
-              "off"
-              "error"
-              "warn"
-              "info"
-              "debug"
-              "trace"
-            ];
-            default = "info";
-            description = "Log verbosity.";
-          };
-          server = mkOption {
-            type = serverSection;
-            description = "The `[server]` section.";
-          };
-        };
+        section = "server";
+        sectionType = serverSection;
       };
       example = literalExpression ''
         {
@@ -263,21 +253,6 @@ in
       '';
     };
 
-    generatedConfigFile = mkOption {
-      type = types.path;
-      readOnly = true;
-      default = generatedConfig;
-      defaultText = literalExpression "the TOML file generated from settings";
-      description = "The configuration file generated from `settings` (validated at build time when `checkConfig` is on).";
-    };
-
-    checkConfig = mkOption {
-      type = types.bool;
-      default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
-      defaultText = literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
-      description = "Validate the generated configuration at build time with `runewarp config check`.";
-    };
-
     createMaterial = mkOption {
       type = types.bool;
       default = true;
@@ -291,33 +266,6 @@ in
       type = types.bool;
       default = false;
       description = "Open the TCP port of `public-bind-address` and the UDP port of `tunnel-bind-address`.";
-    };
-
-    credentials = mkOption {
-      type = types.attrsOf rw.credentialPath;
-      default = { };
-      example = {
-        "server.key" = "/run/secrets/runewarp/server.key";
-      };
-      description = ''
-        Files passed to the unit with systemd `LoadCredential=` (name =
-        absolute path outside the Nix store). They appear read-only, owned by
-        the service user, under `credentialsDirectory`; refer to them from
-        `settings` by that path.
-      '';
-    };
-
-    credentialsDirectory = mkOption {
-      type = types.str;
-      readOnly = true;
-      default = credentialsDirectory;
-      description = "Where `credentials` appear at run time.";
-    };
-
-    extraArgs = mkOption {
-      type = types.listOf types.str;
-      default = [ ];
-      description = "Extra arguments for `runewarp server`.";
     };
   };
 
@@ -345,60 +293,32 @@ in
 
     environment.systemPackages = [ cfg.package ];
 
-    systemd.services.${unit} = {
+    # READY=1 is sent once both listeners are bound. `systemctl reload`
+    # re-reads the config file (Tunnels, hostnames, pins) without dropping
+    # untouched Tunnels.
+    systemd.services.${unit} = rw.roleUnit {
+      inherit
+        pkgs
+        utils
+        unit
+        prepare
+        configPath
+        ;
+      inherit (cfg) package extraArgs credentials;
+      role = "server";
       description = "Runewarp Server (public ingress edge)";
-      documentation = [ "man:runewarp(1)" ];
-      wantedBy = [ "multi-user.target" ];
-      wants = [ "network-online.target" ];
-      after = [ "network-online.target" ];
+      serviceConfig = {
+        # The grace period plus time to close listeners and exit.
+        TimeoutStopSec = if graceSeconds == null then 90 else graceSeconds + 15;
 
-      # Only consulted when a runtime configFile omits a path.
-      environment = {
-        HOME = stateDir;
-        XDG_DATA_HOME = stateDir;
-        XDG_STATE_HOME = stateDir;
+        # Binding ports below 1024 needs exactly this capability; nothing
+        # else is ever granted.
+        AmbientCapabilities = lib.optionals needsLowPort [ "CAP_NET_BIND_SERVICE" ];
+        CapabilityBoundingSet = if needsLowPort then "CAP_NET_BIND_SERVICE" else "";
+        # A user namespace would hide the capability from the host's
+        # network namespace.
+        PrivateUsers = !needsLowPort;
       };
-
-      serviceConfig =
-        rw.hardening
-        // rw.restartPolicy
-        // {
-          # READY=1 is sent once both listeners are bound.
-          Type = "notify";
-          NotifyAccess = "main";
-          ExecStartPre = rw.execPrepare prepare configPath utils;
-          ExecStart = utils.escapeSystemdExecArgs (
-            [
-              (lib.getExe cfg.package)
-              "server"
-              "--config"
-              configPath
-            ]
-            ++ cfg.extraArgs
-          );
-          # `systemctl reload`: re-read the config file (Tunnels, hostnames,
-          # pins) without dropping untouched Tunnels; an invalid file
-          # changes nothing and is logged.
-          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-          KillSignal = "SIGTERM";
-          # The grace period plus time to close listeners and exit.
-          TimeoutStopSec = if graceSeconds == null then 90 else graceSeconds + 15;
-
-          StateDirectory = unit;
-          StateDirectoryMode = "0700";
-          # Holds the control socket.
-          RuntimeDirectory = unit;
-          RuntimeDirectoryMode = "0700";
-          LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") cfg.credentials;
-
-          # Binding ports below 1024 needs exactly this capability; nothing
-          # else is ever granted.
-          AmbientCapabilities = lib.optionals needsLowPort [ "CAP_NET_BIND_SERVICE" ];
-          CapabilityBoundingSet = if needsLowPort then "CAP_NET_BIND_SERVICE" else "";
-          # A user namespace would hide the capability from the host's
-          # network namespace.
-          PrivateUsers = !needsLowPort;
-        };
     };
   };
 }

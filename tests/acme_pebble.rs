@@ -10,6 +10,7 @@
 //! the Nix build sandbox has. With the variable set and a program missing,
 //! they fail, saying so.
 
+mod common;
 #[path = "common/opt_in.rs"]
 mod opt_in;
 
@@ -17,39 +18,21 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::ports::{free_tcp, free_udp_tcp};
+use common::proc::{BIN, Running as Proc};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
 
-const BIN: &str = env!("CARGO_BIN_EXE_runewarp");
 const SERVER_HOST: &str = "tunnel.runewarp.test";
 const APP: &str = "app.runewarp.test";
 const LATE: &str = "late.runewarp.test";
 const REPLY: &str = "hello from the plaintext backend";
 /// Upper bound for any single wait on issuance or connection.
 const WAIT: Duration = Duration::from_secs(60);
-
-fn free_tcp() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A port free for both UDP and TCP (challtestsrv's DNS serves both).
-fn free_udp_tcp() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
 
 fn need(binary: &str) {
     let found = std::env::var_os("PATH")
@@ -61,92 +44,6 @@ fn need(binary: &str) {
          `apt-get install pebble` (Debian's package ships both pebble and pebble-challtestsrv; \
          elsewhere: `apt-get install pebble pebble-challtestsrv`)"
     );
-}
-
-/// A child process killed on drop; its stdout and stderr go to `log`.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    /// Stop as an operator's restart does (SIGTERM, the Tunnel connection
-    /// closed cleanly), so the next Client is installed at once rather
-    /// than replacing a connection the Server still believes in.
-    fn stop(mut self) {
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn spawn(mut cmd: Command, log: &Path) -> Self {
-        let out = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out));
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        Self {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("process exited ({status}); log:\n{}", self.text());
-        }
-    }
-
-    /// Wait until a log line contains every one of `parts`.
-    fn wait_line(&mut self, parts: &[&str], within: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(line) = self
-                .text()
-                .lines()
-                .find(|l| parts.iter().all(|p| l.contains(p)))
-            {
-                return line.to_string();
-            }
-            self.assert_running();
-            assert!(
-                start.elapsed() < within,
-                "no log line with {parts:?} within {within:?}; log:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn count(&self, parts: &[&str]) -> usize {
-        self.text()
-            .lines()
-            .filter(|l| parts.iter().all(|p| l.contains(p)))
-            .count()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Pebble + pebble-challtestsrv on loopback.
@@ -228,7 +125,7 @@ impl Pebble {
             "-defaultIPv6",
             "",
         ]);
-        let challtestsrv = Proc::spawn(cts, &dir.join("challtestsrv.log"));
+        let challtestsrv = Proc::spawn_logged(cts, &dir.join("challtestsrv.log"));
         Self {
             directory_url: format!("https://127.0.0.1:{listen}/dir"),
             directory_ca,
@@ -256,7 +153,7 @@ impl Pebble {
         .env("PEBBLE_VA_ALWAYS_VALID", "0")
         .env("PEBBLE_WFE_NONCEREJECT", "0")
         .env("PEBBLE_AUTHZREUSE", "0");
-        let mut p = Proc::spawn(cmd, &self.dir.join("pebble.log"));
+        let mut p = Proc::spawn_logged(cmd, &self.dir.join("pebble.log"));
         p.wait_line(&["ACME directory available"], Duration::from_secs(20));
         self.pebble = Some(p);
     }
@@ -385,6 +282,16 @@ impl World {
         )
     }
 
+    /// Pebble up, a backend, and a Server holding its ACME certificate.
+    fn serving() -> (Self, Backend, Proc) {
+        let mut w = Self::new();
+        w.pebble.start();
+        let backend = backend();
+        let mut server = w.server();
+        server.wait_line(&parts(&issued(SERVER_HOST)), WAIT);
+        (w, backend, server)
+    }
+
     fn server(&self) -> Proc {
         let config = self.dir.join("server.toml");
         fs::write(
@@ -403,7 +310,7 @@ impl World {
         .unwrap();
         let mut cmd = runewarp(&self.dir);
         cmd.args(["server", "--config"]).arg(&config);
-        Proc::spawn(cmd, &self.dir.join("server.log"))
+        Proc::spawn_logged(cmd, &self.dir.join("server.log"))
     }
 
     fn client(&self, root: &Path, backend: &Backend, hostnames: &[&str]) -> Proc {
@@ -432,11 +339,21 @@ impl World {
         cmd.args(["client", "--config"])
             .arg(&config)
             .env("RUNEWARP_RESOLVE", format!("{SERVER_HOST}=127.0.0.1"));
-        Proc::spawn(cmd, &self.dir.join("client.log"))
+        Proc::spawn_logged(cmd, &self.dir.join("client.log"))
     }
 
     /// A Visitor: curl over TLS to `host` through the Server's public
     /// listener, trusting only Pebble's root.
+    /// A Visitor request for APP trusting `root` reaches the backend;
+    /// `when` names the moment in the failure message.
+    fn assert_serves(&self, root: &Path, when: &str) {
+        let out = self.curl(APP, root);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(REPLY),
+            "{when}: {out:?}"
+        );
+    }
+
     fn curl(&self, host: &str, root: &Path) -> std::process::Output {
         Command::new("curl")
             .args(["-sS", "--max-time", "10", "--cacert"])
@@ -464,6 +381,15 @@ fn runewarp(home: &Path) -> Command {
         .env("HOME", home)
         .env("RUNEWARP_LOG", "warn,runewarp=debug");
     c
+}
+
+/// Whether the test named `test` runs (see the module docs).
+fn enabled(test: &str) -> bool {
+    opt_in::enabled(
+        opt_in::EXTERNAL,
+        test,
+        "pebble, pebble-challtestsrv and curl",
+    )
 }
 
 fn issued(host: &str) -> [String; 2] {
@@ -496,22 +422,13 @@ fn mode(path: &Path) -> u32 {
 /// a new order; a deleted certificate is ordered again.
 #[test]
 fn issue_reuse_and_reorder() {
-    if !opt_in::enabled(
-        opt_in::EXTERNAL,
-        "issue_reuse_and_reorder",
-        "pebble, pebble-challtestsrv and curl",
-    ) {
+    if !enabled("issue_reuse_and_reorder") {
         return;
     }
     let started = Instant::now();
-    let mut w = World::new();
-    w.pebble.start();
-    let backend = backend();
-
-    let mut server = w.server();
-    server.wait_line(&parts(&issued(SERVER_HOST)), WAIT);
+    let (w, backend, server) = World::serving();
     assert!(
-        server.text().contains("acme_public_port"),
+        server.log_text().contains("acme_public_port"),
         "warns about a public port other than 443"
     );
     let root = w.pebble.root();
@@ -528,7 +445,7 @@ fn issue_reuse_and_reorder() {
         String::from_utf8_lossy(&out.stdout).contains(REPLY),
         "Visitor over TLS with the ACME certificate: {:?}\n{}",
         out,
-        client.text()
+        client.log_text()
     );
     assert_eq!(w.pebble.orders(), 2, "one order per hostname");
 
@@ -548,7 +465,7 @@ fn issue_reuse_and_reorder() {
     assert!(w.state_cert("client-acme", APP).is_file());
 
     // Restart both: stored certificates are reused, Pebble sees no order.
-    client.stop();
+    client.terminate();
     drop(server);
     let _ = fs::remove_file(w.dir.join("server.log"));
     let _ = fs::remove_file(w.dir.join("client.log"));
@@ -566,18 +483,14 @@ fn issue_reuse_and_reorder() {
         WAIT,
     );
     client.wait_line(&["tunnel_connected"], WAIT);
-    let out = w.curl(APP, &root);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains(REPLY),
-        "after restart: {out:?}"
-    );
+    w.assert_serves(&root, "after restart");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(w.pebble.orders(), 2, "a restart must not order again");
     assert_eq!(server.count(&["acme_certificate_issued"]), 0);
     assert_eq!(client.count(&["acme_certificate_issued"]), 0);
 
     // A deleted certificate is ordered again.
-    client.stop();
+    client.terminate();
     let _ = fs::remove_file(w.dir.join("client.log"));
     fs::remove_file(w.state_cert("client-acme", APP)).unwrap();
     let mut client = w.client(&root, &backend, &[APP]);
@@ -587,14 +500,10 @@ fn issue_reuse_and_reorder() {
         3,
         "the deleted certificate is ordered again"
     );
-    let out = w.curl(APP, &root);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains(REPLY),
-        "after re-order: {out:?}"
-    );
+    w.assert_serves(&root, "after re-order");
 
     // An expired stored certificate is ordered again at once.
-    client.stop();
+    client.terminate();
     let _ = fs::remove_file(w.dir.join("client.log"));
     fs::write(w.state_cert("client-acme", APP), expired_cert_pem(APP)).unwrap();
     let mut client = w.client(&root, &backend, &[APP]);
@@ -604,11 +513,7 @@ fn issue_reuse_and_reorder() {
         4,
         "the expired certificate is ordered again"
     );
-    let out = w.curl(APP, &root);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains(REPLY),
-        "after expiry: {out:?}"
-    );
+    w.assert_serves(&root, "after expiry");
 
     assert!(backend.connections.load(Ordering::SeqCst) >= 4);
     server.assert_running();
@@ -620,19 +525,11 @@ fn issue_reuse_and_reorder() {
 /// The CA's problem detail is logged and the order retried.
 #[test]
 fn not_yet_issued_hostname_fails_closed() {
-    if !opt_in::enabled(
-        opt_in::EXTERNAL,
-        "not_yet_issued_hostname_fails_closed",
-        "pebble, pebble-challtestsrv and curl",
-    ) {
+    if !enabled("not_yet_issued_hostname_fails_closed") {
         return;
     }
     let started = Instant::now();
-    let mut w = World::new();
-    w.pebble.start();
-    let backend = backend();
-    let mut server = w.server();
-    server.wait_line(&parts(&issued(SERVER_HOST)), WAIT);
+    let (w, backend, mut server) = World::serving();
     let root = w.pebble.root();
     // Pebble resolves LATE to an address where nothing listens.
     set_a_record(&w, LATE, "127.0.0.2");
@@ -676,11 +573,7 @@ fn not_yet_issued_hostname_fails_closed() {
 /// gets its certificate once Pebble is up.
 #[test]
 fn acme_server_down_at_startup() {
-    if !opt_in::enabled(
-        opt_in::EXTERNAL,
-        "acme_server_down_at_startup",
-        "pebble, pebble-challtestsrv and curl",
-    ) {
+    if !enabled("acme_server_down_at_startup") {
         return;
     }
     let started = Instant::now();

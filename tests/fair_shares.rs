@@ -5,18 +5,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use runewarp::config::*;
-use runewarp::hostname::ServerHostname;
-use runewarp::server::Server;
 use runewarp::server::admission::Limits;
-use runewarp::server::tunnels::Registry;
-use runewarp::shutdown::{self, Trigger};
 use runewarp::tls::material;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,75 +17,6 @@ use tokio::net::TcpStream;
 const APP: &str = "app.runewarp.test";
 const OTHER: &str = "other.runewarp.test";
 const UP: Duration = Duration::from_secs(10);
-
-/// An in-process Server with a readiness listener.
-struct ReadyServer {
-    public: SocketAddr,
-    tunnel: SocketAddr,
-    readiness: SocketAddr,
-    registry: Arc<Registry>,
-    trigger: Trigger,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ReadyServer {
-    async fn start(cert_dir: &Path, tunnels: Vec<TunnelConfig>, limits: Limits) -> Self {
-        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let ready = std::net::TcpListener::bind(any).unwrap();
-        let readiness = ready.local_addr().unwrap();
-        drop(ready);
-        let config = ServerConfig {
-            source: None,
-            log_level: LogLevel::Info,
-            hostname: ServerHostname::parse(SERVER_HOSTNAME).unwrap(),
-            public_bind_address: any,
-            tunnel_bind_address: any,
-            readiness_bind_address: Some(readiness),
-            metrics_bind_address: None,
-            control_socket: None,
-            graceful_shutdown_duration: Duration::from_secs(1),
-            certificates: ServerCertSource::Manual {
-                cert_dir: cert_dir.to_path_buf(),
-            },
-            tunnels,
-            stream_timeouts: Default::default(),
-            congestion_control: Default::default(),
-        };
-        let server = Server::bind_with_limits(config, limits).await.unwrap();
-        let (trigger, stop) = shutdown::channel();
-        Self {
-            public: server.public_addr().unwrap(),
-            tunnel: server.tunnel_addr().unwrap(),
-            readiness,
-            registry: server.registry(),
-            trigger,
-            task: tokio::spawn(server.run(stop)),
-        }
-    }
-
-    async fn ready(&self) -> bool {
-        TcpStream::connect(self.readiness).await.is_ok()
-    }
-
-    async fn wait_active(&self, host: &str) {
-        let deadline = Instant::now() + UP;
-        while !matches!(
-            self.registry.route(host),
-            runewarp::server::tunnels::Route::Active(_)
-        ) {
-            assert!(Instant::now() < deadline, "no tunnel for {host}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn stop(self) {
-        self.trigger.fire();
-        tokio::time::timeout(Duration::from_secs(5), self.task)
-            .await
-            .unwrap()
-            .unwrap();
-    }
-}
 
 async fn echo_once(
     v: &mut tokio_rustls::client::TlsStream<TcpStream>,
@@ -108,19 +32,13 @@ async fn echo_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_at_its_share_is_refused_alone_and_readiness_stays_open() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
-    let backend = EchoBackend::tls(&[APP]).await;
-    let cert = backend.cert.clone().unwrap();
     let limits = Limits {
         streams_per_source: 2,
         per_source_ip: 2,
         ..Limits::default()
     };
-    let server = ReadyServer::start(&cert_dir, vec![tunnel(0, &[APP], &[pin])], limits).await;
-    let client = TestClient::passthrough(server.tunnel, &ca, &id_dir, APP, backend.addr);
-    server.wait_active(APP).await;
+    let (_dir, backend, server, client) = Rig::up_with_readiness(APP, limits).await.parts();
+    let cert = backend.cert.clone().unwrap();
 
     // 127.0.0.2 holds its two streams; a third from it is refused at once,
     // from the same /32 on another port too.
@@ -197,26 +115,19 @@ async fn a_source_at_its_share_is_refused_alone_and_readiness_stays_open() {
         .unwrap();
     echo_once(&mut again, b"again").await.unwrap();
     drop(silent);
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_closes_only_on_sustained_saturation_of_a_server_wide_pool() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
-    let backend = EchoBackend::tls(&[APP]).await;
-    let cert = backend.cert.clone().unwrap();
     let limits = Limits {
         routed_streams: 3,
         streams_per_source: 2,
         ..Limits::default()
     };
-    let server = ReadyServer::start(&cert_dir, vec![tunnel(0, &[APP], &[pin])], limits).await;
-    let client = TestClient::passthrough(server.tunnel, &ca, &id_dir, APP, backend.addr);
-    server.wait_active(APP).await;
+    let (_dir, backend, server, client) = Rig::up_with_readiness(APP, limits).await.parts();
+    let cert = backend.cert.clone().unwrap();
     assert!(server.ready().await);
 
     // Fill the Server-wide pool of routed streams from two sources.
@@ -286,29 +197,26 @@ async fn readiness_closes_only_on_sustained_saturation_of_a_server_wide_pool() {
         .await
         .unwrap();
     echo_once(&mut v, b"back").await.unwrap();
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tunnels_pending_flood_does_not_starve_another_tunnel() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
+    let (dir, cert_dir, ca, id_dir, pin) = material("client");
     let (stuck_dir, stuck_pin) = identity(dir.path(), "stuck");
-    let (id_dir, pin) = identity(dir.path(), "client");
     let backend = EchoBackend::tls(&[OTHER]).await;
     let cert = backend.cert.clone().unwrap();
     let limits = Limits {
         pending_stream_opens: 4,
         ..Limits::default()
     };
-    let server = ReadyServer::start(
+    let mut config = server_config(
         &cert_dir,
         vec![tunnel(0, &[APP], &[stuck_pin]), tunnel(1, &[OTHER], &[pin])],
-        limits,
-    )
-    .await;
+    );
+    config.readiness_bind_address = Some(free_tcp_addr());
+    let server = TestServer::start_config(config, limits).await;
     let client = TestClient::passthrough(server.tunnel, &ca, &id_dir, OTHER, backend.addr);
 
     // Tunnel 0's Client grants no streams at all: every Visitor for it
@@ -330,8 +238,8 @@ async fn one_tunnels_pending_flood_does_not_starve_another_tunnel() {
         .unwrap()
         .await
         .unwrap();
-    server.wait_active(APP).await;
-    server.wait_active(OTHER).await;
+    server.wait_active(APP, UP).await;
+    server.wait_active(OTHER, UP).await;
 
     // A flood of Visitors for tunnel 0, more than the whole pool.
     let hello = client_hello(APP);
@@ -366,8 +274,7 @@ async fn one_tunnels_pending_flood_does_not_starve_another_tunnel() {
     assert!(started.elapsed() < Duration::from_secs(1));
     drop(flood);
     stuck.close(0u32.into(), b"done");
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 fn server_share(pool: usize, tunnels: usize) -> usize {

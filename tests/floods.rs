@@ -139,10 +139,8 @@ struct Setup {
 const PROBE: &str = "probe.runewarp.test";
 
 fn setup() -> Setup {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let probe = home.identity("probe");
     let server_toml = home.server_config_with(
         &pin,
@@ -151,12 +149,7 @@ fn setup() -> Setup {
              public-hostnames = [\"{PROBE}\"]\nclient-identity = \"{probe}\"\n"
         ),
     );
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let server = home.spawn("server", &server_toml, "server.log");
     let client = home.spawn("client", &client_toml, "client-1.log");
     visit_until_ok(home.public_addr(), &backend.cert, Duration::from_secs(15));
@@ -407,6 +400,17 @@ fn stranger_config(roots: &rustls::RootCertStore) -> quinn::ClientConfig {
     runewarp::tunnel::transport::client_config(roots.clone(), material, Default::default()).unwrap()
 }
 
+/// A running Server (server.toml, pinning `identity/`) without a Client;
+/// its home, process, tunnel address and the roots that trust it.
+fn lone_server() -> (Home, Running, SocketAddr, rustls::RootCertStore) {
+    runewarp::tls::install_crypto_provider();
+    let (home, pin) = Home::with_identity();
+    let server = home.spawn("server", &home.server_config(&pin), "server.log");
+    let tunnel = SocketAddr::from(([127, 0, 0, 1], home.tunnel));
+    let roots = server_roots(&home);
+    (home, server, tunnel, roots)
+}
+
 fn server_roots(home: &Home) -> rustls::RootCertStore {
     let mut roots = rustls::RootCertStore::empty();
     for c in
@@ -421,13 +425,7 @@ fn server_roots(home: &Home) -> rustls::RootCertStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_unknown_keys_logs_a_bounded_number_of_lines_naming_the_claimed_identity() {
     let _serial = SERIAL.lock().await;
-    runewarp::tls::install_crypto_provider();
-    let home = Home::new();
-    home.server_material();
-    let pin = home.identity("identity");
-    let server = home.spawn("server", &home.server_config(&pin), "server.log");
-    let tunnel = SocketAddr::from(([127, 0, 0, 1], home.tunnel));
-    let roots = server_roots(&home);
+    let (_home, server, tunnel, roots) = lone_server();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // 100 handshakes, each with a new key, from 20 addresses.
@@ -480,13 +478,7 @@ async fn a_flood_of_unknown_keys_logs_a_bounded_number_of_lines_naming_the_claim
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_fighting_over_a_tunnel_replace_at_a_bounded_rate_and_are_logged_once() {
     let _serial = SERIAL.lock().await;
-    runewarp::tls::install_crypto_provider();
-    let home = Home::new();
-    home.server_material();
-    let pin = home.identity("identity");
-    let server = home.spawn("server", &home.server_config(&pin), "server.log");
-    let tunnel = SocketAddr::from(([127, 0, 0, 1], home.tunnel));
-    let roots = server_roots(&home);
+    let (home, server, tunnel, roots) = lone_server();
     let (id, _) =
         runewarp::tls::material::load_client_identity(&home.path().join("identity")).unwrap();
     let config = runewarp::tunnel::transport::client_config(roots, id, Default::default()).unwrap();

@@ -8,26 +8,9 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::proc::*;
-
-/// Wait until `running` logged `event`; returns those lines.
-fn wait_event(running: &Running, event: &str, within: Duration) -> Vec<String> {
-    let start = Instant::now();
-    loop {
-        let lines = running.events(event);
-        if !lines.is_empty() {
-            return lines;
-        }
-        assert!(
-            start.elapsed() < within,
-            "no {event} within {within:?}:\n{}",
-            running.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// The value of `key=` in a log line.
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -77,9 +60,7 @@ fn server_with_nofile(home: &Home, soft: u64, hard: u64, log: &str) -> Running {
 }
 
 fn server_home() -> Home {
-    let home = Home::new();
-    home.server_material();
-    let pin = home.identity("identity");
+    let (home, pin) = Home::with_identity();
     home.server_config(&pin);
     home
 }
@@ -94,7 +75,9 @@ fn the_server_raises_its_descriptor_limit_to_the_hard_limit() {
     }
     let home = server_home();
     let server = server_with_nofile(&home, 256, hard, "server.log");
-    let line = wait_event(&server, "nofile_limit", Duration::from_secs(10)).remove(0);
+    let line = server
+        .wait_event("nofile_limit", Duration::from_secs(10))
+        .remove(0);
     assert_eq!(
         field(&line, "soft"),
         Some(hard.to_string().as_str()),
@@ -107,7 +90,7 @@ fn the_server_raises_its_descriptor_limit_to_the_hard_limit() {
         "{line}"
     );
     // The limit covers the admission limits: no warning.
-    wait_event(&server, "server_started", Duration::from_secs(10));
+    server.wait_event("server_started", Duration::from_secs(10));
     assert!(
         server.events("nofile_limit_low").is_empty(),
         "{}",
@@ -128,9 +111,11 @@ fn the_server_raises_its_descriptor_limit_to_the_hard_limit() {
 fn a_low_hard_descriptor_limit_is_named_in_one_warning() {
     let home = server_home();
     let server = server_with_nofile(&home, 512, 512, "server.log");
-    let line = wait_event(&server, "nofile_limit", Duration::from_secs(10)).remove(0);
+    let line = server
+        .wait_event("nofile_limit", Duration::from_secs(10))
+        .remove(0);
     assert_eq!(field(&line, "soft"), Some("512"), "{line}");
-    let low = wait_event(&server, "nofile_limit_low", Duration::from_secs(10));
+    let low = server.wait_event("nofile_limit_low", Duration::from_secs(10));
     assert_eq!(low.len(), 1, "{low:?}");
     assert!(low[0].contains("WARN"), "{}", low[0]);
     let needed: u64 = field(&low[0], "needed").unwrap().parse().unwrap();
@@ -156,15 +141,7 @@ fn pinned_client_config(home: &Home, name: &str, pin: &str, backend: std::net::S
 fn a_client_pinning_the_server_key_routes_and_a_wrong_pin_is_refused() {
     let home = Home::new();
     let backend = tls_backend();
-    let init = home.ok(&[
-        "server",
-        "cert",
-        "init",
-        "--hostname",
-        "localhost",
-        "--dir",
-        "server-certs",
-    ]);
+    let init = home.ok(&server_cert_init("server-certs"));
     let pin = home.ok(&["server", "cert", "show-pin", "--dir", "server-certs"]);
     let pin = pin.strip_suffix('\n').expect("one line");
     assert_eq!(pin.len(), 64);
@@ -197,15 +174,12 @@ fn a_client_pinning_the_server_key_routes_and_a_wrong_pin_is_refused() {
         .collect();
     pinned_client_config(&home, "wrong.toml", &wrong, backend.addr);
     let wrong_client = home.spawn("client", &home.path().join("wrong.toml"), "wrong.log");
-    let line = wait_event(
-        &wrong_client,
-        "server_pin_mismatch",
-        Duration::from_secs(15),
-    )
-    .remove(0);
+    let line = wrong_client
+        .wait_event("server_pin_mismatch", Duration::from_secs(15))
+        .remove(0);
     assert_eq!(field(&line, "expected"), Some(wrong.as_str()), "{line}");
     assert_eq!(field(&line, "presented"), Some(pin), "{line}");
-    let refused = wait_event(&wrong_client, "tunnel_refused", Duration::from_secs(10));
+    let refused = wrong_client.wait_event("tunnel_refused", Duration::from_secs(10));
     assert!(
         refused
             .iter()
@@ -217,12 +191,19 @@ fn a_client_pinning_the_server_key_routes_and_a_wrong_pin_is_refused() {
 
 // ------------------------------------------------------ private material
 
+/// The Server started once (logging to first.log, creating its state) and
+/// stopped again.
+fn started_once(home: &Home) -> Running {
+    let mut server = home.spawn("server", &home.path().join("server.toml"), "first.log");
+    server.wait_event("server_started", Duration::from_secs(10));
+    server.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    server
+}
+
 #[test]
 fn an_exposed_stateless_reset_secret_is_reported_at_start() {
     let home = server_home();
-    let mut server = home.spawn("server", &home.path().join("server.toml"), "first.log");
-    wait_event(&server, "server_started", Duration::from_secs(10));
-    server.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    let server = started_once(&home);
     let secret = home
         .path()
         .join("server-certs/state/stateless-reset.secret");
@@ -230,7 +211,7 @@ fn an_exposed_stateless_reset_secret_is_reported_at_start() {
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
 
     let server = home.spawn("server", &home.path().join("server.toml"), "second.log");
-    wait_event(&server, "server_started", Duration::from_secs(10));
+    server.wait_event("server_started", Duration::from_secs(10));
     let exposed = server.events("secret_file_exposed");
     assert!(
         exposed
@@ -248,18 +229,7 @@ fn material_commands_refuse_a_symlinked_state_directory() {
     std::fs::create_dir(&elsewhere).unwrap();
     std::fs::create_dir(home.path().join("server-certs")).unwrap();
     std::os::unix::fs::symlink(&elsewhere, home.path().join("server-certs/state")).unwrap();
-    let err = stderr_of(
-        home.cmd().args([
-            "server",
-            "cert",
-            "init",
-            "--hostname",
-            "localhost",
-            "--dir",
-            "server-certs",
-        ]),
-        1,
-    );
+    let err = stderr_of(home.cmd().args(server_cert_init("server-certs")), 1);
     assert!(err.contains("is a symbolic link"), "{err}");
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
 }
@@ -268,9 +238,7 @@ fn material_commands_refuse_a_symlinked_state_directory() {
 fn the_server_refuses_a_symlinked_state_directory() {
     let home = server_home();
     // A first start creates the stateless-reset secret in state/.
-    let mut first = home.spawn("server", &home.path().join("server.toml"), "first.log");
-    wait_event(&first, "server_started", Duration::from_secs(10));
-    first.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    started_once(&home);
     let state = home.path().join("server-certs/state");
     let moved = home.path().join("moved-state");
     std::fs::rename(&state, &moved).unwrap();

@@ -11,14 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::proc::*;
 
-fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what} within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn recv_state(sock: &UnixDatagram, within: Duration) -> String {
     sock.set_read_timeout(Some(within)).unwrap();
     let mut buf = [0u8; 256];
@@ -26,12 +18,32 @@ fn recv_state(sock: &UnixDatagram, within: Duration) -> String {
     String::from_utf8_lossy(&buf[..n]).to_string()
 }
 
+/// A Client with the identity in `identity_dir`, a readiness listener and
+/// a NOTIFY_SOCKET, once it has sent READY=1; returns it, the notify
+/// socket and the readiness address.
+fn notifying_client(
+    home: &Home,
+    identity_dir: &str,
+    backend: &Backend,
+) -> (Running, UnixDatagram, std::net::SocketAddr) {
+    let sock_path = home.path().join("client-notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let ready = std::net::SocketAddr::from(([127, 0, 0, 1], free_tcp()));
+    let client_toml = client_config_with_readiness(home, identity_dir, backend.addr, ready);
+    let client = home.spawn_env(
+        "client",
+        &client_toml,
+        "client.log",
+        &[("NOTIFY_SOCKET", &sock_path)],
+    );
+    assert_eq!(recv_state(&sock, Duration::from_secs(10)), "READY=1");
+    (client, sock, ready)
+}
+
 #[test]
 fn readiness_and_sd_notify_follow_the_server_and_client_lifecycle() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let ready_port = free_tcp();
     let server_toml = home.server_config_with(
         &pin,
@@ -51,20 +63,8 @@ fn readiness_and_sd_notify_follow_the_server_and_client_lifecycle() {
 
     // The Client is READY once it runs and dials; its readiness listener
     // accepts once the Tunnel is up.
-    let client_sock_path = home.path().join("client-notify.sock");
-    let client_sock = UnixDatagram::bind(&client_sock_path).unwrap();
-    let client_ready = std::net::SocketAddr::from(([127, 0, 0, 1], free_tcp()));
-    let client_toml = client_config_with_readiness(&home, "identity", backend.addr, client_ready);
-    let mut client = home.spawn_env(
-        "client",
-        &client_toml,
-        "client.log",
-        &[("NOTIFY_SOCKET", &client_sock_path)],
-    );
-    assert_eq!(recv_state(&client_sock, Duration::from_secs(10)), "READY=1");
-    wait_until("the tunnel is up", Duration::from_secs(15), || {
-        !client.events("tunnel_connected").is_empty()
-    });
+    let (mut client, client_sock, client_ready) = notifying_client(&home, "identity", &backend);
+    client.wait_event("tunnel_connected", Duration::from_secs(15));
     wait_until(
         "the Client's readiness listener accepts once connected",
         Duration::from_secs(5),
@@ -135,20 +135,8 @@ fn client_is_ready_while_the_server_refuses_it_but_its_readiness_stays_closed() 
     let server_toml = home.server_config(&pinned);
     let _server = home.spawn("server", &server_toml, "server.log");
 
-    let sock_path = home.path().join("client-notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    let ready = std::net::SocketAddr::from(([127, 0, 0, 1], free_tcp()));
-    let client_toml = client_config_with_readiness(&home, "fresh", backend.addr, ready);
-    let mut client = home.spawn_env(
-        "client",
-        &client_toml,
-        "client.log",
-        &[("NOTIFY_SOCKET", &sock_path)],
-    );
-    assert_eq!(recv_state(&sock, Duration::from_secs(10)), "READY=1");
-    wait_until("the refusal is logged", Duration::from_secs(15), || {
-        !client.events("tunnel_refused").is_empty()
-    });
+    let (mut client, _sock, ready) = notifying_client(&home, "fresh", &backend);
+    client.wait_event("tunnel_refused", Duration::from_secs(15));
     assert!(
         client.child.try_wait().unwrap().is_none(),
         "the refused Client keeps running"
@@ -172,17 +160,10 @@ fn slow_setup(home: &Home, graceful: &str) -> (Running, Running, Backend) {
         &pin,
         &format!("graceful-shutdown-duration = \"{graceful}\"\n"),
     );
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let server = home.spawn("server", &server_toml, "server.log");
     let client = home.spawn("client", &client_toml, "client.log");
-    wait_until("tunnel up", Duration::from_secs(15), || {
-        !client.events("tunnel_connected").is_empty()
-    });
+    client.wait_event("tunnel_connected", Duration::from_secs(15));
     (server, client, backend)
 }
 
@@ -196,13 +177,23 @@ fn download(conn: rustls::ClientConnection, mut tcp: TcpStream) -> (usize, bool)
     (got.len(), clean)
 }
 
-#[test]
-fn graceful_shutdown_lets_a_download_finish_and_refuses_new_visitors_at_once() {
-    let home = Home::new();
-    let (mut server, _client, backend) = slow_setup(&home, "5s");
+/// [`slow_setup`] with a Visitor's download under way for 300 ms; returns
+/// the Server, the Client and the download's thread.
+fn downloading(
+    home: &Home,
+    graceful: &str,
+) -> (Running, Running, std::thread::JoinHandle<(usize, bool)>) {
+    let (server, client, backend) = slow_setup(home, graceful);
     let (conn, tcp) = open_visit(home.public_addr(), &backend.cert).unwrap();
     let reader = std::thread::spawn(move || download(conn, tcp));
     std::thread::sleep(Duration::from_millis(300));
+    (server, client, reader)
+}
+
+#[test]
+fn graceful_shutdown_lets_a_download_finish_and_refuses_new_visitors_at_once() {
+    let home = Home::new();
+    let (mut server, _client, reader) = downloading(&home, "5s");
 
     let stop = Instant::now();
     server.signal(libc::SIGTERM);
@@ -226,10 +217,7 @@ fn graceful_shutdown_lets_a_download_finish_and_refuses_new_visitors_at_once() {
 #[test]
 fn a_second_signal_stops_at_once_cutting_the_drain_short() {
     let home = Home::new();
-    let (mut server, _client, backend) = slow_setup(&home, "60s");
-    let (conn, tcp) = open_visit(home.public_addr(), &backend.cert).unwrap();
-    let reader = std::thread::spawn(move || download(conn, tcp));
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut server, _client, reader) = downloading(&home, "60s");
     server.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
     // The first signal says, once, what it is waiting for and how to stop.
@@ -263,9 +251,7 @@ fn a_client_killed_mid_stream_resets_the_visitor_and_the_next_client_is_served()
 
     let client_toml = home.path().join("client.toml");
     let next = home.spawn("client", &client_toml, "client-2.log");
-    wait_until("the next Client connects", Duration::from_secs(10), || {
-        !next.events("tunnel_connected").is_empty()
-    });
+    next.wait_event("tunnel_connected", Duration::from_secs(10));
     let (conn, tcp) = open_visit(home.public_addr(), &backend.cert).unwrap();
     let (bytes, clean) = download(conn, tcp);
     assert!(clean && bytes == 20 * 1024);
@@ -273,9 +259,7 @@ fn a_client_killed_mid_stream_resets_the_visitor_and_the_next_client_is_served()
 
 #[test]
 fn a_garbage_flood_leaves_no_memory_or_descriptor_behind() {
-    let home = Home::new();
-    home.server_material();
-    let pin = home.identity("identity");
+    let (home, pin) = Home::with_identity();
     let server = home.spawn("server", &home.server_config(&pin), "server.log");
     wait_until("listening", Duration::from_secs(10), || {
         TcpStream::connect(home.public_addr()).is_ok()

@@ -16,13 +16,7 @@ const UP: Duration = Duration::from_secs(10);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_does_not_block_a_good_visitor_and_is_cut_at_the_5s_deadline() {
     init();
-    let Rig {
-        dir: _dir,
-        backend,
-        server,
-        client,
-        ..
-    } = Rig::up(APP).await;
+    let (_dir, backend, server, client) = Rig::up(APP).await.parts();
 
     // 2,000 connections from 8 source addresses, each trickling the start
     // of a ClientHello at 1 byte per second.
@@ -82,8 +76,7 @@ async fn slowloris_does_not_block_a_good_visitor_and_is_cut_at_the_5s_deadline()
         *max <= Duration::from_millis(7000),
         "closed long after the 5 s deadline: {max:?}"
     );
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,13 +91,7 @@ async fn saturated_limits_refuse_the_newest_and_leave_established_streams_alone(
         routed_streams: 3,
         ..Limits::default()
     };
-    let Rig {
-        dir: _dir,
-        backend,
-        server,
-        client,
-        ..
-    } = Rig::start_with_limits(APP, limits).await;
+    let (_dir, backend, server, client) = Rig::start_with_limits(APP, limits).await.parts();
     server.wait_active(APP, UP).await;
     let cert = backend.cert.clone().unwrap();
 
@@ -174,8 +161,7 @@ async fn saturated_limits_refuse_the_newest_and_leave_established_streams_alone(
         assert_eq!(&buf, b"ok");
     }
     drop(silent);
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,8 +184,7 @@ async fn a_full_handshake_budget_refuses_new_tunnel_connections() {
         "no handshake may be admitted"
     );
     assert_eq!(client.status.borrow().connections, 0);
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 /// Whether a connection from `127.0.0.<last>` is closed within 500 ms (the

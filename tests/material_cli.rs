@@ -23,6 +23,13 @@ impl Sandbox {
         }
     }
 
+    /// A new sandbox and the path of `rel` in it (not created).
+    fn with_dir(rel: &str) -> (Self, PathBuf) {
+        let sb = Self::new();
+        let dir = sb.path(rel);
+        (sb, dir)
+    }
+
     fn path(&self, rel: &str) -> PathBuf {
         self.tmp.path().join(rel)
     }
@@ -43,13 +50,14 @@ impl Sandbox {
 
     /// Run, expect success, return stdout.
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        succeeded(args, self.cmd(args))
+    }
+
+    /// [`Sandbox::ok`] with one more environment variable.
+    fn ok_env(&self, args: &[&str], (key, value): (&str, &str)) -> String {
+        let mut cmd = self.cmd(args);
+        cmd.env(key, value);
+        succeeded(args, cmd)
     }
 
     /// Run, expect failure, return stderr.
@@ -58,6 +66,35 @@ impl Sandbox {
         assert!(!out.status.success(), "{args:?} unexpectedly succeeded");
         String::from_utf8(out.stderr).unwrap()
     }
+}
+
+/// Run `cmd` (made from `args`), expect success, return stdout.
+fn succeeded(args: &[&str], mut cmd: Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `server cert init --hostname <host> --dir <dir>`.
+fn server_init<'a>(host: &'a str, dir: &'a str) -> [&'a str; 7] {
+    ["server", "cert", "init", "--hostname", host, "--dir", dir]
+}
+
+/// `client public-cert init --hostname <host> --dir <dir>`.
+fn public_init<'a>(host: &'a str, dir: &'a str) -> [&'a str; 7] {
+    [
+        "client",
+        "public-cert",
+        "init",
+        "--hostname",
+        host,
+        "--dir",
+        dir,
+    ]
 }
 
 fn mode(p: &Path) -> u32 {
@@ -109,19 +146,10 @@ fn server_files(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn server_cert_init_renew_rotate_ca() {
-    let sb = Sandbox::new();
-    let dir = sb.path("server");
+    let (sb, dir) = Sandbox::with_dir("server");
     let d = dir.to_str().unwrap();
 
-    let out = sb.ok(&[
-        "server",
-        "cert",
-        "init",
-        "--hostname",
-        "Edge.Example.com.",
-        "--dir",
-        d,
-    ]);
+    let out = sb.ok(&server_init("Edge.Example.com.", d));
     assert!(out.contains("Server CA SHA-256 fingerprint:"), "{out}");
     for f in server_files(&dir) {
         assert!(f.is_file(), "{} missing", f.display());
@@ -172,30 +200,13 @@ fn server_cert_init_renew_rotate_ca() {
 
 #[test]
 fn server_cert_init_refuses_to_overwrite_without_force() {
-    let sb = Sandbox::new();
-    let dir = sb.path("server");
+    let (sb, dir) = Sandbox::with_dir("server");
     let d = dir.to_str().unwrap();
-    sb.ok(&[
-        "server",
-        "cert",
-        "init",
-        "--hostname",
-        "edge.example.com",
-        "--dir",
-        d,
-    ]);
+    sb.ok(&server_init("edge.example.com", d));
     let files = server_files(&dir);
     let before = snapshot(&files);
 
-    let err = sb.fails(&[
-        "server",
-        "cert",
-        "init",
-        "--hostname",
-        "edge.example.com",
-        "--dir",
-        d,
-    ]);
+    let err = sb.fails(&server_init("edge.example.com", d));
     assert!(
         err.contains(&dir.join("state/server-ca.key").display().to_string()),
         "{err}"
@@ -227,27 +238,20 @@ fn server_cert_init_refuses_to_overwrite_without_force() {
 
 #[test]
 fn server_hostname_from_environment_and_flag_precedence() {
-    let sb = Sandbox::new();
-    let dir = sb.path("server");
+    let (sb, dir) = Sandbox::with_dir("server");
     let d = dir.to_str().unwrap();
 
-    let out = sb
-        .cmd(&["server", "cert", "init", "--dir", d])
-        .env("RUNEWARP_SERVER_HOSTNAME", "env.example.com")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    sb.ok_env(
+        &["server", "cert", "init", "--dir", d],
+        ("RUNEWARP_SERVER_HOSTNAME", "env.example.com"),
     );
     assert_eq!(
         dns_names(&cert_der(&dir.join("server.crt"))),
         ["env.example.com"]
     );
 
-    let out = sb
-        .cmd(&[
+    sb.ok_env(
+        &[
             "server",
             "cert",
             "renew",
@@ -255,14 +259,8 @@ fn server_hostname_from_environment_and_flag_precedence() {
             d,
             "--hostname",
             "flag.env.example.com",
-        ])
-        .env("RUNEWARP_SERVER_HOSTNAME", "env.example.com")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        ("RUNEWARP_SERVER_HOSTNAME", "env.example.com"),
     );
     assert_eq!(
         dns_names(&cert_der(&dir.join("server.crt"))),
@@ -272,8 +270,7 @@ fn server_hostname_from_environment_and_flag_precedence() {
 
 #[test]
 fn server_cert_init_needs_a_hostname() {
-    let sb = Sandbox::new();
-    let dir = sb.path("server");
+    let (sb, dir) = Sandbox::with_dir("server");
     let err = sb.fails(&["server", "cert", "init", "--dir", dir.to_str().unwrap()]);
     assert!(
         err.contains(
@@ -289,31 +286,14 @@ fn server_cert_init_needs_a_hostname() {
 
 #[test]
 fn bad_hostnames_are_clear_errors_and_write_nothing() {
-    let sb = Sandbox::new();
-    let dir = sb.path("m");
+    let (sb, dir) = Sandbox::with_dir("m");
     let d = dir.to_str().unwrap();
 
-    let err = sb.fails(&[
-        "server",
-        "cert",
-        "init",
-        "--hostname",
-        "10.0.0.1",
-        "--dir",
-        d,
-    ]);
+    let err = sb.fails(&server_init("10.0.0.1", d));
     assert!(err.contains("\"10.0.0.1\""), "{err}");
     assert!(err.contains("IP literal"), "{err}");
 
-    let err = sb.fails(&[
-        "client",
-        "public-cert",
-        "init",
-        "--hostname",
-        "a*.example.com",
-        "--dir",
-        d,
-    ]);
+    let err = sb.fails(&public_init("a*.example.com", d));
     assert!(
         err.contains("wildcard must be the whole first label"),
         "{err}"
@@ -336,8 +316,7 @@ fn bad_hostnames_are_clear_errors_and_write_nothing() {
 
 #[test]
 fn identity_init_show_rotate() {
-    let sb = Sandbox::new();
-    let dir = sb.path("identity");
+    let (sb, dir) = Sandbox::with_dir("identity");
     let d = dir.to_str().unwrap();
 
     let out = sb.ok(&["client", "identity", "init", "--dir", d]);
@@ -407,8 +386,7 @@ fn identity_init_show_rotate() {
 
 #[test]
 fn identity_show_detects_a_disagreeing_pin_file() {
-    let sb = Sandbox::new();
-    let dir = sb.path("identity");
+    let (sb, dir) = Sandbox::with_dir("identity");
     let d = dir.to_str().unwrap();
     let err = sb.fails(&["client", "identity", "show", "--dir", d]);
     assert!(
@@ -447,19 +425,10 @@ fn identity_uses_the_default_directory_without_dir() {
 
 #[test]
 fn public_cert_init_renew_rotate_ca() {
-    let sb = Sandbox::new();
-    let dir = sb.path("public");
+    let (sb, dir) = Sandbox::with_dir("public");
     let d = dir.to_str().unwrap();
 
-    sb.ok(&[
-        "client",
-        "public-cert",
-        "init",
-        "--hostname",
-        "a.example.com",
-        "--dir",
-        d,
-    ]);
+    sb.ok(&public_init("a.example.com", d));
     let ca = cert_der(&dir.join("public-ca.crt"));
     assert_eq!(mode(&dir.join("state/public-ca.key")), 0o600);
     assert_eq!(mode(&dir.join("a.example.com/public.key")), 0o600);
@@ -500,15 +469,7 @@ fn public_cert_init_renew_rotate_ca() {
         dir.join("a.example.com/public.key"),
     ];
     let before = snapshot(&files);
-    let err = sb.fails(&[
-        "client",
-        "public-cert",
-        "init",
-        "--hostname",
-        "a.example.com",
-        "--dir",
-        d,
-    ]);
+    let err = sb.fails(&public_init("a.example.com", d));
     assert!(err.contains("a.example.com/public.key"), "{err}");
     assert_eq!(snapshot(&files), before);
 
@@ -544,8 +505,7 @@ fn public_cert_init_renew_rotate_ca() {
 
 #[test]
 fn public_cert_renew_of_unknown_hostname_says_what_to_run() {
-    let sb = Sandbox::new();
-    let dir = sb.path("public");
+    let (sb, dir) = Sandbox::with_dir("public");
     let d = dir.to_str().unwrap();
     let err = sb.fails(&[
         "client",
@@ -557,15 +517,7 @@ fn public_cert_renew_of_unknown_hostname_says_what_to_run() {
         d,
     ]);
     assert!(err.contains("runewarp client public-cert init"), "{err}");
-    sb.ok(&[
-        "client",
-        "public-cert",
-        "init",
-        "--hostname",
-        "a.example.com",
-        "--dir",
-        d,
-    ]);
+    sb.ok(&public_init("a.example.com", d));
     let err = sb.fails(&[
         "client",
         "public-cert",
@@ -600,8 +552,8 @@ fn config_file_supplies_hostname_and_directories() {
 
     // RUNEWARP_SERVER_HOSTNAME beats server.hostname; --dir beats cert-dir.
     let other = sb.path("other");
-    let out = sb
-        .cmd(&[
+    sb.ok_env(
+        &[
             "server",
             "cert",
             "init",
@@ -609,14 +561,8 @@ fn config_file_supplies_hostname_and_directories() {
             c,
             "--dir",
             other.to_str().unwrap(),
-        ])
-        .env("RUNEWARP_SERVER_HOSTNAME", "env.example.com")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        ("RUNEWARP_SERVER_HOSTNAME", "env.example.com"),
     );
     assert_eq!(
         dns_names(&cert_der(&other.join("server.crt"))),

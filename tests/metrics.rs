@@ -87,10 +87,8 @@ const SERVICE: &str = "service=\"app.runewarp.test\"";
 
 #[test]
 fn metrics_count_real_traffic_and_never_label_visitor_input() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let server_metrics = SocketAddr::from(([127, 0, 0, 1], free_tcp()));
     let client_metrics = SocketAddr::from(([127, 0, 0, 1], free_tcp()));
     let server_toml = home.server_config_with(
@@ -99,12 +97,7 @@ fn metrics_count_real_traffic_and_never_label_visitor_input() {
             "graceful-shutdown-duration = \"1s\"\nmetrics-bind-address = \"{server_metrics}\"\n"
         ),
     );
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let text = std::fs::read_to_string(&client_toml).unwrap().replace(
         "[[client.services]]",
         &format!("metrics-bind-address = \"{client_metrics}\"\n\n[[client.services]]"),
@@ -224,23 +217,12 @@ fn metrics_count_real_traffic_and_never_label_visitor_input() {
 
 #[test]
 fn metrics_are_off_by_default() {
-    let home = Home::new();
-    home.server_material();
-    let pin = home.identity("identity");
+    let (home, pin) = Home::with_identity();
     let server_toml = home.server_config(&pin);
     let effective = home.ok(&["config", "check", "--role", "server", "-c", "server.toml"]);
     assert!(!effective.contains("metrics-bind-address"), "{effective}");
     let mut server = home.spawn("server", &server_toml, "server.log");
-    let start = Instant::now();
-    while server.events("server_started").is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{}",
-            server.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let started = &server.events("server_started")[0];
+    let started = &server.wait_event("server_started", Duration::from_secs(10))[0];
     assert!(started.contains(" metrics=- "), "{started}");
     server.stop_with(libc::SIGTERM, Duration::from_secs(5));
 }

@@ -10,18 +10,11 @@ use common::proc::*;
 
 #[test]
 fn server_and_client_processes_carry_a_visitor_and_stop_on_sigterm() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     assert_eq!(pin.len(), 64);
     let server_toml = home.server_config(&pin);
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
 
     // `config check` prints the effective config with defaults filled in.
     let effective = home.ok(&["config", "check", "--role", "server", "-c", "server.toml"]);

@@ -11,17 +11,10 @@ use common::proc::*;
 
 #[test]
 fn a_server_killed_and_restarted_is_noticed_at_once_and_traffic_flows_within_5s() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let server_toml = home.server_config(&pin);
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let mut server = home.spawn("server", &server_toml, "server-1.log");
     let client = home.spawn("client", &client_toml, "client.log");
     visit_until_ok(home.public_addr(), &backend.cert, Duration::from_secs(15));
@@ -46,17 +39,10 @@ fn a_server_killed_and_restarted_is_noticed_at_once_and_traffic_flows_within_5s(
 /// must not hold it back.
 #[test]
 fn a_client_crashing_twice_in_a_row_takes_its_tunnel_back_within_3s() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let server = home.spawn("server", &home.server_config(&pin), "server.log");
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let mut client = home.spawn("client", &client_toml, "client-1.log");
     visit_until_ok(home.public_addr(), &backend.cert, Duration::from_secs(15));
     for round in 2..=3 {
@@ -82,19 +68,11 @@ fn a_client_crashing_twice_in_a_row_takes_its_tunnel_back_within_3s() {
 
 #[test]
 fn a_refused_identity_is_explained_and_retried_at_most_6_times_in_30s() {
-    let home = Home::new();
+    let (home, pinned) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pinned = home.identity("identity");
     let stranger = home.identity("stranger");
     let server = home.spawn("server", &home.server_config(&pinned), "server.log");
-    let client_toml = home.client_config(
-        "client.toml",
-        "stranger",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
-    let client = home.spawn("client", &client_toml, "client.log");
+    let client = home.spawn_client("stranger", "server-certs/server-ca.crt", backend.addr);
     std::thread::sleep(Duration::from_secs(30));
 
     let refused = client.events("tunnel_refused");
@@ -129,28 +107,12 @@ fn a_refused_identity_is_explained_and_retried_at_most_6_times_in_30s() {
 
 #[test]
 fn an_untrusted_server_certificate_names_hostname_trust_mode_ca_file_and_error() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     // A CA the Server certificate was not issued by.
-    home.ok(&[
-        "server",
-        "cert",
-        "init",
-        "--hostname",
-        "localhost",
-        "--dir",
-        "other-ca",
-    ]);
+    home.ok(&server_cert_init("other-ca"));
     let _server = home.spawn("server", &home.server_config(&pin), "server.log");
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "other-ca/server-ca.crt",
-        backend.addr,
-    );
-    let client = home.spawn("client", &client_toml, "client.log");
+    let client = home.spawn_client("identity", "other-ca/server-ca.crt", backend.addr);
     let deadline = Instant::now() + Duration::from_secs(10);
     let line = loop {
         if let Some(l) = client.events("tunnel_refused").into_iter().next() {
@@ -201,9 +163,7 @@ fn an_unknown_top_level_key_is_rejected_with_a_suggestion() {
 
 #[test]
 fn a_thousand_probes_produce_only_a_handful_of_info_lines() {
-    let home = Home::new();
-    home.server_material();
-    let pin = home.identity("identity");
+    let (home, pin) = Home::with_identity();
     let mut server = home.spawn("server", &home.server_config(&pin), "server.log");
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(home.public_addr()).is_err() {
@@ -251,21 +211,15 @@ fn a_thousand_probes_produce_only_a_handful_of_info_lines() {
 
 #[test]
 fn a_stopped_backend_closes_the_visitor_at_once_and_is_logged_once() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let _server = home.spawn("server", &home.server_config(&pin), "server.log");
     // A backend address nothing listens on.
     let dead = std::net::SocketAddr::from(([127, 0, 0, 1], free_tcp()));
     let client_toml =
         home.client_config("dead.toml", "identity", "server-certs/server-ca.crt", dead);
     let client = home.spawn("client", &client_toml, "client.log");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client.events("tunnel_connected").is_empty() {
-        assert!(Instant::now() < deadline, "{}", client.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    client.wait_event("tunnel_connected", Duration::from_secs(10));
     for _ in 0..20 {
         let start = Instant::now();
         let result = visit(home.public_addr(), &backend.cert);

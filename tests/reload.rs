@@ -6,13 +6,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
 
 use common::proc::*;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::CertificateDer;
 
 const NEW: &str = "new.runewarp.test";
 const OTHER: &str = "other.runewarp.test";
@@ -26,17 +24,7 @@ fn backend() -> (SocketAddr, CertificateDer<'static>) {
 
 /// [`backend`] answering `tag` to short requests.
 fn tagged_backend(tag: &'static [u8]) -> (SocketAddr, CertificateDer<'static>) {
-    runewarp::tls::install_crypto_provider();
-    let (cert_pem, key_pem) =
-        runewarp::tls::material::generate_self_signed(&[APP, NEW, OTHER]).unwrap();
-    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-    let config = Arc::new(
-        rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap(),
-    );
+    let (cert, config) = common::tls::self_signed(&[APP, NEW, OTHER]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -73,18 +61,8 @@ fn get(
     root: &CertificateDer<'static>,
     req: &[u8],
 ) -> std::io::Result<Vec<u8>> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut conn = rustls::ClientConnection::new(
-        Arc::new(config),
-        ServerName::try_from(sni.to_string()).unwrap(),
-    )
-    .unwrap();
-    let mut tcp = TcpStream::connect(public)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let roots = std::slice::from_ref(root);
+    let (mut conn, mut tcp) = common::tls::connect(public, sni, roots, Duration::from_secs(10))?;
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     tls.write_all(req)?;
     let mut out = Vec::new();
@@ -126,15 +104,6 @@ fn catch_all(home: &Home, name: &str, identity: &str, backend: SocketAddr) -> st
     )
 }
 
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "{what} within {within:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
-}
-
 #[test]
 fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
     let home = Home::new();
@@ -147,7 +116,7 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
     let c1 = catch_all(&home, "c1.toml", "id1", backend);
     let mut client1 = home.spawn("client", &c1, "c1.log");
     let public = home.public_addr();
-    wait_for("APP routes", Duration::from_secs(15), || {
+    wait_until("APP routes", Duration::from_secs(15), || {
         get(public, APP, &root, b"hi").is_ok()
     });
     assert!(
@@ -165,9 +134,7 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
         "[server]\nhostname = \"localhost\"\n[[server.tunnels]]\npublic-hostnames = [\"a*.b\"]\n",
     );
     server.signal(libc::SIGHUP);
-    wait_for("reload_failed", Duration::from_secs(5), || {
-        !server.events("reload_failed").is_empty()
-    });
+    server.wait_event("reload_failed", Duration::from_secs(5));
     assert_eq!(server.events("reload_failed").len(), 1);
     assert!(
         server.events("reload_failed")[0].contains("a*.b"),
@@ -182,7 +149,7 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
         &server_toml(&home, &[(&[APP, NEW], &pin1), (&[OTHER], &pin2)]),
     );
     server.signal(libc::SIGHUP);
-    let routed_in = wait_for("NEW routes", Duration::from_secs(3), || {
+    let routed_in = wait_until("NEW routes", Duration::from_secs(3), || {
         get(public, NEW, &root, b"hi").is_ok()
     });
     eprintln!("a new hostname routed {routed_in:?} after SIGHUP");
@@ -198,7 +165,7 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
     }
     let c2 = catch_all(&home, "c2.toml", "id2", backend);
     let mut client2 = home.spawn("client", &c2, "c2.log");
-    wait_for(
+    wait_until(
         "the new pin connects and OTHER routes",
         Duration::from_secs(10),
         || get(public, OTHER, &root, b"hi").is_ok(),
@@ -212,12 +179,10 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
     // pin2's Tunnel removed: its Client is disconnected, OTHER stops routing.
     home.write("server.toml", &server_toml(&home, &[(&[APP, NEW], &pin1)]));
     server.signal(libc::SIGHUP);
-    wait_for("OTHER unrouted", Duration::from_secs(3), || {
+    wait_until("OTHER unrouted", Duration::from_secs(3), || {
         get(public, OTHER, &root, b"hi").is_err()
     });
-    wait_for("client2 disconnected", Duration::from_secs(5), || {
-        !client2.events("tunnel_closed").is_empty()
-    });
+    client2.wait_event("tunnel_closed", Duration::from_secs(5));
     let disconnecting = server.events("tunnel_disconnecting");
     assert_eq!(disconnecting.len(), 1, "{}", server.log_text());
     assert!(disconnecting[0].contains(&pin2), "{}", disconnecting[0]);
@@ -257,7 +222,7 @@ fn client_sighup_replaces_services_without_reconnecting() {
     let toml = services(&home, &[(APP, one)]);
     let mut client = home.spawn("client", &toml, "client.log");
     let public = home.public_addr();
-    wait_for("APP routes", Duration::from_secs(15), || {
+    wait_until("APP routes", Duration::from_secs(15), || {
         get(public, APP, &root, b"hi").is_ok()
     });
     assert!(
@@ -271,15 +236,13 @@ fn client_sighup_replaces_services_without_reconnecting() {
         "[client]\nserver-address = \"localhost:0\"\n",
     );
     client.signal(libc::SIGHUP);
-    wait_for("reload_failed", Duration::from_secs(5), || {
-        !client.events("reload_failed").is_empty()
-    });
+    client.wait_event("reload_failed", Duration::from_secs(5));
     assert_eq!(get(public, APP, &root, b"hi").unwrap(), b"one");
 
     // A Service for NEW is added.
     services(&home, &[(APP, one), (NEW, two)]);
     client.signal(libc::SIGHUP);
-    wait_for("NEW served", Duration::from_secs(3), || {
+    wait_until("NEW served", Duration::from_secs(3), || {
         get(public, NEW, &root2, b"hi").is_ok_and(|r| r == b"two")
     });
     assert_eq!(get(public, APP, &root, b"hi").unwrap(), b"one");
@@ -294,7 +257,7 @@ fn client_sighup_replaces_services_without_reconnecting() {
     // APP's Service is removed and NEW's moves to the other backend.
     services(&home, &[(NEW, one)]);
     client.signal(libc::SIGHUP);
-    wait_for("APP no longer served", Duration::from_secs(3), || {
+    wait_until("APP no longer served", Duration::from_secs(3), || {
         get(public, APP, &root, b"hi").is_err()
     });
     assert_eq!(get(public, NEW, &root, b"hi").unwrap(), b"one");
@@ -357,17 +320,17 @@ fn client_sighup_with_a_new_identity_or_server_address_dials_again() {
     let mut client = home.spawn("client", &toml, "client.log");
     let a_public = home.public_addr();
     let b_public: SocketAddr = format!("127.0.0.1:{b_public}").parse().unwrap();
-    wait_for("APP on A", Duration::from_secs(15), || {
+    wait_until("APP on A", Duration::from_secs(15), || {
         get(a_public, APP, &root, b"hi").is_ok()
     });
 
     // Another identity: the Client closes its connection and dials as id2.
     client_toml("id2", home.tunnel);
     client.signal(libc::SIGHUP);
-    wait_for("NEW on A", Duration::from_secs(5), || {
+    wait_until("NEW on A", Duration::from_secs(5), || {
         get(a_public, NEW, &root, b"hi").is_ok()
     });
-    wait_for("APP gone from A", Duration::from_secs(5), || {
+    wait_until("APP gone from A", Duration::from_secs(5), || {
         get(a_public, APP, &root, b"hi").is_err()
     });
     let reloaded = client.events("config_reloaded");
@@ -380,10 +343,10 @@ fn client_sighup_with_a_new_identity_or_server_address_dials_again() {
     // Another Server (and the first identity again).
     client_toml("id1", b_tunnel);
     client.signal(libc::SIGHUP);
-    wait_for("OTHER on B", Duration::from_secs(5), || {
+    wait_until("OTHER on B", Duration::from_secs(5), || {
         get(b_public, OTHER, &root, b"hi").is_ok()
     });
-    wait_for("NEW gone from A", Duration::from_secs(5), || {
+    wait_until("NEW gone from A", Duration::from_secs(5), || {
         get(a_public, NEW, &root, b"hi").is_err()
     });
     let reloaded = client.events("config_reloaded");
@@ -400,7 +363,7 @@ fn client_sighup_with_a_new_identity_or_server_address_dials_again() {
     let _ = std::fs::remove_dir_all(home.path().join("id1"));
     home.identity("id1");
     client.signal(libc::SIGHUP);
-    wait_for("refused after rotation", Duration::from_secs(5), || {
+    wait_until("refused after rotation", Duration::from_secs(5), || {
         !client.events("tunnel_refused").is_empty()
     });
     assert_eq!(client.events("tunnel_reconnecting").len(), 3);

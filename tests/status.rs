@@ -6,7 +6,7 @@
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::proc::*;
 use serde_json::Value;
@@ -16,36 +16,23 @@ fn status_json(home: &Home, role: &str, config: &str) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < Duration::from_secs(15), "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn status_shows_tunnels_services_and_their_traffic_from_the_running_processes() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     // The Server's socket is set in the file; the Client uses the default.
     let server_toml = home.server_config_with(
         &pin,
         "graceful-shutdown-duration = \"1s\"\ncontrol-socket = \"run/server.sock\"\n",
     );
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let server_sock = home.path().join("run/server.sock");
     let client_sock = home.path().join(".local/state/runewarp/client.sock");
 
     let mut server = home.spawn("server", &server_toml, "server.log");
-    wait_until("server socket", || server_sock.exists());
+    wait_until("server socket", Duration::from_secs(15), || {
+        server_sock.exists()
+    });
     let s = status_json(&home, "server", "server.toml");
     assert_eq!(s["tunnels"][0]["state"], "not_connected", "{s}");
 
@@ -111,7 +98,7 @@ fn status_shows_tunnels_services_and_their_traffic_from_the_running_processes() 
     // The Server goes away: the Client says what it waits for.
     server.stop_with(libc::SIGTERM, Duration::from_secs(5));
     assert!(!server_sock.exists(), "the socket is removed on exit");
-    wait_until("client waiting", || {
+    wait_until("client waiting", Duration::from_secs(15), || {
         status_json(&home, "client", "client.toml")["tunnel"]["state"] == "waiting"
     });
     let text = home.ok(&["client", "status", "-c", "client.toml"]);
@@ -132,24 +119,15 @@ fn status_shows_tunnels_services_and_their_traffic_from_the_running_processes() 
 
 #[test]
 fn a_second_instance_leaves_the_first_ones_socket_alone() {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = tls_backend();
-    home.server_material();
-    let pin = home.identity("identity");
     home.server_config(&pin);
-    let client_toml = home.client_config(
-        "client.toml",
-        "identity",
-        "server-certs/server-ca.crt",
-        backend.addr,
-    );
+    let client_toml = home.default_client_config(backend.addr);
     let sock = home.path().join(".local/state/runewarp/client.sock");
     let first = home.spawn("client", &client_toml, "first.log");
-    wait_until("first socket", || sock.exists());
+    wait_until("first socket", Duration::from_secs(15), || sock.exists());
     let second = home.spawn("client", &client_toml, "second.log");
-    wait_until("second warns", || {
-        !second.events("control_socket_in_use").is_empty()
-    });
+    second.wait_event("control_socket_in_use", Duration::from_secs(15));
     let c = status_json(&home, "client", "client.toml");
     assert_eq!(c["pid"], first.pid(), "{c}");
     drop(second);

@@ -19,8 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::CertificateDer;
 
 use common::proc::*;
 
@@ -51,16 +50,7 @@ struct Backend {
 /// reads again; `hold` → answers `held` and waits (up to 60 s) for the other
 /// side to close; anything else → `backend got "<request>"`.
 fn backend() -> Backend {
-    runewarp::tls::install_crypto_provider();
-    let (cert_pem, key_pem) = runewarp::tls::material::generate_self_signed(&[APP]).unwrap();
-    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-    let config = Arc::new(
-        rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap(),
-    );
+    let (cert, config) = common::tls::self_signed(&[APP]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Seen::default());
@@ -131,10 +121,8 @@ struct Setup {
 const DEBUG_LOG: &str = "warn,runewarp=debug";
 
 fn setup(server_extra: &str, client_extra: &str) -> Setup {
-    let home = Home::new();
+    let (home, pin) = Home::with_identity();
     let backend = backend();
-    home.server_material();
-    let pin = home.identity("identity");
     let server_toml = home.server_config_with(
         &pin,
         &format!("graceful-shutdown-duration = \"1s\"\n{server_extra}"),
@@ -181,14 +169,7 @@ fn visitor(public: SocketAddr, root: &CertificateDer<'static>, request: &[u8]) -
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     tcp.set_write_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut conn =
-        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(APP).unwrap())
-            .unwrap();
+    let mut conn = common::tls::client_conn(APP, std::slice::from_ref(root));
     rustls::Stream::new(&mut conn, &mut tcp)
         .write_all(request)
         .expect("the TLS handshake and request through the tunnel");
@@ -233,15 +214,6 @@ impl Visitor {
             }
         }
     }
-}
-
-fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < within, "{what} within {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
 }
 
 /// A good Visitor's request, answered while other streams are stuck.
@@ -317,21 +289,22 @@ fn a_backend_that_stops_reading_uploads_does_not_stall_the_tunnel() {
     good_visit(&s, "8 uploads the backend does not read");
 }
 
+/// Wait (15 s at most) until `role` logs a stream aborted for its write
+/// deadline; returns how long it took.
+fn write_timeout_reset(role: &Running, what: &str) -> Duration {
+    wait_until(what, Duration::from_secs(15), || {
+        role.events("stream_aborted")
+            .iter()
+            .any(|l| l.contains("reason=\"write_timeout\""))
+    })
+}
+
 #[test]
 fn server_write_deadline_resets_a_stream_whose_visitor_stops_reading() {
     let s = setup("stream-write-timeout = \"2s\"\n", "");
     let (_, fds_before) = s.server.rss_kib_and_fds();
     let mut stuck = visitor(s.home.public_addr(), &s.backend.cert, b"big");
-    let took = wait_until(
-        "the Server resets the stuck stream",
-        Duration::from_secs(15),
-        || {
-            s.server
-                .events("stream_aborted")
-                .iter()
-                .any(|l| l.contains("reason=\"write_timeout\""))
-        },
-    );
+    let took = write_timeout_reset(&s.server, "the Server resets the stuck stream");
     println!("Server reset the stuck stream after {took:?}");
     // Both ways: the Client reset the backend connection, so the
     // backend's writes fail...
@@ -370,16 +343,7 @@ fn client_write_deadline_resets_a_stream_whose_backend_stops_reading() {
         }
         (sent, None)
     });
-    let took = wait_until(
-        "the Client resets the stuck stream",
-        Duration::from_secs(15),
-        || {
-            s.client
-                .events("stream_aborted")
-                .iter()
-                .any(|l| l.contains("reason=\"write_timeout\""))
-        },
-    );
+    let took = write_timeout_reset(&s.client, "the Client resets the stuck stream");
     println!("Client reset the stuck stream after {took:?}");
     let (sent, end) = upload.join().unwrap();
     println!("stuck upload sent {sent} bytes, then {end:?}");

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use runewarp::client::TunnelEnd;
 use runewarp::config::TlsMode;
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -15,16 +16,39 @@ const APP: &str = "app.runewarp.test";
 const SECURE: &str = "secure.runewarp.test";
 const UP: Duration = Duration::from_secs(10);
 
+/// A Server with one Tunnel for SECURE and a Client terminating TLS for it
+/// with its own public certificate, forwarding plaintext to `backend`
+/// (with a PROXY v2 header when `proxy_protocol`); the tunnel up. Returns
+/// the material directory, the public CA, the Server and the Client.
+async fn terminating(
+    backend: std::net::SocketAddr,
+    proxy_protocol: bool,
+) -> (
+    tempfile::TempDir,
+    CertificateDer<'static>,
+    TestServer,
+    TestClient,
+) {
+    let (dir, cert_dir, ca, id_dir, pin) = material("client");
+    let (public_dir, public_ca) = public_certs(dir.path(), &[SECURE]);
+    let server = TestServer::start(&cert_dir, vec![tunnel(0, &[SECURE], &[pin])]).await;
+    let mut svc = service(0, &[SECURE], backend, TlsMode::Terminate);
+    svc.proxy_protocol = proxy_protocol;
+    let client = TestClient::start(ClientSetup {
+        tunnel: server.tunnel,
+        ca: &ca,
+        identity_dir: &id_dir,
+        public_cert_dir: Some(&public_dir),
+        services: vec![svc],
+    });
+    server.wait_active(SECURE, UP).await;
+    (dir, public_ca, server, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_moves_64_mib_exactly_and_visitor_sees_backend_certificate() {
     init();
-    let Rig {
-        dir: _dir,
-        backend,
-        server,
-        client,
-        ..
-    } = Rig::up(APP).await;
+    let (_dir, backend, server, client) = Rig::up(APP).await.parts();
 
     let backend_cert = backend.cert.clone().unwrap();
     let v = visitor(server.public, APP, std::slice::from_ref(&backend_cert))
@@ -45,27 +69,14 @@ async fn passthrough_moves_64_mib_exactly_and_visitor_sees_backend_certificate()
         "64 MiB must arrive byte-exact"
     );
     eprintln!("64 MiB echoed through the tunnel in {:?}", start.elapsed());
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_presents_client_certificate_and_backend_gets_plaintext() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
-    let (public_dir, public_ca) = public_certs(dir.path(), &[SECURE]);
     let backend = EchoBackend::plain().await;
-    let server = TestServer::start(&cert_dir, vec![tunnel(0, &[SECURE], &[pin])]).await;
-    let client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: Some(&public_dir),
-        services: vec![service(0, &[SECURE], backend.addr, TlsMode::Terminate)],
-    });
-    server.wait_active(SECURE, UP).await;
+    let (_dir, public_ca, server, client) = terminating(backend.addr, false).await;
 
     let v = visitor(server.public, SECURE, std::slice::from_ref(&public_ca))
         .await
@@ -100,23 +111,16 @@ async fn terminate_presents_client_certificate_and_backend_gets_plaintext() {
     // certificate really is the Client's, from public-cert-dir.
     let other = material_root();
     assert!(visitor(server.public, SECURE, &[other]).await.is_err());
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
-fn material_root() -> rustls::pki_types::CertificateDer<'static> {
-    use rustls::pki_types::pem::PemObject;
-    let (pem, _) = runewarp::tls::material::generate_self_signed(&["unrelated.test"]).unwrap();
-    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+fn material_root() -> CertificateDer<'static> {
+    tls::self_signed(&["unrelated.test"]).0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_keeps_half_close_in_both_directions() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
-    let (public_dir, public_ca) = public_certs(dir.path(), &[SECURE]);
     // A backend that answers only after the Visitor finished sending: it
     // needs the FIN to cross Server, tunnel and Client.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -134,31 +138,20 @@ async fn terminate_keeps_half_close_in_both_directions() {
             });
         }
     });
-    let server = TestServer::start(&cert_dir, vec![tunnel(0, &[SECURE], &[pin])]).await;
-    let client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: Some(&public_dir),
-        services: vec![service(0, &[SECURE], backend, TlsMode::Terminate)],
-    });
-    server.wait_active(SECURE, UP).await;
+    let (_dir, public_ca, server, client) = terminating(backend, false).await;
     let v = visitor(server.public, SECURE, &[public_ca]).await.unwrap();
     let reply = tokio::time::timeout(UP, roundtrip(v, &[7u8; 100_000]))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(reply, b"got 100000 bytes");
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catch_all_service_receives_every_hostname_the_server_routes() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
+    let (_dir, cert_dir, ca, id_dir, pin) = material("client");
     let hosts = ["a.runewarp.test", "b.runewarp.test", "c.runewarp.test"];
     let backend = EchoBackend::tls(&hosts).await;
     let server = TestServer::start(&cert_dir, vec![tunnel(0, &hosts, &[pin])]).await;
@@ -182,16 +175,13 @@ async fn catch_all_service_receives_every_hostname_the_server_routes() {
             .load(std::sync::atomic::Ordering::SeqCst),
         3
     );
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_drop_rule_closes_the_visitor_within_6s_while_good_traffic_flows() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
+    let (dir, cert_dir, ca, id_dir, pin) = material("client");
     let (_, other_pin) = identity(dir.path(), "never-connects");
     let backend = EchoBackend::tls(&[APP]).await;
     let unserved = "unserved.runewarp.test"; // routed by the Server, no Client Service
@@ -260,8 +250,7 @@ async fn every_drop_rule_closes_the_visitor_within_6s_while_good_traffic_flows()
         );
         eprintln!("{name}: closed after {took:?}");
     }
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 /// A real ClientHello from rustls (no SNI when `sni` is None: rustls omits
@@ -284,9 +273,7 @@ fn client_hello(sni: Option<&str>) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_identity_is_refused_with_access_denied_then_a_pinned_one_is_accepted() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (good_dir, pin) = identity(dir.path(), "pinned");
+    let (dir, cert_dir, ca, good_dir, pin) = material("pinned");
     let (bad_dir, _) = identity(dir.path(), "stranger");
     let backend = EchoBackend::tls(&[APP]).await;
     let server = TestServer::start(&cert_dir, vec![tunnel(0, &[APP], &[pin])]).await;
@@ -338,16 +325,13 @@ async fn unknown_identity_is_refused_with_access_denied_then_a_pinned_one_is_acc
         .unwrap();
     assert_eq!(roundtrip(v, b"hi").await.unwrap(), b"hi");
     stranger.stop().await;
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_connection_replaces_the_older_one_in_the_same_tunnel() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "shared");
+    let (_dir, cert_dir, ca, id_dir, pin) = material("shared");
     let backend_a = EchoBackend::tls(&[APP]).await;
     let backend_b = EchoBackend::tls(&[APP]).await;
     let roots = [
@@ -403,9 +387,7 @@ async fn a_newer_connection_replaces_the_older_one_in_the_same_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reconnects_after_the_server_restarts() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
+    let (_dir, cert_dir, ca, id_dir, pin) = material("client");
     let backend = EchoBackend::tls(&[APP]).await;
     let tunnels = vec![tunnel(0, &[APP], &[pin])];
     let server = TestServer::start(&cert_dir, tunnels.clone()).await;
@@ -430,20 +412,13 @@ async fn client_reconnects_after_the_server_restarts() {
         b"after restart"
     );
     assert_eq!(client.status.borrow().connections, 2);
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_visitors_share_one_tunnel_byte_exact() {
     init();
-    let Rig {
-        dir: _dir,
-        backend,
-        server,
-        client,
-        ..
-    } = Rig::up(APP).await;
+    let (_dir, backend, server, client) = Rig::up(APP).await.parts();
     let cert = backend.cert.clone().unwrap();
     // Open all 1,000 first, so they are concurrent, then exchange data.
     // They come from 16 addresses (≤ 63 each, under the 128 streams one
@@ -482,29 +457,14 @@ async fn a_thousand_concurrent_visitors_share_one_tunnel_byte_exact() {
         }
     }
     assert_eq!(exact, 1000);
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_v2_header_reaches_the_backend_with_the_visitor_address() {
     init();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, ca) = server_material(dir.path());
-    let (id_dir, pin) = identity(dir.path(), "client");
-    let (public_dir, public_ca) = public_certs(dir.path(), &[SECURE]);
     let backend = EchoBackend::plain_with_proxy_header().await;
-    let server = TestServer::start(&cert_dir, vec![tunnel(0, &[SECURE], &[pin])]).await;
-    let mut svc = service(0, &[SECURE], backend.addr, TlsMode::Terminate);
-    svc.proxy_protocol = true;
-    let client = TestClient::start(ClientSetup {
-        tunnel: server.tunnel,
-        ca: &ca,
-        identity_dir: &id_dir,
-        public_cert_dir: Some(&public_dir),
-        services: vec![svc],
-    });
-    server.wait_active(SECURE, UP).await;
+    let (_dir, public_ca, server, client) = terminating(backend.addr, true).await;
     let v = visitor(server.public, SECURE, &[public_ca]).await.unwrap();
     let visitor_addr = v.get_ref().0.local_addr().unwrap();
     assert_eq!(roundtrip(v, b"x").await.unwrap(), b"x");
@@ -518,6 +478,5 @@ async fn proxy_protocol_v2_header_reaches_the_backend_with_the_visitor_address()
         }
         other => panic!("no PROXY header: {other:?}"),
     }
-    client.stop().await;
-    server.stop().await;
+    stop(client, server).await;
 }

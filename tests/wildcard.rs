@@ -7,14 +7,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::proc::*;
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 
 /// A plaintext backend answering `tag` to every connection.
 fn tagged_backend(tag: &'static str) -> SocketAddr {
@@ -39,20 +38,7 @@ fn visit_as(
     sni: &str,
     roots: &[CertificateDer<'static>],
 ) -> std::io::Result<String> {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(r.clone()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    let mut conn = rustls::ClientConnection::new(
-        Arc::new(config),
-        ServerName::try_from(sni.to_string()).unwrap(),
-    )
-    .unwrap();
-    let mut tcp = TcpStream::connect(public)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let (mut conn, mut tcp) = common::tls::connect(public, sni, roots, Duration::from_secs(5))?;
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     tls.write_all(b"hello")?;
     let mut out = String::new();
@@ -90,14 +76,6 @@ fn service(host: &str, backend: SocketAddr) -> String {
     format!(
         "[[client.services]]\npublic-hostnames = [\"{host}\"]\nbackend-address = \"{backend}\"\ntls-mode = \"terminate\"\n\n"
     )
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < Duration::from_secs(15), "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -159,10 +137,10 @@ fn wildcards_take_one_label_and_exact_names_win_on_both_sides() {
     let mut client_a = home.spawn("client", &a, "client-a.log");
     let mut client_b = home.spawn("client", &b, "client-b.log");
     let public = home.public_addr();
-    wait_for("Tunnel A up", || {
+    wait_until("Tunnel A up", Duration::from_secs(15), || {
         visit_as(public, "www.app.test", &roots).is_ok()
     });
-    wait_for("Tunnel B up", || {
+    wait_until("Tunnel B up", Duration::from_secs(15), || {
         visit_as(public, "api.app.test", &roots).is_ok()
     });
 

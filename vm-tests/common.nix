@@ -1,4 +1,5 @@
-# Building blocks shared by the VM tests: node modules and Python helpers.
+# Building blocks shared by the VM tests: node modules and `test`, which runs a
+# scenario from ./scenarios on them.
 #
 # Network: every node maps tunnel.example.com, app.example.com and
 # other.example.com to the `server` node and acme.test to the `acme` node (when
@@ -152,46 +153,41 @@ rec {
 
   visitor = { };
 
-  # Python shared by the test scripts.
-  helpers = ''
-    import time
-
-    CURL = "curl -sS --fail --max-time 10 --cacert /etc/runewarp-test/ca.crt"
-    SERVER_CA = "/var/lib/runewarp-server/certs/server-ca.crt"
-
-
-    def write_file(machine, path, text):
-        machine.succeed(
-            f"install -d -m 0755 $(dirname {path}) && cat > {path} <<'RUNEWARP_EOF'\n{text}RUNEWARP_EOF"
-        )
-
-
-    def install_server_ca(server, client, pem=None):
-        """Hand the Server CA (or another trust root) to the Client's credential source."""
-        if pem is None:
-            pem = server.succeed(f"cat {SERVER_CA}")
-        write_file(client, "/run/runewarp-test/server-ca.crt", pem)
-
-
-    def journal(machine, unit):
-        return machine.succeed(f"journalctl -o cat -u {unit}")
-
-
-    def wait_for_log(machine, unit, needle, timeout=120):
-        machine.wait_until_succeeds(f"journalctl -o cat -u {unit} | grep -q '{needle}'", timeout=timeout)
-
-
-    def stop_cleanly(machine, unit, bound):
-        """systemctl stop must return within `bound` seconds and the main
-        process must exit 0 on its own (not be killed)."""
-        start = time.monotonic()
-        machine.succeed(f"systemctl stop {unit}")
-        elapsed = time.monotonic() - start
-        assert elapsed < bound, f"{unit}: stop took {elapsed:.1f}s (bound {bound}s)"
-        show = lambda p: machine.succeed(f"systemctl show -P {p} {unit}").strip()
-        assert show("Result") == "success", f"{unit}: Result={show('Result')}"
-        assert show("ExecMainCode") == "1", f"{unit}: main process did not exit on its own"
-        assert show("ExecMainStatus") == "0", f"{unit}: exit status {show('ExecMainStatus')}"
-        return elapsed
-  '';
+  # A VM test with the usual nodes: `server` and `client` (from the
+  # functions above, unless `nodes` replaces them), `backend`, `visitor`,
+  # and `acme` when `withAcme`. Its script runs `scenario` (a file in
+  # ./scenarios, shared with the namespace driver vm-tests/netns/run) on the
+  # VM driver's Rig (./scenarios/vm.py).
+  test =
+    {
+      name,
+      scenario,
+      nodes ? { },
+      withAcme ? false,
+    }:
+    let
+      allNodes = {
+        server = server { };
+        client = client { };
+        inherit backend visitor;
+      }
+      // lib.optionalAttrs withAcme { inherit acme; }
+      // nodes;
+      nodeArgs = lib.concatMapStringsSep ", " (n: "${n}=${n}") (lib.attrNames allNodes);
+    in
+    pkgs.testers.runNixOSTest {
+      inherit name defaults;
+      nodes = allNodes;
+      testScript = lib.concatStringsSep "\n" [
+        (builtins.readFile ./scenarios/rig.py)
+        (builtins.readFile ./scenarios/vm.py)
+        (builtins.readFile scenario)
+        ''
+          t = VmRig(subtest, "${lib.getExe pkgs.curl}", ${nodeArgs})
+          start_all()
+          t.wait_for_services()
+          scenario(t)
+        ''
+      ];
+    };
 }

@@ -35,7 +35,7 @@
 use std::fmt::Display;
 use std::fs;
 use std::io;
-use std::net::{SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket};
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -80,6 +80,10 @@ impl<T, E: Display> Ctx<T> for Result<T, E> {
         self.map_err(|e| format!("{what}: {e}"))
     }
 }
+
+/// Free loopback ports, shared with the process-based tests.
+#[path = "../../tests/common/ports.rs"]
+mod ports;
 
 mod backend;
 mod bulk;

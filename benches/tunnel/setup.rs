@@ -13,16 +13,6 @@ pub(crate) struct Setup {
     pub(crate) public: SocketAddr,
 }
 
-pub(crate) fn free_tcp_port() -> Res<u16> {
-    let l = StdTcpListener::bind("127.0.0.1:0").ctx("bind a probe TCP port")?;
-    Ok(l.local_addr().ctx("probe TCP address")?.port())
-}
-
-pub(crate) fn free_udp_port() -> Res<u16> {
-    let s = StdUdpSocket::bind("127.0.0.1:0").ctx("bind a probe UDP port")?;
-    Ok(s.local_addr().ctx("probe UDP address")?.port())
-}
-
 pub(crate) fn toml_str(p: &Path) -> String {
     let s = p.display().to_string();
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
@@ -80,8 +70,8 @@ pub(crate) fn setup() -> Res<Setup> {
     let plain_backend = StdTcpListener::bind("127.0.0.1:0").ctx("bind plain backend")?;
     let tls_addr = tls_backend.local_addr().ctx("TLS backend address")?;
     let plain_addr = plain_backend.local_addr().ctx("plain backend address")?;
-    let public_port = free_tcp_port()?;
-    let tunnel_port = free_udp_port()?;
+    let public_port = ports::free_tcp();
+    let tunnel_port = ports::free_udp();
     let public: SocketAddr = ([127, 0, 0, 1], public_port).into();
 
     // RUNEWARP_BENCH_CC=bbr|cubic sets congestion-control on both ends

@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -72,27 +71,35 @@ pub fn identity(dir: &Path, name: &str) -> (PathBuf, ClientIdentity) {
     (d, pin)
 }
 
+/// A new temporary directory with Server material and the Client identity
+/// `name`; returns (directory, cert dir, CA file, identity dir, pin).
+pub fn material(name: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf, ClientIdentity) {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_dir, ca) = server_material(dir.path());
+    let (id_dir, pin) = identity(dir.path(), name);
+    (dir, cert_dir, ca, id_dir, pin)
+}
+
 /// Terminate-mode material for `hosts` in `dir/public`; returns (dir, CA).
 pub fn public_certs(dir: &Path, hosts: &[&str]) -> (PathBuf, CertificateDer<'static>) {
     let d = dir.join("public");
-    let hs: Vec<_> = hosts
-        .iter()
-        .map(|h| PublicHostname::parse(h).unwrap())
-        .collect();
-    material::init_public_certs(&d, &hs, false).unwrap();
+    material::init_public_certs(&d, &hostnames(hosts), false).unwrap();
     let ca = material::load_ca_bundle(&d.join("public-ca.crt"))
         .unwrap()
         .remove(0);
     (d, ca)
 }
 
+/// `hosts` parsed as Public hostnames.
+pub fn hostnames(hosts: &[&str]) -> Vec<PublicHostname> {
+    let parse = |h: &&str| PublicHostname::parse(h).unwrap();
+    hosts.iter().map(parse).collect()
+}
+
 pub fn tunnel(index: usize, hosts: &[&str], pins: &[ClientIdentity]) -> TunnelConfig {
     TunnelConfig {
         index,
-        public_hostnames: hosts
-            .iter()
-            .map(|h| PublicHostname::parse(h).unwrap())
-            .collect(),
+        public_hostnames: hostnames(hosts),
         client_identities: pins.to_vec(),
     }
 }
@@ -100,10 +107,7 @@ pub fn tunnel(index: usize, hosts: &[&str], pins: &[ClientIdentity]) -> TunnelCo
 pub fn service(index: usize, hosts: &[&str], backend: SocketAddr, mode: TlsMode) -> ServiceConfig {
     ServiceConfig {
         index,
-        public_hostnames: hosts
-            .iter()
-            .map(|h| PublicHostname::parse(h).unwrap())
-            .collect(),
+        public_hostnames: hostnames(hosts),
         backend_address: BackendAddress {
             host: backend.ip().to_string(),
             port: backend.port(),
@@ -133,15 +137,32 @@ impl Rig {
         rig
     }
 
+    /// The material directory, backend, Server and Client.
+    pub fn parts(self) -> (tempfile::TempDir, EchoBackend, TestServer, TestClient) {
+        (self.dir, self.backend, self.server, self.client)
+    }
+
     /// Started with `limits`, without waiting for the tunnel.
     pub async fn start_with_limits(host: &str, limits: Limits) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (cert_dir, ca) = server_material(dir.path());
-        let (id_dir, pin) = identity(dir.path(), "client");
+        Self::start_full(host, limits, false).await
+    }
+
+    /// Started with `limits` and a readiness listener, the tunnel up for
+    /// `host`.
+    pub async fn up_with_readiness(host: &str, limits: Limits) -> Self {
+        let rig = Self::start_full(host, limits, true).await;
+        rig.server.wait_active(host, Duration::from_secs(10)).await;
+        rig
+    }
+
+    async fn start_full(host: &str, limits: Limits, readiness: bool) -> Self {
+        let (dir, cert_dir, ca, id_dir, pin) = material("client");
         let backend = EchoBackend::tls(&[host]).await;
-        let server =
-            TestServer::start_with_limits(&cert_dir, vec![tunnel(0, &[host], &[pin])], limits)
-                .await;
+        let mut config = server_config(&cert_dir, vec![tunnel(0, &[host], &[pin])]);
+        if readiness {
+            config.readiness_bind_address = Some(free_tcp_addr());
+        }
+        let server = TestServer::start_config(config, limits).await;
         let client = TestClient::passthrough(server.tunnel, &ca, &id_dir, host, backend.addr);
         Self {
             dir,
@@ -153,9 +174,57 @@ impl Rig {
     }
 }
 
+/// A loopback address with a TCP port that was free a moment ago.
+pub fn free_tcp_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The Server configuration the in-process tests start from: the manual
+/// material in `cert_dir`, `tunnels`, listeners on loopback ports the
+/// system picks, a 1 s grace period, and nothing else.
+pub fn server_config(cert_dir: &Path, tunnels: Vec<TunnelConfig>) -> ServerConfig {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    ServerConfig {
+        source: None,
+        log_level: LogLevel::Info,
+        hostname: ServerHostname::parse(SERVER_HOSTNAME).unwrap(),
+        public_bind_address: any,
+        tunnel_bind_address: any,
+        readiness_bind_address: None,
+        metrics_bind_address: None,
+        control_socket: None,
+        graceful_shutdown_duration: Duration::from_secs(1),
+        stream_timeouts: StreamTimeouts::default(),
+        congestion_control: Default::default(),
+        certificates: ServerCertSource::Manual {
+            cert_dir: cert_dir.to_path_buf(),
+        },
+        tunnels,
+    }
+}
+
+/// Stop a Client, then its Server.
+pub async fn stop(client: TestClient, server: TestServer) {
+    client.stop().await;
+    server.stop().await;
+}
+
+/// Fire `trigger` and wait for `task` (the role `what`) to end: within 5 s,
+/// without a panic.
+async fn shut_down(what: &str, trigger: Trigger, task: JoinHandle<()>) {
+    trigger.fire();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap_or_else(|_| panic!("{what} stops within 5 s"))
+        .unwrap();
+}
+
 pub struct TestServer {
     pub public: SocketAddr,
     pub tunnel: SocketAddr,
+    /// The readiness listener, when the configuration has one.
+    pub readiness: Option<SocketAddr>,
     pub registry: Arc<Registry>,
     trigger: Trigger,
     task: JoinHandle<()>,
@@ -197,23 +266,15 @@ impl TestServer {
         tunnel: SocketAddr,
         limits: Limits,
     ) -> Self {
-        let config = ServerConfig {
-            source: None,
-            log_level: LogLevel::Info,
-            hostname: ServerHostname::parse(SERVER_HOSTNAME).unwrap(),
-            public_bind_address: public,
-            tunnel_bind_address: tunnel,
-            readiness_bind_address: None,
-            metrics_bind_address: None,
-            control_socket: None,
-            graceful_shutdown_duration: Duration::from_secs(1),
-            stream_timeouts: StreamTimeouts::default(),
-            congestion_control: Default::default(),
-            certificates: ServerCertSource::Manual {
-                cert_dir: cert_dir.to_path_buf(),
-            },
-            tunnels,
-        };
+        let mut config = server_config(cert_dir, tunnels);
+        config.public_bind_address = public;
+        config.tunnel_bind_address = tunnel;
+        Self::start_config(config, limits).await
+    }
+
+    /// Bind `config` with `limits` and run it until [`TestServer::stop`].
+    pub async fn start_config(config: ServerConfig, limits: Limits) -> Self {
+        let readiness = config.readiness_bind_address;
         let server = Server::bind_with_limits(config, limits)
             .await
             .expect("server binds");
@@ -225,10 +286,17 @@ impl TestServer {
         Self {
             public,
             tunnel,
+            readiness,
             registry,
             trigger,
             task,
         }
+    }
+
+    /// Whether the readiness listener accepts a connection.
+    pub async fn ready(&self) -> bool {
+        let addr = self.readiness.expect("a readiness listener");
+        TcpStream::connect(addr).await.is_ok()
     }
 
     /// Wait until `host` routes to an active connection; returns its id.
@@ -270,11 +338,7 @@ impl TestServer {
     }
 
     pub async fn stop(self) {
-        self.trigger.fire();
-        tokio::time::timeout(Duration::from_secs(5), self.task)
-            .await
-            .expect("server stops within 5 s")
-            .unwrap();
+        shut_down("server", self.trigger, self.task).await;
     }
 }
 
@@ -354,11 +418,7 @@ impl TestClient {
     }
 
     pub async fn stop(self) {
-        self.trigger.fire();
-        tokio::time::timeout(Duration::from_secs(5), self.task)
-            .await
-            .expect("client stops within 5 s")
-            .unwrap();
+        shut_down("client", self.trigger, self.task).await;
     }
 }
 
@@ -389,18 +449,8 @@ impl EchoBackend {
     }
 
     pub async fn tls(hosts: &[&str]) -> Self {
-        let (cert_pem, key_pem) = material::generate_self_signed(hosts).unwrap();
-        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-        let config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
-        let mut b = Self::start(
-            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
-            false,
-        )
-        .await;
+        let (cert, config) = tls::self_signed(hosts);
+        let mut b = Self::start(Some(tokio_rustls::TlsAcceptor::from(config)), false).await;
         b.cert = Some(cert);
         b
     }
@@ -472,14 +522,7 @@ pub async fn visitor(
     sni: &str,
     roots: &[CertificateDer<'static>],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(r.clone()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tokio_rustls::TlsConnector::from(tls::client_config(roots));
     let tcp = TcpStream::connect(public).await?;
     let name = ServerName::try_from(sni.to_string()).unwrap();
     connector.connect(name, tcp).await
@@ -537,7 +580,10 @@ pub async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Dura
         }
     }
 }
+
+pub mod ports;
 pub mod proc;
+pub mod tls;
 
 /// A TCP connection to `to` from the loopback address `127.0.0.<last>`, so
 /// tests can act as many source IPs.
@@ -555,15 +601,9 @@ pub async fn visitor_from(
     sni: &str,
     roots: &[CertificateDer<'static>],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(r.clone()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(store)
-        .with_no_client_auth();
+    let config = tls::client_config(roots);
     let tcp = connect_from(last, public).await?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tokio_rustls::TlsConnector::from(config);
     let name = ServerName::try_from(sni.to_string()).unwrap();
     tokio::time::timeout(Duration::from_secs(8), connector.connect(name, tcp))
         .await

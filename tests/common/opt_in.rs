@@ -4,8 +4,7 @@
 //! programs on PATH). Such a test runs only when its variable is `1`;
 //! otherwise it prints one skip line and passes. `.ci/test` sets both.
 //!
-//! Include with `#[path = "common/opt_in.rs"] mod opt_in;` (or through
-//! `mod common;` as `common::opt_in`).
+//! Include with `#[path = "common/opt_in.rs"] mod opt_in;`.
 #![allow(dead_code)]
 
 use std::io::Write;

@@ -4,32 +4,40 @@
 #![allow(dead_code)]
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::CertificateDer;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_runewarp");
 pub const APP: &str = "app.runewarp.test";
 
-pub fn free_tcp() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+pub use super::ports::{free_tcp, free_udp};
+
+/// Poll `ok` every 20 ms until it holds; panic naming `what` once `within`
+/// has passed. Returns how long it took.
+pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < within, "{what} within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
 }
 
-pub fn free_udp() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The arguments that make Server material for `localhost` in `dir`.
+pub fn server_cert_init(dir: &str) -> [&str; 7] {
+    [
+        "server",
+        "cert",
+        "init",
+        "--hostname",
+        "localhost",
+        "--dir",
+        dir,
+    ]
 }
 
 /// A throw-away HOME holding material, configs and logs.
@@ -56,6 +64,15 @@ impl Home {
             public: free_tcp(),
             tunnel: free_udp(),
         }
+    }
+
+    /// A new HOME with Server material and a Client identity in
+    /// `identity/`; returns it and the identity's pin.
+    pub fn with_identity() -> (Self, String) {
+        let home = Self::new();
+        home.server_material();
+        let pin = home.identity("identity");
+        (home, pin)
     }
 
     pub fn path(&self) -> &Path {
@@ -90,15 +107,7 @@ impl Home {
 
     /// Server material for `localhost` in `server-certs/`.
     pub fn server_material(&self) {
-        self.ok(&[
-            "server",
-            "cert",
-            "init",
-            "--hostname",
-            "localhost",
-            "--dir",
-            "server-certs",
-        ]);
+        self.ok(&server_cert_init("server-certs"));
     }
 
     /// A Client identity in `dir`; returns its pin.
@@ -152,6 +161,25 @@ impl Home {
         )
     }
 
+    /// `client.toml` for the identity in `identity/`, trusting the Server
+    /// material [`Home::server_material`] made: APP passed through to
+    /// `backend`.
+    pub fn default_client_config(&self, backend: SocketAddr) -> PathBuf {
+        self.client_config(
+            "client.toml",
+            "identity",
+            "server-certs/server-ca.crt",
+            backend,
+        )
+    }
+
+    /// A Client logging to `client.log`: APP passed through to `backend`,
+    /// with the identity in `identity_dir`, trusting `ca`.
+    pub fn spawn_client(&self, identity_dir: &str, ca: &str, backend: SocketAddr) -> Running {
+        let config = self.client_config("client.toml", identity_dir, ca, backend);
+        self.spawn("client", &config, "client.log")
+    }
+
     /// Start `runewarp <role> -c <config>`, logging to `<log>`.
     pub fn spawn(&self, role: &str, config: &Path, log: &str) -> Running {
         self.spawn_env(role, config, log, &[])
@@ -198,6 +226,76 @@ impl Drop for Running {
 }
 
 impl Running {
+    /// Start `cmd` with stdin closed and stdout and stderr appended to
+    /// `log`.
+    pub fn spawn_logged(mut cmd: Command, log: &Path) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Self {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Stop as an operator's restart does (SIGTERM, so a Client closes its
+    /// Tunnel connection cleanly), waiting up to 5 s; killed on drop after
+    /// that.
+    pub fn terminate(mut self) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Panic, with the log, if the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("process exited ({status}); log:\n{}", self.log_text());
+        }
+    }
+
+    /// Wait until a log line contains every one of `parts`; returns it.
+    pub fn wait_line(&mut self, parts: &[&str], within: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self
+                .log_text()
+                .lines()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return line.to_string();
+            }
+            self.assert_running();
+            assert!(
+                start.elapsed() < within,
+                "no log line with {parts:?} within {within:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// How many log lines contain every one of `parts`.
+    pub fn count(&self, parts: &[&str]) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
+            .count()
+    }
+
     pub fn signal(&self, sig: i32) {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
@@ -252,6 +350,24 @@ impl Running {
         (rss, fds)
     }
 
+    /// Wait until the log has `event="<event>"` lines and return them;
+    /// panics, showing the log, after `within`.
+    pub fn wait_event(&self, event: &str, within: Duration) -> Vec<String> {
+        let start = Instant::now();
+        loop {
+            let lines = self.events(event);
+            if !lines.is_empty() {
+                return lines;
+            }
+            assert!(
+                start.elapsed() < within,
+                "no {event} within {within:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn events(&self, name: &str) -> Vec<String> {
         let needle = format!("event=\"{name}\"");
         self.log_text()
@@ -298,16 +414,7 @@ pub fn slow_tls_backend(chunks: usize, every: Duration) -> Backend {
 type TlsConn<'a> = rustls::Stream<'a, rustls::ServerConnection, std::net::TcpStream>;
 
 fn tls_backend_with(serve: impl Fn(&mut TlsConn<'_>) + Send + Sync + Copy + 'static) -> Backend {
-    runewarp::tls::install_crypto_provider();
-    let (cert_pem, key_pem) = runewarp::tls::material::generate_self_signed(&[APP]).unwrap();
-    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-    let config = Arc::new(
-        rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap(),
-    );
+    let (cert, config) = super::tls::self_signed(&[APP]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -331,32 +438,16 @@ pub fn open_visit(
     public: SocketAddr,
     root: &CertificateDer<'static>,
 ) -> std::io::Result<(rustls::ClientConnection, std::net::TcpStream)> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut conn =
-        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(APP).unwrap())
-            .unwrap();
-    let mut tcp = std::net::TcpStream::connect(public)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let roots = std::slice::from_ref(root);
+    let (mut conn, mut tcp) = super::tls::connect(public, APP, roots, Duration::from_secs(10))?;
     std::io::Write::write_all(&mut rustls::Stream::new(&mut conn, &mut tcp), b"hello")?;
     Ok((conn, tcp))
 }
 
 /// One TLS Visitor request for APP; returns the reply.
 pub fn visit(public: SocketAddr, root: &CertificateDer<'static>) -> std::io::Result<String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut conn =
-        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from(APP).unwrap())
-            .unwrap();
-    let mut tcp = std::net::TcpStream::connect(public)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let roots = std::slice::from_ref(root);
+    let (mut conn, mut tcp) = super::tls::connect(public, APP, roots, Duration::from_secs(5))?;
     let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
     std::io::Write::write_all(&mut tls, b"hello")?;
     let mut out = String::new();

@@ -1,0 +1,1 @@
+"""The namespace driver's modules; vm-tests/netns/run is the entry point."""
