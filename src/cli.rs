@@ -29,6 +29,12 @@ pub enum Command {
     /// Run Runegate standalone: email sign-in in front of a private web app
     /// (the `[gate]` section), behind a TLS-terminating proxy.
     Gate(GateArgs),
+    /// Run the mesh control server (Runetale's User Management Server:
+    /// enrolment, network maps, ACLs), or administer it.
+    Control(ControlArgs),
+    /// The mesh device agent: enrol this machine and follow its network map.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -254,4 +260,128 @@ pub struct DemoArgs {
     /// Leave everything running and print curl commands to try.
     #[arg(long)]
     pub(crate) keep_running: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ControlArgs {
+    #[command(subcommand)]
+    pub command: Option<ControlCommand>,
+    /// Config file with a [control] section.
+    #[arg(short = 'c', long = "config", value_name = "PATH", global = true)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum ControlCommand {
+    /// Setup keys enrol devices without a browser (`runewarp node up --setup-key`).
+    #[command(subcommand, name = "setup-key")]
+    SetupKey(SetupKeyCommand),
+    /// List the devices, or revoke one.
+    Devices {
+        #[command(subcommand)]
+        command: Option<DevicesCommand>,
+    },
+    /// An organisation's ACL policy (JSON).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum SetupKeyCommand {
+    /// Create a setup key; it is printed once and stored only hashed.
+    Create {
+        /// Enrol devices as this user (their organisation follows from the
+        /// email's domain; consumer domains get a personal one).
+        #[arg(
+            long,
+            value_name = "EMAIL",
+            conflicts_with = "org",
+            required_unless_present = "org"
+        )]
+        user: Option<String>,
+        /// Enrol tagged devices without a user into this organisation.
+        #[arg(long, value_name = "NAME")]
+        org: Option<String>,
+        /// A tag for the devices (repeatable), used by ACLs as `tag:NAME`.
+        #[arg(long = "tag", value_name = "NAME")]
+        tags: Vec<String>,
+        /// The key may enrol many devices (default: one).
+        #[arg(long)]
+        reusable: bool,
+        /// How long the key works, such as 1h or 30m.
+        #[arg(long, value_name = "DURATION", default_value = "24h")]
+        expires: String,
+    },
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum DevicesCommand {
+    /// List every device (the default).
+    List,
+    /// Revoke a device: its peers drop it and its map stream ends.
+    Revoke {
+        /// The device id (see `devices list`).
+        id: i64,
+    },
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum PolicyCommand {
+    /// Validate FILE and make it the organisation's policy.
+    Set {
+        #[arg(long, value_name = "NAME")]
+        org: String,
+        /// The policy document (JSON).
+        file: PathBuf,
+    },
+    /// Print the organisation's policy.
+    Get {
+        #[arg(long, value_name = "NAME")]
+        org: String,
+    },
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum NodeCommand {
+    /// Enrol (first time, with a setup key) and follow the network map
+    /// until stopped.
+    Up {
+        /// The control server, such as https://control.example.com:7443
+        /// (remembered after the first time).
+        #[arg(long, value_name = "URL")]
+        control: Option<String>,
+        /// The setup key for the first enrolment.
+        #[arg(long = "setup-key", value_name = "KEY", env = "RUNEWARP_SETUP_KEY")]
+        setup_key: Option<String>,
+        /// CA certificate the control server's certificate chains to
+        /// (default: the system's roots).
+        #[arg(long = "ca-file", value_name = "PATH")]
+        ca_file: Option<PathBuf>,
+        /// This device's name in the network (default: the host name).
+        #[arg(long, value_name = "NAME")]
+        hostname: Option<String>,
+        #[command(flatten)]
+        state: NodeStateArgs,
+    },
+    /// Print the organisation, this device's addresses and its peers.
+    Status {
+        #[command(flatten)]
+        state: NodeStateArgs,
+    },
+    /// Forget the enrolment (the WireGuard key stays).
+    Logout {
+        #[command(flatten)]
+        state: NodeStateArgs,
+    },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct NodeStateArgs {
+    /// Where the key, the enrolment and the network map live.
+    #[arg(
+        long = "state-dir",
+        value_name = "DIR",
+        default_value = "/var/lib/runewarp/node"
+    )]
+    pub state_dir: PathBuf,
 }

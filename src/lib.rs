@@ -15,11 +15,12 @@
 //! |---|---|---|
 //! | Tunnel | [`server`], [`client`], and the wire they share, [`tunnel`] | `runewarp server`, `runewarp client` |
 //! | Sign-in gate (Runegate) | [`gate`] | `runewarp gate` |
-//! | Mesh control plane (planned) | `control` | one subcommand |
-//! | Mesh data plane (planned) | `node` | one subcommand |
+//! | Mesh control plane (first slice) | `control` | `runewarp control` |
+//! | Mesh device agent (control side; data plane next) | `node` | `runewarp node` |
 //!
-//! (Today [`control`] holds the local control socket behind `status`; it
-//! will be renamed when the mesh control plane takes the name.)
+//! The mesh's two systems talk only through the messages in
+//! `mesh_protocol`. The local socket behind `server status`/`client
+//! status` is [`control_socket`].
 //!
 //! Systems share only the common pieces:
 //!
@@ -45,7 +46,8 @@ pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod config;
-pub mod control;
+pub(crate) mod control;
+pub mod control_socket;
 pub mod demo;
 pub(crate) mod fdlimit;
 pub(crate) mod fsutil;
@@ -56,7 +58,9 @@ pub mod hostname;
 pub mod identity;
 pub mod logging;
 pub mod man;
+pub(crate) mod mesh_protocol;
 pub mod metrics;
+pub(crate) mod node;
 pub mod notify;
 pub mod readiness;
 pub(crate) mod relay;

@@ -7,7 +7,7 @@ use crate::cli::{
     Cli, ClientArgs, ClientCommand, Command, ConfigCommand, Role, ServerArgs, ServerCommand,
 };
 use crate::config::{self, ClientOverlay, Environment, ServerOverlay};
-use crate::{client, commands, demo, fdlimit, gate, logging, server, shutdown, tls};
+use crate::{client, commands, control, demo, fdlimit, gate, logging, node, server, shutdown, tls};
 
 /// Runtime failure (bind, material, I/O).
 pub(crate) const EXIT_FAILURE: u8 = 1;
@@ -133,6 +133,8 @@ pub fn main(cli: Cli) -> ExitCode {
             };
             serve("gate", config.log_level, gate::start(config), gate::run)
         }
+        Command::Control(args) => run_control(args),
+        Command::Node(cmd) => run_node(cmd),
         Command::Demo(args) => runtime(None, demo::run(args)),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -199,6 +201,7 @@ where
                 let event = match role {
                     "server" => "server_failed",
                     "gate" => "gate_failed",
+                    "control" => "control_failed",
                     _ => "client_failed",
                 };
                 // The log goes to stderr already; say it there only once.
@@ -300,7 +303,7 @@ fn status(role: Role, args: &crate::cli::StatusArgs, env: &Environment) -> ExitC
             "no control socket: set {name}.control-socket in the config (or HOME), or pass --socket"
         ));
     };
-    let doc = match crate::control::query(&path, name) {
+    let doc = match crate::control_socket::query(&path, name) {
         Ok(doc) => doc,
         Err(e) => {
             eprintln!("runewarp {name} status: {e}");
@@ -310,8 +313,8 @@ fn status(role: Role, args: &crate::cli::StatusArgs, env: &Environment) -> ExitC
     let text = if args.json {
         serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
     } else {
-        let now = crate::control::unix(std::time::SystemTime::now());
-        crate::control::format::human(&doc, now)
+        let now = crate::control_socket::unix(std::time::SystemTime::now());
+        crate::control_socket::format::human(&doc, now)
     };
     match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -351,6 +354,95 @@ fn material_result(r: Result<String, tls::material::MaterialError>) -> ExitCode 
         Err(e) => {
             eprintln!("runewarp: {e}");
             ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `runewarp control`: serve, or an admin command.
+fn run_control(args: crate::cli::ControlArgs) -> ExitCode {
+    let Some(path) = args.config.as_deref() else {
+        return usage_error("runewarp control needs --config FILE (a [control] section)");
+    };
+    let config = match control::ControlConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("runewarp: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match &args.command {
+        None => serve(
+            "control",
+            config.log_level,
+            control::start(config),
+            control::run,
+        ),
+        Some(cmd) => match control::admin::run(&config, cmd) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(control::admin::AdminError::Usage(m)) => usage_error(&m),
+            Err(e) => {
+                eprintln!("runewarp control: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+    }
+}
+
+/// `runewarp node`: the device agent.
+fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
+    use crate::cli::NodeCommand;
+    let printed = |r: Result<String, node::NodeError>| match r {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(node::NodeError::Usage(m)) => usage_error(&m),
+        Err(e) => {
+            eprintln!("runewarp node: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    };
+    match cmd {
+        NodeCommand::Status { state } => printed(node::status(&state.state_dir)),
+        NodeCommand::Logout { state } => printed(node::logout(&state.state_dir)),
+        NodeCommand::Up {
+            control,
+            setup_key,
+            ca_file,
+            hostname,
+            state,
+        } => {
+            logging::init(config::LogLevel::Info);
+            runtime(None, async move {
+                let started = node::start(
+                    &state.state_dir,
+                    control.as_deref(),
+                    setup_key.as_deref(),
+                    ca_file.as_deref(),
+                    hostname.as_deref(),
+                )
+                .await;
+                let node = match started {
+                    Ok(n) => n,
+                    Err(node::NodeError::Usage(m)) => return usage_error(&m),
+                    Err(e) => {
+                        tracing::error!(event = "node_failed", error = %e);
+                        return ExitCode::from(EXIT_FAILURE);
+                    }
+                };
+                let (trigger, stop) = shutdown::channel();
+                shutdown::on_signals(trigger);
+                match node::run(node, stop).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!(event = "node_revoked", error = %e);
+                        ExitCode::from(EXIT_FAILURE)
+                    }
+                }
+            })
         }
     }
 }

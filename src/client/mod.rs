@@ -157,7 +157,7 @@ pub struct Client {
     /// `metrics-bind-address`, bound; served by `run`.
     metrics_listener: Option<std::net::TcpListener>,
     /// `control-socket`, bound; served by `run`.
-    control: Option<crate::control::ControlSocket>,
+    control: Option<crate::control_socket::ControlSocket>,
     /// Re-reads the config on SIGHUP.
     reloader: Option<reload::Reloader>,
 }
@@ -256,7 +256,7 @@ impl Client {
         let control = config
             .control_socket
             .as_deref()
-            .and_then(|path| crate::control::ControlSocket::bind(path, "client"));
+            .and_then(|path| crate::control_socket::ControlSocket::bind(path, "client"));
         Ok(Self {
             dialer,
             config,

@@ -1,5 +1,5 @@
 //! What `runewarp client status` shows: a snapshot of the running Client
-//! instance as JSON (see [`crate::control`]).
+//! instance as JSON (see [`crate::control_socket`]).
 
 use std::time::SystemTime;
 
@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::client::ClientStatus;
 use crate::config::{ClientConfig, TlsMode};
-use crate::control::unix;
+use crate::control_socket::unix;
 use crate::identity::ClientIdentity;
 use crate::metrics::{ClientMetrics, service_name};
 

@@ -76,7 +76,7 @@ pub struct Server {
     public: tokio::net::TcpListener,
     readiness: Option<tokio::net::TcpListener>,
     metrics: Option<tokio::net::TcpListener>,
-    control: Option<crate::control::ControlSocket>,
+    control: Option<crate::control_socket::ControlSocket>,
     tunnel: quinn::Endpoint,
     /// `[server.acme]`: the certificate manager (started by `run`) and the
     /// config answering TLS-ALPN-01 validations on the public listener.
@@ -160,7 +160,7 @@ impl Server {
         let control = config
             .control_socket
             .as_deref()
-            .and_then(|path| crate::control::ControlSocket::bind(path, "server"));
+            .and_then(|path| crate::control_socket::ControlSocket::bind(path, "server"));
         let admission = Admission::new(limits, config.tunnels.len());
         admission.attach_metrics(registry.metrics().clone());
         if let Some(not_after) = server_not_after {

@@ -1,12 +1,12 @@
 //! What `runewarp server status` shows: a snapshot of the running Server
-//! as JSON (see [`crate::control`]).
+//! as JSON (see [`crate::control_socket`]).
 
 use std::time::SystemTime;
 
 use serde_json::{Value, json};
 
 use crate::config::ServerConfig;
-use crate::control::unix;
+use crate::control_socket::unix;
 use crate::metrics::tunnel_name;
 use crate::server::public_listener::DropReason;
 use crate::server::tunnels::Registry;

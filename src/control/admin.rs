@@ -1,0 +1,125 @@
+//! The operator's commands (`runewarp control setup-key|devices|policy`):
+//! they open the same database as the running server, whose change serial
+//! then carries each change to the connected devices. Who may run them is
+//! whoever may read the state dir (0700).
+
+use super::config::ControlConfig;
+use super::policy::Policy;
+use super::store::{SetupKeySpec, Store, StoreError};
+use crate::cli::{ControlCommand, DevicesCommand, PolicyCommand, SetupKeyCommand};
+
+/// An admin command's failure: what to print.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// Bad arguments or input (exit status 2).
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Carry out `cmd`; returns what to print on stdout.
+pub fn run(config: &ControlConfig, cmd: &ControlCommand) -> Result<String, AdminError> {
+    let mut store = Store::open(&config.state_dir)?;
+    match cmd {
+        ControlCommand::SetupKey(SetupKeyCommand::Create {
+            user,
+            org,
+            tags,
+            reusable,
+            expires,
+        }) => {
+            let ttl = crate::config::parse_duration(expires)
+                .map_err(|e| AdminError::Usage(format!("--expires {expires:?}: {e}")))?;
+            for t in tags {
+                if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                    return Err(AdminError::Usage(format!(
+                        "--tag {t:?}: a tag is letters, digits and '-'"
+                    )));
+                }
+            }
+            let (organisation, user) = match (user, org) {
+                (Some(u), _) => {
+                    let Some(o) = config.organisation_of(u) else {
+                        return Err(AdminError::Usage(format!(
+                            "--user {u:?}: expected an email address such as alice@example.com"
+                        )));
+                    };
+                    (o, Some(u.trim().to_ascii_lowercase()))
+                }
+                (None, Some(o)) => {
+                    let o = o.trim().to_ascii_lowercase();
+                    if o.is_empty() {
+                        return Err(AdminError::Usage("--org must not be empty".into()));
+                    }
+                    (o, None)
+                }
+                (None, None) => {
+                    return Err(AdminError::Usage("pass --user EMAIL or --org NAME".into()));
+                }
+            };
+            let key = store.create_setup_key(&SetupKeySpec {
+                organisation,
+                user,
+                tags: tags.clone(),
+                reusable: *reusable,
+                ttl_s: ttl.as_secs() as i64,
+            })?;
+            tracing::info!(event = "setup_key_created", id = key.id, organisation = %key.organisation, reusable = *reusable);
+            Ok(format!(
+                "# setup key {} for organisation {} (shown once; stored hashed)\n{}\n",
+                key.id, key.organisation, key.key
+            ))
+        }
+        ControlCommand::Devices { command } => match command {
+            None | Some(DevicesCommand::List) => {
+                let mut out =
+                    String::from("ID\tORGANISATION\tHOSTNAME\tADDRESS\tUSER\tTAGS\tSTATE\n");
+                for d in store.devices(None)? {
+                    out += &format!(
+                        "{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                        d.id,
+                        d.organisation,
+                        d.hostname,
+                        d.ipv4,
+                        d.user.as_deref().unwrap_or("-"),
+                        if d.tags.is_empty() {
+                            "-".to_string()
+                        } else {
+                            d.tags.join(",")
+                        },
+                        if d.revoked { "revoked" } else { "active" },
+                    );
+                }
+                Ok(out)
+            }
+            Some(DevicesCommand::Revoke { id }) => {
+                if store.revoke_device(*id)? {
+                    tracing::info!(event = "device_revoked", device = id);
+                    Ok(format!("revoked device {id}\n"))
+                } else {
+                    Err(AdminError::Usage(format!(
+                        "no active device {id}; see `runewarp control devices list`"
+                    )))
+                }
+            }
+        },
+        ControlCommand::Policy(PolicyCommand::Set { org, file }) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| AdminError::Usage(format!("{}: {e}", file.display())))?;
+            Policy::parse(&text)
+                .map_err(|e| AdminError::Usage(format!("{}: {e}", file.display())))?;
+            store.set_policy(&org.to_ascii_lowercase(), &text)?;
+            tracing::info!(event = "policy_set", organisation = %org);
+            Ok(format!("policy of {org} replaced\n"))
+        }
+        ControlCommand::Policy(PolicyCommand::Get { org }) => {
+            let Some(id) = store.organisation(&org.to_ascii_lowercase())? else {
+                return Err(AdminError::Usage(format!("no organisation {org:?}")));
+            };
+            Ok(store.policy(id)?.unwrap_or_else(|| {
+                "# no policy: each user's own devices reach each other, nothing else\n".into()
+            }))
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The control API (HTTP/1.1 + JSON over TLS; see docs/control-api.md):
+//! `POST /v1/register` enrols a device with a setup key, `GET /v1/map`
+//! streams its network map as JSON lines, one per change.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use super::netmap;
+use super::store::{RegisterError, Store};
+use crate::mesh_protocol::{
+    ErrorBody, NetworkMap, RegisterRequest, RegisterResponse, valid_hostname, valid_public_key,
+};
+use crate::shutdown::Shutdown;
+
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 4096;
+/// Registrations per source address per [`RATE_WINDOW`].
+const REGISTER_RATE: u32 = 20;
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+/// A map stream with no change sends an empty line this often, so dead
+/// connections are noticed by both ends.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// What every request handler shares.
+pub(super) struct Api {
+    pub store: Arc<Mutex<Store>>,
+    pub serial: tokio::sync::watch::Receiver<u64>,
+    pub shutdown: Shutdown,
+    registrations: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)).boxed_unsync())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed_unsync()))
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json(
+        status,
+        &ErrorBody {
+            error: message.to_string(),
+        },
+    )
+}
+
+impl Api {
+    pub fn new(
+        store: Arc<Mutex<Store>>,
+        serial: tokio::sync::watch::Receiver<u64>,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self {
+            store,
+            serial,
+            shutdown,
+            registrations: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        crate::sync::lock(&self.store)
+    }
+
+    /// Count a registration attempt from `ip`; false when over the rate.
+    fn admit(&self, ip: IpAddr) -> bool {
+        let mut map = crate::sync::lock(&self.registrations);
+        let now = Instant::now();
+        if map.len() > 10_000 {
+            map.retain(|_, (at, _)| now.duration_since(*at) < RATE_WINDOW);
+        }
+        let entry = map.entry(ip).or_insert((now, 0));
+        if now.duration_since(entry.0) >= RATE_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= REGISTER_RATE
+    }
+
+    pub async fn handle(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::POST, "/v1/register") => self.register(peer, req).await,
+            (&Method::GET, "/v1/map") => self.map(peer, req),
+            (_, "/v1/register" | "/v1/map") => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
+            _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+        }
+    }
+
+    async fn register(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+        if !self.admit(peer.ip().to_canonical()) {
+            tracing::warn!(event = "register_rate_limited", peer = %peer);
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many registrations; wait a minute",
+            );
+        }
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 4 KiB"),
+        };
+        let r: RegisterRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
+        };
+        if !valid_public_key(&r.public_key) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "public_key must be a base64 X25519 key (32 bytes)",
+            );
+        }
+        if !valid_hostname(&r.hostname) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "hostname must be one DNS label: a-z, 0-9 and '-', at most 63",
+            );
+        }
+        let result = self
+            .store()
+            .register(&r.setup_key, &r.public_key, &r.hostname);
+        match result {
+            Ok(Ok((d, token))) => {
+                tracing::info!(event = "device_registered", device = d.id, organisation = %d.organisation, hostname = %d.hostname, address = %d.ipv4, peer = %peer);
+                json(
+                    StatusCode::OK,
+                    &RegisterResponse {
+                        device_id: d.id,
+                        token,
+                        organisation: d.organisation,
+                        hostname: d.hostname,
+                        addresses: vec![d.ipv4.to_string(), d.ipv6.to_string()],
+                    },
+                )
+            }
+            Ok(Err(e @ RegisterError::BadSetupKey)) => {
+                tracing::info!(event = "register_refused", reason = "bad_setup_key", peer = %peer);
+                error(StatusCode::UNAUTHORIZED, &e.to_string())
+            }
+            Ok(Err(e @ RegisterError::KeyTaken)) => {
+                tracing::info!(event = "register_refused", reason = "key_taken", peer = %peer);
+                error(StatusCode::CONFLICT, &e.to_string())
+            }
+            Err(e) => {
+                tracing::error!(event = "store_failed", error = %e);
+                error(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
+            }
+        }
+    }
+
+    fn map(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+        let token = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let Some(token) = token else {
+            return error(StatusCode::UNAUTHORIZED, "missing bearer token");
+        };
+        let device = match self.store().device_by_token(token) {
+            Ok(Some(d)) if !d.revoked => d,
+            Ok(_) => return error(StatusCode::UNAUTHORIZED, "unknown or revoked device"),
+            Err(e) => {
+                tracing::error!(event = "store_failed", error = %e);
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "storage error");
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        tokio::spawn(stream_maps(self.clone(), device.id, peer, tx));
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        });
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/x-ndjson")
+            .header("cache-control", "no-store")
+            .body(StreamBody::new(stream).boxed_unsync())
+            .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+    }
+}
+
+fn line<T: Serialize>(v: &T) -> Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    Bytes::from(b)
+}
+
+/// Push `device`'s map now and after every change that alters it, until
+/// the device goes away, is revoked, or the server shuts down.
+async fn stream_maps(
+    api: Arc<Api>,
+    device: i64,
+    peer: SocketAddr,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+) {
+    let mut serial = api.serial.clone();
+    let mut shutdown = api.shutdown.clone();
+    let mut last: Option<NetworkMap> = None;
+    tracing::info!(event = "map_stream_opened", device, peer = %peer);
+    loop {
+        serial.borrow_and_update();
+        let map = netmap::compute(&api.store(), device);
+        match map {
+            Ok(Some(m)) => {
+                if !last.as_ref().is_some_and(|l| l.same_content(&m)) {
+                    tracing::debug!(
+                        event = "map_pushed",
+                        device,
+                        serial = m.serial,
+                        peers = m.peers.len()
+                    );
+                    if tx.send(line(&m)).await.is_err() {
+                        break;
+                    }
+                    last = Some(m);
+                }
+            }
+            Ok(None) => {
+                let _ = tx
+                    .send(line(&ErrorBody {
+                        error: "revoked".into(),
+                    }))
+                    .await;
+                tracing::info!(event = "map_stream_closed", device, reason = "revoked");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(event = "store_failed", error = %e);
+                break;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            changed = serial.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(KEEPALIVE) => {
+                if tx.send(Bytes::from_static(b"\n")).await.is_err() {
+                    break;
+                }
+            }
+            _ = tx.closed() => break,
+        }
+    }
+    tracing::info!(event = "map_stream_closed", device, reason = "ended");
+}

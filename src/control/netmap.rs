@@ -1,0 +1,151 @@
+//! The network map: what the control server tells one device about its
+//! network — itself, the peers its ACLs let it talk to (or that may talk
+//! to it), and the packet filter for traffic arriving at it. A device never
+//! learns of a peer in another organisation or one the policy keeps apart.
+
+use std::net::IpAddr;
+
+use super::policy::{self, Policy, Ports};
+use super::store::{Device, Store, StoreError};
+use crate::mesh_protocol::{FilterRule, NetworkMap, Node, Peer};
+
+impl policy::Member for Device {
+    fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+    fn tags(&self) -> &[String] {
+        &self.tags
+    }
+    fn addresses(&self) -> Vec<IpAddr> {
+        vec![IpAddr::V4(self.ipv4), IpAddr::V6(self.ipv6)]
+    }
+}
+
+fn addresses(d: &Device) -> Vec<String> {
+    vec![format!("{}/32", d.ipv4), format!("{}/128", d.ipv6)]
+}
+
+/// The map for device `id`, or None if it is unknown or revoked.
+pub fn compute(store: &Store, id: i64) -> Result<Option<NetworkMap>, StoreError> {
+    let serial = store.serial()?;
+    let Some(me) = store.device(id)? else {
+        return Ok(None);
+    };
+    if me.revoked {
+        return Ok(None);
+    }
+    let policy = store
+        .policy(me.org_id)?
+        .and_then(|text| Policy::parse(&text).ok());
+    let allowed = |src: &Device, dst: &Device| -> Option<Ports> {
+        match &policy {
+            Some(p) => p.allowed(src, dst),
+            None => policy::default_allowed(src, dst),
+        }
+    };
+    let others: Vec<Device> = store
+        .devices(Some(me.org_id))?
+        .into_iter()
+        .filter(|d| !d.revoked && d.id != me.id)
+        .collect();
+    let mut peers = Vec::new();
+    let mut filter: Vec<FilterRule> = Vec::new();
+    for d in &others {
+        let inbound = allowed(d, &me);
+        let outbound = allowed(&me, d);
+        if inbound.is_none() && outbound.is_none() {
+            continue;
+        }
+        peers.push(Peer {
+            id: d.id,
+            hostname: d.hostname.clone(),
+            public_key: d.public_key.clone(),
+            allowed_ips: addresses(d),
+            endpoints: Vec::new(),
+            user: d.user.clone(),
+            tags: d.tags.clone(),
+        });
+        if let Some(ports) = inbound {
+            let ports = ports.to_string();
+            match filter.iter_mut().find(|r| r.ports == ports) {
+                Some(r) => r.sources.extend(addresses(d)),
+                None => filter.push(FilterRule {
+                    sources: addresses(d),
+                    ports,
+                }),
+            }
+        }
+    }
+    Ok(Some(NetworkMap {
+        serial,
+        organisation: me.organisation.clone(),
+        node: Node {
+            id: me.id,
+            hostname: me.hostname.clone(),
+            public_key: me.public_key.clone(),
+            addresses: addresses(&me),
+            user: me.user.clone(),
+            tags: me.tags.clone(),
+        },
+        peers,
+        filter,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::store::SetupKeySpec;
+    use super::*;
+
+    fn enrol(s: &mut Store, org: &str, user: Option<&str>, tags: &[&str], pk: &str) -> i64 {
+        let k = s
+            .create_setup_key(&SetupKeySpec {
+                organisation: org.into(),
+                user: user.map(Into::into),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                reusable: false,
+                ttl_s: 60,
+            })
+            .unwrap();
+        s.register(&k.key, pk, "h").unwrap().unwrap().0.id
+    }
+
+    #[test]
+    fn peers_follow_the_org_and_the_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let a1 = enrol(&mut s, "acme.com", Some("alice@acme.com"), &[], "a1");
+        let a2 = enrol(&mut s, "acme.com", Some("alice@acme.com"), &[], "a2");
+        let b = enrol(&mut s, "acme.com", Some("bob@acme.com"), &[], "b");
+        let db = enrol(&mut s, "acme.com", None, &["db"], "db");
+        let g = enrol(&mut s, "globex.com", Some("alice@acme.com"), &[], "g");
+        let peers = |s: &Store, id| -> Vec<String> {
+            compute(s, id)
+                .unwrap()
+                .unwrap()
+                .peers
+                .into_iter()
+                .map(|p| p.public_key)
+                .collect()
+        };
+        // Default: a user's own devices only.
+        assert_eq!(peers(&s, a1), ["a2"]);
+        assert!(peers(&s, b).is_empty());
+        assert!(peers(&s, g).is_empty(), "never another organisation");
+        s.set_policy(
+            "acme.com",
+            r#"{"acls": [{"action": "accept", "src": ["alice@acme.com"], "dst": ["tag:db:5432"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(peers(&s, a1), ["db"]);
+        let m = compute(&s, db).unwrap().unwrap();
+        assert_eq!(m.peers.len(), 2);
+        assert_eq!(m.filter.len(), 1);
+        assert_eq!(m.filter[0].ports, "5432");
+        assert_eq!(m.filter[0].sources.len(), 4);
+        assert!(peers(&s, b).is_empty());
+        s.revoke_device(a2).unwrap();
+        assert_eq!(compute(&s, db).unwrap().unwrap().peers.len(), 1);
+        assert!(compute(&s, a2).unwrap().is_none());
+    }
+}

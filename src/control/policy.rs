@@ -1,0 +1,426 @@
+//! ACLs: an organisation's policy document, validated with errors that
+//! point at the line and column, and evaluated into who may reach whom.
+//!
+//! ```json
+//! {
+//!   "groups": { "group:eng": ["alice@acme.com", "bob@acme.com"] },
+//!   "acls": [
+//!     { "action": "accept", "src": ["group:eng"], "dst": ["tag:db:5432", "bob@acme.com:*"] }
+//!   ]
+//! }
+//! ```
+//!
+//! A selector is `*`, a user's email, `group:NAME`, `tag:NAME`, or an
+//! address or CIDR inside the organisation's network; a destination adds
+//! `:PORTS` (`*`, `22`, `80,443`, `8000-8099`). Without a policy, a user's
+//! own devices reach each other and nothing else: default deny across
+//! users.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::Deserialize;
+
+/// The raw document.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    groups: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    acls: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    action: String,
+    src: Vec<String>,
+    dst: Vec<String>,
+}
+
+/// An invalid policy: where and why.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("policy line {line}, column {column}: {message}")]
+pub struct PolicyError {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Who a rule is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Any,
+    User(String),
+    Group(String),
+    Tag(String),
+    Net(IpAddr, u8),
+}
+
+/// Destination ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ports {
+    Any,
+    Ranges(Vec<(u16, u16)>),
+}
+
+impl std::fmt::Display for Ports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ports::Any => f.write_str("*"),
+            Ports::Ranges(r) => {
+                let parts: Vec<String> = r
+                    .iter()
+                    .map(|(a, b)| {
+                        if a == b {
+                            a.to_string()
+                        } else {
+                            format!("{a}-{b}")
+                        }
+                    })
+                    .collect();
+                f.write_str(&parts.join(","))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub src: Vec<Selector>,
+    pub dst: Vec<(Selector, Ports)>,
+}
+
+/// A validated policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    groups: BTreeMap<String, Vec<String>>,
+    rules: Vec<Rule>,
+}
+
+/// What a selector is matched against.
+pub trait Member {
+    fn user(&self) -> Option<&str>;
+    fn tags(&self) -> &[String];
+    fn addresses(&self) -> Vec<IpAddr>;
+}
+
+/// Line and column (1-based) of the first `"needle"` in `text`.
+fn locate(text: &str, needle: &str) -> (usize, usize) {
+    let quoted = format!("\"{needle}\"");
+    let Some(at) = text.find(&quoted) else {
+        return (1, 1);
+    };
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+fn err_at(text: &str, needle: &str, message: String) -> PolicyError {
+    let (line, column) = locate(text, needle);
+    PolicyError {
+        line,
+        column,
+        message,
+    }
+}
+
+fn parse_selector(
+    text: &str,
+    s: &str,
+    groups: &BTreeMap<String, Vec<String>>,
+) -> Result<Selector, PolicyError> {
+    if s == "*" {
+        return Ok(Selector::Any);
+    }
+    if let Some(g) = s.strip_prefix("group:") {
+        if !groups.contains_key(s) {
+            return Err(err_at(
+                text,
+                s,
+                format!("unknown group {s:?}; define it under \"groups\""),
+            ));
+        }
+        return Ok(Selector::Group(g.to_string()));
+    }
+    if let Some(t) = s.strip_prefix("tag:") {
+        if t.is_empty() || !t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(err_at(
+                text,
+                s,
+                format!("{s:?}: a tag is letters, digits and '-'"),
+            ));
+        }
+        return Ok(Selector::Tag(t.to_string()));
+    }
+    if s.contains('@') {
+        return Ok(Selector::User(s.to_ascii_lowercase()));
+    }
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip, len.parse::<u8>().ok()),
+        None => (s, None),
+    };
+    match ip.parse::<IpAddr>() {
+        Ok(ip) => {
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let len = match (s.contains('/'), len) {
+                (false, _) => max,
+                (true, Some(l)) if l <= max => l,
+                _ => return Err(err_at(text, s, format!("{s:?}: bad prefix length"))),
+            };
+            Ok(Selector::Net(ip, len))
+        }
+        Err(_) => Err(err_at(
+            text,
+            s,
+            format!(
+                "{s:?} is not a selector: use \"*\", an email, \"group:NAME\", \"tag:NAME\" or an address/CIDR"
+            ),
+        )),
+    }
+}
+
+fn parse_ports(text: &str, whole: &str, p: &str) -> Result<Ports, PolicyError> {
+    if p == "*" {
+        return Ok(Ports::Any);
+    }
+    let bad = || {
+        err_at(
+            text,
+            whole,
+            format!("{whole:?}: ports are \"*\", \"22\", \"80,443\" or \"8000-8099\""),
+        )
+    };
+    let mut ranges = Vec::new();
+    for part in p.split(',') {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let (a, b) = (
+            a.parse::<u16>().map_err(|_| bad())?,
+            b.parse::<u16>().map_err(|_| bad())?,
+        );
+        if a == 0 || a > b {
+            return Err(bad());
+        }
+        ranges.push((a, b));
+    }
+    Ok(Ports::Ranges(ranges))
+}
+
+impl Policy {
+    /// Parse and validate a policy document.
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        let raw: Raw = serde_json::from_str(text).map_err(|e| PolicyError {
+            line: e.line(),
+            column: e.column(),
+            message: e
+                .to_string()
+                .split(" at line")
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        })?;
+        for (name, members) in &raw.groups {
+            if !name.starts_with("group:") || name.len() == "group:".len() {
+                return Err(err_at(
+                    text,
+                    name,
+                    format!("group names start with \"group:\", found {name:?}"),
+                ));
+            }
+            if let Some(m) = members.iter().find(|m| !m.contains('@')) {
+                return Err(err_at(
+                    text,
+                    m,
+                    format!("group members are users' emails, found {m:?}"),
+                ));
+            }
+        }
+        let mut rules = Vec::new();
+        for r in &raw.acls {
+            if r.action != "accept" {
+                return Err(err_at(
+                    text,
+                    &r.action,
+                    format!(
+                        "action {:?}: only \"accept\" (everything else is denied)",
+                        r.action
+                    ),
+                ));
+            }
+            let src = r
+                .src
+                .iter()
+                .map(|s| parse_selector(text, s, &raw.groups))
+                .collect::<Result<_, _>>()?;
+            let mut dst = Vec::new();
+            for d in &r.dst {
+                let Some((sel, ports)) = d.rsplit_once(':') else {
+                    return Err(err_at(
+                        text,
+                        d,
+                        format!(
+                            "{d:?}: a destination is SELECTOR:PORTS, such as \"tag:db:5432\" or \"*:*\""
+                        ),
+                    ));
+                };
+                let ports = parse_ports(text, d, ports)?;
+                let sel = parse_selector(text, sel, &raw.groups).map_err(|mut e| {
+                    (e.line, e.column) = locate(text, d);
+                    e
+                })?;
+                dst.push((sel, ports));
+            }
+            rules.push(Rule { src, dst });
+        }
+        let groups = raw
+            .groups
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.trim_start_matches("group:").to_string(),
+                    v.into_iter().map(|m| m.to_ascii_lowercase()).collect(),
+                )
+            })
+            .collect();
+        Ok(Self { groups, rules })
+    }
+
+    fn matches(&self, sel: &Selector, m: &dyn Member) -> bool {
+        match sel {
+            Selector::Any => true,
+            Selector::User(u) => m.user() == Some(u.as_str()),
+            Selector::Group(g) => m
+                .user()
+                .is_some_and(|u| self.groups.get(g).is_some_and(|g| g.iter().any(|x| x == u))),
+            Selector::Tag(t) => m.tags().iter().any(|x| x == t),
+            Selector::Net(net, len) => m.addresses().iter().any(|a| in_net(*a, *net, *len)),
+        }
+    }
+
+    /// The ports `src` may reach on `dst` (None: not at all).
+    pub fn allowed(&self, src: &dyn Member, dst: &dyn Member) -> Option<Ports> {
+        let mut ranges = Vec::new();
+        for r in &self.rules {
+            if !r.src.iter().any(|s| self.matches(s, src)) {
+                continue;
+            }
+            for (sel, ports) in &r.dst {
+                if self.matches(sel, dst) {
+                    match ports {
+                        Ports::Any => return Some(Ports::Any),
+                        Ports::Ranges(p) => ranges.extend(p.iter().copied()),
+                    }
+                }
+            }
+        }
+        if ranges.is_empty() {
+            None
+        } else {
+            ranges.sort();
+            ranges.dedup();
+            Some(Ports::Ranges(ranges))
+        }
+    }
+}
+
+/// Without a policy: a user's own devices reach each other on every port.
+pub fn default_allowed(src: &dyn Member, dst: &dyn Member) -> Option<Ports> {
+    match (src.user(), dst.user()) {
+        (Some(a), Some(b)) if a == b => Some(Ports::Any),
+        _ => None,
+    }
+}
+
+fn in_net(a: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (a, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - len as u32).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - len as u32).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct M(Option<&'static str>, Vec<String>, IpAddr);
+    impl Member for M {
+        fn user(&self) -> Option<&str> {
+            self.0
+        }
+        fn tags(&self) -> &[String] {
+            &self.1
+        }
+        fn addresses(&self) -> Vec<IpAddr> {
+            vec![self.2]
+        }
+    }
+
+    fn m(user: Option<&'static str>, tags: &[&str], ip: &str) -> M {
+        M(
+            user,
+            tags.iter().map(|t| t.to_string()).collect(),
+            ip.parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn rules_grant_ports_by_group_tag_user_and_address() {
+        let p = Policy::parse(
+            r#"{
+  "groups": {"group:eng": ["Alice@acme.com"]},
+  "acls": [
+    {"action": "accept", "src": ["group:eng"], "dst": ["tag:db:5432", "bob@acme.com:22,80-81"]},
+    {"action": "accept", "src": ["100.64.0.0/22"], "dst": ["tag:web:*"]}
+  ]
+}"#,
+        )
+        .unwrap();
+        let alice = m(Some("alice@acme.com"), &[], "100.64.0.1");
+        let bob = m(Some("bob@acme.com"), &[], "100.64.0.2");
+        let db = m(None, &["db"], "100.64.0.3");
+        let web = m(None, &["web"], "100.64.0.4");
+        assert_eq!(
+            p.allowed(&alice, &db),
+            Some(Ports::Ranges(vec![(5432, 5432)]))
+        );
+        assert_eq!(p.allowed(&alice, &bob).unwrap().to_string(), "22,80-81");
+        assert_eq!(p.allowed(&bob, &alice), None);
+        assert_eq!(p.allowed(&db, &web), Some(Ports::Any));
+        assert_eq!(p.allowed(&db, &alice), None);
+        assert_eq!(default_allowed(&alice, &bob), None);
+        assert_eq!(default_allowed(&alice, &alice), Some(Ports::Any));
+        assert_eq!(default_allowed(&db, &db), None);
+    }
+
+    #[test]
+    fn errors_point_at_line_and_column() {
+        let e = Policy::parse("{\n  \"acls\": [\n    {\"action\": \"accept\", \"src\": [\"group:ops\"], \"dst\": [\"*:*\"]}\n  ]\n}").unwrap_err();
+        assert_eq!((e.line, e.column), (3, 34), "{e}");
+        assert!(e.message.contains("unknown group \"group:ops\""), "{e}");
+        let e = Policy::parse("{\n  \"acls\": [\n    {\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"tag:db\"]}\n  ]\n}").unwrap_err();
+        assert!(e.message.contains("ports are"), "{e}");
+        let e = Policy::parse("{\n  \"acl\": []\n}").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.message.contains("unknown field `acl`"), "{e}");
+        let e = Policy::parse("{\"acls\": [{\"action\": \"drop\", \"src\": [], \"dst\": []}]}")
+            .unwrap_err();
+        assert!(e.message.contains("only \"accept\""), "{e}");
+        let e = Policy::parse(
+            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"nonsense\"], \"dst\": []}]}",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("not a selector"), "{e}");
+    }
+}

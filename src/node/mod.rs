@@ -1,0 +1,527 @@
+//! The mesh device agent, control side (seed 000's "Runetale client"):
+//! `runewarp node up|status|logout`. It generates the device's WireGuard
+//! key pair locally (the private key is written 0600 and never sent),
+//! enrols with a setup key, then follows the network map the control
+//! server streams, writing each version atomically to `netmap.json` for
+//! the data plane. It reconnects with backoff when the stream breaks.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+use crate::mesh_protocol::{ErrorBody, NetworkMap, RegisterRequest, RegisterResponse};
+use crate::shutdown::Shutdown;
+
+/// The WireGuard private key (base64), 0600.
+pub const KEY_FILE: &str = "wireguard.key";
+/// The enrolment: control URL, device id, bearer token; 0600.
+pub const ENROLMENT_FILE: &str = "enrolment.json";
+/// The last network map received.
+pub const NETMAP_FILE: &str = "netmap.json";
+/// Longest wait between reconnects.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A stream silent for this long (the server sends keepalives every 15 s)
+/// is taken as dead.
+const STREAM_SILENCE: Duration = Duration::from_secs(45);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+    #[error("control server {url}: {message}")]
+    Control { url: String, message: String },
+    #[error(
+        "the control server no longer knows this device (revoked or removed); run `runewarp node logout` and enrol again with a new setup key"
+    )]
+    Revoked,
+}
+
+/// What `enrolment.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Enrolment {
+    pub control: String,
+    pub ca_file: Option<PathBuf>,
+    pub device_id: i64,
+    pub token: String,
+    pub organisation: String,
+    pub hostname: String,
+    pub addresses: Vec<String>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+    move |error| NodeError::Io {
+        path: path.to_path_buf(),
+        error,
+    }
+}
+
+/// The device's key pair: loaded, or made once (never overwritten).
+/// Returns the public key (base64).
+pub fn load_or_create_key(state_dir: &Path) -> Result<String, NodeError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    fsutil::ensure_dir(state_dir, 0o700).map_err(io_err(state_dir))?;
+    let path = state_dir.join(KEY_FILE);
+    let secret = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let bytes: [u8; 32] = b64
+                .decode(text.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| {
+                    NodeError::Usage(format!(
+                        "{}: not a base64 WireGuard private key; move it away to make a new one",
+                        path.display()
+                    ))
+                })?;
+            x25519_dalek::StaticSecret::from(bytes)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let bytes: [u8; 32] = rand::random();
+            let secret = x25519_dalek::StaticSecret::from(bytes);
+            let text = format!("{}\n", b64.encode(secret.to_bytes()));
+            fsutil::write_new_atomic(&path, text.as_bytes(), 0o600).map_err(io_err(&path))?;
+            tracing::info!(event = "node_key_created", path = %path.display());
+            secret
+        }
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    Ok(b64.encode(x25519_dalek::PublicKey::from(&secret).as_bytes()))
+}
+
+pub fn load_enrolment(state_dir: &Path) -> Result<Option<Enrolment>, NodeError> {
+    let path = state_dir.join(ENROLMENT_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            NodeError::Usage(format!(
+                "{}: {e}; run `runewarp node logout` and enrol again",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+/// A parsed `https://host[:port]` control URL.
+#[derive(Debug, Clone)]
+struct ControlUrl {
+    text: String,
+    host: String,
+    port: u16,
+}
+
+fn parse_url(text: &str) -> Result<ControlUrl, NodeError> {
+    let bad = |why: &str| {
+        NodeError::Usage(format!(
+            "--control {text:?}: {why}; expected https://HOST[:PORT]"
+        ))
+    };
+    let uri: hyper::Uri = text.parse().map_err(|_| bad("not a URL"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(bad("the scheme must be https"));
+    }
+    let host = uri.host().ok_or_else(|| bad("no host"))?;
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("no path or query"));
+    }
+    Ok(ControlUrl {
+        text: text.trim_end_matches('/').to_string(),
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port: uri.port_u16().unwrap_or(443),
+    })
+}
+
+fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, NodeError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for c in crate::tls::material::load_ca_bundle(path)
+                .map_err(|e| NodeError::Usage(e.to_string()))?
+            {
+                let _ = roots.add(c);
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let mut c = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(url: &ControlUrl, tls: Arc<rustls::ClientConfig>) -> Result<Sender, NodeError> {
+    let fail = |m: String| NodeError::Control {
+        url: url.text.clone(),
+        message: m,
+    };
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect((url.host.as_str(), url.port)),
+    )
+    .await
+    .map_err(|_| fail("no answer within 10 s".into()))?
+    .map_err(|e| fail(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+        .map_err(|e| fail(e.to_string()))?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| fail(format!("TLS: {e}")))?;
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn register(
+    url: &ControlUrl,
+    tls: Arc<rustls::ClientConfig>,
+    request: &RegisterRequest,
+) -> Result<RegisterResponse, NodeError> {
+    let fail = |m: String| NodeError::Control {
+        url: url.text.clone(),
+        message: m,
+    };
+    let mut sender = connect(url, tls).await?;
+    let body = serde_json::to_vec(request).map_err(|e| fail(e.to_string()))?;
+    let req = Request::post(format!("{}/v1/register", url.text))
+        .header("host", &url.host)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| fail(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .to_bytes();
+    if !status.is_success() {
+        let message = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| status.to_string());
+        return Err(fail(format!("enrolment refused: {message}")));
+    }
+    serde_json::from_slice(&body).map_err(|e| fail(format!("bad answer: {e}")))
+}
+
+/// The host name to enrol as: `--hostname`, else this machine's, made a
+/// DNS label.
+fn default_hostname() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let label: String = raw
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let label = label.trim_matches('-');
+    if label.is_empty() {
+        "device".into()
+    } else {
+        label.chars().take(63).collect()
+    }
+}
+
+/// What `node up` starts with: key made, enrolment done.
+pub struct Node {
+    state_dir: PathBuf,
+    enrolment: Enrolment,
+    url: ControlUrl,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+/// Make the key, enrol if needed.
+pub async fn start(
+    state_dir: &Path,
+    control: Option<&str>,
+    setup_key: Option<&str>,
+    ca_file: Option<&Path>,
+    hostname: Option<&str>,
+) -> Result<Node, NodeError> {
+    let public_key = load_or_create_key(state_dir)?;
+    let enrolment = match load_enrolment(state_dir)? {
+        Some(e) => {
+            if let Some(c) = control
+                && c.trim_end_matches('/') != e.control
+            {
+                return Err(NodeError::Usage(format!(
+                    "this device is enrolled with {}; run `runewarp node logout` first to use {c}",
+                    e.control
+                )));
+            }
+            e
+        }
+        None => {
+            let Some(control) = control else {
+                return Err(NodeError::Usage(
+                    "not enrolled yet: pass --control URL and --setup-key KEY".into(),
+                ));
+            };
+            let Some(setup_key) = setup_key else {
+                return Err(NodeError::Usage(
+                    "not enrolled yet: pass --setup-key KEY (from `runewarp control setup-key create`)".into(),
+                ));
+            };
+            let url = parse_url(control)?;
+            let hostname = hostname
+                .map(str::to_string)
+                .unwrap_or_else(default_hostname);
+            if !crate::mesh_protocol::valid_hostname(&hostname) {
+                return Err(NodeError::Usage(format!(
+                    "--hostname {hostname:?}: one DNS label, a-z, 0-9 and '-'"
+                )));
+            }
+            let r = register(
+                &url,
+                tls_config(ca_file)?,
+                &RegisterRequest {
+                    setup_key: setup_key.to_string(),
+                    public_key,
+                    hostname,
+                },
+            )
+            .await?;
+            let e = Enrolment {
+                control: url.text.clone(),
+                ca_file: ca_file.map(|p| std::path::absolute(p).unwrap_or(p.to_path_buf())),
+                device_id: r.device_id,
+                token: r.token,
+                organisation: r.organisation,
+                hostname: r.hostname,
+                addresses: r.addresses,
+            };
+            let path = state_dir.join(ENROLMENT_FILE);
+            let bytes = serde_json::to_vec_pretty(&e).unwrap_or_default();
+            fsutil::write_new_atomic(&path, &bytes, 0o600).map_err(io_err(&path))?;
+            tracing::info!(event = "node_enrolled", device = e.device_id, organisation = %e.organisation, hostname = %e.hostname, address = %e.addresses.first().map(String::as_str).unwrap_or("-"));
+            e
+        }
+    };
+    let url = parse_url(&enrolment.control)?;
+    let tls = tls_config(enrolment.ca_file.as_deref())?;
+    Ok(Node {
+        state_dir: state_dir.to_path_buf(),
+        enrolment,
+        url,
+        tls,
+    })
+}
+
+/// Follow the map until `shutdown`; Err only when the device was revoked.
+pub async fn run(node: Node, mut shutdown: Shutdown) -> Result<(), NodeError> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let followed = tokio::select! {
+            _ = shutdown.wait() => return Ok(()),
+            r = follow(&node) => r,
+        };
+        match followed {
+            Err(NodeError::Revoked) => return Err(NodeError::Revoked),
+            Err(e) => {
+                tracing::warn!(event = "node_disconnected", error = %e, retry_in_ms = backoff.as_millis() as u64);
+            }
+            Ok(()) => {
+                tracing::info!(
+                    event = "node_disconnected",
+                    error = "stream ended",
+                    retry_in_ms = backoff.as_millis() as u64
+                );
+            }
+        }
+        tokio::select! {
+            _ = shutdown.wait() => return Ok(()),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One map stream: apply every line until it ends.
+async fn follow(node: &Node) -> Result<(), NodeError> {
+    let url = &node.url;
+    let fail = |m: String| NodeError::Control {
+        url: url.text.clone(),
+        message: m,
+    };
+    let mut sender = connect(url, node.tls.clone()).await?;
+    let req = Request::get(format!("{}/v1/map", url.text))
+        .header("host", &url.host)
+        .header("authorization", format!("Bearer {}", node.enrolment.token))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| fail(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if resp.status() == hyper::StatusCode::UNAUTHORIZED {
+        return Err(NodeError::Revoked);
+    }
+    if !resp.status().is_success() {
+        return Err(fail(format!("map stream refused: {}", resp.status())));
+    }
+    tracing::info!(event = "node_connected", control = %url.text, device = node.enrolment.device_id);
+    let mut body = resp.into_body();
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout(STREAM_SILENCE, body.frame()).await {
+            Err(_) => return Err(fail("map stream silent for 45 s".into())),
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(e))) => return Err(fail(e.to_string())),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        if pending.len() > 16 << 20 {
+            return Err(fail("a map line over 16 MiB".into()));
+        }
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = &line[..line.len() - 1];
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            if let Ok(e) = serde_json::from_slice::<ErrorBody>(line) {
+                if e.error == "revoked" {
+                    return Err(NodeError::Revoked);
+                }
+                return Err(fail(e.error));
+            }
+            let map: NetworkMap =
+                serde_json::from_slice(line).map_err(|e| fail(format!("bad map: {e}")))?;
+            apply(&node.state_dir, &map)?;
+        }
+    }
+}
+
+/// Write the map for the data plane (atomically) and log it.
+fn apply(state_dir: &Path, map: &NetworkMap) -> Result<(), NodeError> {
+    let path = state_dir.join(NETMAP_FILE);
+    let bytes = serde_json::to_vec_pretty(map).unwrap_or_default();
+    fsutil::write_atomic(&path, &bytes, 0o600).map_err(io_err(&path))?;
+    tracing::info!(
+        event = "netmap_applied",
+        serial = map.serial,
+        peers = map.peers.len(),
+        filter_rules = map.filter.len()
+    );
+    Ok(())
+}
+
+/// `node status`: the enrolment and the last map, for people.
+pub fn status(state_dir: &Path) -> Result<String, NodeError> {
+    let Some(e) = load_enrolment(state_dir)? else {
+        return Ok(format!(
+            "not enrolled (state dir {}); run `runewarp node up --control URL --setup-key KEY`\n",
+            state_dir.display()
+        ));
+    };
+    let mut out = format!(
+        "organisation: {}\ndevice: {} (id {})\naddresses: {}\ncontrol: {}\n",
+        e.organisation,
+        e.hostname,
+        e.device_id,
+        e.addresses.join(", "),
+        e.control
+    );
+    let path = state_dir.join(NETMAP_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => {
+            let map: NetworkMap = serde_json::from_slice(&b)
+                .map_err(|err| NodeError::Usage(format!("{}: {err}", path.display())))?;
+            out += &format!("map serial: {}\npeers: {}\n", map.serial, map.peers.len());
+            for p in &map.peers {
+                out += &format!(
+                    "  {}\t{}\t{}\n",
+                    p.hostname,
+                    p.allowed_ips.first().map(String::as_str).unwrap_or("-"),
+                    p.user.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            out += "no network map yet (is `runewarp node up` running?)\n"
+        }
+        Err(err) => return Err(io_err(&path)(err)),
+    }
+    Ok(out)
+}
+
+/// `node logout`: forget the enrolment and the map; the key stays.
+pub fn logout(state_dir: &Path) -> Result<String, NodeError> {
+    let mut removed = false;
+    for f in [ENROLMENT_FILE, NETMAP_FILE] {
+        let path = state_dir.join(f);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+    }
+    Ok(if removed {
+        "logged out; enrol again with `runewarp node up --control URL --setup-key KEY`\n".into()
+    } else {
+        "not enrolled\n".into()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_made_once_and_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_create_key(dir.path()).unwrap();
+        let b = load_or_create_key(dir.path()).unwrap();
+        assert_eq!(a, b);
+        assert!(crate::mesh_protocol::valid_public_key(&a));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(dir.path().join(KEY_FILE), "junk").unwrap();
+        assert!(load_or_create_key(dir.path()).is_err());
+    }
+
+    #[test]
+    fn control_urls_must_be_https_origins() {
+        assert_eq!(parse_url("https://c.example:7443/").unwrap().port, 7443);
+        assert_eq!(parse_url("https://c.example").unwrap().port, 443);
+        assert!(parse_url("http://c.example").is_err());
+        assert!(parse_url("https://c.example/x").is_err());
+        assert!(parse_url("c.example").is_err());
+    }
+}

@@ -1,0 +1,245 @@
+//! The mesh control plane end to end, with real processes: a control server
+//! (`runewarp control`), device agents (`runewarp node up`) and the admin
+//! commands, all on loopback.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::proc::*;
+
+fn control_toml(home: &Home, port: u16) -> std::path::PathBuf {
+    home.write(
+        "control.toml",
+        &format!(
+            "[control]\nlisten-address = \"127.0.0.1:{port}\"\nhostname = \"localhost\"\n\
+             state-dir = \"control-state\"\n"
+        ),
+    )
+}
+
+/// `runewarp control -c control.toml ARGS`: (exit code, stdout, stderr).
+fn admin(home: &Home, args: &[&str]) -> (i32, String, String) {
+    let out = home
+        .cmd()
+        .args(["control", "-c", "control.toml"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn setup_key(home: &Home, args: &[&str]) -> String {
+    let mut all = vec!["setup-key", "create"];
+    all.extend_from_slice(args);
+    let (code, out, err) = admin(home, &all);
+    assert_eq!(code, 0, "{err}");
+    out.lines().last().unwrap().trim().to_string()
+}
+
+fn node_cmd(home: &Home, name: &str, port: u16, key: &str) -> Command {
+    let mut c = home.cmd();
+    c.args(["node", "up", "--control"])
+        .arg(format!("https://localhost:{port}"))
+        .args([
+            "--setup-key",
+            key,
+            "--ca-file",
+            "control-state/tls/server-ca.crt",
+        ])
+        .args(["--hostname", name, "--state-dir", name]);
+    c
+}
+
+fn node(home: &Home, name: &str, port: u16, key: &str) -> Running {
+    let log = home.path().join(format!("{name}.log"));
+    let child = node_cmd(home, name, port, key)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Running { child, log }
+}
+
+/// The peers' hostnames in `name`'s current network map (None: no map).
+fn peers(home: &Home, name: &str) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(home.path().join(name).join("netmap.json")).ok()?;
+    let map: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let mut v: Vec<String> = map["peers"]
+        .as_array()?
+        .iter()
+        .filter_map(|p| p["hostname"].as_str().map(String::from))
+        .collect();
+    v.sort();
+    Some(v)
+}
+
+fn organisation(home: &Home, name: &str) -> String {
+    let text = std::fs::read_to_string(home.path().join(name).join("netmap.json")).unwrap();
+    let map: serde_json::Value = serde_json::from_str(&text).unwrap();
+    map["organisation"].as_str().unwrap().to_string()
+}
+
+fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < within, "{what} within {within:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+fn wait_peers(home: &Home, name: &str, want: &[&str], within: Duration) -> Duration {
+    wait_for(&format!("{name} sees {want:?}"), within, || {
+        peers(home, name).is_some_and(|p| p == want)
+    })
+}
+
+fn start_control(home: &Home) -> Running {
+    let control = home.spawn("control", &home.path().join("control.toml"), "control.log");
+    wait_for("control started", Duration::from_secs(15), || {
+        !control.events("control_started").is_empty()
+    });
+    control
+}
+
+#[test]
+fn devices_enrol_into_their_organisation_and_changes_reach_them_at_once() {
+    let home = Home::new();
+    let port = free_tcp();
+    control_toml(&home, port);
+    let mut control = start_control(&home);
+    assert!(Path::new(&home.path().join("control-state/tls/server-ca.crt")).exists());
+
+    let alice = setup_key(&home, &["--user", "alice@acme.com", "--reusable"]);
+    let db = setup_key(&home, &["--org", "acme.com", "--tag", "db"]);
+    let carol = setup_key(&home, &["--user", "carol@globex.com"]);
+    let dave = setup_key(&home, &["--user", "dave@gmail.com"]);
+    let erin = setup_key(&home, &["--user", "erin@gmail.com"]);
+    let nodes = [
+        ("a1", &alice),
+        ("a2", &alice),
+        ("db1", &db),
+        ("g1", &carol),
+        ("d1", &dave),
+        ("e1", &erin),
+    ];
+    let mut running: Vec<(&str, Running)> = nodes
+        .iter()
+        .map(|(n, k)| (*n, node(&home, n, port, k)))
+        .collect();
+    let up = Duration::from_secs(20);
+    // Default policy: a user's own devices, nothing across users or
+    // organisations; consumer domains are personal organisations.
+    wait_peers(&home, "a1", &["a2"], up);
+    wait_peers(&home, "a2", &["a1"], up);
+    for n in ["db1", "g1", "d1", "e1"] {
+        wait_peers(&home, n, &[], up);
+    }
+    assert_eq!(organisation(&home, "a1"), "acme.com");
+    assert_eq!(organisation(&home, "g1"), "globex.com");
+    assert_eq!(organisation(&home, "d1"), "dave@gmail.com");
+    assert_eq!(organisation(&home, "e1"), "erin@gmail.com");
+    let text = std::fs::read_to_string(home.path().join("g1/netmap.json")).unwrap();
+    assert!(
+        !text.contains("acme"),
+        "globex never learns of acme: {text}"
+    );
+
+    // A single-use key enrols once.
+    let out = node_cmd(&home, "db2", port, &db).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("enrolment refused"), "{err}");
+
+    // A bad policy changes nothing and says where it is wrong.
+    home.write(
+        "bad.json",
+        "{\n  \"acls\": [\n    {\"action\": \"accept\", \"src\": [\"group:ops\"], \"dst\": [\"*:*\"]}\n  ]\n}\n",
+    );
+    let (code, _, err) = admin(&home, &["policy", "set", "--org", "acme.com", "bad.json"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("line 3, column 34"), "{err}");
+
+    // An ACL edit reaches the devices it concerns.
+    home.write(
+        "policy.json",
+        r#"{"acls": [{"action": "accept", "src": ["alice@acme.com"], "dst": ["tag:db:5432"]}]}"#,
+    );
+    let (code, _, err) = admin(
+        &home,
+        &["policy", "set", "--org", "acme.com", "policy.json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let acl = wait_peers(&home, "db1", &["a1", "a2"], Duration::from_secs(5));
+    wait_peers(&home, "a1", &["db1"], Duration::from_secs(5));
+    let filter = std::fs::read_to_string(home.path().join("db1/netmap.json")).unwrap();
+    assert!(filter.contains("\"ports\": \"5432\""), "{filter}");
+    assert_eq!(peers(&home, "g1").unwrap(), Vec::<String>::new());
+
+    // Revocation: the peers drop it, the revoked agent stops and says why.
+    let (_, list, _) = admin(&home, &["devices", "list"]);
+    let a2_id = list
+        .lines()
+        .find(|l| l.split('\t').nth(2) == Some("a2"))
+        .and_then(|l| l.split('\t').next())
+        .unwrap()
+        .to_string();
+    let (code, _, err) = admin(&home, &["devices", "revoke", &a2_id]);
+    assert_eq!(code, 0, "{err}");
+    let revoke = wait_peers(&home, "db1", &["a1"], Duration::from_secs(5));
+    let a2 = &mut running.iter_mut().find(|(n, _)| *n == "a2").unwrap().1;
+    let (status, _) = a2.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(a2.events("node_revoked").len(), 1, "{}", a2.log_text());
+    eprintln!(
+        "ACL edit reached db1 in {} ms, revocation in {} ms",
+        acl.as_millis(),
+        revoke.as_millis()
+    );
+
+    // A control restart: agents reconnect and keep their maps.
+    control.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    let mut control = start_control(&home);
+    let a1 = &running.iter().find(|(n, _)| *n == "a1").unwrap().1;
+    wait_for("a1 reconnects", Duration::from_secs(10), || {
+        a1.events("node_connected").len() >= 2
+    });
+    assert_eq!(peers(&home, "a1").unwrap(), ["db1"]);
+
+    let (_, status, _) = {
+        let out = home
+            .cmd()
+            .args(["node", "status", "--state-dir", "a1"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            (),
+        )
+    };
+    assert!(status.contains("organisation: acme.com"), "{status}");
+    assert!(status.contains("db1"), "{status}");
+    for (_, mut r) in running {
+        if r.child.try_wait().unwrap().is_none() {
+            r.stop_with(libc::SIGTERM, Duration::from_secs(5));
+        }
+    }
+    control.stop_with(libc::SIGTERM, Duration::from_secs(5));
+}
+
+#[test]
+fn a_control_config_error_names_the_key() {
+    let home = Home::new();
+    home.write("control.toml", "[control]\nhostname = \"localhost\"\n");
+    let (code, _, err) = admin(&home, &["devices"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("control.state-dir is required"), "{err}");
+}
