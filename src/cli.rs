@@ -329,6 +329,8 @@ pub enum DevicesCommand {
 pub enum PolicyCommand {
     /// Validate FILE and make it the organisation's policy.
     Set {
+        /// The organisation (an email domain such as acme.com, or a personal
+        /// organisation's email address).
         #[arg(long, value_name = "NAME")]
         org: String,
         /// The policy document (JSON).
@@ -336,6 +338,7 @@ pub enum PolicyCommand {
     },
     /// Print the organisation's policy.
     Get {
+        /// The organisation.
         #[arg(long, value_name = "NAME")]
         org: String,
     },

@@ -51,7 +51,8 @@ pub fn valid_hostname(name: &str) -> bool {
 /// One line of the map stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkMap {
-    /// The control server's change serial this map reflects.
+    /// The control server's change serial this map reflects. Keep it the
+    /// first field: the server compares maps by what follows it.
     pub serial: u64,
     pub organisation: String,
     #[serde(rename = "self")]
@@ -90,16 +91,6 @@ pub struct Peer {
 pub struct FilterRule {
     pub sources: Vec<String>,
     pub ports: String,
-}
-
-impl NetworkMap {
-    /// Equal but for the serial: nothing to push.
-    pub fn same_content(&self, other: &NetworkMap) -> bool {
-        self.organisation == other.organisation
-            && self.node == other.node
-            && self.peers == other.peers
-            && self.filter == other.filter
-    }
 }
 
 #[cfg(test)]

@@ -15,9 +15,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
 use super::netmap;
-use super::store::{RegisterError, Store};
+use super::netmap::OrgSnapshot;
+use super::store::{RegisterError, Store, StoreError};
 use crate::mesh_protocol::{
-    ErrorBody, NetworkMap, RegisterRequest, RegisterResponse, valid_hostname, valid_public_key,
+    ErrorBody, RegisterRequest, RegisterResponse, valid_hostname, valid_public_key,
 };
 use crate::shutdown::Shutdown;
 
@@ -38,6 +39,9 @@ pub(super) struct Api {
     pub serial: tokio::sync::watch::Receiver<u64>,
     pub shutdown: Shutdown,
     registrations: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// Each organisation as of the latest change (and the change serial it
+    /// was last checked at), shared by its streams.
+    snapshots: Mutex<HashMap<i64, (u64, Arc<OrgSnapshot>)>>,
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
@@ -69,11 +73,37 @@ impl Api {
             serial,
             shutdown,
             registrations: Mutex::new(HashMap::new()),
+            snapshots: Mutex::new(HashMap::new()),
         }
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         crate::sync::lock(&self.store)
+    }
+
+    /// Organisation `org_id` as of the latest change seen: read from the
+    /// store once per change, whatever the number of its streams.
+    /// A change elsewhere leaves the same `Arc`, so its streams skip the
+    /// work.
+    /// With `fresh`, read the store even when the cache looks current (the
+    /// change poll may not have seen a change made a moment ago).
+    fn snapshot(&self, org_id: i64, fresh: bool) -> Result<Arc<OrgSnapshot>, StoreError> {
+        let seen = *self.serial.borrow();
+        let mut cache = crate::sync::lock(&self.snapshots);
+        if let Some((checked, s)) = cache.get(&org_id)
+            && *checked >= seen
+            && !fresh
+        {
+            return Ok(s.clone());
+        }
+        let fresh = OrgSnapshot::load(&self.store(), org_id)?;
+        let checked = fresh.serial;
+        let snapshot = match cache.get(&org_id) {
+            Some((_, old)) if old.same_content(&fresh) => old.clone(),
+            _ => Arc::new(fresh),
+        };
+        cache.insert(org_id, (checked, snapshot.clone()));
+        Ok(snapshot)
     }
 
     /// Count a registration attempt from `ip`; false when over the rate.
@@ -184,8 +214,14 @@ impl Api {
                 return error(StatusCode::INTERNAL_SERVER_ERROR, "storage error");
             }
         };
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-        tokio::spawn(stream_maps(self.clone(), device.id, peer, tx));
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        tokio::spawn(stream_maps(
+            self.clone(),
+            device.id,
+            device.org_id,
+            peer,
+            tx,
+        ));
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv()
                 .await
@@ -200,6 +236,19 @@ impl Api {
     }
 }
 
+/// A hash of a serialised map without its leading `"serial"` field (the
+/// first field of `NetworkMap`): equal for maps that differ only there.
+fn content_hash(line: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let rest = line
+        .iter()
+        .position(|b| *b == b',')
+        .map_or(line, |i| &line[i..]);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    rest.hash(&mut h);
+    h.finish()
+}
+
 fn line<T: Serialize>(v: &T) -> Bytes {
     let mut b = serde_json::to_vec(v).unwrap_or_default();
     b.push(b'\n');
@@ -211,32 +260,46 @@ fn line<T: Serialize>(v: &T) -> Bytes {
 async fn stream_maps(
     api: Arc<Api>,
     device: i64,
+    org_id: i64,
     peer: SocketAddr,
     tx: tokio::sync::mpsc::Sender<Bytes>,
 ) {
     let mut serial = api.serial.clone();
     let mut shutdown = api.shutdown.clone();
-    let mut last: Option<NetworkMap> = None;
+    // What was last sent, as a hash of the map without its serial: keeping
+    // whole maps would cost the server one full mesh per stream.
+    let mut last: Option<u64> = None;
     tracing::info!(event = "map_stream_opened", device, peer = %peer);
+    let mut last_snapshot: Option<Arc<OrgSnapshot>> = None;
     loop {
         serial.borrow_and_update();
-        let map = netmap::compute(&api.store(), device);
-        match map {
-            Ok(Some(m)) => {
-                if !last.as_ref().is_some_and(|l| l.same_content(&m)) {
-                    tracing::debug!(
-                        event = "map_pushed",
-                        device,
-                        serial = m.serial,
-                        peers = m.peers.len()
-                    );
-                    if tx.send(line(&m)).await.is_err() {
+        let mut snapshot = match api.snapshot(org_id, false) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(event = "store_failed", error = %e);
+                break;
+            }
+        };
+        // The same snapshot as last time: nothing in this organisation
+        // changed, nothing to compute.
+        if !last_snapshot
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(l, &snapshot))
+        {
+            let mut map = netmap::compute_from(&snapshot, device);
+            if map.is_none() {
+                // Not in the cached snapshot: enrolled a moment ago, or
+                // revoked. Only the store can say which.
+                match api.snapshot(org_id, true) {
+                    Ok(s) => snapshot = s,
+                    Err(e) => {
+                        tracing::error!(event = "store_failed", error = %e);
                         break;
                     }
-                    last = Some(m);
                 }
+                map = netmap::compute_from(&snapshot, device);
             }
-            Ok(None) => {
+            let Some(m) = map else {
                 let _ = tx
                     .send(line(&ErrorBody {
                         error: "revoked".into(),
@@ -244,10 +307,21 @@ async fn stream_maps(
                     .await;
                 tracing::info!(event = "map_stream_closed", device, reason = "revoked");
                 return;
-            }
-            Err(e) => {
-                tracing::error!(event = "store_failed", error = %e);
-                break;
+            };
+            last_snapshot = Some(snapshot);
+            let bytes = line(&m);
+            let content = content_hash(&bytes);
+            if last != Some(content) {
+                tracing::debug!(
+                    event = "map_pushed",
+                    device,
+                    serial = m.serial,
+                    peers = m.peers.len()
+                );
+                if tx.send(bytes).await.is_err() {
+                    break;
+                }
+                last = Some(content);
             }
         }
         tokio::select! {

@@ -33,7 +33,7 @@ use store::{Store, StoreError};
 /// start; devices trust `tls/server-ca.crt`).
 pub const TLS_DIR: &str = "tls";
 /// How often the server looks for changes made by admin commands.
-const CHANGE_POLL: Duration = Duration::from_millis(200);
+const CHANGE_POLL: Duration = Duration::from_millis(100);
 /// A TLS handshake must finish within this time.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Connections served at once.

@@ -25,34 +25,68 @@ fn addresses(d: &Device) -> Vec<String> {
     vec![format!("{}/32", d.ipv4), format!("{}/128", d.ipv6)]
 }
 
+/// One organisation as of one serial: what every map of its devices is
+/// computed from, loaded once per change and shared by all its streams.
+#[derive(Debug)]
+pub struct OrgSnapshot {
+    /// The change serial it was read at.
+    pub serial: u64,
+    devices: Vec<Device>,
+    policy_text: Option<String>,
+    policy: Option<Policy>,
+}
+
+impl OrgSnapshot {
+    /// Read organisation `org_id` from `store`.
+    pub fn load(store: &Store, org_id: i64) -> Result<Self, StoreError> {
+        let policy_text = store.policy(org_id)?;
+        Ok(Self {
+            serial: store.serial()?,
+            devices: store.devices(Some(org_id))?,
+            // Policies are validated before they are stored.
+            policy: policy_text.as_deref().and_then(|t| Policy::parse(t).ok()),
+            policy_text,
+        })
+    }
+
+    /// Same devices and policy: every map computed from either is the same.
+    pub fn same_content(&self, other: &OrgSnapshot) -> bool {
+        self.devices == other.devices && self.policy_text == other.policy_text
+    }
+}
+
 /// The map for device `id`, or None if it is unknown or revoked.
+#[cfg(test)]
 pub fn compute(store: &Store, id: i64) -> Result<Option<NetworkMap>, StoreError> {
-    let serial = store.serial()?;
     let Some(me) = store.device(id)? else {
         return Ok(None);
     };
+    Ok(compute_from(&OrgSnapshot::load(store, me.org_id)?, id))
+}
+
+/// The map for device `id` from its organisation's snapshot.
+pub fn compute_from(snapshot: &OrgSnapshot, id: i64) -> Option<NetworkMap> {
+    let serial = snapshot.serial;
+    let me = snapshot.devices.iter().find(|d| d.id == id)?;
     if me.revoked {
-        return Ok(None);
+        return None;
     }
-    let policy = store
-        .policy(me.org_id)?
-        .and_then(|text| Policy::parse(&text).ok());
+    let policy = &snapshot.policy;
     let allowed = |src: &Device, dst: &Device| -> Option<Ports> {
-        match &policy {
+        match policy {
             Some(p) => p.allowed(src, dst),
             None => policy::default_allowed(src, dst),
         }
     };
-    let others: Vec<Device> = store
-        .devices(Some(me.org_id))?
-        .into_iter()
-        .filter(|d| !d.revoked && d.id != me.id)
-        .collect();
+    let others = snapshot
+        .devices
+        .iter()
+        .filter(|d| !d.revoked && d.id != me.id);
     let mut peers = Vec::new();
     let mut filter: Vec<FilterRule> = Vec::new();
-    for d in &others {
-        let inbound = allowed(d, &me);
-        let outbound = allowed(&me, d);
+    for d in others {
+        let inbound = allowed(d, me);
+        let outbound = allowed(me, d);
         if inbound.is_none() && outbound.is_none() {
             continue;
         }
@@ -76,20 +110,20 @@ pub fn compute(store: &Store, id: i64) -> Result<Option<NetworkMap>, StoreError>
             }
         }
     }
-    Ok(Some(NetworkMap {
+    Some(NetworkMap {
         serial,
         organisation: me.organisation.clone(),
         node: Node {
             id: me.id,
             hostname: me.hostname.clone(),
             public_key: me.public_key.clone(),
-            addresses: addresses(&me),
+            addresses: addresses(me),
             user: me.user.clone(),
             tags: me.tags.clone(),
         },
         peers,
         filter,
-    }))
+    })
 }
 
 #[cfg(test)]

@@ -394,6 +394,7 @@ impl Store {
     }
 
     /// One device by id.
+    #[cfg(test)]
     pub fn device(&self, id: i64) -> Result<Option<Device>, StoreError> {
         Ok(self
             .device_rows("WHERE d.id = ?1", &[&id])?
