@@ -68,6 +68,8 @@ pub enum ClientError {
     Terminate(#[from] TerminateError),
     #[error("{0}")]
     Acme(#[from] AcmeSetupError),
+    #[error("{0}")]
+    Gate(#[from] crate::gate::server::GateError),
     #[error("cannot bind the readiness listener (TCP) on {addr}: {error}")]
     Readiness {
         addr: std::net::SocketAddr,
@@ -93,6 +95,8 @@ struct Context {
     /// Deadlines of every relayed stream.
     stream_timeouts: StreamTimeouts,
     metrics: Arc<crate::metrics::ClientMetrics>,
+    /// Runegate on terminate Services (`[client.services.gate]`).
+    gates: terminate::Gates,
 }
 
 impl Context {
@@ -237,6 +241,7 @@ impl Client {
             backend_errors: RateLimit::new(BACKEND_ERROR_LOG_INTERVAL),
             stream_timeouts: config.stream_timeouts,
             metrics,
+            gates: terminate::Gates::open(&config)?,
         });
         let control = config
             .control_socket
@@ -709,6 +714,14 @@ async fn terminate(
         }
         Err(_) => return Err("tls_handshake_timeout"),
     };
+    // Runegate: the plaintext goes through the gate, which proxies per request.
+    if let Some(gate) = context.gates.get(service.index) {
+        terminate::gated(gate, tls, header.map(|h| h.source)).await;
+        return Ok(Moved {
+            to_backend: 0,
+            from_backend: 0,
+        });
+    }
     let abort_tls = |tls: &mut tokio_rustls::server::TlsStream<TunnelStream>| {
         let quic = tls.get_mut().0.get_mut();
         let _ = quic.writer_mut().reset(stream_code::ABORTED);

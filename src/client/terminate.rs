@@ -173,3 +173,64 @@ pub type TunnelStream = Prefixed<Join<RecvStream, SendStream>>;
 pub fn tunnel_stream(prefix: Bytes, send: SendStream, recv: RecvStream) -> TunnelStream {
     Prefixed::new(prefix, tokio::io::join(recv, send))
 }
+
+/// Runegate on terminate Services (`[client.services.gate]`), by Service
+/// index: opened once at start (sessions, mail relay), shared by every
+/// stream of that Service.
+#[derive(Default)]
+pub struct Gates {
+    by_service: std::collections::HashMap<usize, Arc<crate::gate::server::Gate>>,
+}
+
+impl Gates {
+    /// Open the gate of every gated Service; its upstream is the Service's
+    /// backend.
+    pub fn open(
+        config: &crate::config::ClientConfig,
+    ) -> Result<Self, crate::gate::server::GateError> {
+        let mut by_service = std::collections::HashMap::new();
+        for g in &config.gates.services {
+            let Some(service) = config.services.iter().find(|s| s.index == g.service) else {
+                continue;
+            };
+            let Some(gate_config) =
+                config
+                    .gates
+                    .gate_config(g, service.backend_address.clone(), config.log_level)
+            else {
+                continue;
+            };
+            let gate = crate::gate::server::Gate::open(gate_config)?;
+            if tokio::runtime::Handle::try_current().is_ok() {
+                gate.spawn_sweeper();
+            }
+            tracing::info!(
+                event = "gate_ready",
+                service = g.service,
+                base_url = %g.base_url,
+                upstream = %service.backend_address,
+            );
+            by_service.insert(g.service, gate);
+        }
+        Ok(Self { by_service })
+    }
+
+    /// The gate of Service `index`, if it has one.
+    pub fn get(&self, index: usize) -> Option<Arc<crate::gate::server::Gate>> {
+        self.by_service.get(&index).cloned()
+    }
+}
+
+/// Serve a terminated Visitor connection through `gate`: plaintext HTTP
+/// from the TLS stream, the Visitor's address from the PROXY v2 source
+/// (unspecified when the Server sent none).
+pub async fn gated(
+    gate: Arc<crate::gate::server::Gate>,
+    tls: tokio_rustls::server::TlsStream<TunnelStream>,
+    source: Option<std::net::SocketAddr>,
+) {
+    let peer = source
+        .map(|s| std::net::SocketAddr::new(s.ip().to_canonical(), s.port()))
+        .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    gate.serve_connection(tls, peer).await;
+}

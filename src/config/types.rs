@@ -210,6 +210,9 @@ pub struct ClientConfig {
     /// `control-socket`: the Unix socket `client status` reads.
     pub control_socket: Option<PathBuf>,
     pub services: Vec<ServiceConfig>,
+    /// `[client.services.gate]` tables and `[client.smtp]` (Runegate on
+    /// terminate Services).
+    pub gates: crate::gate::config::ClientGates,
     /// `stream-write-timeout`, `stream-idle-timeout`.
     pub stream_timeouts: StreamTimeouts,
     /// `client.congestion-control`: for what the Client sends (downloads).

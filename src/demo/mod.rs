@@ -524,6 +524,7 @@ fn client_config(
                 proxy_protocol: false,
             },
         ],
+        gates: Default::default(),
         stream_timeouts: StreamTimeouts::default(),
         congestion_control: Default::default(),
     })

@@ -98,41 +98,52 @@ impl Started {
 /// Open the store (revoking sessions of addresses no longer allowed), read
 /// the SMTP password, bind the listener.
 pub async fn start(config: GateConfig) -> Result<Started, GateError> {
-    let store = SessionStore::open(&config.state_dir, config.session_ttl, config.session_idle)?;
-    let allowed = config.allowed.clone();
-    let revoked = store.sweep(|email| {
-        super::config::EmailAddress::parse(email)
-            .map(|e| allowed.allows(&e))
-            .unwrap_or(false)
-    })?;
-    if revoked > 0 {
-        tracing::info!(
-            event = "gate_sessions_revoked",
-            count = revoked,
-            reason = "not_allowed"
-        );
-    }
-    let csrf_key = store.csrf_key()?;
-    let mailer = Arc::new(Mailer::new(&config.smtp)?);
-    let listener = TcpListener::bind(config.listen_address)
+    let listen_address = config.listen_address;
+    let (upstream, base_url) = (config.upstream.to_string(), config.base_url.to_string());
+    let gate = Gate::open(config)?;
+    let listener = TcpListener::bind(listen_address)
         .await
         .map_err(|source| GateError::Bind {
-            addr: config.listen_address,
+            addr: listen_address,
             source,
         })?;
-    let session_cookie = match config.cookie_domain {
-        Some(_) => "__Secure-runegate",
-        None => "__Host-runegate",
-    }
-    .to_string();
     tracing::info!(
         event = "gate_listening",
-        address = %config.listen_address,
-        upstream = %config.upstream,
-        base_url = %config.base_url,
+        address = %listen_address,
+        upstream,
+        base_url,
     );
-    Ok(Started {
-        gate: Arc::new(Gate {
+    Ok(Started { gate, listener })
+}
+
+impl Gate {
+    /// The gate without a listener: open the store (revoking sessions of
+    /// addresses no longer allowed) and read the SMTP password. Connections
+    /// come through [`Gate::serve_connection`] (a Client's terminate
+    /// Service) or [`run`] (standalone).
+    pub fn open(config: GateConfig) -> Result<Arc<Gate>, GateError> {
+        let store = SessionStore::open(&config.state_dir, config.session_ttl, config.session_idle)?;
+        let allowed = config.allowed.clone();
+        let revoked = store.sweep(|email| {
+            super::config::EmailAddress::parse(email)
+                .map(|e| allowed.allows(&e))
+                .unwrap_or(false)
+        })?;
+        if revoked > 0 {
+            tracing::info!(
+                event = "gate_sessions_revoked",
+                count = revoked,
+                reason = "not_allowed"
+            );
+        }
+        let csrf_key = store.csrf_key()?;
+        let mailer = Arc::new(Mailer::new(&config.smtp)?);
+        let session_cookie = match config.cookie_domain {
+            Some(_) => "__Secure-runegate",
+            None => "__Host-runegate",
+        }
+        .to_string();
+        Ok(Arc::new(Gate {
             config,
             store,
             csrf_key,
@@ -144,15 +155,37 @@ pub async fn start(config: GateConfig) -> Result<Started, GateError> {
                 code_ip: RateLimiter::new(20, Duration::from_secs(10)),
             },
             session_cookie,
-        }),
-        listener,
-    })
+        }))
+    }
+
+    /// Serve HTTP/1.1 on one connection whose Visitor is `peer` until it
+    /// closes. Upgrades (WebSockets) are spliced once the app agrees.
+    pub async fn serve_connection<I>(self: Arc<Self>, io: I, peer: SocketAddr)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = hyper::service::service_fn(move |req| {
+            let gate = self.clone();
+            async move { Ok::<_, Infallible>(gate.handle(req, peer).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+            .await;
+    }
+
+    /// Delete ended sessions every [`SWEEP_EVERY`] while the gate lives.
+    pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(sweep_every(Arc::downgrade(self), SWEEP_EVERY))
+    }
 }
 
 /// Accept connections until shutdown.
 pub async fn run(started: Started, mut shutdown: Shutdown) {
     let Started { gate, listener } = started;
-    let sweeper = tokio::spawn(sweep_every(gate.clone(), SWEEP_EVERY));
+    let sweeper = gate.spawn_sweeper();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         // At the cap, stop accepting: new connections wait in the kernel's
@@ -179,16 +212,7 @@ pub async fn run(started: Started, mut shutdown: Shutdown) {
         let gate = gate.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let service = hyper::service::service_fn(move |req| {
-                let gate = gate.clone();
-                async move { Ok::<_, Infallible>(gate.handle(req, peer).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
+            gate.serve_connection(stream, peer).await;
         });
     }
     sweeper.abort();
@@ -197,9 +221,10 @@ pub async fn run(started: Started, mut shutdown: Shutdown) {
 
 /// Delete ended sessions now and then (lookups already refuse them; this
 /// keeps the file small).
-async fn sweep_every(gate: Arc<Gate>, period: Duration) {
+async fn sweep_every(gate: std::sync::Weak<Gate>, period: Duration) {
     loop {
         tokio::time::sleep(period).await;
+        let Some(gate) = gate.upgrade() else { return };
         let allowed = gate.config.allowed.clone();
         let result = gate.store.sweep(|email| {
             super::config::EmailAddress::parse(email)
