@@ -402,10 +402,68 @@ fn enc(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// A browser: a cookie jar and requests over fresh connections.
+/// A browser: a cookie jar and requests over fresh connections; over
+/// TLS (SNI and Host `tls.host`) when `tls` is set.
 #[derive(Default, Clone)]
 struct Browser {
     cookies: HashMap<String, String>,
+    tls: Option<BrowserTls>,
+}
+
+#[derive(Clone)]
+struct BrowserTls {
+    config: std::sync::Arc<rustls::ClientConfig>,
+    host: String,
+}
+
+trait Conn: Read + Write {}
+impl<T: Read + Write> Conn for T {}
+
+impl Browser {
+    /// A browser for `https://{host}:{port}` trusting `ca_file` (PEM).
+    fn https(host: &str, ca_file: &Path) -> Browser {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca_file).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Browser {
+            cookies: HashMap::new(),
+            tls: Some(BrowserTls {
+                config: std::sync::Arc::new(config),
+                host: host.to_string(),
+            }),
+        }
+    }
+
+    /// The status line of a cookie-less GET, or why there was none.
+    fn status_of(&self, port: u16, path: &str) -> std::io::Result<String> {
+        let mut s = self.connect(port)?;
+        let host = self.tls.as_ref().map_or("127.0.0.1", |t| t.host.as_str());
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut head = [0u8; 64];
+        let n = s.read(&mut head)?;
+        Ok(String::from_utf8_lossy(&head[..n]).into_owned())
+    }
+
+    fn connect(&self, port: u16) -> std::io::Result<Box<dyn Conn>> {
+        let s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(match &self.tls {
+            None => Box::new(s),
+            Some(t) => {
+                let name = rustls::pki_types::ServerName::try_from(t.host.clone()).unwrap();
+                let conn = rustls::ClientConnection::new(t.config.clone(), name).unwrap();
+                Box::new(rustls::StreamOwned::new(conn, s))
+            }
+        })
+    }
 }
 
 impl Browser {
@@ -417,10 +475,13 @@ impl Browser {
         extra: &[(&str, &str)],
         body: &str,
     ) -> Resp {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut s = self.connect(port).unwrap();
+        let host = match &self.tls {
+            Some(t) => t.host.clone(),
+            None => "127.0.0.1".to_string(),
+        };
         let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+            format!("{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n");
         if !self.cookies.is_empty() {
             let jar: Vec<String> = self
                 .cookies
@@ -442,7 +503,10 @@ impl Browser {
         req += body;
         s.write_all(req.as_bytes()).unwrap();
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
+        // A TLS peer may close without close_notify after the body.
+        if let Err(e) = s.read_to_end(&mut raw) {
+            assert!(!raw.is_empty(), "no answer: {e}");
+        }
         let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
         let head = String::from_utf8_lossy(&raw[..split]).to_string();
         let mut body = raw[split + 4..].to_vec();
@@ -996,4 +1060,157 @@ fn a_failed_send_is_logged_and_the_visitor_sees_the_same_page() {
         assert!(Instant::now() < deadline, "no gate_mail_failed in {text}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+// ---------------------------------------------------------------------------
+// The gate on a terminate Service: real Server and Client processes, the
+// Visitor's TLS ends in the Client, whose gate proxies to the app.
+
+/// A Server and a Client whose terminate Service for APP has a gate for
+/// alice@example.com in front of `upstream`. Returns the processes, the
+/// Client config and the CA file Visitors trust.
+fn gated_tunnel(home: &Home, smtp: &Smtp, upstream: u16) -> (Running, PathBuf, PathBuf) {
+    home.server_material();
+    let pin = home.identity("identity");
+    let server_config = home.server_config(&pin);
+    home.ok(&[
+        "client",
+        "public-cert",
+        "init",
+        "--hostname",
+        APP,
+        "--dir",
+        "public",
+    ]);
+    let client_config = home.write(
+        "client.toml",
+        &format!(
+            "[client]\nserver-address = \"localhost:{tunnel}\"\nserver-trust = \"ca-file\"\n\
+             server-ca-file = \"server-certs/server-ca.crt\"\nidentity-dir = \"identity\"\n\
+             public-cert-dir = \"public\"\n\n\
+             [[client.services]]\npublic-hostnames = [\"{APP}\"]\n\
+             backend-address = \"127.0.0.1:{upstream}\"\ntls-mode = \"terminate\"\n\
+             [client.services.gate]\nbase-url = \"https://{APP}:{public}\"\n\
+             allowed-emails = [\"alice@example.com\"]\nstate-dir = \"gate-state\"\n\n\
+             [client.smtp]\nfrom = \"Sign-in <signin@example.com>\"\n{smtp}",
+            tunnel = home.tunnel,
+            public = home.public,
+            smtp = smtp.section,
+        ),
+    );
+    let server = home.spawn("server", &server_config, "server.log");
+    (
+        server,
+        client_config,
+        home.path().join("public/public-ca.crt"),
+    )
+}
+
+/// Wait until the gated Service answers through the tunnel (a 401 sign-in
+/// page for a browser without a session).
+fn wait_gated(b: &Browser, port: u16, client: &Running) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = b.status_of(port, "/");
+        if ok.as_ref().is_ok_and(|s| s.contains(" 401 ")) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gated Service did not answer within 20 s: {ok:?}\n{}",
+            client.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_gate_on_a_terminate_service_signs_in_through_server_and_client() {
+    if !external("a_gate_on_a_terminate_service_signs_in_through_server_and_client") {
+        return;
+    }
+    let home = Home::new();
+    let smtp = Smtp::start(home.path());
+    let (_server, client_config, ca) = gated_tunnel(&home, &smtp, upstream());
+    let client = home.spawn("client", &client_config, "client.log");
+    let port = home.public;
+    let mut b = Browser::https(APP, &ca);
+    wait_gated(&b, port, &client);
+
+    // Unauthenticated: the sign-in page, never the app.
+    let page = b.get(port, "/app?tab=2");
+    assert_eq!(page.status, 401, "{}", page.body);
+    assert!(page.body.contains("name=\"email\""), "{}", page.body);
+    assert!(
+        !page.body.to_ascii_lowercase().starts_with("get /"),
+        "{}",
+        page.body
+    );
+
+    // Sign in with the mailed link.
+    let asked = b.ask(port, "/app?tab=2", "alice@example.com");
+    assert_eq!(asked.status, 200, "{}", asked.body);
+    let (rcpt, token, _code) = smtp.mail(0);
+    assert_eq!(rcpt, "alice@example.com");
+    let done = b.follow_link(port, &token);
+    assert_eq!(done.status, 303, "{}", done.body);
+    assert_eq!(done.header("location"), Some("/app?tab=2"));
+
+    // The app sees the gate's identity headers only; the Visitor's address
+    // is the PROXY v2 source the Server sent to the Client.
+    let app = b.request(
+        port,
+        "GET",
+        "/app?tab=2",
+        &[
+            ("X-Forwarded-Email", "mallory@evil.example"),
+            ("X-Forwarded-User", "mallory"),
+            ("X-Forwarded-For", "203.0.113.9"),
+        ],
+        "",
+    );
+    assert_eq!(app.status, 200, "{}", app.body);
+    let seen = app.body.to_ascii_lowercase();
+    assert!(seen.starts_with("get /app?tab=2 "), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-email: alice@example.com"),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("x-forwarded-user: alice@example.com"),
+        "{seen}"
+    );
+    assert!(!seen.contains("mallory"), "{seen}");
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1\r\n"), "{seen}");
+    assert!(!seen.contains("203.0.113.9"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto: https"), "{seen}");
+    assert!(
+        seen.contains(&format!("x-forwarded-host: {APP}:{port}")),
+        "{seen}"
+    );
+    assert!(
+        !seen.contains("runegate"),
+        "gate cookies reach the app: {seen}"
+    );
+    // The gate's own paths never reach the app.
+    let own = b.get(port, "/_runewarp/gate/anything");
+    assert!(
+        !own.body.to_ascii_lowercase().starts_with("get /"),
+        "{}",
+        own.body
+    );
+
+    // The session survives a Client restart (SQLite in state-dir).
+    drop(client);
+    let client = home.spawn("client", &client_config, "client-2.log");
+    wait_gated(&b, port, &client);
+    assert_eq!(b.get(port, "/app").status, 200);
+    // A stranger without the cookie still gets the sign-in page.
+    let mut stranger = Browser::https(APP, &ca);
+    assert_eq!(stranger.get(port, "/app").status, 401);
+    assert!(
+        client.events("gate_ready").len() == 1,
+        "{}",
+        client.log_text()
+    );
 }
