@@ -1214,3 +1214,397 @@ fn a_gate_on_a_terminate_service_signs_in_through_server_and_client() {
         client.log_text()
     );
 }
+
+// ---------------------------------------------------------------------------
+// A real headless Chromium (Debian `chromium` + `chromium-driver`) clicks
+// through the sign-in, driven over the W3C WebDriver HTTP API by a small
+// blocking client. Screenshots go to $RUNEWARP_GATE_SCREENSHOTS when set
+// (docs/img holds the committed ones).
+
+fn chromium_present(test: &str) -> bool {
+    if !opt_in::enabled(
+        opt_in::EXTERNAL,
+        test,
+        "chromium, chromedriver, nginx, aiosmtpd",
+    ) {
+        return false;
+    }
+    for program in ["chromium", "chromedriver"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()));
+        if !found {
+            eprintln!(
+                "SKIPPED {test}: {program} is not installed (apt-get install chromium chromium-driver)"
+            );
+            return false;
+        }
+    }
+    true
+}
+
+/// A small HTML app that shows whom the gate let in.
+fn html_app() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let email = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("x-forwarded-email: "))
+                    .unwrap_or("nobody")
+                    .trim()
+                    .to_string();
+                let body = format!(
+                    "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Private app</title>\
+<style>body{{font-family:system-ui,sans-serif;margin:3rem;max-width:36rem}}</style></head>\
+<body><h1>Private app</h1><p id=\"who\">Signed in as {email}</p>\
+<p>This page came from the app behind Runegate.</p></body></html>"
+                );
+                let _ = s.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            });
+        }
+    });
+    port
+}
+
+/// chromedriver with one headless Chromium session.
+struct WebDriver {
+    child: Child,
+    port: u16,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for WebDriver {
+    fn drop(&mut self) {
+        let _ = self.call("DELETE", &format!("/session/{}", self.session), None);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl WebDriver {
+    /// Start chromedriver and a session; `app_host` resolves to loopback.
+    fn start(app_host: &str) -> WebDriver {
+        let port = free_tcp();
+        let child = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver runs");
+        let profile = tempfile::tempdir().unwrap();
+        let mut wd = WebDriver {
+            child,
+            port,
+            session: String::new(),
+            _profile: profile,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while wd.call("GET", "/status", None).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not answer");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "acceptInsecureCerts": true,
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu",
+                    "--disable-dev-shm-usage", "--no-proxy-server",
+                    "--window-size=900,640",
+                    format!("--user-data-dir={}", wd._profile.path().display()),
+                    format!("--host-resolver-rules=MAP {app_host} 127.0.0.1"),
+                ],
+            },
+        }}});
+        let created = wd.call("POST", "/session", Some(caps)).expect("session");
+        wd.session = created["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {created}"))
+            .to_string();
+        wd
+    }
+
+    /// One WebDriver command; its `value`.
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> std::io::Result<serde_json::Value> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(90)))?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.port,
+            body.len()
+        )?;
+        // chromedriver keeps the connection open: read the head, then
+        // exactly Content-Length bytes.
+        let mut reader = BufReader::new(s);
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::other("connection closed in the head"));
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().map_err(std::io::Error::other)?;
+            }
+        }
+        let mut raw = vec![0u8; length];
+        reader.read_exact(&mut raw)?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&raw).map_err(|e| std::io::Error::other(e.to_string()))?;
+        if json["value"]["error"].is_string() {
+            return Err(std::io::Error::other(json["value"].to_string()));
+        }
+        Ok(json["value"].clone())
+    }
+
+    fn cmd(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let path = format!("/session/{}{path}", self.session);
+        let body = (method == "POST").then_some(body);
+        self.call(method, &path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    fn goto(&self, url: &str) {
+        self.cmd("POST", "/url", serde_json::json!({ "url": url }));
+    }
+
+    fn find(&self, css: &str) -> String {
+        let found = self.cmd(
+            "POST",
+            "/element",
+            serde_json::json!({"using": "css selector", "value": css}),
+        );
+        found[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {found}"))
+            .to_string()
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let id = self.find(css);
+        self.cmd(
+            "POST",
+            &format!("/element/{id}/value"),
+            serde_json::json!({ "text": text }),
+        );
+    }
+
+    fn click(&self, css: &str) {
+        let id = self.find(css);
+        self.cmd(
+            "POST",
+            &format!("/element/{id}/click"),
+            serde_json::json!({}),
+        );
+    }
+
+    fn url(&self) -> String {
+        self.cmd("GET", "/url", serde_json::Value::Null)
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn source(&self) -> String {
+        self.cmd("GET", "/source", serde_json::Value::Null)
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Wait until the page source contains `text`.
+    fn wait_for_text(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let source = self.source();
+            if source.contains(text) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} not on {} within 30 s:\n{source}",
+                self.url()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Save a PNG of the page as `name` under $RUNEWARP_GATE_SCREENSHOTS.
+    fn screenshot(&self, name: &str) {
+        use base64::Engine;
+        let data = self.cmd("GET", "/screenshot", serde_json::Value::Null);
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(data.as_str().unwrap_or_default())
+            .unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        if let Some(dir) = std::env::var_os("RUNEWARP_GATE_SCREENSHOTS") {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(Path::new(&dir).join(name), png).unwrap();
+        }
+    }
+}
+
+impl Smtp {
+    /// The sign-in link in mail `n`, as the Visitor would click it.
+    fn link(&self, n: usize) -> String {
+        self.mail(n);
+        let text = std::fs::read_to_string(self.dir.join(format!("{n:03}.eml")))
+            .unwrap()
+            .replace("=\r\n", "")
+            .replace("=\n", "")
+            .replace("=3D", "=");
+        let at = text
+            .find("https://")
+            .unwrap_or_else(|| panic!("no link in {text}"));
+        text[at..].split_whitespace().next().unwrap().to_string()
+    }
+}
+
+/// The click-through: app URL → sign-in page → mail → link → confirm
+/// button → the app.
+fn click_through(wd: &WebDriver, smtp: &Smtp, origin: &str, shots: &str) {
+    wd.goto(&format!("{origin}/dashboard?tab=2"));
+    wd.wait_for_text("Send sign-in link");
+    assert!(!wd.source().contains("Private app"), "the app leaked");
+    wd.type_into("#email", "alice@example.com");
+    wd.screenshot(&format!("{shots}-sign-in.png"));
+    wd.click("button[type=submit]");
+    wd.wait_for_text("Check your mail");
+    let link = smtp.link(0);
+    assert!(link.starts_with(origin), "{link} is not under {origin}");
+    wd.goto(&link);
+    wd.wait_for_text("Press the button");
+    wd.click("button[type=submit]");
+    wd.wait_for_text("Signed in as alice@example.com");
+    assert_eq!(wd.url(), format!("{origin}/dashboard?tab=2"));
+    wd.screenshot(&format!("{shots}-app.png"));
+}
+
+#[test]
+fn chromium_signs_in_to_a_gated_terminate_service() {
+    if !chromium_present("chromium_signs_in_to_a_gated_terminate_service") {
+        return;
+    }
+    let home = Home::new();
+    let smtp = Smtp::start(home.path());
+    let (_server, client_config, _ca) = gated_tunnel(&home, &smtp, html_app());
+    let client = home.spawn("client", &client_config, "client.log");
+    let ca = home.path().join("public/public-ca.crt");
+    wait_gated(&Browser::https(APP, &ca), home.public, &client);
+    let wd = WebDriver::start(APP);
+    click_through(
+        &wd,
+        &smtp,
+        &format!("https://{APP}:{}", home.public),
+        "terminate",
+    );
+}
+
+#[test]
+fn chromium_signs_in_through_nginx_to_a_standalone_gate() {
+    if !chromium_present("chromium_signs_in_through_nginx_to_a_standalone_gate") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path();
+    let smtp = Smtp::start(dir);
+    let nginx_port = free_tcp();
+    let origin = format!("https://{APP}:{nginx_port}");
+    let gate = Gate::start(
+        dir,
+        &smtp.section,
+        html_app(),
+        &format!("base-url = \"{origin}\"\ntrusted-proxies = [\"127.0.0.1\"]"),
+    );
+    let (cert, key) = runewarp::tls::material::generate_self_signed(&[APP]).unwrap();
+    std::fs::write(dir.join("nginx.crt"), cert).unwrap();
+    std::fs::write(dir.join("nginx.key"), key).unwrap();
+    std::fs::create_dir_all(dir.join("nginx-tmp")).unwrap();
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
+         events {{}}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/nginx-tmp/body;\n\
+         proxy_temp_path {d}/nginx-tmp/proxy;\n  fastcgi_temp_path {d}/nginx-tmp/fastcgi;\n\
+         uwsgi_temp_path {d}/nginx-tmp/uwsgi;\n  scgi_temp_path {d}/nginx-tmp/scgi;\n\
+         map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n\
+         server {{\n    listen 127.0.0.1:{nginx_port} ssl;\n    server_name {APP};\n\
+         ssl_certificate {d}/nginx.crt;\n    ssl_certificate_key {d}/nginx.key;\n\
+         location / {{\n      proxy_pass http://127.0.0.1:{gate};\n      proxy_http_version 1.1;\n\
+         proxy_set_header Host $http_host;\n\
+         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+         proxy_set_header Upgrade $http_upgrade;\n\
+         proxy_set_header Connection $connection_upgrade;\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
+        gate = gate.port,
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let nginx = std::process::Command::new("nginx")
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-p")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(nginx) = nginx else {
+        eprintln!(
+            "SKIPPED chromium_signs_in_through_nginx_to_a_standalone_gate: nginx is not installed (apt-get install nginx)"
+        );
+        return;
+    };
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _nginx = Kill(nginx);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(("127.0.0.1", nginx_port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not listen: {}",
+            std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let wd = WebDriver::start(APP);
+    click_through(&wd, &smtp, &origin, "standalone");
+    // The gate believed nginx's X-Forwarded-For: the Visitor is loopback.
+    let log = std::fs::read_to_string(dir.join(format!("gate-{}.log", gate.port))).unwrap();
+    assert!(log.contains("gate_signed_in"), "{log}");
+}
