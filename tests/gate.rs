@@ -1213,6 +1213,105 @@ fn a_gate_on_a_terminate_service_signs_in_through_server_and_client() {
         "{}",
         client.log_text()
     );
+
+    // A reload that drops alice ends her session at once.
+    let text = std::fs::read_to_string(&client_config).unwrap();
+    std::fs::write(
+        &client_config,
+        text.replace("alice@example.com", "bob@example.com"),
+    )
+    .unwrap();
+    client.signal(libc::SIGHUP);
+    wait_event(&client, "gate_reloaded");
+    assert_eq!(b.get(port, "/app").status, 401);
+}
+
+fn wait_event(process: &Running, event: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while process.events(event).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no {event} within 15 s:\n{}",
+            process.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_reload_revokes_sessions_of_removed_addresses() {
+    if !external("a_reload_revokes_sessions_of_removed_addresses") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start(home.path());
+    let gate = Gate::start(
+        home.path(),
+        &smtp.section,
+        upstream(),
+        "allowed-domains = [\"team.example.com\"]",
+    );
+    let port = gate.port;
+    let log = home.path().join(format!("gate-{port}.log"));
+    let events = |name: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches(&format!("event=\"{name}\""))
+            .count()
+    };
+    let wait = |name: &str, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while events(name) < n {
+            assert!(Instant::now() < deadline, "no {name} #{n}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let hup = || {
+        // SAFETY: a signal to the gate process this test started.
+        unsafe { libc::kill(gate.child.id() as i32, libc::SIGHUP) };
+    };
+    let mut alice = Browser::default();
+    let mut carol = Browser::default();
+    for (b, email, n) in [
+        (&mut alice, "alice@example.com", 0),
+        (&mut carol, "carol@team.example.com", 1),
+    ] {
+        b.ask(port, "/", email);
+        let (_, token, _) = smtp.mail(n);
+        assert_eq!(b.follow_link(port, &token).status, 303);
+        assert_eq!(b.get(port, "/").status, 200);
+    }
+
+    // An invalid file changes nothing.
+    let text = std::fs::read_to_string(&gate.config).unwrap();
+    std::fs::write(
+        &gate.config,
+        text.replace("allowed-emails", "allowed-mails"),
+    )
+    .unwrap();
+    hup();
+    wait("reload_failed", 1);
+    assert_eq!(alice.get(port, "/").status, 200);
+
+    // Alice leaves the list: her session ends at once, carol's stays.
+    std::fs::write(
+        &gate.config,
+        text.replace("\"alice@example.com\"", "\"dave@example.com\""),
+    )
+    .unwrap();
+    hup();
+    wait("gate_reloaded", 1);
+    assert_eq!(alice.get(port, "/").status, 401);
+    assert_eq!(carol.get(port, "/").status, 200);
+    // And she gets no new link; dave (now listed) does.
+    alice.ask(port, "/", "alice@example.com");
+    let mut dave = Browser::default();
+    dave.ask(port, "/", "dave@example.com");
+    let (rcpt, _, _) = smtp.mail(2);
+    assert_eq!(rcpt, "dave@example.com");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(smtp.count(), 3, "a mail went to a removed address");
+    drop(gate);
 }
 
 // ---------------------------------------------------------------------------

@@ -715,12 +715,20 @@ async fn terminate(
         Err(_) => return Err("tls_handshake_timeout"),
     };
     // Runegate: the plaintext goes through the gate, which proxies per request.
-    if let Some(gate) = context.gates.get(service.index) {
-        terminate::gated(gate, tls, header.map(|h| h.source)).await;
-        return Ok(Moved {
-            to_backend: 0,
-            from_backend: 0,
-        });
+    match context.gates.for_service(service) {
+        terminate::GateFor::Gate(gate) => {
+            terminate::gated(gate, tls, header.map(|h| h.source)).await;
+            return Ok(Moved {
+                to_backend: 0,
+                from_backend: 0,
+            });
+        }
+        terminate::GateFor::Unavailable => {
+            let quic = tls.get_mut().0.get_mut();
+            let _ = quic.writer_mut().reset(stream_code::ABORTED);
+            return Err("gate_not_started");
+        }
+        terminate::GateFor::None => {}
     }
     let abort_tls = |tls: &mut tokio_rustls::server::TlsStream<TunnelStream>| {
         let quic = tls.get_mut().0.get_mut();

@@ -109,6 +109,8 @@ fn reload(reloader: &Reloader, running: &ClientConfig, context: &Context) {
     }
     *context.services.write().unwrap_or_else(|p| p.into_inner()) =
         Arc::new(ServiceTable::new(&new.services));
+    // Runegate: new allow-lists; sessions of removed addresses end.
+    context.gates.reload(&new);
     let certificates = certs.as_ref().map(|(_, e)| e.len()).unwrap_or(0);
     if let (Some((table, expiry)), Some(swap)) = (certs, &context.certs) {
         swap.replace(table);

@@ -174,12 +174,44 @@ pub fn tunnel_stream(prefix: Bytes, send: SendStream, recv: RecvStream) -> Tunne
     Prefixed::new(prefix, tokio::io::join(recv, send))
 }
 
-/// Runegate on terminate Services (`[client.services.gate]`), by Service
-/// index: opened once at start (sessions, mail relay), shared by every
-/// stream of that Service.
+/// Runegate on terminate Services (`[client.services.gate]`), keyed by the
+/// Service's Public hostnames (stable across reloads, unlike its index):
+/// opened once at start (sessions, mail relay), shared by every stream of
+/// that Service. Fails closed: a Service that a reload gave a gate is
+/// refused until a restart starts that gate, and a gate a reload removed
+/// keeps guarding its Service until then.
 #[derive(Default)]
 pub struct Gates {
-    by_service: std::collections::HashMap<usize, Arc<crate::gate::server::Gate>>,
+    running: std::collections::HashMap<String, Arc<crate::gate::server::Gate>>,
+    /// Services whose current config has a gate.
+    required: std::sync::RwLock<std::collections::HashSet<String>>,
+}
+
+/// What stands in front of a terminate Service.
+pub enum GateFor {
+    /// No gate: plaintext straight to the backend.
+    None,
+    Gate(Arc<crate::gate::server::Gate>),
+    /// A gate is configured but not running (added by a reload).
+    Unavailable,
+}
+
+fn gate_key(service: &crate::config::ServiceConfig) -> String {
+    let names: Vec<&str> = service
+        .public_hostnames
+        .iter()
+        .map(|h| h.as_str())
+        .collect();
+    names.join(",")
+}
+
+fn required(config: &crate::config::ClientConfig) -> std::collections::HashSet<String> {
+    config
+        .services
+        .iter()
+        .filter(|s| config.gates.services.iter().any(|g| g.service == s.index))
+        .map(gate_key)
+        .collect()
 }
 
 impl Gates {
@@ -188,7 +220,7 @@ impl Gates {
     pub fn open(
         config: &crate::config::ClientConfig,
     ) -> Result<Self, crate::gate::server::GateError> {
-        let mut by_service = std::collections::HashMap::new();
+        let mut running = std::collections::HashMap::new();
         for g in &config.gates.services {
             let Some(service) = config.services.iter().find(|s| s.index == g.service) else {
                 continue;
@@ -210,14 +242,63 @@ impl Gates {
                 base_url = %g.base_url,
                 upstream = %service.backend_address,
             );
-            by_service.insert(g.service, gate);
+            running.insert(gate_key(service), gate);
         }
-        Ok(Self { by_service })
+        Ok(Self {
+            running,
+            required: std::sync::RwLock::new(required(config)),
+        })
     }
 
-    /// The gate of Service `index`, if it has one.
-    pub fn get(&self, index: usize) -> Option<Arc<crate::gate::server::Gate>> {
-        self.by_service.get(&index).cloned()
+    /// The gate in front of `service` (from the current Service table).
+    pub fn for_service(&self, service: &crate::config::ServiceConfig) -> GateFor {
+        let key = gate_key(service);
+        if let Some(gate) = self.running.get(&key) {
+            return GateFor::Gate(gate.clone());
+        }
+        let required = self.required.read().unwrap_or_else(|p| p.into_inner());
+        if required.contains(&key) {
+            GateFor::Unavailable
+        } else {
+            GateFor::None
+        }
+    }
+
+    /// A reload: each running gate takes the allow-lists of its Service's
+    /// gate in `config` (sessions of removed addresses end now). Gates
+    /// added or removed need a restart, and say so.
+    pub fn reload(&self, config: &crate::config::ClientConfig) {
+        let new = required(config);
+        for (key, gate) in &self.running {
+            let g = config
+                .services
+                .iter()
+                .find(|s| &gate_key(s) == key)
+                .and_then(|s| config.gates.services.iter().find(|g| g.service == s.index));
+            match g {
+                Some(g) => match gate.set_allowed(g.allowed.clone()) {
+                    Ok(revoked) => {
+                        tracing::info!(event = "gate_reloaded", service = g.service, revoked)
+                    }
+                    Err(e) => tracing::error!(event = "gate_store_failed", error = %e),
+                },
+                None => tracing::warn!(
+                    event = "reload_restart_needed",
+                    keys = "client.services.gate",
+                    hostnames = %key,
+                    hint = "the gate was removed; it keeps guarding the Service until a restart"
+                ),
+            }
+        }
+        for key in new.iter().filter(|k| !self.running.contains_key(*k)) {
+            tracing::warn!(
+                event = "reload_restart_needed",
+                keys = "client.services.gate",
+                hostnames = %key,
+                hint = "a new gate starts with the next restart; until then its Service refuses Visitors"
+            );
+        }
+        *self.required.write().unwrap_or_else(|p| p.into_inner()) = new;
     }
 }
 
