@@ -21,11 +21,13 @@ const MAX_MESSAGE: usize = 256 * 1024;
 /// A mail session idle this long is dropped.
 const SESSION_IDLE: Duration = Duration::from_secs(30);
 
-/// The mail catcher: listening until dropped.
+/// The mail catcher: listening until dropped. The demo prints each mail;
+/// the gate bench reads them with [`MailCatcher::mails`].
 pub struct MailCatcher {
     pub addr: SocketAddr,
     /// Mails caught so far.
     pub caught: Arc<std::sync::atomic::AtomicUsize>,
+    mails: Arc<std::sync::Mutex<Vec<String>>>,
     task: JoinHandle<()>,
 }
 
@@ -36,26 +38,51 @@ impl Drop for MailCatcher {
 }
 
 impl MailCatcher {
-    pub async fn start() -> Result<Self, BoxError> {
+    /// Listen on loopback; print every mail when `print`.
+    pub async fn start(print: bool) -> Result<Self, BoxError> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
         let caught = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = caught.clone();
+        let mails = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (counter, kept) = (caught.clone(), mails.clone());
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                let counter = counter.clone();
+                let (counter, kept) = (counter.clone(), kept.clone());
                 tokio::spawn(async move {
                     if let Ok(Ok(Some(mail))) =
                         tokio::time::timeout(SESSION_IDLE * 4, session(tcp)).await
                     {
+                        if print {
+                            print_mail(&mail);
+                        }
+                        kept.lock().unwrap_or_else(|p| p.into_inner()).push(mail);
                         counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        print_mail(&mail);
                     }
                 });
             }
         });
-        Ok(Self { addr, caught, task })
+        Ok(Self {
+            addr,
+            caught,
+            mails,
+            task,
+        })
     }
+
+    /// The mails caught so far, quoted-printable soft breaks and `=3D`
+    /// undone.
+    pub fn mails(&self) -> Vec<String> {
+        self.mails
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|m| unfold(m))
+            .collect()
+    }
+}
+
+fn unfold(mail: &str) -> String {
+    mail.replace("=\n", "").replace("=3D", "=")
 }
 
 /// One SMTP session; the message it carried, if any.
@@ -119,7 +146,7 @@ async fn reply<W: AsyncWrite + Unpin>(w: &mut W, line: &str) -> std::io::Result<
 
 /// The mail's recipient and text part, quoted-printable undone, framed.
 fn print_mail(mail: &str) {
-    let unfolded = mail.replace("=\n", "").replace("=3D", "=");
+    let unfolded = unfold(mail);
     let (head, body) = unfolded.split_once("\n\n").unwrap_or(("", &unfolded));
     let to = head
         .lines()

@@ -40,6 +40,8 @@ use crate::server::registry::{Registry, Route};
 use crate::shutdown::{self, Trigger};
 use crate::{logging, tls};
 
+pub use gate::MailCatcher;
+
 use backend::{Arrival, Backend, Observation};
 use material::Material;
 use visitor::Visit;
@@ -367,7 +369,7 @@ async fn demo(stack: &mut Stack) -> Result<Live, StepError> {
         .run("start the Local backends and a mail catcher", async {
             let tls = Backend::start_tls(m.backend_cert.clone(), m.backend_key.clone_key()).await?;
             let plain = Backend::start_plain().await?;
-            stack.mail = Some(gate::MailCatcher::start().await?);
+            stack.mail = Some(gate::MailCatcher::start(true).await?);
             Ok((tls, plain))
         })
         .await?;
