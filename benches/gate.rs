@@ -44,7 +44,7 @@ const MIB: u64 = 1024 * 1024;
 const CHUNK: usize = 64 * 1024;
 static SOURCE: [u8; CHUNK] = [0x5a; CHUNK];
 /// Upper bound for one download, so a stuck path cannot hang the run.
-const PHASE_LIMIT: Duration = Duration::from_secs(120);
+const PHASE_LIMIT: Duration = Duration::from_secs(60);
 
 type Res<T> = Result<T, String>;
 
@@ -434,21 +434,25 @@ impl Conn {
 
     /// GET `path`, expecting `n` bytes; MiB/s (bounded by [`PHASE_LIMIT`]).
     async fn download(&mut self, path: &str, n: u64) -> Res<f64> {
-        tokio::time::timeout(PHASE_LIMIT, self.download_unbounded(path, n))
+        let mut got = 0u64;
+        let host = self.host.clone();
+        tokio::time::timeout(PHASE_LIMIT, self.download_unbounded(path, n, &mut got))
             .await
-            .map_err(|_| format!("{}: download not done within {PHASE_LIMIT:?}", self.host))?
+            .map_err(|_| {
+                format!("{host}: download not done within {PHASE_LIMIT:?} (stalled after {got} of {n} bytes)")
+            })?
     }
 
-    async fn download_unbounded(&mut self, path: &str, n: u64) -> Res<f64> {
+    async fn download_unbounded(&mut self, path: &str, n: u64, got: &mut u64) -> Res<f64> {
         let started = Instant::now();
         let resp = self.send("GET", path, None).await?;
         let mut body = resp.into_body();
-        let mut got = 0u64;
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame.map_err(|e| err("download")(&e))?.into_data() {
-                got += data.len() as u64;
+                *got += data.len() as u64;
             }
         }
+        let got = *got;
         if got != n {
             return Err(format!("{}: downloaded {got} of {n} bytes", self.host));
         }

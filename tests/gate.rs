@@ -599,6 +599,37 @@ impl Browser {
     }
 }
 
+/// GET `path` with forged identity headers; the app must see only the
+/// gate's: alice, the Visitor at 127.0.0.1, `proto`. Returns what the app
+/// saw (lowercase).
+fn identity_only(b: &mut Browser, port: u16, path: &str, proto: &str) -> String {
+    let app = b.request(
+        port,
+        "GET",
+        path,
+        &[
+            ("X-Forwarded-Email", "mallory@evil.example"),
+            ("X-Forwarded-User", "mallory"),
+            ("X-Forwarded-For", "203.0.113.9"),
+        ],
+        "",
+    );
+    assert_eq!(app.status, 200, "{}", app.body);
+    let seen = app.body.to_ascii_lowercase();
+    assert!(seen.starts_with(&format!("get {path} ")), "{seen}");
+    for want in [
+        "x-forwarded-email: alice@example.com",
+        "x-forwarded-user: alice@example.com",
+        "x-forwarded-for: 127.0.0.1\r\n",
+        &format!("x-forwarded-proto: {proto}\r\n"),
+    ] {
+        assert!(seen.contains(want), "{want:?} missing in {seen}");
+    }
+    assert!(!seen.contains("mallory"), "{seen}");
+    assert!(!seen.contains("203.0.113.9"), "{seen}");
+    seen
+}
+
 fn external(test: &str) -> bool {
     opt_in::enabled(opt_in::EXTERNAL, test, "python3 with aiosmtpd")
 }
@@ -635,33 +666,8 @@ fn link_sign_in_proxies_with_identity_survives_restart_and_logs_out() {
     assert!(!cookie.contains("Domain"), "{cookie}");
 
     // Proxied, with the gate's identity headers only.
-    let app = b.request(
-        port,
-        "GET",
-        "/private?x=1",
-        &[
-            ("X-Forwarded-Email", "mallory@evil.example"),
-            ("X-Forwarded-User", "mallory"),
-            ("X-Forwarded-For", "203.0.113.9"),
-        ],
-        "",
-    );
-    assert_eq!(app.status, 200, "{}", app.body);
-    let seen = app.body.to_ascii_lowercase();
-    assert!(seen.starts_with("get /private?x=1 "), "{seen}");
-    assert!(
-        seen.contains("x-forwarded-email: alice@example.com"),
-        "{seen}"
-    );
-    assert!(
-        seen.contains("x-forwarded-user: alice@example.com"),
-        "{seen}"
-    );
-    assert!(!seen.contains("mallory"), "{seen}");
     // The peer is not a trusted proxy: its X-Forwarded-For is ignored.
-    assert!(seen.contains("x-forwarded-for: 127.0.0.1\r\n"), "{seen}");
-    assert!(!seen.contains("203.0.113.9"), "{seen}");
-    assert!(seen.contains("x-forwarded-proto: http"), "{seen}");
+    let seen = identity_only(&mut b, port, "/private?x=1", "http");
     assert!(
         !seen.contains("runegate"),
         "gate cookies reach the app: {seen}"
@@ -1158,32 +1164,7 @@ fn a_gate_on_a_terminate_service_signs_in_through_server_and_client() {
 
     // The app sees the gate's identity headers only; the Visitor's address
     // is the PROXY v2 source the Server sent to the Client.
-    let app = b.request(
-        port,
-        "GET",
-        "/app?tab=2",
-        &[
-            ("X-Forwarded-Email", "mallory@evil.example"),
-            ("X-Forwarded-User", "mallory"),
-            ("X-Forwarded-For", "203.0.113.9"),
-        ],
-        "",
-    );
-    assert_eq!(app.status, 200, "{}", app.body);
-    let seen = app.body.to_ascii_lowercase();
-    assert!(seen.starts_with("get /app?tab=2 "), "{seen}");
-    assert!(
-        seen.contains("x-forwarded-email: alice@example.com"),
-        "{seen}"
-    );
-    assert!(
-        seen.contains("x-forwarded-user: alice@example.com"),
-        "{seen}"
-    );
-    assert!(!seen.contains("mallory"), "{seen}");
-    assert!(seen.contains("x-forwarded-for: 127.0.0.1\r\n"), "{seen}");
-    assert!(!seen.contains("203.0.113.9"), "{seen}");
-    assert!(seen.contains("x-forwarded-proto: https"), "{seen}");
+    let seen = identity_only(&mut b, port, "/app?tab=2", "https");
     assert!(
         seen.contains(&format!("x-forwarded-host: {APP}:{port}")),
         "{seen}"
