@@ -315,3 +315,69 @@ pub async fn gated(
         .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     gate.serve_connection(tls, peer).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Client config with Services `a.example.com` (gated when `gate_a`)
+    /// and `b.example.com` (gated when `gate_b`), both terminate.
+    fn config(dir: &std::path::Path, gate_a: bool, gate_b: bool) -> crate::config::ClientConfig {
+        let gate = |on: bool, name: &str| {
+            if on {
+                format!(
+                    "[client.services.gate]\nallowed-emails = [\"alice@example.com\"]\nstate-dir = \"{name}\"\n"
+                )
+            } else {
+                String::new()
+            }
+        };
+        let text = format!(
+            "[client]\nserver-address = \"edge.example.com\"\npublic-cert-dir = \"certs\"\n\
+             [[client.services]]\npublic-hostnames = [\"a.example.com\"]\nbackend-address = \"127.0.0.1:1\"\ntls-mode = \"terminate\"\n{}\
+             [[client.services]]\npublic-hostnames = [\"b.example.com\"]\nbackend-address = \"127.0.0.1:2\"\ntls-mode = \"terminate\"\n{}\
+             [client.smtp]\nhost = \"127.0.0.1\"\ntls = \"none\"\nfrom = \"s@example.com\"\n",
+            gate(gate_a, "gate-a"),
+            gate(gate_b, "gate-b"),
+        );
+        let path = dir.join(format!("client-{gate_a}-{gate_b}.toml"));
+        std::fs::write(&path, text).unwrap();
+        crate::config::load_client(
+            &crate::config::ClientOverlay {
+                config: Some(path),
+                ..Default::default()
+            },
+            &crate::config::Environment::from_pairs([("HOME", "/nonexistent")]),
+        )
+        .unwrap()
+    }
+
+    fn kind(g: GateFor) -> &'static str {
+        match g {
+            GateFor::None => "none",
+            GateFor::Gate(_) => "gate",
+            GateFor::Unavailable => "unavailable",
+        }
+    }
+
+    #[test]
+    fn gates_follow_hostnames_and_fail_closed_across_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = config(dir.path(), true, false);
+        let gates = Gates::open(&start).unwrap();
+        let (a, b) = (&start.services[0], &start.services[1]);
+        assert_eq!(kind(gates.for_service(a)), "gate");
+        assert_eq!(kind(gates.for_service(b)), "none");
+
+        // Reordered by a reload: the gate stays with a.example.com.
+        let mut moved = a.clone();
+        moved.index = 1;
+        assert_eq!(kind(gates.for_service(&moved)), "gate");
+
+        // A reload gives b a gate: refused until a restart starts it; a's
+        // gate, removed, keeps guarding a.
+        gates.reload(&config(dir.path(), false, true));
+        assert_eq!(kind(gates.for_service(b)), "unavailable");
+        assert_eq!(kind(gates.for_service(a)), "gate");
+    }
+}
