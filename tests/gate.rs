@@ -201,78 +201,64 @@ impl Smtp {
 fn upstream() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { return };
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
+    serve_threads(listener, |mut s, head| {
+        if head.starts_with("GET /big ") {
+            let chunk = vec![b'x'; 1 << 20];
+            let _ = s.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    128usize << 20
+                )
+                .as_bytes(),
+            );
+            for _ in 0..128 {
+                if s.write_all(&chunk).is_err() {
+                    return;
                 }
-                let head = String::from_utf8_lossy(&head).to_string();
-                if head.starts_with("GET /big ") {
-                    let chunk = vec![b'x'; 1 << 20];
-                    let _ = s.write_all(
-                        format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
-                            128usize << 20
-                        )
-                        .as_bytes(),
-                    );
-                    for _ in 0..128 {
-                        if s.write_all(&chunk).is_err() {
-                            return;
-                        }
-                    }
-                } else if head.starts_with("POST /upload ") {
-                    // Count the body (Content-Length) without keeping it.
-                    let lower = head.to_ascii_lowercase();
-                    let length: usize = lower
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: "))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    let mut left = length;
-                    let mut buf = vec![0u8; 1 << 16];
-                    while left > 0 {
-                        let n = s.read(&mut buf[..left.min(1 << 16)]).unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        left -= n;
-                    }
-                    let reply = format!("received {length}");
-                    let _ = s.write_all(
-                        format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}",
-                            reply.len()
-                        )
-                        .as_bytes(),
-                    );
-                } else if head.starts_with("GET /ws ") {
-                    let _ = s.write_all(
+            }
+        } else if head.starts_with("POST /upload ") {
+            // Count the body (Content-Length) without keeping it.
+            let lower = head.to_ascii_lowercase();
+            let length: usize = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let mut left = length;
+            let mut buf = vec![0u8; 1 << 16];
+            while left > 0 {
+                let n = s.read(&mut buf[..left.min(1 << 16)]).unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                left -= n;
+            }
+            let reply = format!("received {length}");
+            let _ = s.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}",
+                    reply.len()
+                )
+                .as_bytes(),
+            );
+        } else if head.starts_with("GET /ws ") {
+            let _ = s.write_all(
                         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
                     );
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf) {
-                        if n == 0 || s.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                } else {
-                    let _ = s.write_all(
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        } else {
+            let _ = s.write_all(
                         format!(
                             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{head}",
                             head.len()
                         )
                         .as_bytes(),
                     );
-                }
-            });
         }
     });
     port
@@ -628,6 +614,27 @@ fn identity_only(b: &mut Browser, port: u16, path: &str, proto: &str) -> String 
     assert!(!seen.contains("mallory"), "{seen}");
     assert!(!seen.contains("203.0.113.9"), "{seen}");
     seen
+}
+
+/// Accept connections on `listener`, one thread each: read the request
+/// head, then hand the stream and the head to `serve`.
+fn serve_threads(listener: TcpListener, serve: fn(TcpStream, String)) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                serve(s, String::from_utf8_lossy(&head).to_string());
+            });
+        }
+    });
 }
 
 fn external(test: &str) -> bool {
@@ -1326,40 +1333,27 @@ fn chromium_present(test: &str) -> bool {
 fn html_app() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { return };
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                let email = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("x-forwarded-email: "))
-                    .unwrap_or("nobody")
-                    .trim()
-                    .to_string();
-                let body = format!(
-                    "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Private app</title>\
+    serve_threads(listener, |mut s, head| {
+        let head = head.to_ascii_lowercase();
+        let email = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-forwarded-email: "))
+            .unwrap_or("nobody")
+            .trim()
+            .to_string();
+        let body = format!(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Private app</title>\
 <style>body{{font-family:system-ui,sans-serif;margin:3rem;max-width:36rem}}</style></head>\
 <body><h1>Private app</h1><p id=\"who\">Signed in as {email}</p>\
 <p>This page came from the app behind Runegate.</p></body></html>"
-                );
-                let _ = s.write_all(
+        );
+        let _ = s.write_all(
                     format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
                     )
                     .as_bytes(),
                 );
-            });
-        }
     });
     port
 }
