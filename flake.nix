@@ -137,6 +137,7 @@
       nixosModules = {
         server = withPackage ./nixos-modules/server.nix;
         client = withPackage ./nixos-modules/client.nix;
+        gate = withPackage ./nixos-modules/gate.nix;
         default = withPackage ./nixos-modules/default.nix;
       };
 

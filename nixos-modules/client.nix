@@ -129,7 +129,44 @@ let
             default = null;
             description = "Send a PROXY protocol v2 header to the backend.";
           };
+          gate = mkOption {
+            type = types.nullOr gateType;
+            default = null;
+            example = literalExpression ''{ allowed-domains = [ "example.com" ]; }'';
+            description = ''
+              Runegate in front of this Service (`[client.services.gate]`):
+              email sign-in before any request reaches the backend. Needs
+              `tls-mode = "terminate"` and `settings.client.smtp`. See
+              docs/gate.md.
+            '';
+          };
         };
+      };
+
+      # `[client.services.gate]`: typed allow-lists, the other gate keys
+      # (base-url, link-ttl, session-ttl, session-idle, cookie-domain,
+      # state-dir) pass through as TOML.
+      gateType = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          allowed-emails = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "alice@example.com" ];
+            description = "Addresses that may sign in.";
+          };
+          allowed-domains = mkOption {
+            type = types.listOf types.str;
+            default = [ ];
+            example = [ "example.com" ];
+            description = "Every address at these domains may sign in.";
+          };
+        };
+      };
+
+      smtpType = rw.smtpType {
+        freeformType = settingsFormat.type;
+        passwordFile = if config.smtpPasswordFile == null then null else "${config.credentialsDirectory}/smtp-password";
       };
 
       acmeType = rw.acmeType {
@@ -205,10 +242,19 @@ let
             type = types.nonEmptyListOf serviceType;
             description = "The Services: which Local backend serves which Public hostnames.";
           };
+          smtp = mkOption {
+            type = types.nullOr smtpType;
+            default = null;
+            description = "`[client.smtp]`: the mail relay for the gates of terminate Services (required exactly when a Service has a `gate`).";
+          };
         };
       };
     in
     {
+      config.credentials = lib.mkIf (config.smtpPasswordFile != null) {
+        "smtp-password" = config.smtpPasswordFile;
+      };
+
       options = rw.roleOptions {
         inherit pkgs unit;
         cfg = config;
@@ -228,6 +274,17 @@ let
         '';
       }
       // {
+        smtpPasswordFile = mkOption {
+          type = types.nullOr rw.credentialPath;
+          default = null;
+          example = "/run/secrets/smtp-password";
+          description = ''
+            The SMTP password for `settings.client.smtp` (a file outside the
+            Nix store), handed to the unit with systemd `LoadCredential=` as
+            `smtp-password`; `smtp.password-file` points there by default.
+          '';
+        };
+
         enable = mkOption {
           type = types.bool;
           default = true;
@@ -354,6 +411,14 @@ in
               in
               port == null || port >= 1024;
             message = "services.runewarp.clients.${name}.settings.client.metrics-bind-address: the port must be 1024 or above (Client units have no capabilities).";
+          }
+          {
+            assertion = lib.all (svc: svc.gate == null || svc.tls-mode == "terminate") s.services;
+            message = "services.runewarp.clients.${name}.settings.client.services: a `gate` needs tls-mode = \"terminate\" on its Service (with passthrough the Client never sees the HTTP requests the gate checks).";
+          }
+          {
+            assertion = (s.smtp != null) == lib.any (svc: svc.gate != null) s.services;
+            message = "services.runewarp.clients.${name}.settings.client.smtp: set it exactly when some Service has a `gate` (the gates send sign-in links by mail).";
           }
           {
             assertion = builtins.match "[A-Za-z0-9_.-]+" name != null;

@@ -364,4 +364,51 @@ rec {
         };
       };
     };
+
+  # `[client.smtp]` / `[gate.smtp]`: the mail relay for Runegate's sign-in
+  # mails. `passwordFile` is the default `password-file` (the unit's
+  # LoadCredential copy of the SMTP password, or null without one).
+  smtpType =
+    { freeformType, passwordFile }:
+    lib.types.submodule {
+      inherit freeformType;
+      options = {
+        host = lib.mkOption {
+          type = lib.types.str;
+          example = "smtp.example.com";
+          description = "The mail server (DNS name or IP literal).";
+        };
+        port = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = null;
+          example = "587";
+          description = "Port, as a string; by default 587, 465 or 25 after `tls`.";
+        };
+        tls = lib.mkOption {
+          type = lib.types.enum [
+            "starttls"
+            "implicit"
+            "none"
+          ];
+          default = "starttls";
+          description = "`starttls` (required), `implicit` (SMTPS), or `none` (only for a loopback host).";
+        };
+        username = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = null;
+          description = "SMTP user; needs `password-file`.";
+        };
+        password-file = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = passwordFile;
+          defaultText = lib.literalExpression "the smtp-password credential when smtpPasswordFile is set, else null";
+          description = "File holding the SMTP password (never the password itself).";
+        };
+        from = lib.mkOption {
+          type = lib.types.str;
+          example = "Sign-in <signin@example.com>";
+          description = "Sender of the sign-in mails.";
+        };
+      };
+    };
 }

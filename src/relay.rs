@@ -330,21 +330,38 @@ where
     // connection) costs no buffer in either direction.
     let mut buf: Option<Vec<u8>> = None;
     let mut total = 0u64;
+    // Bytes written since the last flush: a writer that buffers (TLS
+    // records in rustls) must be flushed before we wait for more input, or
+    // the end of a response can sit there while the peer waits for it.
+    let mut unflushed = false;
     loop {
-        let read = std::future::poll_fn(|cx| {
-            let b = buf.get_or_insert_with(|| vec![0u8; IO_CHUNK]);
-            let mut rb = ReadBuf::new(b);
-            match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
-                std::task::Poll::Pending => {
-                    buf = None;
-                    std::task::Poll::Pending
+        let read = loop {
+            let polled = std::future::poll_fn(|cx| {
+                let b = buf.get_or_insert_with(|| vec![0u8; IO_CHUNK]);
+                let mut rb = ReadBuf::new(b);
+                match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                    std::task::Poll::Pending if unflushed => {
+                        buf = None;
+                        std::task::Poll::Ready(None)
+                    }
+                    std::task::Poll::Pending => {
+                        buf = None;
+                        std::task::Poll::Pending
+                    }
+                    std::task::Poll::Ready(result) => {
+                        std::task::Poll::Ready(Some(result.map(|()| rb.filled().len())))
+                    }
                 }
-                std::task::Poll::Ready(result) => {
-                    std::task::Poll::Ready(result.map(|()| rb.filled().len()))
+            })
+            .await;
+            match polled {
+                Some(read) => break read,
+                None => {
+                    deadlines.write(w.flush()).await??;
+                    unflushed = false;
                 }
             }
-        })
-        .await;
+        };
         let n = match read {
             Ok(n) => n,
             // A TLS peer that closed TCP without close_notify (as browsers
@@ -368,6 +385,7 @@ where
             }
             data = &data[written..];
         }
+        unflushed = true;
         total += n as u64;
     }
 }
@@ -448,6 +466,32 @@ mod tests {
     use super::*;
     use std::pin::Pin;
     use std::task::{Context, Poll};
+
+    #[tokio::test]
+    async fn a_buffering_writer_is_flushed_when_the_reader_goes_quiet() {
+        use tokio::io::AsyncReadExt;
+        // A keep-alive backend: the response, then silence. A writer that
+        // buffers (as TLS does) must still deliver the response.
+        let (mut backend, relay_in) = tokio::io::duplex(1 << 16);
+        let (relay_out, mut visitor) = tokio::io::duplex(1 << 16);
+        let mut relay_in = relay_in;
+        let mut writer = tokio::io::BufWriter::new(relay_out);
+        let deadlines = Deadlines::new(StreamTimeouts::default());
+        let relay = tokio::spawn(async move {
+            let _ = copy_half(&mut relay_in, &mut writer, &deadlines).await;
+        });
+        backend
+            .write_all(b"HTTP/1.1 200 OK\r\n\r\nbody")
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 23];
+        tokio::time::timeout(Duration::from_secs(5), visitor.read_exact(&mut got))
+            .await
+            .expect("the response arrives while the backend stays open")
+            .unwrap();
+        assert_eq!(&got, b"HTTP/1.1 200 OK\r\n\r\nbody");
+        relay.abort();
+    }
 
     /// Accepts at most `limit` bytes per call, across slices, like a socket
     /// whose send buffer is nearly full.

@@ -1,5 +1,6 @@
 //! `runewarp demo` end to end through the real binary: it must finish on
-//! its own, exit 0 and report both hops.
+//! its own, exit 0, report both hops and the gated Service's sign-in page,
+//! and print the sign-in mail its mail catcher received.
 
 use std::time::Duration;
 
@@ -29,6 +30,12 @@ fn demo_runs_both_hops_and_exits_zero() {
         "HTTP/1.1 200 OK",
         "held by  Local backend",
         "held by  Client instance",
+        // The gated Service: sign-in page, and the caught mail printed.
+        "gated.demo.runewarp.test",
+        "HTTP/1.1 401 Unauthorized",
+        "mail caught by the demo's mail catcher (to visitor@example.com)",
+        "/_runewarp/gate/link?token=",
+        "Or type this code into the waiting page: ",
     ] {
         assert!(
             stdout.contains(needle),

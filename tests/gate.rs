@@ -201,78 +201,64 @@ impl Smtp {
 fn upstream() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { return };
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
+    serve_threads(listener, |mut s, head| {
+        if head.starts_with("GET /big ") {
+            let chunk = vec![b'x'; 1 << 20];
+            let _ = s.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    128usize << 20
+                )
+                .as_bytes(),
+            );
+            for _ in 0..128 {
+                if s.write_all(&chunk).is_err() {
+                    return;
                 }
-                let head = String::from_utf8_lossy(&head).to_string();
-                if head.starts_with("GET /big ") {
-                    let chunk = vec![b'x'; 1 << 20];
-                    let _ = s.write_all(
-                        format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
-                            128usize << 20
-                        )
-                        .as_bytes(),
-                    );
-                    for _ in 0..128 {
-                        if s.write_all(&chunk).is_err() {
-                            return;
-                        }
-                    }
-                } else if head.starts_with("POST /upload ") {
-                    // Count the body (Content-Length) without keeping it.
-                    let lower = head.to_ascii_lowercase();
-                    let length: usize = lower
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: "))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    let mut left = length;
-                    let mut buf = vec![0u8; 1 << 16];
-                    while left > 0 {
-                        let n = s.read(&mut buf[..left.min(1 << 16)]).unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        left -= n;
-                    }
-                    let reply = format!("received {length}");
-                    let _ = s.write_all(
-                        format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}",
-                            reply.len()
-                        )
-                        .as_bytes(),
-                    );
-                } else if head.starts_with("GET /ws ") {
-                    let _ = s.write_all(
+            }
+        } else if head.starts_with("POST /upload ") {
+            // Count the body (Content-Length) without keeping it.
+            let lower = head.to_ascii_lowercase();
+            let length: usize = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            let mut left = length;
+            let mut buf = vec![0u8; 1 << 16];
+            while left > 0 {
+                let n = s.read(&mut buf[..left.min(1 << 16)]).unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                left -= n;
+            }
+            let reply = format!("received {length}");
+            let _ = s.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{reply}",
+                    reply.len()
+                )
+                .as_bytes(),
+            );
+        } else if head.starts_with("GET /ws ") {
+            let _ = s.write_all(
                         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
                     );
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf) {
-                        if n == 0 || s.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                } else {
-                    let _ = s.write_all(
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        } else {
+            let _ = s.write_all(
                         format!(
                             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{head}",
                             head.len()
                         )
                         .as_bytes(),
                     );
-                }
-            });
         }
     });
     port
@@ -402,10 +388,68 @@ fn enc(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// A browser: a cookie jar and requests over fresh connections.
+/// A browser: a cookie jar and requests over fresh connections; over
+/// TLS (SNI and Host `tls.host`) when `tls` is set.
 #[derive(Default, Clone)]
 struct Browser {
     cookies: HashMap<String, String>,
+    tls: Option<BrowserTls>,
+}
+
+#[derive(Clone)]
+struct BrowserTls {
+    config: std::sync::Arc<rustls::ClientConfig>,
+    host: String,
+}
+
+trait Conn: Read + Write {}
+impl<T: Read + Write> Conn for T {}
+
+impl Browser {
+    /// A browser for `https://{host}:{port}` trusting `ca_file` (PEM).
+    fn https(host: &str, ca_file: &Path) -> Browser {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca_file).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Browser {
+            cookies: HashMap::new(),
+            tls: Some(BrowserTls {
+                config: std::sync::Arc::new(config),
+                host: host.to_string(),
+            }),
+        }
+    }
+
+    /// The status line of a cookie-less GET, or why there was none.
+    fn status_of(&self, port: u16, path: &str) -> std::io::Result<String> {
+        let mut s = self.connect(port)?;
+        let host = self.tls.as_ref().map_or("127.0.0.1", |t| t.host.as_str());
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut head = [0u8; 64];
+        let n = s.read(&mut head)?;
+        Ok(String::from_utf8_lossy(&head[..n]).into_owned())
+    }
+
+    fn connect(&self, port: u16) -> std::io::Result<Box<dyn Conn>> {
+        let s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(match &self.tls {
+            None => Box::new(s),
+            Some(t) => {
+                let name = rustls::pki_types::ServerName::try_from(t.host.clone()).unwrap();
+                let conn = rustls::ClientConnection::new(t.config.clone(), name).unwrap();
+                Box::new(rustls::StreamOwned::new(conn, s))
+            }
+        })
+    }
 }
 
 impl Browser {
@@ -417,10 +461,13 @@ impl Browser {
         extra: &[(&str, &str)],
         body: &str,
     ) -> Resp {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut s = self.connect(port).unwrap();
+        let host = match &self.tls {
+            Some(t) => t.host.clone(),
+            None => "127.0.0.1".to_string(),
+        };
         let mut req =
-            format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+            format!("{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n");
         if !self.cookies.is_empty() {
             let jar: Vec<String> = self
                 .cookies
@@ -442,7 +489,10 @@ impl Browser {
         req += body;
         s.write_all(req.as_bytes()).unwrap();
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
+        // A TLS peer may close without close_notify after the body.
+        if let Err(e) = s.read_to_end(&mut raw) {
+            assert!(!raw.is_empty(), "no answer: {e}");
+        }
         let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
         let head = String::from_utf8_lossy(&raw[..split]).to_string();
         let mut body = raw[split + 4..].to_vec();
@@ -535,6 +585,58 @@ impl Browser {
     }
 }
 
+/// GET `path` with forged identity headers; the app must see only the
+/// gate's: alice, the Visitor at 127.0.0.1, `proto`. Returns what the app
+/// saw (lowercase).
+fn identity_only(b: &mut Browser, port: u16, path: &str, proto: &str) -> String {
+    let app = b.request(
+        port,
+        "GET",
+        path,
+        &[
+            ("X-Forwarded-Email", "mallory@evil.example"),
+            ("X-Forwarded-User", "mallory"),
+            ("X-Forwarded-For", "203.0.113.9"),
+        ],
+        "",
+    );
+    assert_eq!(app.status, 200, "{}", app.body);
+    let seen = app.body.to_ascii_lowercase();
+    assert!(seen.starts_with(&format!("get {path} ")), "{seen}");
+    for want in [
+        "x-forwarded-email: alice@example.com",
+        "x-forwarded-user: alice@example.com",
+        "x-forwarded-for: 127.0.0.1\r\n",
+        &format!("x-forwarded-proto: {proto}\r\n"),
+    ] {
+        assert!(seen.contains(want), "{want:?} missing in {seen}");
+    }
+    assert!(!seen.contains("mallory"), "{seen}");
+    assert!(!seen.contains("203.0.113.9"), "{seen}");
+    seen
+}
+
+/// Accept connections on `listener`, one thread each: read the request
+/// head, then hand the stream and the head to `serve`.
+fn serve_threads(listener: TcpListener, serve: fn(TcpStream, String)) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                serve(s, String::from_utf8_lossy(&head).to_string());
+            });
+        }
+    });
+}
+
 fn external(test: &str) -> bool {
     opt_in::enabled(opt_in::EXTERNAL, test, "python3 with aiosmtpd")
 }
@@ -571,33 +673,8 @@ fn link_sign_in_proxies_with_identity_survives_restart_and_logs_out() {
     assert!(!cookie.contains("Domain"), "{cookie}");
 
     // Proxied, with the gate's identity headers only.
-    let app = b.request(
-        port,
-        "GET",
-        "/private?x=1",
-        &[
-            ("X-Forwarded-Email", "mallory@evil.example"),
-            ("X-Forwarded-User", "mallory"),
-            ("X-Forwarded-For", "203.0.113.9"),
-        ],
-        "",
-    );
-    assert_eq!(app.status, 200, "{}", app.body);
-    let seen = app.body.to_ascii_lowercase();
-    assert!(seen.starts_with("get /private?x=1 "), "{seen}");
-    assert!(
-        seen.contains("x-forwarded-email: alice@example.com"),
-        "{seen}"
-    );
-    assert!(
-        seen.contains("x-forwarded-user: alice@example.com"),
-        "{seen}"
-    );
-    assert!(!seen.contains("mallory"), "{seen}");
     // The peer is not a trusted proxy: its X-Forwarded-For is ignored.
-    assert!(seen.contains("x-forwarded-for: 127.0.0.1\r\n"), "{seen}");
-    assert!(!seen.contains("203.0.113.9"), "{seen}");
-    assert!(seen.contains("x-forwarded-proto: http"), "{seen}");
+    let seen = identity_only(&mut b, port, "/private?x=1", "http");
     assert!(
         !seen.contains("runegate"),
         "gate cookies reach the app: {seen}"
@@ -996,4 +1073,612 @@ fn a_failed_send_is_logged_and_the_visitor_sees_the_same_page() {
         assert!(Instant::now() < deadline, "no gate_mail_failed in {text}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+// ---------------------------------------------------------------------------
+// The gate on a terminate Service: real Server and Client processes, the
+// Visitor's TLS ends in the Client, whose gate proxies to the app.
+
+/// A Server and a Client whose terminate Service for APP has a gate for
+/// alice@example.com in front of `upstream`. Returns the processes, the
+/// Client config and the CA file Visitors trust.
+fn gated_tunnel(home: &Home, smtp: &Smtp, upstream: u16) -> (Running, PathBuf, PathBuf) {
+    home.server_material();
+    let pin = home.identity("identity");
+    let server_config = home.server_config(&pin);
+    home.ok(&[
+        "client",
+        "public-cert",
+        "init",
+        "--hostname",
+        APP,
+        "--dir",
+        "public",
+    ]);
+    let client_config = home.write(
+        "client.toml",
+        &format!(
+            "[client]\nserver-address = \"localhost:{tunnel}\"\nserver-trust = \"ca-file\"\n\
+             server-ca-file = \"server-certs/server-ca.crt\"\nidentity-dir = \"identity\"\n\
+             public-cert-dir = \"public\"\n\n\
+             [[client.services]]\npublic-hostnames = [\"{APP}\"]\n\
+             backend-address = \"127.0.0.1:{upstream}\"\ntls-mode = \"terminate\"\n\
+             [client.services.gate]\nbase-url = \"https://{APP}:{public}\"\n\
+             allowed-emails = [\"alice@example.com\"]\nstate-dir = \"gate-state\"\n\n\
+             [client.smtp]\nfrom = \"Sign-in <signin@example.com>\"\n{smtp}",
+            tunnel = home.tunnel,
+            public = home.public,
+            smtp = smtp.section,
+        ),
+    );
+    let server = home.spawn("server", &server_config, "server.log");
+    (
+        server,
+        client_config,
+        home.path().join("public/public-ca.crt"),
+    )
+}
+
+/// Wait until the gated Service answers through the tunnel (a 401 sign-in
+/// page for a browser without a session).
+fn wait_gated(b: &Browser, port: u16, client: &Running) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = b.status_of(port, "/");
+        if ok.as_ref().is_ok_and(|s| s.contains(" 401 ")) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gated Service did not answer within 20 s: {ok:?}\n{}",
+            client.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_gate_on_a_terminate_service_signs_in_through_server_and_client() {
+    if !external("a_gate_on_a_terminate_service_signs_in_through_server_and_client") {
+        return;
+    }
+    let home = Home::new();
+    let smtp = Smtp::start(home.path());
+    let (_server, client_config, ca) = gated_tunnel(&home, &smtp, upstream());
+    let client = home.spawn("client", &client_config, "client.log");
+    let port = home.public;
+    let mut b = Browser::https(APP, &ca);
+    wait_gated(&b, port, &client);
+
+    // Unauthenticated: the sign-in page, never the app.
+    let page = b.get(port, "/app?tab=2");
+    assert_eq!(page.status, 401, "{}", page.body);
+    assert!(page.body.contains("name=\"email\""), "{}", page.body);
+    assert!(
+        !page.body.to_ascii_lowercase().starts_with("get /"),
+        "{}",
+        page.body
+    );
+
+    // Sign in with the mailed link.
+    let asked = b.ask(port, "/app?tab=2", "alice@example.com");
+    assert_eq!(asked.status, 200, "{}", asked.body);
+    let (rcpt, token, _code) = smtp.mail(0);
+    assert_eq!(rcpt, "alice@example.com");
+    let done = b.follow_link(port, &token);
+    assert_eq!(done.status, 303, "{}", done.body);
+    assert_eq!(done.header("location"), Some("/app?tab=2"));
+
+    // The app sees the gate's identity headers only; the Visitor's address
+    // is the PROXY v2 source the Server sent to the Client.
+    let seen = identity_only(&mut b, port, "/app?tab=2", "https");
+    assert!(
+        seen.contains(&format!("x-forwarded-host: {APP}:{port}")),
+        "{seen}"
+    );
+    assert!(
+        !seen.contains("runegate"),
+        "gate cookies reach the app: {seen}"
+    );
+    // The gate's own paths never reach the app.
+    let own = b.get(port, "/_runewarp/gate/anything");
+    assert!(
+        !own.body.to_ascii_lowercase().starts_with("get /"),
+        "{}",
+        own.body
+    );
+
+    // The session survives a Client restart (SQLite in state-dir).
+    drop(client);
+    let client = home.spawn("client", &client_config, "client-2.log");
+    wait_gated(&b, port, &client);
+    assert_eq!(b.get(port, "/app").status, 200);
+    // A stranger without the cookie still gets the sign-in page.
+    let mut stranger = Browser::https(APP, &ca);
+    assert_eq!(stranger.get(port, "/app").status, 401);
+    assert!(
+        client.events("gate_ready").len() == 1,
+        "{}",
+        client.log_text()
+    );
+
+    // A reload that drops alice ends her session at once.
+    let text = std::fs::read_to_string(&client_config).unwrap();
+    std::fs::write(
+        &client_config,
+        text.replace("alice@example.com", "bob@example.com"),
+    )
+    .unwrap();
+    client.signal(libc::SIGHUP);
+    wait_event(&client, "gate_reloaded");
+    assert_eq!(b.get(port, "/app").status, 401);
+}
+
+fn wait_event(process: &Running, event: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while process.events(event).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no {event} within 15 s:\n{}",
+            process.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_reload_revokes_sessions_of_removed_addresses() {
+    if !external("a_reload_revokes_sessions_of_removed_addresses") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start(home.path());
+    let gate = Gate::start(
+        home.path(),
+        &smtp.section,
+        upstream(),
+        "allowed-domains = [\"team.example.com\"]",
+    );
+    let port = gate.port;
+    let log = home.path().join(format!("gate-{port}.log"));
+    let events = |name: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches(&format!("event=\"{name}\""))
+            .count()
+    };
+    let wait = |name: &str, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while events(name) < n {
+            assert!(Instant::now() < deadline, "no {name} #{n}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let hup = || {
+        // SAFETY: a signal to the gate process this test started.
+        unsafe { libc::kill(gate.child.id() as i32, libc::SIGHUP) };
+    };
+    let mut alice = Browser::default();
+    let mut carol = Browser::default();
+    for (b, email, n) in [
+        (&mut alice, "alice@example.com", 0),
+        (&mut carol, "carol@team.example.com", 1),
+    ] {
+        b.ask(port, "/", email);
+        let (_, token, _) = smtp.mail(n);
+        assert_eq!(b.follow_link(port, &token).status, 303);
+        assert_eq!(b.get(port, "/").status, 200);
+    }
+
+    // An invalid file changes nothing.
+    let text = std::fs::read_to_string(&gate.config).unwrap();
+    std::fs::write(
+        &gate.config,
+        text.replace("allowed-emails", "allowed-mails"),
+    )
+    .unwrap();
+    hup();
+    wait("reload_failed", 1);
+    assert_eq!(alice.get(port, "/").status, 200);
+
+    // Alice leaves the list: her session ends at once, carol's stays.
+    std::fs::write(
+        &gate.config,
+        text.replace("\"alice@example.com\"", "\"dave@example.com\""),
+    )
+    .unwrap();
+    hup();
+    wait("gate_reloaded", 1);
+    assert_eq!(alice.get(port, "/").status, 401);
+    assert_eq!(carol.get(port, "/").status, 200);
+    // And she gets no new link; dave (now listed) does.
+    alice.ask(port, "/", "alice@example.com");
+    let mut dave = Browser::default();
+    dave.ask(port, "/", "dave@example.com");
+    let (rcpt, _, _) = smtp.mail(2);
+    assert_eq!(rcpt, "dave@example.com");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(smtp.count(), 3, "a mail went to a removed address");
+    drop(gate);
+}
+
+// ---------------------------------------------------------------------------
+// A real headless Chromium (Debian `chromium` + `chromium-driver`) clicks
+// through the sign-in, driven over the W3C WebDriver HTTP API by a small
+// blocking client. Screenshots go to $RUNEWARP_GATE_SCREENSHOTS when set
+// (docs/img holds the committed ones).
+
+fn chromium_present(test: &str) -> bool {
+    if !opt_in::enabled(
+        opt_in::EXTERNAL,
+        test,
+        "chromium, chromedriver, nginx, aiosmtpd",
+    ) {
+        return false;
+    }
+    for program in ["chromium", "chromedriver"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()));
+        if !found {
+            eprintln!(
+                "SKIPPED {test}: {program} is not installed (apt-get install chromium chromium-driver)"
+            );
+            return false;
+        }
+    }
+    true
+}
+
+/// A small HTML app that shows whom the gate let in.
+fn html_app() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    serve_threads(listener, |mut s, head| {
+        let head = head.to_ascii_lowercase();
+        let email = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-forwarded-email: "))
+            .unwrap_or("nobody")
+            .trim()
+            .to_string();
+        let body = format!(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Private app</title>\
+<style>body{{font-family:system-ui,sans-serif;margin:3rem;max-width:36rem}}</style></head>\
+<body><h1>Private app</h1><p id=\"who\">Signed in as {email}</p>\
+<p>This page came from the app behind Runegate.</p></body></html>"
+        );
+        let _ = s.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+    });
+    port
+}
+
+/// chromedriver with one headless Chromium session.
+struct WebDriver {
+    child: Child,
+    port: u16,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for WebDriver {
+    fn drop(&mut self) {
+        let _ = self.call("DELETE", &format!("/session/{}", self.session), None);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl WebDriver {
+    /// Start chromedriver and a session; `app_host` resolves to loopback.
+    fn start(app_host: &str) -> WebDriver {
+        let port = free_tcp();
+        let child = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver runs");
+        let profile = tempfile::tempdir().unwrap();
+        let mut wd = WebDriver {
+            child,
+            port,
+            session: String::new(),
+            _profile: profile,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while wd.call("GET", "/status", None).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not answer");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "acceptInsecureCerts": true,
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu",
+                    "--disable-dev-shm-usage", "--no-proxy-server",
+                    "--window-size=900,640",
+                    format!("--user-data-dir={}", wd._profile.path().display()),
+                    format!("--host-resolver-rules=MAP {app_host} 127.0.0.1"),
+                ],
+            },
+        }}});
+        let created = wd.call("POST", "/session", Some(caps)).expect("session");
+        wd.session = created["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {created}"))
+            .to_string();
+        wd
+    }
+
+    /// One WebDriver command; its `value`.
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> std::io::Result<serde_json::Value> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(90)))?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.port,
+            body.len()
+        )?;
+        // chromedriver keeps the connection open: read the head, then
+        // exactly Content-Length bytes.
+        let mut reader = BufReader::new(s);
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::other("connection closed in the head"));
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().map_err(std::io::Error::other)?;
+            }
+        }
+        let mut raw = vec![0u8; length];
+        reader.read_exact(&mut raw)?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&raw).map_err(|e| std::io::Error::other(e.to_string()))?;
+        if json["value"]["error"].is_string() {
+            return Err(std::io::Error::other(json["value"].to_string()));
+        }
+        Ok(json["value"].clone())
+    }
+
+    fn cmd(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let path = format!("/session/{}{path}", self.session);
+        let body = (method == "POST").then_some(body);
+        self.call(method, &path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    fn goto(&self, url: &str) {
+        self.cmd("POST", "/url", serde_json::json!({ "url": url }));
+    }
+
+    fn find(&self, css: &str) -> String {
+        let found = self.cmd(
+            "POST",
+            "/element",
+            serde_json::json!({"using": "css selector", "value": css}),
+        );
+        found[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {found}"))
+            .to_string()
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let id = self.find(css);
+        self.cmd(
+            "POST",
+            &format!("/element/{id}/value"),
+            serde_json::json!({ "text": text }),
+        );
+    }
+
+    fn click(&self, css: &str) {
+        let id = self.find(css);
+        self.cmd(
+            "POST",
+            &format!("/element/{id}/click"),
+            serde_json::json!({}),
+        );
+    }
+
+    fn url(&self) -> String {
+        self.cmd("GET", "/url", serde_json::Value::Null)
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn source(&self) -> String {
+        self.cmd("GET", "/source", serde_json::Value::Null)
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Wait until the page source contains `text`.
+    fn wait_for_text(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let source = self.source();
+            if source.contains(text) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} not on {} within 30 s:\n{source}",
+                self.url()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Save a PNG of the page as `name` under $RUNEWARP_GATE_SCREENSHOTS.
+    fn screenshot(&self, name: &str) {
+        use base64::Engine;
+        let data = self.cmd("GET", "/screenshot", serde_json::Value::Null);
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(data.as_str().unwrap_or_default())
+            .unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        if let Some(dir) = std::env::var_os("RUNEWARP_GATE_SCREENSHOTS") {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(Path::new(&dir).join(name), png).unwrap();
+        }
+    }
+}
+
+impl Smtp {
+    /// The sign-in link in mail `n`, as the Visitor would click it.
+    fn link(&self, n: usize) -> String {
+        self.mail(n);
+        let text = std::fs::read_to_string(self.dir.join(format!("{n:03}.eml")))
+            .unwrap()
+            .replace("=\r\n", "")
+            .replace("=\n", "")
+            .replace("=3D", "=");
+        let at = text
+            .find("https://")
+            .unwrap_or_else(|| panic!("no link in {text}"));
+        text[at..].split_whitespace().next().unwrap().to_string()
+    }
+}
+
+/// The click-through: app URL → sign-in page → mail → link → confirm
+/// button → the app.
+fn click_through(wd: &WebDriver, smtp: &Smtp, origin: &str, shots: &str) {
+    wd.goto(&format!("{origin}/dashboard?tab=2"));
+    wd.wait_for_text("Send sign-in link");
+    assert!(!wd.source().contains("Private app"), "the app leaked");
+    wd.type_into("#email", "alice@example.com");
+    wd.screenshot(&format!("{shots}-sign-in.png"));
+    wd.click("button[type=submit]");
+    wd.wait_for_text("Check your mail");
+    let link = smtp.link(0);
+    assert!(link.starts_with(origin), "{link} is not under {origin}");
+    wd.goto(&link);
+    wd.wait_for_text("Press the button");
+    wd.click("button[type=submit]");
+    wd.wait_for_text("Signed in as alice@example.com");
+    assert_eq!(wd.url(), format!("{origin}/dashboard?tab=2"));
+    wd.screenshot(&format!("{shots}-app.png"));
+}
+
+#[test]
+fn chromium_signs_in_to_a_gated_terminate_service() {
+    if !chromium_present("chromium_signs_in_to_a_gated_terminate_service") {
+        return;
+    }
+    let home = Home::new();
+    let smtp = Smtp::start(home.path());
+    let (_server, client_config, _ca) = gated_tunnel(&home, &smtp, html_app());
+    let client = home.spawn("client", &client_config, "client.log");
+    let ca = home.path().join("public/public-ca.crt");
+    wait_gated(&Browser::https(APP, &ca), home.public, &client);
+    let wd = WebDriver::start(APP);
+    click_through(
+        &wd,
+        &smtp,
+        &format!("https://{APP}:{}", home.public),
+        "terminate",
+    );
+}
+
+#[test]
+fn chromium_signs_in_through_nginx_to_a_standalone_gate() {
+    if !chromium_present("chromium_signs_in_through_nginx_to_a_standalone_gate") {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path();
+    let smtp = Smtp::start(dir);
+    let nginx_port = free_tcp();
+    let origin = format!("https://{APP}:{nginx_port}");
+    let gate = Gate::start(
+        dir,
+        &smtp.section,
+        html_app(),
+        &format!("base-url = \"{origin}\"\ntrusted-proxies = [\"127.0.0.1\"]"),
+    );
+    let (cert, key) = runewarp::tls::material::generate_self_signed(&[APP]).unwrap();
+    std::fs::write(dir.join("nginx.crt"), cert).unwrap();
+    std::fs::write(dir.join("nginx.key"), key).unwrap();
+    std::fs::create_dir_all(dir.join("nginx-tmp")).unwrap();
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
+         events {{}}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/nginx-tmp/body;\n\
+         proxy_temp_path {d}/nginx-tmp/proxy;\n  fastcgi_temp_path {d}/nginx-tmp/fastcgi;\n\
+         uwsgi_temp_path {d}/nginx-tmp/uwsgi;\n  scgi_temp_path {d}/nginx-tmp/scgi;\n\
+         map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n\
+         server {{\n    listen 127.0.0.1:{nginx_port} ssl;\n    server_name {APP};\n\
+         ssl_certificate {d}/nginx.crt;\n    ssl_certificate_key {d}/nginx.key;\n\
+         location / {{\n      proxy_pass http://127.0.0.1:{gate};\n      proxy_http_version 1.1;\n\
+         proxy_set_header Host $http_host;\n\
+         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+         proxy_set_header Upgrade $http_upgrade;\n\
+         proxy_set_header Connection $connection_upgrade;\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
+        gate = gate.port,
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let nginx = std::process::Command::new("nginx")
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-p")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(nginx) = nginx else {
+        eprintln!(
+            "SKIPPED chromium_signs_in_through_nginx_to_a_standalone_gate: nginx is not installed (apt-get install nginx)"
+        );
+        return;
+    };
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _nginx = Kill(nginx);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(("127.0.0.1", nginx_port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not listen: {}",
+            std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let wd = WebDriver::start(APP);
+    click_through(&wd, &smtp, &origin, "standalone");
+    // The gate believed nginx's X-Forwarded-For: the Visitor is loopback.
+    let log = std::fs::read_to_string(dir.join(format!("gate-{}.log", gate.port))).unwrap();
+    assert!(log.contains("gate_signed_in"), "{log}");
 }

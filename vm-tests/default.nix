@@ -24,4 +24,5 @@ in
   vm-server-acme = test ./server-acme.nix;
   vm-connection-replacement = test ./connection-replacement.nix;
   vm-shutdown = test ./shutdown.nix;
+  vm-gate = test ./gate.nix;
 }

@@ -2,7 +2,8 @@
 # two Client instances, i.e. two Tunnels. "home" passes TLS through to a
 # local nginx and trusts a private Server CA; "shop" terminates TLS with a
 # certificate from a private ACME directory (its CA as a credential) and
-# passes a second hostname through with a PROXY header.
+# passes a second hostname through with a PROXY header; its terminate
+# Service has Runegate in front (SMTP password through LoadCredential).
 { config, ... }:
 let
   home = config.services.runewarp.clients.home;
@@ -28,6 +29,7 @@ in
       };
     };
     shop = {
+      smtpPasswordFile = "/etc/runewarp/smtp-password";
       credentials = {
         "server-ca.crt" = "/etc/runewarp/server-ca.crt";
         "acme-ca.crt" = "/etc/runewarp/acme-ca.crt";
@@ -39,6 +41,11 @@ in
           server-trust = "ca-file";
           server-ca-file = "${shop.credentialsDirectory}/server-ca.crt";
           readiness-bind-address = "127.0.0.1:8082";
+          smtp = {
+            host = "smtp.example.com";
+            username = "signin@example.com";
+            from = "Sign-in <signin@example.com>";
+          };
           acme = {
             email = "ops@example.com";
             directory-url = "https://acme.internal.example:14000/dir";
@@ -49,6 +56,10 @@ in
               public-hostnames = [ "shop.example.com" ];
               backend-address = "127.0.0.1:8080";
               tls-mode = "terminate";
+              gate = {
+                allowed-domains = [ "example.com" ];
+                session-ttl = "8h";
+              };
             }
             {
               public-hostnames = [ "api.example.com" ];

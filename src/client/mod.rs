@@ -62,6 +62,9 @@ pub enum ClientError {
     #[error("{0}")]
     /// `[client.acme]` could not be set up.
     Acme(#[from] AcmeSetupError),
+    #[error("{0}")]
+    /// A `[client.services.gate]` could not be opened (state dir, SMTP).
+    Gate(#[from] crate::gate::server::GateError),
     #[error("cannot bind the readiness listener (TCP) on {addr}: {error}")]
     /// `readiness-bind-address` could not be bound.
     Readiness {
@@ -94,6 +97,8 @@ struct Context {
     /// The config and identity the Tunnel connection uses now: a reload
     /// that changes the tunnel keys replaces both.
     running: std::sync::RwLock<(Arc<ClientConfig>, ClientIdentity)>,
+    /// Runegate on terminate Services (`[client.services.gate]`).
+    gates: terminate::Gates,
 }
 
 impl Context {
@@ -252,6 +257,7 @@ impl Client {
             acceptor,
             backend_errors: RateLimit::new(BACKEND_ERROR_LOG_INTERVAL),
             metrics,
+            gates: terminate::Gates::open(&config)?,
         });
         let control = config
             .control_socket

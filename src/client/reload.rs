@@ -129,6 +129,8 @@ fn reload(reloader: &Reloader, context: &Context) -> Option<Redial> {
         tracing::warn!(event = "reload_restart_needed", keys = %restart.join(","), hint = "these keys keep their running values until a restart");
     }
     *crate::sync::write(&context.services) = Arc::new(ServiceTable::new(&new.services));
+    // Runegate: new allow-lists; sessions of removed addresses end.
+    context.gates.reload(&new);
     let certificates = certs.as_ref().map(|(_, e)| e.len()).unwrap_or(0);
     if let (Some((table, expiry)), Some(swap)) = (certs, &context.certs) {
         swap.replace(table);

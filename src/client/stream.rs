@@ -262,6 +262,21 @@ async fn terminate(
         }
         Err(_) => return Err(Abort::TlsHandshakeTimeout),
     };
+    // Runegate: the plaintext goes through the gate, which proxies per request.
+    match context.gates.for_service(service) {
+        terminate::GateFor::Gate(gate) => {
+            terminate::gated(gate, tls, header.map(|h| h.source)).await;
+            return Ok(Moved {
+                to_backend: 0,
+                from_backend: 0,
+            });
+        }
+        terminate::GateFor::Unavailable => {
+            abort_tls(&mut tls);
+            return Err(Abort::GateNotStarted);
+        }
+        terminate::GateFor::None => {}
+    }
     let mut tcp = match connect_backend(context, service, hostname).await {
         Ok(tcp) => tcp,
         Err(reason) => {
@@ -305,6 +320,9 @@ enum Abort {
     /// Terminate: the Visitor's TLS handshake took longer than
     /// [`TLS_HANDSHAKE_DEADLINE`].
     TlsHandshakeTimeout,
+    /// A gated Service whose gate was added by a reload: it fails closed
+    /// until a restart starts the gate.
+    GateNotStarted,
     /// The relay ended with an error (a deadline, a reset, a lost tunnel).
     Relay(proxy::RelayError),
 }
@@ -319,6 +337,7 @@ impl Abort {
             Abort::BackendWriteFailed => "backend_write_failed",
             Abort::TlsHandshakeFailed => "tls_handshake_failed",
             Abort::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Abort::GateNotStarted => "gate_not_started",
             Abort::Relay(e) => e.reason(),
         }
     }

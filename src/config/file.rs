@@ -137,6 +137,9 @@ pub(crate) struct RawClient {
     pub acme: Option<RawAcme>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub services: Option<Vec<RawService>>,
+    /// `[client.smtp]`: mail for the gates of terminate Services.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smtp: Option<RawSmtp>,
 }
 
 /// One `[[client.services]]` entry.
@@ -155,6 +158,10 @@ pub(crate) struct RawService {
     pub tls_mode: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<String>,
+    /// `[client.services.gate]`: Runegate in front of this (terminate)
+    /// Service. Only [`SERVICE_GATE_KEYS`] are accepted here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate: Option<RawGate>,
 }
 
 /// `[gate]`: the standalone Runegate (`runewarp gate`).
@@ -275,12 +282,27 @@ pub(crate) const CLIENT_KEYS: &[&str] = &[
     "congestion-control",
     "acme",
     "services",
+    "smtp",
 ];
 pub(crate) const SERVICE_KEYS: &[&str] = &[
     "public-hostnames",
     "backend-address",
     "tls-mode",
     "proxy-protocol",
+    "gate",
+];
+/// `[client.services.gate]`: the gate keys without the standalone-only
+/// ones (the Service's backend is the upstream, the PROXY v2 source is the
+/// Visitor, mail goes through `[client.smtp]`).
+pub(crate) const SERVICE_GATE_KEYS: &[&str] = &[
+    "base-url",
+    "allowed-emails",
+    "allowed-domains",
+    "link-ttl",
+    "session-ttl",
+    "session-idle",
+    "cookie-domain",
+    "state-dir",
 ];
 
 /// A file that was read and parsed.
@@ -394,6 +416,7 @@ enum LevelKind {
     Tunnel,
     Service,
     Gate,
+    ServiceGate,
     Smtp,
 }
 
@@ -415,6 +438,12 @@ impl Level {
             (LevelKind::Client, "acme") => ("[client.acme]", ACME_KEYS, LevelKind::Acme),
             (LevelKind::Top, "gate") => ("[gate]", GATE_KEYS, LevelKind::Gate),
             (LevelKind::Gate, "smtp") => ("[gate.smtp]", SMTP_KEYS, LevelKind::Smtp),
+            (LevelKind::Client, "smtp") => ("[client.smtp]", SMTP_KEYS, LevelKind::Smtp),
+            (LevelKind::Service, "gate") => (
+                "[client.services.gate]",
+                SERVICE_GATE_KEYS,
+                LevelKind::ServiceGate,
+            ),
             _ => return None,
         };
         Some(Level {
@@ -616,6 +645,10 @@ public-hostnames = ["a"]
 backend-address = "a"
 tls-mode = "a"
 proxy-protocol = "a"
+[client.services.gate]
+base-url = "a"
+[client.smtp]
+host = "a"
 [gate]
 listen-address = "a"
 upstream = "a"
@@ -648,12 +681,14 @@ ca-file = "a"
             TUNNEL_KEYS,
             CLIENT_KEYS,
             SERVICE_KEYS,
+            SERVICE_GATE_KEYS,
             GATE_KEYS,
             SMTP_KEYS,
         ] {
             for k in keys {
                 assert!(
-                    mentioned(k) || ["server", "client", "gate", "tunnels", "services"].contains(k),
+                    mentioned(k)
+                        || ["server", "client", "gate", "tunnels", "services", "smtp"].contains(k),
                     "{k} not covered"
                 );
             }

@@ -10,7 +10,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use super::duration::{format_duration, parse_duration};
-use super::file::{LoadedFile, RawFile, RawGate, RawSmtp};
+use super::file::{LoadedFile, RawFile, RawGate, RawService, RawSmtp};
 use super::prepare::{Located, Origin, Val, Xdg, locate};
 use super::render::{header, path as render_path, to_toml};
 use super::validate::{backend_address, log_level};
@@ -115,38 +115,8 @@ pub(crate) fn gate_from_file(file: &LoadedFile, xdg: &Xdg) -> Result<GateConfig,
         .enumerate()
         .map(|(i, t)| ip_net(&at(label, &format!("gate.trusted-proxies[{i}]")), t))
         .collect::<Result<Vec<_>, _>>()?;
-    let allowed = allow_list(label, raw)?;
-    let link_ttl = duration(label, "gate.link-ttl", &raw.link_ttl, DEFAULT_LINK_TTL)?;
-    let session_ttl = duration(
-        label,
-        "gate.session-ttl",
-        &raw.session_ttl,
-        DEFAULT_SESSION_TTL,
-    )?;
-    let session_idle = duration(
-        label,
-        "gate.session-idle",
-        &raw.session_idle,
-        DEFAULT_SESSION_IDLE,
-    )?;
-    if session_idle > session_ttl {
-        return Err(at(label, "gate.session-idle").invalid(
-            &format_duration(session_idle),
-            format!(
-                "must not exceed gate.session-ttl ({}): a session ends at session-ttl however active it is",
-                format_duration(session_ttl)
-            ),
-        ));
-    }
-    let cookie_domain = match &raw.cookie_domain {
-        Some(d) => Some(cookie_domain(
-            &at(label, "gate.cookie-domain"),
-            d,
-            &base_url,
-        )?),
-        None => None,
-    };
-    let state_dir = match resolve(file, "gate.state-dir", &raw.state_dir)? {
+    let keys = gate_keys(file, "gate", raw, &base_url)?;
+    let state_dir = match keys.state_dir {
         Some(dir) => dir,
         None => xdg.state("gate", "gate.state-dir")?,
     };
@@ -155,7 +125,7 @@ pub(crate) fn gate_from_file(file: &LoadedFile, xdg: &Xdg) -> Result<GateConfig,
             "{label}: [gate.smtp] is required: the gate sends sign-in links by mail (host, from, and usually username and password-file)"
         )));
     };
-    let smtp = smtp_config(file, smtp)?;
+    let smtp = smtp_config(file, "gate.smtp", smtp)?;
     Ok(GateConfig {
         source: Some(file.path.clone()),
         log_level,
@@ -163,14 +133,172 @@ pub(crate) fn gate_from_file(file: &LoadedFile, xdg: &Xdg) -> Result<GateConfig,
         upstream,
         base_url,
         trusted_proxies,
+        allowed: keys.allowed,
+        link_ttl: keys.link_ttl,
+        session_ttl: keys.session_ttl,
+        session_idle: keys.session_idle,
+        cookie_domain: keys.cookie_domain,
+        state_dir,
+        smtp,
+    })
+}
+
+/// The keys `[gate]` and `[client.services.gate]` share, validated.
+struct GateKeys {
+    allowed: AllowList,
+    link_ttl: Duration,
+    session_ttl: Duration,
+    session_idle: Duration,
+    cookie_domain: Option<ServerHostname>,
+    /// `None`: the caller's default.
+    state_dir: Option<PathBuf>,
+}
+
+/// Validate the shared gate keys of table `prefix` (`gate` or
+/// `client.services[i].gate`).
+fn gate_keys(
+    file: &LoadedFile,
+    prefix: &str,
+    raw: &RawGate,
+    base_url: &BaseUrl,
+) -> Result<GateKeys, ConfigError> {
+    let label = file.label();
+    let label = label.as_str();
+    let key = |k: &str| format!("{prefix}.{k}");
+    let allowed = allow_list(label, prefix, raw)?;
+    let link_ttl = duration(label, &key("link-ttl"), &raw.link_ttl, DEFAULT_LINK_TTL)?;
+    let session_ttl = duration(
+        label,
+        &key("session-ttl"),
+        &raw.session_ttl,
+        DEFAULT_SESSION_TTL,
+    )?;
+    let session_idle = duration(
+        label,
+        &key("session-idle"),
+        &raw.session_idle,
+        DEFAULT_SESSION_IDLE,
+    )?;
+    if session_idle > session_ttl {
+        return Err(at(label, &key("session-idle")).invalid(
+            &format_duration(session_idle),
+            format!(
+                "must not exceed {} ({}): a session ends at session-ttl however active it is",
+                key("session-ttl"),
+                format_duration(session_ttl)
+            ),
+        ));
+    }
+    let cookie_domain = match &raw.cookie_domain {
+        Some(d) => Some(cookie_domain(
+            &at(label, &key("cookie-domain")),
+            d,
+            base_url,
+            &key("base-url"),
+        )?),
+        None => None,
+    };
+    let state_dir = resolve(file, &key("state-dir"), &raw.state_dir)?;
+    Ok(GateKeys {
         allowed,
         link_ttl,
         session_ttl,
         session_idle,
         cookie_domain,
         state_dir,
-        smtp,
     })
+}
+
+/// `[client.smtp]` and every `[client.services.gate]`, validated. `services`
+/// are the raw Service tables in file order. A gate needs a terminate
+/// Service (only then does the Client see HTTP), no PROXY header to the
+/// backend (the Visitor's address goes in `X-Forwarded-For`), and
+/// `[client.smtp]`.
+pub(crate) fn client_gates(
+    file: &LoadedFile,
+    xdg: &Xdg,
+    raw_smtp: Option<&RawSmtp>,
+    services: &[RawService],
+) -> Result<ClientGates, ConfigError> {
+    let label = file.label();
+    let label = label.as_str();
+    let mut gates: Vec<ServiceGate> = Vec::new();
+    for (i, s) in services.iter().enumerate() {
+        let Some(raw) = &s.gate else { continue };
+        let prefix = format!("client.services[{i}].gate");
+        let mode = s.tls_mode.as_deref().unwrap_or("passthrough");
+        if mode != "terminate" {
+            return Err(ConfigError(format!(
+                "{label}: {prefix}: a gate needs tls-mode = \"terminate\" on client.services[{i}] (it is \"{mode}\"): with passthrough the Visitor's TLS goes through to the backend, so the Client never sees the HTTP requests the gate has to check"
+            )));
+        }
+        if s.proxy_protocol.is_some() {
+            return Err(ConfigError(format!(
+                "{label}: {prefix}: a gated Service speaks HTTP to its backend and sends the Visitor's address in X-Forwarded-For; remove client.services[{i}].proxy-protocol"
+            )));
+        }
+        let first = s
+            .public_hostnames
+            .iter()
+            .flatten()
+            .find(|h| !h.starts_with("*."));
+        let base_url = match (&raw.base_url, first) {
+            (Some(text), _) => base_url(&at(label, &format!("{prefix}.base-url")), text)?,
+            (None, Some(host)) => base_url(
+                &Origin::Default("client.services.gate.base-url"),
+                &format!("https://{host}"),
+            )?,
+            (None, None) => {
+                return Err(ConfigError(format!(
+                    "{label}: {prefix}.base-url is required when client.services[{i}].public-hostnames has only wildcards: links in mails need one origin, such as \"https://app.example.com\""
+                )));
+            }
+        };
+        let keys = gate_keys(file, &prefix, raw, &base_url)?;
+        let state_dir = match keys.state_dir {
+            Some(dir) => dir,
+            None => xdg.state(
+                &format!("client/gate/{}", base_url.host),
+                &format!("{prefix}.state-dir"),
+            )?,
+        };
+        if let Some(other) = gates.iter().find(|g| g.state_dir == state_dir) {
+            return Err(at(label, &format!("{prefix}.state-dir")).invalid(
+                &state_dir.display().to_string(),
+                format!(
+                    "is also the state-dir of client.services[{}].gate: each gate keeps its own sessions",
+                    other.service
+                ),
+            ));
+        }
+        gates.push(ServiceGate {
+            service: i,
+            base_url,
+            allowed: keys.allowed,
+            link_ttl: keys.link_ttl,
+            session_ttl: keys.session_ttl,
+            session_idle: keys.session_idle,
+            cookie_domain: keys.cookie_domain,
+            state_dir,
+        });
+    }
+    let smtp = match raw_smtp {
+        Some(raw) => Some(smtp_config(file, "client.smtp", raw)?),
+        None => None,
+    };
+    match (&smtp, gates.first()) {
+        (None, Some(g)) => Err(ConfigError(format!(
+            "{label}: client.services[{}].gate needs [client.smtp]: the gate sends sign-in links by mail (host, from, and usually username and password-file)",
+            g.service
+        ))),
+        (Some(_), None) => Err(ConfigError(format!(
+            "{label}: [client.smtp] is set but no [[client.services]] entry has a gate ([client.services.gate])"
+        ))),
+        _ => Ok(ClientGates {
+            smtp,
+            services: gates,
+        }),
+    }
 }
 
 fn socket_addr(origin: &Origin, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -356,7 +484,7 @@ fn ip_net(origin: &Origin, text: &str) -> Result<IpNet, ConfigError> {
     })
 }
 
-fn allow_list(label: &str, raw: &RawGate) -> Result<AllowList, ConfigError> {
+fn allow_list(label: &str, prefix: &str, raw: &RawGate) -> Result<AllowList, ConfigError> {
     let emails = raw
         .allowed_emails
         .iter()
@@ -364,7 +492,7 @@ fn allow_list(label: &str, raw: &RawGate) -> Result<AllowList, ConfigError> {
         .enumerate()
         .map(|(i, e)| {
             EmailAddress::parse(e)
-                .map_err(|why| at(label, &format!("gate.allowed-emails[{i}]")).invalid(e, why))
+                .map_err(|why| at(label, &format!("{prefix}.allowed-emails[{i}]")).invalid(e, why))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let domains = raw
@@ -373,11 +501,11 @@ fn allow_list(label: &str, raw: &RawGate) -> Result<AllowList, ConfigError> {
         .flatten()
         .enumerate()
         .map(|(i, d)| {
-            let origin = at(label, &format!("gate.allowed-domains[{i}]"));
+            let origin = at(label, &format!("{prefix}.allowed-domains[{i}]"));
             if d.contains('@') {
                 return Err(origin.invalid(
                     d,
-                    "a domain is expected (\"example.com\"); list whole addresses in gate.allowed-emails",
+                    format!("a domain is expected (\"example.com\"); list whole addresses in {prefix}.allowed-emails"),
                 ));
             }
             let bare = d.strip_prefix("*.").unwrap_or(d);
@@ -392,7 +520,7 @@ fn allow_list(label: &str, raw: &RawGate) -> Result<AllowList, ConfigError> {
         .collect::<Result<Vec<_>, _>>()?;
     if emails.is_empty() && domains.is_empty() {
         return Err(ConfigError(format!(
-            "{label}: [gate] needs gate.allowed-emails or gate.allowed-domains with at least one entry; otherwise nobody could sign in"
+            "{label}: [{prefix}] needs {prefix}.allowed-emails or {prefix}.allowed-domains with at least one entry; otherwise nobody could sign in"
         )));
     }
     Ok(AllowList { emails, domains })
@@ -402,6 +530,7 @@ fn cookie_domain(
     origin: &Origin,
     text: &str,
     base: &BaseUrl,
+    base_key: &str,
 ) -> Result<ServerHostname, ConfigError> {
     let bare = text.strip_prefix('.').unwrap_or(text);
     let domain = ServerHostname::parse(bare).map_err(|e| origin.invalid(text, e))?;
@@ -410,7 +539,7 @@ fn cookie_domain(
         return Err(origin.invalid(
             text,
             format!(
-                "the gate.base-url host {host:?} is not {:?} or under it; browsers would refuse the cookie",
+                "the {base_key} host {host:?} is not {:?} or under it; browsers would refuse the cookie",
                 domain.as_str()
             ),
         ));
@@ -424,15 +553,15 @@ fn cookie_domain(
     Ok(domain)
 }
 
-fn smtp_config(file: &LoadedFile, raw: &RawSmtp) -> Result<SmtpConfig, ConfigError> {
+fn smtp_config(file: &LoadedFile, prefix: &str, raw: &RawSmtp) -> Result<SmtpConfig, ConfigError> {
     let label = file.label();
     let label = label.as_str();
     let Some(host_text) = &raw.host else {
         return Err(ConfigError(format!(
-            "{label}: gate.smtp.host is required: the mail server that relays sign-in mails"
+            "{label}: {prefix}.host is required: the mail server that relays sign-in mails"
         )));
     };
-    let host_origin = at(label, "gate.smtp.host");
+    let host_origin = at(label, &format!("{prefix}.host"));
     let host = match host_text.parse::<IpAddr>() {
         Ok(ip) => ip.to_string(),
         Err(_) => ServerHostname::parse(host_text)
@@ -444,15 +573,15 @@ fn smtp_config(file: &LoadedFile, raw: &RawSmtp) -> Result<SmtpConfig, ConfigErr
         Some("implicit") => SmtpTls::Implicit,
         Some("none") => SmtpTls::None,
         Some(other) => {
-            return Err(at(label, "gate.smtp.tls")
+            return Err(at(label, &format!("{prefix}.tls"))
                 .invalid(other, "must be one of starttls, implicit, none"));
         }
     };
     if tls == SmtpTls::None && !is_loopback_host(&host) {
-        return Err(at(label, "gate.smtp.tls").invalid(
+        return Err(at(label, &format!("{prefix}.tls")).invalid(
             "none",
             format!(
-                "only allowed when gate.smtp.host is loopback (it is {host:?}): mails carry sign-in links; use starttls or implicit"
+                "only allowed when {prefix}.host is loopback (it is {host:?}): mails carry sign-in links; use starttls or implicit"
             ),
         ));
     }
@@ -460,7 +589,7 @@ fn smtp_config(file: &LoadedFile, raw: &RawSmtp) -> Result<SmtpConfig, ConfigErr
         Some(text) => match text.parse::<u16>() {
             Ok(p) if p != 0 && text.bytes().all(|b| b.is_ascii_digit()) => p,
             _ => {
-                return Err(at(label, "gate.smtp.port").invalid(
+                return Err(at(label, &format!("{prefix}.port")).invalid(
                     text,
                     "must be a number in 1..=65535, written as a string (\"587\")",
                 ));
@@ -468,11 +597,11 @@ fn smtp_config(file: &LoadedFile, raw: &RawSmtp) -> Result<SmtpConfig, ConfigErr
         },
         None => tls.default_port(),
     };
-    let password_file = resolve(file, "gate.smtp.password-file", &raw.password_file)?;
+    let password_file = resolve(file, &format!("{prefix}.password-file"), &raw.password_file)?;
     let credentials = match (&raw.username, password_file) {
         (Some(username), Some(password_file)) => {
             if username.is_empty() || username.chars().any(char::is_control) {
-                return Err(at(label, "gate.smtp.username")
+                return Err(at(label, &format!("{prefix}.username"))
                     .invalid(username, "must be non-empty, without control characters"));
             }
             Some(SmtpCredentials {
@@ -483,25 +612,25 @@ fn smtp_config(file: &LoadedFile, raw: &RawSmtp) -> Result<SmtpConfig, ConfigErr
         (None, None) => None,
         (Some(_), None) => {
             return Err(ConfigError(format!(
-                "{label}: gate.smtp.username needs gate.smtp.password-file (a file holding the password; the password itself never goes in the config)"
+                "{label}: {prefix}.username needs {prefix}.password-file (a file holding the password; the password itself never goes in the config)"
             )));
         }
         (None, Some(_)) => {
             return Err(ConfigError(format!(
-                "{label}: gate.smtp.password-file needs gate.smtp.username"
+                "{label}: {prefix}.password-file needs {prefix}.username"
             )));
         }
     };
     let Some(from_text) = &raw.from else {
         return Err(ConfigError(format!(
-            "{label}: gate.smtp.from is required: the sender of sign-in mails, such as \"Sign-in <signin@example.com>\""
+            "{label}: {prefix}.from is required: the sender of sign-in mails, such as \"Sign-in <signin@example.com>\""
         )));
     };
-    let from = mail_from(&at(label, "gate.smtp.from"), from_text)?;
-    let ca_file = resolve(file, "gate.smtp.ca-file", &raw.ca_file)?;
+    let from = mail_from(&at(label, &format!("{prefix}.from")), from_text)?;
+    let ca_file = resolve(file, &format!("{prefix}.ca-file"), &raw.ca_file)?;
     if ca_file.is_some() && tls == SmtpTls::None {
         return Err(ConfigError(format!(
-            "{label}: gate.smtp.ca-file needs gate.smtp.tls = \"starttls\" or \"implicit\" (with tls = \"none\" no certificate is checked)"
+            "{label}: {prefix}.ca-file needs {prefix}.tls = \"starttls\" or \"implicit\" (with tls = \"none\" no certificate is checked)"
         )));
     }
     Ok(SmtpConfig {
@@ -558,21 +687,42 @@ pub(crate) fn render_gate(c: &GateConfig) -> String {
             session_idle: Some(format_duration(c.session_idle)),
             cookie_domain: c.cookie_domain.as_ref().map(|d| d.to_string()),
             state_dir: Some(render_path(&c.state_dir)),
-            smtp: Some(RawSmtp {
-                host: Some(smtp.host.clone()),
-                port: Some(smtp.port.to_string()),
-                tls: Some(smtp.tls.as_str().to_string()),
-                username: smtp.credentials.as_ref().map(|c| c.username.clone()),
-                password_file: smtp
-                    .credentials
-                    .as_ref()
-                    .map(|c| render_path(&c.password_file)),
-                from: Some(smtp.from.to_string()),
-                ca_file: smtp.ca_file.as_deref().map(render_path),
-            }),
+            smtp: Some(raw_smtp(smtp)),
         }),
     };
     header(&c.source) + &to_toml(&raw)
+}
+
+/// `[gate.smtp]` / `[client.smtp]` as written.
+pub(crate) fn raw_smtp(smtp: &SmtpConfig) -> RawSmtp {
+    RawSmtp {
+        host: Some(smtp.host.clone()),
+        port: Some(smtp.port.to_string()),
+        tls: Some(smtp.tls.as_str().to_string()),
+        username: smtp.credentials.as_ref().map(|c| c.username.clone()),
+        password_file: smtp
+            .credentials
+            .as_ref()
+            .map(|c| render_path(&c.password_file)),
+        from: Some(smtp.from.to_string()),
+        ca_file: smtp.ca_file.as_deref().map(render_path),
+    }
+}
+
+/// A `[client.services.gate]` table as written, every default filled.
+pub(crate) fn raw_service_gate(g: &ServiceGate) -> RawGate {
+    let strings = |v: Vec<String>| (!v.is_empty()).then_some(v);
+    RawGate {
+        base_url: Some(g.base_url.to_string()),
+        allowed_emails: strings(g.allowed.emails.iter().map(|e| e.to_string()).collect()),
+        allowed_domains: strings(g.allowed.domains.iter().map(|d| d.to_string()).collect()),
+        link_ttl: Some(format_duration(g.link_ttl)),
+        session_ttl: Some(format_duration(g.session_ttl)),
+        session_idle: Some(format_duration(g.session_idle)),
+        cookie_domain: g.cookie_domain.as_ref().map(|d| d.to_string()),
+        state_dir: Some(render_path(&g.state_dir)),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -853,5 +1003,137 @@ from = "signin@example.com"
     fn a_file_without_gate_says_so() {
         let e = err(load_text("[client]\nserver-address = \"a.example.com\"\n"));
         assert!(e.contains("no [gate] section"), "{e}");
+    }
+    // ------------------------------------------------ [client.services.gate]
+
+    const CLIENT: &str = r#"
+[client]
+server-address = "edge.example.com"
+public-cert-dir = "certs"
+[[client.services]]
+public-hostnames = ["*.example.com", "app.example.com"]
+backend-address = "127.0.0.1:7860"
+tls-mode = "terminate"
+[client.services.gate]
+allowed-domains = ["example.com"]
+[[client.services]]
+public-hostnames = ["raw.example.com"]
+backend-address = "127.0.0.1:8443"
+[client.smtp]
+host = "smtp.example.com"
+username = "u"
+password-file = "smtp-password"
+from = "signin@example.com"
+"#;
+
+    fn client_text(text: &str) -> Result<crate::config::ClientConfig, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let path = dir.path().join("client.toml");
+        std::fs::write(&path, text).map_err(|e| e.to_string())?;
+        let env = Environment::from_pairs([("HOME", "/home/u")]);
+        crate::config::load_client(
+            &crate::config::ClientOverlay {
+                config: Some(path),
+                ..Default::default()
+            },
+            &env,
+        )
+        .map_err(|e| e.0)
+    }
+
+    #[test]
+    fn a_terminate_service_gets_a_gate_with_defaults_and_client_smtp() {
+        let c = client_text(CLIENT).unwrap();
+        let g = &c.gates.services[0];
+        assert_eq!(g.service, 0);
+        assert_eq!(g.base_url.to_string(), "https://app.example.com");
+        assert_eq!(g.link_ttl, DEFAULT_LINK_TTL);
+        assert_eq!(
+            g.state_dir,
+            PathBuf::from("/home/u/.local/state/runewarp/client/gate/app.example.com")
+        );
+        assert_eq!(c.gates.services.len(), 1);
+        let smtp = c.gates.smtp.as_ref().unwrap();
+        assert_eq!((smtp.port, smtp.tls), (587, SmtpTls::StartTls));
+        assert!(
+            smtp.credentials
+                .as_ref()
+                .unwrap()
+                .password_file
+                .is_absolute()
+        );
+        // Rendered, it loads back the same.
+        let rendered = crate::config::render_client(&c);
+        assert!(rendered.contains("[client.services.gate]"), "{rendered}");
+        assert!(rendered.contains("[client.smtp]"), "{rendered}");
+        let mut again = client_text(&rendered).unwrap();
+        again.source = c.source.clone();
+        assert_eq!(again, c, "{rendered}");
+    }
+
+    #[test]
+    fn a_gate_on_passthrough_and_other_misuse_say_why() {
+        let passthrough = CLIENT.replace("tls-mode = \"terminate\"\n", "");
+        let e = err_c(client_text(
+            &passthrough.replace("public-cert-dir = \"certs\"\n", ""),
+        ));
+        assert!(
+            e.contains("client.services[0].gate: a gate needs tls-mode = \"terminate\"")
+                && e.contains("passthrough")
+                && e.contains("never sees the HTTP"),
+            "{e}"
+        );
+        let no_smtp = &CLIENT[..CLIENT.find("[client.smtp]").unwrap()];
+        assert!(
+            err_c(client_text(no_smtp)).contains("client.services[0].gate needs [client.smtp]")
+        );
+        let smtp_only = CLIENT.replace(
+            "[client.services.gate]\nallowed-domains = [\"example.com\"]\n",
+            "",
+        );
+        assert!(err_c(client_text(&smtp_only)).contains("[client.smtp] is set but no"));
+        let pp = CLIENT.replace(
+            "tls-mode = \"terminate\"\n",
+            "tls-mode = \"terminate\"\nproxy-protocol = \"v2\"\n",
+        );
+        assert!(err_c(client_text(&pp)).contains("remove client.services[0].proxy-protocol"));
+        let upstream = CLIENT.replace(
+            "allowed-domains",
+            "upstream = \"http://x:1\"\nallowed-domains",
+        );
+        let e = err_c(client_text(&upstream));
+        assert!(
+            e.contains("unknown key \"upstream\" in [client.services.gate]"),
+            "{e}"
+        );
+        let empty = CLIENT.replace("allowed-domains = [\"example.com\"]", "link-ttl = \"5m\"");
+        let e = err_c(client_text(&empty));
+        assert!(
+            e.contains("client.services[0].gate.allowed-emails or"),
+            "{e}"
+        );
+        let e = err_c(client_text(&CLIENT.replace(
+            "host = \"smtp.example.com\"",
+            "host = \"smtp.example.com\"\ntls = \"none\"",
+        )));
+        assert!(e.contains("client.smtp.tls = \"none\""), "{e}");
+        let wild = CLIENT.replace(", \"app.example.com\"", "");
+        assert!(err_c(client_text(&wild)).contains("client.services[0].gate.base-url is required"));
+        let cookie = CLIENT.replace(
+            "allowed-domains",
+            "cookie-domain = \"other.com\"\nallowed-domains",
+        );
+        let e = err_c(client_text(&cookie));
+        assert!(
+            e.contains("client.services[0].gate.cookie-domain = \"other.com\""),
+            "{e}"
+        );
+    }
+
+    fn err_c(r: Result<crate::config::ClientConfig, String>) -> String {
+        match r {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => e,
+        }
     }
 }

@@ -407,6 +407,8 @@ pub(crate) struct PreparedClient {
     pub metrics_bind_address: Option<Val<String>>,
     pub control_socket: Option<PathBuf>,
     pub services: Vec<PreparedService>,
+    /// `[client.smtp]` and the `[client.services.gate]` tables, validated.
+    pub gates: crate::gate::config::ClientGates,
     pub(crate) stream_write_timeout: Val<String>,
     pub(crate) stream_idle_timeout: Val<String>,
     pub congestion_control: Val<String>,
@@ -504,6 +506,15 @@ pub(crate) fn prepare_client(
         Some(dir) => dir,
         None => xdg.data("client/identity", "client.identity-dir")?,
     };
+    let gates = match &file {
+        Some(file) => super::gate::client_gates(
+            file,
+            &xdg,
+            raw_client.smtp.as_ref(),
+            raw_client.services.as_deref().unwrap_or_default(),
+        )?,
+        None => Default::default(),
+    };
     let terminates = services
         .iter()
         .any(|s| s.tls_mode.as_deref() == Some("terminate"));
@@ -536,6 +547,7 @@ pub(crate) fn prepare_client(
         ),
         control_socket,
         services,
+        gates,
         stream_write_timeout: file_or_default(
             &label,
             "client.stream-write-timeout",

@@ -128,9 +128,16 @@ pub(crate) fn render_client(c: &ClientConfig) -> String {
                             .to_string(),
                         ),
                         proxy_protocol: s.proxy_protocol.then(|| "v2".to_string()),
+                        gate: c
+                            .gates
+                            .services
+                            .iter()
+                            .find(|g| g.service == s.index)
+                            .map(super::gate::raw_service_gate),
                     })
                     .collect(),
             ),
+            smtp: c.gates.smtp.as_ref().map(super::gate::raw_smtp),
         }),
         gate: None,
     };

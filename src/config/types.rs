@@ -250,6 +250,9 @@ pub struct ClientConfig {
     pub control_socket: Option<PathBuf>,
     /// The `[[client.services]]` entries, in file order.
     pub services: Vec<ServiceConfig>,
+    /// `[client.services.gate]` tables and `[client.smtp]` (Runegate on
+    /// terminate Services).
+    pub gates: crate::gate::config::ClientGates,
     /// `stream-write-timeout`, `stream-idle-timeout`.
     pub stream_timeouts: StreamTimeouts,
     /// `client.congestion-control`: for what the Client sends (downloads).

@@ -608,6 +608,7 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         metrics_bind_address,
         control_socket: control_socket(label, "client.control-socket", p.control_socket)?,
         services,
+        gates: p.gates,
         stream_timeouts,
         congestion_control: congestion_control(&p.congestion_control)?,
     })

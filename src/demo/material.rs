@@ -43,11 +43,18 @@ pub struct Material {
 pub fn generate(
     root: &Path,
     server_hostname: &str,
-    terminate_hostname: &str,
+    terminate_hostnames: &[&str],
     passthrough_hostname: &str,
 ) -> Result<Material, BoxError> {
     let server_hostname = ServerHostname::parse(server_hostname)?;
-    let terminate_hostname = PublicHostname::parse(terminate_hostname)?;
+    let terminating = terminate_hostnames
+        .iter()
+        .map(|h| PublicHostname::parse(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    let terminate_hostname = terminating
+        .first()
+        .cloned()
+        .ok_or("no terminate hostname")?;
 
     let server_cert_dir = root.join("server");
     material::init_server_cert(&server_cert_dir, &server_hostname, false)?;
@@ -60,11 +67,7 @@ pub fn generate(
     let client_pin = material::show_client_identity(&identity_dir)?;
 
     let public_cert_dir = root.join("public-certs");
-    material::init_public_certs(
-        &public_cert_dir,
-        std::slice::from_ref(&terminate_hostname),
-        false,
-    )?;
+    material::init_public_certs(&public_cert_dir, &terminating, false)?;
     let public_ca_file = public_cert_dir.join("public-ca.crt");
     let public_ca = first(material::load_ca_bundle(&public_ca_file)?, &public_ca_file)?;
     let public_leaf = material::load_public_certs(&public_cert_dir)?

@@ -2,12 +2,14 @@
 //!
 //! It writes throw-away material into a private temporary directory,
 //! starts two Local backends (one terminating TLS itself, one plaintext), a
-//! Server and a Client instance with one Tunnel and two Services (one
-//! `passthrough`, one `terminate`), then acts as the Visitor for each
-//! Public hostname and prints what happened on every hop. Every step is
+//! Server and a Client instance with one Tunnel and three Services (one
+//! `passthrough`, one `terminate`, one `terminate` behind Runegate with a
+//! built-in mail catcher), then acts as the Visitor for each Public hostname
+//! and prints what happened on every hop. Every step is
 //! bounded in time; everything stops by itself unless `--keep-running`.
 
 mod backend;
+mod gate;
 mod material;
 mod report;
 mod visitor;
@@ -38,6 +40,8 @@ use crate::server::tunnels::{Registry, Route};
 use crate::shutdown::{self, Trigger};
 use crate::{logging, tls};
 
+pub use gate::MailCatcher;
+
 use backend::{Arrival, Backend, Observation};
 use material::Material;
 use visitor::Visit;
@@ -51,6 +55,11 @@ pub(crate) const PASSTHROUGH_HOSTNAME: &str = "app.demo.runewarp.test";
 /// Served by the plaintext Local backend; the Client instance terminates TLS.
 pub(crate) const TERMINATE_HOSTNAME: &str = "secure.demo.runewarp.test";
 
+/// Served by the plaintext Local backend behind Runegate (email sign-in).
+pub const GATED_HOSTNAME: &str = "gated.demo.runewarp.test";
+/// Addresses at this domain may sign in to the gated Service.
+pub const GATED_DOMAIN: &str = "example.com";
+
 /// Upper bound for every step.
 const STEP_DEADLINE: Duration = Duration::from_secs(10);
 /// Upper bound for stopping the Server and the Client instance.
@@ -60,7 +69,7 @@ const TUNNEL_POLL: Duration = Duration::from_millis(10);
 /// Give up on the Tunnel connection a little before the step deadline, with
 /// a more useful message.
 const TUNNEL_DEADLINE: Duration = Duration::from_secs(9);
-const STEPS: usize = 8;
+const STEPS: usize = 9;
 
 /// Run the demo; 0 when both Visitor requests were answered as expected.
 pub async fn run(args: DemoArgs) -> ExitCode {
@@ -112,6 +121,11 @@ struct Live {
     pub public: SocketAddr,
     pub(crate) passthrough_trust: PathBuf,
     pub(crate) terminate_trust: PathBuf,
+}
+
+/// The gated Service's base URL on the Server's public port.
+fn gated_base_url(public: SocketAddr) -> String {
+    format!("https://{GATED_HOSTNAME}:{}", public.port())
 }
 
 /// The failure of one step.
@@ -202,6 +216,7 @@ struct Stack {
     server: Option<JoinHandle<()>>,
     client: Option<JoinHandle<()>>,
     backends: Vec<Backend>,
+    mail: Option<gate::MailCatcher>,
 }
 
 impl Stack {
@@ -241,6 +256,7 @@ impl Stack {
             }
         }
         self.backends.clear();
+        self.mail = None;
     }
 }
 
@@ -343,19 +359,25 @@ async fn demo(stack: &mut Stack) -> Result<Live, StepError> {
             material::generate(
                 &root,
                 SERVER_HOSTNAME,
-                TERMINATE_HOSTNAME,
+                &[TERMINATE_HOSTNAME, GATED_HOSTNAME],
                 PASSTHROUGH_HOSTNAME,
             )
         })
         .await?;
 
     let (tls_backend, plain_backend) = steps
-        .run("start the Local backends (TLS and plaintext)", async {
+        .run("start the Local backends and a mail catcher", async {
             let tls = Backend::start_tls(m.backend_cert.clone(), m.backend_key.clone_key()).await?;
             let plain = Backend::start_plain().await?;
+            stack.mail = Some(gate::MailCatcher::start(true).await?);
             Ok((tls, plain))
         })
         .await?;
+    let mail_addr = stack
+        .mail
+        .as_ref()
+        .map(|c| c.addr)
+        .unwrap_or(tls_backend.addr);
     let tls_addr = tls_backend.addr;
     let plain_addr = plain_backend.addr;
     stack.backends.push(tls_backend);
@@ -380,7 +402,19 @@ async fn demo(stack: &mut Stack) -> Result<Live, StepError> {
 
     steps
         .run("start the Client instance", async {
-            let client = Client::new(client_config(&m, tunnel.port(), tls_addr, plain_addr)?)?;
+            let mut config = client_config(&m, tunnel.port(), tls_addr, plain_addr)?;
+            config.services.push(ServiceConfig {
+                index: 2,
+                public_hostnames: vec![public_hostname(GATED_HOSTNAME)?],
+                backend_address: BackendAddress {
+                    host: plain_addr.ip().to_string(),
+                    port: plain_addr.port(),
+                },
+                tls_mode: TlsMode::Terminate,
+                proxy_protocol: false,
+            });
+            config.gates = gated(&root, public, mail_addr)?;
+            let client = Client::new(config)?;
             if client.identity() != m.client_pin {
                 return Err(format!(
                     "the Client loaded identity {} but the demo wrote {}",
@@ -428,6 +462,35 @@ async fn demo(stack: &mut Stack) -> Result<Live, StepError> {
         )
         .await?;
 
+    let gated = steps
+        .run(
+            &format!("Visitor -> {GATED_HOSTNAME} (terminate + gate)"),
+            async {
+                let visit = gate::visit_gated(public, GATED_HOSTNAME, &m.public_ca).await?;
+                if !visit.sign_in_page {
+                    return Err(format!(
+                        "expected the sign-in page without a session, got {:?}",
+                        visit.status
+                    )
+                    .into());
+                }
+                // The gate mails asynchronously: wait for the catcher.
+                let caught = stack.mail.as_ref().map(|c| c.caught.clone());
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while caught
+                    .as_ref()
+                    .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst) == 0)
+                {
+                    if Instant::now() > deadline {
+                        return Err("the sign-in mail did not reach the mail catcher".into());
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok::<_, BoxError>(visit)
+            },
+        )
+        .await?;
+
     report::print(
         &Overview {
             dir: stack.dir_path(),
@@ -440,6 +503,7 @@ async fn demo(stack: &mut Stack) -> Result<Live, StepError> {
         },
         &[passthrough, terminate],
     );
+    report::gated(GATED_HOSTNAME, &gated);
     Ok(Live {
         public,
         passthrough_trust: m.backend_cert_file.clone(),
@@ -477,6 +541,7 @@ fn server_config(m: &Material) -> Result<ServerConfig, BoxError> {
             public_hostnames: vec![
                 public_hostname(PASSTHROUGH_HOSTNAME)?,
                 public_hostname(TERMINATE_HOSTNAME)?,
+                public_hostname(GATED_HOSTNAME)?,
             ],
             client_identities: vec![m.client_pin],
         }],
@@ -524,8 +589,49 @@ fn client_config(
                 proxy_protocol: false,
             },
         ],
+        gates: Default::default(),
         stream_timeouts: StreamTimeouts::default(),
         congestion_control: Default::default(),
+    })
+}
+
+/// Runegate on the gated Service: any address at [`GATED_DOMAIN`] may sign
+/// in; mail goes to the demo's catcher; sessions live in the demo directory.
+fn gated(
+    root: &Path,
+    public: SocketAddr,
+    mail: SocketAddr,
+) -> Result<crate::gate::config::ClientGates, BoxError> {
+    use crate::gate::config::*;
+    Ok(ClientGates {
+        smtp: Some(SmtpConfig {
+            host: mail.ip().to_string(),
+            port: mail.port(),
+            tls: SmtpTls::None,
+            credentials: None,
+            from: MailFrom {
+                name: Some("Runewarp demo".to_string()),
+                address: EmailAddress::parse("sign-in@example.com")?,
+            },
+            ca_file: None,
+        }),
+        services: vec![ServiceGate {
+            service: 2,
+            base_url: BaseUrl {
+                https: true,
+                host: GATED_HOSTNAME.to_string(),
+                port: Some(public.port()),
+            },
+            allowed: AllowList {
+                emails: Vec::new(),
+                domains: vec![ServerHostname::parse(GATED_DOMAIN)?],
+            },
+            link_ttl: DEFAULT_LINK_TTL,
+            session_ttl: DEFAULT_SESSION_TTL,
+            session_idle: DEFAULT_SESSION_IDLE,
+            cookie_domain: None,
+            state_dir: root.join("gate"),
+        }],
     })
 }
 

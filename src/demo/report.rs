@@ -6,7 +6,8 @@ use std::time::Duration;
 use super::backend::Arrival;
 use super::visitor::{self, CertificateSummary};
 use super::{
-    Holder, Hop, Live, Overview, PASSTHROUGH_HOSTNAME, SERVER_HOSTNAME, TERMINATE_HOSTNAME,
+    GATED_DOMAIN, GATED_HOSTNAME, Holder, Hop, Live, Overview, PASSTHROUGH_HOSTNAME,
+    SERVER_HOSTNAME, TERMINATE_HOSTNAME,
 };
 use crate::config::TlsMode;
 
@@ -240,7 +241,36 @@ pub(crate) fn keep_running(live: &Live, dir: &Path) {
         shell_quote(&live.terminate_trust)
     );
     println!();
+    println!(
+        "  # terminate + Runegate: sign in from your own browser with any address @{GATED_DOMAIN};"
+    );
+    println!("  # the sign-in mail (link and code) is printed here by the demo's mail catcher");
+    println!(
+        "  chromium --host-resolver-rules='MAP {GATED_HOSTNAME} {ip}' --ignore-certificate-errors {}/",
+        super::gated_base_url(live.public)
+    );
+    println!(
+        "  #   (or map {GATED_HOSTNAME} to {ip} in /etc/hosts and trust {})",
+        shell_quote(&live.terminate_trust)
+    );
+    println!();
     println!("Press Ctrl-C (or send SIGTERM) to stop and remove the directory.");
+}
+
+/// The gated hop: without a session the Visitor got the sign-in page, and
+/// its sign-in request produced the mail printed above.
+pub fn gated(hostname: &str, visit: &super::gate::GatedVisit) {
+    println!();
+    println!("  Visitor -> {hostname} (terminate, behind Runegate)");
+    println!("    GET /dashboard     {}", visit.status);
+    println!(
+        "                       the gate's sign-in page: no session, so the Local backend saw nothing"
+    );
+    println!(
+        "    sign-in request    {} (for {}; the mail catcher printed the mail above)",
+        visit.asked,
+        super::gate::VISITOR_EMAIL
+    );
 }
 
 fn shell_quote(path: &Path) -> String {

@@ -270,3 +270,56 @@ pub struct GateConfig {
     pub state_dir: PathBuf,
     pub smtp: SmtpConfig,
 }
+
+/// One `[client.services.gate]`: the gate in front of a terminate Service,
+/// inside the Client instance. The Service's backend is the upstream; the
+/// Visitor's address comes from the PROXY v2 header the Server sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceGate {
+    /// Index of the Service (`client.services[service]`).
+    pub service: usize,
+    /// `base-url`, by default `https://` and the first non-wildcard Public
+    /// hostname.
+    pub base_url: BaseUrl,
+    pub allowed: AllowList,
+    pub link_ttl: Duration,
+    pub session_ttl: Duration,
+    pub session_idle: Duration,
+    pub cookie_domain: Option<ServerHostname>,
+    pub state_dir: PathBuf,
+}
+
+/// The gates of a Client instance and the mail relay they share
+/// (`[client.smtp]`, present exactly when some Service has a gate).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientGates {
+    pub smtp: Option<SmtpConfig>,
+    pub services: Vec<ServiceGate>,
+}
+
+impl ClientGates {
+    /// The gate of Service `index`, as a full [`GateConfig`] for the shared
+    /// implementation (no listener of its own, no trusted proxies).
+    pub fn gate_config(
+        &self,
+        gate: &ServiceGate,
+        upstream: BackendAddress,
+        log_level: LogLevel,
+    ) -> Option<GateConfig> {
+        Some(GateConfig {
+            source: None,
+            log_level,
+            listen_address: SocketAddr::from(([0, 0, 0, 0], 0)),
+            upstream,
+            base_url: gate.base_url.clone(),
+            trusted_proxies: Vec::new(),
+            allowed: gate.allowed.clone(),
+            link_ttl: gate.link_ttl,
+            session_ttl: gate.session_ttl,
+            session_idle: gate.session_idle,
+            cookie_domain: gate.cookie_domain.clone(),
+            state_dir: gate.state_dir.clone(),
+            smtp: self.smtp.clone()?,
+        })
+    }
+}

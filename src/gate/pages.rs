@@ -31,7 +31,7 @@ fn page(title: &str, body: &str) -> String {
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-<meta name=\"referrer\" content=\"no-referrer\">\
+<meta name=\"referrer\" content=\"same-origin\">\
 <title>{t}</title><style>{STYLE}</style></head>\
 <body><main><h1>{t}</h1>{body}</main></body></html>\n",
         t = escape(title)

@@ -74,6 +74,8 @@ struct Limits {
 
 pub struct Gate {
     config: GateConfig,
+    /// Who may sign in: `config.allowed` at start, replaced by a reload.
+    allowed: std::sync::RwLock<super::config::AllowList>,
     store: SessionStore,
     csrf_key: Vec<u8>,
     mailer: Arc<Mailer>,
@@ -98,41 +100,53 @@ impl Started {
 /// Open the store (revoking sessions of addresses no longer allowed), read
 /// the SMTP password, bind the listener.
 pub async fn start(config: GateConfig) -> Result<Started, GateError> {
-    let store = SessionStore::open(&config.state_dir, config.session_ttl, config.session_idle)?;
-    let allowed = config.allowed.clone();
-    let revoked = store.sweep(|email| {
-        super::config::EmailAddress::parse(email)
-            .map(|e| allowed.allows(&e))
-            .unwrap_or(false)
-    })?;
-    if revoked > 0 {
-        tracing::info!(
-            event = "gate_sessions_revoked",
-            count = revoked,
-            reason = "not_allowed"
-        );
-    }
-    let csrf_key = store.csrf_key()?;
-    let mailer = Arc::new(Mailer::new(&config.smtp)?);
-    let listener = TcpListener::bind(config.listen_address)
+    let listen_address = config.listen_address;
+    let (upstream, base_url) = (config.upstream.to_string(), config.base_url.to_string());
+    let gate = Gate::open(config)?;
+    let listener = TcpListener::bind(listen_address)
         .await
         .map_err(|source| GateError::Bind {
-            addr: config.listen_address,
+            addr: listen_address,
             source,
         })?;
-    let session_cookie = match config.cookie_domain {
-        Some(_) => "__Secure-runegate",
-        None => "__Host-runegate",
-    }
-    .to_string();
     tracing::info!(
         event = "gate_listening",
-        address = %config.listen_address,
-        upstream = %config.upstream,
-        base_url = %config.base_url,
+        address = %listen_address,
+        upstream,
+        base_url,
     );
-    Ok(Started {
-        gate: Arc::new(Gate {
+    Ok(Started { gate, listener })
+}
+
+impl Gate {
+    /// The gate without a listener: open the store (revoking sessions of
+    /// addresses no longer allowed) and read the SMTP password. Connections
+    /// come through [`Gate::serve_connection`] (a Client's terminate
+    /// Service) or [`run`] (standalone).
+    pub fn open(config: GateConfig) -> Result<Arc<Gate>, GateError> {
+        let store = SessionStore::open(&config.state_dir, config.session_ttl, config.session_idle)?;
+        let allowed = config.allowed.clone();
+        let revoked = store.sweep(|email| {
+            super::config::EmailAddress::parse(email)
+                .map(|e| allowed.allows(&e))
+                .unwrap_or(false)
+        })?;
+        if revoked > 0 {
+            tracing::info!(
+                event = "gate_sessions_revoked",
+                count = revoked,
+                reason = "not_allowed"
+            );
+        }
+        let csrf_key = store.csrf_key()?;
+        let mailer = Arc::new(Mailer::new(&config.smtp)?);
+        let session_cookie = match config.cookie_domain {
+            Some(_) => "__Secure-runegate",
+            None => "__Host-runegate",
+        }
+        .to_string();
+        Ok(Arc::new(Gate {
+            allowed: std::sync::RwLock::new(config.allowed.clone()),
             config,
             store,
             csrf_key,
@@ -144,15 +158,75 @@ pub async fn start(config: GateConfig) -> Result<Started, GateError> {
                 code_ip: RateLimiter::new(20, Duration::from_secs(10)),
             },
             session_cookie,
-        }),
-        listener,
-    })
+        }))
+    }
+
+    /// Serve HTTP/1.1 on one connection whose Visitor is `peer` until it
+    /// closes. Upgrades (WebSockets) are spliced once the app agrees.
+    pub async fn serve_connection<I>(self: Arc<Self>, io: I, peer: SocketAddr)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = hyper::service::service_fn(move |req| {
+            let gate = self.clone();
+            async move { Ok::<_, Infallible>(gate.handle(req, peer).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+            .await;
+    }
+
+    /// The configuration it started with.
+    pub fn config(&self) -> &GateConfig {
+        &self.config
+    }
+
+    /// The allow-list in force.
+    pub fn allowed(&self) -> super::config::AllowList {
+        self.allowed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replace the allow-list (a reload): sessions and pending sign-ins of
+    /// addresses no longer allowed end now. Returns the sessions revoked.
+    pub fn set_allowed(
+        &self,
+        allowed: super::config::AllowList,
+    ) -> Result<usize, super::sessions::StoreError> {
+        *self.allowed.write().unwrap_or_else(|p| p.into_inner()) = allowed.clone();
+        self.lock_pending().retain(|_, p| {
+            super::config::EmailAddress::parse(&p.email)
+                .map(|e| allowed.allows(&e))
+                .unwrap_or(false)
+        });
+        let revoked = sweep(&self.store, &allowed)?;
+        if revoked > 0 {
+            tracing::info!(
+                event = "gate_sessions_revoked",
+                count = revoked,
+                reason = "not_allowed"
+            );
+        }
+        Ok(revoked)
+    }
+
+    /// Delete ended sessions every [`SWEEP_EVERY`] while the gate lives.
+    pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(sweep_every(Arc::downgrade(self), SWEEP_EVERY))
+    }
 }
 
 /// Accept connections until shutdown.
 pub async fn run(started: Started, mut shutdown: Shutdown) {
     let Started { gate, listener } = started;
-    let sweeper = tokio::spawn(sweep_every(gate.clone(), SWEEP_EVERY));
+    let sweeper = gate.spawn_sweeper();
+    let reloader = tokio::spawn(reload_on_sighup(gate.clone()));
+    crate::notify::notify(crate::notify::READY);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         // At the cap, stop accepting: new connections wait in the kernel's
@@ -179,34 +253,76 @@ pub async fn run(started: Started, mut shutdown: Shutdown) {
         let gate = gate.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let service = hyper::service::service_fn(move |req| {
-                let gate = gate.clone();
-                async move { Ok::<_, Infallible>(gate.handle(req, peer).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
+            gate.serve_connection(stream, peer).await;
         });
     }
+    crate::notify::notify(crate::notify::STOPPING);
     sweeper.abort();
+    reloader.abort();
     tracing::info!(event = "gate_stopped");
 }
 
 /// Delete ended sessions now and then (lookups already refuse them; this
 /// keeps the file small).
-async fn sweep_every(gate: Arc<Gate>, period: Duration) {
+/// SIGHUP: read the config file again and apply the new allow-lists
+/// (sessions of removed addresses end at once). Other changed keys are named
+/// in a warning and keep their values until a restart; an invalid file
+/// changes nothing.
+async fn reload_on_sighup(gate: Arc<Gate>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!(
+            event = "reload_unavailable",
+            reason = "cannot install the SIGHUP handler"
+        );
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let Some(path) = gate.config.source.clone() else {
+            continue;
+        };
+        let env = crate::config::Environment::from_process();
+        let new = match crate::config::load_gate(Some(&path), &env) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(event = "reload_failed", error = %e, hint = "nothing was changed; fix it and send SIGHUP again");
+                continue;
+            }
+        };
+        let unchanged = GateConfig {
+            allowed: gate.config.allowed.clone(),
+            ..new.clone()
+        };
+        if unchanged != gate.config {
+            tracing::warn!(
+                event = "reload_restart_needed",
+                hint = "only allowed-emails and allowed-domains apply on reload; the other changed keys keep their running values until a restart"
+            );
+        }
+        match gate.set_allowed(new.allowed) {
+            Ok(revoked) => tracing::info!(event = "gate_reloaded", revoked),
+            Err(e) => tracing::error!(event = "gate_store_failed", error = %e),
+        }
+    }
+}
+
+/// Delete ended sessions and those of addresses `allowed` does not list.
+fn sweep(
+    store: &SessionStore,
+    allowed: &super::config::AllowList,
+) -> Result<usize, super::sessions::StoreError> {
+    store.sweep(|email| {
+        super::config::EmailAddress::parse(email)
+            .map(|e| allowed.allows(&e))
+            .unwrap_or(false)
+    })
+}
+
+async fn sweep_every(gate: std::sync::Weak<Gate>, period: Duration) {
     loop {
         tokio::time::sleep(period).await;
-        let allowed = gate.config.allowed.clone();
-        let result = gate.store.sweep(|email| {
-            super::config::EmailAddress::parse(email)
-                .map(|e| allowed.allows(&e))
-                .unwrap_or(false)
-        });
-        if let Err(e) = result {
+        let Some(gate) = gate.upgrade() else { return };
+        if let Err(e) = sweep(&gate.store, &gate.allowed()) {
             tracing::error!(event = "gate_store_failed", error = %e);
         }
     }
@@ -237,7 +353,7 @@ fn html(status: StatusCode, body: String) -> Response<Body> {
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     r
@@ -491,7 +607,7 @@ impl Gate {
             return self.too_many();
         }
         let browser_digest = tokens::digest(browser);
-        if self.config.allowed.allows(&email) {
+        if self.allowed().allows(&email) {
             let token = tokens::new_secret();
             let code = tokens::new_code();
             let pending = Pending {

@@ -391,6 +391,7 @@ impl TestClient {
             metrics_bind_address: None,
             control_socket: None,
             services: s.services,
+            gates: Default::default(),
             stream_timeouts: StreamTimeouts::default(),
             congestion_control: Default::default(),
         };
