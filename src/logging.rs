@@ -163,6 +163,11 @@ pub(crate) mod budget {
     /// Client `stream_rejected reason="no_service"` (any Visitor can send
     /// an SNI the Server routes but no Service takes).
     pub(crate) static NO_SERVICE: LogBudget = LogBudget::standard();
+    /// Control API `register_refused` and `register_rate_limited` (anyone
+    /// can offer a setup key).
+    pub(crate) static REGISTER_REFUSED: LogBudget = LogBudget::standard();
+    /// Control API `map_refused` (anyone can offer a bearer token).
+    pub(crate) static MAP_REFUSED: LogBudget = LogBudget::standard();
 }
 
 #[cfg(test)]

@@ -28,6 +28,9 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 const MAX_BODY: usize = 4096;
 /// Registrations per source address per [`RATE_WINDOW`].
 const REGISTER_RATE: u32 = 20;
+/// Refused map requests (unknown or revoked tokens) per source address per
+/// [`RATE_WINDOW`]; beyond it, 429 without a look-up.
+const MAP_REFUSAL_RATE: u32 = 60;
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// A map stream with no change sends an empty line this often, so dead
 /// connections are noticed by both ends.
@@ -39,6 +42,8 @@ pub(super) struct Api {
     pub serial: tokio::sync::watch::Receiver<u64>,
     pub shutdown: Shutdown,
     registrations: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// Refused map requests per source address.
+    map_refusals: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     /// Each organisation as of the latest change (and the change serial it
     /// was last checked at), shared by its streams.
     snapshots: Mutex<HashMap<i64, (u64, Arc<OrgSnapshot>)>>,
@@ -73,6 +78,7 @@ impl Api {
             serial,
             shutdown,
             registrations: Mutex::new(HashMap::new()),
+            map_refusals: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
         }
     }
@@ -108,19 +114,29 @@ impl Api {
 
     /// Count a registration attempt from `ip`; false when over the rate.
     fn admit(&self, ip: IpAddr) -> bool {
-        let mut map = crate::sync::lock(&self.registrations);
-        let now = Instant::now();
-        if map.len() > 10_000 {
-            map.retain(|_, (at, _)| now.duration_since(*at) < RATE_WINDOW);
-        }
-        let entry = map.entry(ip).or_insert((now, 0));
-        if now.duration_since(entry.0) >= RATE_WINDOW {
-            *entry = (now, 0);
-        }
-        entry.1 += 1;
-        entry.1 <= REGISTER_RATE
+        count(&self.registrations, ip, false) <= REGISTER_RATE
     }
+}
 
+/// The attempts counted for `ip` in the current [`RATE_WINDOW`], after
+/// adding one unless `peek`.
+fn count(table: &Mutex<HashMap<IpAddr, (Instant, u32)>>, ip: IpAddr, peek: bool) -> u32 {
+    let mut map = crate::sync::lock(table);
+    let now = Instant::now();
+    if map.len() > 10_000 {
+        map.retain(|_, (at, _)| now.duration_since(*at) < RATE_WINDOW);
+    }
+    let entry = map.entry(ip).or_insert((now, 0));
+    if now.duration_since(entry.0) >= RATE_WINDOW {
+        *entry = (now, 0);
+    }
+    if !peek {
+        entry.1 += 1;
+    }
+    entry.1
+}
+
+impl Api {
     pub async fn handle(
         self: Arc<Self>,
         peer: SocketAddr,
@@ -138,7 +154,9 @@ impl Api {
 
     async fn register(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
         if !self.admit(peer.ip().to_canonical()) {
-            tracing::warn!(event = "register_rate_limited", peer = %peer);
+            if let Some(suppressed) = crate::logging::budget::REGISTER_REFUSED.allow() {
+                tracing::warn!(event = "register_rate_limited", peer = %peer, suppressed);
+            }
             return error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many registrations; wait a minute",
@@ -182,11 +200,15 @@ impl Api {
                 )
             }
             Ok(Err(e @ RegisterError::BadSetupKey)) => {
-                tracing::info!(event = "register_refused", reason = "bad_setup_key", peer = %peer);
+                if let Some(suppressed) = crate::logging::budget::REGISTER_REFUSED.allow() {
+                    tracing::info!(event = "register_refused", reason = "bad_setup_key", peer = %peer, suppressed);
+                }
                 error(StatusCode::UNAUTHORIZED, &e.to_string())
             }
             Ok(Err(e @ RegisterError::KeyTaken)) => {
-                tracing::info!(event = "register_refused", reason = "key_taken", peer = %peer);
+                if let Some(suppressed) = crate::logging::budget::REGISTER_REFUSED.allow() {
+                    tracing::info!(event = "register_refused", reason = "key_taken", peer = %peer, suppressed);
+                }
                 error(StatusCode::CONFLICT, &e.to_string())
             }
             Err(e) => {
@@ -203,12 +225,27 @@ impl Api {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
+        let ip = peer.ip().to_canonical();
+        if count(&self.map_refusals, ip, true) >= MAP_REFUSAL_RATE {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many refused requests; wait a minute",
+            );
+        }
+        let refused = |why: &'static str| {
+            count(&self.map_refusals, ip, false);
+            if let Some(suppressed) = crate::logging::budget::MAP_REFUSED.allow() {
+                tracing::info!(event = "map_refused", reason = why, peer = %peer, suppressed);
+            }
+            error(StatusCode::UNAUTHORIZED, "unknown or revoked device")
+        };
         let Some(token) = token else {
-            return error(StatusCode::UNAUTHORIZED, "missing bearer token");
+            return refused("missing_token");
         };
         let device = match self.store().device_by_token(token) {
             Ok(Some(d)) if !d.revoked => d,
-            Ok(_) => return error(StatusCode::UNAUTHORIZED, "unknown or revoked device"),
+            Ok(Some(_)) => return refused("revoked"),
+            Ok(None) => return refused("unknown_token"),
             Err(e) => {
                 tracing::error!(event = "store_failed", error = %e);
                 return error(StatusCode::INTERNAL_SERVER_ERROR, "storage error");
@@ -336,4 +373,22 @@ async fn stream_maps(
         }
     }
     tracing::info!(event = "map_stream_closed", device, reason = "ended");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_are_counted_per_address_and_peeking_counts_nothing() {
+        let table = Mutex::new(HashMap::new());
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for n in 1..=3 {
+            assert_eq!(count(&table, a, false), n);
+        }
+        assert_eq!(count(&table, a, true), 3);
+        assert_eq!(count(&table, b, true), 0);
+        assert_eq!(count(&table, b, false), 1);
+    }
 }
