@@ -15,6 +15,8 @@ from scenarios.rig import Rig
 
 from .net import ADDR, CONFIGS, IDENTITY, REPO, Failure, log, run
 
+SCENARIOS = os.path.join(REPO, "vm-tests", "scenarios")
+
 # --- test material (as vm-tests/pki.nix) ----------------------------------
 
 def make_pki(d):
@@ -333,6 +335,10 @@ class NetnsRig(Rig):
         self.backend, self.visitor, self.acme = w.backend, w.visitor, w.acme
         self.cacert = f"{w.pki}/ca.crt"
         self.running_server = None
+        # The gate scenario's files (vm-tests/scenarios/gate.py).
+        self.gate_config = os.path.join(w.work, "gate", "gate.toml")
+        self.gate_state_dir = os.path.join(w.work, "gate", "state")
+        self.smtp_password = os.path.join(w.work, "gate", "smtp-password")
 
     def subtest(self, name):
         return subtest(name)
@@ -358,6 +364,28 @@ class NetnsRig(Rig):
 
     def pebble_root_file(self, host):
         return self.w.pebble_root(host)
+
+    def start_smtp_sink(self, host):
+        """vm-tests/scenarios/smtp_sink.py in `host`, and the password file
+        the gate roles read (as gate.nix's /etc/runewarp-test/smtp-password)."""
+        os.makedirs(os.path.dirname(self.smtp_password), exist_ok=True)
+        with open(self.smtp_password, "w") as f:
+            f.write("sink-secret\n")
+        mails = os.path.join(self.w.fresh_dir("smtp-sink"), "mail")
+        sink = host.spawn("smtp-sink", ["python3", os.path.join(SCENARIOS, "smtp_sink.py"), mails])
+        sink.wait_for_log("smtp sink ready", timeout=10)
+        return mails
+
+    def smtp_password_file(self, role):
+        return self.smtp_password
+
+    def start_gate(self, host):
+        """`runewarp gate -c gate_config` in `host`; reload() sends SIGHUP."""
+        gate = host.spawn("gate", [self.w.bin, "gate", "-c", self.gate_config],
+                          env={"HOME": os.path.dirname(self.gate_config)})
+        gate.state = self.gate_state_dir
+        gate.wait_for_log("gate_listening", timeout=20)
+        return gate
 
     def start_download(self, name):
         return start_download(self.w, name)
