@@ -47,8 +47,9 @@ common.test {
         enable = true;
         smtpPasswordFile = "/etc/runewarp-test/smtp-password";
         configFile = "/etc/runewarp-test/gate.toml";
-        # The scenario writes its own gate.toml to configFile (t.gate_config)
-        # and edits it to reload.
+        # The unit runs with configFile, which the scenario writes
+        # (t.gate_config) and edits to reload; `settings` (the same
+        # values) is what the module's assertions see.
         settings.gate = {
           upstream = "http://backend:8080";
           base-url = "http://localhost:7870";

@@ -381,8 +381,10 @@ class NetnsRig(Rig):
 
     def start_gate(self, host):
         """`runewarp gate -c gate_config` in `host`; reload() sends SIGHUP."""
-        gate = host.spawn("gate", [self.w.bin, "gate", "-c", self.gate_config],
-                          env={"HOME": os.path.dirname(self.gate_config)})
+        env = {"HOME": os.path.dirname(self.gate_config)}
+        if os.environ.get("RUNEWARP_NETNS_LOG"):
+            env["RUNEWARP_LOG"] = os.environ["RUNEWARP_NETNS_LOG"]
+        gate = host.spawn("gate", [self.w.bin, "gate", "-c", self.gate_config], env=env)
         gate.state = self.gate_state_dir
         gate.wait_for_log("gate_listening", timeout=20)
         return gate
