@@ -269,6 +269,15 @@ class World:
         if "acme" in c:
             c["acme"]["state-dir"] = os.path.join(d, "acme")
             c["acme"]["directory-ca-file"] = f"{self.pki}/ca.crt"
+        else:
+            # What the NixOS module's ExecStartPre does for terminate
+            # Services without ACME: a Public hostname CA and leaves.
+            names = [n for svc in c.get("services", []) if svc.get("tls-mode") == "terminate"
+                     for n in svc.get("public-hostnames", [])]
+            if names:
+                c["public-cert-dir"] = os.path.join(d, "public-certs")
+                run([self.bin, "client", "public-cert", "init", "--dir", c["public-cert-dir"]]
+                    + [a for n in names for a in ("--hostname", n)])
         cl = self.runewarp(host, "client", "client", cfg, d)
         cl.dir = cl.state = d
         cl.pin = pin
