@@ -13,10 +13,24 @@
 # `start_server` / `start_client` return offers wait_for_log(needle,
 # timeout), log_text(), assert_running(), stop_cleanly(bound) -> seconds,
 # `host` (where it runs), `state` (its state directory there) and, for a
-# Client, `pin`.
+# Client, `pin`; start_gate's also reload() (re-read its config file).
+#
+# The gate scenario (gate.py) adds: start_smtp_sink(host) (the mail sink,
+# smtp_sink.py, on 127.0.0.1:2525 of `host`; returns the directory it
+# stores mails in), smtp_password_file(role) (where the "client" or "gate"
+# role reads the sink's password), gate_config and gate_state_dir (the
+# standalone gate's config file and state directory on the client host),
+# and start_gate(host) (the standalone gate from gate_config).
 #
 # Standard library only; no imports, so that the VM driver can take the
 # file as it is.
+
+
+def write_file(machine, path, text):
+    """Write `text` to `path` on `machine` (creating its directory)."""
+    machine.succeed(
+        f"install -d -m 0755 $(dirname {path}) && cat > {path} <<'RUNEWARP_EOF'\n{text}RUNEWARP_EOF"
+    )
 
 
 class Rig:
@@ -27,6 +41,12 @@ class Rig:
     acme_timeout = 120
     # The CA of the test PKI (vm-tests/pki.nix), trusted by Visitors.
     cacert = ""
+    # The standalone gate's config file and state directory (gate.py).
+    gate_config = ""
+    gate_state_dir = ""
+
+    def write_file(self, host, path, text):
+        write_file(host, path, text)
 
     def curl(self, url, cacert=None):
         """A Visitor's curl command for `url` (plus any shell that follows),

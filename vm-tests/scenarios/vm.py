@@ -3,16 +3,10 @@
 # configs and overrides are the nodes' (declared in Nix), so start_server's
 # `config` and start_client's `config` and `override` only matter to the
 # namespace driver. vm-tests/common.nix splices rig.py, this file and the
-# scenario into each VM test's testScript.
+# scenario into each VM test's testScript (write_file comes from rig.py).
 import time
 
 SERVER_CA = "/var/lib/runewarp-server/certs/server-ca.crt"
-
-
-def write_file(machine, path, text):
-    machine.succeed(
-        f"install -d -m 0755 $(dirname {path}) && cat > {path} <<'RUNEWARP_EOF'\n{text}RUNEWARP_EOF"
-    )
 
 
 class Unit:
@@ -45,11 +39,18 @@ class Unit:
         assert show("ExecMainStatus") == "0", f"{self.unit}: exit status {show('ExecMainStatus')}"
         return elapsed
 
+    def reload(self):
+        self.host.succeed(f"systemctl reload {self.unit}.service")
+
 
 class VmRig(Rig):
     systemd = True
     acme_timeout = 240
     cacert = "/etc/runewarp-test/ca.crt"
+    # vm-tests/gate.nix: services.runewarp.gate.configFile; the unit's
+    # StateDirectory.
+    gate_config = "/etc/runewarp-test/gate.toml"
+    gate_state_dir = "/var/lib/runewarp-gate"
 
     def __init__(self, subtest, curl_bin, server, client, backend, visitor, client2=None, acme=None):
         self.subtest = subtest
@@ -97,6 +98,21 @@ class VmRig(Rig):
             f"runewarp client identity show --dir {unit.state}/identity"
         ).strip()
         return unit
+
+    def start_smtp_sink(self, host):
+        """The smtp-sink unit of vm-tests/gate.nix (started at boot)."""
+        host.wait_for_unit("smtp-sink.service")
+        host.wait_for_open_port(2525)
+        return "/var/lib/smtp-sink"
+
+    def smtp_password_file(self, role):
+        """The SMTP password as LoadCredential hands it to the unit."""
+        unit = {"client": "runewarp-client-test", "gate": "runewarp-gate"}[role]
+        return f"/run/credentials/{unit}.service/smtp-password"
+
+    def start_gate(self, host):
+        host.succeed("systemctl start runewarp-gate.service")
+        return Unit(host, "runewarp-gate")
 
     def pebble_root_file(self, host):
         """Pebble's current root, fetched by and stored on `host`."""

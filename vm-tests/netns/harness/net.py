@@ -130,6 +130,10 @@ class Proc:
     def log_text(self):
         return self.text()
 
+    def reload(self):
+        """SIGHUP: re-read the config file (systemctl reload's ExecReload)."""
+        self.send_signal(signal.SIGHUP)
+
     def assert_running(self):
         assert self.running(), f"{self.host.name}/{self.name} is not running:\n{tail(self.text())}"
 

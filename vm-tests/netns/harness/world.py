@@ -15,6 +15,8 @@ from scenarios.rig import Rig
 
 from .net import ADDR, CONFIGS, IDENTITY, REPO, Failure, log, run
 
+SCENARIOS = os.path.join(REPO, "vm-tests", "scenarios")
+
 # --- test material (as vm-tests/pki.nix) ----------------------------------
 
 def make_pki(d):
@@ -267,6 +269,15 @@ class World:
         if "acme" in c:
             c["acme"]["state-dir"] = os.path.join(d, "acme")
             c["acme"]["directory-ca-file"] = f"{self.pki}/ca.crt"
+        else:
+            # What the NixOS module's ExecStartPre does for terminate
+            # Services without ACME: a Public hostname CA and leaves.
+            names = [n for svc in c.get("services", []) if svc.get("tls-mode") == "terminate"
+                     for n in svc.get("public-hostnames", [])]
+            if names:
+                c["public-cert-dir"] = os.path.join(d, "public-certs")
+                run([self.bin, "client", "public-cert", "init", "--dir", c["public-cert-dir"]]
+                    + [a for n in names for a in ("--hostname", n)])
         cl = self.runewarp(host, "client", "client", cfg, d)
         cl.dir = cl.state = d
         cl.pin = pin
@@ -333,6 +344,10 @@ class NetnsRig(Rig):
         self.backend, self.visitor, self.acme = w.backend, w.visitor, w.acme
         self.cacert = f"{w.pki}/ca.crt"
         self.running_server = None
+        # The gate scenario's files (vm-tests/scenarios/gate.py).
+        self.gate_config = os.path.join(w.work, "gate", "gate.toml")
+        self.gate_state_dir = os.path.join(w.work, "gate", "state")
+        self.smtp_password = os.path.join(w.work, "gate", "smtp-password")
 
     def subtest(self, name):
         return subtest(name)
@@ -358,6 +373,30 @@ class NetnsRig(Rig):
 
     def pebble_root_file(self, host):
         return self.w.pebble_root(host)
+
+    def start_smtp_sink(self, host):
+        """vm-tests/scenarios/smtp_sink.py in `host`, and the password file
+        the gate roles read (as gate.nix's /etc/runewarp-test/smtp-password)."""
+        os.makedirs(os.path.dirname(self.smtp_password), exist_ok=True)
+        with open(self.smtp_password, "w") as f:
+            f.write("sink-secret\n")
+        mails = os.path.join(self.w.fresh_dir("smtp-sink"), "mail")
+        sink = host.spawn("smtp-sink", ["python3", os.path.join(SCENARIOS, "smtp_sink.py"), mails])
+        sink.wait_for_log("smtp sink ready", timeout=10)
+        return mails
+
+    def smtp_password_file(self, role):
+        return self.smtp_password
+
+    def start_gate(self, host):
+        """`runewarp gate -c gate_config` in `host`; reload() sends SIGHUP."""
+        env = {"HOME": os.path.dirname(self.gate_config)}
+        if os.environ.get("RUNEWARP_NETNS_LOG"):
+            env["RUNEWARP_LOG"] = os.environ["RUNEWARP_NETNS_LOG"]
+        gate = host.spawn("gate", [self.w.bin, "gate", "-c", self.gate_config], env=env)
+        gate.state = self.gate_state_dir
+        gate.wait_for_log("gate_listening", timeout=20)
+        return gate
 
     def start_download(self, name):
         return start_download(self.w, name)
