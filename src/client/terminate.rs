@@ -86,13 +86,13 @@ impl SwappableCerts {
 
     /// The table in use now.
     pub fn current(&self) -> Arc<CertificateTable> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::sync::read(&self.0).clone()
     }
 
     /// Swap in a newly loaded table (reload); handshakes in progress keep
     /// the old one.
     pub fn replace(&self, table: CertificateTable) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        *crate::sync::write(&self.0) = Arc::new(table);
     }
 
     /// Whether a certificate for `hostname` is loaded.
@@ -273,7 +273,7 @@ impl Gates {
         if let Some(gate) = self.running.get(&key) {
             return GateFor::Gate(gate.clone());
         }
-        let required = self.required.read().unwrap_or_else(|p| p.into_inner());
+        let required = crate::sync::read(&self.required);
         if required.contains(&key) {
             GateFor::Unavailable
         } else {
@@ -315,7 +315,7 @@ impl Gates {
                 hint = "a new gate starts with the next restart; until then its Service refuses Visitors"
             );
         }
-        *self.required.write().unwrap_or_else(|p| p.into_inner()) = new;
+        *crate::sync::write(&self.required) = new;
     }
 }
 

@@ -28,10 +28,7 @@ impl RateLimiter {
     /// Spend one token for `key` at `now`; false when the key is over its
     /// limit.
     pub fn allow_at(&self, key: &str, now: Instant) -> bool {
-        let mut buckets = match self.buckets.lock() {
-            Ok(b) => b,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut buckets = crate::sync::lock(&self.buckets);
         if buckets.len() >= MAX_KEYS && !buckets.contains_key(key) {
             let (burst, refill) = (self.burst, self.refill);
             buckets.retain(|_, (tokens, at)| {

@@ -262,47 +262,39 @@ pub async fn run(started: Started, mut shutdown: Shutdown) {
     tracing::info!(event = "gate_stopped");
 }
 
-/// Delete ended sessions now and then (lookups already refuse them; this
-/// keeps the file small).
 /// SIGHUP: read the config file again and apply the new allow-lists
 /// (sessions of removed addresses end at once). Other changed keys are named
 /// in a warning and keep their values until a restart; an invalid file
 /// changes nothing.
 async fn reload_on_sighup(gate: Arc<Gate>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!(
-            event = "reload_unavailable",
-            reason = "cannot install the SIGHUP handler"
-        );
+    crate::shutdown::on_each_sighup(|| reload(&gate)).await;
+}
+
+fn reload(gate: &Gate) {
+    let Some(path) = gate.config.source.clone() else {
         return;
     };
-    while hup.recv().await.is_some() {
-        let Some(path) = gate.config.source.clone() else {
-            continue;
-        };
-        let env = crate::config::Environment::from_process();
-        let new = match crate::config::load_gate(Some(&path), &env) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(event = "reload_failed", error = %e, hint = "nothing was changed; fix it and send SIGHUP again");
-                continue;
-            }
-        };
-        let unchanged = GateConfig {
-            allowed: gate.config.allowed.clone(),
-            ..new.clone()
-        };
-        if unchanged != gate.config {
-            tracing::warn!(
-                event = "reload_restart_needed",
-                hint = "only allowed-emails and allowed-domains apply on reload; the other changed keys keep their running values until a restart"
-            );
+    let env = crate::config::Environment::from_process();
+    let new = match crate::config::load_gate(Some(&path), &env) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(event = "reload_failed", error = %e, hint = "nothing was changed; fix it and send SIGHUP again");
+            return;
         }
-        match gate.set_allowed(new.allowed) {
-            Ok(revoked) => tracing::info!(event = "gate_reloaded", revoked),
-            Err(e) => tracing::error!(event = "gate_store_failed", error = %e),
-        }
+    };
+    let unchanged = GateConfig {
+        allowed: gate.config.allowed.clone(),
+        ..new.clone()
+    };
+    if unchanged != gate.config {
+        tracing::warn!(
+            event = "reload_restart_needed",
+            hint = "only allowed-emails and allowed-domains apply on reload; the other changed keys keep their running values until a restart"
+        );
+    }
+    match gate.set_allowed(new.allowed) {
+        Ok(revoked) => tracing::info!(event = "gate_reloaded", revoked),
+        Err(e) => tracing::error!(event = "gate_store_failed", error = %e),
     }
 }
 
@@ -642,10 +634,7 @@ impl Gate {
     }
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
-        match self.pending.lock() {
-            Ok(p) => p,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::sync::lock(&self.pending)
     }
 
     fn insert_pending(&self, browser_digest: String, p: Pending) {
