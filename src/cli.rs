@@ -371,6 +371,18 @@ pub enum NodeCommand {
         #[command(flatten)]
         state: NodeStateArgs,
     },
+    /// Send a short message to a peer through the control server, sealed
+    /// for that peer alone (the channel the data plane uses to exchange
+    /// connection candidates).
+    Signal {
+        /// The peer's hostname, as `node status` lists it.
+        #[arg(long, value_name = "HOSTNAME")]
+        to: String,
+        /// The message (at most 2,032 bytes).
+        message: String,
+        #[command(flatten)]
+        state: NodeStateArgs,
+    },
     /// Forget the enrolment (the WireGuard key stays).
     Logout {
         #[command(flatten)]

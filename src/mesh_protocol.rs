@@ -30,6 +30,129 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// `POST /v1/signal`: a message for one peer, sealed on the sending
+/// device for the receiving one (see [`seal`]); the server forwards it
+/// without being able to read it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignalRequest {
+    /// The receiving device's id (from the network map).
+    pub to: i64,
+    /// 12 random bytes, base64.
+    pub nonce: String,
+    /// ChaCha20-Poly1305 ciphertext and tag, base64.
+    #[serde(rename = "box")]
+    pub sealed: String,
+}
+
+/// A map-stream line that carries a signal message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignalLine {
+    /// The message.
+    pub signal: SignalEnvelope,
+}
+
+/// A signal message as delivered: who sent it, and the sealed bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignalEnvelope {
+    /// The sending device's id.
+    pub from: i64,
+    /// The sending device's WireGuard public key (base64), as the control
+    /// server knows it.
+    pub from_key: String,
+    /// As sent.
+    pub nonce: String,
+    /// As sent.
+    #[serde(rename = "box")]
+    pub sealed: String,
+}
+
+/// Largest sealed signal message accepted (bytes before base64).
+pub const MAX_SIGNAL: usize = 2048;
+
+/// The key two devices share for signal messages: X25519 between their
+/// WireGuard keys, then HKDF-SHA256 bound to both public keys (in sorted
+/// order, so both ends derive the same key).
+fn signal_key(
+    secret: &x25519_dalek::StaticSecret,
+    mine: &[u8; 32],
+    theirs: &[u8; 32],
+) -> ring::aead::LessSafeKey {
+    let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*theirs));
+    let (a, b) = if mine <= theirs {
+        (mine, theirs)
+    } else {
+        (theirs, mine)
+    };
+    let info = [a.as_slice(), b.as_slice()];
+    let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"runewarp signal v1");
+    let prk = salt.extract(shared.as_bytes());
+    // Expanding 32 bytes from HKDF-SHA256 cannot fail (the limit is 8 KiB).
+    let key = prk
+        .expand(&info, &ring::aead::CHACHA20_POLY1305)
+        .map(ring::aead::UnboundKey::from)
+        .unwrap_or_else(|_| unreachable!("HKDF output of 32 bytes"));
+    ring::aead::LessSafeKey::new(key)
+}
+
+/// Seal `message` from the device with `secret` for the device with public
+/// key `theirs`: (nonce, sealed), both base64.
+pub fn seal(
+    secret: &x25519_dalek::StaticSecret,
+    theirs: &[u8; 32],
+    message: &[u8],
+) -> (String, String) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mine = x25519_dalek::PublicKey::from(secret).to_bytes();
+    let key = signal_key(secret, &mine, theirs);
+    let nonce: [u8; 12] = rand::random();
+    let mut data = message.to_vec();
+    let aad = [mine.as_slice(), theirs.as_slice()].concat();
+    // Sealing only fails for messages over ChaCha20-Poly1305's 256 GiB.
+    let _ = key.seal_in_place_append_tag(
+        ring::aead::Nonce::assume_unique_for_key(nonce),
+        ring::aead::Aad::from(aad),
+        &mut data,
+    );
+    (b64.encode(nonce), b64.encode(data))
+}
+
+/// Open a message sealed by the device with public key `theirs` for the
+/// device with `secret`; None if it was not sealed for this pair or was
+/// altered.
+pub fn open(
+    secret: &x25519_dalek::StaticSecret,
+    theirs: &[u8; 32],
+    nonce: &str,
+    sealed: &str,
+) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let nonce: [u8; 12] = b64.decode(nonce).ok()?.try_into().ok()?;
+    let mut data = b64.decode(sealed).ok()?;
+    let mine = x25519_dalek::PublicKey::from(secret).to_bytes();
+    let key = signal_key(secret, &mine, theirs);
+    let aad = [theirs.as_slice(), mine.as_slice()].concat();
+    let plain = key
+        .open_in_place(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::from(aad),
+            &mut data,
+        )
+        .ok()?;
+    Some(plain.to_vec())
+}
+
+/// A base64 X25519 public key as bytes.
+pub fn public_key_bytes(key: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .ok()?
+        .try_into()
+        .ok()
+}
+
 /// A base64 X25519 public key: 32 bytes.
 pub fn valid_public_key(key: &str) -> bool {
     use base64::Engine;
@@ -96,6 +219,32 @@ pub struct FilterRule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_addressed_peer_opens_a_signal_message() {
+        let a = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
+        let b = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
+        let c = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
+        let (pa, pb) = (
+            x25519_dalek::PublicKey::from(&a).to_bytes(),
+            x25519_dalek::PublicKey::from(&b).to_bytes(),
+        );
+        let (nonce, sealed) = seal(&a, &pb, b"candidate 192.0.2.1:51820");
+        assert_eq!(
+            open(&b, &pa, &nonce, &sealed).as_deref(),
+            Some(&b"candidate 192.0.2.1:51820"[..])
+        );
+        assert_eq!(open(&c, &pa, &nonce, &sealed), None, "a third device");
+        // Claimed to come from someone else: the key and the AAD differ.
+        let pc = x25519_dalek::PublicKey::from(&c).to_bytes();
+        assert_eq!(open(&b, &pc, &nonce, &sealed), None);
+        let mut bad = sealed.clone().into_bytes();
+        bad[0] = if bad[0] == b'A' { b'B' } else { b'A' };
+        assert_eq!(
+            open(&b, &pa, &nonce, std::str::from_utf8(&bad).unwrap()),
+            None
+        );
+    }
 
     #[test]
     fn public_keys_and_hostnames_are_checked() {

@@ -408,6 +408,9 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
     match cmd {
         NodeCommand::Status { state } => printed(node::status(&state.state_dir)),
         NodeCommand::Logout { state } => printed(node::logout(&state.state_dir)),
+        NodeCommand::Signal { to, message, state } => runtime(None, async move {
+            printed(node::send_signal(&state.state_dir, &to, &message).await)
+        }),
         NodeCommand::Up {
             control,
             setup_key,

@@ -152,6 +152,43 @@ fn devices_enrol_into_their_organisation_and_changes_reach_them_at_once() {
         "globex never learns of acme: {text}"
     );
 
+    // Signal: a1 sends a2 a message sealed for a2; the server forwards
+    // what it cannot read.
+    const SECRET: &str = "candidate 192.0.2.7:51820 srflx";
+    let out = home
+        .cmd()
+        .args(["node", "signal", "--state-dir", "a1", "--to", "a2", SECRET])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inbox = home.path().join("a2/signals.jsonl");
+    wait_for("a2 receives the signal", Duration::from_secs(5), || {
+        std::fs::read_to_string(&inbox).is_ok_and(|t| t.contains(SECRET))
+    });
+    for f in [
+        "control-state/control.db",
+        "control-state/control.db-wal",
+        "control.log",
+    ] {
+        let bytes = std::fs::read(home.path().join(f)).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("192.0.2.7"),
+            "{f} holds the plaintext"
+        );
+    }
+    // Only to a peer in the sender's own map.
+    let out = home
+        .cmd()
+        .args(["node", "signal", "--state-dir", "a1", "--to", "g1", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a peer"));
+
     // A single-use key enrols once.
     let out = node_cmd(&home, "db2", port, &db).output().unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -16,9 +16,11 @@ use serde::Serialize;
 
 use super::netmap;
 use super::netmap::OrgSnapshot;
+use super::store::Device;
 use super::store::{RegisterError, Store, StoreError};
 use crate::mesh_protocol::{
-    ErrorBody, RegisterRequest, RegisterResponse, valid_hostname, valid_public_key,
+    ErrorBody, MAX_SIGNAL, RegisterRequest, RegisterResponse, SignalEnvelope, SignalLine,
+    SignalRequest, valid_hostname, valid_public_key,
 };
 use crate::shutdown::Shutdown;
 
@@ -28,6 +30,8 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 const MAX_BODY: usize = 4096;
 /// Registrations per source address per [`RATE_WINDOW`].
 const REGISTER_RATE: u32 = 20;
+/// Signal messages one device may send per [`RATE_WINDOW`].
+const SIGNAL_RATE: u32 = 120;
 /// Refused map requests (unknown or revoked tokens) per source address per
 /// [`RATE_WINDOW`]; beyond it, 429 without a look-up.
 const MAP_REFUSAL_RATE: u32 = 60;
@@ -44,6 +48,13 @@ pub(super) struct Api {
     registrations: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     /// Refused map requests per source address.
     map_refusals: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// Signal messages sent per device.
+    signals_sent: Mutex<HashMap<i64, (Instant, u32)>>,
+    /// Where each connected device's signal messages go: its map stream
+    /// (with that stream's number, so an old stream cannot remove a newer
+    /// one's entry).
+    inboxes: Mutex<HashMap<i64, (u64, tokio::sync::mpsc::Sender<Bytes>)>>,
+    next_stream: std::sync::atomic::AtomicU64,
     /// Each organisation as of the latest change (and the change serial it
     /// was last checked at), shared by its streams.
     snapshots: Mutex<HashMap<i64, (u64, Arc<OrgSnapshot>)>>,
@@ -79,6 +90,9 @@ impl Api {
             shutdown,
             registrations: Mutex::new(HashMap::new()),
             map_refusals: Mutex::new(HashMap::new()),
+            signals_sent: Mutex::new(HashMap::new()),
+            inboxes: Mutex::new(HashMap::new()),
+            next_stream: std::sync::atomic::AtomicU64::new(0),
             snapshots: Mutex::new(HashMap::new()),
         }
     }
@@ -120,7 +134,11 @@ impl Api {
 
 /// The attempts counted for `ip` in the current [`RATE_WINDOW`], after
 /// adding one unless `peek`.
-fn count(table: &Mutex<HashMap<IpAddr, (Instant, u32)>>, ip: IpAddr, peek: bool) -> u32 {
+fn count<K: std::hash::Hash + Eq>(
+    table: &Mutex<HashMap<K, (Instant, u32)>>,
+    ip: K,
+    peek: bool,
+) -> u32 {
     let mut map = crate::sync::lock(table);
     let now = Instant::now();
     if map.len() > 10_000 {
@@ -145,7 +163,8 @@ impl Api {
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/v1/register") => self.register(peer, req).await,
             (&Method::GET, "/v1/map") => self.map(peer, req),
-            (_, "/v1/register" | "/v1/map") => {
+            (&Method::POST, "/v1/signal") => self.signal(peer, req).await,
+            (_, "/v1/register" | "/v1/map" | "/v1/signal") => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
             }
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
@@ -218,7 +237,14 @@ impl Api {
         }
     }
 
-    fn map(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    /// The device a request's bearer token names, or the answer to give.
+    /// Refusals count against the source address (60 a minute, then 429
+    /// without a look-up).
+    fn authenticate<B>(
+        &self,
+        peer: SocketAddr,
+        req: &Request<B>,
+    ) -> Result<Device, Box<Response<Body>>> {
         let token = req
             .headers()
             .get(hyper::header::AUTHORIZATION)
@@ -227,10 +253,10 @@ impl Api {
             .map(str::trim);
         let ip = peer.ip().to_canonical();
         if count(&self.map_refusals, ip, true) >= MAP_REFUSAL_RATE {
-            return error(
+            return Err(Box::new(error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many refused requests; wait a minute",
-            );
+            )));
         }
         let refused = |why: &'static str| {
             count(&self.map_refusals, ip, false);
@@ -240,16 +266,97 @@ impl Api {
             error(StatusCode::UNAUTHORIZED, "unknown or revoked device")
         };
         let Some(token) = token else {
-            return refused("missing_token");
+            return Err(Box::new(refused("missing_token")));
         };
-        let device = match self.store().device_by_token(token) {
-            Ok(Some(d)) if !d.revoked => d,
-            Ok(Some(_)) => return refused("revoked"),
-            Ok(None) => return refused("unknown_token"),
+        match self.store().device_by_token(token) {
+            Ok(Some(d)) if !d.revoked => Ok(d),
+            Ok(Some(_)) => Err(Box::new(refused("revoked"))),
+            Ok(None) => Err(Box::new(refused("unknown_token"))),
             Err(e) => {
                 tracing::error!(event = "store_failed", error = %e);
-                return error(StatusCode::INTERNAL_SERVER_ERROR, "storage error");
+                Err(Box::new(error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "storage error",
+                )))
             }
+        }
+    }
+
+    /// `POST /v1/signal`: forward a sealed message to a connected peer the
+    /// sender's map lists. The server cannot open it: it never holds a
+    /// device's private key.
+    async fn signal(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+        let sender = match self.authenticate(peer, &req) {
+            Ok(d) => d,
+            Err(answer) => return *answer,
+        };
+        if count(&self.signals_sent, sender.id, false) > SIGNAL_RATE {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many signal messages; wait a minute",
+            );
+        }
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 4 KiB"),
+        };
+        let r: SignalRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
+        };
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let well_formed = b64.decode(&r.nonce).is_ok_and(|n| n.len() == 12)
+            && b64
+                .decode(&r.sealed)
+                .is_ok_and(|b| (16..=MAX_SIGNAL).contains(&b.len()));
+        if !well_formed {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "nonce must be 12 bytes and box 16 to 2048 bytes, base64",
+            );
+        }
+        // Only to a peer the sender's own map lists: nothing across
+        // organisations or past the policy.
+        let allowed = self
+            .snapshot(sender.org_id, false)
+            .ok()
+            .and_then(|s| netmap::compute_from(&s, sender.id))
+            .is_some_and(|m| m.peers.iter().any(|p| p.id == r.to));
+        if !allowed {
+            return error(
+                StatusCode::NOT_FOUND,
+                "no such peer in this device's network map",
+            );
+        }
+        let inbox = crate::sync::lock(&self.inboxes)
+            .get(&r.to)
+            .map(|(_, tx)| tx.clone());
+        let line = line(&SignalLine {
+            signal: SignalEnvelope {
+                from: sender.id,
+                from_key: sender.public_key.clone(),
+                nonce: r.nonce,
+                sealed: r.sealed,
+            },
+        });
+        match inbox.map(|tx| tx.try_send(line)) {
+            Some(Ok(())) => {
+                tracing::debug!(event = "signal_forwarded", from = sender.id, to = r.to);
+                json(StatusCode::OK, &serde_json::json!({"delivered": true}))
+            }
+            Some(Err(tokio::sync::mpsc::error::TrySendError::Full(_))) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the peer's inbox is full; retry",
+            ),
+            _ => error(StatusCode::CONFLICT, "the peer is not connected"),
+        }
+    }
+
+    fn map(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+        let device = match self.authenticate(peer, &req) {
+            Ok(d) => d,
+            Err(answer) => return *answer,
         };
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
         tokio::spawn(stream_maps(
@@ -292,6 +399,29 @@ fn line<T: Serialize>(v: &T) -> Bytes {
     Bytes::from(b)
 }
 
+/// Signal messages waiting for one device's stream.
+const SIGNAL_INBOX: usize = 32;
+
+/// Removes a stream's inbox when the stream ends (unless a newer stream of
+/// the same device replaced it).
+struct Unregister {
+    api: Arc<Api>,
+    device: i64,
+    number: u64,
+}
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        let mut inboxes = crate::sync::lock(&self.api.inboxes);
+        if inboxes
+            .get(&self.device)
+            .is_some_and(|(n, _)| *n == self.number)
+        {
+            inboxes.remove(&self.device);
+        }
+    }
+}
+
 /// Push `device`'s map now and after every change that alters it, until
 /// the device goes away, is revoked, or the server shuts down.
 async fn stream_maps(
@@ -308,6 +438,16 @@ async fn stream_maps(
     let mut last: Option<u64> = None;
     tracing::info!(event = "map_stream_opened", device, peer = %peer);
     let mut last_snapshot: Option<Arc<OrgSnapshot>> = None;
+    let (inbox_tx, mut inbox) = tokio::sync::mpsc::channel::<Bytes>(SIGNAL_INBOX);
+    let number = api
+        .next_stream
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    crate::sync::lock(&api.inboxes).insert(device, (number, inbox_tx));
+    let _unregister = Unregister {
+        api: api.clone(),
+        device,
+        number,
+    };
     loop {
         serial.borrow_and_update();
         let mut snapshot = match api.snapshot(org_id, false) {
@@ -370,6 +510,13 @@ async fn stream_maps(
                 }
             }
             _ = tx.closed() => break,
+            Some(message) = inbox.recv() => {
+                // The snapshot is unchanged, so the loop's top costs a
+                // pointer compare.
+                if tx.send(message).await.is_err() {
+                    break;
+                }
+            }
         }
     }
     tracing::info!(event = "map_stream_closed", device, reason = "ended");

@@ -16,7 +16,10 @@ use hyper::Request;
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
-use crate::mesh_protocol::{ErrorBody, NetworkMap, RegisterRequest, RegisterResponse};
+use crate::mesh_protocol::{
+    self, ErrorBody, MAX_SIGNAL, NetworkMap, RegisterRequest, RegisterResponse, SignalEnvelope,
+    SignalLine, SignalRequest, public_key_bytes,
+};
 use crate::shutdown::Shutdown;
 
 /// The WireGuard private key (base64), 0600.
@@ -25,6 +28,9 @@ pub const KEY_FILE: &str = "wireguard.key";
 pub const ENROLMENT_FILE: &str = "enrolment.json";
 /// The last network map received.
 pub const NETMAP_FILE: &str = "netmap.json";
+/// Signal messages received from peers, opened, one JSON line each (0600),
+/// for the data plane.
+pub const SIGNALS_FILE: &str = "signals.jsonl";
 /// Longest wait between reconnects.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A stream silent for this long (the server sends keepalives every 15 s)
@@ -70,6 +76,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
 /// The device's key pair: loaded, or made once (never overwritten).
 /// Returns the public key (base64).
 pub fn load_or_create_key(state_dir: &Path) -> Result<String, NodeError> {
+    let secret = load_or_create_secret(state_dir)?;
+    Ok(base64::engine::general_purpose::STANDARD
+        .encode(x25519_dalek::PublicKey::from(&secret).as_bytes()))
+}
+
+/// The device's private key, made once if there is none.
+fn load_or_create_secret(state_dir: &Path) -> Result<x25519_dalek::StaticSecret, NodeError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     fsutil::ensure_dir(state_dir, 0o700).map_err(io_err(state_dir))?;
     let path = state_dir.join(KEY_FILE);
@@ -97,7 +110,7 @@ pub fn load_or_create_key(state_dir: &Path) -> Result<String, NodeError> {
         }
         Err(e) => return Err(io_err(&path)(e)),
     };
-    Ok(b64.encode(x25519_dalek::PublicKey::from(&secret).as_bytes()))
+    Ok(secret)
 }
 
 pub fn load_enrolment(state_dir: &Path) -> Result<Option<Enrolment>, NodeError> {
@@ -254,6 +267,7 @@ fn default_hostname() -> String {
 /// What `node up` starts with: key made, enrolment done.
 pub struct Node {
     state_dir: PathBuf,
+    secret: x25519_dalek::StaticSecret,
     enrolment: Enrolment,
     url: ControlUrl,
     tls: Arc<rustls::ClientConfig>,
@@ -329,6 +343,7 @@ pub async fn start(
     let url = parse_url(&enrolment.control)?;
     let tls = tls_config(enrolment.ca_file.as_deref())?;
     Ok(Node {
+        secret: load_or_create_secret(state_dir)?,
         state_dir: state_dir.to_path_buf(),
         enrolment,
         url,
@@ -417,11 +432,129 @@ async fn follow(node: &Node) -> Result<(), NodeError> {
                 }
                 return Err(fail(e.error));
             }
+            if let Ok(s) = serde_json::from_slice::<SignalLine>(line) {
+                received(&node.state_dir, &node.secret, &s.signal)?;
+                continue;
+            }
             let map: NetworkMap =
                 serde_json::from_slice(line).map_err(|e| fail(format!("bad map: {e}")))?;
             apply(&node.state_dir, &map)?;
         }
     }
+}
+
+/// Open a signal message from a peer and record it for the data plane.
+fn received(
+    state_dir: &Path,
+    secret: &x25519_dalek::StaticSecret,
+    s: &SignalEnvelope,
+) -> Result<(), NodeError> {
+    let opened = public_key_bytes(&s.from_key)
+        .and_then(|from| mesh_protocol::open(secret, &from, &s.nonce, &s.sealed));
+    let Some(message) = opened else {
+        tracing::warn!(
+            event = "signal_rejected",
+            from = s.from,
+            reason = "does_not_open"
+        );
+        return Ok(());
+    };
+    let line = serde_json::json!({
+        "from": s.from,
+        "from_key": s.from_key,
+        "message": String::from_utf8_lossy(&message),
+    });
+    let path = state_dir.join(SIGNALS_FILE);
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?
+    };
+    use std::io::Write;
+    writeln!(file, "{line}").map_err(io_err(&path))?;
+    tracing::info!(
+        event = "signal_received",
+        from = s.from,
+        bytes = message.len()
+    );
+    Ok(())
+}
+
+/// `node signal`: seal `message` for the peer named `to` in this device's
+/// network map and send it through the control server.
+pub async fn send_signal(state_dir: &Path, to: &str, message: &str) -> Result<String, NodeError> {
+    let Some(enrolment) = load_enrolment(state_dir)? else {
+        return Err(NodeError::Usage(
+            "not enrolled yet: run `runewarp node up` first".into(),
+        ));
+    };
+    let path = state_dir.join(NETMAP_FILE);
+    let map: NetworkMap = match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|e| NodeError::Usage(format!("{}: {e}", path.display())))?,
+        Err(_) => {
+            return Err(NodeError::Usage(
+                "no network map yet: is `runewarp node up` running?".into(),
+            ));
+        }
+    };
+    let Some(peer) = map.peers.iter().find(|p| p.hostname == to) else {
+        return Err(NodeError::Usage(format!(
+            "{to:?} is not a peer in this device's network map (see `runewarp node status`)"
+        )));
+    };
+    let Some(their_key) = public_key_bytes(&peer.public_key) else {
+        return Err(NodeError::Usage(format!("{to:?} has no valid public key")));
+    };
+    if message.len() > MAX_SIGNAL - 16 {
+        return Err(NodeError::Usage(format!(
+            "the message is {} bytes; at most {}",
+            message.len(),
+            MAX_SIGNAL - 16
+        )));
+    }
+    let secret = load_or_create_secret(state_dir)?;
+    let (nonce, sealed) = mesh_protocol::seal(&secret, &their_key, message.as_bytes());
+    let url = parse_url(&enrolment.control)?;
+    let fail = |m: String| NodeError::Control {
+        url: url.text.clone(),
+        message: m,
+    };
+    let mut sender = connect(&url, tls_config(enrolment.ca_file.as_deref())?).await?;
+    let body = serde_json::to_vec(&SignalRequest {
+        to: peer.id,
+        nonce,
+        sealed,
+    })
+    .map_err(|e| fail(e.to_string()))?;
+    let req = Request::post(format!("{}/v1/signal", url.text))
+        .header("host", &url.host)
+        .header("authorization", format!("Bearer {}", enrolment.token))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| fail(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .to_bytes();
+    if !status.is_success() {
+        let message = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| status.to_string());
+        return Err(fail(format!("signal refused: {message}")));
+    }
+    Ok(format!("delivered to {to}\n"))
 }
 
 /// Write the map for the data plane (atomically) and log it.
