@@ -207,20 +207,29 @@ async fn connect(url: &ControlUrl, tls: Arc<rustls::ClientConfig>) -> Result<Sen
     Ok(sender)
 }
 
-async fn register(
+/// POST `request` as JSON to `path` (with `token` as the bearer, if any);
+/// the answer's body, or an error naming `what` was refused and why.
+async fn post_json<T: Serialize>(
     url: &ControlUrl,
     tls: Arc<rustls::ClientConfig>,
-    request: &RegisterRequest,
-) -> Result<RegisterResponse, NodeError> {
+    path: &str,
+    token: Option<&str>,
+    request: &T,
+    what: &str,
+) -> Result<Bytes, NodeError> {
     let fail = |m: String| NodeError::Control {
         url: url.text.clone(),
         message: m,
     };
     let mut sender = connect(url, tls).await?;
     let body = serde_json::to_vec(request).map_err(|e| fail(e.to_string()))?;
-    let req = Request::post(format!("{}/v1/register", url.text))
+    let mut req = Request::post(format!("{}{path}", url.text))
         .header("host", &url.host)
-        .header("content-type", "application/json")
+        .header("content-type", "application/json");
+    if let Some(token) = token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let req = req
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| fail(e.to_string()))?;
     let resp = sender
@@ -238,9 +247,21 @@ async fn register(
         let message = serde_json::from_slice::<ErrorBody>(&body)
             .map(|e| e.error)
             .unwrap_or_else(|_| status.to_string());
-        return Err(fail(format!("enrolment refused: {message}")));
+        return Err(fail(format!("{what} refused: {message}")));
     }
-    serde_json::from_slice(&body).map_err(|e| fail(format!("bad answer: {e}")))
+    Ok(body)
+}
+
+async fn register(
+    url: &ControlUrl,
+    tls: Arc<rustls::ClientConfig>,
+    request: &RegisterRequest,
+) -> Result<RegisterResponse, NodeError> {
+    let body = post_json(url, tls, "/v1/register", None, request, "enrolment").await?;
+    serde_json::from_slice(&body).map_err(|e| NodeError::Control {
+        url: url.text.clone(),
+        message: format!("bad answer: {e}"),
+    })
 }
 
 /// The host name to enrol as: `--hostname`, else this machine's, made a
@@ -520,40 +541,20 @@ pub async fn send_signal(state_dir: &Path, to: &str, message: &str) -> Result<St
     let secret = load_or_create_secret(state_dir)?;
     let (nonce, sealed) = mesh_protocol::seal(&secret, &their_key, message.as_bytes());
     let url = parse_url(&enrolment.control)?;
-    let fail = |m: String| NodeError::Control {
-        url: url.text.clone(),
-        message: m,
-    };
-    let mut sender = connect(&url, tls_config(enrolment.ca_file.as_deref())?).await?;
-    let body = serde_json::to_vec(&SignalRequest {
+    let request = SignalRequest {
         to: peer.id,
         nonce,
         sealed,
-    })
-    .map_err(|e| fail(e.to_string()))?;
-    let req = Request::post(format!("{}/v1/signal", url.text))
-        .header("host", &url.host)
-        .header("authorization", format!("Bearer {}", enrolment.token))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| fail(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| fail(e.to_string()))?
-        .to_bytes();
-    if !status.is_success() {
-        let message = serde_json::from_slice::<ErrorBody>(&body)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| status.to_string());
-        return Err(fail(format!("signal refused: {message}")));
-    }
+    };
+    post_json(
+        &url,
+        tls_config(enrolment.ca_file.as_deref())?,
+        "/v1/signal",
+        Some(&enrolment.token),
+        &request,
+        "signal",
+    )
+    .await?;
     Ok(format!("delivered to {to}\n"))
 }
 
