@@ -148,20 +148,7 @@ let
       # state-dir) pass through as TOML.
       gateType = types.submodule {
         freeformType = settingsFormat.type;
-        options = {
-          allowed-emails = mkOption {
-            type = types.listOf types.str;
-            default = [ ];
-            example = [ "alice@example.com" ];
-            description = "Addresses that may sign in.";
-          };
-          allowed-domains = mkOption {
-            type = types.listOf types.str;
-            default = [ ];
-            example = [ "example.com" ];
-            description = "Every address at these domains may sign in.";
-          };
-        };
+        options = rw.gateAllowOptions;
       };
 
       smtpType = rw.smtpType {
@@ -274,16 +261,7 @@ let
         '';
       }
       // {
-        smtpPasswordFile = mkOption {
-          type = types.nullOr rw.credentialPath;
-          default = null;
-          example = "/run/secrets/smtp-password";
-          description = ''
-            The SMTP password for `settings.client.smtp` (a file outside the
-            Nix store), handed to the unit with systemd `LoadCredential=` as
-            `smtp-password`; `smtp.password-file` points there by default.
-          '';
-        };
+        smtpPasswordFile = rw.smtpPasswordOption "client";
 
         enable = mkOption {
           type = types.bool;

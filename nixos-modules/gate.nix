@@ -2,20 +2,9 @@
 # sign-in in front of a private web app, behind a TLS-terminating proxy
 # such as nginx on the same host. One unit: runewarp-gate.service. See
 # docs/gate.md.
-{
-  config,
-  lib,
-  pkgs,
-  utils,
-  ...
-}:
+{ config, lib, pkgs, utils, ... }:
 let
-  inherit (lib)
-    mkOption
-    mkIf
-    types
-    literalExpression
-    ;
+  inherit (lib) mkOption mkIf types;
   rw = import ./lib.nix { inherit lib; };
   settingsFormat = pkgs.formats.toml { };
   cfg = config.services.runewarp.gate;
@@ -26,7 +15,7 @@ let
 
   gateSection = types.submodule {
     freeformType = settingsFormat.type;
-    options = {
+    options = rw.gateAllowOptions // {
       listen-address = mkOption {
         type = types.str;
         default = "127.0.0.1:7870";
@@ -50,18 +39,6 @@ let
         ];
         description = "Addresses or CIDR blocks whose `X-Forwarded-For` is believed (the local proxy).";
       };
-      allowed-emails = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-        example = [ "alice@example.com" ];
-        description = "Addresses that may sign in.";
-      };
-      allowed-domains = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-        example = [ "example.com" ];
-        description = "Every address at these domains may sign in.";
-      };
       state-dir = mkOption {
         type = types.str;
         default = stateDir;
@@ -80,82 +57,49 @@ in
 {
   imports = [ ./common.nix ];
 
-  options.services.runewarp.gate = {
-    enable = lib.mkEnableOption "Runegate, the standalone email sign-in gate (runewarp gate)";
+  options.services.runewarp.gate =
+    rw.roleOptions {
+      inherit
+        pkgs
+        cfg
+        unit
+        credentialsDirectory
+        ;
+      role = "gate";
+      packageDefault = config.services.runewarp.package;
+      packageDescription = "The Runewarp package for the gate.";
+      credentialsExample = {
+        "smtp-password" = "/run/secrets/smtp-password";
+      };
+      credentialsDescription = ''
+        Files passed with systemd `LoadCredential=` (name = absolute path
+        outside the Nix store), readable only by the gate under
+        `credentialsDirectory`.
+      '';
+    }
+    // {
+      enable = lib.mkEnableOption "Runegate, the standalone email sign-in gate (runewarp gate)";
 
-    package = mkOption {
-      type = types.package;
-      default = config.services.runewarp.package;
-      defaultText = literalExpression "config.services.runewarp.package";
-      description = "The Runewarp package for the gate.";
-    };
-
-    settings = mkOption {
-      type = types.submodule {
-        freeformType = settingsFormat.type;
-        options = {
-          log-level = mkOption {
-            type = types.enum [
-              "off"
-              "error"
-              "warn"
-              "info"
-              "debug"
-              "trace"
-            ];
-            default = "info";
-            description = "Log verbosity.";
-          };
-          gate = mkOption {
-            type = gateSection;
-            description = "The `[gate]` section.";
-          };
+      settings = mkOption {
+        type = rw.settingsType {
+          freeformType = settingsFormat.type;
+          section = "gate";
+          sectionType = gateSection;
         };
+        description = ''
+          The gate's configuration, mirroring the config file (see
+          `runewarp config check --role gate`). Paths must be absolute.
+        '';
       };
-      description = ''
-        The gate's configuration, mirroring the config file (see
-        `runewarp config check --role gate`). Paths must be absolute.
-      '';
-    };
 
-    smtpPasswordFile = mkOption {
-      type = types.nullOr rw.credentialPath;
-      default = null;
-      example = "/run/secrets/smtp-password";
-      description = ''
-        The SMTP password (a file outside the Nix store), handed to the unit
-        with systemd `LoadCredential=` as `smtp-password`;
-        `settings.gate.smtp.password-file` points there by default.
-      '';
-    };
+      smtpPasswordFile = rw.smtpPasswordOption "gate";
 
-    configFile = mkOption {
-      type = types.nullOr types.str;
-      default = null;
-      description = "Use this file at run time instead of the one generated from `settings` (validated on start).";
-    };
-
-    generatedConfigFile = mkOption {
-      type = types.path;
-      readOnly = true;
-      default = rw.configFile {
-        inherit pkgs;
-        inherit (cfg) package settings;
-        role = "gate";
-        name = unit;
-        check = cfg.checkConfig;
+      configFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "Use this file at run time instead of the one generated from `settings` (validated on start).";
       };
-      defaultText = literalExpression "the TOML file generated from settings";
-      description = "The configuration file generated from `settings` (validated at build time when `checkConfig` is on).";
     };
-
-    checkConfig = mkOption {
-      type = types.bool;
-      default = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
-      defaultText = literalExpression "pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform";
-      description = "Validate the generated configuration at build time with `runewarp config check`.";
-    };
-  };
 
   config = mkIf cfg.enable {
     assertions =
@@ -179,43 +123,32 @@ in
 
     environment.systemPackages = [ cfg.package ];
 
-    systemd.services.${unit} = {
+    services.runewarp.gate.credentials = mkIf (cfg.smtpPasswordFile != null) {
+      "smtp-password" = cfg.smtpPasswordFile;
+    };
+
+    systemd.services.${unit} = rw.roleUnit {
+      inherit
+        pkgs
+        utils
+        unit
+        configPath
+        ;
+      inherit (cfg) package extraArgs credentials;
+      role = "gate";
       description = "Runegate: email sign-in in front of a private web app";
-      documentation = [ "man:runewarp(1)" ];
-      wantedBy = [ "multi-user.target" ];
-      wants = [ "network-online.target" ];
       after = [
         "network-online.target"
         "nss-lookup.target"
       ];
-      environment = {
-        HOME = stateDir;
-        XDG_STATE_HOME = stateDir;
+      # READY=1 once the listener is bound and the session store open;
+      # `systemctl reload` re-reads the allow-lists, and sessions of
+      # addresses no longer allowed end at once.
+      serviceConfig = {
+        TimeoutStopSec = 20;
+        CapabilityBoundingSet = "";
+        PrivateUsers = true;
       };
-      serviceConfig =
-        rw.hardening
-        // rw.restartPolicy
-        // {
-          # READY=1 once the listener is bound and the session store open.
-          Type = "notify";
-          NotifyAccess = "main";
-          ExecStart = utils.escapeSystemdExecArgs [
-            (lib.getExe cfg.package)
-            "gate"
-            "--config"
-            configPath
-          ];
-          # `systemctl reload`: re-read the allow-lists; sessions of
-          # addresses no longer allowed end at once.
-          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
-          KillSignal = "SIGTERM";
-          TimeoutStopSec = 20;
-          StateDirectory = unit;
-          StateDirectoryMode = "0700";
-          LoadCredential = lib.optional (cfg.smtpPasswordFile != null) "smtp-password:${cfg.smtpPasswordFile}";
-          CapabilityBoundingSet = "";
-          PrivateUsers = true;
-        };
     };
   };
 }

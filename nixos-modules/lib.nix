@@ -1,4 +1,4 @@
-# Helpers shared by the Runewarp Server and Client modules. Pure functions of
+# Helpers shared by the Runewarp role modules (Server, Client, gate). Pure functions of
 # `lib` (and `pkgs` where a derivation is built); no module options here.
 { lib }:
 rec {
@@ -166,7 +166,7 @@ rec {
       description,
       after ? [ "network-online.target" ],
       package,
-      prepare,
+      prepare ? null,
       configPath,
       extraArgs,
       credentials,
@@ -191,7 +191,7 @@ rec {
         // {
           Type = "notify";
           NotifyAccess = "main";
-          ExecStartPre = execPrepare prepare configPath utils;
+          ExecStartPre = lib.optionals (prepare != null) (execPrepare prepare configPath utils);
           ExecStart = utils.escapeSystemdExecArgs (
             [
               (lib.getExe package)
@@ -363,6 +363,38 @@ rec {
           description = "Extra trust root for the ACME directory's HTTPS (private ACME CAs, Pebble).";
         };
       };
+    };
+
+  # Runegate's allow-lists, typed the same in `[gate]` and
+  # `[client.services.gate]`.
+  gateAllowOptions = {
+    allowed-emails = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [ "alice@example.com" ];
+      description = "Addresses that may sign in.";
+    };
+    allowed-domains = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [ "example.com" ];
+      description = "Every address at these domains may sign in.";
+    };
+  };
+
+  # `smtpPasswordFile`: the SMTP password file for the `[<section>.smtp]`
+  # table, handed to the unit as the `smtp-password` credential.
+  smtpPasswordOption =
+    section:
+    lib.mkOption {
+      type = lib.types.nullOr credentialPath;
+      default = null;
+      example = "/run/secrets/smtp-password";
+      description = ''
+        The SMTP password for `settings.${section}.smtp` (a file outside the
+        Nix store), handed to the unit with systemd `LoadCredential=` as
+        `smtp-password`; `smtp.password-file` points there by default.
+      '';
     };
 
   # `[client.smtp]` / `[gate.smtp]`: the mail relay for Runegate's sign-in

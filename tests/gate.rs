@@ -637,6 +637,42 @@ fn serve_threads(listener: TcpListener, serve: fn(TcpStream, String)) {
     });
 }
 
+/// A standalone gate with its own mail sink, in front of the test's
+/// upstream. The fields are bound by destructuring, in this order, so the
+/// gate stops before the mail sink and the directory go.
+struct Rig {
+    home: tempfile::TempDir,
+    smtp: Smtp,
+    gate: Gate,
+    port: u16,
+}
+
+impl Rig {
+    /// `extra`: more `[gate]` keys.
+    fn start(extra: &str) -> Rig {
+        let home = tempfile::tempdir().unwrap();
+        let smtp = Smtp::start(home.path());
+        let gate = Gate::start(home.path(), &smtp.section, upstream(), extra);
+        let port = gate.port;
+        Rig {
+            home,
+            smtp,
+            gate,
+            port,
+        }
+    }
+}
+
+/// A new browser signed in as alice@example.com through the link in mail
+/// number `n`.
+fn signed_in(port: u16, smtp: &Smtp, n: usize) -> Browser {
+    let mut b = Browser::default();
+    b.ask(port, "/", "alice@example.com");
+    let (_, token, _) = smtp.mail(n);
+    assert_eq!(b.follow_link(port, &token).status, 303);
+    b
+}
+
 fn external(test: &str) -> bool {
     opt_in::enabled(opt_in::EXTERNAL, test, "python3 with aiosmtpd")
 }
@@ -646,10 +682,12 @@ fn link_sign_in_proxies_with_identity_survives_restart_and_logs_out() {
     if !external("link_sign_in_proxies_with_identity_survives_restart_and_logs_out") {
         return;
     }
-    let home = tempfile::tempdir().unwrap();
-    let smtp = Smtp::start(home.path());
-    let gate = Gate::start(home.path(), &smtp.section, upstream(), "");
-    let port = gate.port;
+    let Rig {
+        home: _home,
+        smtp,
+        gate,
+        port,
+    } = Rig::start("");
     let mut b = Browser::default();
 
     let asked = b.ask(port, "/private?x=1", "Alice@Example.com");
@@ -761,10 +799,12 @@ fn codes_other_browsers_unknown_addresses_and_forged_forms() {
     if !external("codes_other_browsers_unknown_addresses_and_forged_forms") {
         return;
     }
-    let home = tempfile::tempdir().unwrap();
-    let smtp = Smtp::start(home.path());
-    let gate = Gate::start(home.path(), &smtp.section, upstream(), "");
-    let port = gate.port;
+    let Rig {
+        home: _home,
+        smtp,
+        gate,
+        port,
+    } = Rig::start("");
 
     // An address that may not sign in: the same answer, and no mail.
     let mut stranger = Browser::default();
@@ -878,15 +918,12 @@ fn expired_links_and_rate_limits() {
     if !external("expired_links_and_rate_limits") {
         return;
     }
-    let home = tempfile::tempdir().unwrap();
-    let smtp = Smtp::start(home.path());
-    let gate = Gate::start(
-        home.path(),
-        &smtp.section,
-        upstream(),
-        "link-ttl = \"1s\"\nsession-idle = \"2s\"",
-    );
-    let port = gate.port;
+    let Rig {
+        home: _home,
+        smtp,
+        gate,
+        port,
+    } = Rig::start("link-ttl = \"1s\"\nsession-idle = \"2s\"");
     let mut b = Browser::default();
     b.ask(port, "/", "alice@example.com");
     let (_, token, _) = smtp.mail(0);
@@ -932,19 +969,13 @@ fn websocket_upgrades_and_large_bodies_stream_through() {
     if !external("websocket_upgrades_and_large_bodies_stream_through") {
         return;
     }
-    let home = tempfile::tempdir().unwrap();
-    let smtp = Smtp::start(home.path());
-    let gate = Gate::start(
-        home.path(),
-        &smtp.section,
-        upstream(),
-        "trusted-proxies = [\"127.0.0.0/8\"]",
-    );
-    let port = gate.port;
-    let mut b = Browser::default();
-    b.ask(port, "/", "alice@example.com");
-    let (_, token, _) = smtp.mail(0);
-    assert_eq!(b.follow_link(port, &token).status, 303);
+    let Rig {
+        home: _home,
+        smtp,
+        gate,
+        port,
+    } = Rig::start("trusted-proxies = [\"127.0.0.0/8\"]");
+    let mut b = signed_in(port, &smtp, 0);
 
     // Behind a trusted proxy, the Visitor is the right-most untrusted
     // X-Forwarded-For entry.
@@ -1231,15 +1262,12 @@ fn a_reload_revokes_sessions_of_removed_addresses() {
     if !external("a_reload_revokes_sessions_of_removed_addresses") {
         return;
     }
-    let home = tempfile::tempdir().unwrap();
-    let smtp = Smtp::start(home.path());
-    let gate = Gate::start(
-        home.path(),
-        &smtp.section,
-        upstream(),
-        "allowed-domains = [\"team.example.com\"]",
-    );
-    let port = gate.port;
+    let Rig {
+        home,
+        smtp,
+        gate,
+        port,
+    } = Rig::start("allowed-domains = [\"team.example.com\"]");
     let log = home.path().join(format!("gate-{port}.log"));
     let events = |name: &str| {
         std::fs::read_to_string(&log)

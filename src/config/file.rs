@@ -16,281 +16,177 @@ use toml::de::{DeTable, DeValue};
 
 use super::ConfigError;
 
-/// The whole file. Both sections may be present; each command reads its
-/// own and checks only the shape of the other.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(
-    deny_unknown_fields,
-    rename_all = "kebab-case",
-    expecting = "a TOML document"
-)]
-pub(crate) struct RawFile {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_level: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub server: Option<RawServer>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub client: Option<RawClient>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gate: Option<RawGate>,
+/// Declares one raw table: the derives and serde rules every level shares
+/// (unknown keys denied, kebab-case keys, the table named in type errors).
+macro_rules! raw_table {
+    ($expecting:literal, $(#[$meta:meta])* $vis:vis struct $name:ident { $($body:tt)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+        #[serde(deny_unknown_fields, rename_all = "kebab-case", expecting = $expecting)]
+        $vis struct $name { $($body)* }
+    };
 }
 
-/// `[server]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(
-    deny_unknown_fields,
-    rename_all = "kebab-case",
-    expecting = "a [server] table"
-)]
-pub(crate) struct RawServer {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hostname: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub public_bind_address: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tunnel_bind_address: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub readiness_bind_address: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub metrics_bind_address: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub control_socket: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub graceful_shutdown_duration: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) stream_write_timeout: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) stream_idle_timeout: Option<String>,
-    pub congestion_control: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cert_dir: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub acme: Option<RawAcme>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tunnels: Option<Vec<RawTunnel>>,
+raw_table! {
+    "a TOML document",
+    /// The whole file. Both sections may be present; each command reads its
+    /// own and checks only the shape of the other.
+    pub(crate) struct RawFile {
+        pub log_level: Option<String>,
+        pub server: Option<RawServer>,
+        pub client: Option<RawClient>,
+        pub gate: Option<RawGate>,
+    }
 }
 
-/// `[server.acme]` and `[client.acme]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(
-    deny_unknown_fields,
-    rename_all = "kebab-case",
-    expecting = "an [acme] table"
-)]
-pub(crate) struct RawAcme {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub email: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) state_dir: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub directory_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) directory_ca_file: Option<PathBuf>,
+raw_table! {
+    "a [server] table",
+    /// `[server]`.
+    pub(crate) struct RawServer {
+        pub hostname: Option<String>,
+        pub public_bind_address: Option<String>,
+        pub tunnel_bind_address: Option<String>,
+        pub readiness_bind_address: Option<String>,
+        pub metrics_bind_address: Option<String>,
+        pub control_socket: Option<PathBuf>,
+        pub graceful_shutdown_duration: Option<String>,
+        pub(crate) stream_write_timeout: Option<String>,
+        pub(crate) stream_idle_timeout: Option<String>,
+        pub congestion_control: Option<String>,
+        pub cert_dir: Option<PathBuf>,
+        pub acme: Option<RawAcme>,
+        pub tunnels: Option<Vec<RawTunnel>>,
+    }
 }
 
-/// One `[[server.tunnels]]` entry.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(
-    deny_unknown_fields,
-    rename_all = "kebab-case",
-    expecting = "a [[server.tunnels]] table"
-)]
-pub(crate) struct RawTunnel {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub public_hostnames: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) client_identity: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub client_identities: Option<Vec<String>>,
+raw_table! {
+    "an [acme] table",
+    /// `[server.acme]` and `[client.acme]`.
+    pub(crate) struct RawAcme {
+        pub email: Option<String>,
+        pub(crate) state_dir: Option<PathBuf>,
+        pub directory_url: Option<String>,
+        pub(crate) directory_ca_file: Option<PathBuf>,
+    }
 }
 
-/// `[client]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(
-    deny_unknown_fields,
-    rename_all = "kebab-case",
-    expecting = "a [client] table"
-)]
-pub(crate) struct RawClient {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub server_address: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub server_trust: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) server_ca_file: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) server_pin: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub identity_dir: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub public_cert_dir: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub readiness_bind_address: Option<String>,
-    pub(crate) stream_write_timeout: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) stream_idle_timeout: Option<String>,
-    pub metrics_bind_address: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub control_socket: Option<PathBuf>,
-    pub congestion_control: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub acme: Option<RawAcme>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub services: Option<Vec<RawService>>,
-    /// `[client.smtp]`: mail for the gates of terminate Services.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub smtp: Option<RawSmtp>,
+raw_table! {
+    "a [[server.tunnels]] table",
+    /// One `[[server.tunnels]]` entry.
+    pub(crate) struct RawTunnel {
+        pub public_hostnames: Option<Vec<String>>,
+        pub(crate) client_identity: Option<String>,
+        pub client_identities: Option<Vec<String>>,
+    }
 }
 
-/// One `[[client.services]]` entry.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(
-    deny_unknown_fields,
-    rename_all = "kebab-case",
-    expecting = "a [[client.services]] table"
-)]
-pub(crate) struct RawService {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub public_hostnames: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backend_address: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_mode: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub proxy_protocol: Option<String>,
-    /// `[client.services.gate]`: Runegate in front of this (terminate)
-    /// Service. Only [`SERVICE_GATE_KEYS`] are accepted here.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gate: Option<RawGate>,
+raw_table! {
+    "a [client] table",
+    /// `[client]`.
+    pub(crate) struct RawClient {
+        pub server_address: Option<String>,
+        pub server_trust: Option<String>,
+        pub(crate) server_ca_file: Option<PathBuf>,
+        pub(crate) server_pin: Option<String>,
+        pub identity_dir: Option<PathBuf>,
+        pub public_cert_dir: Option<PathBuf>,
+        pub readiness_bind_address: Option<String>,
+        pub(crate) stream_write_timeout: Option<String>,
+        pub(crate) stream_idle_timeout: Option<String>,
+        pub metrics_bind_address: Option<String>,
+        pub control_socket: Option<PathBuf>,
+        pub congestion_control: Option<String>,
+        pub acme: Option<RawAcme>,
+        pub services: Option<Vec<RawService>>,
+        /// `[client.smtp]`: mail for the gates of terminate Services.
+        pub smtp: Option<RawSmtp>,
+    }
 }
 
-/// `[gate]`: the standalone Runegate (`runewarp gate`).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(
-    deny_unknown_fields,
-    rename_all = "kebab-case",
-    expecting = "a [gate] table"
-)]
-pub(crate) struct RawGate {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) listen_address: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub base_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) trusted_proxies: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) allowed_emails: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) allowed_domains: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) link_ttl: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) session_ttl: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) session_idle: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) cookie_domain: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) state_dir: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub smtp: Option<RawSmtp>,
+raw_table! {
+    "a [[client.services]] table",
+    /// One `[[client.services]]` entry.
+    pub(crate) struct RawService {
+        pub public_hostnames: Option<Vec<String>>,
+        pub backend_address: Option<String>,
+        pub tls_mode: Option<String>,
+        pub proxy_protocol: Option<String>,
+        /// `[client.services.gate]`: Runegate in front of this (terminate)
+        /// Service. Only [`SERVICE_GATE_KEYS`] are accepted here.
+        pub gate: Option<RawGate>,
+    }
 }
 
-/// `[gate.smtp]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(
-    deny_unknown_fields,
-    rename_all = "kebab-case",
-    expecting = "an [smtp] table"
-)]
-pub(crate) struct RawSmtp {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub port: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) username: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) password_file: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub from: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) ca_file: Option<PathBuf>,
+raw_table! {
+    "a [gate] table",
+    /// `[gate]`: the standalone Runegate (`runewarp gate`).
+    pub(crate) struct RawGate {
+        pub(crate) listen_address: Option<String>,
+        pub upstream: Option<String>,
+        pub base_url: Option<String>,
+        pub(crate) trusted_proxies: Option<Vec<String>>,
+        pub(crate) allowed_emails: Option<Vec<String>>,
+        pub(crate) allowed_domains: Option<Vec<String>>,
+        pub(crate) link_ttl: Option<String>,
+        pub(crate) session_ttl: Option<String>,
+        pub(crate) session_idle: Option<String>,
+        pub(crate) cookie_domain: Option<String>,
+        pub(crate) state_dir: Option<PathBuf>,
+        pub smtp: Option<RawSmtp>,
+    }
 }
 
-pub(crate) const GATE_KEYS: &[&str] = &[
-    "listen-address",
-    "upstream",
-    "base-url",
-    "trusted-proxies",
-    "allowed-emails",
-    "allowed-domains",
-    "link-ttl",
-    "session-ttl",
-    "session-idle",
-    "cookie-domain",
-    "state-dir",
-    "smtp",
-];
-pub(crate) const SMTP_KEYS: &[&str] = &[
-    "host",
-    "port",
-    "tls",
-    "username",
-    "password-file",
-    "from",
-    "ca-file",
-];
+raw_table! {
+    "an [smtp] table",
+    /// `[gate.smtp]`.
+    pub(crate) struct RawSmtp {
+        pub host: Option<String>,
+        pub port: Option<String>,
+        pub tls: Option<String>,
+        pub(crate) username: Option<String>,
+        pub(crate) password_file: Option<PathBuf>,
+        pub from: Option<String>,
+        pub(crate) ca_file: Option<PathBuf>,
+    }
+}
 
-// Known keys per level. Keep in sync with the structs above (a test checks
-// that every listed key deserializes).
-pub(crate) const TOP_KEYS: &[&str] = &["log-level", "server", "client", "gate"];
-pub(crate) const SERVER_KEYS: &[&str] = &[
-    "hostname",
-    "public-bind-address",
-    "tunnel-bind-address",
-    "readiness-bind-address",
-    "metrics-bind-address",
-    "control-socket",
-    "graceful-shutdown-duration",
-    "stream-write-timeout",
-    "stream-idle-timeout",
-    "congestion-control",
-    "cert-dir",
-    "acme",
-    "tunnels",
-];
-pub(crate) const ACME_KEYS: &[&str] = &["email", "state-dir", "directory-url", "directory-ca-file"];
-pub(crate) const TUNNEL_KEYS: &[&str] =
-    &["public-hostnames", "client-identity", "client-identities"];
-pub(crate) const CLIENT_KEYS: &[&str] = &[
-    "server-address",
-    "server-trust",
-    "server-ca-file",
-    "server-pin",
-    "identity-dir",
-    "public-cert-dir",
-    "readiness-bind-address",
-    "stream-write-timeout",
-    "stream-idle-timeout",
-    "metrics-bind-address",
-    "control-socket",
-    "congestion-control",
-    "acme",
-    "services",
-    "smtp",
-];
-pub(crate) const SERVICE_KEYS: &[&str] = &[
-    "public-hostnames",
-    "backend-address",
-    "tls-mode",
-    "proxy-protocol",
-    "gate",
-];
+/// The keys a raw table accepts, as they are spelled in the file. They
+/// come from the struct's own serde declaration, so the unknown-key pass
+/// and the types cannot drift apart.
+pub(crate) fn keys<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+    let mut capture = KeyCapture(&[]);
+    // The capture always "fails": it only records the field list.
+    let _ = T::deserialize(&mut capture);
+    capture.0
+}
+
+/// A deserializer that records the field names serde asks a struct for.
+struct KeyCapture(&'static [&'static str]);
+
+impl<'de> serde::Deserializer<'de> for &mut KeyCapture {
+    type Error = serde::de::value::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("not a table"))
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0 = fields;
+        self.deserialize_any(visitor)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf option unit unit_struct newtype_struct seq tuple
+        tuple_struct map enum identifier ignored_any
+    }
+}
+
 /// `[client.services.gate]`: the gate keys without the standalone-only
 /// ones (the Service's backend is the upstream, the PROXY v2 source is the
 /// Visitor, mail goes through `[client.smtp]`).
@@ -425,20 +321,20 @@ impl Level {
         Level {
             place: "the top level".to_string(),
             prefix: String::new(),
-            known: TOP_KEYS,
+            known: keys::<RawFile>(),
             kind: LevelKind::Top,
         }
     }
 
     fn child(&self, key: &str) -> Option<Level> {
         let (place, known, kind) = match (self.kind, key) {
-            (LevelKind::Top, "server") => ("[server]", SERVER_KEYS, LevelKind::Server),
-            (LevelKind::Top, "client") => ("[client]", CLIENT_KEYS, LevelKind::Client),
-            (LevelKind::Server, "acme") => ("[server.acme]", ACME_KEYS, LevelKind::Acme),
-            (LevelKind::Client, "acme") => ("[client.acme]", ACME_KEYS, LevelKind::Acme),
-            (LevelKind::Top, "gate") => ("[gate]", GATE_KEYS, LevelKind::Gate),
-            (LevelKind::Gate, "smtp") => ("[gate.smtp]", SMTP_KEYS, LevelKind::Smtp),
-            (LevelKind::Client, "smtp") => ("[client.smtp]", SMTP_KEYS, LevelKind::Smtp),
+            (LevelKind::Top, "server") => ("[server]", keys::<RawServer>(), LevelKind::Server),
+            (LevelKind::Top, "client") => ("[client]", keys::<RawClient>(), LevelKind::Client),
+            (LevelKind::Server, "acme") => ("[server.acme]", keys::<RawAcme>(), LevelKind::Acme),
+            (LevelKind::Client, "acme") => ("[client.acme]", keys::<RawAcme>(), LevelKind::Acme),
+            (LevelKind::Top, "gate") => ("[gate]", keys::<RawGate>(), LevelKind::Gate),
+            (LevelKind::Gate, "smtp") => ("[gate.smtp]", keys::<RawSmtp>(), LevelKind::Smtp),
+            (LevelKind::Client, "smtp") => ("[client.smtp]", keys::<RawSmtp>(), LevelKind::Smtp),
             (LevelKind::Service, "gate") => (
                 "[client.services.gate]",
                 SERVICE_GATE_KEYS,
@@ -457,11 +353,13 @@ impl Level {
     fn item(&self, key: &str, index: usize) -> Option<Level> {
         let (place, known, kind) = match (self.kind, key) {
             (LevelKind::Server, "tunnels") => {
-                ("[[server.tunnels]]", TUNNEL_KEYS, LevelKind::Tunnel)
+                ("[[server.tunnels]]", keys::<RawTunnel>(), LevelKind::Tunnel)
             }
-            (LevelKind::Client, "services") => {
-                ("[[client.services]]", SERVICE_KEYS, LevelKind::Service)
-            }
+            (LevelKind::Client, "services") => (
+                "[[client.services]]",
+                keys::<RawService>(),
+                LevelKind::Service,
+            ),
             _ => return None,
         };
         Some(Level {
@@ -526,16 +424,15 @@ fn is_table(value: &DeValue<'_>) -> bool {
 /// smallest edit distance. A key that belongs in another section (at the
 /// top level, or `[server]` and `[client]` mixed up) is pointed there.
 fn suggest(unknown: &str, level: &Level, unknown_is_table: bool) -> Option<String> {
-    let elsewhere = match level.kind {
-        LevelKind::Top => [
-            ("server", SERVER_KEYS),
-            ("client", CLIENT_KEYS),
-            ("gate", GATE_KEYS),
-        ]
-        .as_slice(),
-        LevelKind::Server => [("client", CLIENT_KEYS)].as_slice(),
-        LevelKind::Client => [("server", SERVER_KEYS)].as_slice(),
-        _ => [].as_slice(),
+    let elsewhere: Vec<(&str, &[&str])> = match level.kind {
+        LevelKind::Top => vec![
+            ("server", keys::<RawServer>()),
+            ("client", keys::<RawClient>()),
+            ("gate", keys::<RawGate>()),
+        ],
+        LevelKind::Server => vec![("client", keys::<RawClient>())],
+        LevelKind::Client => vec![("server", keys::<RawServer>())],
+        _ => Vec::new(),
     };
     for (section, keys) in elsewhere {
         if keys.contains(&unknown) {
@@ -675,15 +572,15 @@ ca-file = "a"
         let mentioned =
             |k: &&str| text.contains(&format!("\n{k} =")) || text.contains(&format!(".{k}]"));
         for keys in [
-            TOP_KEYS,
-            SERVER_KEYS,
-            ACME_KEYS,
-            TUNNEL_KEYS,
-            CLIENT_KEYS,
-            SERVICE_KEYS,
+            keys::<RawFile>(),
+            keys::<RawServer>(),
+            keys::<RawAcme>(),
+            keys::<RawTunnel>(),
+            keys::<RawClient>(),
+            keys::<RawService>(),
             SERVICE_GATE_KEYS,
-            GATE_KEYS,
-            SMTP_KEYS,
+            keys::<RawGate>(),
+            keys::<RawSmtp>(),
         ] {
             for k in keys {
                 assert!(

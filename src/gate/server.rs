@@ -553,26 +553,42 @@ impl Gate {
         }
     }
 
-    async fn post_sign_in(&self, req: Request<Incoming>, ip: IpAddr) -> Response<Body> {
+    /// The response to a POST whose form could not be read.
+    fn unreadable_form(&self) -> Response<Body> {
+        self.message(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "The form could not be read.",
+        )
+    }
+
+    /// Reads a POSTed form. The browser (its state cookie) is returned
+    /// only when the form's CSRF token was made for it and for `purpose`;
+    /// each caller answers a stale form in its own words.
+    async fn posted_form(
+        &self,
+        req: Request<Incoming>,
+        purpose: &str,
+    ) -> Result<(HeaderMap, HashMap<String, String>, Option<String>), Response<Body>> {
         let headers = req.headers().clone();
         let Some(form) = read_form(req).await else {
-            return self.message(
-                StatusCode::BAD_REQUEST,
-                "Bad request",
-                "The form could not be read.",
-            );
+            return Err(self.unreadable_form());
+        };
+        let presented = form.get("csrf").map(String::as_str).unwrap_or("");
+        let browser = cookie(&headers, STATE_COOKIE)
+            .filter(|v| tokens::looks_like_secret(v))
+            .filter(|b| tokens::csrf_ok(&self.csrf_key, purpose, b, presented))
+            .map(str::to_owned);
+        Ok((headers, form, browser))
+    }
+
+    async fn post_sign_in(&self, req: Request<Incoming>, ip: IpAddr) -> Response<Body> {
+        let (headers, form, browser) = match self.posted_form(req, "sign-in").await {
+            Ok(posted) => posted,
+            Err(unreadable) => return unreadable,
         };
         let next = form.get("next").map(String::as_str).unwrap_or("/");
-        let browser = cookie(&headers, STATE_COOKIE).filter(|v| tokens::looks_like_secret(v));
-        let csrf_ok = browser.is_some_and(|b| {
-            tokens::csrf_ok(
-                &self.csrf_key,
-                "sign-in",
-                b,
-                form.get("csrf").map(String::as_str).unwrap_or(""),
-            )
-        });
-        let Some(browser) = browser.filter(|_| csrf_ok) else {
+        let Some(browser) = browser.as_deref() else {
             tracing::info!(event = "gate_csrf_rejected", form = "sign-in", ip = %ip);
             return self.sign_in_page(
                 &headers,
@@ -653,25 +669,11 @@ impl Gate {
     }
 
     async fn post_code(&self, req: Request<Incoming>, ip: IpAddr) -> Response<Body> {
-        let headers = req.headers().clone();
-        let Some(form) = read_form(req).await else {
-            return self.message(
-                StatusCode::BAD_REQUEST,
-                "Bad request",
-                "The form could not be read.",
-            );
+        let (headers, form, browser) = match self.posted_form(req, "code").await {
+            Ok(posted) => posted,
+            Err(unreadable) => return unreadable,
         };
-        let Some(browser) = cookie(&headers, STATE_COOKIE)
-            .filter(|v| tokens::looks_like_secret(v))
-            .filter(|b| {
-                tokens::csrf_ok(
-                    &self.csrf_key,
-                    "code",
-                    b,
-                    form.get("csrf").map(String::as_str).unwrap_or(""),
-                )
-            })
-        else {
+        let Some(browser) = browser.as_deref() else {
             tracing::info!(event = "gate_csrf_rejected", form = "code", ip = %ip);
             return self.sign_in_page(
                 &headers,
@@ -754,25 +756,11 @@ impl Gate {
     }
 
     async fn post_link(&self, req: Request<Incoming>) -> Response<Body> {
-        let headers = req.headers().clone();
-        let Some(form) = read_form(req).await else {
-            return self.message(
-                StatusCode::BAD_REQUEST,
-                "Bad request",
-                "The form could not be read.",
-            );
+        let (_, form, browser) = match self.posted_form(req, "link").await {
+            Ok(posted) => posted,
+            Err(unreadable) => return unreadable,
         };
-        let Some(browser) = cookie(&headers, STATE_COOKIE)
-            .filter(|v| tokens::looks_like_secret(v))
-            .filter(|b| {
-                tokens::csrf_ok(
-                    &self.csrf_key,
-                    "link",
-                    b,
-                    form.get("csrf").map(String::as_str).unwrap_or(""),
-                )
-            })
-        else {
+        let Some(browser) = browser.as_deref() else {
             return self.message(
                 StatusCode::FORBIDDEN,
                 "Refused",
@@ -857,11 +845,7 @@ impl Gate {
     async fn post_logout(&self, req: Request<Incoming>) -> Response<Body> {
         let session = self.session(req.headers());
         let Some(form) = read_form(req).await else {
-            return self.message(
-                StatusCode::BAD_REQUEST,
-                "Bad request",
-                "The form could not be read.",
-            );
+            return self.unreadable_form();
         };
         let Some(session) = session else {
             return self.message(StatusCode::OK, "Signed out", "You are not signed in.");
