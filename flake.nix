@@ -138,6 +138,8 @@
         server = withPackage ./nixos-modules/server.nix;
         client = withPackage ./nixos-modules/client.nix;
         gate = withPackage ./nixos-modules/gate.nix;
+        control = withPackage ./nixos-modules/control.nix;
+        node = withPackage ./nixos-modules/node.nix;
         default = withPackage ./nixos-modules/default.nix;
       };
 

@@ -168,6 +168,13 @@ rec {
       package,
       prepare ? null,
       configPath,
+      # The arguments after the program; `<role> --config <configPath>` by
+      # default (the node takes flags instead of a file).
+      command ? [
+        role
+        "--config"
+        configPath
+      ],
       extraArgs,
       credentials,
       serviceConfig,
@@ -192,15 +199,7 @@ rec {
           Type = "notify";
           NotifyAccess = "main";
           ExecStartPre = lib.optionals (prepare != null) (execPrepare prepare configPath utils);
-          ExecStart = utils.escapeSystemdExecArgs (
-            [
-              (lib.getExe package)
-              role
-              "--config"
-              configPath
-            ]
-            ++ extraArgs
-          );
+          ExecStart = utils.escapeSystemdExecArgs ([ (lib.getExe package) ] ++ command ++ extraArgs);
           # `systemctl reload`: the role re-reads its configuration file; an
           # invalid file changes nothing and is logged.
           ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";

@@ -231,8 +231,9 @@ pub enum PublicCertCommand {
 pub enum ConfigCommand {
     /// Validate a config and print the effective, fully defaulted form.
     Check {
-        /// Which section to validate: the Server's, the Client's or the
-        /// standalone gate's (`[gate]`).
+        /// Which section to validate: the Server's, the Client's, the
+        /// standalone gate's (`[gate]`) or the mesh control server's
+        /// (`[control]`).
         #[arg(long, value_enum)]
         role: Role,
         /// Config file (default: $XDG_CONFIG_HOME/runewarp/config.toml).
@@ -246,6 +247,7 @@ pub enum Role {
     Server,
     Client,
     Gate,
+    Control,
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -356,6 +358,15 @@ pub enum NodeCommand {
         /// The setup key for the first enrolment.
         #[arg(long = "setup-key", value_name = "KEY", env = "RUNEWARP_SETUP_KEY")]
         setup_key: Option<String>,
+        /// Read the setup key from this file instead (a systemd credential,
+        /// say), so it never shows in the process's arguments or
+        /// environment.
+        #[arg(
+            long = "setup-key-file",
+            value_name = "PATH",
+            conflicts_with = "setup_key"
+        )]
+        setup_key_file: Option<PathBuf>,
         /// CA certificate the control server's certificate chains to
         /// (default: the system's roots).
         #[arg(long = "ca-file", value_name = "PATH")]

@@ -96,6 +96,10 @@ pub fn main(cli: Cli) -> ExitCode {
                 client::Client::run,
             )
         }
+        Command::Config(ConfigCommand::Check {
+            role: Role::Control,
+            config,
+        }) => check_control(config.as_deref()),
         Command::Config(ConfigCommand::Check { role, config }) => {
             let text = match role {
                 Role::Server => config::load_server(
@@ -114,7 +118,7 @@ pub fn main(cli: Cli) -> ExitCode {
                     &env,
                 )
                 .map(|c| config::render_client(&c)),
-                Role::Gate => {
+                Role::Gate | Role::Control => {
                     config::load_gate(config.as_deref(), &env).map(|c| config::render_gate(&c))
                 }
             };
@@ -286,14 +290,16 @@ fn status(role: Role, args: &crate::cli::StatusArgs, env: &Environment) -> ExitC
         Role::Server => "server",
         Role::Client => "client",
         // Only `server status` and `client status` exist.
-        Role::Gate => return usage_error("the gate has no status command"),
+        Role::Gate | Role::Control => {
+            return usage_error("only the server and the client have a status command");
+        }
     };
     let path = match &args.socket {
         Some(p) => Some(p.clone()),
         None => match config::material_defaults(args.config.as_deref(), env) {
             Ok(d) => match role {
                 Role::Server => d.server_control_socket,
-                Role::Client | Role::Gate => d.client_control_socket,
+                Role::Client | Role::Gate | Role::Control => d.client_control_socket,
             },
             Err(e) => return config_error(e),
         },
@@ -359,6 +365,30 @@ fn material_result(r: Result<String, tls::material::MaterialError>) -> ExitCode 
 }
 
 /// `runewarp control`: serve, or an admin command.
+/// `config check --role control`: the `[control]` file as the control
+/// server reads it (it has no default path: the file is always named).
+fn check_control(path: Option<&std::path::Path>) -> ExitCode {
+    let Some(path) = path else {
+        return usage_error("config check --role control needs --config FILE");
+    };
+    match control::ControlConfig::load(path) {
+        Ok(c) => {
+            println!(
+                "# {} is a valid control configuration\n[control]\nlisten-address = \"{}\"\nhostname = \"{}\"\nstate-dir = {:?}",
+                path.display(),
+                c.listen_address,
+                c.hostname,
+                c.state_dir.display().to_string(),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("runewarp: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
 fn run_control(args: crate::cli::ControlArgs) -> ExitCode {
     let Some(path) = args.config.as_deref() else {
         return usage_error("runewarp control needs --config FILE (a [control] section)");
@@ -414,10 +444,24 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
         NodeCommand::Up {
             control,
             setup_key,
+            setup_key_file,
             ca_file,
             hostname,
             state,
         } => {
+            let setup_key = match setup_key_file {
+                None => setup_key,
+                Some(path) => match std::fs::read_to_string(&path) {
+                    Ok(text) => Some(text.trim().to_owned()),
+                    Err(e) => {
+                        eprintln!(
+                            "runewarp: cannot read the setup key file {}: {e}",
+                            path.display()
+                        );
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                },
+            };
             logging::init(config::LogLevel::Info);
             runtime(None, async move {
                 let started = node::start(
@@ -436,6 +480,9 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
                         return ExitCode::from(EXIT_FAILURE);
                     }
                 };
+                // Enrolled (or enrolment restored): ready for systemd, even
+                // while the map stream is still connecting.
+                crate::notify::notify(crate::notify::READY);
                 let (trigger, stop) = shutdown::channel();
                 shutdown::on_signals(trigger);
                 match node::run(node, stop).await {

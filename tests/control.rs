@@ -280,3 +280,63 @@ fn a_control_config_error_names_the_key() {
     assert_eq!(code, 2);
     assert!(err.contains("control.state-dir is required"), "{err}");
 }
+
+#[test]
+fn config_check_knows_the_control_role() {
+    let home = Home::new();
+    home.write("bad.toml", "[control]\nhostname = \"localhost\"\n");
+    let err = stderr_of(
+        home.cmd()
+            .args(["config", "check", "--role", "control", "-c", "bad.toml"]),
+        2,
+    );
+    assert!(err.contains("control.state-dir is required"), "{err}");
+    control_toml(&home, 7443);
+    let out = home.ok(&["config", "check", "--role", "control", "-c", "control.toml"]);
+    assert!(out.contains("listen-address = \"127.0.0.1:7443\""), "{out}");
+}
+
+/// The NixOS module hands the setup key in as a credential file.
+#[test]
+fn a_node_enrols_with_a_setup_key_file_and_a_missing_one_is_named() {
+    let home = Home::new();
+    let missing = stderr_of(
+        home.cmd().args([
+            "node",
+            "up",
+            "--control",
+            "https://localhost:1",
+            "--setup-key-file",
+            "no-such-key",
+            "--state-dir",
+            "n",
+        ]),
+        2,
+    );
+    assert!(missing.contains("no-such-key"), "{missing}");
+
+    let port = free_tcp();
+    control_toml(&home, port);
+    let mut control = start_control(&home);
+    let key = setup_key(&home, &["--user", "alice@acme.com"]);
+    home.write("setup-key", &format!("{key}\n"));
+    let log = home.path().join("laptop.log");
+    let child = home
+        .cmd()
+        .args(["node", "up", "--control"])
+        .arg(format!("https://localhost:{port}"))
+        .args(["--setup-key-file", "setup-key"])
+        .args(["--ca-file", "control-state/tls/server-ca.crt"])
+        .args(["--hostname", "laptop", "--state-dir", "laptop"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut laptop = Running { child, log };
+    wait_for("laptop enrolled", Duration::from_secs(15), || {
+        peers(&home, "laptop").is_some()
+    });
+    assert_eq!(organisation(&home, "laptop"), "acme.com");
+    laptop.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    control.stop_with(libc::SIGTERM, Duration::from_secs(5));
+}

@@ -99,6 +99,8 @@ pub async fn start(config: ControlConfig) -> Result<Control, ControlError> {
 
 /// Serve until `shutdown`.
 pub async fn run(control: Control, mut shutdown: Shutdown) {
+    // The API is bound and the database open (`start`): ready for systemd.
+    crate::notify::notify(crate::notify::READY);
     let Control {
         config,
         store,

@@ -1,0 +1,17 @@
+# `nixcheck check --flake .#control` config (run by .ci/test): a mesh control
+# server on its default port, and a node on the same host enrolling with a
+# setup key through LoadCredential.
+{
+  services.runewarp.control = {
+    enable = true;
+    openFirewall = true;
+    settings.control.hostname = "control.example.com";
+  };
+  services.runewarp.node = {
+    enable = true;
+    controlUrl = "https://control.example.com:7443";
+    setupKeyFile = "/etc/runewarp/setup-key";
+    caFile = "/etc/runewarp/control-ca.crt";
+    hostname = "laptop one";
+  };
+}

@@ -1,0 +1,142 @@
+# services.runewarp.control: the mesh control plane (`runewarp control`),
+# seed 000's User Management Server and Signal Server in one unit:
+# runewarp-control.service. Devices enrol with setup keys (`runewarp-control
+# setup-key create ...`, a wrapper running the admin commands as the
+# service's user) and follow their network maps over HTTPS. See
+# docs/control.md.
+{ config, lib, pkgs, utils, ... }:
+let
+  inherit (lib) mkOption mkIf types;
+  rw = import ./lib.nix { inherit lib; };
+  settingsFormat = pkgs.formats.toml { };
+  cfg = config.services.runewarp.control;
+  unit = "runewarp-control";
+  # A fixed system user (not DynamicUser): the admin wrapper must open the
+  # same database files as the service, with the same owner.
+  user = "runewarp-control";
+  stateDir = "/var/lib/${unit}";
+  credentialsDirectory = "/run/credentials/${unit}.service";
+  configPath = if cfg.configFile != null then cfg.configFile else cfg.generatedConfigFile;
+  port = rw.portOf cfg.settings.control.listen-address;
+  needsLowPort = port != null && port < 1024;
+
+  controlSection = types.submodule {
+    freeformType = settingsFormat.type;
+    options = {
+      listen-address = mkOption {
+        type = types.str;
+        default = "0.0.0.0:7443";
+        description = "Where the HTTPS API listens (literal `ip:port`).";
+      };
+      hostname = mkOption {
+        type = types.str;
+        example = "control.example.com";
+        description = "The DNS name devices connect to; the API's certificate is made for it.";
+      };
+      state-dir = mkOption {
+        type = types.str;
+        default = stateDir;
+        description = "The database and the API's certificate material (kept in the unit's StateDirectory).";
+      };
+    };
+  };
+
+  # `runewarp-control <command>`: the admin commands (setup keys, devices,
+  # policies) against this server's configuration, as its user.
+  adminWrapper = pkgs.writeShellApplication {
+    name = "runewarp-control";
+    runtimeInputs = [ pkgs.util-linux ];
+    text = ''
+      exec runuser -u ${user} -- ${lib.getExe cfg.package} control --config ${configPath} "$@"
+    '';
+  };
+in
+{
+  imports = [ ./common.nix ];
+
+  options.services.runewarp.control =
+    rw.roleOptions {
+      inherit
+        pkgs
+        cfg
+        unit
+        credentialsDirectory
+        ;
+      role = "control";
+      packageDefault = config.services.runewarp.package;
+      packageDescription = "The Runewarp package for the control server.";
+      credentialsExample = { };
+      credentialsDescription = ''
+        Files passed with systemd `LoadCredential=` (name = absolute path
+        outside the Nix store), readable only by the control server under
+        `credentialsDirectory`.
+      '';
+    }
+    // {
+      enable = lib.mkEnableOption "the Runewarp mesh control server (runewarp control)";
+
+      settings = mkOption {
+        type = rw.settingsType {
+          freeformType = settingsFormat.type;
+          section = "control";
+          sectionType = controlSection;
+        };
+        description = ''
+          The control server's configuration, mirroring the config file (see
+          `runewarp config check --role control`). Paths must be absolute.
+        '';
+      };
+
+      configFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "Use this file at run time instead of the one generated from `settings` (validated on start).";
+      };
+
+      openFirewall = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Open the API's TCP port in the firewall.";
+      };
+    };
+
+  config = mkIf cfg.enable {
+    assertions = rw.absolutePathAssertions "services.runewarp.control.settings.control" {
+      inherit (cfg.settings.control) state-dir;
+    };
+
+    users.users.${user} = {
+      isSystemUser = true;
+      group = user;
+      home = stateDir;
+    };
+    users.groups.${user} = { };
+
+    networking.firewall = mkIf (cfg.openFirewall && port != null) {
+      allowedTCPPorts = [ port ];
+    };
+
+    environment.systemPackages = [ adminWrapper ];
+
+    systemd.services.${unit} = rw.roleUnit {
+      inherit
+        pkgs
+        utils
+        unit
+        configPath
+        ;
+      inherit (cfg) package extraArgs credentials;
+      role = "control";
+      description = "Runewarp mesh control server";
+      serviceConfig = {
+        DynamicUser = false;
+        User = user;
+        Group = user;
+        TimeoutStopSec = 20;
+        AmbientCapabilities = lib.optionals needsLowPort [ "CAP_NET_BIND_SERVICE" ];
+        CapabilityBoundingSet = if needsLowPort then "CAP_NET_BIND_SERVICE" else "";
+        PrivateUsers = !needsLowPort;
+      };
+    };
+  };
+}

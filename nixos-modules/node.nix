@@ -1,0 +1,108 @@
+# services.runewarp.node: a mesh device agent (`runewarp node up`), one unit:
+# runewarp-node.service. It enrols once with a setup key (a file handed in
+# with LoadCredential, never in the Nix store), keeps the device's
+# WireGuard key in its state directory (0600, never sent) and follows the
+# network map the control server streams. See docs/control.md.
+{ config, lib, pkgs, utils, ... }:
+let
+  inherit (lib) mkOption mkIf types;
+  rw = import ./lib.nix { inherit lib; };
+  cfg = config.services.runewarp.node;
+  unit = "runewarp-node";
+  stateDir = "/var/lib/${unit}";
+  credentialsDirectory = "/run/credentials/${unit}.service";
+in
+{
+  imports = [ ./common.nix ];
+
+  options.services.runewarp.node = {
+    enable = lib.mkEnableOption "the Runewarp mesh device agent (runewarp node up)";
+
+    package = mkOption {
+      type = types.package;
+      default = config.services.runewarp.package;
+      defaultText = lib.literalExpression "config.services.runewarp.package";
+      description = "The Runewarp package for the node.";
+    };
+
+    controlUrl = mkOption {
+      type = types.strMatching "https://[^/]+";
+      example = "https://control.example.com:7443";
+      description = "The control server (an `https://host[:port]` origin).";
+    };
+
+    setupKeyFile = mkOption {
+      type = types.nullOr rw.credentialPath;
+      default = null;
+      example = "/run/secrets/runewarp-setup-key";
+      description = ''
+        The setup key for the first enrolment (a file outside the Nix store),
+        handed to the unit with systemd `LoadCredential=`. Once enrolled the
+        node keeps its enrolment in its state directory and no longer needs
+        the key.
+      '';
+    };
+
+    caFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/etc/runewarp/control-ca.crt";
+      description = "The CA certificate the control server's certificate chains to (its `tls/server-ca.crt`); the system roots when null.";
+    };
+
+    hostname = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = "This device's name in the network; the host name when null.";
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Extra arguments for `runewarp node up`.";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    environment.systemPackages = [ cfg.package ];
+
+    systemd.services.${unit} = rw.roleUnit {
+      inherit pkgs utils unit;
+      inherit (cfg) package extraArgs;
+      role = "node";
+      description = "Runewarp mesh device agent";
+      after = [
+        "network-online.target"
+        "nss-lookup.target"
+      ];
+      configPath = null;
+      command =
+        [
+          "node"
+          "up"
+          "--control"
+          cfg.controlUrl
+          "--state-dir"
+          stateDir
+        ]
+        ++ lib.optionals (cfg.setupKeyFile != null) [
+          "--setup-key-file"
+          "${credentialsDirectory}/setup-key"
+        ]
+        ++ lib.optionals (cfg.caFile != null) [
+          "--ca-file"
+          cfg.caFile
+        ]
+        ++ lib.optionals (cfg.hostname != null) [
+          "--hostname"
+          cfg.hostname
+        ];
+      credentials = lib.optionalAttrs (cfg.setupKeyFile != null) { setup-key = cfg.setupKeyFile; };
+      serviceConfig = {
+        TimeoutStopSec = 20;
+        CapabilityBoundingSet = "";
+        PrivateUsers = true;
+      };
+    };
+  };
+}
