@@ -249,6 +249,14 @@ let
         packageDefault = top.services.runewarp.package;
         packageDescription = "The Runewarp package for this instance.";
         credentialsDirectory = "/run/credentials/${unit}.service";
+        freeformType = settingsFormat.type;
+        sectionType = clientSection;
+        settingsDescription = ''
+          This instance's configuration, mirroring the config file (see
+          `runewarp config check --role client`). Paths must be absolute;
+          writable material belongs under ${stateDir}, secrets under
+          `credentialsDirectory`.
+        '';
         credentialsExample = {
           "server-ca.crt" = "/run/secrets/runewarp/server-ca.crt";
         };
@@ -267,26 +275,6 @@ let
           type = types.bool;
           default = true;
           description = "Whether to run this Client instance (unit `${unit}`).";
-        };
-
-        settings = mkOption {
-          type = rw.settingsType {
-            freeformType = settingsFormat.type;
-            section = "client";
-            sectionType = clientSection;
-          };
-          description = ''
-            This instance's configuration, mirroring the config file (see
-            `runewarp config check --role client`). Paths must be absolute;
-            writable material belongs under ${stateDir}, secrets under
-            `credentialsDirectory`.
-          '';
-        };
-
-        configFile = mkOption {
-          type = types.nullOr types.str;
-          default = null;
-          description = "Use this file at run time instead of the one generated from `settings` (validated on start, not at build time).";
         };
 
         createMaterial = mkOption {

@@ -65,6 +65,12 @@ in
       role = "control";
       packageDefault = config.services.runewarp.package;
       packageDescription = "The Runewarp package for the control server.";
+      freeformType = settingsFormat.type;
+      sectionType = controlSection;
+      settingsDescription = ''
+        The control server's configuration, mirroring the config file (see
+        `runewarp config check --role control`). Paths must be absolute.
+      '';
       credentialsExample = { };
       credentialsDescription = ''
         Files passed with systemd `LoadCredential=` (name = absolute path
@@ -74,24 +80,6 @@ in
     }
     // {
       enable = lib.mkEnableOption "the Runewarp mesh control server (runewarp control)";
-
-      settings = mkOption {
-        type = rw.settingsType {
-          freeformType = settingsFormat.type;
-          section = "control";
-          sectionType = controlSection;
-        };
-        description = ''
-          The control server's configuration, mirroring the config file (see
-          `runewarp config check --role control`). Paths must be absolute.
-        '';
-      };
-
-      configFile = mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        description = "Use this file at run time instead of the one generated from `settings` (validated on start).";
-      };
 
       openFirewall = mkOption {
         type = types.bool;

@@ -68,6 +68,12 @@ in
       role = "gate";
       packageDefault = config.services.runewarp.package;
       packageDescription = "The Runewarp package for the gate.";
+      freeformType = settingsFormat.type;
+      sectionType = gateSection;
+      settingsDescription = ''
+        The gate's configuration, mirroring the config file (see
+        `runewarp config check --role gate`). Paths must be absolute.
+      '';
       credentialsExample = {
         "smtp-password" = "/run/secrets/smtp-password";
       };
@@ -80,25 +86,8 @@ in
     // {
       enable = lib.mkEnableOption "Runegate, the standalone email sign-in gate (runewarp gate)";
 
-      settings = mkOption {
-        type = rw.settingsType {
-          freeformType = settingsFormat.type;
-          section = "gate";
-          sectionType = gateSection;
-        };
-        description = ''
-          The gate's configuration, mirroring the config file (see
-          `runewarp config check --role gate`). Paths must be absolute.
-        '';
-      };
-
       smtpPasswordFile = rw.smtpPasswordOption "gate";
 
-      configFile = mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        description = "Use this file at run time instead of the one generated from `settings` (validated on start).";
-      };
     };
 
   config = mkIf cfg.enable {

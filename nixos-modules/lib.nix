@@ -214,10 +214,11 @@ rec {
         // serviceConfig;
     };
 
-  # Options whose declaration is the same for the Server and each Client
-  # instance, apart from the values given here: `package` (defaulting to
-  # `packageDefault`), `generatedConfigFile` (the TOML file for the
-  # instance's own `cfg.settings`, named after its `unit`), `checkConfig`,
+  # Options whose declaration is the same for every role, apart from the
+  # values given here: `package` (defaulting to `packageDefault`),
+  # `settings` (`log-level` plus the `[section]` table of `sectionType`),
+  # `configFile`, `generatedConfigFile` (the TOML file for the instance's
+  # own `cfg.settings`, named after its `unit`), `checkConfig`,
   # `credentials`, `credentialsDirectory` and `extraArgs`.
   roleOptions =
     {
@@ -227,6 +228,10 @@ rec {
       unit,
       packageDefault,
       packageDescription,
+      freeformType,
+      sectionType,
+      settingsDescription,
+      settingsExample ? null,
       credentialsDirectory,
       credentialsExample,
       credentialsDescription,
@@ -237,6 +242,25 @@ rec {
         default = packageDefault;
         defaultText = lib.literalExpression "config.services.runewarp.package";
         description = packageDescription;
+      };
+      settings =
+        lib.mkOption {
+          type = settingsType {
+            inherit freeformType sectionType;
+            section = role;
+          };
+          description = settingsDescription;
+        }
+        // lib.optionalAttrs (settingsExample != null) { example = settingsExample; };
+      configFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "/run/runewarp/config.toml";
+        description = ''
+          Use this file at run time instead of the file generated from
+          `settings`. It is validated on every start, not at build time.
+          Firewall ports and capabilities are still derived from `settings`.
+        '';
       };
       generatedConfigFile = lib.mkOption {
         type = lib.types.path;

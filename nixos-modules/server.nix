@@ -200,6 +200,28 @@ in
     role = "server";
     packageDefault = config.services.runewarp.package;
     packageDescription = "The Runewarp package for the Server.";
+    freeformType = settingsFormat.type;
+    sectionType = serverSection;
+    settingsDescription = ''
+      The Server configuration, mirroring the config file (see
+      `runewarp config check --role server`). Unknown keys are rejected by
+      the build-time check. Paths must be absolute; material directories
+      belong under ${stateDir} (the only writable place) or the
+      credentials directory.
+    '';
+    settingsExample = literalExpression ''
+      {
+        server = {
+          hostname = "tunnel.example.com";
+          tunnels = [
+            {
+              public-hostnames = [ "app.example.com" ];
+              client-identity = "6617b06d7075cd58f366bae3b69ba9e2e4ebc7e4b7f4561fd8f0a8c45701ed83";
+            }
+          ];
+        };
+      }
+    '';
     credentialsExample = {
       "server.key" = "/run/secrets/runewarp/server.key";
     };
@@ -212,46 +234,6 @@ in
   }
   // {
     enable = mkEnableOption "the Runewarp Server (public ingress edge)";
-
-    settings = mkOption {
-      type = rw.settingsType {
-        freeformType = settingsFormat.type;
-        section = "server";
-        sectionType = serverSection;
-      };
-      example = literalExpression ''
-        {
-          server = {
-            hostname = "tunnel.example.com";
-            tunnels = [
-              {
-                public-hostnames = [ "app.example.com" ];
-                client-identity = "6617b06d7075cd58f366bae3b69ba9e2e4ebc7e4b7f4561fd8f0a8c45701ed83";
-              }
-            ];
-          };
-        }
-      '';
-      description = ''
-        The Server configuration, mirroring the config file (see
-        `runewarp config check --role server`). Unknown keys are rejected by
-        the build-time check. Paths must be absolute; material directories
-        belong under ${stateDir} (the only writable place) or the
-        credentials directory.
-      '';
-    };
-
-    configFile = mkOption {
-      type = types.nullOr types.str;
-      default = null;
-      example = "/run/runewarp/config.toml";
-      description = ''
-        Use this file at run time instead of the file generated from
-        `settings`. It is validated on every start (ExecStartPre), not at
-        build time. Firewall ports and capabilities are still derived from
-        `settings`.
-      '';
-    };
 
     createMaterial = mkOption {
       type = types.bool;
