@@ -337,6 +337,18 @@ fn a_node_enrols_with_a_setup_key_file_and_a_missing_one_is_named() {
         peers(&home, "laptop").is_some()
     });
     assert_eq!(organisation(&home, "laptop"), "acme.com");
+
+    // The API speaks HTTP/2 (ALPN h2) and still HTTP/1.1.
+    for (flag, want) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_version}", flag])
+            .arg("--cacert")
+            .arg(home.path().join("control-state/tls/server-ca.crt"))
+            .arg(format!("https://localhost:{port}/v1/map"))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{flag}");
+    }
     laptop.stop_with(libc::SIGTERM, Duration::from_secs(5));
     control.stop_with(libc::SIGTERM, Duration::from_secs(5));
 }

@@ -38,6 +38,9 @@ const CHANGE_POLL: Duration = Duration::from_millis(100);
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 16_384;
+/// HTTP/2 requests in flight on one connection (a device needs two or
+/// three: its map stream, a signal, an endpoint update).
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 
 /// Why the control server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +85,9 @@ pub async fn start(config: ControlConfig) -> Result<Control, ControlError> {
     let mut server = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(tls.chain, tls.key)?;
-    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // HTTP/2 first: a device keeps its map stream and its requests on one
+    // connection. HTTP/1.1 stays for curl and simple clients.
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let listener = TcpListener::bind(config.listen_address)
         .await
         .map_err(|error| ControlError::Bind {
@@ -163,9 +168,18 @@ pub async fn run(control: Control, mut shutdown: Shutdown) {
                 let api = api.clone();
                 async move { Ok::<_, std::convert::Infallible>(api.handle(peer, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
+                .http1()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(Duration::from_secs(10));
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                .keep_alive_interval(Some(Duration::from_secs(30)));
+            let _ = builder
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                 .await;
         });

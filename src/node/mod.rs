@@ -174,11 +174,28 @@ fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, NodeE
     let mut c = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(c))
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+/// One connection to the control server: HTTP/2 when the server offers it
+/// (ALPN), else HTTP/1.1.
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    async fn send_request(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> hyper::Result<hyper::Response<hyper::body::Incoming>> {
+        match self {
+            Sender::Http1(s) => s.send_request(req).await,
+            Sender::Http2(s) => s.send_request(req).await,
+        }
+    }
+}
 
 async fn connect(url: &ControlUrl, tls: Arc<rustls::ClientConfig>) -> Result<Sender, NodeError> {
     let fail = |m: String| NodeError::Control {
@@ -199,12 +216,22 @@ async fn connect(url: &ControlUrl, tls: Arc<rustls::ClientConfig>) -> Result<Sen
         .connect(name, tcp)
         .await
         .map_err(|e| fail(format!("TLS: {e}")))?;
-    let (sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let io = hyper_util::rt::TokioIo::new(stream);
+    if h2 {
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+        tokio::spawn(conn);
+        Ok(Sender::Http2(sender))
+    } else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(|e| fail(e.to_string()))?;
-    tokio::spawn(conn);
-    Ok(sender)
+        tokio::spawn(conn);
+        Ok(Sender::Http1(sender))
+    }
 }
 
 /// POST `request` as JSON to `path` (with `token` as the bearer, if any);
