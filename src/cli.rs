@@ -394,6 +394,12 @@ pub enum NodeCommand {
         #[command(flatten)]
         state: NodeStateArgs,
     },
+    /// Stop the running `node up` for this state dir; the key and the
+    /// enrolment stay, so `node up` resumes without a setup key.
+    Down {
+        #[command(flatten)]
+        state: NodeStateArgs,
+    },
     /// Forget the enrolment (the WireGuard key stays).
     Logout {
         #[command(flatten)]

@@ -438,6 +438,7 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
     match cmd {
         NodeCommand::Status { state } => printed(node::status(&state.state_dir)),
         NodeCommand::Logout { state } => printed(node::logout(&state.state_dir)),
+        NodeCommand::Down { state } => printed(node::down::down(&state.state_dir)),
         NodeCommand::Signal { to, message, state } => runtime(None, async move {
             printed(node::send_signal(&state.state_dir, &to, &message).await)
         }),
@@ -475,6 +476,13 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
                 let node = match started {
                     Ok(n) => n,
                     Err(node::NodeError::Usage(m)) => return usage_error(&m),
+                    Err(e) => {
+                        tracing::error!(event = "node_failed", error = %e);
+                        return ExitCode::from(EXIT_FAILURE);
+                    }
+                };
+                let _pid_file = match node::down::record(&state.state_dir) {
+                    Ok(f) => f,
                     Err(e) => {
                         tracing::error!(event = "node_failed", error = %e);
                         return ExitCode::from(EXIT_FAILURE);

@@ -349,6 +349,15 @@ fn a_node_enrols_with_a_setup_key_file_and_a_missing_one_is_named() {
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{flag}");
     }
-    laptop.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    // `node down` stops it (key and enrolment stay); a second `down` finds
+    // nothing running.
+    let out = home.ok(&["node", "down", "--state-dir", "laptop"]);
+    assert!(out.contains("node stopped"), "{out}");
+    let status = laptop.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!home.path().join("laptop/node.pid").exists());
+    assert!(home.path().join("laptop/enrolment.json").exists());
+    let out = home.ok(&["node", "down", "--state-dir", "laptop"]);
+    assert!(out.contains("no node is running"), "{out}");
     control.stop_with(libc::SIGTERM, Duration::from_secs(5));
 }

@@ -5,6 +5,8 @@
 //! server streams, writing each version atomically to `netmap.json` for
 //! the data plane. It reconnects with backoff when the stream breaks.
 
+pub mod down;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
