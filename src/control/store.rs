@@ -542,10 +542,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn single_use_keys_enrol_once_and_addresses_stay_in_the_org_block() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path()).unwrap();
+    /// The same checks on each engine.
+    fn enrolment(mut s: Store) {
         let k = s
             .create_setup_key(&spec("acme.com", Some("a@acme.com"), false))
             .unwrap();
@@ -557,12 +555,13 @@ mod tests {
         );
         let g = s.create_setup_key(&spec("globex.com", None, true)).unwrap();
         let (e, _) = s.register(&g.key, "pk3", "laptop").unwrap().unwrap();
-        let (f, _) = s.register(&g.key, "pk4", "laptop").unwrap().unwrap();
+        let (f, token) = s.register(&g.key, "pk4", "laptop").unwrap().unwrap();
         assert_eq!(e.ipv4, Ipv4Addr::new(100, 64, 4, 1));
         assert_eq!(
             (f.ipv4, f.hostname.as_str()),
             (Ipv4Addr::new(100, 64, 4, 2), "laptop-2")
         );
+        assert_eq!(s.device_by_token(&token).unwrap(), Some(f.clone()));
         assert_eq!(
             s.register(&g.key, "pk4", "x").unwrap(),
             Err(RegisterError::KeyTaken)
@@ -575,23 +574,96 @@ mod tests {
         assert!(s.revoke_device(e.id).unwrap());
         assert!(s.serial().unwrap() > serial);
         assert!(!s.revoke_device(e.id).unwrap());
+        assert!(s.device(e.id).unwrap().unwrap().revoked);
         // The revoked device's address is not handed out again.
         let (h, _) = s.register(&g.key, "pk6", "h").unwrap().unwrap();
         assert_eq!(h.ipv4, Ipv4Addr::new(100, 64, 4, 3));
         assert_eq!(d.ipv6.segments()[0] & 0xff00, 0xfd00);
         assert_eq!(h.ipv6.segments()[3], 2);
-    }
-
-    #[test]
-    fn expired_keys_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.devices(Some(e.org_id)).unwrap().len(), 3);
+        assert!(matches!(
+            s.set_policy("nobody.example", "{}"),
+            Err(StoreError::NoOrganisation(_))
+        ));
+        s.set_policy("globex.com", "{\"acls\": []}").unwrap();
+        s.set_policy("globex.com", "{}").unwrap();
+        let org = s.organisation("globex.com").unwrap().unwrap();
+        assert_eq!(s.policy(org).unwrap().as_deref(), Some("{}"));
         let mut sp = spec("acme.com", None, true);
         sp.ttl_s = -1;
         let k = s.create_setup_key(&sp).unwrap();
         assert_eq!(
-            s.register(&k.key, "pk1", "x").unwrap(),
+            s.register(&k.key, "pk7", "x").unwrap(),
             Err(RegisterError::BadSetupKey)
         );
     }
+
+    /// Two replicas (two connections) enrol at once with one reusable
+    /// key and one hostname: every device gets its own address and name.
+    fn concurrent(open: impl Fn() -> Store) {
+        let key = open()
+            .create_setup_key(&spec("acme.com", None, true))
+            .unwrap()
+            .key;
+        let threads: Vec<_> = (0..2)
+            .map(|r| {
+                let (mut s, key) = (open(), key.clone());
+                std::thread::spawn(move || {
+                    (0..8)
+                        .map(|i| {
+                            let (d, _) = s
+                                .register(&key, &format!("pk-{r}-{i}"), "laptop")
+                                .unwrap()
+                                .unwrap();
+                            (d.ipv4, d.hostname)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let all: Vec<_> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let addrs: std::collections::HashSet<_> = all.iter().map(|d| d.0).collect();
+        let names: std::collections::HashSet<_> = all.iter().map(|d| d.1.clone()).collect();
+        assert_eq!((addrs.len(), names.len()), (16, 16), "{all:?}");
+        assert_eq!(open().devices(None).unwrap().len(), 16);
+    }
+
+    #[test]
+    fn sqlite_enrols_allocates_and_revokes() {
+        let dir = tempfile::tempdir().unwrap();
+        enrolment(Store::open(dir.path()).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        concurrent(|| Store::open(dir.path()).unwrap());
+        // Opening again finds the schema current.
+        let mut db = Db::open_sqlite(&dir.path().join(DB_FILE)).unwrap();
+        assert_eq!(db.migrate().unwrap(), 1);
+    }
+
+    #[test]
+    fn postgres_passes_the_same_tests_with_two_writers() {
+        if std::env::var_os("RUNEWARP_TEST_EXTERNAL").is_none_or(|v| v != "1") {
+            eprintln!(
+                "SKIPPED postgres store test: needs PostgreSQL; set RUNEWARP_TEST_EXTERNAL=1"
+            );
+            return;
+        }
+        let pg = test_postgres::Postgres::start();
+        let connect = |url: &str| {
+            let url = crate::control::config::PostgresUrl::parse(url).unwrap();
+            Store::connect(&Database::Postgres(url), Path::new("/nonexistent")).unwrap()
+        };
+        enrolment(connect(&pg.create_db("enrolment")));
+        let url = pg.create_db("concurrent");
+        concurrent(|| connect(&url));
+        let url = crate::control::config::PostgresUrl::parse(&url).unwrap();
+        let mut db = Db::connect_postgres(&url).unwrap();
+        assert_eq!(db.migrate().unwrap(), 1);
+    }
 }
+
+#[cfg(test)]
+#[path = "../../tests/common/postgres.rs"]
+mod test_postgres;
