@@ -321,12 +321,18 @@ fn two_replicas_on_postgres_carry_changes_to_each_others_devices() {
     );
     let mut c1 = start_control(&home);
     // Both replicas present the same certificate, so devices trust either.
-    let tls2 = home.path().join("control-state-2/tls");
-    std::fs::create_dir_all(&tls2).unwrap();
-    for f in std::fs::read_dir(home.path().join("control-state/tls")).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), tls2.join(f.file_name())).unwrap();
-    }
+    std::fs::create_dir_all(home.path().join("control-state-2")).unwrap();
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(home.path().join("control-state/tls"))
+        .arg(home.path().join("control-state-2/tls"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut c2 = home.spawn(
         "control",
         &home.path().join("control2.toml"),
@@ -334,6 +340,9 @@ fn two_replicas_on_postgres_carry_changes_to_each_others_devices() {
     );
     wait_for("replica 2 started", Duration::from_secs(15), || {
         !c2.events("control_started").is_empty()
+    });
+    wait_for("replica 2 listens", Duration::from_secs(5), || {
+        !c2.events("database_listening").is_empty()
     });
     let db_line = c2.events("control_database");
     assert!(
@@ -389,8 +398,11 @@ fn two_replicas_on_postgres_carry_changes_to_each_others_devices() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let revoke = wait_peers(&home, "a1", &["a2"], Duration::from_secs(2));
-    wait_peers(&home, "db1", &["a1", "a2"], Duration::from_secs(2));
+    let revoke = wait_peers(&home, "db1", &["a1", "a2"], Duration::from_secs(2));
+    // a3 streams from replica 1, which learns of it from the database.
+    let (status, _) = running[2].wait_exit(Duration::from_secs(2));
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(running[2].events("node_revoked").len(), 1);
 
     // Devices enrolled at once through both replicas get distinct
     // addresses.
