@@ -84,7 +84,7 @@ pub enum Database {
 /// (Self::summary) never show the password.
 #[derive(Clone)]
 pub struct PostgresUrl {
-    config: postgres::Config,
+    config: Box<postgres::Config>,
     summary: String,
 }
 
@@ -126,7 +126,10 @@ impl PostgresUrl {
             },
             config.get_user().unwrap_or("-"),
         );
-        Ok(Self { config, summary })
+        Ok(Self {
+            config: Box::new(config),
+            summary,
+        })
     }
 
     /// Host, port, database and user: safe to log.

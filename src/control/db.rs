@@ -280,8 +280,8 @@ pub enum Db {
     /// `RefCell`: reads take `&self` like SQLite's; the store sits behind
     /// one mutex, so there is never a second borrower.
     Postgres {
-        client: RefCell<postgres::Client>,
-        url: Box<PostgresUrl>,
+        client: Box<RefCell<postgres::Client>>,
+        url: PostgresUrl,
     },
 }
 
@@ -391,8 +391,8 @@ impl Db {
             error,
         })?;
         Ok(Db::Postgres {
-            client: RefCell::new(client),
-            url: Box::new(url.clone()),
+            client: Box::new(RefCell::new(client)),
+            url: url.clone(),
         })
     }
 
