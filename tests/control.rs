@@ -22,9 +22,14 @@ fn control_toml(home: &Home, port: u16) -> std::path::PathBuf {
 
 /// `runewarp control -c control.toml ARGS`: (exit code, stdout, stderr).
 fn admin(home: &Home, args: &[&str]) -> (i32, String, String) {
+    admin_with(home, "control.toml", args)
+}
+
+/// [`admin`] with another config file (another replica's).
+fn admin_with(home: &Home, config: &str, args: &[&str]) -> (i32, String, String) {
     let out = home
         .cmd()
-        .args(["control", "-c", "control.toml"])
+        .args(["control", "-c", config])
         .args(args)
         .output()
         .unwrap();
@@ -99,6 +104,26 @@ fn wait_peers(home: &Home, name: &str, want: &[&str], within: Duration) -> Durat
     wait_for(&format!("{name} sees {want:?}"), within, || {
         peers(home, name).is_some_and(|p| p == want)
     })
+}
+
+/// Let alice@acme.com reach acme's `db`-tagged devices on port 5432 (and
+/// nothing else).
+fn set_db_policy(home: &Home) {
+    home.write(
+        "policy.json",
+        r#"{"acls": [{"action": "accept", "src": ["alice@acme.com"], "dst": ["tag:db:5432"]}]}"#,
+    );
+    let (code, _, err) = admin(home, &["policy", "set", "--org", "acme.com", "policy.json"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// The id of device `name` in `devices list` output.
+fn device_id(list: &str, name: &str) -> String {
+    list.lines()
+        .find(|l| l.split('\t').nth(2) == Some(name))
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or_else(|| panic!("{name} in {list}"))
+        .to_string()
 }
 
 fn start_control(home: &Home) -> Running {
@@ -205,15 +230,7 @@ fn devices_enrol_into_their_organisation_and_changes_reach_them_at_once() {
     assert!(err.contains("line 3, column 34"), "{err}");
 
     // An ACL edit reaches the devices it concerns.
-    home.write(
-        "policy.json",
-        r#"{"acls": [{"action": "accept", "src": ["alice@acme.com"], "dst": ["tag:db:5432"]}]}"#,
-    );
-    let (code, _, err) = admin(
-        &home,
-        &["policy", "set", "--org", "acme.com", "policy.json"],
-    );
-    assert_eq!(code, 0, "{err}");
+    set_db_policy(&home);
     let acl = wait_peers(&home, "db1", &["a1", "a2"], Duration::from_secs(5));
     wait_peers(&home, "a1", &["db1"], Duration::from_secs(5));
     let filter = std::fs::read_to_string(home.path().join("db1/netmap.json")).unwrap();
@@ -222,12 +239,7 @@ fn devices_enrol_into_their_organisation_and_changes_reach_them_at_once() {
 
     // Revocation: the peers drop it, the revoked agent stops and says why.
     let (_, list, _) = admin(&home, &["devices", "list"]);
-    let a2_id = list
-        .lines()
-        .find(|l| l.split('\t').nth(2) == Some("a2"))
-        .and_then(|l| l.split('\t').next())
-        .unwrap()
-        .to_string();
+    let a2_id = device_id(&list, "a2");
     let (code, _, err) = admin(&home, &["devices", "revoke", &a2_id]);
     assert_eq!(code, 0, "{err}");
     let revoke = wait_peers(&home, "db1", &["a1"], Duration::from_secs(5));
@@ -322,16 +334,12 @@ fn two_replicas_on_postgres_carry_changes_to_each_others_devices() {
     let mut c1 = start_control(&home);
     // Both replicas present the same certificate, so devices trust either.
     std::fs::create_dir_all(home.path().join("control-state-2")).unwrap();
-    let out = Command::new("cp")
-        .arg("-a")
-        .arg(home.path().join("control-state/tls"))
-        .arg(home.path().join("control-state-2/tls"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    stderr_of(
+        Command::new("cp")
+            .arg("-a")
+            .arg(home.path().join("control-state/tls"))
+            .arg(home.path().join("control-state-2/tls")),
+        0,
     );
     let mut c2 = home.spawn(
         "control",
@@ -363,41 +371,16 @@ fn two_replicas_on_postgres_carry_changes_to_each_others_devices() {
     // An ACL edit by the admin CLI reaches a device on replica 2.
     running.push(node(&home, "db1", p2, &db));
     wait_peers(&home, "db1", &[], up);
-    home.write(
-        "policy.json",
-        r#"{"acls": [{"action": "accept", "src": ["alice@acme.com"], "dst": ["tag:db:5432"]}]}"#,
-    );
-    let (code, _, err) = admin(
-        &home,
-        &["policy", "set", "--org", "acme.com", "policy.json"],
-    );
-    assert_eq!(code, 0, "{err}");
+    set_db_policy(&home);
     let acl = wait_peers(&home, "db1", &["a1", "a2", "a3"], Duration::from_secs(2));
     // A revocation through replica 2's config reaches replica 1's devices.
-    let out = home
-        .cmd()
-        .args(["control", "-c", "control2.toml", "devices", "list"])
-        .output()
-        .unwrap();
-    let list = String::from_utf8_lossy(&out.stdout).into_owned();
-    let id_of = |name: &str| {
-        list.lines()
-            .find(|l| l.split('\t').nth(2) == Some(name))
-            .and_then(|l| l.split('\t').next())
-            .unwrap_or_else(|| panic!("{name} in {list}"))
-            .to_string()
-    };
-    let out = home
-        .cmd()
-        .args(["control", "-c", "control2.toml", "devices", "revoke"])
-        .arg(id_of("a3"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (_, list, _) = admin_with(&home, "control2.toml", &["devices", "list"]);
+    let (code, _, err) = admin_with(
+        &home,
+        "control2.toml",
+        &["devices", "revoke", &device_id(&list, "a3")],
     );
+    assert_eq!(code, 0, "{err}");
     let revoke = wait_peers(&home, "db1", &["a1", "a2"], Duration::from_secs(2));
     // a3 streams from replica 1, which learns of it from the database.
     let (status, _) = running[2].wait_exit(Duration::from_secs(2));

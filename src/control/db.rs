@@ -123,13 +123,7 @@ impl ToSql for Arg<'_> {
         ty: &Type,
         out: &mut bytes::BytesMut,
     ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        match *self {
-            Arg::Int(v) => v.to_sql(ty, out),
-            Arg::Text(v) => v.to_sql(ty, out),
-            Arg::OptText(v) => v.to_sql(ty, out),
-            Arg::Blob(v) => v.to_sql(ty, out),
-            Arg::Bool(v) => v.to_sql(ty, out),
-        }
+        self.to_sql_checked(ty, out)
     }
 
     fn accepts(_: &Type) -> bool {
