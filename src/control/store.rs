@@ -640,6 +640,19 @@ mod tests {
         // Opening again finds the schema current.
         let mut db = Db::open_sqlite(&dir.path().join(DB_FILE)).unwrap();
         assert_eq!(db.migrate().unwrap(), 1);
+        // A preview database (no schema_version) is adopted as version 1
+        // with its rows.
+        let dir = tempfile::tempdir().unwrap();
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE orgs (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+             INSERT INTO orgs (name) VALUES ('acme.com');",
+        )
+        .unwrap();
+        drop(conn);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.organisation("acme.com").unwrap(), Some(1));
+        assert_eq!(s.serial().unwrap(), 0);
     }
 
     #[test]
