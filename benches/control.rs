@@ -9,6 +9,13 @@
 //! new map. The baseline in the same run is the same change in an
 //! organisation of two devices, so the printed ratio says what the
 //! organisation's size costs.
+//!
+//! With `RUNEWARP_BENCH_POSTGRES=1` the control server stores its state in
+//! a throwaway PostgreSQL cluster (Debian's server binaries, as the tests
+//! use) instead of SQLite.
+
+#[path = "../tests/common/postgres.rs"]
+mod postgres_cluster;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -82,7 +89,7 @@ fn raise_nofile() {
     }
 }
 
-fn start(dir: &Path) -> Control {
+fn start(dir: &Path, database: &str) -> Control {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -91,7 +98,7 @@ fn start(dir: &Path) -> Control {
         dir.join("control.toml"),
         format!(
             "log-level = \"warn\"\n[control]\nlisten-address = \"127.0.0.1:{port}\"\n\
-             hostname = \"localhost\"\nstate-dir = \"state\"\n"
+             hostname = \"localhost\"\nstate-dir = \"state\"\n{database}"
         ),
     )
     .expect("write config");
@@ -249,10 +256,10 @@ async fn fan_out(
     last.duration_since(started)
 }
 
-async fn run(devices: usize) {
+async fn run(devices: usize, database: &str) {
     raise_nofile();
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = Arc::new(start(dir.path()));
+    let c = Arc::new(start(dir.path(), database));
     let key = c.setup_key("bench@acme.com");
     let solo_key = c.setup_key("solo@globex.com");
 
@@ -362,5 +369,16 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(run(devices));
+    // Outside the runtime: the cluster's readiness check blocks.
+    let pg = (std::env::var("RUNEWARP_BENCH_POSTGRES").as_deref() == Ok("1"))
+        .then(postgres_cluster::Postgres::start);
+    let database = match &pg {
+        Some(pg) => format!("database-url = \"{}\"\n", pg.create_db("bench")),
+        None => String::new(),
+    };
+    println!(
+        "storage: {}",
+        if pg.is_some() { "postgres" } else { "sqlite" }
+    );
+    rt.block_on(run(devices, &database));
 }

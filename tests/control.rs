@@ -22,9 +22,14 @@ fn control_toml(home: &Home, port: u16) -> std::path::PathBuf {
 
 /// `runewarp control -c control.toml ARGS`: (exit code, stdout, stderr).
 fn admin(home: &Home, args: &[&str]) -> (i32, String, String) {
+    admin_with(home, "control.toml", args)
+}
+
+/// [`admin`] with another config file (another replica's).
+fn admin_with(home: &Home, config: &str, args: &[&str]) -> (i32, String, String) {
     let out = home
         .cmd()
-        .args(["control", "-c", "control.toml"])
+        .args(["control", "-c", config])
         .args(args)
         .output()
         .unwrap();
@@ -99,6 +104,26 @@ fn wait_peers(home: &Home, name: &str, want: &[&str], within: Duration) -> Durat
     wait_for(&format!("{name} sees {want:?}"), within, || {
         peers(home, name).is_some_and(|p| p == want)
     })
+}
+
+/// Let alice@acme.com reach acme's `db`-tagged devices on port 5432 (and
+/// nothing else).
+fn set_db_policy(home: &Home) {
+    home.write(
+        "policy.json",
+        r#"{"acls": [{"action": "accept", "src": ["alice@acme.com"], "dst": ["tag:db:5432"]}]}"#,
+    );
+    let (code, _, err) = admin(home, &["policy", "set", "--org", "acme.com", "policy.json"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// The id of device `name` in `devices list` output.
+fn device_id(list: &str, name: &str) -> String {
+    list.lines()
+        .find(|l| l.split('\t').nth(2) == Some(name))
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or_else(|| panic!("{name} in {list}"))
+        .to_string()
 }
 
 fn start_control(home: &Home) -> Running {
@@ -205,15 +230,7 @@ fn devices_enrol_into_their_organisation_and_changes_reach_them_at_once() {
     assert!(err.contains("line 3, column 34"), "{err}");
 
     // An ACL edit reaches the devices it concerns.
-    home.write(
-        "policy.json",
-        r#"{"acls": [{"action": "accept", "src": ["alice@acme.com"], "dst": ["tag:db:5432"]}]}"#,
-    );
-    let (code, _, err) = admin(
-        &home,
-        &["policy", "set", "--org", "acme.com", "policy.json"],
-    );
-    assert_eq!(code, 0, "{err}");
+    set_db_policy(&home);
     let acl = wait_peers(&home, "db1", &["a1", "a2"], Duration::from_secs(5));
     wait_peers(&home, "a1", &["db1"], Duration::from_secs(5));
     let filter = std::fs::read_to_string(home.path().join("db1/netmap.json")).unwrap();
@@ -222,12 +239,7 @@ fn devices_enrol_into_their_organisation_and_changes_reach_them_at_once() {
 
     // Revocation: the peers drop it, the revoked agent stops and says why.
     let (_, list, _) = admin(&home, &["devices", "list"]);
-    let a2_id = list
-        .lines()
-        .find(|l| l.split('\t').nth(2) == Some("a2"))
-        .and_then(|l| l.split('\t').next())
-        .unwrap()
-        .to_string();
+    let a2_id = device_id(&list, "a2");
     let (code, _, err) = admin(&home, &["devices", "revoke", &a2_id]);
     assert_eq!(code, 0, "{err}");
     let revoke = wait_peers(&home, "db1", &["a1"], Duration::from_secs(5));
@@ -360,4 +372,137 @@ fn a_node_enrols_with_a_setup_key_file_and_a_missing_one_is_named() {
     let out = home.ok(&["node", "down", "--state-dir", "laptop"]);
     assert!(out.contains("no node is running"), "{out}");
     control.stop_with(libc::SIGTERM, Duration::from_secs(5));
+}
+
+#[path = "common/opt_in.rs"]
+mod opt_in;
+
+/// Two control replicas on one PostgreSQL database, as behind a load
+/// balancer: devices on either see changes made through the other (or by
+/// the admin CLI) within 2 s, through LISTEN/NOTIFY rather than the slow
+/// poll.
+#[test]
+fn two_replicas_on_postgres_carry_changes_to_each_others_devices() {
+    if !opt_in::enabled(
+        opt_in::EXTERNAL,
+        "two_replicas_on_postgres",
+        "PostgreSQL server binaries (Debian's postgresql)",
+    ) {
+        return;
+    }
+    let pg = common::postgres::Postgres::start();
+    let url = pg.create_db("runewarp");
+    let home = Home::new();
+    let (p1, p2) = (free_tcp(), free_tcp());
+    // Replica 1 names the database inline; replica 2 reads it from a file,
+    // password included (trust authentication ignores it), which must
+    // never reach a log.
+    home.write(
+        "control.toml",
+        &format!(
+            "[control]\nlisten-address = \"127.0.0.1:{p1}\"\nhostname = \"localhost\"\n\
+             state-dir = \"control-state\"\ndatabase-url = \"{url}\"\n"
+        ),
+    );
+    home.write("db-url", &format!("{url} password=hunter2\n"));
+    home.write(
+        "control2.toml",
+        &format!(
+            "[control]\nlisten-address = \"127.0.0.1:{p2}\"\nhostname = \"localhost\"\n\
+             state-dir = \"control-state-2\"\ndatabase-url-file = \"db-url\"\n"
+        ),
+    );
+    let mut c1 = start_control(&home);
+    // Both replicas present the same certificate, so devices trust either.
+    std::fs::create_dir_all(home.path().join("control-state-2")).unwrap();
+    stderr_of(
+        Command::new("cp")
+            .arg("-a")
+            .arg(home.path().join("control-state/tls"))
+            .arg(home.path().join("control-state-2/tls")),
+        0,
+    );
+    let mut c2 = home.spawn(
+        "control",
+        &home.path().join("control2.toml"),
+        "control2.log",
+    );
+    wait_for("replica 2 started", Duration::from_secs(15), || {
+        !c2.events("control_started").is_empty()
+    });
+    wait_for("replica 2 listens", Duration::from_secs(5), || {
+        !c2.events("database_listening").is_empty()
+    });
+    let db_line = c2.events("control_database");
+    assert!(
+        db_line.iter().any(|l| l.contains("postgres")),
+        "{db_line:?}"
+    );
+
+    let alice = setup_key(&home, &["--user", "alice@acme.com", "--reusable"]);
+    let db = setup_key(&home, &["--org", "acme.com", "--tag", "db"]);
+    let mut running = vec![node(&home, "a1", p1, &alice), node(&home, "a2", p2, &alice)];
+    let up = Duration::from_secs(20);
+    wait_peers(&home, "a1", &["a2"], up);
+    wait_peers(&home, "a2", &["a1"], up);
+
+    // A registration on replica 1 reaches a device on replica 2.
+    running.push(node(&home, "a3", p1, &alice));
+    let enrol = wait_peers(&home, "a2", &["a1", "a3"], up);
+    // An ACL edit by the admin CLI reaches a device on replica 2.
+    running.push(node(&home, "db1", p2, &db));
+    wait_peers(&home, "db1", &[], up);
+    set_db_policy(&home);
+    let acl = wait_peers(&home, "db1", &["a1", "a2", "a3"], Duration::from_secs(2));
+    // A revocation through replica 2's config reaches replica 1's devices.
+    let (_, list, _) = admin_with(&home, "control2.toml", &["devices", "list"]);
+    let (code, _, err) = admin_with(
+        &home,
+        "control2.toml",
+        &["devices", "revoke", &device_id(&list, "a3")],
+    );
+    assert_eq!(code, 0, "{err}");
+    let revoke = wait_peers(&home, "db1", &["a1", "a2"], Duration::from_secs(2));
+    // a3 streams from replica 1, which learns of it from the database.
+    let (status, _) = running[2].wait_exit(Duration::from_secs(2));
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(running[2].events("node_revoked").len(), 1);
+
+    // Devices enrolled at once through both replicas get distinct
+    // addresses.
+    for i in 0..6 {
+        let name = format!("b{i}");
+        running.push(node(&home, &name, if i % 2 == 0 { p1 } else { p2 }, &alice));
+    }
+    for i in 0..6 {
+        let map = home.path().join(format!("b{i}/netmap.json"));
+        wait_for(&format!("b{i} enrolled"), up, || map.exists());
+    }
+    let (code, list, err) = admin(&home, &["devices", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let addrs: Vec<&str> = list
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split('\t').nth(3))
+        .collect();
+    let unique: std::collections::HashSet<&&str> = addrs.iter().collect();
+    assert_eq!((addrs.len(), unique.len()), (10, 10), "{list}");
+    eprintln!(
+        "replica-to-replica: enrolment {} ms, ACL edit {} ms, revocation {} ms",
+        enrol.as_millis(),
+        acl.as_millis(),
+        revoke.as_millis()
+    );
+
+    for r in &mut running {
+        if r.child.try_wait().unwrap().is_none() {
+            r.stop_with(libc::SIGTERM, Duration::from_secs(5));
+        }
+    }
+    c1.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    c2.stop_with(libc::SIGTERM, Duration::from_secs(5));
+    for log in ["control.log", "control2.log"] {
+        let text = std::fs::read_to_string(home.path().join(log)).unwrap();
+        assert!(!text.contains("hunter2"), "{log} holds the password");
+    }
 }

@@ -1,6 +1,7 @@
 //! The operator's commands (`runewarp control setup-key|devices|policy`):
-//! they open the same database as the running server, whose change serial
-//! then carries each change to the connected devices. Who may run them is
+//! they open the same database as the running server (SQLite or
+//! PostgreSQL), whose change serial then carries each change to the
+//! connected devices of every replica. Who may run them is
 //! whoever may read the state dir (0700).
 
 use super::config::ControlConfig;
@@ -20,7 +21,7 @@ pub enum AdminError {
 
 /// Carry out `cmd`; returns what to print on stdout.
 pub fn run(config: &ControlConfig, cmd: &ControlCommand) -> Result<String, AdminError> {
-    let mut store = Store::open(&config.state_dir)?;
+    let mut store = Store::connect(&config.database, &config.state_dir)?;
     match cmd {
         ControlCommand::SetupKey(SetupKeyCommand::Create {
             user,

@@ -6,7 +6,13 @@
 //! hostname = "control.example.com"
 //! state-dir = "/var/lib/runewarp/control"
 //! # consumer-domains = ["gmail.com", "outlook.com"]  # replaces the default list
+//! # database = "sqlite"                              # the default: state-dir/control.db
+//! # database-url-file = "/run/credentials/runewarp-control.service/db-url"
+//! # database-url = "postgresql://runewarp@db.internal/runewarp"  # no password here
 //! ```
+//!
+//! A PostgreSQL URL with a password belongs in `database-url-file` (read at
+//! start, never logged), so the password never sits in this file.
 //!
 //! Relative paths resolve against the file's directory; every error names
 //! the file and the key.
@@ -60,6 +66,84 @@ struct RawControl {
     hostname: Option<String>,
     state_dir: Option<PathBuf>,
     consumer_domains: Option<Vec<String>>,
+    database: Option<String>,
+    database_url: Option<String>,
+    database_url_file: Option<PathBuf>,
+}
+
+/// Where the control plane keeps its state.
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// `control.db` in the state dir.
+    Sqlite,
+    /// A PostgreSQL database shared by every replica.
+    Postgres(PostgresUrl),
+}
+
+/// A validated PostgreSQL connection string. `Debug` and [`summary`]
+/// (Self::summary) never show the password.
+#[derive(Clone)]
+pub struct PostgresUrl {
+    config: Box<postgres::Config>,
+    summary: String,
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PostgresUrl({})", self.summary)
+    }
+}
+
+impl PostgresUrl {
+    /// Parse a `postgresql://` URL or a `key=value` connection string.
+    /// The error never repeats the input (it may hold a password).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: postgres::Config = text.trim().parse().map_err(|e| {
+            format!("not a PostgreSQL connection string (postgresql://USER@HOST[:PORT]/DB or key=value pairs): {e}")
+        })?;
+        if config.get_hosts().is_empty() {
+            return Err("the connection string names no host (a host name, an address or a unix socket directory)".into());
+        }
+        let Some(dbname) = config.get_dbname() else {
+            return Err("the connection string names no database".into());
+        };
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                postgres::config::Host::Tcp(h) => h.clone(),
+                postgres::config::Host::Unix(p) => p.display().to_string(),
+            })
+            .collect();
+        let ports: Vec<String> = config.get_ports().iter().map(|p| p.to_string()).collect();
+        let summary = format!(
+            "host={} port={} dbname={dbname} user={}",
+            hosts.join(","),
+            if ports.is_empty() {
+                "5432".to_string()
+            } else {
+                ports.join(",")
+            },
+            config.get_user().unwrap_or("-"),
+        );
+        Ok(Self {
+            config: Box::new(config),
+            summary,
+        })
+    }
+
+    /// Host, port, database and user: safe to log.
+    pub fn summary(&self) -> &str {
+        &self.summary
+    }
+
+    pub fn has_password(&self) -> bool {
+        self.config.get_password().is_some()
+    }
+
+    pub fn config(&self) -> &postgres::Config {
+        &self.config
+    }
 }
 
 /// A validated control-server config.
@@ -71,6 +155,7 @@ pub struct ControlConfig {
     pub hostname: ServerHostname,
     pub state_dir: PathBuf,
     pub consumer_domains: Vec<String>,
+    pub database: Database,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,13 +230,30 @@ impl ControlConfig {
                 .map(|d| d.to_string())
                 .collect(),
         };
+        let database =
+            database(dir, c.database, c.database_url, c.database_url_file).map_err(err)?;
         Ok(Self {
             log_level: raw.log_level.unwrap_or(LogLevel::Info),
             listen_address,
             hostname,
             state_dir,
             consumer_domains,
+            database,
         })
+    }
+
+    /// The engine and where, for the start-up log line (no password).
+    pub fn database_summary(&self) -> (&'static str, String) {
+        match &self.database {
+            Database::Sqlite => (
+                "sqlite",
+                self.state_dir
+                    .join(super::store::DB_FILE)
+                    .display()
+                    .to_string(),
+            ),
+            Database::Postgres(url) => ("postgres", url.summary().to_string()),
+        }
     }
 
     /// The organisation a user's email belongs to: its domain, or for a
@@ -167,6 +269,59 @@ impl ControlConfig {
         } else {
             Some(domain.to_string())
         }
+    }
+}
+
+/// `database`, `database-url` and `database-url-file` together.
+fn database(
+    dir: &Path,
+    engine: Option<String>,
+    url: Option<String>,
+    url_file: Option<PathBuf>,
+) -> Result<Database, String> {
+    let url = match (url, url_file) {
+        (Some(_), Some(_)) => {
+            return Err(
+                "control.database-url and control.database-url-file: set one, not both".into(),
+            );
+        }
+        (Some(u), None) => {
+            let parsed =
+                PostgresUrl::parse(&u).map_err(|e| format!("control.database-url: {e}"))?;
+            if parsed.has_password() {
+                return Err("control.database-url holds a password: put the URL in a file readable only by the service and name it in control.database-url-file".into());
+            }
+            Some(parsed)
+        }
+        (None, Some(f)) => {
+            let path = dir.join(f);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                format!(
+                    "control.database-url-file = {:?}: cannot read: {e}",
+                    path.display().to_string()
+                )
+            })?;
+            Some(PostgresUrl::parse(&text).map_err(|e| {
+                format!(
+                    "control.database-url-file = {:?}: {e}",
+                    path.display().to_string()
+                )
+            })?)
+        }
+        (None, None) => None,
+    };
+    match (engine.as_deref(), url) {
+        (None | Some("sqlite"), None) => Ok(Database::Sqlite),
+        (None | Some("postgres" | "postgresql"), Some(u)) => Ok(Database::Postgres(u)),
+        (Some("postgres" | "postgresql"), None) => Err(
+            "control.database = \"postgres\" needs control.database-url-file (or a database-url without a password)".into(),
+        ),
+        (Some("sqlite"), Some(_)) => Err(
+            "control.database = \"sqlite\" takes no database-url; remove it or set database = \"postgres\"".into(),
+        ),
+        (Some(other), _) => Err(format!(
+            "control.database = {other:?}: expected \"sqlite\" or \"postgres\""
+        )),
     }
 }
 
@@ -207,5 +362,60 @@ mod tests {
             parse("[control]\nhostname = \"https://h.example\"\nstate-dir = \"s\"\n").unwrap_err();
         assert!(e.contains("control.hostname"), "{e}");
         assert!(parse("").unwrap_err().contains("no [control] section"));
+        assert!(matches!(c.database, Database::Sqlite));
+    }
+
+    #[test]
+    fn the_database_is_sqlite_or_a_postgres_url_kept_out_of_logs() {
+        const BASE: &str = "[control]\nhostname = \"h.example\"\nstate-dir = \"s\"\n";
+        let with = |extra: &str| parse(&format!("{BASE}{extra}"));
+        assert!(matches!(
+            with("database = \"sqlite\"\n").unwrap().database,
+            Database::Sqlite
+        ));
+        let c = with("database-url = \"postgresql://rw@db.internal:5433/runewarp\"\n").unwrap();
+        let Database::Postgres(u) = &c.database else {
+            panic!("expected postgres");
+        };
+        assert_eq!(
+            u.summary(),
+            "host=db.internal port=5433 dbname=runewarp user=rw"
+        );
+        assert_eq!(c.database_summary().0, "postgres");
+        let e = with("database-url = \"postgresql://rw:hunter2@db/runewarp\"\n").unwrap_err();
+        assert!(e.contains("database-url-file"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = with("database = \"postgres\"\n").unwrap_err();
+        assert!(e.contains("needs control.database-url-file"), "{e}");
+        let e = with("database = \"mysql\"\n").unwrap_err();
+        assert!(e.contains("expected \"sqlite\" or \"postgres\""), "{e}");
+        let e =
+            with("database = \"sqlite\"\ndatabase-url = \"postgresql://rw@db/x\"\n").unwrap_err();
+        assert!(e.contains("takes no database-url"), "{e}");
+        let e = with("database-url = \"postgresql://rw@db\"\n").unwrap_err();
+        assert!(e.contains("names no database"), "{e}");
+        let e = with("database-url = \"a\"\ndatabase-url-file = \"f\"\n").unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+
+        // The file form: a password is fine there, and never shown.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("db-url");
+        std::fs::write(&file, "postgresql://rw:hunter2@127.0.0.1/runewarp\n").unwrap();
+        let text = format!(
+            "{BASE}database-url-file = {:?}\n",
+            file.display().to_string()
+        );
+        let c = parse(&text).unwrap();
+        let Database::Postgres(u) = &c.database else {
+            panic!("expected postgres");
+        };
+        assert!(u.has_password());
+        assert!(!format!("{:?} {}", c, u.summary()).contains("hunter2"));
+        std::fs::write(&file, "postgresql://rw:hunter2@[::1/x\n").unwrap();
+        let e = parse(&text).unwrap_err();
+        assert!(e.contains("not a PostgreSQL connection string"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = with("database-url-file = \"/nonexistent/db-url\"\n").unwrap_err();
+        assert!(e.contains("cannot read"), "{e}");
     }
 }

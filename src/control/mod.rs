@@ -6,13 +6,15 @@
 //! the organisation's ACL policy — within a fraction of a second of a
 //! change. Devices of different organisations never learn of each other.
 //!
-//! Pieces: [`config`] (the `[control]` file), [`store`] (SQLite),
+//! Pieces: [`config`] (the `[control]` file), [`store`] (the state) over
+//! [`db`] (SQLite, or PostgreSQL shared by several replicas),
 //! [`policy`] (ACLs), [`netmap`] (what one device is told), [`api`] (the
 //! HTTPS API), [`admin`] (the operator's commands).
 
 pub mod admin;
 pub mod api;
 pub mod config;
+pub mod db;
 pub mod netmap;
 pub mod policy;
 pub mod store;
@@ -32,8 +34,12 @@ use store::{Store, StoreError};
 /// The API's certificate material, under the state dir (made on first
 /// start; devices trust `tls/server-ca.crt`).
 pub const TLS_DIR: &str = "tls";
-/// How often the server looks for changes made by admin commands.
+/// How often the server looks for changes made by admin commands (SQLite:
+/// another process's change has no other way in).
 const CHANGE_POLL: Duration = Duration::from_millis(100);
+/// On PostgreSQL changes arrive by `LISTEN`; the poll only covers
+/// notifications lost while the listening connection was down.
+const CHANGE_POLL_LISTENING: Duration = Duration::from_millis(1500);
 /// A TLS handshake must finish within this time.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Connections served at once.
@@ -73,9 +79,20 @@ pub struct Control {
     acceptor: TlsAcceptor,
 }
 
+/// Stops the `LISTEN` thread when the server stops.
+struct StopListening(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopListening {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Open the store, make the API certificate on first start, bind.
 pub async fn start(config: ControlConfig) -> Result<Control, ControlError> {
-    let store = Store::open(&config.state_dir)?;
+    let (engine, target) = config.database_summary();
+    let store = Store::connect(&config.database, &config.state_dir)?;
+    tracing::info!(event = "control_database", engine, target = %target);
     let tls_dir = config.state_dir.join(TLS_DIR);
     if !tls_dir.join("server.crt").exists() {
         material::init_server_cert(&tls_dir, &config.hostname, false)?;
@@ -114,6 +131,20 @@ pub async fn run(control: Control, mut shutdown: Shutdown) {
     } = control;
     let first = crate::sync::lock(&store).serial().unwrap_or(0);
     let (serial_tx, serial_rx) = tokio::sync::watch::channel(first);
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let stop_listening = StopListening(Arc::default());
+    let poll = match &config.database {
+        config::Database::Sqlite => CHANGE_POLL,
+        config::Database::Postgres(url) => {
+            match db::listen(url.clone(), changed.clone(), stop_listening.0.clone()) {
+                Ok(_) => CHANGE_POLL_LISTENING,
+                Err(e) => {
+                    tracing::error!(event = "database_listen_failed", error = %e);
+                    CHANGE_POLL
+                }
+            }
+        }
+    };
     let watcher = {
         let store = store.clone();
         let mut shutdown = shutdown.clone();
@@ -121,7 +152,8 @@ pub async fn run(control: Control, mut shutdown: Shutdown) {
             loop {
                 tokio::select! {
                     _ = shutdown.wait() => return,
-                    _ = tokio::time::sleep(CHANGE_POLL) => {}
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = changed.notified() => {}
                 }
                 let now = crate::sync::lock(&store).serial();
                 match now {
@@ -185,5 +217,6 @@ pub async fn run(control: Control, mut shutdown: Shutdown) {
         });
     }
     watcher.abort();
+    drop(stop_listening);
     tracing::info!(event = "control_stopped");
 }

@@ -1,16 +1,35 @@
 //! The control plane's storage: organisations, setup keys, devices and
-//! policies in SQLite (`control.db` in the state dir, mode 0600). Every
-//! change bumps one serial in the same transaction; the running control
-//! server watches that serial, so a change made by an admin command in
-//! another process reaches connected devices too.
+//! policies, in SQLite (`control.db` in the state dir, mode 0600, the
+//! default) or PostgreSQL (one database for several replicas); see
+//! [`super::db`] for the engines. Every change bumps one serial in the same
+//! transaction; the running control server watches that serial (and, on
+//! PostgreSQL, `LISTEN`s for it), so a change made by an admin command in
+//! another process, or by another replica, reaches connected devices too.
 //!
 //! Secrets (setup keys, device tokens) are stored only as SHA-256 hashes.
+//!
+//! Adding an operation that works on both engines:
+//!
+//! 1. New tables or columns: a new entry at the end of
+//!    [`super::db::MIGRATIONS`], with the DDL in each dialect (`BIGINT`
+//!    and `BOOLEAN` in PostgreSQL where SQLite says `INTEGER`).
+//! 2. A read: `self.db.query(sql, &[Arg::…])` (or `query_opt`) and the
+//!    [`Row`] accessors `int`/`text`/`opt_text`/`bool`.
+//! 3. A change: `self.db.write(|tx| { …; tx.bump_serial()?; Ok(…) })`:
+//!    one transaction, the serial bumped (and replicas notified) at
+//!    commit. If a read decides the write (a free address, a unique
+//!    name, a key's use count), append `tx.lock_clause()` to that
+//!    `SELECT` so a second replica's writer waits for this one.
+//! 4. SQL once, in SQLite's syntax with `?N` placeholders, `TRUE`/`FALSE`,
+//!    `RETURNING id`, `ON CONFLICT`, and `"user"` quoted; test it against
+//!    both engines (tests/control_postgres.rs runs the store tests on
+//!    PostgreSQL).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, params};
-
+use super::config::Database;
+use super::db::{Arg, Db, Row};
 use crate::fsutil;
 
 /// The file in the state dir.
@@ -34,6 +53,16 @@ pub enum StoreError {
     StateDir { path: String, error: std::io::Error },
     #[error("control database: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("control database: {0}")]
+    Postgres(#[from] postgres::Error),
+    #[error("cannot connect to the control database ({target}): {error}")]
+    Connect {
+        /// Host, port, database and user: never the password.
+        target: String,
+        error: postgres::Error,
+    },
+    #[error("control database: unexpected value: {0}")]
+    Decode(String),
     #[error("no organisation {0:?}; create a setup key for it first")]
     NoOrganisation(String),
     #[error("organisation {0:?} has no free address (1,022 devices at most)")]
@@ -88,27 +117,10 @@ pub struct SetupKeySpec {
 }
 
 pub struct Store {
-    conn: Connection,
+    db: Db,
+    /// This deployment's IPv6 ULA /48: made once, never changes.
+    ula: [u8; 6],
 }
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS orgs (
-    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
-CREATE TABLE IF NOT EXISTS setup_keys (
-    id INTEGER PRIMARY KEY, org_id INTEGER NOT NULL REFERENCES orgs(id),
-    hash BLOB NOT NULL UNIQUE, user TEXT, tags TEXT NOT NULL,
-    reusable INTEGER NOT NULL, expires_at INTEGER NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0, uses INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS devices (
-    id INTEGER PRIMARY KEY, org_id INTEGER NOT NULL REFERENCES orgs(id),
-    user TEXT, hostname TEXT NOT NULL, public_key TEXT NOT NULL UNIQUE,
-    token_hash BLOB NOT NULL UNIQUE, tags TEXT NOT NULL, ordinal INTEGER NOT NULL,
-    created_at INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (org_id, hostname), UNIQUE (org_id, ordinal));
-CREATE TABLE IF NOT EXISTS policies (
-    org_id INTEGER PRIMARY KEY REFERENCES orgs(id), text TEXT NOT NULL);
-";
 
 /// SHA-256 of a secret, as stored.
 fn hash(secret: &str) -> Vec<u8> {
@@ -134,98 +146,94 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
+const DEVICE_COLUMNS: &str = r#"SELECT d.id, d.org_id, o.name, d."user", d.hostname, d.public_key, d.tags, d.ordinal, d.revoked
+     FROM devices d JOIN orgs o ON o.id = d.org_id"#;
+
 impl Store {
-    /// Open (creating) the database in `state_dir` (0700), file 0600.
+    /// Open (creating) the SQLite database in `state_dir` (0700), file
+    /// 0600.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         fsutil::ensure_dir(state_dir, 0o700).map_err(|error| StoreError::StateDir {
             path: state_dir.display().to_string(),
             error,
         })?;
         let path = state_dir.join(DB_FILE);
-        let open_err = |error| StoreError::Open {
+        let db = Db::open_sqlite(&path).map_err(|error| StoreError::Open {
             path: path.display().to_string(),
             error,
-        };
-        let conn = Connection::open(&path).map_err(open_err)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        })?;
+        Self::with(db)
+    }
+
+    /// Open the configured database: SQLite in `state_dir`, or PostgreSQL.
+    pub fn connect(database: &Database, state_dir: &Path) -> Result<Self, StoreError> {
+        match database {
+            Database::Sqlite => Self::open(state_dir),
+            Database::Postgres(url) => Self::with(Db::connect_postgres(url)?),
         }
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(open_err)?;
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
-        let store = Self { conn };
-        store.ula_prefix()?;
-        Ok(store)
+    }
+
+    fn with(mut db: Db) -> Result<Self, StoreError> {
+        db.migrate()?;
+        let ula = Self::ula_prefix(&mut db)?;
+        Ok(Self { db, ula })
     }
 
     /// The serial: bumped by every change.
     pub fn serial(&self) -> Result<u64, StoreError> {
-        let v: Option<String> = self
-            .conn
-            .query_row("SELECT value FROM meta WHERE key = 'serial'", [], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
-    }
-
-    fn bump(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
-        tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('serial', '1')
-             ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
-            [],
-        )?;
-        Ok(())
+        let v = self
+            .db
+            .query_opt("SELECT value FROM meta WHERE key = 'serial'", &[])?;
+        Ok(match v {
+            Some(r) => r.text(0)?.parse().unwrap_or(0),
+            None => 0,
+        })
     }
 
     /// This deployment's IPv6 ULA /48 (random global ID, RFC 4193), made
-    /// once.
-    fn ula_prefix(&self) -> Result<[u8; 6], StoreError> {
-        let v: Option<String> = self
-            .conn
-            .query_row("SELECT value FROM meta WHERE key = 'ula'", [], |r| r.get(0))
-            .optional()?;
+    /// once; replicas starting together agree on the first one stored.
+    fn ula_prefix(db: &mut Db) -> Result<[u8; 6], StoreError> {
         let parse = |s: &str| -> Option<[u8; 6]> {
             let b: Vec<u8> = (0..6)
                 .map(|i| u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok())
                 .collect::<Option<_>>()?;
             b.try_into().ok()
         };
-        if let Some(p) = v.as_deref().and_then(parse) {
-            return Ok(p);
-        }
         let mut p: [u8; 6] = rand::random();
         p[0] = 0xfd;
         let text: String = p.iter().map(|b| format!("{b:02x}")).collect();
-        self.conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('ula', ?1)",
-            params![text],
-        )?;
-        let v: String =
-            self.conn
-                .query_row("SELECT value FROM meta WHERE key = 'ula'", [], |r| r.get(0))?;
-        Ok(parse(&v).unwrap_or(p))
+        let stored = db.write(|tx| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('ula', ?1) ON CONFLICT (key) DO NOTHING",
+                &[Arg::Text(&text)],
+            )?;
+            match tx.query_opt("SELECT value FROM meta WHERE key = 'ula'", &[])? {
+                Some(r) => r.text(0),
+                None => Ok(text.clone()),
+            }
+        })?;
+        parse(&stored).ok_or_else(|| StoreError::Decode(format!("meta ula = {stored:?}")))
     }
 
-    fn org_id(tx: &rusqlite::Transaction<'_>, name: &str, create: bool) -> Result<i64, StoreError> {
-        if let Some(id) = tx
-            .query_row("SELECT id FROM orgs WHERE name = ?1", params![name], |r| {
-                r.get(0)
-            })
-            .optional()?
-        {
-            return Ok(id);
+    fn org_id(tx: &mut super::db::Tx<'_>, name: &str, create: bool) -> Result<i64, StoreError> {
+        let select = "SELECT id FROM orgs WHERE name = ?1";
+        if let Some(r) = tx.query_opt(select, &[Arg::Text(name)])? {
+            return r.int(0);
         }
         if !create {
             return Err(StoreError::NoOrganisation(name.to_string()));
         }
-        tx.execute("INSERT INTO orgs (name) VALUES (?1)", params![name])?;
-        let id = tx.last_insert_rowid();
+        // Another replica may create it at the same moment: keep theirs.
+        let id = match tx.query_opt(
+            "INSERT INTO orgs (name) VALUES (?1) ON CONFLICT (name) DO NOTHING RETURNING id",
+            &[Arg::Text(name)],
+        )? {
+            Some(r) => r.int(0)?,
+            None => match tx.query_opt(select, &[Arg::Text(name)])? {
+                Some(r) => r.int(0)?,
+                None => return Err(StoreError::NoOrganisation(name.to_string())),
+            },
+        };
         if id > ORG_BLOCKS {
             return Err(StoreError::OrganisationsFull);
         }
@@ -235,23 +243,28 @@ impl Store {
     /// Create a setup key; the secret is returned once and stored hashed.
     pub fn create_setup_key(&mut self, spec: &SetupKeySpec) -> Result<NewSetupKey, StoreError> {
         let key = new_secret("rwk_");
-        let tx = self.conn.transaction()?;
-        let org = Self::org_id(&tx, &spec.organisation, true)?;
-        tx.execute(
-            "INSERT INTO setup_keys (org_id, hash, user, tags, reusable, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                org,
-                hash(&key),
-                spec.user,
-                spec.tags.join(","),
-                spec.reusable,
-                now() + spec.ttl_s
-            ],
-        )?;
-        let id = tx.last_insert_rowid();
-        Self::bump(&tx)?;
-        tx.commit()?;
+        let id = self.db.write(|tx| {
+            let org = Self::org_id(tx, &spec.organisation, true)?;
+            let tags = spec.tags.join(",");
+            let row = tx.query_opt(
+                r#"INSERT INTO setup_keys (org_id, hash, "user", tags, reusable, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id"#,
+                &[
+                    Arg::Int(org),
+                    Arg::Blob(&hash(&key)),
+                    Arg::OptText(spec.user.as_deref()),
+                    Arg::Text(&tags),
+                    Arg::Bool(spec.reusable),
+                    Arg::Int(now() + spec.ttl_s),
+                ],
+            )?;
+            let id = match row {
+                Some(r) => r.int(0)?,
+                None => return Err(StoreError::Decode("INSERT returned no id".into())),
+            };
+            tx.bump_serial()?;
+            Ok(id)
+        })?;
         Ok(NewSetupKey {
             id,
             key,
@@ -261,134 +274,153 @@ impl Store {
 
     /// Enrol a device with a setup key. Returns the device and its bearer
     /// token (shown once, stored hashed).
+    ///
+    /// With several replicas, the setup key's row and then the
+    /// organisation's row are locked until commit, so two registrations
+    /// never pick the same address or hostname, nor both use a single-use
+    /// key.
     pub fn register(
         &mut self,
         setup_key: &str,
         public_key: &str,
         hostname: &str,
     ) -> Result<Result<(Device, String), RegisterError>, StoreError> {
-        let prefix = self.ula_prefix()?;
-        let tx = self.conn.transaction()?;
-        let found: Option<(i64, i64, Option<String>, String, bool, i64)> = tx
-            .query_row(
-                "SELECT id, org_id, user, tags, reusable, uses FROM setup_keys
-                 WHERE hash = ?1 AND revoked = 0 AND expires_at > ?2",
-                params![hash(setup_key), now()],
-                |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                    ))
-                },
-            )
-            .optional()?;
-        let Some((key_id, org_id, user, tags, reusable, uses)) = found else {
-            return Ok(Err(RegisterError::BadSetupKey));
-        };
-        if !reusable && uses > 0 {
-            return Ok(Err(RegisterError::BadSetupKey));
-        }
-        let taken: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM devices WHERE public_key = ?1)",
-            params![public_key],
-            |r| r.get(0),
-        )?;
-        if taken {
-            return Ok(Err(RegisterError::KeyTaken));
-        }
-        let org_name: String = tx.query_row(
-            "SELECT name FROM orgs WHERE id = ?1",
-            params![org_id],
-            |r| r.get(0),
-        )?;
-        // The lowest free ordinal: addresses of revoked devices stay
-        // reserved, so an old address never names a new device.
-        let used: Vec<i64> = tx
-            .prepare("SELECT ordinal FROM devices WHERE org_id = ?1 ORDER BY ordinal")?
-            .query_map(params![org_id], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        let ordinal = lowest_free(&used);
-        if ordinal > (1 << ORG_BLOCK_BITS) - 2 {
-            return Err(StoreError::BlockFull(org_name));
-        }
-        // A hostname unique in the organisation: name, name-2, name-3…
-        let mut name = hostname.to_string();
-        let mut n = 1;
-        while tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM devices WHERE org_id = ?1 AND hostname = ?2)",
-            params![org_id, name],
-            |r| r.get::<_, bool>(0),
-        )? {
-            n += 1;
-            name = format!("{hostname}-{n}");
-        }
-        let token = new_secret("rwt_");
-        tx.execute(
-            "INSERT INTO devices (org_id, user, hostname, public_key, token_hash, tags, ordinal, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![org_id, user, name, public_key, hash(&token), tags, ordinal, now()],
-        )?;
-        let id = tx.last_insert_rowid();
-        tx.execute(
-            "UPDATE setup_keys SET uses = uses + 1 WHERE id = ?1",
-            params![key_id],
-        )?;
-        Self::bump(&tx)?;
-        tx.commit()?;
-        let device = Device {
-            id,
-            org_id,
-            organisation: org_name,
-            user,
-            hostname: name,
-            public_key: public_key.to_string(),
-            tags: split_tags(&tags),
-            ipv4: ipv4(org_id, ordinal),
-            ipv6: ipv6(prefix, org_id, ordinal),
-            revoked: false,
-        };
-        Ok(Ok((device, token)))
-    }
-
-    fn device_rows(
-        &self,
-        filter: &str,
-        args: &[&dyn rusqlite::ToSql],
-    ) -> Result<Vec<Device>, StoreError> {
-        let prefix = self.ula_prefix()?;
-        let sql = format!(
-            "SELECT d.id, d.org_id, o.name, d.user, d.hostname, d.public_key, d.tags, d.ordinal, d.revoked
-             FROM devices d JOIN orgs o ON o.id = d.org_id {filter} ORDER BY d.id"
-        );
-        let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map(args, |r| {
-            let org_id: i64 = r.get(1)?;
-            let ordinal: i64 = r.get(7)?;
-            Ok(Device {
-                id: r.get(0)?,
+        let prefix = self.ula;
+        self.db.write(|tx| {
+            let lock = tx.lock_clause();
+            let found = tx.query_opt(
+                &format!(
+                    r#"SELECT id, org_id, "user", tags, reusable, uses FROM setup_keys
+                 WHERE hash = ?1 AND revoked = FALSE AND expires_at > ?2{lock}"#
+                ),
+                &[Arg::Blob(&hash(setup_key)), Arg::Int(now())],
+            )?;
+            let Some(found) = found else {
+                return Ok(Err(RegisterError::BadSetupKey));
+            };
+            let (key_id, org_id, user, tags, reusable, uses) = (
+                found.int(0)?,
+                found.int(1)?,
+                found.opt_text(2)?,
+                found.text(3)?,
+                found.bool(4)?,
+                found.int(5)?,
+            );
+            if !reusable && uses > 0 {
+                return Ok(Err(RegisterError::BadSetupKey));
+            }
+            let org_name = match tx.query_opt(
+                &format!("SELECT name FROM orgs WHERE id = ?1{lock}"),
+                &[Arg::Int(org_id)],
+            )? {
+                Some(r) => r.text(0)?,
+                None => return Err(StoreError::Decode(format!("setup key {key_id}: no org"))),
+            };
+            let taken = tx.query_opt(
+                "SELECT 1 FROM devices WHERE public_key = ?1",
+                &[Arg::Text(public_key)],
+            )?;
+            if taken.is_some() {
+                return Ok(Err(RegisterError::KeyTaken));
+            }
+            // The lowest free ordinal: addresses of revoked devices stay
+            // reserved, so an old address never names a new device.
+            let used: Vec<i64> = tx
+                .query(
+                    "SELECT ordinal FROM devices WHERE org_id = ?1 ORDER BY ordinal",
+                    &[Arg::Int(org_id)],
+                )?
+                .iter()
+                .map(|r| r.int(0))
+                .collect::<Result<_, _>>()?;
+            let ordinal = lowest_free(&used);
+            if ordinal > (1 << ORG_BLOCK_BITS) - 2 {
+                return Err(StoreError::BlockFull(org_name));
+            }
+            // A hostname unique in the organisation: name, name-2, name-3…
+            let mut name = hostname.to_string();
+            let mut n = 1;
+            while tx
+                .query_opt(
+                    "SELECT 1 FROM devices WHERE org_id = ?1 AND hostname = ?2",
+                    &[Arg::Int(org_id), Arg::Text(&name)],
+                )?
+                .is_some()
+            {
+                n += 1;
+                name = format!("{hostname}-{n}");
+            }
+            let token = new_secret("rwt_");
+            let row = tx.query_opt(
+                r#"INSERT INTO devices (org_id, "user", hostname, public_key, token_hash, tags, ordinal, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id"#,
+                &[
+                    Arg::Int(org_id),
+                    Arg::OptText(user.as_deref()),
+                    Arg::Text(&name),
+                    Arg::Text(public_key),
+                    Arg::Blob(&hash(&token)),
+                    Arg::Text(&tags),
+                    Arg::Int(ordinal),
+                    Arg::Int(now()),
+                ],
+            )?;
+            let id = match row {
+                Some(r) => r.int(0)?,
+                None => return Err(StoreError::Decode("INSERT returned no id".into())),
+            };
+            tx.execute(
+                "UPDATE setup_keys SET uses = uses + 1 WHERE id = ?1",
+                &[Arg::Int(key_id)],
+            )?;
+            tx.bump_serial()?;
+            let device = Device {
+                id,
                 org_id,
-                organisation: r.get(2)?,
-                user: r.get(3)?,
-                hostname: r.get(4)?,
-                public_key: r.get(5)?,
-                tags: split_tags(&r.get::<_, String>(6)?),
+                organisation: org_name,
+                user,
+                hostname: name,
+                public_key: public_key.to_string(),
+                tags: split_tags(&tags),
                 ipv4: ipv4(org_id, ordinal),
                 ipv6: ipv6(prefix, org_id, ordinal),
-                revoked: r.get(8)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+                revoked: false,
+            };
+            Ok(Ok((device, token)))
+        })
+    }
+
+    fn device_rows(&self, filter: &str, args: &[Arg<'_>]) -> Result<Vec<Device>, StoreError> {
+        let sql = format!("{DEVICE_COLUMNS} {filter} ORDER BY d.id");
+        self.db
+            .query(&sql, args)?
+            .iter()
+            .map(|r| self.device_of(r))
+            .collect()
+    }
+
+    fn device_of(&self, r: &Row) -> Result<Device, StoreError> {
+        let org_id = r.int(1)?;
+        let ordinal = r.int(7)?;
+        Ok(Device {
+            id: r.int(0)?,
+            org_id,
+            organisation: r.text(2)?,
+            user: r.opt_text(3)?,
+            hostname: r.text(4)?,
+            public_key: r.text(5)?,
+            tags: split_tags(&r.text(6)?),
+            ipv4: ipv4(org_id, ordinal),
+            ipv6: ipv6(self.ula, org_id, ordinal),
+            revoked: r.bool(8)?,
+        })
     }
 
     /// The device a bearer token belongs to (revoked ones included).
     pub fn device_by_token(&self, token: &str) -> Result<Option<Device>, StoreError> {
         let h = hash(token);
         Ok(self
-            .device_rows("WHERE d.token_hash = ?1", &[&h])?
+            .device_rows("WHERE d.token_hash = ?1", &[Arg::Blob(&h)])?
             .into_iter()
             .next())
     }
@@ -397,7 +429,7 @@ impl Store {
     #[cfg(test)]
     pub fn device(&self, id: i64) -> Result<Option<Device>, StoreError> {
         Ok(self
-            .device_rows("WHERE d.id = ?1", &[&id])?
+            .device_rows("WHERE d.id = ?1", &[Arg::Int(id)])?
             .into_iter()
             .next())
     }
@@ -405,59 +437,58 @@ impl Store {
     /// Every device of one organisation, or of all.
     pub fn devices(&self, org_id: Option<i64>) -> Result<Vec<Device>, StoreError> {
         match org_id {
-            Some(o) => self.device_rows("WHERE d.org_id = ?1", &[&o]),
+            Some(o) => self.device_rows("WHERE d.org_id = ?1", &[Arg::Int(o)]),
             None => self.device_rows("", &[]),
         }
     }
 
     /// Revoke a device; false if there is none with that id.
     pub fn revoke_device(&mut self, id: i64) -> Result<bool, StoreError> {
-        let tx = self.conn.transaction()?;
-        let n = tx.execute(
-            "UPDATE devices SET revoked = 1 WHERE id = ?1 AND revoked = 0",
-            params![id],
-        )?;
-        if n > 0 {
-            Self::bump(&tx)?;
-        }
-        tx.commit()?;
-        Ok(n > 0)
+        self.db.write(|tx| {
+            let n = tx.execute(
+                "UPDATE devices SET revoked = TRUE WHERE id = ?1 AND revoked = FALSE",
+                &[Arg::Int(id)],
+            )?;
+            if n > 0 {
+                tx.bump_serial()?;
+            }
+            Ok(n > 0)
+        })
     }
 
     /// Replace an organisation's policy (validated by the caller).
     pub fn set_policy(&mut self, organisation: &str, text: &str) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
-        let org = Self::org_id(&tx, organisation, false)?;
-        tx.execute(
-            "INSERT INTO policies (org_id, text) VALUES (?1, ?2)
-             ON CONFLICT(org_id) DO UPDATE SET text = excluded.text",
-            params![org, text],
-        )?;
-        Self::bump(&tx)?;
-        tx.commit()?;
-        Ok(())
+        self.db.write(|tx| {
+            let org = Self::org_id(tx, organisation, false)?;
+            tx.execute(
+                "INSERT INTO policies (org_id, text) VALUES (?1, ?2)
+                 ON CONFLICT (org_id) DO UPDATE SET text = excluded.text",
+                &[Arg::Int(org), Arg::Text(text)],
+            )?;
+            tx.bump_serial()
+        })
     }
 
     /// An organisation's policy text, if one was set.
     pub fn policy(&self, org_id: i64) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT text FROM policies WHERE org_id = ?1",
-                params![org_id],
-                |r| r.get(0),
-            )
-            .optional()?)
+        match self.db.query_opt(
+            "SELECT text FROM policies WHERE org_id = ?1",
+            &[Arg::Int(org_id)],
+        )? {
+            Some(r) => Ok(Some(r.text(0)?)),
+            None => Ok(None),
+        }
     }
 
     /// The id of an organisation by name.
     pub fn organisation(&self, name: &str) -> Result<Option<i64>, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT id FROM orgs WHERE name = ?1", params![name], |r| {
-                r.get(0)
-            })
-            .optional()?)
+        match self
+            .db
+            .query_opt("SELECT id FROM orgs WHERE name = ?1", &[Arg::Text(name)])?
+        {
+            Some(r) => Ok(Some(r.int(0)?)),
+            None => Ok(None),
+        }
     }
 }
 
@@ -511,10 +542,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn single_use_keys_enrol_once_and_addresses_stay_in_the_org_block() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path()).unwrap();
+    /// The same checks on each engine.
+    fn enrolment(mut s: Store) {
         let k = s
             .create_setup_key(&spec("acme.com", Some("a@acme.com"), false))
             .unwrap();
@@ -526,12 +555,13 @@ mod tests {
         );
         let g = s.create_setup_key(&spec("globex.com", None, true)).unwrap();
         let (e, _) = s.register(&g.key, "pk3", "laptop").unwrap().unwrap();
-        let (f, _) = s.register(&g.key, "pk4", "laptop").unwrap().unwrap();
+        let (f, token) = s.register(&g.key, "pk4", "laptop").unwrap().unwrap();
         assert_eq!(e.ipv4, Ipv4Addr::new(100, 64, 4, 1));
         assert_eq!(
             (f.ipv4, f.hostname.as_str()),
             (Ipv4Addr::new(100, 64, 4, 2), "laptop-2")
         );
+        assert_eq!(s.device_by_token(&token).unwrap(), Some(f.clone()));
         assert_eq!(
             s.register(&g.key, "pk4", "x").unwrap(),
             Err(RegisterError::KeyTaken)
@@ -544,23 +574,109 @@ mod tests {
         assert!(s.revoke_device(e.id).unwrap());
         assert!(s.serial().unwrap() > serial);
         assert!(!s.revoke_device(e.id).unwrap());
+        assert!(s.device(e.id).unwrap().unwrap().revoked);
         // The revoked device's address is not handed out again.
         let (h, _) = s.register(&g.key, "pk6", "h").unwrap().unwrap();
         assert_eq!(h.ipv4, Ipv4Addr::new(100, 64, 4, 3));
         assert_eq!(d.ipv6.segments()[0] & 0xff00, 0xfd00);
         assert_eq!(h.ipv6.segments()[3], 2);
-    }
-
-    #[test]
-    fn expired_keys_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.devices(Some(e.org_id)).unwrap().len(), 3);
+        assert!(matches!(
+            s.set_policy("nobody.example", "{}"),
+            Err(StoreError::NoOrganisation(_))
+        ));
+        s.set_policy("globex.com", "{\"acls\": []}").unwrap();
+        s.set_policy("globex.com", "{}").unwrap();
+        let org = s.organisation("globex.com").unwrap().unwrap();
+        assert_eq!(s.policy(org).unwrap().as_deref(), Some("{}"));
         let mut sp = spec("acme.com", None, true);
         sp.ttl_s = -1;
         let k = s.create_setup_key(&sp).unwrap();
         assert_eq!(
-            s.register(&k.key, "pk1", "x").unwrap(),
+            s.register(&k.key, "pk7", "x").unwrap(),
             Err(RegisterError::BadSetupKey)
         );
     }
+
+    /// Two replicas (two connections) enrol at once with one reusable
+    /// key and one hostname: every device gets its own address and name.
+    fn concurrent(open: impl Fn() -> Store) {
+        let key = open()
+            .create_setup_key(&spec("acme.com", None, true))
+            .unwrap()
+            .key;
+        let threads: Vec<_> = (0..2)
+            .map(|r| {
+                let (mut s, key) = (open(), key.clone());
+                std::thread::spawn(move || {
+                    (0..8)
+                        .map(|i| {
+                            let (d, _) = s
+                                .register(&key, &format!("pk-{r}-{i}"), "laptop")
+                                .unwrap()
+                                .unwrap();
+                            (d.ipv4, d.hostname)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let all: Vec<_> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let addrs: std::collections::HashSet<_> = all.iter().map(|d| d.0).collect();
+        let names: std::collections::HashSet<_> = all.iter().map(|d| d.1.clone()).collect();
+        assert_eq!((addrs.len(), names.len()), (16, 16), "{all:?}");
+        assert_eq!(open().devices(None).unwrap().len(), 16);
+    }
+
+    #[test]
+    fn sqlite_enrols_allocates_and_revokes() {
+        let dir = tempfile::tempdir().unwrap();
+        enrolment(Store::open(dir.path()).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        concurrent(|| Store::open(dir.path()).unwrap());
+        // Opening again finds the schema current.
+        let mut db = Db::open_sqlite(&dir.path().join(DB_FILE)).unwrap();
+        assert_eq!(db.migrate().unwrap(), 1);
+        // A preview database (no schema_version) is adopted as version 1
+        // with its rows.
+        let dir = tempfile::tempdir().unwrap();
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE orgs (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+             INSERT INTO orgs (name) VALUES ('acme.com');",
+        )
+        .unwrap();
+        drop(conn);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.organisation("acme.com").unwrap(), Some(1));
+        assert_eq!(s.serial().unwrap(), 0);
+    }
+
+    #[test]
+    fn postgres_passes_the_same_tests_with_two_writers() {
+        if std::env::var_os("RUNEWARP_TEST_EXTERNAL").is_none_or(|v| v != "1") {
+            eprintln!(
+                "SKIPPED postgres store test: needs PostgreSQL; set RUNEWARP_TEST_EXTERNAL=1"
+            );
+            return;
+        }
+        let pg = test_postgres::Postgres::start();
+        let connect = |url: &str| {
+            let url = crate::control::config::PostgresUrl::parse(url).unwrap();
+            Store::connect(&Database::Postgres(url), Path::new("/nonexistent")).unwrap()
+        };
+        enrolment(connect(&pg.create_db("enrolment")));
+        let url = pg.create_db("concurrent");
+        concurrent(|| connect(&url));
+        let url = crate::control::config::PostgresUrl::parse(&url).unwrap();
+        let mut db = Db::connect_postgres(&url).unwrap();
+        assert_eq!(db.migrate().unwrap(), 1);
+    }
 }
+
+#[cfg(test)]
+#[path = "../../tests/common/postgres.rs"]
+mod test_postgres;
