@@ -1,5 +1,5 @@
 //! The mesh control plane (seed 000: Runetale's User Management Server):
-//! `runewarp control`. It enrols devices (setup keys; SSO comes next),
+//! `runewarp control`. It enrols devices (setup keys, or SSO sign-in),
 //! collects each device's WireGuard public key (the private key never
 //! leaves the device), assigns addresses from the organisation's block and
 //! pushes every device its network map — peers and packet filter, after
@@ -14,6 +14,7 @@ pub mod admin;
 pub mod api;
 pub mod config;
 pub mod netmap;
+pub mod oidc;
 pub mod policy;
 pub mod store;
 
@@ -34,6 +35,8 @@ use store::{Store, StoreError};
 pub const TLS_DIR: &str = "tls";
 /// How often the server looks for changes made by admin commands.
 const CHANGE_POLL: Duration = Duration::from_millis(100);
+/// How often expired device logins are looked for.
+const EXPIRY_POLL: Duration = Duration::from_secs(1);
 /// A TLS handshake must finish within this time.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Connections served at once.
@@ -51,6 +54,9 @@ pub enum ControlError {
     /// rustls refused the certificate.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// `[control.oidc]` could not be set up.
+    #[error("{0}")]
+    Oidc(#[from] oidc::OidcSetupError),
     /// The API address could not be bound.
     #[error("cannot listen on {addr}: {error}")]
     Bind {
@@ -68,11 +74,16 @@ pub struct Control {
     store: Arc<Mutex<Store>>,
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    oidc: Option<Arc<oidc::Oidc>>,
 }
 
 /// Open the store, make the API certificate on first start, bind.
 pub async fn start(config: ControlConfig) -> Result<Control, ControlError> {
     let store = Store::open(&config.state_dir)?;
+    let oidc = match &config.oidc {
+        Some(o) => Some(Arc::new(oidc::Oidc::new(&config, o)?)),
+        None => None,
+    };
     let tls_dir = config.state_dir.join(TLS_DIR);
     if !tls_dir.join("server.crt").exists() {
         material::init_server_cert(&tls_dir, &config.hostname, false)?;
@@ -94,6 +105,7 @@ pub async fn start(config: ControlConfig) -> Result<Control, ControlError> {
         store: Arc::new(Mutex::new(store)),
         listener,
         acceptor: TlsAcceptor::from(Arc::new(server)),
+        oidc,
     })
 }
 
@@ -104,6 +116,7 @@ pub async fn run(control: Control, mut shutdown: Shutdown) {
         store,
         listener,
         acceptor,
+        oidc,
     } = control;
     let first = crate::sync::lock(&store).serial().unwrap_or(0);
     let (serial_tx, serial_rx) = tokio::sync::watch::channel(first);
@@ -111,10 +124,25 @@ pub async fn run(control: Control, mut shutdown: Shutdown) {
         let store = store.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let mut polls: u64 = 0;
             loop {
                 tokio::select! {
                     _ = shutdown.wait() => return,
                     _ = tokio::time::sleep(CHANGE_POLL) => {}
+                }
+                // Device keys whose login expired leave their peers' maps.
+                let tick = EXPIRY_POLL.as_millis() / CHANGE_POLL.as_millis();
+                polls += 1;
+                if polls % tick as u64 == 0 {
+                    let at = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0);
+                    match crate::sync::lock(&store).expire_logins(at) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(event = "device_logins_expired", devices = n),
+                        Err(e) => tracing::error!(event = "store_failed", error = %e),
+                    }
                 }
                 let now = crate::sync::lock(&store).serial();
                 match now {
@@ -130,9 +158,16 @@ pub async fn run(control: Control, mut shutdown: Shutdown) {
             }
         })
     };
-    let api = Arc::new(api::Api::new(store, serial_rx, shutdown.clone()));
+    let sso = oidc.is_some();
+    let api = Arc::new(api::Api::new(
+        store,
+        serial_rx,
+        shutdown.clone(),
+        Arc::new(config.clone()),
+        oidc,
+    ));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    tracing::info!(event = "control_started", listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), hostname = %config.hostname, state_dir = %config.state_dir.display());
+    tracing::info!(event = "control_started", listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), hostname = %config.hostname, state_dir = %config.state_dir.display(), sso);
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.wait() => break,

@@ -158,6 +158,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        conn.execute_batch(SCHEMA_LOGIN).map_err(open_err)?;
         let store = Self { conn };
         store.ula_prefix()?;
         Ok(store)
@@ -461,6 +462,289 @@ impl Store {
     }
 }
 
+/// SSO sign-in (added with `[control.oidc]`): users as the IdP knows
+/// them, which organisation an (issuer, key) pair forms, and which login
+/// each signed-in device's key hangs on (and when it expires). Plain
+/// INTEGER/TEXT columns only, so the same statements suit PostgreSQL.
+const SCHEMA_LOGIN: &str = "
+CREATE TABLE IF NOT EXISTS oidc_orgs (
+    issuer TEXT NOT NULL, org_key TEXT NOT NULL,
+    org_id INTEGER NOT NULL REFERENCES orgs(id), PRIMARY KEY (issuer, org_key));
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY, issuer TEXT NOT NULL, subject TEXT NOT NULL,
+    email TEXT NOT NULL, org_id INTEGER NOT NULL REFERENCES orgs(id),
+    idp_groups TEXT NOT NULL, is_admin INTEGER NOT NULL, last_login INTEGER NOT NULL,
+    UNIQUE (issuer, subject));
+CREATE TABLE IF NOT EXISTS device_logins (
+    device_id INTEGER PRIMARY KEY REFERENCES devices(id),
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    expires_at INTEGER NOT NULL, expired INTEGER NOT NULL DEFAULT 0);
+";
+
+/// A verified sign-in, as the control server hands it to the store.
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub issuer: String,
+    pub subject: String,
+    /// Lower-cased, verified by the IdP.
+    pub email: String,
+    /// What keys the organisation (with the issuer): `hd`, `tid`, the
+    /// email domain, or for a consumer domain `sub:SUBJECT`.
+    pub org_key: String,
+    /// The name a new organisation gets (the domain, or the email).
+    pub org_name: String,
+    pub groups: Vec<String>,
+    pub admin: bool,
+    /// Unix seconds when the device's key stops working.
+    pub expires_at: i64,
+}
+
+/// A user as listed by `runewarp control users`.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: i64,
+    pub organisation: String,
+    pub issuer: String,
+    pub email: String,
+    pub groups: Vec<String>,
+    pub admin: bool,
+}
+
+impl Store {
+    /// The organisation for (issuer, key), made on first sign-in. Its name
+    /// is `login.org_name`; an organisation of that name made by setup
+    /// keys (no SSO mapping yet) is adopted, one another key holds gets a
+    /// `-2`, `-3`… suffix.
+    fn login_org(tx: &rusqlite::Transaction<'_>, login: &Login) -> Result<i64, StoreError> {
+        if let Some(id) = tx
+            .query_row(
+                "SELECT org_id FROM oidc_orgs WHERE issuer = ?1 AND org_key = ?2",
+                params![login.issuer, login.org_key],
+                |r| r.get(0),
+            )
+            .optional()?
+        {
+            return Ok(id);
+        }
+        let mut name = login.org_name.clone();
+        let mut n = 1;
+        let id = loop {
+            let existing: Option<i64> = tx
+                .query_row("SELECT id FROM orgs WHERE name = ?1", params![name], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            match existing {
+                None => break Self::org_id(tx, &name, true)?,
+                Some(id) => {
+                    let mapped: bool = tx.query_row(
+                        "SELECT EXISTS (SELECT 1 FROM oidc_orgs WHERE org_id = ?1)",
+                        params![id],
+                        |r| r.get(0),
+                    )?;
+                    if !mapped {
+                        break id;
+                    }
+                }
+            }
+            n += 1;
+            name = format!("{}-{n}", login.org_name);
+        };
+        tx.execute(
+            "INSERT INTO oidc_orgs (issuer, org_key, org_id) VALUES (?1, ?2, ?3)",
+            params![login.issuer, login.org_key, id],
+        )?;
+        Ok(id)
+    }
+
+    /// Record a sign-in and enrol (or renew) the device with `public_key`:
+    /// a new device gets an address and a token; the same user's device
+    /// signing in again gets a fresh token and expiry. Another user's key
+    /// is refused.
+    pub fn login_device(
+        &mut self,
+        login: &Login,
+        public_key: &str,
+        hostname: &str,
+    ) -> Result<Result<(Device, String), RegisterError>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let org_id = Self::login_org(&tx, login)?;
+        let groups = login.groups.join("\n");
+        tx.execute(
+            "INSERT INTO users (issuer, subject, email, org_id, idp_groups, is_admin, last_login)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (issuer, subject) DO UPDATE SET email = excluded.email,
+               idp_groups = excluded.idp_groups, is_admin = excluded.is_admin,
+               last_login = excluded.last_login",
+            params![
+                login.issuer,
+                login.subject,
+                login.email,
+                org_id,
+                groups,
+                login.admin,
+                now()
+            ],
+        )?;
+        let user_id: i64 = tx.query_row(
+            "SELECT id FROM users WHERE issuer = ?1 AND subject = ?2",
+            params![login.issuer, login.subject],
+            |r| r.get(0),
+        )?;
+        let existing: Option<(i64, Option<i64>, i64)> = tx
+            .query_row(
+                "SELECT d.id, l.user_id, d.revoked FROM devices d
+                 LEFT JOIN device_logins l ON l.device_id = d.id WHERE d.public_key = ?1",
+                params![public_key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let token = new_secret("rwt_");
+        let device_id = match existing {
+            Some((id, Some(owner), 0)) if owner == user_id => {
+                tx.execute(
+                    "UPDATE devices SET token_hash = ?1 WHERE id = ?2",
+                    params![hash(&token), id],
+                )?;
+                tx.execute(
+                    "UPDATE device_logins SET expires_at = ?1, expired = 0 WHERE device_id = ?2",
+                    params![login.expires_at, id],
+                )?;
+                id
+            }
+            Some(_) => return Ok(Err(RegisterError::KeyTaken)),
+            None => {
+                let used: Vec<i64> = tx
+                    .prepare("SELECT ordinal FROM devices WHERE org_id = ?1 ORDER BY ordinal")?
+                    .query_map(params![org_id], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                let ordinal = lowest_free(&used);
+                if ordinal > (1 << ORG_BLOCK_BITS) - 2 {
+                    return Err(StoreError::BlockFull(login.org_name.clone()));
+                }
+                let mut name = hostname.to_string();
+                let mut n = 1;
+                while tx.query_row(
+                    "SELECT COUNT(*) FROM devices WHERE org_id = ?1 AND hostname = ?2",
+                    params![org_id, name],
+                    |r| r.get::<_, i64>(0),
+                )? > 0
+                {
+                    n += 1;
+                    name = format!("{hostname}-{n}");
+                }
+                tx.execute(
+                    "INSERT INTO devices (org_id, user, hostname, public_key, token_hash, tags, ordinal, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, '', ?6, ?7)",
+                    params![org_id, login.email, name, public_key, hash(&token), ordinal, now()],
+                )?;
+                let id = tx.last_insert_rowid();
+                tx.execute(
+                    "INSERT INTO device_logins (device_id, user_id, expires_at) VALUES (?1, ?2, ?3)",
+                    params![id, user_id, login.expires_at],
+                )?;
+                id
+            }
+        };
+        Self::bump(&tx)?;
+        tx.commit()?;
+        let device = self
+            .device_rows("WHERE d.id = ?1", &[&device_id])?
+            .into_iter()
+            .next()
+            .ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+        Ok(Ok((device, token)))
+    }
+
+    /// Mark the device keys whose login expired by `at` (Unix seconds);
+    /// bumps the serial when any did, so their peers drop them. Returns
+    /// how many.
+    pub fn expire_logins(&mut self, at: i64) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE device_logins SET expired = 1 WHERE expired = 0 AND expires_at <= ?1",
+            params![at],
+        )?;
+        if n > 0 {
+            Self::bump(&tx)?;
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Whether device `id`'s key is tied to a login that has expired.
+    pub fn login_expired(&self, id: i64) -> Result<bool, StoreError> {
+        let v: Option<(i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT expires_at, expired FROM device_logins WHERE device_id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(v.is_some_and(|(at, expired)| expired != 0 || at <= now()))
+    }
+
+    /// The devices of organisation `org_id` whose login has expired.
+    pub fn expired_devices(&self, org_id: i64) -> Result<Vec<i64>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT l.device_id FROM device_logins l JOIN devices d ON d.id = l.device_id
+             WHERE d.org_id = ?1 AND (l.expired = 1 OR l.expires_at <= ?2)",
+        )?;
+        let rows = stmt.query_map(params![org_id, now()], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Each signed-in user of organisation `org_id` (by email) and their
+    /// IdP groups, for the policy's `group:NAME`.
+    pub fn user_groups(
+        &self,
+        org_id: i64,
+    ) -> Result<std::collections::HashMap<String, Vec<String>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT email, idp_groups FROM users WHERE org_id = ?1")?;
+        let rows = stmt.query_map(params![org_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (email, groups) = row?;
+            let list: Vec<String> = groups
+                .split('\n')
+                .filter(|g| !g.is_empty())
+                .map(str::to_string)
+                .collect();
+            out.entry(email).or_insert_with(Vec::new).extend(list);
+        }
+        Ok(out)
+    }
+
+    /// Every signed-in user.
+    pub fn users(&self) -> Result<Vec<User>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT u.id, o.name, u.issuer, u.email, u.idp_groups, u.is_admin
+             FROM users u JOIN orgs o ON o.id = u.org_id ORDER BY u.id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(User {
+                id: r.get(0)?,
+                organisation: r.get(1)?,
+                issuer: r.get(2)?,
+                email: r.get(3)?,
+                groups: r
+                    .get::<_, String>(4)?
+                    .split('\n')
+                    .filter(|g| !g.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                admin: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
 /// The smallest ordinal from 1 up that `used` (sorted) does not hold.
 fn lowest_free(used: &[i64]) -> i64 {
     let mut next = 1;
@@ -562,5 +846,69 @@ mod tests {
             s.register(&k.key, "pk1", "x").unwrap(),
             Err(RegisterError::BadSetupKey)
         );
+    }
+
+    fn login(email: &str, sub: &str, key: &str, expires_at: i64) -> Login {
+        Login {
+            issuer: "https://idp.example".into(),
+            subject: sub.into(),
+            email: email.into(),
+            org_key: key.into(),
+            org_name: key.trim_start_matches("sub:").into(),
+            groups: vec!["eng".into()],
+            admin: false,
+            expires_at,
+        }
+    }
+
+    #[test]
+    fn logins_share_an_org_by_key_renew_the_same_device_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let later = now() + 3600;
+        let (a, t1) = s
+            .login_device(
+                &login("alice@acme.com", "1", "acme.com", later),
+                "pka",
+                "lap",
+            )
+            .unwrap()
+            .unwrap();
+        let (b, _) = s
+            .login_device(&login("bob@acme.com", "2", "acme.com", later), "pkb", "lap")
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.org_id, b.hostname.as_str()), (b.org_id, "lap-2"));
+        assert_eq!(s.user_groups(a.org_id).unwrap()["bob@acme.com"], ["eng"]);
+        // Bob cannot take Alice's key; Alice renewing keeps the device.
+        assert_eq!(
+            s.login_device(&login("bob@acme.com", "2", "acme.com", later), "pka", "x")
+                .unwrap(),
+            Err(RegisterError::KeyTaken)
+        );
+        let (a2, t2) = s
+            .login_device(&login("alice@acme.com", "1", "acme.com", later), "pka", "x")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a2.id, a.id);
+        assert!(s.device_by_token(&t1).unwrap().is_none());
+        assert_eq!(s.device_by_token(&t2).unwrap().unwrap().id, a.id);
+        // Another issuer's acme.com is another organisation.
+        let mut other = login("eve@acme.com", "3", "acme.com", later);
+        other.issuer = "https://other.example".into();
+        let (e, _) = s.login_device(&other, "pke", "e").unwrap().unwrap();
+        assert_ne!(e.org_id, a.org_id);
+        assert_eq!(e.organisation, "acme.com-2");
+        assert!(!s.login_expired(b.id).unwrap());
+        let (c, _) = s
+            .login_device(&login("c@gmail.com", "4", "sub:4", now() - 1), "pkc", "c")
+            .unwrap()
+            .unwrap();
+        assert!(s.login_expired(c.id).unwrap());
+        let serial = s.serial().unwrap();
+        assert_eq!(s.expire_logins(now()).unwrap(), 1);
+        assert!(s.serial().unwrap() > serial);
+        assert_eq!(s.expired_devices(c.org_id).unwrap(), [c.id]);
+        assert_eq!(s.users().unwrap().len(), 4);
     }
 }
