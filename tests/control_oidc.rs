@@ -481,6 +481,7 @@ fn sso_places_users_in_their_organisations_and_refuses_what_it_must() {
         "control.toml",
         "policy",
         "set",
+        "--org",
         "acme.com",
         "acme.json",
     ]);
@@ -495,6 +496,7 @@ fn sso_places_users_in_their_organisations_and_refuses_what_it_must() {
         "control.toml",
         "policy",
         "set",
+        "--org",
         "globex.com",
         "globex.json",
     ]);
@@ -644,6 +646,8 @@ fn an_expired_login_gets_401_and_leaves_the_maps_until_the_user_signs_in_again()
     // Signing in again renews erin-b (same key, same device); erin-a,
     // still expired, is not in its map.
     home.ok(&["node", "logout", "--state-dir", "erin-b"]);
+    // The new run's URL, not the old one in the same log.
+    std::fs::remove_file(home.path().join("erin-b.log")).unwrap();
     let (_b, page) = enrol(&home, port, "erin-b", "erin");
     assert_eq!(page.status, 200, "{page:?}");
     wait_for("erin-b's new map", Duration::from_secs(15), || {

@@ -600,7 +600,14 @@ impl Api {
         }
         let state = query_param(&req, "state").unwrap_or_default();
         let code = query_param(&req, "code");
-        let idp_error = query_param(&req, "error");
+        // An OAuth error code is a short token; anything else is cut down
+        // before it reaches a page or a log line.
+        let idp_error = query_param(&req, "error").map(|e| {
+            e.chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+                .take(64)
+                .collect::<String>()
+        });
         let (id, public_key, hostname, who) = match sso
             .callback(&state, code.as_deref(), idp_error.as_deref())
             .await

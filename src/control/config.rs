@@ -208,8 +208,18 @@ impl ControlConfig {
         let key_expiry = match c.key_expiry {
             None => DEFAULT_KEY_EXPIRY,
             Some(text) => {
-                let d = crate::config::parse_duration(&text)
-                    .map_err(|e| err(format!("control.key-expiry = {text:?}: {e}")))?;
+                // Days too: key lifetimes are counted in them.
+                let days = text
+                    .strip_suffix('d')
+                    .and_then(|n| n.trim().parse::<u64>().ok());
+                let d = match days {
+                    Some(n) => Duration::from_secs(n.saturating_mul(86_400)),
+                    None => crate::config::parse_duration(&text).map_err(|e| {
+                        err(format!(
+                            "control.key-expiry = {text:?}: {e} (or days, such as \"180d\")"
+                        ))
+                    })?,
+                };
                 if d < Duration::from_secs(1) {
                     return Err(err(format!(
                         "control.key-expiry = {text:?}: must be at least 1s"
