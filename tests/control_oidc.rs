@@ -165,6 +165,16 @@ struct Browser {
     jar: BTreeMap<String, BTreeMap<String, String>>,
 }
 
+/// A TLS client configuration trusting the CA in `ca_file`.
+fn trusting(ca_file: &Path) -> Arc<rustls::ClientConfig> {
+    runewarp::tls::install_crypto_provider();
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca_file)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    common::tls::client_config(&roots)
+}
+
 /// (https, host, port, path and query) of an absolute URL.
 fn split_url(url: &str) -> (bool, String, u16, String) {
     let (https, rest) = match url.split_once("://") {
@@ -210,13 +220,8 @@ fn attr(tag: &str, name: &str) -> Option<String> {
 
 impl Browser {
     fn new(ca_file: &Path) -> Self {
-        runewarp::tls::install_crypto_provider();
-        let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca_file)
-            .unwrap()
-            .map(|c| c.unwrap())
-            .collect();
         Self {
-            tls: common::tls::client_config(&roots),
+            tls: trusting(ca_file),
             jar: BTreeMap::new(),
         }
     }
@@ -361,10 +366,10 @@ impl Browser {
         let mut pairs = form_urlencoded::Serializer::new(String::new());
         for input in form.split("<input").skip(1) {
             let tag = &input[..input.find('>').unwrap_or(input.len())];
-            if let (Some(n), Some(v)) = (attr(tag, "name"), attr(tag, "value")) {
-                if !fields.iter().any(|(k, _)| *k == n) {
-                    pairs.append_pair(&n, &v);
-                }
+            if let (Some(n), Some(v)) = (attr(tag, "name"), attr(tag, "value"))
+                && !fields.iter().any(|(k, _)| *k == n)
+            {
+                pairs.append_pair(&n, &v);
             }
         }
         for (k, v) in fields {
@@ -413,21 +418,28 @@ fn enrol(home: &Home, port: u16, name: &str, user: &str) -> (Running, Page) {
     (node, page)
 }
 
-#[test]
-fn sso_places_users_in_their_organisations_and_refuses_what_it_must() {
-    if !enabled("sso_places_users_in_their_organisations_and_refuses_what_it_must") {
-        return;
+/// For an enabled `test`: a home, the control port, the provider and a
+/// control server with `extra` in its `[control]` table.
+fn setup(test: &str, extra: &str) -> Option<(Home, u16, Running, Running)> {
+    if !enabled(test) {
+        return None;
     }
     let home = Home::new();
     let port = free_tcp();
-    let (_provider, issuer) =
+    let (provider, issuer) =
         start_provider(&home, &format!("https://localhost:{port}/oidc/callback"));
-    let _control = start_control(
-        &home,
-        port,
-        &issuer,
+    let control = start_control(&home, port, &issuer, extra);
+    Some((home, port, provider, control))
+}
+
+#[test]
+fn sso_places_users_in_their_organisations_and_refuses_what_it_must() {
+    let Some((home, port, _provider, _control)) = setup(
+        "sso_places_users_in_their_organisations_and_refuses_what_it_must",
         "admins = [\"alice@acme.com\", \"group:ops\"]",
-    );
+    ) else {
+        return;
+    };
 
     let mut nodes = Vec::new();
     for (name, user) in [
@@ -578,15 +590,7 @@ fn sso_places_users_in_their_organisations_and_refuses_what_it_must() {
 
 /// `GET /v1/map` with `token`: the status.
 fn map_status(home: &Home, port: u16, token: &str) -> u16 {
-    let tls = {
-        runewarp::tls::install_crypto_provider();
-        let roots: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(home.path().join("control-state/tls/server-ca.crt"))
-                .unwrap()
-                .map(|c| c.unwrap())
-                .collect();
-        common::tls::client_config(&roots)
-    };
+    let tls = trusting(&home.path().join("control-state/tls/server-ca.crt"));
     let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let conn =
@@ -614,14 +618,12 @@ fn map_status(home: &Home, port: u16, token: &str) -> u16 {
 
 #[test]
 fn an_expired_login_gets_401_and_leaves_the_maps_until_the_user_signs_in_again() {
-    if !enabled("an_expired_login_gets_401_and_leaves_the_maps_until_the_user_signs_in_again") {
+    let Some((home, port, _provider, _control)) = setup(
+        "an_expired_login_gets_401_and_leaves_the_maps_until_the_user_signs_in_again",
+        "key-expiry = \"12s\"",
+    ) else {
         return;
-    }
-    let home = Home::new();
-    let port = free_tcp();
-    let (_provider, issuer) =
-        start_provider(&home, &format!("https://localhost:{port}/oidc/callback"));
-    let _control = start_control(&home, port, &issuer, "key-expiry = \"12s\"");
+    };
     let (mut a, page) = enrol(&home, port, "erin-a", "erin");
     assert_eq!(page.status, 200, "{page:?}");
     let (mut b, page) = enrol(&home, port, "erin-b", "erin");

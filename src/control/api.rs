@@ -211,25 +211,12 @@ impl Api {
                 "too many registrations; wait a minute",
             );
         }
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 4 KiB"),
-        };
-        let r: RegisterRequest = match serde_json::from_slice(&body) {
+        let r: RegisterRequest = match read_json(req).await {
             Ok(r) => r,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
+            Err(answer) => return *answer,
         };
-        if !valid_public_key(&r.public_key) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "public_key must be a base64 X25519 key (32 bytes)",
-            );
-        }
-        if !valid_hostname(&r.hostname) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "hostname must be one DNS label: a-z, 0-9 and '-', at most 63",
-            );
+        if let Err(answer) = check_device(&r.public_key, &r.hostname) {
+            return *answer;
         }
         let result = self
             .store()
@@ -420,6 +407,40 @@ impl Api {
     }
 }
 
+/// A JSON request body of at most [`MAX_BODY`], or the answer to give.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<T, Box<Response<Body>>> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return Err(Box::new(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body over 4 KiB",
+            )));
+        }
+    };
+    serde_json::from_slice(&body)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, &format!("bad request: {e}"))))
+}
+
+/// A device's key and hostname as enrolment needs them, or the answer.
+fn check_device(public_key: &str, hostname: &str) -> Result<(), Box<Response<Body>>> {
+    if !valid_public_key(public_key) {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "public_key must be a base64 X25519 key (32 bytes)",
+        )));
+    }
+    if !valid_hostname(hostname) {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "hostname must be one DNS label: a-z, 0-9 and '-', at most 63",
+        )));
+    }
+    Ok(())
+}
+
 fn html(status: StatusCode, title: &str, message: &str) -> Response<Body> {
     Response::builder()
         .status(status)
@@ -462,25 +483,12 @@ impl Api {
                 "too many logins; wait a minute",
             );
         }
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 4 KiB"),
-        };
-        let r: LoginRequest = match serde_json::from_slice(&body) {
+        let r: LoginRequest = match read_json(req).await {
             Ok(r) => r,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
+            Err(answer) => return *answer,
         };
-        if !valid_public_key(&r.public_key) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "public_key must be a base64 X25519 key (32 bytes)",
-            );
-        }
-        if !valid_hostname(&r.hostname) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "hostname must be one DNS label: a-z, 0-9 and '-', at most 63",
-            );
+        if let Err(answer) = check_device(&r.public_key, &r.hostname) {
+            return *answer;
         }
         let Some(started) = sso.start(&r.public_key, &r.hostname) else {
             return error(

@@ -133,7 +133,7 @@ pub async fn run(control: Control, mut shutdown: Shutdown) {
                 // Device keys whose login expired leave their peers' maps.
                 let tick = EXPIRY_POLL.as_millis() / CHANGE_POLL.as_millis();
                 polls += 1;
-                if polls % tick as u64 == 0 {
+                if polls.is_multiple_of(tick as u64) {
                     let at = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_secs() as i64)

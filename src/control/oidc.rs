@@ -370,13 +370,12 @@ impl Oidc {
         let Some(id) = find(&mut map) else {
             return Waited::Unknown;
         };
-        if map.get(&id).is_some_and(|p| p.outcome.is_some()) {
-            if let Some(Pending {
+        if map.get(&id).is_some_and(|p| p.outcome.is_some())
+            && let Some(Pending {
                 outcome: Some(o), ..
             }) = map.remove(&id)
-            {
-                return Waited::Done(o);
-            }
+        {
+            return Waited::Done(o);
         }
         Waited::Pending
     }
@@ -388,7 +387,7 @@ impl Oidc {
         {
             let mut map = crate::sync::lock(&self.pending);
             Self::sweep(&mut map);
-            if !map.get(id).is_some_and(|p| p.outcome.is_none()) {
+            if map.get(id).is_none_or(|p| p.outcome.is_some()) {
                 return Ok(None);
             }
         }

@@ -233,17 +233,7 @@ async fn post_json<T: Serialize>(
     let req = req
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| fail(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| fail(e.to_string()))?
-        .to_bytes();
+    let (status, body) = answer(url, sender.send_request(req)).await?;
     if !status.is_success() {
         let message = serde_json::from_slice::<ErrorBody>(&body)
             .map(|e| e.error)
@@ -360,10 +350,26 @@ async fn wait_once(
         .header("authorization", format!("Bearer {token}"))
         .body(Full::new(Bytes::new()))
         .map_err(|e| fail(e.to_string()))?;
-    let resp = tokio::time::timeout(Duration::from_secs(60), sender.send_request(req))
-        .await
-        .map_err(|_| fail("no answer to the login wait within 60 s".into()))?
-        .map_err(|e| fail(e.to_string()))?;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        answer(url, sender.send_request(req)),
+    )
+    .await
+    .map_err(|_| fail("no answer to the login wait within 60 s".into()))?
+}
+
+/// A request's status and whole body.
+async fn answer(
+    url: &ControlUrl,
+    sent: impl std::future::Future<
+        Output = Result<hyper::Response<hyper::body::Incoming>, hyper::Error>,
+    >,
+) -> Result<(hyper::StatusCode, Bytes), NodeError> {
+    let fail = |m: String| NodeError::Control {
+        url: url.text.clone(),
+        message: m,
+    };
+    let resp = sent.await.map_err(|e| fail(e.to_string()))?;
     let status = resp.status();
     let body = resp
         .into_body()
