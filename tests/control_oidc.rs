@@ -662,3 +662,38 @@ fn an_expired_login_gets_401_and_leaves_the_maps_until_the_user_signs_in_again()
     wait_peers(&home, "erin-b", &[]);
     assert_eq!(map_status(&home, port, &token_a), 401);
 }
+
+/// One sign-in through a real headless Chromium: the provider's login
+/// and consent pages, then the control server's page.
+#[test]
+fn chromium_signs_a_device_in() {
+    let test = "chromium_signs_a_device_in";
+    if !enabled(test) || !common::webdriver::installed(test) {
+        return;
+    }
+    let Some((home, port, _provider, _control)) = setup(test, "") else {
+        return;
+    };
+    let mut node = node_up(&home, "carol", port);
+    let url = login_url(&mut node, port);
+    let wd = common::webdriver::WebDriver::start("localhost");
+    wd.goto(&url);
+    wd.wait_for_text("name=\"login\"");
+    wd.type_into("input[name=login]", "carol");
+    wd.type_into("input[name=password]", "any");
+    wd.click("button[type=submit]");
+    wd.wait_for_text("name=\"prompt\" value=\"consent\"");
+    wd.click("button[type=submit]");
+    wd.wait_for_text("Signed in as carol@globex.com");
+    assert!(
+        wd.url()
+            .starts_with(&format!("https://localhost:{port}/oidc/callback?")),
+        "{}",
+        wd.url()
+    );
+    wd.screenshot("control-sso-signed-in.png");
+    wait_for("carol's map", Duration::from_secs(15), || {
+        netmap(&home, "carol").is_some()
+    });
+    assert_eq!(enrolment(&home, "carol")["organisation"], "globex.com");
+}

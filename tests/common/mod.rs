@@ -585,6 +585,7 @@ pub async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Dura
 pub mod ports;
 pub mod proc;
 pub mod tls;
+pub mod webdriver;
 
 /// A TCP connection to `to` from the loopback address `127.0.0.<last>`, so
 /// tests can act as many source IPs.
