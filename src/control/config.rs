@@ -303,17 +303,29 @@ fn parse_oidc(dir: &Path, o: RawOidc) -> Result<OidcConfig, String> {
             "control.oidc.issuer is required, such as \"https://accounts.google.com\"".into(),
         );
     };
+    // Plain http only to this machine (a test or a local IdP): the ID
+    // token's keys and the code exchange must not cross a network in clear.
     let issuer_ok = match hyper::Uri::try_from(issuer.as_str()) {
         Ok(u) => {
-            matches!(u.scheme_str(), Some("https" | "http"))
-                && u.host().is_some_and(|h| !h.is_empty())
-                && u.query().is_none()
+            let loopback = u.host().is_some_and(|h| {
+                h == "localhost"
+                    || h.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            });
+            let scheme_ok = match u.scheme_str() {
+                Some("https") => true,
+                Some("http") => loopback,
+                _ => false,
+            };
+            scheme_ok && u.host().is_some_and(|h| !h.is_empty()) && u.query().is_none()
         }
         Err(_) => false,
     };
     if !issuer_ok {
         return Err(format!(
-            "control.oidc.issuer = {issuer:?}: expected an https:// URL without a query"
+            "control.oidc.issuer = {issuer:?}: expected an https:// URL without a query (http:// only on loopback)"
         ));
     }
     let Some(client_id) = o.client_id.filter(|c| !c.trim().is_empty()) else {
@@ -426,6 +438,19 @@ mod tests {
             bad("[control.oidc]\nissuer = \"idp.example\"\nclient-id = \"x\"\nclient-secret-file = \"f\"\n")
                 .contains("control.oidc.issuer")
         );
+        let issuer = |i: &str| {
+            parse(&format!(
+                "{base}[control.oidc]\nissuer = \"{i}\"\nclient-id = \"x\"\nclient-secret-file = \"f\"\n"
+            ))
+        };
+        assert!(issuer("http://127.0.0.1:9000").is_ok());
+        assert!(issuer("http://localhost:9000/realms/a").is_ok());
+        assert!(
+            issuer("http://idp.example")
+                .unwrap_err()
+                .contains("only on loopback")
+        );
+        assert!(issuer("https://idp.example/?x=1").is_err());
         assert!(
             bad("[control.oidc]\nissuer = \"https://i.example\"\nclient-secret-file = \"f\"\n")
                 .contains("client-id is required")
