@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -129,21 +129,6 @@ fn wait_peers(home: &Home, name: &str, want: &[&str]) {
 fn enrolment(home: &Home, name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(home.path().join(name).join("enrolment.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn wait_exit(node: &mut Running, within: Duration) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = node.child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            start.elapsed() < within,
-            "node still running; log:\n{}",
-            node.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 // --- the browser -------------------------------------------------------------
@@ -571,7 +556,7 @@ fn sso_places_users_in_their_organisations_and_refuses_what_it_must() {
     let (mut mallory, page) = enrol(&home, port, "mallory", "mallory");
     assert_eq!(page.status, 403, "{page:?}");
     assert!(page.body.contains("not verified"), "{}", page.body);
-    let status = wait_exit(&mut mallory, Duration::from_secs(40));
+    let (status, _) = mallory.wait_exit(Duration::from_secs(40));
     assert!(!status.success());
     let log = mallory.log_text();
     assert!(log.contains("login refused"), "{log}");
@@ -642,8 +627,8 @@ fn an_expired_login_gets_401_and_leaves_the_maps_until_the_user_signs_in_again()
     wait_for("erin-a's key expires", Duration::from_secs(30), || {
         map_status(&home, port, &token_a) == 401
     });
-    assert!(!wait_exit(&mut a, Duration::from_secs(20)).success());
-    assert!(!wait_exit(&mut b, Duration::from_secs(20)).success());
+    assert!(!a.wait_exit(Duration::from_secs(20)).0.success());
+    assert!(!b.wait_exit(Duration::from_secs(20)).0.success());
 
     // Signing in again renews erin-b (same key, same device); erin-a,
     // still expired, is not in its map.
