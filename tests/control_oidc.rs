@@ -562,6 +562,26 @@ fn sso_places_users_in_their_organisations_and_refuses_what_it_must() {
     assert!(log.contains("login refused"), "{log}");
     assert!(!home.path().join("mallory/enrolment.json").exists());
 
+    // A callback naming another issuer (RFC 9207 mix-up) is refused even
+    // with the right state.
+    let mut node = node_up(&home, "mixup", port);
+    let url = login_url(&mut node, port);
+    let mut browser = Browser::new(&home.path().join("control-state/tls/server-ca.crt"));
+    let to_idp = browser.request("GET", &url, None);
+    assert_eq!(to_idp.status, 302, "{to_idp:?}");
+    let location = to_idp.location.unwrap();
+    let state = location
+        .split(['?', '&'])
+        .find_map(|p| p.strip_prefix("state="))
+        .unwrap()
+        .to_string();
+    let page = browser.get(&format!(
+        "https://localhost:{port}/oidc/callback?code=abc&state={state}&iss=http%3A%2F%2Fevil.example"
+    ));
+    assert_eq!(page.status, 403, "{page:?}");
+    assert!(page.body.contains("another identity provider"), "{page:?}");
+    assert!(!node.wait_exit(Duration::from_secs(40)).0.success());
+
     // No secret in the server's log.
     let control_log = std::fs::read_to_string(home.path().join("control.log")).unwrap();
     let token = enrolment(&home, "bob")["token"]

@@ -617,7 +617,12 @@ impl Api {
                 .collect::<String>()
         });
         let (id, public_key, hostname, who) = match sso
-            .callback(&state, code.as_deref(), idp_error.as_deref())
+            .callback(
+                &state,
+                code.as_deref(),
+                idp_error.as_deref(),
+                query_param(&req, "iss").as_deref(),
+            )
             .await
         {
             Ok(v) => v,

@@ -423,6 +423,7 @@ impl Oidc {
         state: &str,
         code: Option<&str>,
         idp_error: Option<&str>,
+        iss: Option<&str>,
     ) -> Result<(String, String, String, Identity), CallbackError> {
         // Single use: the state is taken out before anything else.
         let (id, auth, public_key, hostname) = {
@@ -447,6 +448,13 @@ impl Oidc {
         };
         if let Some(e) = idp_error {
             return Err(refuse(format!("the identity provider refused: {e}")));
+        }
+        // RFC 9207: an IdP that names itself must be the one configured
+        // (no code from another issuer is sent to this one's token endpoint).
+        if iss.is_some_and(|i| i != self.config.issuer) {
+            return Err(refuse(
+                "the answer names another identity provider (iss)".into(),
+            ));
         }
         let Some(code) = code else {
             return Err(refuse("the identity provider sent no code".into()));
