@@ -286,6 +286,8 @@ pub enum ControlCommand {
     /// An organisation's ACL policy (JSON).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// List the users who signed in (SSO), their groups and admin status.
+    Users,
 }
 
 #[derive(Debug, Subcommand, Clone)]
@@ -348,14 +350,14 @@ pub enum PolicyCommand {
 
 #[derive(Debug, Subcommand, Clone)]
 pub enum NodeCommand {
-    /// Enrol (first time, with a setup key) and follow the network map
-    /// until stopped.
+    /// Enrol (first time: with a setup key, or by signing in at the printed
+    /// URL) and follow the network map until stopped.
     Up {
         /// The control server, such as https://control.example.com:7443
         /// (remembered after the first time).
         #[arg(long, value_name = "URL")]
         control: Option<String>,
-        /// The setup key for the first enrolment.
+        /// The setup key for the first enrolment (without one: SSO sign-in).
         #[arg(long = "setup-key", value_name = "KEY", env = "RUNEWARP_SETUP_KEY")]
         setup_key: Option<String>,
         /// Read the setup key from this file instead (a systemd credential,

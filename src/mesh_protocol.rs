@@ -24,6 +24,31 @@ pub struct RegisterResponse {
     pub addresses: Vec<String>,
 }
 
+/// `POST /v1/login`: start an SSO login for this device's key.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoginRequest {
+    /// WireGuard X25519 public key, base64 (32 bytes).
+    pub public_key: String,
+    pub hostname: String,
+}
+
+/// The answer to `POST /v1/login`: a URL for the user to open in any
+/// browser, and the bearer token for `GET /v1/login/wait` (shown once).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoginStarted {
+    pub login_url: String,
+    pub wait_token: String,
+    /// Seconds until the login expires.
+    pub expires_in: u64,
+}
+
+/// `GET /v1/login/wait` while the user has not finished (status 202).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoginPending {
+    /// Always `"pending"`.
+    pub status: String,
+}
+
 /// An error body, and the line that ends a map stream of a revoked device.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -1,4 +1,4 @@
-//! The operator's commands (`runewarp control setup-key|devices|policy`):
+//! The operator's commands (`runewarp control setup-key|devices|policy|users`):
 //! they open the same database as the running server (SQLite or
 //! PostgreSQL), whose change serial then carries each change to the
 //! connected devices of every replica. Who may run them is
@@ -113,6 +113,25 @@ pub fn run(config: &ControlConfig, cmd: &ControlCommand) -> Result<String, Admin
             store.set_policy(&org.to_ascii_lowercase(), &text)?;
             tracing::info!(event = "policy_set", organisation = %org);
             Ok(format!("policy of {org} replaced\n"))
+        }
+        ControlCommand::Users => {
+            let mut out = String::from("ID\tORGANISATION\tEMAIL\tGROUPS\tADMIN\tISSUER\n");
+            for u in store.users()? {
+                out += &format!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\n",
+                    u.id,
+                    u.organisation,
+                    u.email,
+                    if u.groups.is_empty() {
+                        "-".to_string()
+                    } else {
+                        u.groups.join(",")
+                    },
+                    if u.admin { "yes" } else { "no" },
+                    u.issuer
+                );
+            }
+            Ok(out)
         }
         ControlCommand::Policy(PolicyCommand::Get { org }) => {
             let Some(id) = store.organisation(&org.to_ascii_lowercase())? else {

@@ -1,6 +1,9 @@
 //! The control API (HTTP/1.1 + JSON over TLS; see docs/control-api.md):
 //! `POST /v1/register` enrols a device with a setup key, `GET /v1/map`
-//! streams its network map as JSON lines, one per change.
+//! streams its network map as JSON lines, one per change. With
+//! `[control.oidc]`, `POST /v1/login` + `GET /v1/login/wait` enrol a device
+//! by SSO, and the browser routes `GET /login/ID` and `GET /oidc/callback`
+//! carry the user through the identity provider ([`super::oidc`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -14,13 +17,15 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
+use super::config::ControlConfig;
 use super::netmap;
 use super::netmap::OrgSnapshot;
+use super::oidc::{self as sso, Oidc, Outcome, Waited};
 use super::store::Device;
 use super::store::{RegisterError, Store, StoreError};
 use crate::mesh_protocol::{
-    ErrorBody, MAX_SIGNAL, RegisterRequest, RegisterResponse, SignalEnvelope, SignalLine,
-    SignalRequest, valid_hostname, valid_public_key,
+    ErrorBody, LoginPending, LoginRequest, LoginStarted, MAX_SIGNAL, RegisterRequest,
+    RegisterResponse, SignalEnvelope, SignalLine, SignalRequest, valid_hostname, valid_public_key,
 };
 use crate::shutdown::Shutdown;
 
@@ -58,7 +63,22 @@ pub(super) struct Api {
     /// Each organisation as of the latest change (and the change serial it
     /// was last checked at), shared by its streams.
     snapshots: Mutex<HashMap<i64, (u64, Arc<OrgSnapshot>)>>,
+    /// SSO sign-in, when configured.
+    pub oidc: Option<Arc<Oidc>>,
+    pub config: Arc<ControlConfig>,
+    /// `POST /v1/login` and refused waits per source address.
+    login_starts: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// Browser requests (`/login/ID`, `/oidc/callback`) per source address.
+    web_hits: Mutex<HashMap<IpAddr, (Instant, u32)>>,
 }
+
+/// Logins started (and refused waits) per source address per
+/// [`RATE_WINDOW`].
+const LOGIN_RATE: u32 = 20;
+/// Browser requests per source address per [`RATE_WINDOW`].
+const WEB_RATE: u32 = 60;
+/// How long one `GET /v1/login/wait` waits before answering "pending".
+const WAIT_POLL: Duration = Duration::from_secs(25);
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let body = serde_json::to_vec(value).unwrap_or_default();
@@ -83,8 +103,14 @@ impl Api {
         store: Arc<Mutex<Store>>,
         serial: tokio::sync::watch::Receiver<u64>,
         shutdown: Shutdown,
+        config: Arc<ControlConfig>,
+        oidc: Option<Arc<Oidc>>,
     ) -> Self {
         Self {
+            oidc,
+            config,
+            login_starts: Mutex::new(HashMap::new()),
+            web_hits: Mutex::new(HashMap::new()),
             store,
             serial,
             shutdown,
@@ -164,7 +190,11 @@ impl Api {
             (&Method::POST, "/v1/register") => self.register(peer, req).await,
             (&Method::GET, "/v1/map") => self.map(peer, req),
             (&Method::POST, "/v1/signal") => self.signal(peer, req).await,
-            (_, "/v1/register" | "/v1/map" | "/v1/signal") => {
+            (&Method::POST, "/v1/login") => self.login(peer, req).await,
+            (&Method::GET, "/v1/login/wait") => self.login_wait(peer, req).await,
+            (&Method::GET, "/oidc/callback") => self.callback(peer, req).await,
+            (&Method::GET, p) if p.starts_with("/login/") => self.login_page(peer, req).await,
+            (_, "/v1/register" | "/v1/map" | "/v1/signal" | "/v1/login" | "/v1/login/wait") => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
             }
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
@@ -181,25 +211,12 @@ impl Api {
                 "too many registrations; wait a minute",
             );
         }
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 4 KiB"),
-        };
-        let r: RegisterRequest = match serde_json::from_slice(&body) {
+        let r: RegisterRequest = match read_json(req).await {
             Ok(r) => r,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
+            Err(answer) => return *answer,
         };
-        if !valid_public_key(&r.public_key) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "public_key must be a base64 X25519 key (32 bytes)",
-            );
-        }
-        if !valid_hostname(&r.hostname) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "hostname must be one DNS label: a-z, 0-9 and '-', at most 63",
-            );
+        if let Err(answer) = check_device(&r.public_key, &r.hostname) {
+            return *answer;
         }
         let result = self
             .store()
@@ -268,7 +285,17 @@ impl Api {
         let Some(token) = token else {
             return Err(Box::new(refused("missing_token")));
         };
-        match self.store().device_by_token(token) {
+        let found = self.store().device_by_token(token);
+        let found = found.and_then(|d| match d {
+            Some(d) if !d.revoked => Ok((self.store().login_expired(d.id)?, Some(d))),
+            other => Ok((false, other)),
+        });
+        let found = match found {
+            Ok((true, _)) => return Err(Box::new(refused("login_expired"))),
+            Ok((false, d)) => Ok(d),
+            Err(e) => Err(e),
+        };
+        match found {
             Ok(Some(d)) if !d.revoked => Ok(d),
             Ok(Some(_)) => Err(Box::new(refused("revoked"))),
             Ok(None) => Err(Box::new(refused("unknown_token"))),
@@ -377,6 +404,286 @@ impl Api {
             .header("cache-control", "no-store")
             .body(StreamBody::new(stream).boxed_unsync())
             .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+    }
+}
+
+/// A JSON request body of at most [`MAX_BODY`], or the answer to give.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<T, Box<Response<Body>>> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return Err(Box::new(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body over 4 KiB",
+            )));
+        }
+    };
+    serde_json::from_slice(&body)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, &format!("bad request: {e}"))))
+}
+
+/// A device's key and hostname as enrolment needs them, or the answer.
+fn check_device(public_key: &str, hostname: &str) -> Result<(), Box<Response<Body>>> {
+    if !valid_public_key(public_key) {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "public_key must be a base64 X25519 key (32 bytes)",
+        )));
+    }
+    if !valid_hostname(hostname) {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "hostname must be one DNS label: a-z, 0-9 and '-', at most 63",
+        )));
+    }
+    Ok(())
+}
+
+fn html(status: StatusCode, title: &str, message: &str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/html; charset=utf-8")
+        .header("cache-control", "no-store")
+        .body(Full::new(Bytes::from(sso::page(title, message))).boxed_unsync())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed_unsync()))
+}
+
+/// One query parameter, decoded.
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    form_urlencoded::parse(req.uri().query()?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// SSO sign-in (see [`super::oidc`]).
+impl Api {
+    fn sso(&self) -> Result<Arc<Oidc>, Box<Response<Body>>> {
+        self.oidc.clone().ok_or_else(|| {
+            Box::new(error(
+                StatusCode::NOT_FOUND,
+                "SSO sign-in is not configured on this server ([control.oidc]); use a setup key",
+            ))
+        })
+    }
+
+    /// `POST /v1/login`: a login URL and a wait token for this device.
+    async fn login(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+        let sso = match self.sso() {
+            Ok(s) => s,
+            Err(answer) => return *answer,
+        };
+        if count(&self.login_starts, peer.ip().to_canonical(), false) > LOGIN_RATE {
+            if let Some(suppressed) = crate::logging::budget::REGISTER_REFUSED.allow() {
+                tracing::warn!(event = "login_rate_limited", peer = %peer, suppressed);
+            }
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many logins; wait a minute",
+            );
+        }
+        let r: LoginRequest = match read_json(req).await {
+            Ok(r) => r,
+            Err(answer) => return *answer,
+        };
+        if let Err(answer) = check_device(&r.public_key, &r.hostname) {
+            return *answer;
+        }
+        let Some(started) = sso.start(&r.public_key, &r.hostname) else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many pending logins; retry later",
+            );
+        };
+        tracing::info!(event = "login_started", login = %&started.id[..8], hostname = %r.hostname, peer = %peer);
+        json(
+            StatusCode::OK,
+            &LoginStarted {
+                login_url: started.login_url,
+                wait_token: started.wait_token,
+                expires_in: sso::LOGIN_TTL.as_secs(),
+            },
+        )
+    }
+
+    /// `GET /v1/login/wait`: the login's result once the user finished,
+    /// else 202 after [`WAIT_POLL`].
+    async fn login_wait(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+        let sso = match self.sso() {
+            Ok(s) => s,
+            Err(answer) => return *answer,
+        };
+        let ip = peer.ip().to_canonical();
+        if count(&self.login_starts, ip, true) > LOGIN_RATE {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many refused requests; wait a minute",
+            );
+        }
+        let token = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string();
+        let mut shutdown = self.shutdown.clone();
+        let waited = tokio::select! {
+            w = sso.wait(&token, WAIT_POLL) => w,
+            _ = shutdown.wait() => Waited::Pending,
+        };
+        match waited {
+            Waited::Done(Outcome::Enrolled(r)) => json(StatusCode::OK, &r),
+            Waited::Done(Outcome::Refused(m)) => error(StatusCode::FORBIDDEN, &m),
+            Waited::Pending => json(
+                StatusCode::ACCEPTED,
+                &LoginPending {
+                    status: "pending".into(),
+                },
+            ),
+            Waited::Unknown => {
+                count(&self.login_starts, ip, false);
+                error(
+                    StatusCode::UNAUTHORIZED,
+                    "unknown, used or expired login; start again",
+                )
+            }
+        }
+    }
+
+    fn web_admit(&self, peer: SocketAddr) -> Result<(), Box<Response<Body>>> {
+        if count(&self.web_hits, peer.ip().to_canonical(), false) > WEB_RATE {
+            return Err(Box::new(html(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many requests",
+                "Wait a minute, then try again.",
+            )));
+        }
+        Ok(())
+    }
+
+    /// `GET /login/ID`: on to the identity provider.
+    async fn login_page(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+        let sso = match self.sso() {
+            Ok(s) => s,
+            Err(answer) => return *answer,
+        };
+        if let Err(answer) = self.web_admit(peer) {
+            return *answer;
+        }
+        let id = req.uri().path().trim_start_matches("/login/");
+        match sso.authorize(id).await {
+            Ok(Some(url)) => Response::builder()
+                .status(StatusCode::FOUND)
+                .header("location", url)
+                .header("cache-control", "no-store")
+                .body(Full::new(Bytes::new()).boxed_unsync())
+                .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response")),
+            Ok(None) => html(
+                StatusCode::NOT_FOUND,
+                "Login not found",
+                "This login link is unknown, used or expired. Run `runewarp node up` again for a new one.",
+            ),
+            Err(e) => {
+                tracing::warn!(event = "oidc_unavailable", error = %e);
+                html(
+                    StatusCode::BAD_GATEWAY,
+                    "Identity provider unavailable",
+                    "The control server cannot reach the identity provider; try again shortly.",
+                )
+            }
+        }
+    }
+
+    /// `GET /oidc/callback`: the identity provider sends the browser back.
+    async fn callback(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+        let sso = match self.sso() {
+            Ok(s) => s,
+            Err(answer) => return *answer,
+        };
+        if let Err(answer) = self.web_admit(peer) {
+            return *answer;
+        }
+        let state = query_param(&req, "state").unwrap_or_default();
+        let code = query_param(&req, "code");
+        // An OAuth error code is a short token; anything else is cut down
+        // before it reaches a page or a log line.
+        let idp_error = query_param(&req, "error").map(|e| {
+            e.chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+                .take(64)
+                .collect::<String>()
+        });
+        let (id, public_key, hostname, who) = match sso
+            .callback(
+                &state,
+                code.as_deref(),
+                idp_error.as_deref(),
+                query_param(&req, "iss").as_deref(),
+            )
+            .await
+        {
+            Ok(v) => v,
+            Err(sso::CallbackError::UnknownState) => {
+                tracing::info!(event = "login_refused", reason = "unknown_state", peer = %peer);
+                return html(
+                    StatusCode::BAD_REQUEST,
+                    "Login not recognised",
+                    "This sign-in is unknown, was already used or has expired. Run `runewarp node up` again.",
+                );
+            }
+            Err(sso::CallbackError::Refused { login, message }) => {
+                tracing::info!(event = "login_refused", login = %&login[..8.min(login.len())], reason = %message, peer = %peer);
+                sso.finish(&login, Outcome::Refused(message.clone()));
+                return html(StatusCode::FORBIDDEN, "Sign-in refused", &message);
+            }
+        };
+        let short = &id[..8.min(id.len())];
+        let Some(record) = sso::login_record(&self.config, &who) else {
+            let m = format!(
+                "{} is not an email address this server can place",
+                who.email
+            );
+            sso.finish(&id, Outcome::Refused(m.clone()));
+            return html(StatusCode::FORBIDDEN, "Sign-in refused", &m);
+        };
+        let result = self.store().login_device(&record, &public_key, &hostname);
+        match result {
+            Ok(Ok((d, token))) => {
+                tracing::info!(event = "login_completed", login = %short, device = d.id, organisation = %d.organisation, user = %who.email, admin = record.admin, groups = who.groups.len(), peer = %peer);
+                let message = format!(
+                    "Signed in as {}. Device {} joined organisation {} with address {}. You can close this window.",
+                    who.email, d.hostname, d.organisation, d.ipv4
+                );
+                sso.finish(
+                    &id,
+                    Outcome::Enrolled(crate::mesh_protocol::RegisterResponse {
+                        device_id: d.id,
+                        token,
+                        organisation: d.organisation,
+                        hostname: d.hostname,
+                        addresses: vec![d.ipv4.to_string(), d.ipv6.to_string()],
+                    }),
+                );
+                html(StatusCode::OK, "Signed in", &message)
+            }
+            Ok(Err(e)) => {
+                tracing::info!(event = "login_refused", login = %short, reason = "key_taken", peer = %peer);
+                sso.finish(&id, Outcome::Refused(e.to_string()));
+                html(StatusCode::CONFLICT, "Sign-in refused", &e.to_string())
+            }
+            Err(e) => {
+                tracing::error!(event = "store_failed", error = %e);
+                sso.finish(&id, Outcome::Refused("storage error".into()));
+                html(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Sign-in failed",
+                    "Storage error.",
+                )
+            }
+        }
     }
 }
 

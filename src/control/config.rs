@@ -9,6 +9,15 @@
 //! # database = "sqlite"                              # the default: state-dir/control.db
 //! # database-url-file = "/run/credentials/runewarp-control.service/db-url"
 //! # database-url = "postgresql://runewarp@db.internal/runewarp"  # no password here
+//! admins = ["alice@acme.com", "group:it-admins"]    # emails or IdP groups
+//! key-expiry = "180d"                               # device keys live this long per login
+//!
+//! [control.oidc]                                    # SSO sign-in (optional)
+//! issuer = "https://accounts.google.com"
+//! client-id = "1234.apps.googleusercontent.com"
+//! client-secret-file = "/run/credentials/runewarp-control/oidc-secret"
+//! # ca-file = "idp-ca.pem"                          # extra roots for the IdP
+//! # scopes = ["openid", "email", "profile", "groups"]
 //! ```
 //!
 //! A PostgreSQL URL with a password belongs in `database-url-file` (read at
@@ -19,6 +28,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -69,6 +79,44 @@ struct RawControl {
     database: Option<String>,
     database_url: Option<String>,
     database_url_file: Option<PathBuf>,
+    admins: Option<Vec<String>>,
+    key_expiry: Option<String>,
+    oidc: Option<RawOidc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawOidc {
+    issuer: Option<String>,
+    client_id: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    scopes: Option<Vec<String>>,
+}
+
+/// How long a device key stays valid after a login, by default.
+pub const DEFAULT_KEY_EXPIRY: Duration = Duration::from_secs(180 * 24 * 3600);
+/// Scopes asked for by default (`openid` is always included).
+pub const DEFAULT_SCOPES: &[&str] = &["openid", "email", "profile"];
+
+/// The OpenID Connect relying-party settings (`[control.oidc]`).
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    /// The issuer URL, exactly as the IdP's discovery document names it.
+    pub issuer: String,
+    pub client_id: String,
+    /// Where the client secret is read from at start (never in the TOML).
+    pub client_secret_file: PathBuf,
+    /// Extra roots trusted for the IdP (besides the public web roots).
+    pub ca_file: Option<PathBuf>,
+    pub scopes: Vec<String>,
+}
+
+/// Who is an admin: an email, or every member of an IdP group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admin {
+    Email(String),
+    Group(String),
 }
 
 /// Where the control plane keeps its state.
@@ -156,6 +204,12 @@ pub struct ControlConfig {
     pub state_dir: PathBuf,
     pub consumer_domains: Vec<String>,
     pub database: Database,
+    /// `admins`: emails and `group:NAME` entries.
+    pub admins: Vec<Admin>,
+    /// How long a device key stays valid after its login.
+    pub key_expiry: Duration,
+    /// SSO sign-in, if configured.
+    pub oidc: Option<OidcConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +286,39 @@ impl ControlConfig {
         };
         let database =
             database(dir, c.database, c.database_url, c.database_url_file).map_err(err)?;
+        let admins = c
+            .admins
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| parse_admin(&a).map_err(err))
+            .collect::<Result<Vec<_>, _>>()?;
+        let key_expiry = match c.key_expiry {
+            None => DEFAULT_KEY_EXPIRY,
+            Some(text) => {
+                // Days too: key lifetimes are counted in them.
+                let days = text
+                    .strip_suffix('d')
+                    .and_then(|n| n.trim().parse::<u64>().ok());
+                let d = match days {
+                    Some(n) => Duration::from_secs(n.saturating_mul(86_400)),
+                    None => crate::config::parse_duration(&text).map_err(|e| {
+                        err(format!(
+                            "control.key-expiry = {text:?}: {e} (or days, such as \"180d\")"
+                        ))
+                    })?,
+                };
+                if d < Duration::from_secs(1) {
+                    return Err(err(format!(
+                        "control.key-expiry = {text:?}: must be at least 1s"
+                    )));
+                }
+                d
+            }
+        };
+        let oidc = c
+            .oidc
+            .map(|o| parse_oidc(dir, o).map_err(err))
+            .transpose()?;
         Ok(Self {
             log_level: raw.log_level.unwrap_or(LogLevel::Info),
             listen_address,
@@ -239,6 +326,9 @@ impl ControlConfig {
             state_dir,
             consumer_domains,
             database,
+            admins,
+            key_expiry,
+            oidc,
         })
     }
 
@@ -253,6 +343,23 @@ impl ControlConfig {
                     .to_string(),
             ),
             Database::Postgres(url) => ("postgres", url.summary().to_string()),
+        }
+    }
+
+    /// Whether a user with `email` and IdP `groups` is an admin.
+    pub fn is_admin(&self, email: &str, groups: &[String]) -> bool {
+        self.admins.iter().any(|a| match a {
+            Admin::Email(e) => e.eq_ignore_ascii_case(email.trim()),
+            Admin::Group(g) => groups.iter().any(|x| x == g),
+        })
+    }
+
+    /// The API's public origin (`https://HOSTNAME[:PORT]`), which login
+    /// URLs and the OIDC redirect URI use.
+    pub fn public_origin(&self) -> String {
+        match self.listen_address.port() {
+            443 => format!("https://{}", self.hostname),
+            port => format!("https://{}:{port}", self.hostname),
         }
     }
 
@@ -323,6 +430,94 @@ fn database(
             "control.database = {other:?}: expected \"sqlite\" or \"postgres\""
         )),
     }
+}
+
+/// One `admins` entry: an email or `group:NAME`.
+fn parse_admin(text: &str) -> Result<Admin, String> {
+    let t = text.trim();
+    if let Some(g) = t.strip_prefix("group:") {
+        if g.is_empty() || g.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "control.admins: {text:?}: a group is \"group:NAME\" with a non-empty NAME"
+            ));
+        }
+        return Ok(Admin::Group(g.to_string()));
+    }
+    match t.rsplit_once('@') {
+        Some((local, domain)) if !local.is_empty() && domain.contains('.') && !t.contains(' ') => {
+            Ok(Admin::Email(t.to_ascii_lowercase()))
+        }
+        _ => Err(format!(
+            "control.admins: {text:?} is neither an email such as \"alice@acme.com\" nor \"group:NAME\""
+        )),
+    }
+}
+
+fn parse_oidc(dir: &Path, o: RawOidc) -> Result<OidcConfig, String> {
+    let Some(issuer) = o.issuer else {
+        return Err(
+            "control.oidc.issuer is required, such as \"https://accounts.google.com\"".into(),
+        );
+    };
+    // Plain http only to this machine (a test or a local IdP): the ID
+    // token's keys and the code exchange must not cross a network in clear.
+    let issuer_ok = match hyper::Uri::try_from(issuer.as_str()) {
+        Ok(u) => {
+            let loopback = u.host().is_some_and(|h| {
+                h == "localhost"
+                    || h.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            });
+            let scheme_ok = match u.scheme_str() {
+                Some("https") => true,
+                Some("http") => loopback,
+                _ => false,
+            };
+            scheme_ok && u.host().is_some_and(|h| !h.is_empty()) && u.query().is_none()
+        }
+        Err(_) => false,
+    };
+    if !issuer_ok {
+        return Err(format!(
+            "control.oidc.issuer = {issuer:?}: expected an https:// URL without a query (http:// only on loopback)"
+        ));
+    }
+    let Some(client_id) = o.client_id.filter(|c| !c.trim().is_empty()) else {
+        return Err("control.oidc.client-id is required (from the IdP's app registration)".into());
+    };
+    let Some(secret) = o.client_secret_file else {
+        return Err("control.oidc.client-secret-file is required: a file holding the client secret (the secret never goes in this file)".into());
+    };
+    let client_secret_file = dir.join(secret);
+    let ca_file = o.ca_file.map(|p| dir.join(p));
+    let scopes = match o.scopes {
+        None => DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect(),
+        Some(list) => {
+            for s in &list {
+                if s.is_empty()
+                    || s.chars()
+                        .any(|c| c.is_whitespace() || c == '"' || c == '\\')
+                {
+                    return Err(format!("control.oidc.scopes: {s:?} is not a scope"));
+                }
+            }
+            if !list.iter().any(|s| s == "openid") || !list.iter().any(|s| s == "email") {
+                return Err(
+                    "control.oidc.scopes must include \"openid\" and \"email\" (organisations come from the verified email)".into(),
+                );
+            }
+            list
+        }
+    };
+    Ok(OidcConfig {
+        issuer,
+        client_id,
+        client_secret_file,
+        ca_file,
+        scopes,
+    })
 }
 
 #[cfg(test)]
@@ -417,5 +612,65 @@ mod tests {
         assert!(!e.contains("hunter2"), "{e}");
         let e = with("database-url-file = \"/nonexistent/db-url\"\n").unwrap_err();
         assert!(e.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn oidc_admins_and_key_expiry_are_validated() {
+        let base = "[control]\nhostname = \"h.example\"\nstate-dir = \"s\"\n";
+        let c = parse(base).unwrap();
+        assert!(c.oidc.is_none());
+        assert_eq!(c.key_expiry, DEFAULT_KEY_EXPIRY);
+        let c = parse(&format!(
+            "{base}admins = [\"Alice@Acme.com\", \"group:ops\"]\nkey-expiry = \"30d\"\n\
+             [control.oidc]\nissuer = \"https://idp.example\"\nclient-id = \"rw\"\n\
+             client-secret-file = \"secret\"\nca-file = \"ca.pem\"\n"
+        ))
+        .unwrap();
+        let o = c.oidc.as_ref().unwrap();
+        assert_eq!(o.client_secret_file, Path::new("/etc/rw/secret"));
+        assert_eq!(o.ca_file.as_deref(), Some(Path::new("/etc/rw/ca.pem")));
+        assert_eq!(o.scopes, ["openid", "email", "profile"]);
+        assert_eq!(c.key_expiry, Duration::from_secs(30 * 86400));
+        assert!(c.is_admin("alice@acme.com", &[]));
+        assert!(c.is_admin("bob@acme.com", &["ops".into()]));
+        assert!(!c.is_admin("bob@acme.com", &["eng".into()]));
+        assert_eq!(c.public_origin(), "https://h.example:7443");
+        let bad = |extra: &str| parse(&format!("{base}{extra}")).unwrap_err();
+        assert!(bad("admins = [\"alice\"]\n").contains("control.admins"));
+        assert!(bad("admins = [\"group:\"]\n").contains("group:NAME"));
+        assert!(bad("key-expiry = \"soon\"\n").contains("control.key-expiry"));
+        let oidc = "[control.oidc]\nissuer = \"https://idp.example\"\nclient-id = \"rw\"\n";
+        assert!(bad(oidc).contains("client-secret-file is required"));
+        assert!(
+            bad(&format!("{oidc}client-secret = \"x\"\n"))
+                .contains("unknown field `client-secret`")
+        );
+        assert!(
+            bad("[control.oidc]\nissuer = \"idp.example\"\nclient-id = \"x\"\nclient-secret-file = \"f\"\n")
+                .contains("control.oidc.issuer")
+        );
+        let issuer = |i: &str| {
+            parse(&format!(
+                "{base}[control.oidc]\nissuer = \"{i}\"\nclient-id = \"x\"\nclient-secret-file = \"f\"\n"
+            ))
+        };
+        assert!(issuer("http://127.0.0.1:9000").is_ok());
+        assert!(issuer("http://localhost:9000/realms/a").is_ok());
+        assert!(
+            issuer("http://idp.example")
+                .unwrap_err()
+                .contains("only on loopback")
+        );
+        assert!(issuer("https://idp.example/?x=1").is_err());
+        assert!(
+            bad("[control.oidc]\nissuer = \"https://i.example\"\nclient-secret-file = \"f\"\n")
+                .contains("client-id is required")
+        );
+        assert!(
+            bad(&format!(
+                "{oidc}client-secret-file = \"f\"\nscopes = [\"openid\"]\n"
+            ))
+            .contains("must include")
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! The mesh control plane (seed 000: Runetale's User Management Server):
-//! `runewarp control`. It enrols devices (setup keys; SSO comes next),
+//! `runewarp control`. It enrols devices (setup keys, or SSO sign-in),
 //! collects each device's WireGuard public key (the private key never
 //! leaves the device), assigns addresses from the organisation's block and
 //! pushes every device its network map — peers and packet filter, after
@@ -16,6 +16,7 @@ pub mod api;
 pub mod config;
 pub mod db;
 pub mod netmap;
+pub mod oidc;
 pub mod policy;
 pub mod store;
 
@@ -40,6 +41,8 @@ const CHANGE_POLL: Duration = Duration::from_millis(100);
 /// On PostgreSQL changes arrive by `LISTEN`; the poll only covers
 /// notifications lost while the listening connection was down.
 const CHANGE_POLL_LISTENING: Duration = Duration::from_millis(1500);
+/// How often expired device logins are looked for.
+const EXPIRY_POLL: Duration = Duration::from_secs(1);
 /// A TLS handshake must finish within this time.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// Connections served at once.
@@ -60,6 +63,9 @@ pub enum ControlError {
     /// rustls refused the certificate.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// `[control.oidc]` could not be set up.
+    #[error("{0}")]
+    Oidc(#[from] oidc::OidcSetupError),
     /// The API address could not be bound.
     #[error("cannot listen on {addr}: {error}")]
     Bind {
@@ -77,6 +83,7 @@ pub struct Control {
     store: Arc<Mutex<Store>>,
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    oidc: Option<Arc<oidc::Oidc>>,
 }
 
 /// Stops the `LISTEN` thread when the server stops.
@@ -93,6 +100,10 @@ pub async fn start(config: ControlConfig) -> Result<Control, ControlError> {
     let (engine, target) = config.database_summary();
     let store = Store::connect(&config.database, &config.state_dir)?;
     tracing::info!(event = "control_database", engine, target = %target);
+    let oidc = match &config.oidc {
+        Some(o) => Some(Arc::new(oidc::Oidc::new(&config, o)?)),
+        None => None,
+    };
     let tls_dir = config.state_dir.join(TLS_DIR);
     if !tls_dir.join("server.crt").exists() {
         material::init_server_cert(&tls_dir, &config.hostname, false)?;
@@ -116,6 +127,7 @@ pub async fn start(config: ControlConfig) -> Result<Control, ControlError> {
         store: Arc::new(Mutex::new(store)),
         listener,
         acceptor: TlsAcceptor::from(Arc::new(server)),
+        oidc,
     })
 }
 
@@ -128,6 +140,7 @@ pub async fn run(control: Control, mut shutdown: Shutdown) {
         store,
         listener,
         acceptor,
+        oidc,
     } = control;
     let first = crate::sync::lock(&store).serial().unwrap_or(0);
     let (serial_tx, serial_rx) = tokio::sync::watch::channel(first);
@@ -149,11 +162,25 @@ pub async fn run(control: Control, mut shutdown: Shutdown) {
         let store = store.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let mut next_expiry = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = shutdown.wait() => return,
-                    _ = tokio::time::sleep(poll) => {}
+                    _ = tokio::time::sleep(poll.min(EXPIRY_POLL)) => {}
                     _ = changed.notified() => {}
+                }
+                // Device keys whose login expired leave their peers' maps.
+                if tokio::time::Instant::now() >= next_expiry {
+                    next_expiry = tokio::time::Instant::now() + EXPIRY_POLL;
+                    let at = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0);
+                    match crate::sync::lock(&store).expire_logins(at) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(event = "device_logins_expired", devices = n),
+                        Err(e) => tracing::error!(event = "store_failed", error = %e),
+                    }
                 }
                 let now = crate::sync::lock(&store).serial();
                 match now {
@@ -169,9 +196,16 @@ pub async fn run(control: Control, mut shutdown: Shutdown) {
             }
         })
     };
-    let api = Arc::new(api::Api::new(store, serial_rx, shutdown.clone()));
+    let sso = oidc.is_some();
+    let api = Arc::new(api::Api::new(
+        store,
+        serial_rx,
+        shutdown.clone(),
+        Arc::new(config.clone()),
+        oidc,
+    ));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    tracing::info!(event = "control_started", listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), hostname = %config.hostname, state_dir = %config.state_dir.display());
+    tracing::info!(event = "control_started", listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), hostname = %config.hostname, state_dir = %config.state_dir.display(), sso);
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.wait() => break,

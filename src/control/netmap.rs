@@ -3,6 +3,7 @@
 //! to it), and the packet filter for traffic arriving at it. A device never
 //! learns of a peer in another organisation or one the policy keeps apart.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use super::policy::{self, Policy, Ports};
@@ -21,6 +22,27 @@ impl policy::Member for Device {
     }
 }
 
+/// A device with its user's IdP groups, as the policy sees it.
+struct WithGroups<'a> {
+    device: &'a Device,
+    groups: &'a [String],
+}
+
+impl policy::Member for WithGroups<'_> {
+    fn user(&self) -> Option<&str> {
+        self.device.user.as_deref()
+    }
+    fn tags(&self) -> &[String] {
+        &self.device.tags
+    }
+    fn addresses(&self) -> Vec<IpAddr> {
+        policy::Member::addresses(self.device)
+    }
+    fn idp_groups(&self) -> &[String] {
+        self.groups
+    }
+}
+
 fn addresses(d: &Device) -> Vec<String> {
     vec![format!("{}/32", d.ipv4), format!("{}/128", d.ipv6)]
 }
@@ -34,15 +56,26 @@ pub struct OrgSnapshot {
     devices: Vec<Device>,
     policy_text: Option<String>,
     policy: Option<Policy>,
+    /// Signed-in users' IdP groups, by email.
+    groups: HashMap<String, Vec<String>>,
 }
 
 impl OrgSnapshot {
     /// Read organisation `org_id` from `store`.
     pub fn load(store: &Store, org_id: i64) -> Result<Self, StoreError> {
         let policy_text = store.policy(org_id)?;
+        // A device whose login expired is out of every map, as if revoked.
+        let expired = store.expired_devices(org_id)?;
+        let mut devices = store.devices(Some(org_id))?;
+        for d in &mut devices {
+            if expired.contains(&d.id) {
+                d.revoked = true;
+            }
+        }
         Ok(Self {
             serial: store.serial()?,
-            devices: store.devices(Some(org_id))?,
+            devices,
+            groups: store.user_groups(org_id)?,
             // Policies are validated before they are stored.
             policy: policy_text.as_deref().and_then(|t| Policy::parse(t).ok()),
             policy_text,
@@ -51,7 +84,9 @@ impl OrgSnapshot {
 
     /// Same devices and policy: every map computed from either is the same.
     pub fn same_content(&self, other: &OrgSnapshot) -> bool {
-        self.devices == other.devices && self.policy_text == other.policy_text
+        self.devices == other.devices
+            && self.policy_text == other.policy_text
+            && self.groups == other.groups
     }
 }
 
@@ -65,17 +100,26 @@ pub fn compute(store: &Store, id: i64) -> Result<Option<NetworkMap>, StoreError>
 }
 
 /// The map for device `id` from its organisation's snapshot.
-pub fn compute_from(snapshot: &OrgSnapshot, id: i64) -> Option<NetworkMap> {
+pub fn compute_from<'a>(snapshot: &'a OrgSnapshot, id: i64) -> Option<NetworkMap> {
     let serial = snapshot.serial;
     let me = snapshot.devices.iter().find(|d| d.id == id)?;
     if me.revoked {
         return None;
     }
     let policy = &snapshot.policy;
-    let allowed = |src: &Device, dst: &Device| -> Option<Ports> {
+    let member = |d: &'a Device| -> WithGroups<'a> {
+        let groups = d
+            .user
+            .as_ref()
+            .and_then(|u| snapshot.groups.get(u))
+            .map_or(&[][..], Vec::as_slice);
+        WithGroups { device: d, groups }
+    };
+    let allowed = |src: &'a Device, dst: &'a Device| -> Option<Ports> {
+        let (src, dst) = (member(src), member(dst));
         match policy {
-            Some(p) => p.allowed(src, dst),
-            None => policy::default_allowed(src, dst),
+            Some(p) => p.allowed(&src, &dst),
+            None => policy::default_allowed(&src, &dst),
         }
     };
     let others = snapshot

@@ -15,6 +15,11 @@
 //! `:PORTS` (`*`, `22`, `80,443`, `8000-8099`). Without a policy, a user's
 //! own devices reach each other and nothing else: default deny across
 //! users.
+//!
+//! A `group:NAME` also matches every user the identity provider puts in
+//! group NAME (the `groups` claim at sign-in); a policy still declares the
+//! group, possibly empty (`"group:eng": []`), so a misspelt name is an
+//! error rather than a rule that never matches.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -104,6 +109,11 @@ pub trait Member {
     fn user(&self) -> Option<&str>;
     fn tags(&self) -> &[String];
     fn addresses(&self) -> Vec<IpAddr>;
+    /// The groups the identity provider puts the device's user in (the
+    /// ID token's `groups` claim); `group:NAME` matches them too.
+    fn idp_groups(&self) -> &[String] {
+        &[]
+    }
 }
 
 /// Line and column (1-based) of the first `"needle"` in `text`.
@@ -294,9 +304,12 @@ impl Policy {
         match sel {
             Selector::Any => true,
             Selector::User(u) => m.user() == Some(u.as_str()),
-            Selector::Group(g) => m
-                .user()
-                .is_some_and(|u| self.groups.get(g).is_some_and(|g| g.iter().any(|x| x == u))),
+            Selector::Group(g) => {
+                m.idp_groups().iter().any(|x| x == g)
+                    || m.user().is_some_and(|u| {
+                        self.groups.get(g).is_some_and(|g| g.iter().any(|x| x == u))
+                    })
+            }
             Selector::Tag(t) => m.tags().iter().any(|x| x == t),
             Selector::Net(net, len) => m.addresses().iter().any(|a| in_net(*a, *net, *len)),
         }
@@ -402,6 +415,34 @@ mod tests {
         assert_eq!(default_allowed(&alice, &bob), None);
         assert_eq!(default_allowed(&alice, &alice), Some(Ports::Any));
         assert_eq!(default_allowed(&db, &db), None);
+    }
+
+    struct G(&'static str, Vec<String>);
+    impl Member for G {
+        fn user(&self) -> Option<&str> {
+            Some(self.0)
+        }
+        fn tags(&self) -> &[String] {
+            &[]
+        }
+        fn addresses(&self) -> Vec<IpAddr> {
+            vec![]
+        }
+        fn idp_groups(&self) -> &[String] {
+            &self.1
+        }
+    }
+
+    #[test]
+    fn a_declared_group_also_matches_the_idp_groups_claim() {
+        let p = Policy::parse(
+            r#"{"groups": {"group:ops": []}, "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["*:22"]}]}"#,
+        )
+        .unwrap();
+        let ops = G("bob@acme.com", vec!["ops".into()]);
+        let eng = G("alice@acme.com", vec!["eng".into()]);
+        assert_eq!(p.allowed(&ops, &eng), Some(Ports::Ranges(vec![(22, 22)])));
+        assert_eq!(p.allowed(&eng, &ops), None);
     }
 
     #[test]

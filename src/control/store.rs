@@ -323,52 +323,20 @@ impl Store {
             if taken.is_some() {
                 return Ok(Err(RegisterError::KeyTaken));
             }
-            // The lowest free ordinal: addresses of revoked devices stay
-            // reserved, so an old address never names a new device.
-            let used: Vec<i64> = tx
-                .query(
-                    "SELECT ordinal FROM devices WHERE org_id = ?1 ORDER BY ordinal",
-                    &[Arg::Int(org_id)],
-                )?
-                .iter()
-                .map(|r| r.int(0))
-                .collect::<Result<_, _>>()?;
-            let ordinal = lowest_free(&used);
-            if ordinal > (1 << ORG_BLOCK_BITS) - 2 {
-                return Err(StoreError::BlockFull(org_name));
-            }
-            // A hostname unique in the organisation: name, name-2, name-3…
-            let mut name = hostname.to_string();
-            let mut n = 1;
-            while tx
-                .query_opt(
-                    "SELECT 1 FROM devices WHERE org_id = ?1 AND hostname = ?2",
-                    &[Arg::Int(org_id), Arg::Text(&name)],
-                )?
-                .is_some()
-            {
-                n += 1;
-                name = format!("{hostname}-{n}");
-            }
+            let (ordinal, name) = Self::allocate(tx, org_id, &org_name, hostname)?;
             let token = new_secret("rwt_");
-            let row = tx.query_opt(
-                r#"INSERT INTO devices (org_id, "user", hostname, public_key, token_hash, tags, ordinal, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id"#,
-                &[
-                    Arg::Int(org_id),
-                    Arg::OptText(user.as_deref()),
-                    Arg::Text(&name),
-                    Arg::Text(public_key),
-                    Arg::Blob(&hash(&token)),
-                    Arg::Text(&tags),
-                    Arg::Int(ordinal),
-                    Arg::Int(now()),
-                ],
+            let id = Self::insert_device(
+                tx,
+                NewDevice {
+                    org_id,
+                    user: user.as_deref(),
+                    hostname: &name,
+                    public_key,
+                    token: &token,
+                    tags: &tags,
+                    ordinal,
+                },
             )?;
-            let id = match row {
-                Some(r) => r.int(0)?,
-                None => return Err(StoreError::Decode("INSERT returned no id".into())),
-            };
             tx.execute(
                 "UPDATE setup_keys SET uses = uses + 1 WHERE id = ?1",
                 &[Arg::Int(key_id)],
@@ -388,6 +356,66 @@ impl Store {
             };
             Ok(Ok((device, token)))
         })
+    }
+
+    /// A new device's place in organisation `org_id`: the lowest free
+    /// ordinal (addresses of revoked devices stay reserved, so an old
+    /// address never names a new device) and a hostname unique in the
+    /// organisation (`name`, `name-2`, `name-3`…). The caller holds the
+    /// organisation's row lock.
+    fn allocate(
+        tx: &mut super::db::Tx<'_>,
+        org_id: i64,
+        org_name: &str,
+        hostname: &str,
+    ) -> Result<(i64, String), StoreError> {
+        let used: Vec<i64> = tx
+            .query(
+                "SELECT ordinal FROM devices WHERE org_id = ?1 ORDER BY ordinal",
+                &[Arg::Int(org_id)],
+            )?
+            .iter()
+            .map(|r| r.int(0))
+            .collect::<Result<_, _>>()?;
+        let ordinal = lowest_free(&used);
+        if ordinal > (1 << ORG_BLOCK_BITS) - 2 {
+            return Err(StoreError::BlockFull(org_name.to_string()));
+        }
+        let mut name = hostname.to_string();
+        let mut n = 1;
+        while tx
+            .query_opt(
+                "SELECT 1 FROM devices WHERE org_id = ?1 AND hostname = ?2",
+                &[Arg::Int(org_id), Arg::Text(&name)],
+            )?
+            .is_some()
+        {
+            n += 1;
+            name = format!("{hostname}-{n}");
+        }
+        Ok((ordinal, name))
+    }
+
+    /// Insert a device row; its id.
+    fn insert_device(tx: &mut super::db::Tx<'_>, d: NewDevice<'_>) -> Result<i64, StoreError> {
+        let row = tx.query_opt(
+            r#"INSERT INTO devices (org_id, "user", hostname, public_key, token_hash, tags, ordinal, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id"#,
+            &[
+                Arg::Int(d.org_id),
+                Arg::OptText(d.user),
+                Arg::Text(d.hostname),
+                Arg::Text(d.public_key),
+                Arg::Blob(&hash(d.token)),
+                Arg::Text(d.tags),
+                Arg::Int(d.ordinal),
+                Arg::Int(now()),
+            ],
+        )?;
+        match row {
+            Some(r) => r.int(0),
+            None => Err(StoreError::Decode("INSERT returned no id".into())),
+        }
     }
 
     fn device_rows(&self, filter: &str, args: &[Arg<'_>]) -> Result<Vec<Device>, StoreError> {
@@ -492,6 +520,281 @@ impl Store {
     }
 }
 
+/// A device row to insert ([`Store::insert_device`]).
+struct NewDevice<'a> {
+    org_id: i64,
+    user: Option<&'a str>,
+    hostname: &'a str,
+    public_key: &'a str,
+    token: &'a str,
+    tags: &'a str,
+    ordinal: i64,
+}
+
+/// A verified sign-in, as the control server hands it to the store.
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub issuer: String,
+    pub subject: String,
+    /// Lower-cased, verified by the IdP.
+    pub email: String,
+    /// What keys the organisation (with the issuer): `hd`, `tid`, the
+    /// email domain, or for a consumer domain `sub:SUBJECT`.
+    pub org_key: String,
+    /// The name a new organisation gets (the domain, or the email).
+    pub org_name: String,
+    pub groups: Vec<String>,
+    pub admin: bool,
+    /// Unix seconds when the device's key stops working.
+    pub expires_at: i64,
+}
+
+/// A user as listed by `runewarp control users`.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: i64,
+    pub organisation: String,
+    pub issuer: String,
+    pub email: String,
+    pub groups: Vec<String>,
+    pub admin: bool,
+}
+
+impl Store {
+    /// The organisation for (issuer, key), made on first sign-in. Its name
+    /// is `login.org_name`; an organisation of that name made by setup
+    /// keys (no SSO mapping yet) is adopted, one another key holds gets a
+    /// `-2`, `-3`… suffix.
+    fn login_org(tx: &mut super::db::Tx<'_>, login: &Login) -> Result<i64, StoreError> {
+        let lock = tx.lock_clause();
+        if let Some(r) = tx.query_opt(
+            &format!("SELECT org_id FROM oidc_orgs WHERE issuer = ?1 AND org_key = ?2{lock}"),
+            &[Arg::Text(&login.issuer), Arg::Text(&login.org_key)],
+        )? {
+            return r.int(0);
+        }
+        let mut name = login.org_name.clone();
+        let mut n = 1;
+        let id = loop {
+            match tx.query_opt("SELECT id FROM orgs WHERE name = ?1", &[Arg::Text(&name)])? {
+                None => break Self::org_id(tx, &name, true)?,
+                Some(r) => {
+                    let id = r.int(0)?;
+                    let mapped = tx
+                        .query_opt("SELECT 1 FROM oidc_orgs WHERE org_id = ?1", &[Arg::Int(id)])?
+                        .is_some();
+                    if !mapped {
+                        break id;
+                    }
+                }
+            }
+            n += 1;
+            name = format!("{}-{n}", login.org_name);
+        };
+        // Another replica may map the same pair at this moment: keep theirs.
+        tx.execute(
+            "INSERT INTO oidc_orgs (issuer, org_key, org_id) VALUES (?1, ?2, ?3)
+             ON CONFLICT (issuer, org_key) DO NOTHING",
+            &[
+                Arg::Text(&login.issuer),
+                Arg::Text(&login.org_key),
+                Arg::Int(id),
+            ],
+        )?;
+        match tx.query_opt(
+            "SELECT org_id FROM oidc_orgs WHERE issuer = ?1 AND org_key = ?2",
+            &[Arg::Text(&login.issuer), Arg::Text(&login.org_key)],
+        )? {
+            Some(r) => r.int(0),
+            None => Err(StoreError::Decode("oidc_orgs: the mapping vanished".into())),
+        }
+    }
+
+    /// Record a sign-in and enrol (or renew) the device with `public_key`:
+    /// a new device gets an address and a token; the same user's device
+    /// signing in again gets a fresh token and expiry. Another user's key
+    /// is refused.
+    pub fn login_device(
+        &mut self,
+        login: &Login,
+        public_key: &str,
+        hostname: &str,
+    ) -> Result<Result<(Device, String), RegisterError>, StoreError> {
+        let token = new_secret("rwt_");
+        let device_id = self.db.write(|tx| {
+            let org_id = Self::login_org(tx, login)?;
+            let groups = login.groups.join("\n");
+            let user = tx.query_opt(
+                "INSERT INTO users (issuer, subject, email, org_id, idp_groups, is_admin, last_login)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (issuer, subject) DO UPDATE SET email = excluded.email,
+                   idp_groups = excluded.idp_groups, is_admin = excluded.is_admin,
+                   last_login = excluded.last_login
+                 RETURNING id",
+                &[
+                    Arg::Text(&login.issuer),
+                    Arg::Text(&login.subject),
+                    Arg::Text(&login.email),
+                    Arg::Int(org_id),
+                    Arg::Text(&groups),
+                    Arg::Bool(login.admin),
+                    Arg::Int(now()),
+                ],
+            )?;
+            let user_id = match user {
+                Some(r) => r.int(0)?,
+                None => return Err(StoreError::Decode("users: upsert returned no id".into())),
+            };
+            let existing = tx.query_opt(
+                "SELECT d.id, l.user_id, d.revoked FROM devices d
+                 LEFT JOIN device_logins l ON l.device_id = d.id WHERE d.public_key = ?1",
+                &[Arg::Text(public_key)],
+            )?;
+            let id = match existing {
+                Some(r) => {
+                    let (id, revoked) = (r.int(0)?, r.bool(2)?);
+                    let owner = r.opt_int(1)?;
+                    if revoked || owner != Some(user_id) {
+                        return Ok(Err(RegisterError::KeyTaken));
+                    }
+                    tx.execute(
+                        "UPDATE devices SET token_hash = ?1 WHERE id = ?2",
+                        &[Arg::Blob(&hash(&token)), Arg::Int(id)],
+                    )?;
+                    tx.execute(
+                        "UPDATE device_logins SET expires_at = ?1, expired = FALSE WHERE device_id = ?2",
+                        &[Arg::Int(login.expires_at), Arg::Int(id)],
+                    )?;
+                    id
+                }
+                None => {
+                    let (ordinal, name) =
+                        Self::allocate(tx, org_id, &login.org_name, hostname)?;
+                    let id = Self::insert_device(
+                        tx,
+                        NewDevice {
+                            org_id,
+                            user: Some(&login.email),
+                            hostname: &name,
+                            public_key,
+                            token: &token,
+                            tags: "",
+                            ordinal,
+                        },
+                    )?;
+                    tx.execute(
+                        "INSERT INTO device_logins (device_id, user_id, expires_at) VALUES (?1, ?2, ?3)",
+                        &[Arg::Int(id), Arg::Int(user_id), Arg::Int(login.expires_at)],
+                    )?;
+                    id
+                }
+            };
+            tx.bump_serial()?;
+            Ok(Ok(id))
+        })?;
+        let device_id = match device_id {
+            Ok(id) => id,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        let device = self
+            .device_rows("WHERE d.id = ?1", &[Arg::Int(device_id)])?
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Decode(format!("device {device_id} vanished")))?;
+        Ok(Ok((device, token)))
+    }
+
+    /// Mark the device keys whose login expired by `at` (Unix seconds);
+    /// bumps the serial when any did, so their peers drop them. Returns
+    /// how many.
+    pub fn expire_logins(&mut self, at: i64) -> Result<usize, StoreError> {
+        self.db.write(|tx| {
+            let n = tx.execute(
+                "UPDATE device_logins SET expired = TRUE WHERE expired = FALSE AND expires_at <= ?1",
+                &[Arg::Int(at)],
+            )?;
+            if n > 0 {
+                tx.bump_serial()?;
+            }
+            Ok(n as usize)
+        })
+    }
+
+    /// Whether device `id`'s key is tied to a login that has expired.
+    pub fn login_expired(&self, id: i64) -> Result<bool, StoreError> {
+        let row = self.db.query_opt(
+            "SELECT expires_at, expired FROM device_logins WHERE device_id = ?1",
+            &[Arg::Int(id)],
+        )?;
+        match row {
+            Some(r) => Ok(r.bool(1)? || r.int(0)? <= now()),
+            None => Ok(false),
+        }
+    }
+
+    /// The devices of organisation `org_id` whose login has expired.
+    pub fn expired_devices(&self, org_id: i64) -> Result<Vec<i64>, StoreError> {
+        self.db
+            .query(
+                "SELECT l.device_id FROM device_logins l JOIN devices d ON d.id = l.device_id
+                 WHERE d.org_id = ?1 AND (l.expired = TRUE OR l.expires_at <= ?2)
+                 ORDER BY l.device_id",
+                &[Arg::Int(org_id), Arg::Int(now())],
+            )?
+            .iter()
+            .map(|r| r.int(0))
+            .collect()
+    }
+
+    /// Each signed-in user of organisation `org_id` (by email) and their
+    /// IdP groups, for the policy's `group:NAME`.
+    pub fn user_groups(
+        &self,
+        org_id: i64,
+    ) -> Result<std::collections::HashMap<String, Vec<String>>, StoreError> {
+        let mut out = std::collections::HashMap::new();
+        for r in self.db.query(
+            "SELECT email, idp_groups FROM users WHERE org_id = ?1",
+            &[Arg::Int(org_id)],
+        )? {
+            out.entry(r.text(0)?)
+                .or_insert_with(Vec::new)
+                .extend(split_groups(&r.text(1)?));
+        }
+        Ok(out)
+    }
+
+    /// Every signed-in user.
+    pub fn users(&self) -> Result<Vec<User>, StoreError> {
+        self.db
+            .query(
+                "SELECT u.id, o.name, u.issuer, u.email, u.idp_groups, u.is_admin
+                 FROM users u JOIN orgs o ON o.id = u.org_id ORDER BY u.id",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(User {
+                    id: r.int(0)?,
+                    organisation: r.text(1)?,
+                    issuer: r.text(2)?,
+                    email: r.text(3)?,
+                    groups: split_groups(&r.text(4)?),
+                    admin: r.bool(5)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// IdP groups as stored: one per line.
+fn split_groups(text: &str) -> Vec<String> {
+    text.split('\n')
+        .filter(|g| !g.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// The smallest ordinal from 1 up that `used` (sorted) does not hold.
 fn lowest_free(used: &[i64]) -> i64 {
     let mut next = 1;
@@ -531,6 +834,7 @@ pub fn ipv6(prefix: [u8; 6], org_id: i64, ordinal: i64) -> Ipv6Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::db::MIGRATIONS;
 
     fn spec(org: &str, user: Option<&str>, reusable: bool) -> SetupKeySpec {
         SetupKeySpec {
@@ -636,10 +940,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         enrolment(Store::open(dir.path()).unwrap());
         let dir = tempfile::tempdir().unwrap();
+        sso_logins(Store::open(dir.path()).unwrap());
+        let dir = tempfile::tempdir().unwrap();
         concurrent(|| Store::open(dir.path()).unwrap());
         // Opening again finds the schema current.
         let mut db = Db::open_sqlite(&dir.path().join(DB_FILE)).unwrap();
-        assert_eq!(db.migrate().unwrap(), 1);
+        assert_eq!(db.migrate().unwrap(), MIGRATIONS.len() as i64);
         // A preview database (no schema_version) is adopted as version 1
         // with its rows.
         let dir = tempfile::tempdir().unwrap();
@@ -669,11 +975,75 @@ mod tests {
             Store::connect(&Database::Postgres(url), Path::new("/nonexistent")).unwrap()
         };
         enrolment(connect(&pg.create_db("enrolment")));
+        sso_logins(connect(&pg.create_db("logins")));
         let url = pg.create_db("concurrent");
         concurrent(|| connect(&url));
         let url = crate::control::config::PostgresUrl::parse(&url).unwrap();
         let mut db = Db::connect_postgres(&url).unwrap();
-        assert_eq!(db.migrate().unwrap(), 1);
+        assert_eq!(db.migrate().unwrap(), MIGRATIONS.len() as i64);
+    }
+
+    fn login(email: &str, sub: &str, key: &str, expires_at: i64) -> Login {
+        Login {
+            issuer: "https://idp.example".into(),
+            subject: sub.into(),
+            email: email.into(),
+            org_key: key.into(),
+            org_name: key.trim_start_matches("sub:").into(),
+            groups: vec!["eng".into()],
+            admin: false,
+            expires_at,
+        }
+    }
+
+    /// Logins share an organisation by (issuer, key), renew the same
+    /// device, refuse another user's key, and expire.
+    fn sso_logins(mut s: Store) {
+        let later = now() + 3600;
+        let (a, t1) = s
+            .login_device(
+                &login("alice@acme.com", "1", "acme.com", later),
+                "pka",
+                "lap",
+            )
+            .unwrap()
+            .unwrap();
+        let (b, _) = s
+            .login_device(&login("bob@acme.com", "2", "acme.com", later), "pkb", "lap")
+            .unwrap()
+            .unwrap();
+        assert_eq!((a.org_id, b.hostname.as_str()), (b.org_id, "lap-2"));
+        assert_eq!(s.user_groups(a.org_id).unwrap()["bob@acme.com"], ["eng"]);
+        // Bob cannot take Alice's key; Alice renewing keeps the device.
+        assert_eq!(
+            s.login_device(&login("bob@acme.com", "2", "acme.com", later), "pka", "x")
+                .unwrap(),
+            Err(RegisterError::KeyTaken)
+        );
+        let (a2, t2) = s
+            .login_device(&login("alice@acme.com", "1", "acme.com", later), "pka", "x")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a2.id, a.id);
+        assert!(s.device_by_token(&t1).unwrap().is_none());
+        assert_eq!(s.device_by_token(&t2).unwrap().unwrap().id, a.id);
+        // Another issuer's acme.com is another organisation.
+        let mut other = login("eve@acme.com", "3", "acme.com", later);
+        other.issuer = "https://other.example".into();
+        let (e, _) = s.login_device(&other, "pke", "e").unwrap().unwrap();
+        assert_ne!(e.org_id, a.org_id);
+        assert_eq!(e.organisation, "acme.com-2");
+        assert!(!s.login_expired(b.id).unwrap());
+        let (c, _) = s
+            .login_device(&login("c@gmail.com", "4", "sub:4", now() - 1), "pkc", "c")
+            .unwrap()
+            .unwrap();
+        assert!(s.login_expired(c.id).unwrap());
+        let serial = s.serial().unwrap();
+        assert_eq!(s.expire_logins(now()).unwrap(), 1);
+        assert!(s.serial().unwrap() > serial);
+        assert_eq!(s.expired_devices(c.org_id).unwrap(), [c.id]);
+        assert_eq!(s.users().unwrap().len(), 4);
     }
 }
 

@@ -1,7 +1,8 @@
 //! The mesh device agent, control side (seed 000's "Runetale client"):
 //! `runewarp node up|status|logout`. It generates the device's WireGuard
 //! key pair locally (the private key is written 0600 and never sent),
-//! enrols with a setup key, then follows the network map the control
+//! enrols with a setup key or by SSO sign-in (a URL to open in any
+//! browser; no localhost callback), then follows the network map the control
 //! server streams, writing each version atomically to `netmap.json` for
 //! the data plane. It reconnects with backoff when the stream breaks.
 
@@ -19,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
 use crate::mesh_protocol::{
-    self, ErrorBody, MAX_SIGNAL, NetworkMap, RegisterRequest, RegisterResponse, SignalEnvelope,
-    SignalLine, SignalRequest, public_key_bytes,
+    self, ErrorBody, LoginRequest, LoginStarted, MAX_SIGNAL, NetworkMap, RegisterRequest,
+    RegisterResponse, SignalEnvelope, SignalLine, SignalRequest, public_key_bytes,
 };
 use crate::shutdown::Shutdown;
 
@@ -51,7 +52,7 @@ pub enum NodeError {
     #[error("control server {url}: {message}")]
     Control { url: String, message: String },
     #[error(
-        "the control server no longer knows this device (revoked or removed); run `runewarp node logout` and enrol again with a new setup key"
+        "the control server no longer accepts this device (revoked, removed, or its login expired); run `runewarp node logout`, then `runewarp node up` to sign in again (or enrol with a new setup key)"
     )]
     Revoked,
 }
@@ -261,17 +262,7 @@ async fn post_json<T: Serialize>(
     let req = req
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| fail(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| fail(e.to_string()))?
-        .to_bytes();
+    let (status, body) = answer(url, sender.send_request(req)).await?;
     if !status.is_success() {
         let message = serde_json::from_slice::<ErrorBody>(&body)
             .map(|e| e.error)
@@ -291,6 +282,131 @@ async fn register(
         url: url.text.clone(),
         message: format!("bad answer: {e}"),
     })
+}
+
+/// How long `node up` keeps waiting for the user to sign in (the server
+/// forgets a login after 10 minutes).
+const LOGIN_WAIT: Duration = Duration::from_secs(11 * 60);
+
+/// Enrol by SSO: ask for a login URL, show it (and open it where a desktop
+/// session exists), then wait until the user has signed in.
+async fn sso_login(
+    url: &ControlUrl,
+    tls: Arc<rustls::ClientConfig>,
+    public_key: String,
+    hostname: String,
+) -> Result<RegisterResponse, NodeError> {
+    let fail = |m: String| NodeError::Control {
+        url: url.text.clone(),
+        message: m,
+    };
+    let body = post_json(
+        url,
+        tls.clone(),
+        "/v1/login",
+        None,
+        &LoginRequest {
+            public_key,
+            hostname,
+        },
+        "login",
+    )
+    .await?;
+    let started: LoginStarted =
+        serde_json::from_slice(&body).map_err(|e| fail(format!("bad answer: {e}")))?;
+    // For the person at the terminal (not a log line: the URL is a
+    // one-time secret).
+    eprintln!(
+        "To add this device to your network, sign in within {} minutes at:\n\n    {}\n",
+        started.expires_in / 60,
+        started.login_url
+    );
+    let desktop = ["DISPLAY", "WAYLAND_DISPLAY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
+    if desktop {
+        let _ = std::process::Command::new("xdg-open")
+            .arg(&started.login_url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    }
+    tracing::info!(event = "node_login_waiting", control = %url.text, opened_browser = desktop);
+    let deadline = tokio::time::Instant::now() + LOGIN_WAIT;
+    let mut backoff = Duration::from_millis(500);
+    while tokio::time::Instant::now() < deadline {
+        match wait_once(url, tls.clone(), &started.wait_token).await {
+            Ok((hyper::StatusCode::OK, body)) => {
+                return serde_json::from_slice(&body).map_err(|e| fail(format!("bad answer: {e}")));
+            }
+            Ok((hyper::StatusCode::ACCEPTED, _)) => {
+                backoff = Duration::from_millis(500);
+                continue;
+            }
+            Ok((status, body)) if status.is_client_error() => {
+                let message = serde_json::from_slice::<ErrorBody>(&body)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| status.to_string());
+                return Err(fail(format!("login refused: {message}")));
+            }
+            Ok((status, _)) => {
+                tracing::warn!(event = "node_login_wait_failed", status = status.as_u16());
+            }
+            Err(e) => tracing::warn!(event = "node_login_wait_failed", error = %e),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    Err(fail(
+        "nobody signed in within 10 minutes; run `runewarp node up` again".into(),
+    ))
+}
+
+/// One `GET /v1/login/wait`: its status and body.
+async fn wait_once(
+    url: &ControlUrl,
+    tls: Arc<rustls::ClientConfig>,
+    token: &str,
+) -> Result<(hyper::StatusCode, Bytes), NodeError> {
+    let fail = |m: String| NodeError::Control {
+        url: url.text.clone(),
+        message: m,
+    };
+    let mut sender = connect(url, tls).await?;
+    let req = Request::get(format!("{}/v1/login/wait", url.text))
+        .header("host", &url.host)
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| fail(e.to_string()))?;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        answer(url, sender.send_request(req)),
+    )
+    .await
+    .map_err(|_| fail("no answer to the login wait within 60 s".into()))?
+}
+
+/// A request's status and whole body.
+async fn answer(
+    url: &ControlUrl,
+    sent: impl std::future::Future<
+        Output = Result<hyper::Response<hyper::body::Incoming>, hyper::Error>,
+    >,
+) -> Result<(hyper::StatusCode, Bytes), NodeError> {
+    let fail = |m: String| NodeError::Control {
+        url: url.text.clone(),
+        message: m,
+    };
+    let resp = sent.await.map_err(|e| fail(e.to_string()))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .to_bytes();
+    Ok((status, body))
 }
 
 /// The host name to enrol as: `--hostname`, else this machine's, made a
@@ -347,12 +463,7 @@ pub async fn start(
         None => {
             let Some(control) = control else {
                 return Err(NodeError::Usage(
-                    "not enrolled yet: pass --control URL and --setup-key KEY".into(),
-                ));
-            };
-            let Some(setup_key) = setup_key else {
-                return Err(NodeError::Usage(
-                    "not enrolled yet: pass --setup-key KEY (from `runewarp control setup-key create`)".into(),
+                    "not enrolled yet: pass --control URL (and --setup-key KEY, or sign in through the printed URL)".into(),
                 ));
             };
             let url = parse_url(control)?;
@@ -364,16 +475,21 @@ pub async fn start(
                     "--hostname {hostname:?}: one DNS label, a-z, 0-9 and '-'"
                 )));
             }
-            let r = register(
-                &url,
-                tls_config(ca_file)?,
-                &RegisterRequest {
-                    setup_key: setup_key.to_string(),
-                    public_key,
-                    hostname,
-                },
-            )
-            .await?;
+            let r = match setup_key {
+                Some(setup_key) => {
+                    register(
+                        &url,
+                        tls_config(ca_file)?,
+                        &RegisterRequest {
+                            setup_key: setup_key.to_string(),
+                            public_key,
+                            hostname,
+                        },
+                    )
+                    .await?
+                }
+                None => sso_login(&url, tls_config(ca_file)?, public_key, hostname).await?,
+            };
             let e = Enrolment {
                 control: url.text.clone(),
                 ca_file: ca_file.map(|p| std::path::absolute(p).unwrap_or(p.to_path_buf())),
@@ -652,7 +768,7 @@ pub fn logout(state_dir: &Path) -> Result<String, NodeError> {
         }
     }
     Ok(if removed {
-        "logged out; enrol again with `runewarp node up --control URL --setup-key KEY`\n".into()
+        "logged out; enrol again with `runewarp node up --control URL` (sign in) or with `--setup-key KEY`\n".into()
     } else {
         "not enrolled\n".into()
     })

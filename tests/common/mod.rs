@@ -586,6 +586,7 @@ pub mod ports;
 pub mod postgres;
 pub mod proc;
 pub mod tls;
+pub mod webdriver;
 
 /// A TCP connection to `to` from the loopback address `127.0.0.<last>`, so
 /// tests can act as many source IPs.
