@@ -36,7 +36,13 @@ let
       state-dir = mkOption {
         type = types.str;
         default = stateDir;
-        description = "The database and the API's certificate material (kept in the unit's StateDirectory).";
+        description = "The SQLite database and the API's certificate material (kept in the unit's StateDirectory).";
+      };
+      database-url-file = mkOption {
+        type = types.nullOr types.str;
+        default = if cfg.databaseUrlFile == null then null else "${credentialsDirectory}/db-url";
+        defaultText = lib.literalExpression "the db-url credential when databaseUrlFile is set, else null (SQLite)";
+        description = "A file holding the PostgreSQL connection string (for several replicas on one database); SQLite in `state-dir` when null.";
       };
     };
   };
@@ -81,6 +87,19 @@ in
     // {
       enable = lib.mkEnableOption "the Runewarp mesh control server (runewarp control)";
 
+      databaseUrlFile = mkOption {
+        type = types.nullOr rw.credentialPath;
+        default = null;
+        example = "/run/secrets/runewarp-db-url";
+        description = ''
+          The PostgreSQL connection string (a file outside the Nix store,
+          one line: a `postgresql://` URL or `key=value` pairs), handed to
+          the unit with `LoadCredential=` as `db-url`;
+          `settings.control.database-url-file` points there by default.
+          See docs/control.md, Storage.
+        '';
+      };
+
       openFirewall = mkOption {
         type = types.bool;
         default = false;
@@ -91,6 +110,10 @@ in
   config = mkIf cfg.enable {
     assertions = rw.absolutePathAssertions "services.runewarp.control.settings.control" {
       inherit (cfg.settings.control) state-dir;
+    };
+
+    services.runewarp.control.credentials = mkIf (cfg.databaseUrlFile != null) {
+      db-url = cfg.databaseUrlFile;
     };
 
     users.users.${user} = {
@@ -116,6 +139,11 @@ in
       inherit (cfg) package extraArgs credentials;
       role = "control";
       description = "Runewarp mesh control server";
+      # A PostgreSQL on the same host is up first (harmless without one).
+      after = [
+        "network-online.target"
+        "postgresql.service"
+      ];
       serviceConfig = {
         DynamicUser = false;
         User = user;

@@ -371,7 +371,7 @@ fn check_control(path: Option<&std::path::Path>) -> ExitCode {
     let Some(path) = path else {
         return usage_error("config check --role control needs --config FILE");
     };
-    match control::ControlConfig::load(path) {
+    match control::ControlConfig::load_for_check(path) {
         Ok(c) => {
             println!(
                 "# {} is a valid control configuration\n[control]\nlisten-address = \"{}\"\nhostname = \"{}\"\nstate-dir = {:?}",

@@ -306,6 +306,18 @@ fn config_check_knows_the_control_role() {
     control_toml(&home, 7443);
     let out = home.ok(&["config", "check", "--role", "control", "-c", "control.toml"]);
     assert!(out.contains("listen-address = \"127.0.0.1:7443\""), "{out}");
+
+    // A database URL file that exists only where the service runs (a
+    // credential) passes the check unread, as at a NixOS build; starting
+    // the server with it is an error naming the key.
+    home.write(
+        "pg.toml",
+        "[control]\nhostname = \"localhost\"\nstate-dir = \"s\"\n\
+         database-url-file = \"/run/credentials/none/db-url\"\n",
+    );
+    home.ok(&["config", "check", "--role", "control", "-c", "pg.toml"]);
+    let err = stderr_of(home.cmd().args(["control", "-c", "pg.toml"]), 2);
+    assert!(err.contains("control.database-url-file"), "{err}");
 }
 
 /// The NixOS module hands the setup key in as a credential file.

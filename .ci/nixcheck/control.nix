@@ -5,6 +5,7 @@
   services.runewarp.control = {
     enable = true;
     openFirewall = true;
+    databaseUrlFile = "/etc/runewarp/db-url";
     settings.control.hostname = "control.example.com";
   };
   services.runewarp.node = {

@@ -119,6 +119,15 @@ pub enum Admin {
     Group(String),
 }
 
+/// Whether secret files named in the config are read while validating it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SecretFiles {
+    /// At start: a missing file is an error.
+    Read,
+    /// `config check`: checked when readable, else accepted unread.
+    ReadIfPresent,
+}
+
 /// Where the control plane keeps its state.
 #[derive(Debug, Clone)]
 pub enum Database {
@@ -185,6 +194,15 @@ impl PostgresUrl {
         &self.summary
     }
 
+    /// A placeholder for a connection string in a file not readable here
+    /// (`config check` away from the running unit); never connected to.
+    fn unread(path: &Path) -> Self {
+        Self {
+            config: Box::new(postgres::Config::new()),
+            summary: format!("read from {} at start", path.display()),
+        }
+    }
+
     pub fn has_password(&self) -> bool {
         self.config.get_password().is_some()
     }
@@ -228,6 +246,26 @@ impl ControlConfig {
 
     /// Validate `text` (from `label`, relative paths against `dir`).
     pub fn parse(label: &str, dir: &Path, text: &str) -> Result<Self, ControlConfigError> {
+        Self::parse_with(label, dir, text, SecretFiles::Read)
+    }
+
+    /// `config check`: like [`load`](Self::load), but a secret file that
+    /// cannot be read here (a credential that exists only in the running
+    /// unit, as at a build-time check) is accepted unread.
+    pub fn load_for_check(path: &Path) -> Result<Self, ControlConfigError> {
+        let label = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ControlConfigError(format!("{label}: cannot read: {e}")))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::parse_with(&label, dir, &text, SecretFiles::ReadIfPresent)
+    }
+
+    fn parse_with(
+        label: &str,
+        dir: &Path,
+        text: &str,
+        secrets: SecretFiles,
+    ) -> Result<Self, ControlConfigError> {
         let err = |m: String| ControlConfigError(format!("{label}: {m}"));
         let raw: RawFile = toml::from_str(text).map_err(|e| {
             err(e
@@ -284,8 +322,14 @@ impl ControlConfig {
                 .map(|d| d.to_string())
                 .collect(),
         };
-        let database =
-            database(dir, c.database, c.database_url, c.database_url_file).map_err(err)?;
+        let database = database(
+            dir,
+            c.database,
+            c.database_url,
+            c.database_url_file,
+            secrets,
+        )
+        .map_err(err)?;
         let admins = c
             .admins
             .unwrap_or_default()
@@ -385,6 +429,7 @@ fn database(
     engine: Option<String>,
     url: Option<String>,
     url_file: Option<PathBuf>,
+    secrets: SecretFiles,
 ) -> Result<Database, String> {
     let url = match (url, url_file) {
         (Some(_), Some(_)) => {
@@ -402,18 +447,23 @@ fn database(
         }
         (None, Some(f)) => {
             let path = dir.join(f);
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                format!(
-                    "control.database-url-file = {:?}: cannot read: {e}",
-                    path.display().to_string()
-                )
-            })?;
-            Some(PostgresUrl::parse(&text).map_err(|e| {
-                format!(
-                    "control.database-url-file = {:?}: {e}",
-                    path.display().to_string()
-                )
-            })?)
+            match std::fs::read_to_string(&path) {
+                Err(_) if secrets == SecretFiles::ReadIfPresent => Some(PostgresUrl::unread(&path)),
+                read => {
+                    let text = read.map_err(|e| {
+                        format!(
+                            "control.database-url-file = {:?}: cannot read: {e}",
+                            path.display().to_string()
+                        )
+                    })?;
+                    Some(PostgresUrl::parse(&text).map_err(|e| {
+                        format!(
+                            "control.database-url-file = {:?}: {e}",
+                            path.display().to_string()
+                        )
+                    })?)
+                }
+            }
         }
         (None, None) => None,
     };
