@@ -1,6 +1,8 @@
 //! The control API (HTTP/1.1 + JSON over TLS; see docs/control-api.md):
 //! `POST /v1/register` enrols a device with a setup key, `GET /v1/map`
-//! streams its network map as JSON lines, one per change.
+//! streams its network map as JSON lines, one per change; `POST
+//! /v1/signal` forwards a sealed message to a peer; `POST /v1/endpoints`
+//! records where a device's data plane can be reached.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -19,8 +21,8 @@ use super::netmap::OrgSnapshot;
 use super::store::Device;
 use super::store::{RegisterError, Store, StoreError};
 use crate::mesh_protocol::{
-    ErrorBody, MAX_SIGNAL, RegisterRequest, RegisterResponse, SignalEnvelope, SignalLine,
-    SignalRequest, valid_hostname, valid_public_key,
+    EndpointsRequest, ErrorBody, MAX_ENDPOINTS, MAX_SIGNAL, RegisterRequest, RegisterResponse,
+    SignalEnvelope, SignalLine, SignalRequest, valid_endpoint, valid_hostname, valid_public_key,
 };
 use crate::shutdown::Shutdown;
 
@@ -164,7 +166,8 @@ impl Api {
             (&Method::POST, "/v1/register") => self.register(peer, req).await,
             (&Method::GET, "/v1/map") => self.map(peer, req),
             (&Method::POST, "/v1/signal") => self.signal(peer, req).await,
-            (_, "/v1/register" | "/v1/map" | "/v1/signal") => {
+            (&Method::POST, "/v1/endpoints") => self.endpoints(peer, req).await,
+            (_, "/v1/register" | "/v1/map" | "/v1/signal" | "/v1/endpoints") => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
             }
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
@@ -350,6 +353,54 @@ impl Api {
                 "the peer's inbox is full; retry",
             ),
             _ => error(StatusCode::CONFLICT, "the peer is not connected"),
+        }
+    }
+
+    /// `POST /v1/endpoints`: store where the device's data plane listens;
+    /// its peers' maps carry them from the next change on.
+    async fn endpoints(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+        let device = match self.authenticate(peer, &req) {
+            Ok(d) => d,
+            Err(answer) => return *answer,
+        };
+        if count(&self.signals_sent, device.id, false) > SIGNAL_RATE {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests; wait a minute",
+            );
+        }
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 4 KiB"),
+        };
+        let r: EndpointsRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
+        };
+        if r.endpoints.len() > MAX_ENDPOINTS || !r.endpoints.iter().all(|e| valid_endpoint(e)) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "endpoints must be at most 16 IP:PORT addresses",
+            );
+        }
+        let result = self.store().set_endpoints(device.id, &r.endpoints);
+        match result {
+            Ok(changed) => {
+                tracing::info!(
+                    event = "endpoints_stored",
+                    device = device.id,
+                    count = r.endpoints.len(),
+                    changed
+                );
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"stored": r.endpoints.len()}),
+                )
+            }
+            Err(e) => {
+                tracing::error!(event = "store_failed", error = %e);
+                error(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
+            }
         }
     }
 

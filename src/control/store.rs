@@ -108,6 +108,8 @@ CREATE TABLE IF NOT EXISTS devices (
     UNIQUE (org_id, hostname), UNIQUE (org_id, ordinal));
 CREATE TABLE IF NOT EXISTS policies (
     org_id INTEGER PRIMARY KEY REFERENCES orgs(id), text TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS device_endpoints (
+    device_id INTEGER PRIMARY KEY REFERENCES devices(id), endpoints TEXT NOT NULL);
 ";
 
 /// SHA-256 of a secret, as stored.
@@ -450,6 +452,59 @@ impl Store {
             .optional()?)
     }
 
+    /// Replace a device's reported endpoints (`IP:PORT`, best first; the
+    /// caller validates them). The serial moves only when they changed, so
+    /// a device re-reporting the same list wakes nobody.
+    pub fn set_endpoints(
+        &mut self,
+        device_id: i64,
+        endpoints: &[String],
+    ) -> Result<bool, StoreError> {
+        let text = endpoints.join(",");
+        let tx = self.conn.transaction()?;
+        let old: Option<String> = tx
+            .query_row(
+                "SELECT endpoints FROM device_endpoints WHERE device_id = ?1",
+                params![device_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if old.as_deref() == Some(text.as_str()) {
+            return Ok(false);
+        }
+        tx.execute(
+            "DELETE FROM device_endpoints WHERE device_id = ?1",
+            params![device_id],
+        )?;
+        tx.execute(
+            "INSERT INTO device_endpoints (device_id, endpoints) VALUES (?1, ?2)",
+            params![device_id, text],
+        )?;
+        Self::bump(&tx)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// The reported endpoints of an organisation's devices, by device id.
+    pub fn endpoints(
+        &self,
+        org_id: i64,
+    ) -> Result<std::collections::HashMap<i64, Vec<String>>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT e.device_id, e.endpoints FROM device_endpoints e
+             JOIN devices d ON d.id = e.device_id WHERE d.org_id = ?1",
+        )?;
+        let rows = stmt.query_map(params![org_id], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (id, text) = row?;
+            out.insert(id, split_tags(&text));
+        }
+        Ok(out)
+    }
+
     /// The id of an organisation by name.
     pub fn organisation(&self, name: &str) -> Result<Option<i64>, StoreError> {
         Ok(self
@@ -549,6 +604,27 @@ mod tests {
         assert_eq!(h.ipv4, Ipv4Addr::new(100, 64, 4, 3));
         assert_eq!(d.ipv6.segments()[0] & 0xff00, 0xfd00);
         assert_eq!(h.ipv6.segments()[3], 2);
+    }
+
+    #[test]
+    fn endpoints_are_stored_per_device_and_move_the_serial_only_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let k = s.create_setup_key(&spec("acme.com", None, true)).unwrap();
+        let (a, _) = s.register(&k.key, "pk1", "a").unwrap().unwrap();
+        let (b, _) = s.register(&k.key, "pk2", "b").unwrap().unwrap();
+        let list = vec!["10.0.0.1:41641".to_string(), "192.0.2.1:41641".to_string()];
+        let serial = s.serial().unwrap();
+        assert!(s.set_endpoints(a.id, &list).unwrap());
+        assert!(s.serial().unwrap() > serial);
+        let serial = s.serial().unwrap();
+        assert!(!s.set_endpoints(a.id, &list).unwrap());
+        assert_eq!(s.serial().unwrap(), serial);
+        let e = s.endpoints(a.org_id).unwrap();
+        assert_eq!(e.get(&a.id), Some(&list));
+        assert_eq!(e.get(&b.id), None);
+        assert!(s.set_endpoints(a.id, &[]).unwrap());
+        assert_eq!(s.endpoints(a.org_id).unwrap().get(&a.id), Some(&vec![]));
     }
 
     #[test]
