@@ -399,7 +399,7 @@ impl Plane {
         let mut input = datagram;
         let mut authenticated = false;
         loop {
-            match peer.tunn.decapsulate(Some(from.ip()), input, &mut self.out) {
+            let packet = match peer.tunn.decapsulate(Some(from.ip()), input, &mut self.out) {
                 TunnResult::WriteToNetwork(b) => {
                     // A cookie reply (type 3) is all a packet under load
                     // earns: it proves nothing about the sender.
@@ -411,34 +411,28 @@ impl Plane {
                     input = &[];
                     continue;
                 }
-                TunnResult::WriteToTunnelV4(p, src) => {
-                    authenticated = true;
-                    deliver(
-                        peer,
-                        &mut self.filter,
-                        &mut self.filter_drops,
-                        &self.tun,
-                        p,
-                        IpAddr::V4(src),
-                    )
-                    .await;
+                TunnResult::WriteToTunnelV4(p, src) => Some((p, IpAddr::V4(src))),
+                TunnResult::WriteToTunnelV6(p, src) => Some((p, IpAddr::V6(src))),
+                TunnResult::Done => {
+                    authenticated |= !input.is_empty();
+                    None
                 }
-                TunnResult::WriteToTunnelV6(p, src) => {
-                    authenticated = true;
-                    deliver(
-                        peer,
-                        &mut self.filter,
-                        &mut self.filter_drops,
-                        &self.tun,
-                        p,
-                        IpAddr::V6(src),
-                    )
-                    .await;
-                }
-                TunnResult::Done => authenticated |= !input.is_empty(),
                 TunnResult::Err(e) => {
                     tracing::debug!(event = "decapsulate_failed", peer = %peer.hostname, from = %from, error = ?e);
+                    None
                 }
+            };
+            if let Some((p, src)) = packet {
+                authenticated = true;
+                deliver(
+                    peer,
+                    &mut self.filter,
+                    &mut self.filter_drops,
+                    &self.tun,
+                    p,
+                    src,
+                )
+                .await;
             }
             break;
         }
