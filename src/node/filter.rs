@@ -318,7 +318,8 @@ impl Filter {
                 ..
             } => {
                 let key = (h.proto, h.src, sport, h.dst, dport);
-                if !(syn && !ack) && !self.flows.contains_key(&key) {
+                let opens = syn && !ack;
+                if !opens && !self.flows.contains_key(&key) {
                     return;
                 }
                 key

@@ -634,9 +634,21 @@ pub fn status(state_dir: &Path) -> Result<String, NodeError> {
                 out += "\n";
             }
             if let Some(s) = &plane {
+                let age = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+                    .saturating_sub(s.updated_unix);
                 out += &format!(
-                    "data plane: {} udp/{} (filter dropped {})\n",
-                    s.interface, s.listen_port, s.filter_drops
+                    "data plane: {} udp/{} (filter dropped {}; as of {age}s ago{})\n",
+                    s.interface,
+                    s.listen_port,
+                    s.filter_drops,
+                    if age > 10 {
+                        ", is `node up --tun` running?"
+                    } else {
+                        ""
+                    }
                 );
             }
         }
@@ -651,7 +663,7 @@ pub fn status(state_dir: &Path) -> Result<String, NodeError> {
 /// `node logout`: forget the enrolment and the map; the key stays.
 pub fn logout(state_dir: &Path) -> Result<String, NodeError> {
     let mut removed = false;
-    for f in [ENROLMENT_FILE, NETMAP_FILE] {
+    for f in [ENROLMENT_FILE, NETMAP_FILE, dataplane::STATUS_FILE] {
         let path = state_dir.join(f);
         match std::fs::remove_file(&path) {
             Ok(()) => removed = true,
