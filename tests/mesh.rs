@@ -32,10 +32,10 @@ fn ip(args: &[&str]) {
 }
 
 impl Net {
-    /// `srv` with a bridge at 10.77.0.1, `a` at .2 and `b` at .3.
+    /// `srv` with a bridge at 10.77.0.1, `a` at .2, `b` at .3, `c` at .4.
     fn new() -> Net {
         let tag = format!("rwm{}", std::process::id());
-        let names: Vec<String> = ["srv", "a", "b"]
+        let names: Vec<String> = ["srv", "a", "b", "c"]
             .iter()
             .map(|n| format!("{tag}-{n}"))
             .collect();
@@ -84,6 +84,9 @@ impl Net {
     }
     fn b(&self) -> &str {
         &self.names[2]
+    }
+    fn c(&self) -> &str {
+        &self.names[3]
     }
 
     /// `runewarp ARGS` inside namespace `ns`, run from `home`.
@@ -392,6 +395,31 @@ fn nodes_ping_each_other_over_wireguard_and_the_filter_and_revocation_apply() {
             & 0o777
     };
     assert_eq!(mode, 0o600);
+
+    // A third device joins: a adds it without touching b's session (the
+    // same Tunn: its byte counters keep counting, no second peer_added).
+    let rx_b = |home: &Path| {
+        json(&home.join("a/dataplane.json"))["peers"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["hostname"] == "b").cloned())
+            .and_then(|p| p["rx_bytes"].as_u64())
+            .unwrap_or(0)
+    };
+    let before = rx_b(home);
+    assert!(before > 0);
+    let mut c = node(net.c(), "c");
+    c.wait("peer_endpoint", &["peer=a", "10.77.0.2:41641"], up);
+    a.wait("peer_endpoint", &["peer=c", "10.77.0.4:41641"], up);
+    let c4 = addr("c", 0);
+    wait_until("a pings c", Duration::from_secs(10), || {
+        net.ping(net.a(), &c4, 2)
+    });
+    assert!(net.ping(net.a(), &b4, 2), "a still pings b");
+    assert_eq!(a.lines("peer_added", &["peer=b"]), 1, "{}", a.log());
+    wait_until("b's counters keep counting", Duration::from_secs(5), || {
+        rx_b(home) > before
+    });
+    drop(c);
 
     // A policy that lets b reach a, but not a reach b: b's filter drops
     // a's pings; b's own pings to a still get their replies.

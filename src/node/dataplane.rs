@@ -235,6 +235,16 @@ pub async fn start(
         filter_drops: 0,
         out: vec![0u8; 65_536 + 256],
     };
+    // Until the stream delivers, start from the last map this device
+    // received: traffic flows while the control server is away.
+    if node.maps.borrow().is_none()
+        && let Some(map) = std::fs::read(node.state_dir.join(super::NETMAP_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<NetworkMap>(&b).ok())
+    {
+        tracing::info!(event = "dataplane_cached_map", serial = map.serial);
+        node.maps.send_replace(Some(map));
+    }
     let maps = node.maps.subscribe();
     let main = tokio::spawn(plane.run(maps, shutdown.clone()));
     let reporter = tokio::spawn(report(
