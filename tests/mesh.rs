@@ -299,15 +299,14 @@ fn nodes_ping_each_other_over_wireguard_and_the_filter_and_revocation_apply() {
         ),
     )
     .unwrap();
-    let mut control = Proc::spawn(
-        {
-            let mut c = net.runewarp(net.srv(), home);
-            c.args(["control", "-c", "control.toml"]);
-            c
-        },
-        home.join("control.log"),
-    );
-    control.wait("control_started", &[], Duration::from_secs(20));
+    let start_control = |log: &str| {
+        let mut c = net.runewarp(net.srv(), home);
+        c.args(["control", "-c", "control.toml"]);
+        let mut control = Proc::spawn(c, home.join(log));
+        control.wait("control_started", &[], Duration::from_secs(20));
+        control
+    };
+    let control = start_control("control.log");
     let key = admin(
         home,
         &[
@@ -420,6 +419,21 @@ fn nodes_ping_each_other_over_wireguard_and_the_filter_and_revocation_apply() {
         rx_b(home) > before
     });
     drop(c);
+
+    // With the control server away, a restarted node comes back from its
+    // cached map and reaches b again.
+    drop(control);
+    drop(a);
+    let mut a = node(net.a(), "a");
+    a.wait("dataplane_cached_map", &[], up);
+    wait_until("a pings b without control", Duration::from_secs(10), || {
+        net.ping(net.a(), &b4, 2)
+    });
+    let control = start_control("control2.log");
+    a.wait("node_connected", &[], Duration::from_secs(20));
+    wait_until("b reconnects", Duration::from_secs(20), || {
+        b.lines("node_connected", &[]) >= 2
+    });
 
     // A policy that lets b reach a, but not a reach b: b's filter drops
     // a's pings; b's own pings to a still get their replies.
