@@ -460,6 +460,11 @@ fn nodes_ping_each_other_over_wireguard_and_the_filter_and_revocation_apply() {
     assert!(denied < Duration::from_secs(2), "{denied:?}");
     assert!(!net.ping(net.a(), &b4, 1), "a→b is denied");
     assert!(net.ping(net.b(), &a4, 2), "b→a still passes, replies too");
+    b.wait(
+        "packet_dropped",
+        &["peer=a", "reason=\"no_rule\""],
+        Duration::from_secs(2),
+    );
     wait_until("b counts the drop", Duration::from_secs(5), || {
         json(&home.join("b/dataplane.json"))["filter_drops"]
             .as_u64()

@@ -635,6 +635,10 @@ impl Plane {
     }
 }
 
+/// `packet_dropped` lines: 10 at once, then one per 10 s (with the count
+/// of those left out).
+static DROPS_LOGGED: crate::logging::LogBudget = crate::logging::LogBudget::standard();
+
 /// A decapsulated packet: from the peer's own addresses and admitted by
 /// the filter, or dropped.
 async fn deliver(
@@ -645,14 +649,19 @@ async fn deliver(
     packet: &[u8],
     src: IpAddr,
 ) {
-    if !peer.allowed.iter().any(|n| n.contains(src)) {
+    let verdict = if peer.allowed.iter().any(|n| n.contains(src)) {
+        filter
+            .inbound(packet, Instant::now())
+            .map_err(|why| why.as_str())
+    } else {
+        Err("source_not_allowed")
+    };
+    if let Err(reason) = verdict {
         *drops += 1;
-        tracing::debug!(event = "packet_dropped", peer = %peer.hostname, src = %src, reason = "source_not_allowed");
-        return;
-    }
-    if let Err(why) = filter.inbound(packet, Instant::now()) {
-        *drops += 1;
-        tracing::debug!(event = "packet_dropped", peer = %peer.hostname, src = %src, reason = why.as_str());
+        // A peer decides how much it sends: a budget keeps the log short.
+        if let Some(suppressed) = DROPS_LOGGED.allow() {
+            tracing::info!(event = "packet_dropped", peer = %peer.hostname, src = %src, reason, suppressed);
+        }
         return;
     }
     if let Err(e) = tun.send(packet).await {
