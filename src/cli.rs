@@ -376,6 +376,18 @@ pub enum NodeCommand {
         /// This device's name in the network (default: the host name).
         #[arg(long, value_name = "NAME")]
         hostname: Option<String>,
+        /// Run the data plane as well: create this TUN device and carry
+        /// WireGuard traffic to the peers (needs CAP_NET_ADMIN). Without
+        /// it the node only follows the map.
+        #[arg(long, value_name = "NAME")]
+        tun: Option<String>,
+        /// The data plane's UDP port (0: any free port).
+        #[arg(
+            long = "listen-port",
+            value_name = "PORT",
+            default_value_t = crate::node::dataplane::DEFAULT_PORT
+        )]
+        listen_port: u16,
         #[command(flatten)]
         state: NodeStateArgs,
     },

@@ -91,6 +91,22 @@ pub struct SignalEnvelope {
     pub sealed: String,
 }
 
+/// `POST /v1/endpoints`: the UDP addresses (`IP:PORT`) where this device's
+/// data plane can be reached, best first; peers find them in their maps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointsRequest {
+    pub endpoints: Vec<String>,
+}
+
+/// Most endpoints one device may report.
+pub const MAX_ENDPOINTS: usize = 16;
+
+/// An endpoint as reported: `IPv4:PORT` or `[IPv6]:PORT`, port not 0.
+pub fn valid_endpoint(text: &str) -> bool {
+    text.parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast())
+}
+
 /// Largest sealed signal message accepted (bytes before base64).
 pub const MAX_SIGNAL: usize = 2048;
 
@@ -285,5 +301,10 @@ mod tests {
         assert!(!valid_hostname("-x"));
         assert!(!valid_hostname(""));
         assert!(!valid_hostname("a.b"));
+        assert!(valid_endpoint("10.77.0.2:41641"));
+        assert!(valid_endpoint("[2001:db8::1]:41641"));
+        assert!(!valid_endpoint("10.77.0.2:0"));
+        assert!(!valid_endpoint("0.0.0.0:1"));
+        assert!(!valid_endpoint("host:1"));
     }
 }

@@ -448,6 +448,8 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
             setup_key_file,
             ca_file,
             hostname,
+            tun,
+            listen_port,
             state,
         } => {
             let setup_key = match setup_key_file {
@@ -493,6 +495,22 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
                 crate::notify::notify(crate::notify::READY);
                 let (trigger, stop) = shutdown::channel();
                 shutdown::on_signals(trigger);
+                let _dataplane = match tun {
+                    Some(interface) => {
+                        let options = node::dataplane::Options {
+                            interface,
+                            listen_port,
+                        };
+                        match node::dataplane::start(&node, &options, stop.clone()).await {
+                            Ok(d) => Some(d),
+                            Err(e) => {
+                                tracing::error!(event = "node_failed", error = %e);
+                                return ExitCode::from(EXIT_FAILURE);
+                            }
+                        }
+                    }
+                    None => None,
+                };
                 match node::run(node, stop).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {

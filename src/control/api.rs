@@ -3,7 +3,9 @@
 //! streams its network map as JSON lines, one per change. With
 //! `[control.oidc]`, `POST /v1/login` + `GET /v1/login/wait` enrol a device
 //! by SSO, and the browser routes `GET /login/ID` and `GET /oidc/callback`
-//! carry the user through the identity provider ([`super::oidc`]).
+//! carry the user through the identity provider ([`super::oidc`]);
+//! `POST /v1/signal` forwards a sealed message to a peer; `POST
+//! /v1/endpoints` records where a device's data plane can be reached.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -24,8 +26,9 @@ use super::oidc::{self as sso, Oidc, Outcome, Waited};
 use super::store::Device;
 use super::store::{RegisterError, Store, StoreError};
 use crate::mesh_protocol::{
-    ErrorBody, LoginPending, LoginRequest, LoginStarted, MAX_SIGNAL, RegisterRequest,
-    RegisterResponse, SignalEnvelope, SignalLine, SignalRequest, valid_hostname, valid_public_key,
+    EndpointsRequest, ErrorBody, LoginPending, LoginRequest, LoginStarted, MAX_ENDPOINTS,
+    MAX_SIGNAL, RegisterRequest, RegisterResponse, SignalEnvelope, SignalLine, SignalRequest,
+    valid_endpoint, valid_hostname, valid_public_key,
 };
 use crate::shutdown::Shutdown;
 
@@ -194,9 +197,12 @@ impl Api {
             (&Method::GET, "/v1/login/wait") => self.login_wait(peer, req).await,
             (&Method::GET, "/oidc/callback") => self.callback(peer, req).await,
             (&Method::GET, p) if p.starts_with("/login/") => self.login_page(peer, req).await,
-            (_, "/v1/register" | "/v1/map" | "/v1/signal" | "/v1/login" | "/v1/login/wait") => {
-                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-            }
+            (&Method::POST, "/v1/endpoints") => self.endpoints(peer, req).await,
+            (
+                _,
+                "/v1/register" | "/v1/map" | "/v1/signal" | "/v1/login" | "/v1/login/wait"
+                | "/v1/endpoints",
+            ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
     }
@@ -377,6 +383,54 @@ impl Api {
                 "the peer's inbox is full; retry",
             ),
             _ => error(StatusCode::CONFLICT, "the peer is not connected"),
+        }
+    }
+
+    /// `POST /v1/endpoints`: store where the device's data plane listens;
+    /// its peers' maps carry them from the next change on.
+    async fn endpoints(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+        let device = match self.authenticate(peer, &req) {
+            Ok(d) => d,
+            Err(answer) => return *answer,
+        };
+        if count(&self.signals_sent, device.id, false) > SIGNAL_RATE {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests; wait a minute",
+            );
+        }
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 4 KiB"),
+        };
+        let r: EndpointsRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
+        };
+        if r.endpoints.len() > MAX_ENDPOINTS || !r.endpoints.iter().all(|e| valid_endpoint(e)) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "endpoints must be at most 16 IP:PORT addresses",
+            );
+        }
+        let result = self.store().set_endpoints(device.id, &r.endpoints);
+        match result {
+            Ok(changed) => {
+                tracing::info!(
+                    event = "endpoints_stored",
+                    device = device.id,
+                    count = r.endpoints.len(),
+                    changed
+                );
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"stored": r.endpoints.len()}),
+                )
+            }
+            Err(e) => {
+                tracing::error!(event = "store_failed", error = %e);
+                error(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
+            }
         }
     }
 

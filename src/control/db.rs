@@ -128,6 +128,18 @@ CREATE TABLE device_logins (
     expires_at BIGINT NOT NULL, expired BOOLEAN NOT NULL DEFAULT FALSE);
 "#,
     },
+    // Where each device's data plane can be reached (POST /v1/endpoints).
+    Migration {
+        version: 3,
+        sqlite: r#"
+CREATE TABLE device_endpoints (
+    device_id INTEGER PRIMARY KEY REFERENCES devices(id), endpoints TEXT NOT NULL);
+"#,
+        postgres: r#"
+CREATE TABLE device_endpoints (
+    device_id BIGINT PRIMARY KEY REFERENCES devices(id), endpoints TEXT NOT NULL);
+"#,
+    },
 ];
 
 /// A value bound to a placeholder.

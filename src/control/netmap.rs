@@ -58,6 +58,8 @@ pub struct OrgSnapshot {
     policy: Option<Policy>,
     /// Signed-in users' IdP groups, by email.
     groups: HashMap<String, Vec<String>>,
+    /// Reported endpoints by device id.
+    endpoints: std::collections::HashMap<i64, Vec<String>>,
 }
 
 impl OrgSnapshot {
@@ -79,6 +81,7 @@ impl OrgSnapshot {
             // Policies are validated before they are stored.
             policy: policy_text.as_deref().and_then(|t| Policy::parse(t).ok()),
             policy_text,
+            endpoints: store.endpoints(org_id)?,
         })
     }
 
@@ -87,6 +90,7 @@ impl OrgSnapshot {
         self.devices == other.devices
             && self.policy_text == other.policy_text
             && self.groups == other.groups
+            && self.endpoints == other.endpoints
     }
 }
 
@@ -139,7 +143,7 @@ pub fn compute_from<'a>(snapshot: &'a OrgSnapshot, id: i64) -> Option<NetworkMap
             hostname: d.hostname.clone(),
             public_key: d.public_key.clone(),
             allowed_ips: addresses(d),
-            endpoints: Vec::new(),
+            endpoints: snapshot.endpoints.get(&d.id).cloned().unwrap_or_default(),
             user: d.user.clone(),
             tags: d.tags.clone(),
         });
@@ -222,6 +226,11 @@ mod tests {
         assert_eq!(m.filter[0].ports, "5432");
         assert_eq!(m.filter[0].sources.len(), 4);
         assert!(peers(&s, b).is_empty());
+        s.set_endpoints(a1, &["10.0.0.1:41641".to_string()])
+            .unwrap();
+        let m = compute(&s, db).unwrap().unwrap();
+        let p = m.peers.iter().find(|p| p.public_key == "a1").unwrap();
+        assert_eq!(p.endpoints, ["10.0.0.1:41641"]);
         s.revoke_device(a2).unwrap();
         assert_eq!(compute(&s, db).unwrap().unwrap().peers.len(), 1);
         assert!(compute(&s, a2).unwrap().is_none());

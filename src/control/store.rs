@@ -508,6 +508,55 @@ impl Store {
         }
     }
 
+    /// Replace a device's reported endpoints (`IP:PORT`, best first; the
+    /// caller validates them). The serial moves only when they changed, so
+    /// a device re-reporting the same list wakes nobody.
+    pub fn set_endpoints(
+        &mut self,
+        device_id: i64,
+        endpoints: &[String],
+    ) -> Result<bool, StoreError> {
+        let text = endpoints.join(",");
+        self.db.write(|tx| {
+            let old = tx.query_opt(
+                &format!(
+                    "SELECT endpoints FROM device_endpoints WHERE device_id = ?1{}",
+                    tx.lock_clause()
+                ),
+                &[Arg::Int(device_id)],
+            )?;
+            if let Some(r) = old
+                && r.text(0)? == text
+            {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO device_endpoints (device_id, endpoints) VALUES (?1, ?2)
+                 ON CONFLICT (device_id) DO UPDATE SET endpoints = excluded.endpoints",
+                &[Arg::Int(device_id), Arg::Text(&text)],
+            )?;
+            tx.bump_serial()?;
+            Ok(true)
+        })
+    }
+
+    /// The reported endpoints of an organisation's devices, by device id.
+    pub fn endpoints(
+        &self,
+        org_id: i64,
+    ) -> Result<std::collections::HashMap<i64, Vec<String>>, StoreError> {
+        let rows = self.db.query(
+            "SELECT e.device_id, e.endpoints FROM device_endpoints e
+             JOIN devices d ON d.id = e.device_id WHERE d.org_id = ?1",
+            &[Arg::Int(org_id)],
+        )?;
+        let mut out = std::collections::HashMap::new();
+        for r in rows {
+            out.insert(r.int(0)?, split_tags(&r.text(1)?));
+        }
+        Ok(out)
+    }
+
     /// The id of an organisation by name.
     pub fn organisation(&self, name: &str) -> Result<Option<i64>, StoreError> {
         match self
@@ -902,6 +951,25 @@ mod tests {
         );
     }
 
+    /// Endpoints are stored per device; the serial moves only on change.
+    fn endpoints(mut s: Store) {
+        let k = s.create_setup_key(&spec("acme.com", None, true)).unwrap();
+        let (a, _) = s.register(&k.key, "pk1", "a").unwrap().unwrap();
+        let (b, _) = s.register(&k.key, "pk2", "b").unwrap().unwrap();
+        let list = vec!["10.0.0.1:41641".to_string(), "192.0.2.1:41641".to_string()];
+        let serial = s.serial().unwrap();
+        assert!(s.set_endpoints(a.id, &list).unwrap());
+        assert!(s.serial().unwrap() > serial);
+        let serial = s.serial().unwrap();
+        assert!(!s.set_endpoints(a.id, &list).unwrap());
+        assert_eq!(s.serial().unwrap(), serial);
+        let e = s.endpoints(a.org_id).unwrap();
+        assert_eq!(e.get(&a.id), Some(&list));
+        assert_eq!(e.get(&b.id), None);
+        assert!(s.set_endpoints(a.id, &[]).unwrap());
+        assert_eq!(s.endpoints(a.org_id).unwrap().get(&a.id), Some(&vec![]));
+    }
+
     /// Two replicas (two connections) enrol at once with one reusable
     /// key and one hostname: every device gets its own address and name.
     fn concurrent(open: impl Fn() -> Store) {
@@ -942,6 +1010,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         sso_logins(Store::open(dir.path()).unwrap());
         let dir = tempfile::tempdir().unwrap();
+        endpoints(Store::open(dir.path()).unwrap());
+        let dir = tempfile::tempdir().unwrap();
         concurrent(|| Store::open(dir.path()).unwrap());
         // Opening again finds the schema current.
         let mut db = Db::open_sqlite(&dir.path().join(DB_FILE)).unwrap();
@@ -976,6 +1046,7 @@ mod tests {
         };
         enrolment(connect(&pg.create_db("enrolment")));
         sso_logins(connect(&pg.create_db("logins")));
+        endpoints(connect(&pg.create_db("endpoints")));
         let url = pg.create_db("concurrent");
         concurrent(|| connect(&url));
         let url = crate::control::config::PostgresUrl::parse(&url).unwrap();

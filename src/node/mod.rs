@@ -5,6 +5,14 @@
 //! browser; no localhost callback), then follows the network map the control
 //! server streams, writing each version atomically to `netmap.json` for
 //! the data plane. It reconnects with backoff when the stream breaks.
+//!
+//! With `--tun NAME` it also runs the data plane ([`dataplane`]):
+//! userspace WireGuard to every peer in the map, with the map's packet
+//! filter ([`filter`]) on what arrives.
+
+pub mod dataplane;
+pub mod filter;
+mod route;
 
 pub mod down;
 
@@ -51,6 +59,8 @@ pub enum NodeError {
     Usage(String),
     #[error("control server {url}: {message}")]
     Control { url: String, message: String },
+    #[error("data plane: {0}")]
+    Dataplane(String),
     #[error(
         "the control server no longer accepts this device (revoked, removed, or its login expired); run `runewarp node logout`, then `runewarp node up` to sign in again (or enrol with a new setup key)"
     )]
@@ -437,6 +447,8 @@ pub struct Node {
     enrolment: Enrolment,
     url: ControlUrl,
     tls: Arc<rustls::ClientConfig>,
+    /// Each map as it arrives, for the data plane.
+    maps: tokio::sync::watch::Sender<Option<NetworkMap>>,
 }
 
 /// Make the key, enrol if needed.
@@ -514,6 +526,7 @@ pub async fn start(
         enrolment,
         url,
         tls,
+        maps: tokio::sync::watch::Sender::new(None),
     })
 }
 
@@ -605,6 +618,7 @@ async fn follow(node: &Node) -> Result<(), NodeError> {
             let map: NetworkMap =
                 serde_json::from_slice(line).map_err(|e| fail(format!("bad map: {e}")))?;
             apply(&node.state_dir, &map)?;
+            node.maps.send_replace(Some(map));
         }
     }
 }
@@ -739,12 +753,47 @@ pub fn status(state_dir: &Path) -> Result<String, NodeError> {
             let map: NetworkMap = serde_json::from_slice(&b)
                 .map_err(|err| NodeError::Usage(format!("{}: {err}", path.display())))?;
             out += &format!("map serial: {}\npeers: {}\n", map.serial, map.peers.len());
+            let plane = dataplane::load_status(state_dir);
             for p in &map.peers {
                 out += &format!(
-                    "  {}\t{}\t{}\n",
+                    "  {}\t{}\t{}",
                     p.hostname,
                     p.allowed_ips.first().map(String::as_str).unwrap_or("-"),
                     p.user.as_deref().unwrap_or("-")
+                );
+                if let Some(s) = plane
+                    .as_ref()
+                    .and_then(|s| s.peers.iter().find(|s| s.public_key == p.public_key))
+                {
+                    out += &format!(
+                        "\t{} {}\thandshake {}\trx {} tx {}",
+                        s.path,
+                        s.endpoint.as_deref().unwrap_or("-"),
+                        s.last_handshake_s
+                            .map(|h| format!("{h}s ago"))
+                            .unwrap_or_else(|| "never".into()),
+                        s.rx_bytes,
+                        s.tx_bytes
+                    );
+                }
+                out += "\n";
+            }
+            if let Some(s) = &plane {
+                let age = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+                    .saturating_sub(s.updated_unix);
+                out += &format!(
+                    "data plane: {} udp/{} (filter dropped {}; as of {age}s ago{})\n",
+                    s.interface,
+                    s.listen_port,
+                    s.filter_drops,
+                    if age > 10 {
+                        ", is `node up --tun` running?"
+                    } else {
+                        ""
+                    }
                 );
             }
         }
@@ -759,7 +808,7 @@ pub fn status(state_dir: &Path) -> Result<String, NodeError> {
 /// `node logout`: forget the enrolment and the map; the key stays.
 pub fn logout(state_dir: &Path) -> Result<String, NodeError> {
     let mut removed = false;
-    for f in [ENROLMENT_FILE, NETMAP_FILE] {
+    for f in [ENROLMENT_FILE, NETMAP_FILE, dataplane::STATUS_FILE] {
         let path = state_dir.join(f);
         match std::fs::remove_file(&path) {
             Ok(()) => removed = true,
