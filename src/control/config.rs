@@ -116,15 +116,16 @@ impl PostgresUrl {
             })
             .collect();
         let ports: Vec<String> = config.get_ports().iter().map(|p| p.to_string()).collect();
+        // USER@HOST:PORT/DB: one token in a key=value log line.
         let summary = format!(
-            "host={} port={} dbname={dbname} user={}",
+            "{}@{}:{}/{dbname}",
+            config.get_user().unwrap_or("-"),
             hosts.join(","),
             if ports.is_empty() {
                 "5432".to_string()
             } else {
                 ports.join(",")
             },
-            config.get_user().unwrap_or("-"),
         );
         Ok(Self {
             config: Box::new(config),
