@@ -378,10 +378,7 @@ mod tests {
         let Database::Postgres(u) = &c.database else {
             panic!("expected postgres");
         };
-        assert_eq!(
-            u.summary(),
-            "host=db.internal port=5433 dbname=runewarp user=rw"
-        );
+        assert_eq!(u.summary(), "rw@db.internal:5433/runewarp");
         assert_eq!(c.database_summary().0, "postgres");
         let e = with("database-url = \"postgresql://rw:hunter2@db/runewarp\"\n").unwrap_err();
         assert!(e.contains("database-url-file"), "{e}");
