@@ -173,15 +173,16 @@ impl PostgresUrl {
             })
             .collect();
         let ports: Vec<String> = config.get_ports().iter().map(|p| p.to_string()).collect();
+        // USER@HOST:PORT/DB: one token in a key=value log line.
         let summary = format!(
-            "host={} port={} dbname={dbname} user={}",
+            "{}@{}:{}/{dbname}",
+            config.get_user().unwrap_or("-"),
             hosts.join(","),
             if ports.is_empty() {
                 "5432".to_string()
             } else {
                 ports.join(",")
             },
-            config.get_user().unwrap_or("-"),
         );
         Ok(Self {
             config: Box::new(config),
@@ -622,10 +623,7 @@ mod tests {
         let Database::Postgres(u) = &c.database else {
             panic!("expected postgres");
         };
-        assert_eq!(
-            u.summary(),
-            "host=db.internal port=5433 dbname=runewarp user=rw"
-        );
+        assert_eq!(u.summary(), "rw@db.internal:5433/runewarp");
         assert_eq!(c.database_summary().0, "postgres");
         let e = with("database-url = \"postgresql://rw:hunter2@db/runewarp\"\n").unwrap_err();
         assert!(e.contains("database-url-file"), "{e}");

@@ -459,6 +459,12 @@ impl Db {
                     Some(r) => r.int(0)?,
                     None => 0,
                 };
+            let known = MIGRATIONS.last().map_or(0, |m| m.version);
+            if current > known {
+                // A newer replica migrated already (a rolling upgrade):
+                // carry on with the tables this build knows.
+                tracing::warn!(event = "database_schema_newer", version = current, known);
+            }
             let mut now = current;
             for m in MIGRATIONS.iter().filter(|m| m.version > current) {
                 tx.batch(if postgres { m.postgres } else { m.sqlite })?;
