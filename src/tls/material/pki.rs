@@ -14,7 +14,7 @@ use rcgen::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate, X509Error};
 
 use super::{MaterialError, exists};
 use crate::fsutil;
@@ -223,18 +223,21 @@ pub(crate) fn load_tls_material(
     Ok(TlsMaterial { chain, key })
 }
 
-/// The DNS names in a certificate's subjectAltName.
+/// The DNS names in the certificate at `path`'s subjectAltName.
 pub(crate) fn dns_names(
     path: &Path,
     cert: &X509Certificate<'_>,
 ) -> Result<Vec<String>, MaterialError> {
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| MaterialError::Invalid {
-            path: path.to_path_buf(),
-            reason: format!("bad subjectAltName: {e}"),
-        })?;
-    Ok(san
+    san_dns_names(cert).map_err(|e| MaterialError::Invalid {
+        path: path.to_path_buf(),
+        reason: format!("bad subjectAltName: {e}"),
+    })
+}
+
+/// The DNS names in a certificate's subjectAltName (none without one).
+pub fn san_dns_names(cert: &X509Certificate<'_>) -> Result<Vec<String>, X509Error> {
+    Ok(cert
+        .subject_alternative_name()?
         .map(|ext| {
             ext.value
                 .general_names
