@@ -271,16 +271,32 @@ fn set_validity(params: &mut CertificateParams, days: u32) {
 
 fn leaf_params(hostname: &str, days: u32) -> Result<CertificateParams, MaterialError> {
     let mut params = CertificateParams::new(vec![hostname.to_string()])?;
+    end_entity(
+        &mut params,
+        hostname,
+        ExtendedKeyUsagePurpose::ServerAuth,
+        days,
+    );
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// An end-entity certificate for `purpose`: `common_name`, not a CA, a
+/// signing key, a random serial, valid for `days`.
+fn end_entity(
+    params: &mut CertificateParams,
+    common_name: &str,
+    purpose: ExtendedKeyUsagePurpose,
+    days: u32,
+) {
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, hostname);
+    dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
+    params.extended_key_usages = vec![purpose];
     params.serial_number = Some(random_serial());
-    set_validity(&mut params, days);
-    Ok(params)
+    set_validity(params, days);
 }
 
 /// A self-signed certificate with a new `alg` key and no subjectAltName
@@ -292,14 +308,12 @@ pub(crate) fn identity_cert(
 ) -> Result<(String, String), MaterialError> {
     let key = KeyPair::generate_for(alg)?;
     let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, common_name);
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.serial_number = Some(random_serial());
-    set_validity(&mut params, days);
+    end_entity(
+        &mut params,
+        common_name,
+        ExtendedKeyUsagePurpose::ClientAuth,
+        days,
+    );
     let cert = params.self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
