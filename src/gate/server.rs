@@ -896,11 +896,8 @@ mod tests {
 
     #[test]
     fn cookies_are_found_by_exact_name() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::COOKIE,
-            HeaderValue::from_static("a=1; __Host-runegate-state=s; __Host-runegate=x"),
-        );
+        let cookies = "a=1; __Host-runegate-state=s; __Host-runegate=x";
+        let h = crate::gate::test_headers(&[("cookie", cookies)]);
         assert_eq!(cookie(&h, "__Host-runegate"), Some("x"));
         assert_eq!(cookie(&h, STATE_COOKIE), Some("s"));
         assert_eq!(cookie(&h, "b"), None);
