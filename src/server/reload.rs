@@ -72,12 +72,9 @@ fn list(names: &[String]) -> String {
 /// it (it left its slot); its streams get the graceful window, then it is
 /// closed.
 async fn disconnect(tc: Arc<TunnelConnection>, window: std::time::Duration) {
-    tracing::info!(
-        event = "tunnel_disconnecting",
-        tunnel = tc.tunnel,
-        identity = %tc.identity,
-        peer = %tc.peer,
-        connection = tc.id,
+    tunnel_info!(
+        tc,
+        "tunnel_disconnecting",
         reason = "pin_removed",
         streams_in_flight = tc.streams_in_flight(),
     );
