@@ -327,6 +327,12 @@ fn client_tls(ca: &Path) -> Res<tokio_rustls::TlsConnector> {
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
+/// The whole body of `resp`.
+async fn body_bytes(resp: Response<Incoming>) -> Res<Bytes> {
+    let body = resp.into_body().collect().await;
+    Ok(body.map_err(|e| err("body")(&e))?.to_bytes())
+}
+
 /// One kept-alive HTTPS connection to a Public hostname.
 struct Conn {
     send: hyper::client::conn::http1::SendRequest<AnyBody>,
@@ -335,46 +341,38 @@ struct Conn {
 }
 
 impl Conn {
+    /// Connect, TLS and HTTP/1 handshake, within 10 s.
     async fn open(
         public: SocketAddr,
         tls: &tokio_rustls::TlsConnector,
         host: &str,
         cookie: Option<String>,
     ) -> Res<Conn> {
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            Self::open_unbounded(public, tls, host, cookie),
-        )
-        .await
-        .map_err(|_| format!("connecting to {host}: not done within 10 s"))?
-    }
-
-    async fn open_unbounded(
-        public: SocketAddr,
-        tls: &tokio_rustls::TlsConnector,
-        host: &str,
-        cookie: Option<String>,
-    ) -> Res<Conn> {
-        let tcp = TcpStream::connect(public)
+        let open = async {
+            let tcp = TcpStream::connect(public)
+                .await
+                .map_err(|e| err("connect")(&e))?;
+            let _ = tcp.set_nodelay(true);
+            let name = ServerName::try_from(host.to_string()).map_err(|e| err("name")(&e))?;
+            let stream = tls.connect(name, tcp).await.map_err(|e| err("TLS")(&e))?;
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| err("HTTP handshake")(&e))?;
+            let label = host.to_string();
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    eprintln!("gate bench: connection to {label} failed: {e:?}");
+                }
+            });
+            Ok(Conn {
+                send,
+                host: format!("{host}:{}", public.port()),
+                cookie,
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(10), open)
             .await
-            .map_err(|e| err("connect")(&e))?;
-        let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(host.to_string()).map_err(|e| err("name")(&e))?;
-        let stream = tls.connect(name, tcp).await.map_err(|e| err("TLS")(&e))?;
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| err("HTTP handshake")(&e))?;
-        let label = host.to_string();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                eprintln!("gate bench: connection to {label} failed: {e:?}");
-            }
-        });
-        Ok(Conn {
-            send,
-            host: format!("{host}:{}", public.port()),
-            cookie,
-        })
+            .map_err(|_| format!("connecting to {host}: not done within 10 s"))?
     }
 
     async fn send(
@@ -412,24 +410,18 @@ impl Conn {
     /// GET `path`; the body and the time to its last byte. Bounded, so a
     /// stuck path fails the bench instead of hanging it.
     async fn get(&mut self, path: &str) -> Res<(Bytes, f64)> {
-        tokio::time::timeout(Duration::from_secs(10), self.get_unbounded(path))
+        let host = self.host.clone();
+        let get = async {
+            let started = Instant::now();
+            let resp = self.send("GET", path, None).await?;
+            if resp.status() != 200 {
+                return Err(format!("GET {path} on {host}: {}", resp.status()));
+            }
+            Ok((body_bytes(resp).await?, started.elapsed().as_secs_f64()))
+        };
+        tokio::time::timeout(Duration::from_secs(10), get)
             .await
-            .map_err(|_| format!("GET {path} on {}: no answer within 10 s", self.host))?
-    }
-
-    async fn get_unbounded(&mut self, path: &str) -> Res<(Bytes, f64)> {
-        let started = Instant::now();
-        let resp = self.send("GET", path, None).await?;
-        if resp.status() != 200 {
-            return Err(format!("GET {path} on {}: {}", self.host, resp.status()));
-        }
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| err("body")(&e))?
-            .to_bytes();
-        Ok((body, started.elapsed().as_secs_f64()))
+            .map_err(|_| format!("GET {path} on {host}: no answer within 10 s"))?
     }
 
     /// GET `path`, expecting `n` bytes; MiB/s (bounded by [`PHASE_LIMIT`]).
@@ -512,12 +504,7 @@ async fn sign_in(
                 }
             }
             let status = resp.status().as_u16();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| err("body")(&e))?
-                .to_bytes();
+            let body = body_bytes(resp).await?;
             Ok::<_, String>((status, String::from_utf8_lossy(&body).into_owned()))
         };
     let field = |page: &str, name: &str| -> Res<String> {

@@ -89,24 +89,24 @@ fn kernel_nr_open() -> u64 {
 pub(crate) fn raise_and_log(role: &'static str, needed: u64) {
     match raise_nofile() {
         Ok(r) => {
+            // The same line at info, or at warn with the error that kept
+            // the limit where it is.
+            macro_rules! limit_line {
+                ($level:ident $(, $error:expr)?) => {
+                    tracing::$level!(
+                        event = "nofile_limit",
+                        role,
+                        soft = r.soft,
+                        hard = r.hard,
+                        was = r.was,
+                        needed,
+                        $(error = ?$error,)?
+                    )
+                };
+            }
             match &r.error {
-                None => tracing::info!(
-                    event = "nofile_limit",
-                    role,
-                    soft = r.soft,
-                    hard = r.hard,
-                    was = r.was,
-                    needed,
-                ),
-                Some(error) => tracing::warn!(
-                    event = "nofile_limit",
-                    role,
-                    soft = r.soft,
-                    hard = r.hard,
-                    was = r.was,
-                    needed,
-                    error = ?error,
-                ),
+                None => limit_line!(info),
+                Some(error) => limit_line!(warn, error),
             }
             if r.soft < needed {
                 tracing::warn!(

@@ -41,6 +41,11 @@ impl ClientIdentity {
         Ok(Self(out))
     }
 
+    /// The identity with these SHA-256 bytes.
+    pub(crate) fn from_bytes(sha256: [u8; 32]) -> Self {
+        Self(sha256)
+    }
+
     /// The identity of a SubjectPublicKeyInfo DER blob.
     pub(crate) fn from_spki_der(spki: &[u8]) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, spki);

@@ -489,31 +489,32 @@ fn issue_reuse_and_reorder() {
     assert_eq!(server.count(&["acme_certificate_issued"]), 0);
     assert_eq!(client.count(&["acme_certificate_issued"]), 0);
 
-    // A deleted certificate is ordered again.
-    client.terminate();
-    let _ = fs::remove_file(w.dir.join("client.log"));
-    fs::remove_file(w.state_cert("client-acme", APP)).unwrap();
-    let mut client = w.client(&root, &backend, &[APP]);
-    client.wait_line(&parts(&issued(APP)), WAIT);
-    assert_eq!(
-        w.pebble.orders(),
+    // Stop the Client, `change` its stored certificate and start it again:
+    // it places Pebble's order number `n` and serves with the new one.
+    let reorder = |client: Proc, change: &dyn Fn(&Path), n: usize, why: &str| {
+        client.terminate();
+        let _ = fs::remove_file(w.dir.join("client.log"));
+        change(&w.state_cert("client-acme", APP));
+        let mut client = w.client(&root, &backend, &[APP]);
+        client.wait_line(&parts(&issued(APP)), WAIT);
+        assert_eq!(w.pebble.orders(), n, "{why}");
+        w.assert_serves(&root, why);
+        client
+    };
+    let deleted = |cert: &Path| fs::remove_file(cert).unwrap();
+    let client = reorder(
+        client,
+        &deleted,
         3,
-        "the deleted certificate is ordered again"
+        "the deleted certificate is ordered again",
     );
-    w.assert_serves(&root, "after re-order");
-
-    // An expired stored certificate is ordered again at once.
-    client.terminate();
-    let _ = fs::remove_file(w.dir.join("client.log"));
-    fs::write(w.state_cert("client-acme", APP), expired_cert_pem(APP)).unwrap();
-    let mut client = w.client(&root, &backend, &[APP]);
-    client.wait_line(&parts(&issued(APP)), WAIT);
-    assert_eq!(
-        w.pebble.orders(),
+    let expired = |cert: &Path| fs::write(cert, expired_cert_pem(APP)).unwrap();
+    let _client = reorder(
+        client,
+        &expired,
         4,
-        "the expired certificate is ordered again"
+        "the expired certificate is ordered again",
     );
-    w.assert_serves(&root, "after expiry");
 
     assert!(backend.connections.load(Ordering::SeqCst) >= 4);
     server.assert_running();

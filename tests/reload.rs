@@ -91,6 +91,22 @@ fn server_toml(home: &Home, tunnels: &[(&[&str], &str)]) -> String {
 }
 
 /// A Client with one catch-all Service to `backend`.
+/// Write `server.toml` for `tunnels` and start the Server on it.
+fn start_server(home: &Home, tunnels: &[(&[&str], &str)]) -> Running {
+    home.write("server.toml", &server_toml(home, tunnels));
+    home.spawn("server", &home.path().join("server.toml"), "server.log")
+}
+
+/// Wait (15 s at most) until `host` answers at the Server's public address;
+/// that address.
+fn wait_routed(home: &Home, host: &str, root: &CertificateDer<'static>) -> SocketAddr {
+    let public = home.public_addr();
+    wait_until(&format!("{host} routes"), Duration::from_secs(15), || {
+        get(public, host, root, b"hi").is_ok()
+    });
+    public
+}
+
 fn catch_all(home: &Home, name: &str, identity: &str, backend: SocketAddr) -> std::path::PathBuf {
     home.write(
         name,
@@ -111,14 +127,10 @@ fn sighup_applies_a_valid_config_as_a_diff_and_ignores_a_bad_one() {
     home.server_material();
     let pin1 = home.identity("id1");
     let pin2 = home.identity("id2");
-    home.write("server.toml", &server_toml(&home, &[(&[APP], &pin1)]));
-    let mut server = home.spawn("server", &home.path().join("server.toml"), "server.log");
+    let mut server = start_server(&home, &[(&[APP], &pin1)]);
     let c1 = catch_all(&home, "c1.toml", "id1", backend);
     let mut client1 = home.spawn("client", &c1, "c1.log");
-    let public = home.public_addr();
-    wait_until("APP routes", Duration::from_secs(15), || {
-        get(public, APP, &root, b"hi").is_ok()
-    });
+    let public = wait_routed(&home, APP, &root);
     assert!(
         get(public, NEW, &root, b"hi").is_err(),
         "NEW is not routed yet"
@@ -217,14 +229,10 @@ fn client_sighup_replaces_services_without_reconnecting() {
     let (two, root2) = tagged_backend(b"two");
     home.server_material();
     let pin1 = home.identity("id1");
-    home.write("server.toml", &server_toml(&home, &[(&[APP, NEW], &pin1)]));
-    let mut server = home.spawn("server", &home.path().join("server.toml"), "server.log");
+    let mut server = start_server(&home, &[(&[APP, NEW], &pin1)]);
     let toml = services(&home, &[(APP, one)]);
     let mut client = home.spawn("client", &toml, "client.log");
-    let public = home.public_addr();
-    wait_until("APP routes", Duration::from_secs(15), || {
-        get(public, APP, &root, b"hi").is_ok()
-    });
+    let public = wait_routed(&home, APP, &root);
     assert!(
         get(public, NEW, &root2, b"hi").is_err(),
         "no Service for NEW yet"
@@ -318,42 +326,44 @@ fn client_sighup_with_a_new_identity_or_server_address_dials_again() {
     };
     let toml = client_toml("id1", home.tunnel);
     let mut client = home.spawn("client", &toml, "client.log");
-    let a_public = home.public_addr();
+    let a_public = wait_routed(&home, APP, &root);
     let b_public: SocketAddr = format!("127.0.0.1:{b_public}").parse().unwrap();
-    wait_until("APP on A", Duration::from_secs(15), || {
-        get(a_public, APP, &root, b"hi").is_ok()
-    });
 
+    // Rewrite the Client's config and reload: `up` answers at its address,
+    // `gone` stops answering at its own, and reload number `nth` names the
+    // keys that made the Client dial again.
+    let switch = |identity: &str,
+                  tunnel: u16,
+                  (up, up_at): (&str, SocketAddr),
+                  (gone, gone_at): (&str, SocketAddr),
+                  (nth, reconnect): (usize, &str)| {
+        client_toml(identity, tunnel);
+        client.signal(libc::SIGHUP);
+        wait_until(&format!("{up} up"), Duration::from_secs(5), || {
+            get(up_at, up, &root, b"hi").is_ok()
+        });
+        wait_until(&format!("{gone} gone"), Duration::from_secs(5), || {
+            get(gone_at, gone, &root, b"hi").is_err()
+        });
+        let reloaded = client.events("config_reloaded");
+        let line = &reloaded[nth];
+        assert!(line.contains(&format!("reconnect={reconnect}")), "{line}");
+    };
     // Another identity: the Client closes its connection and dials as id2.
-    client_toml("id2", home.tunnel);
-    client.signal(libc::SIGHUP);
-    wait_until("NEW on A", Duration::from_secs(5), || {
-        get(a_public, NEW, &root, b"hi").is_ok()
-    });
-    wait_until("APP gone from A", Duration::from_secs(5), || {
-        get(a_public, APP, &root, b"hi").is_err()
-    });
-    let reloaded = client.events("config_reloaded");
-    assert!(
-        reloaded[0].contains("reconnect=identity"),
-        "{}",
-        reloaded[0]
+    switch(
+        "id2",
+        home.tunnel,
+        (NEW, a_public),
+        (APP, a_public),
+        (0, "identity"),
     );
-
     // Another Server (and the first identity again).
-    client_toml("id1", b_tunnel);
-    client.signal(libc::SIGHUP);
-    wait_until("OTHER on B", Duration::from_secs(5), || {
-        get(b_public, OTHER, &root, b"hi").is_ok()
-    });
-    wait_until("NEW gone from A", Duration::from_secs(5), || {
-        get(a_public, NEW, &root, b"hi").is_err()
-    });
-    let reloaded = client.events("config_reloaded");
-    assert!(
-        reloaded[1].contains("reconnect=server-address,identity"),
-        "{}",
-        reloaded[1]
+    switch(
+        "id1",
+        b_tunnel,
+        (OTHER, b_public),
+        (NEW, a_public),
+        (1, "server-address,identity"),
     );
     assert_eq!(client.events("tunnel_reconnecting").len(), 2);
     assert!(client.events("reload_restart_needed").is_empty());

@@ -10,13 +10,7 @@ pub(crate) struct BulkRound {
     pub(crate) cpu_per_gb: Cpu,
 }
 
-pub(crate) async fn bulk(
-    plan: &Plan,
-    route: Route,
-    v: &Visitor,
-    procs: &mut Procs<'_>,
-    f: &mut Figures,
-) -> Res<()> {
+pub(crate) async fn bulk(Run(plan, route, v, procs, f): Run<'_, '_>) -> Res<()> {
     let label = route.label();
     let tunnel = route != Route::Direct;
     let peak_reset = tunnel && procs.server.reset_peak() && procs.client.reset_peak();

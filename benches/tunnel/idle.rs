@@ -2,13 +2,7 @@
 
 use super::*;
 
-pub(crate) async fn idle_streams(
-    plan: &Plan,
-    route: Route,
-    v: &Visitor,
-    procs: &mut Procs<'_>,
-    f: &mut Figures,
-) -> Res<()> {
+pub(crate) async fn idle_streams(Run(plan, route, v, procs, f): Run<'_, '_>) -> Res<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     f.idle_before = Some(procs.mem()?);
     let mut held = Vec::with_capacity(plan.idle);

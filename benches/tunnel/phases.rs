@@ -111,6 +111,35 @@ pub(crate) async fn wait_up(v: &Visitor, procs: &mut Procs<'_>) -> Res<Duration>
     ))
 }
 
+/// What one measurement works with: the plan, the route under test, its
+/// Visitor, the processes to check and the route's figures.
+pub(crate) struct Run<'a, 'p>(
+    pub(crate) &'a Plan,
+    pub(crate) Route,
+    pub(crate) &'a Visitor,
+    pub(crate) &'a mut Procs<'p>,
+    pub(crate) &'a mut Figures,
+);
+
+impl<'a, 'p> Run<'a, 'p> {
+    /// The run for `route`, with that route's Visitor and figures.
+    fn of(
+        plan: &'a Plan,
+        route: Route,
+        visitors: &'a [Visitor; 3],
+        procs: &'a mut Procs<'p>,
+        figures: &'a mut [Figures; 3],
+    ) -> Self {
+        Run(
+            plan,
+            route,
+            &visitors[route.index()],
+            procs,
+            &mut figures[route.index()],
+        )
+    }
+}
+
 pub(crate) struct Outcome {
     pub(crate) figures: [Figures; 3],
     pub(crate) start_mem: (Mem, Mem),
@@ -160,14 +189,7 @@ pub(crate) async fn measure(plan: &Plan, s: &mut Setup) -> Res<Outcome> {
     );
     for _ in 0..plan.rounds {
         for r in ROUTES {
-            bulk(
-                plan,
-                r,
-                &visitors[r.index()],
-                &mut procs,
-                &mut figures[r.index()],
-            )
-            .await?;
+            bulk(Run::of(plan, r, &visitors, &mut procs, &mut figures)).await?;
         }
     }
     for f in &mut figures {
@@ -183,25 +205,11 @@ pub(crate) async fn measure(plan: &Plan, s: &mut Setup) -> Res<Outcome> {
     );
     for r in ROUTES {
         procs.check()?;
-        conn_rate(
-            plan,
-            r,
-            &visitors[r.index()],
-            &mut procs,
-            &mut figures[r.index()],
-        )
-        .await?;
+        conn_rate(Run::of(plan, r, &visitors, &mut procs, &mut figures)).await?;
     }
     eprintln!("idle streams ({})", plan.idle);
     for r in [Route::Passthrough, Route::Terminate] {
-        idle_streams(
-            plan,
-            r,
-            &visitors[r.index()],
-            &mut procs,
-            &mut figures[r.index()],
-        )
-        .await?;
+        idle_streams(Run::of(plan, r, &visitors, &mut procs, &mut figures)).await?;
     }
     procs.check()?;
     let udp_drops_run = udp_rcvbuf_errors()?.saturating_sub(drops_start);

@@ -2,13 +2,7 @@
 
 use super::*;
 
-pub(crate) async fn conn_rate(
-    plan: &Plan,
-    route: Route,
-    v: &Visitor,
-    procs: &mut Procs<'_>,
-    f: &mut Figures,
-) -> Res<()> {
+pub(crate) async fn conn_rate(Run(plan, route, v, procs, f): Run<'_, '_>) -> Res<()> {
     let before = procs.cpu()?;
     let start = Instant::now();
     let deadline = start + plan.rate_for;

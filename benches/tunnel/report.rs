@@ -117,22 +117,22 @@ pub(crate) fn report(plan: &Plan, o: &Outcome) {
         "(reference)",
         dash,
     ]);
-    row([
-        "CPU s/GB 1-stream dl: Server",
-        dash,
-        &format!("{:.2}", p.cpu_per_gb.server),
-        &format!("{:.2}", t.cpu_per_gb.server),
-        dash,
-        dash,
-    ]);
-    row([
-        "CPU s/GB 1-stream dl: Client",
-        dash,
-        &format!("{:.2}", p.cpu_per_gb.client),
-        &format!("{:.2}", t.cpu_per_gb.client),
-        dash,
-        dash,
-    ]);
+    // The Server's and the Client's rows of one figure.
+    let roles = [("Server", true), ("Client", false)];
+    let gb_cell = |x: &Figures, server: bool| {
+        let cpu = x.cpu_per_gb;
+        format!("{:.2}", if server { cpu.server } else { cpu.client })
+    };
+    for (who, server) in roles {
+        row([
+            &format!("CPU s/GB 1-stream dl: {who}"),
+            dash,
+            &gb_cell(p, server),
+            &gb_cell(t, server),
+            dash,
+            dash,
+        ]);
+    }
     let sum = |x: &Figures| x.cpu_per_gb.server + x.cpu_per_gb.client;
     row([
         "CPU s/GB 1-stream dl: Server+Client",
@@ -162,22 +162,16 @@ pub(crate) fn report(plan: &Plan, o: &Outcome) {
         let tm = peak(t, server).is_some_and(|m| m < 32.0);
         both(pt, tm)
     };
-    row([
-        "peak RSS MiB during bulk: Server",
-        dash,
-        &peak_cell(p, true),
-        &peak_cell(t, true),
-        "< 32 MiB",
-        &peak_ok(true),
-    ]);
-    row([
-        "peak RSS MiB during bulk: Client",
-        dash,
-        &peak_cell(p, false),
-        &peak_cell(t, false),
-        "< 32 MiB",
-        &peak_ok(false),
-    ]);
+    for (who, server) in roles {
+        row([
+            &format!("peak RSS MiB during bulk: {who}"),
+            dash,
+            &peak_cell(p, server),
+            &peak_cell(t, server),
+            "< 32 MiB",
+            &peak_ok(server),
+        ]);
+    }
     let idle_cell = |x: &Figures, server: bool| {
         let short = if x.idle_held < plan.idle {
             format!(" ({} held!)", x.idle_held)
@@ -192,22 +186,16 @@ pub(crate) fn report(plan: &Plan, o: &Outcome) {
             },
         )
     };
-    row([
-        &format!("RSS MiB, {} idle streams: Server", plan.idle),
-        dash,
-        &idle_cell(p, true),
-        &idle_cell(t, true),
-        dash,
-        dash,
-    ]);
-    row([
-        &format!("RSS MiB, {} idle streams: Client", plan.idle),
-        dash,
-        &idle_cell(p, false),
-        &idle_cell(t, false),
-        dash,
-        dash,
-    ]);
+    for (who, server) in roles {
+        row([
+            &format!("RSS MiB, {} idle streams: {who}", plan.idle),
+            dash,
+            &idle_cell(p, server),
+            &idle_cell(t, server),
+            dash,
+            dash,
+        ]);
+    }
     let drops = d.udp_drops_bulk + p.udp_drops_bulk + t.udp_drops_bulk;
     row([
         "UDP RcvbufErrors during bulk (delta)",

@@ -218,21 +218,14 @@ fn strip_index(s: &ServiceConfig) -> ServiceConfig {
 }
 
 fn restart_needed(old: &ClientConfig, new: &ClientConfig) -> Vec<&'static str> {
-    let mut keys = Vec::new();
-    let mut check = |changed: bool, key| {
-        if changed {
-            keys.push(key);
-        }
-    };
-    check(
-        old.readiness_bind_address != new.readiness_bind_address,
-        "readiness-bind-address",
-    );
-    check(old.log_level != new.log_level, "log-level");
-    check(
-        old.metrics_bind_address != new.metrics_bind_address,
-        "metrics-bind-address",
-    );
-    check(old.control_socket != new.control_socket, "control-socket");
-    keys
+    crate::config::changed_keys!(
+        old,
+        new,
+        [
+            readiness_bind_address => "readiness-bind-address",
+            log_level => "log-level",
+            metrics_bind_address => "metrics-bind-address",
+            control_socket => "control-socket",
+        ]
+    )
 }

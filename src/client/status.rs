@@ -53,12 +53,7 @@ pub fn snapshot(
             })
         })
         .collect();
-    json!({
-        "role": "client",
-        "version": env!("CARGO_PKG_VERSION"),
-        "pid": std::process::id(),
-        "started_at": unix(started),
-        "uptime_s": secs_since(started),
+    let fields = json!({
         "server": config.server_address.to_string(),
         "identity": identity.to_string(),
         "tunnel": {
@@ -75,10 +70,7 @@ pub fn snapshot(
             })),
         },
         "services": services,
-        "certificates": metrics
-            .certificates()
-            .into_iter()
-            .map(|(hostname, not_after)| json!({"hostname": hostname, "not_after": not_after}))
-            .collect::<Vec<_>>(),
-    })
+    });
+    let certificates = metrics.certificates();
+    crate::control_socket::status_answer("client", started, now, &certificates, fields)
 }

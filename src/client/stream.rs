@@ -83,34 +83,22 @@ pub(super) async fn stream(mut send: SendStream, mut recv: RecvStream, context: 
         m.streams.inc();
         crate::metrics::ActiveStream::new(&m.streams_active)
     });
+    let opened = Opened {
+        service,
+        header,
+        hello: Bytes::from(hello),
+        send,
+        recv,
+        hostname: host,
+    };
     let result = match service.tls_mode {
-        TlsMode::Passthrough => {
-            passthrough(
-                &context,
-                service,
-                header,
-                Bytes::from(hello),
-                send,
-                recv,
-                host,
-            )
-            .await
-        }
+        TlsMode::Passthrough => passthrough(&context, opened).await,
         TlsMode::Terminate => match &context.acceptor {
-            Some(acceptor) => {
-                terminate(
-                    &context,
-                    acceptor,
-                    service,
-                    header,
-                    Bytes::from(hello),
-                    send,
-                    recv,
-                    host,
-                )
-                .await
-            }
+            Some(acceptor) => terminate(&context, acceptor, opened).await,
             None => {
+                let Opened {
+                    mut send, mut recv, ..
+                } = opened;
                 reject(&mut send, &mut recv, stream_code::TLS_FAILED);
                 Err(Abort::NoCertificates)
             }
@@ -197,15 +185,27 @@ async fn send_proxy_header(
     tcp.write_all(&bytes).await
 }
 
-async fn passthrough(
-    context: &Context,
-    service: &ServiceConfig,
+/// A Visitor stream with its Service selected: what the relay starts from.
+struct Opened<'a> {
+    service: &'a ServiceConfig,
     header: Option<ProxyHeader>,
+    /// The ClientHello as read from the stream, still to be relayed.
     hello: Bytes,
-    mut send: SendStream,
-    mut recv: RecvStream,
-    hostname: &str,
-) -> Result<Moved, Abort> {
+    send: SendStream,
+    recv: RecvStream,
+    /// The Public hostname for log lines ("-" without SNI).
+    hostname: &'a str,
+}
+
+async fn passthrough(context: &Context, opened: Opened<'_>) -> Result<Moved, Abort> {
+    let Opened {
+        service,
+        header,
+        hello,
+        mut send,
+        mut recv,
+        hostname,
+    } = opened;
     let mut tcp = match connect_backend(context, service, hostname).await {
         Ok(tcp) => tcp,
         Err(reason) => {
@@ -232,18 +232,13 @@ async fn passthrough(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn terminate(
     context: &Context,
     acceptor: &terminate::Acceptor,
-    service: &ServiceConfig,
-    header: Option<ProxyHeader>,
-    hello: Bytes,
-    send: SendStream,
-    recv: RecvStream,
-    hostname: &str,
+    opened: Opened<'_>,
 ) -> Result<Moved, Abort> {
-    let stream = terminate::tunnel_stream(hello, send, recv);
+    let (service, header, hostname) = (opened.service, opened.header, opened.hostname);
+    let stream = terminate::tunnel_stream(opened.hello, opened.send, opened.recv);
     let mut tls = match tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, acceptor.accept(stream)).await
     {
         Ok(Ok(Accepted::Visitor(tls))) => *tls,

@@ -13,7 +13,7 @@ use super::duration::{format_duration, parse_duration};
 use super::file::{LoadedFile, RawFile, RawGate, RawService, RawSmtp};
 use super::prepare::{Located, Origin, Val, Xdg, locate};
 use super::render::{header, path as render_path, to_toml};
-use super::validate::{backend_address, log_level};
+use super::validate::{backend_address, log_level, required};
 use super::{ConfigError, Environment};
 use crate::gate::config::*;
 use crate::hostname::ServerHostname;
@@ -96,17 +96,19 @@ pub(crate) fn gate_from_file(file: &LoadedFile, xdg: &Xdg) -> Result<GateConfig,
             DEFAULT_LISTEN_ADDRESS,
         )?,
     };
-    let Some(upstream) = &raw.upstream else {
-        return Err(ConfigError(format!(
-            "{label}: gate.upstream is required: the app behind the gate, such as \"http://127.0.0.1:7860\""
-        )));
-    };
+    let upstream = required(
+        label,
+        &raw.upstream,
+        "gate.upstream",
+        ": the app behind the gate, such as \"http://127.0.0.1:7860\"",
+    )?;
     let upstream = upstream_url(&val(label, "gate.upstream", upstream))?;
-    let Some(base) = &raw.base_url else {
-        return Err(ConfigError(format!(
-            "{label}: gate.base-url is required: the public origin Visitors use, such as \"https://app.example.com\" (links in mails point there)"
-        )));
-    };
+    let base = required(
+        label,
+        &raw.base_url,
+        "gate.base-url",
+        ": the public origin Visitors use, such as \"https://app.example.com\" (links in mails point there)",
+    )?;
     let base_url = base_url(&at(label, "gate.base-url"), base)?;
     let trusted_proxies = raw
         .trusted_proxies
@@ -120,11 +122,12 @@ pub(crate) fn gate_from_file(file: &LoadedFile, xdg: &Xdg) -> Result<GateConfig,
         Some(dir) => dir,
         None => xdg.state("gate", "gate.state-dir")?,
     };
-    let Some(smtp) = &raw.smtp else {
-        return Err(ConfigError(format!(
-            "{label}: [gate.smtp] is required: the gate sends sign-in links by mail (host, from, and usually username and password-file)"
-        )));
-    };
+    let smtp = required(
+        label,
+        &raw.smtp,
+        "[gate.smtp]",
+        ": the gate sends sign-in links by mail (host, from, and usually username and password-file)",
+    )?;
     let smtp = smtp_config(file, "gate.smtp", smtp)?;
     Ok(GateConfig {
         source: Some(file.path.clone()),
@@ -556,11 +559,12 @@ fn cookie_domain(
 fn smtp_config(file: &LoadedFile, prefix: &str, raw: &RawSmtp) -> Result<SmtpConfig, ConfigError> {
     let label = file.label();
     let label = label.as_str();
-    let Some(host_text) = &raw.host else {
-        return Err(ConfigError(format!(
-            "{label}: {prefix}.host is required: the mail server that relays sign-in mails"
-        )));
-    };
+    let host_text = required(
+        label,
+        &raw.host,
+        &format!("{prefix}.host"),
+        ": the mail server that relays sign-in mails",
+    )?;
     let host_origin = at(label, &format!("{prefix}.host"));
     let host = match host_text.parse::<IpAddr>() {
         Ok(ip) => ip.to_string(),

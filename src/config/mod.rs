@@ -82,6 +82,23 @@ mod tests;
 pub(crate) mod types;
 pub(crate) mod validate;
 
+/// The config keys, of those listed, whose field differs between two
+/// configs: `changed_keys!(old, new, [field => "key", ...])`. A reload
+/// reports these as needing a restart.
+macro_rules! changed_keys {
+    ($old:expr, $new:expr, [$($field:ident => $key:literal),* $(,)?]) => {{
+        let (old, new) = ($old, $new);
+        let mut keys: Vec<&'static str> = Vec::new();
+        $(
+            if old.$field != new.$field {
+                keys.push($key);
+            }
+        )*
+        keys
+    }};
+}
+pub(crate) use changed_keys;
+
 pub use duration::parse_duration;
 pub(crate) use gate::{load_gate, render_gate};
 pub(crate) use render::{render_client, render_server};

@@ -21,6 +21,13 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// A temp dir holding `config.toml` with `text`, and that file's path.
+fn config_file(text: &str) -> (TempDir, PathBuf) {
+    let tmp = TempDir::new().expect("tempdir");
+    let path = write(tmp.path(), "config.toml", text);
+    (tmp, path)
+}
+
 /// HOME inside the temp dir, nothing else.
 fn home_env(home: &Path) -> Environment {
     let home = home.to_str().expect("utf-8 temp path");
@@ -31,8 +38,7 @@ fn server_with(
     text: &str,
     env: Option<Environment>,
 ) -> (TempDir, Result<ServerConfig, ConfigError>) {
-    let tmp = TempDir::new().expect("tempdir");
-    let path = write(tmp.path(), "config.toml", text);
+    let (tmp, path) = config_file(text);
     let env = env.unwrap_or_else(|| home_env(tmp.path()));
     let overlay = ServerOverlay {
         config: Some(path),
@@ -43,8 +49,7 @@ fn server_with(
 }
 
 fn client_with(text: &str) -> (TempDir, Result<ClientConfig, ConfigError>) {
-    let tmp = TempDir::new().expect("tempdir");
-    let path = write(tmp.path(), "config.toml", text);
+    let (tmp, path) = config_file(text);
     let overlay = ClientOverlay {
         config: Some(path),
         ..Default::default()
@@ -740,28 +745,18 @@ fn server_address_rules() {
         "[client]\n[[client.services]]\nbackend-address = \"127.0.0.1:1\"\n",
         &["client.server-address is required"],
     );
-    client_rejects(
-        &minimal_client().replace("edge.example.com", "192.0.2.1:443"),
-        &[
-            "client.server-address = \"192.0.2.1:443\"",
-            "DNS names only; the name must match the Server certificate",
-        ],
-    );
-    client_rejects(
-        &minimal_client().replace("edge.example.com", "[::1]:443"),
-        &["client.server-address = \"[::1]:443\"", "DNS names only"],
-    );
-    client_rejects(
-        &minimal_client().replace("edge.example.com", "edge.example.com:0"),
-        &[
-            "client.server-address = \"edge.example.com:0\"",
-            "1..=65535",
-        ],
-    );
-    client_rejects(
-        &minimal_client().replace("edge.example.com", "edge.example.com:99999"),
-        &["\"edge.example.com:99999\"", "1..=65535"],
-    );
+    // The minimal Client with `address` for its server-address.
+    let with_address = |address: &str| minimal_client().replace("edge.example.com", address);
+    let dns_only = "DNS names only; the name must match the Server certificate";
+    for (address, why) in [
+        ("192.0.2.1:443", dns_only),
+        ("[::1]:443", dns_only),
+        ("edge.example.com:0", "1..=65535"),
+        ("edge.example.com:99999", "1..=65535"),
+    ] {
+        let key = format!("client.server-address = \"{address}\"");
+        client_rejects(&with_address(address), &[&key, why]);
+    }
 }
 
 #[test]
@@ -954,10 +949,7 @@ fn public_cert_sources() {
 
 #[test]
 fn backend_overlay_needs_one_service() {
-    let tmp = TempDir::new().expect("tempdir");
-    let path = write(
-        tmp.path(),
-        "config.toml",
+    let (tmp, path) = config_file(
         "[client]\nserver-address = \"e.example\"\n[[client.services]]\npublic-hostnames = [\"a.example.com\"]\nbackend-address = \"127.0.0.1:1\"\n[[client.services]]\npublic-hostnames = [\"b.example.com\"]\nbackend-address = \"127.0.0.1:2\"\n",
     );
     let overlay = ClientOverlay {
@@ -976,8 +968,7 @@ fn backend_overlay_needs_one_service() {
 
 #[test]
 fn overlay_values_are_named_by_flag_and_env() {
-    let tmp = TempDir::new().expect("tempdir");
-    let path = write(tmp.path(), "config.toml", &minimal_server());
+    let (tmp, path) = config_file(&minimal_server());
     let overlay = ServerOverlay {
         config: Some(path.clone()),
         hostname: Some("*.example.com".into()),
@@ -1125,9 +1116,9 @@ fn minimal_client_defaults() {
     assert!(!s.proxy_protocol);
 }
 
-#[test]
-fn full_client() {
-    let text = r#"
+/// A Client with a CA-file trust, a fixed identity-dir, a passthrough
+/// Service with PROXY v2 and a terminate one.
+const FULL_CLIENT: &str = r#"
 [client]
 server-address = "edge.example.com:7443"
 server-trust = "ca-file"
@@ -1144,7 +1135,10 @@ public-hostnames = ["b.example.com"]
 backend-address = "web_1:80"
 tls-mode = "terminate"
 "#;
-    let (tmp, r) = client_with(text);
+
+#[test]
+fn full_client() {
+    let (tmp, r) = client_with(FULL_CLIENT);
     let c = r.expect("valid");
     assert_eq!(c.server_address.port, 7443);
     assert_eq!(
@@ -1313,8 +1307,7 @@ fn xdg_defaults_from_injected_env() {
 
 #[test]
 fn hostname_precedence() {
-    let tmp = TempDir::new().expect("tempdir");
-    let path = write(tmp.path(), "config.toml", &minimal_server());
+    let (tmp, path) = config_file(&minimal_server());
     let home = tmp.path().to_str().expect("utf-8");
     let with_env = Environment::from_pairs([
         ("HOME", home),
@@ -1342,10 +1335,7 @@ fn hostname_precedence() {
 
 #[test]
 fn client_overlays_on_file() {
-    let tmp = TempDir::new().expect("tempdir");
-    let path = write(
-        tmp.path(),
-        "config.toml",
+    let (tmp, path) = config_file(
         "[client]\nserver-address = \"file.example.com\"\n[[client.services]]\npublic-hostnames = [\"a.example.com\"]\nbackend-address = \"127.0.0.1:1\"\nproxy-protocol = \"v2\"\n",
     );
     let c = load_client(
@@ -1410,8 +1400,7 @@ fn client_without_file_from_overlays() {
 }
 
 fn reload_server(rendered: &str, env: &Environment) -> ServerConfig {
-    let tmp = TempDir::new().expect("tempdir");
-    let path = write(tmp.path(), "rendered.toml", rendered);
+    let (_tmp, path) = config_file(rendered);
     let mut c = load_server(
         &ServerOverlay {
             config: Some(path),
@@ -1425,8 +1414,7 @@ fn reload_server(rendered: &str, env: &Environment) -> ServerConfig {
 }
 
 fn reload_client(rendered: &str, env: &Environment) -> ClientConfig {
-    let tmp = TempDir::new().expect("tempdir");
-    let path = write(tmp.path(), "rendered.toml", rendered);
+    let (_tmp, path) = config_file(rendered);
     let mut c = load_client(
         &ClientOverlay {
             config: Some(path),
@@ -1479,24 +1467,14 @@ fn render_round_trip_server() {
 fn render_round_trip_client() {
     let texts = [
         minimal_client().to_string(),
-        r#"
-log-level = "warn"
-[client]
-server-address = "edge.example.com:7443"
-server-trust = "ca-file"
-server-ca-file = "ca.pem"
-readiness-bind-address = "[::1]:9001"
-metrics-bind-address = "127.0.0.1:9101"
-[[client.services]]
-public-hostnames = ["a.example.com"]
-backend-address = "[::1]:8443"
-proxy-protocol = "v2"
-[[client.services]]
-public-hostnames = ["b.example.com"]
-backend-address = "web:80"
-tls-mode = "terminate"
-"#
-        .to_string(),
+        // The full Client with a log level and both listeners.
+        format!(
+            "log-level = \"warn\"\n{}",
+            FULL_CLIENT.replace(
+                "identity-dir = \"/srv/id\"\n",
+                "readiness-bind-address = \"[::1]:9001\"\nmetrics-bind-address = \"127.0.0.1:9101\"\n",
+            )
+        ),
         format!(
             "[client]\nserver-address = \"e.example\"\nserver-trust = \"pin\"\nserver-pin = \"{}\"\n[[client.services]]\nbackend-address = \"127.0.0.1:80\"\n",
             "ab".repeat(32)
@@ -1516,10 +1494,7 @@ tls-mode = "terminate"
 
 #[test]
 fn material_defaults_without_tunnels() {
-    let tmp = TempDir::new().expect("tempdir");
-    let path = write(
-        tmp.path(),
-        "config.toml",
+    let (tmp, path) = config_file(
         "[server]\nhostname = \"Edge.Example.com\"\ncert-dir = \"certs\"\n[client]\nidentity-dir = \"/srv/id\"\n",
     );
     let m = material_defaults(Some(&path), &home_env(tmp.path())).expect("defaults");
@@ -1580,12 +1555,7 @@ fn section_of_wrong_type() {
 
 #[test]
 fn client_overlays_suffice_when_file_has_no_client_section() {
-    let tmp = TempDir::new().expect("tempdir");
-    let path = write(
-        tmp.path(),
-        "config.toml",
-        &format!("log-level = \"warn\"\n{}", minimal_server()),
-    );
+    let (tmp, path) = config_file(&format!("log-level = \"warn\"\n{}", minimal_server()));
     let c = load_client(
         &ClientOverlay {
             config: Some(path.clone()),

@@ -143,6 +143,34 @@ pub struct ServerConfig {
     pub tunnels: Vec<TunnelConfig>,
 }
 
+impl ServerConfig {
+    /// A Server on loopback ports the system picks, with a manual
+    /// certificate from `cert_dir`, a 1 s grace period, log level info and
+    /// nothing else (what the demo and the tests run).
+    pub fn loopback(
+        hostname: ServerHostname,
+        cert_dir: PathBuf,
+        tunnels: Vec<TunnelConfig>,
+    ) -> Self {
+        let any_port = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+        ServerConfig {
+            source: None,
+            log_level: LogLevel::Info,
+            hostname,
+            public_bind_address: any_port,
+            tunnel_bind_address: any_port,
+            readiness_bind_address: None,
+            metrics_bind_address: None,
+            control_socket: None,
+            graceful_shutdown_duration: Duration::from_secs(1),
+            stream_timeouts: StreamTimeouts::default(),
+            congestion_control: Default::default(),
+            certificates: ServerCertSource::Manual { cert_dir },
+            tunnels,
+        }
+    }
+}
+
 /// `client.server-address`: a DNS name and a UDP port (default 443).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerAddress {

@@ -146,27 +146,36 @@ fn client_identity(origin: &Origin, raw: &str) -> Result<ClientIdentity, ConfigE
     })
 }
 
+/// `value`, or the error that `key` is required (and `why`).
+pub(super) fn required<'a, T>(
+    label: &str,
+    value: &'a Option<T>,
+    key: &str,
+    why: &str,
+) -> Result<&'a T, ConfigError> {
+    let missing = || ConfigError(format!("{label}: {key} is required{why}"));
+    value.as_ref().ok_or_else(missing)
+}
+
+/// An optional `host:port` key, parsed when set.
+fn optional_addr(value: &Option<Val<String>>) -> Result<Option<SocketAddr>, ConfigError> {
+    value.as_ref().map(socket_addr).transpose()
+}
+
 pub(crate) fn validate_server(p: PreparedServer) -> Result<ServerConfig, ConfigError> {
     let label = p.label.as_str();
     let log_level = log_level(&p.log_level)?;
-    let Some(hostname) = &p.hostname else {
-        return Err(ConfigError(format!(
-            "{label}: server.hostname is required (or pass --hostname, or set RUNEWARP_SERVER_HOSTNAME)"
-        )));
-    };
+    let hostname = required(
+        label,
+        &p.hostname,
+        "server.hostname",
+        " (or pass --hostname, or set RUNEWARP_SERVER_HOSTNAME)",
+    )?;
     let hostname = server_hostname(hostname)?;
     let public_bind_address = socket_addr(&p.public_bind_address)?;
     let tunnel_bind_address = socket_addr(&p.tunnel_bind_address)?;
-    let readiness_bind_address = p
-        .readiness_bind_address
-        .as_ref()
-        .map(socket_addr)
-        .transpose()?;
-    let metrics_bind_address = p
-        .metrics_bind_address
-        .as_ref()
-        .map(socket_addr)
-        .transpose()?;
+    let readiness_bind_address = optional_addr(&p.readiness_bind_address)?;
+    let metrics_bind_address = optional_addr(&p.metrics_bind_address)?;
     let graceful_shutdown_duration =
         parse_duration(&p.graceful_shutdown_duration.value).map_err(|e| {
             p.graceful_shutdown_duration
@@ -414,11 +423,12 @@ pub(crate) fn backend_address(v: &Val<String>) -> Result<BackendAddress, ConfigE
 pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigError> {
     let label = p.label.as_str();
     let log_level = log_level(&p.log_level)?;
-    let Some(address) = &p.server_address else {
-        return Err(ConfigError(format!(
-            "{label}: client.server-address is required (or pass --server-address)"
-        )));
-    };
+    let address = required(
+        label,
+        &p.server_address,
+        "client.server-address",
+        " (or pass --server-address)",
+    )?;
     let server_address = server_address(address)?;
     let stream_timeouts = stream_timeouts(&p.stream_write_timeout, &p.stream_idle_timeout)?;
 
@@ -585,17 +595,9 @@ pub(crate) fn validate_client(p: PreparedClient) -> Result<ClientConfig, ConfigE
         }
         (None, None) => None,
     };
-    let metrics_bind_address = p
-        .metrics_bind_address
-        .as_ref()
-        .map(socket_addr)
-        .transpose()?;
+    let metrics_bind_address = optional_addr(&p.metrics_bind_address)?;
 
-    let readiness_bind_address = p
-        .readiness_bind_address
-        .as_ref()
-        .map(socket_addr)
-        .transpose()?;
+    let readiness_bind_address = optional_addr(&p.readiness_bind_address)?;
 
     Ok(ClientConfig {
         source: p.source,

@@ -232,6 +232,39 @@ pub(crate) fn query(path: &Path, role: &str) -> Result<serde_json::Value, QueryE
     })
 }
 
+/// A `status` answer: what every role says about its process (role,
+/// version, pid, start and uptime at `now`, its certificates' notAfter in
+/// Unix seconds), then the role's `fields`.
+pub fn status_answer(
+    role: &str,
+    started: std::time::SystemTime,
+    now: std::time::SystemTime,
+    certificates: &[(String, i64)],
+    fields: serde_json::Value,
+) -> serde_json::Value {
+    let uptime = now
+        .duration_since(started)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut answer = serde_json::json!({
+        "role": role,
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "started_at": unix(started),
+        "uptime_s": uptime,
+        "certificates": certificates
+            .iter()
+            .map(|(hostname, not_after)| serde_json::json!({"hostname": hostname, "not_after": not_after}))
+            .collect::<Vec<_>>(),
+    });
+    if let (serde_json::Value::Object(answer), serde_json::Value::Object(fields)) =
+        (&mut answer, fields)
+    {
+        answer.extend(fields);
+    }
+    answer
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)

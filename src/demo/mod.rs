@@ -17,7 +17,7 @@ mod visitor;
 use std::fmt;
 use std::fs::DirBuilder;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -30,8 +30,8 @@ use tokio::task::JoinHandle;
 use crate::cli::DemoArgs;
 use crate::client::Client;
 use crate::config::{
-    BackendAddress, ClientConfig, LogLevel, PublicCertSource, ServerAddress, ServerCertSource,
-    ServerConfig, ServerTrust, ServiceConfig, StreamTimeouts, TlsMode, TunnelConfig,
+    BackendAddress, ClientConfig, LogLevel, PublicCertSource, ServerAddress, ServerConfig,
+    ServerTrust, ServiceConfig, StreamTimeouts, TlsMode, TunnelConfig,
 };
 use crate::hostname::{PublicHostname, ServerHostname};
 use crate::run::EXIT_FAILURE;
@@ -520,31 +520,19 @@ fn server_hostname() -> Result<ServerHostname, BoxError> {
 }
 
 fn server_config(m: &Material) -> Result<ServerConfig, BoxError> {
-    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let tunnel = TunnelConfig {
+        index: 0,
+        public_hostnames: vec![
+            public_hostname(PASSTHROUGH_HOSTNAME)?,
+            public_hostname(TERMINATE_HOSTNAME)?,
+            public_hostname(GATED_HOSTNAME)?,
+        ],
+        client_identities: vec![m.client_pin],
+    };
+    let cert_dir = m.server_cert_dir.clone();
     Ok(ServerConfig {
-        source: None,
         log_level: LogLevel::Warn,
-        hostname: server_hostname()?,
-        public_bind_address: loopback,
-        tunnel_bind_address: loopback,
-        readiness_bind_address: None,
-        metrics_bind_address: None,
-        control_socket: None,
-        graceful_shutdown_duration: Duration::from_secs(1),
-        stream_timeouts: StreamTimeouts::default(),
-        congestion_control: Default::default(),
-        certificates: ServerCertSource::Manual {
-            cert_dir: m.server_cert_dir.clone(),
-        },
-        tunnels: vec![TunnelConfig {
-            index: 0,
-            public_hostnames: vec![
-                public_hostname(PASSTHROUGH_HOSTNAME)?,
-                public_hostname(TERMINATE_HOSTNAME)?,
-                public_hostname(GATED_HOSTNAME)?,
-            ],
-            client_identities: vec![m.client_pin],
-        }],
+        ..ServerConfig::loopback(server_hostname()?, cert_dir, vec![tunnel])
     })
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::BoxError;
 
@@ -148,18 +148,7 @@ pub async fn visit(
 pub(crate) fn summarize(der: &[u8]) -> Result<CertificateSummary, BoxError> {
     let (_, cert) = X509Certificate::from_der(der)
         .map_err(|e| format!("the certificate is not valid X.509: {e}"))?;
-    let dns_names = match cert.subject_alternative_name() {
-        Ok(Some(san)) => san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|n| match n {
-                GeneralName::DNSName(d) => Some(d.to_string()),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
+    let dns_names = crate::tls::material::san_dns_names(&cert).unwrap_or_default();
     Ok(CertificateSummary {
         subject: cert.subject().to_string(),
         dns_names,

@@ -18,3 +18,13 @@ pub mod sessions;
 pub mod tokens;
 
 pub use server::{Started, run, start};
+
+/// A header map of `(lowercase name, value)` pairs, for tests.
+#[cfg(test)]
+pub(crate) fn test_headers(pairs: &[(&'static str, &'static str)]) -> hyper::HeaderMap {
+    use hyper::header::{HeaderName, HeaderValue};
+    pairs
+        .iter()
+        .map(|&(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
+        .collect()
+}

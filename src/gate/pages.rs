@@ -46,11 +46,15 @@ fn hidden(name: &str, value: &str) -> String {
     )
 }
 
+/// A note on what went wrong, announced to screen readers; empty without one.
+fn alert(note: Option<&str>) -> String {
+    note.map(|n| format!("<p role=\"alert\">{}</p>", escape(n)))
+        .unwrap_or_default()
+}
+
 /// The sign-in form.
 pub fn sign_in(action: &str, csrf: &str, next: &str, note: Option<&str>) -> String {
-    let note = note
-        .map(|n| format!("<p role=\"alert\">{}</p>", escape(n)))
-        .unwrap_or_default();
+    let note = alert(note);
     page(
         "Sign in",
         &format!(
@@ -68,9 +72,7 @@ pub fn sign_in(action: &str, csrf: &str, next: &str, note: Option<&str>) -> Stri
 
 /// After a sign-in request: the same for every address.
 pub fn check_mail(code_action: &str, csrf: &str, note: Option<&str>) -> String {
-    let note = note
-        .map(|n| format!("<p role=\"alert\">{}</p>", escape(n)))
-        .unwrap_or_default();
+    let note = alert(note);
     page(
         "Check your mail",
         &format!(

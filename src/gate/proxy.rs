@@ -221,25 +221,20 @@ mod tests {
 
     #[test]
     fn gate_cookies_never_reach_the_upstream() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::COOKIE,
-            HeaderValue::from_static("app=1; __Host-runegate=secret; __Host-runegate-state=s; b=2"),
-        );
+        let cookies = "app=1; __Host-runegate=secret; __Host-runegate-state=s; b=2";
+        let mut h = crate::gate::test_headers(&[("cookie", cookies)]);
         strip_gate_cookies(&mut h, "__Host-runegate");
         assert_eq!(h.get(header::COOKIE).unwrap(), "app=1; b=2");
     }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_dropped() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("1"));
-        h.insert("x-app", HeaderValue::from_static("1"));
+        let mut h = crate::gate::test_headers(&[
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "1"),
+            ("x-app", "1"),
+        ]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-app"));

@@ -477,6 +477,29 @@ impl Gate {
         html(status, pages::message(title, text, SIGN_IN))
     }
 
+    /// `Some(429 page)` when `limiter` refuses one more `what` for `key`
+    /// (logged with the kind of key, never the key itself).
+    fn limited(
+        &self,
+        limiter: &RateLimiter,
+        key: &str,
+        what: &'static str,
+        key_kind: &'static str,
+        ip: IpAddr,
+    ) -> Option<Response<Body>> {
+        if limiter.allow(key) {
+            return None;
+        }
+        tracing::warn!(event = "gate_rate_limited", what, key = key_kind, ip = %ip);
+        Some(self.too_many())
+    }
+
+    /// 410 for an expired sign-in request: `title`, and `what` has expired.
+    fn expired(&self, title: &str, what: &str) -> Response<Body> {
+        let text = format!("{what} has expired. Request a new sign-in mail.");
+        self.message(StatusCode::GONE, title, &text)
+    }
+
     fn too_many(&self) -> Response<Body> {
         let mut r = self.message(
             StatusCode::TOO_MANY_REQUESTS,
@@ -588,31 +611,29 @@ impl Gate {
             Err(unreadable) => return unreadable,
         };
         let next = form.get("next").map(String::as_str).unwrap_or("/");
+        // The sign-in form again, with a note on what went wrong.
+        let again = |status, note| self.sign_in_page(&headers, status, next, Some(note));
         let Some(browser) = browser.as_deref() else {
             tracing::info!(event = "gate_csrf_rejected", form = "sign-in", ip = %ip);
-            return self.sign_in_page(
-                &headers,
+            return again(
                 StatusCode::FORBIDDEN,
-                next,
-                Some("This page was out of date or your browser blocked its cookie. Please try again (cookies must be enabled)."),
+                "This page was out of date or your browser blocked its cookie. Please try again (cookies must be enabled).",
             );
         };
-        if !self.limits.sign_in_ip.allow(&ip.to_string()) {
-            tracing::warn!(event = "gate_rate_limited", what = "sign_in", key = "ip", ip = %ip);
-            return self.too_many();
+        let limits = &self.limits;
+        if let Some(r) = self.limited(&limits.sign_in_ip, &ip.to_string(), "sign_in", "ip", ip) {
+            return r;
         }
         let raw_email = form.get("email").map(String::as_str).unwrap_or("");
         let Ok(email) = super::config::EmailAddress::parse(raw_email) else {
-            return self.sign_in_page(
-                &headers,
+            return again(
                 StatusCode::BAD_REQUEST,
-                next,
-                Some("That does not look like an email address."),
+                "That does not look like an email address.",
             );
         };
-        if !self.limits.sign_in_address.allow(&email.key()) {
-            tracing::warn!(event = "gate_rate_limited", what = "sign_in", key = "address", ip = %ip);
-            return self.too_many();
+        let address = email.key();
+        if let Some(r) = self.limited(&limits.sign_in_address, &address, "sign_in", "address", ip) {
+            return r;
         }
         let browser_digest = tokens::digest(browser);
         if self.allowed().allows(&email) {
@@ -682,33 +703,29 @@ impl Gate {
                 Some("This page was out of date. Please request a new sign-in mail."),
             );
         };
-        if !self.limits.code_ip.allow(&ip.to_string()) {
-            tracing::warn!(event = "gate_rate_limited", what = "code", key = "ip", ip = %ip);
-            return self.too_many();
+        if let Some(r) = self.limited(&self.limits.code_ip, &ip.to_string(), "code", "ip", ip) {
+            return r;
         }
         let csrf = tokens::csrf_token(&self.csrf_key, "code", browser);
+        // The same answer for an unknown request and a wrong code.
+        let wrong_code = || {
+            let note = "That code is not right. Check the mail and try again.";
+            html(
+                StatusCode::BAD_REQUEST,
+                pages::check_mail(CODE, &csrf, Some(note)),
+            )
+        };
         let typed = form.get("code").and_then(|c| tokens::normalize_code(c));
         let browser_digest = tokens::digest(browser);
         let mut pending = self.lock_pending();
         let Some(p) = pending.get_mut(&browser_digest) else {
             drop(pending);
-            return html(
-                StatusCode::BAD_REQUEST,
-                pages::check_mail(
-                    CODE,
-                    &csrf,
-                    Some("That code is not right. Check the mail and try again."),
-                ),
-            );
+            return wrong_code();
         };
         if p.expires <= Instant::now() {
             pending.remove(&browser_digest);
             drop(pending);
-            return self.message(
-                StatusCode::GONE,
-                "Code expired",
-                "This code has expired. Request a new sign-in mail.",
-            );
+            return self.expired("Code expired", "This code");
         }
         if typed.map(|c| tokens::digest(&c)) != Some(p.code_digest.clone()) {
             p.tries_left = p.tries_left.saturating_sub(1);
@@ -723,14 +740,7 @@ impl Gate {
                 );
             }
             drop(pending);
-            return html(
-                StatusCode::BAD_REQUEST,
-                pages::check_mail(
-                    CODE,
-                    &csrf,
-                    Some("That code is not right. Check the mail and try again."),
-                ),
-            );
+            return wrong_code();
         }
         let Some(p) = pending.remove(&browser_digest) else {
             return self.message(StatusCode::GONE, "Expired", "Request a new sign-in mail.");
@@ -788,11 +798,7 @@ impl Gate {
         if expired {
             pending.remove(&owner);
             drop(pending);
-            return self.message(
-                StatusCode::GONE,
-                "Link expired",
-                "This sign-in link has expired. Request a new sign-in mail.",
-            );
+            return self.expired("Link expired", "This sign-in link");
         }
         if owner != browser_digest {
             drop(pending);
@@ -890,11 +896,8 @@ mod tests {
 
     #[test]
     fn cookies_are_found_by_exact_name() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::COOKIE,
-            HeaderValue::from_static("a=1; __Host-runegate-state=s; __Host-runegate=x"),
-        );
+        let cookies = "a=1; __Host-runegate-state=s; __Host-runegate=x";
+        let h = crate::gate::test_headers(&[("cookie", cookies)]);
         assert_eq!(cookie(&h, "__Host-runegate"), Some("x"));
         assert_eq!(cookie(&h, STATE_COOKIE), Some("s"));
         assert_eq!(cookie(&h, "b"), None);

@@ -20,7 +20,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::config::{ServiceConfig, TunnelConfig};
 // Re-exported for `client/`, which names it here until it adopts `crate::sync`.
@@ -67,6 +67,22 @@ fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+/// Registers metrics and hands back the handles that update them.
+struct Registrar<'a>(&'a mut Registry);
+
+impl Registrar<'_> {
+    /// Register `metric` as `name`, described by `help`.
+    fn add<M: Metric + Clone>(&mut self, name: &str, help: &str, metric: M) -> M {
+        self.0.register(name, help, metric.clone());
+        metric
+    }
+
+    /// Register a new (zero) counter, gauge or family as `name`.
+    fn metric<M: Metric + Clone + Default>(&mut self, name: &str, help: &str) -> M {
+        self.add(name, help, M::default())
+    }
 }
 
 /// Process start time and build information, common to both roles.
@@ -163,82 +179,55 @@ impl ServerMetrics {
     pub fn new(tunnels: &[TunnelConfig]) -> Self {
         let mut registry = Registry::with_prefix("runewarp");
         register_process(&mut registry, "server");
-        let visitors_accepted = Counter::default();
-        registry.register(
+        let mut r = Registrar(&mut registry);
+        let visitors_accepted: Counter = r.metric(
             "visitors_accepted",
             "Visitor TCP connections accepted by the public listener",
-            visitors_accepted.clone(),
         );
-        let visitors_dropped = Family::<Labels, Counter>::default();
-        registry.register(
+        let visitors_dropped: Family<Labels, Counter> = r.metric(
             "visitors_dropped",
             "Visitors dropped before reaching a Tunnel, by reason",
-            visitors_dropped.clone(),
         );
-        let per_tunnel = |name: &str, help: &str, registry: &mut Registry| {
-            let f = Family::<Labels, Counter>::default();
-            registry.register(name, help, f.clone());
-            f
-        };
         let families = TunnelFamilies {
-            streams: per_tunnel(
-                "tunnel_streams",
-                "Visitor streams routed through a Tunnel",
-                &mut registry,
-            ),
-            bytes: per_tunnel(
+            streams: r.metric("tunnel_streams", "Visitor streams routed through a Tunnel"),
+            bytes: r.metric(
                 "tunnel_bytes",
                 "Bytes relayed through a Tunnel (counted when a stream ends), by direction",
-                &mut registry,
             ),
-            connections: per_tunnel(
+            connections: r.metric(
                 "tunnel_connections",
                 "Tunnel connection events (connected, replaced) per Tunnel",
-                &mut registry,
             ),
-            active: Family::<Labels, Gauge>::default(),
-            connected: Family::<Labels, Gauge>::default(),
+            active: r.metric(
+                "tunnel_streams_active",
+                "Visitor streams in flight per Tunnel",
+            ),
+            connected: r.metric(
+                "tunnel_connected",
+                "Whether the Tunnel has an active Client connection (1) or not (0)",
+            ),
         };
-        registry.register(
-            "tunnel_streams_active",
-            "Visitor streams in flight per Tunnel",
-            families.active.clone(),
-        );
-        registry.register(
-            "tunnel_connected",
-            "Whether the Tunnel has an active Client connection (1) or not (0)",
-            families.connected.clone(),
-        );
         let tunnels = tunnels.iter().map(|t| families.create(t)).collect();
-        let tunnels_refused = Family::<Labels, Counter>::default();
-        registry.register(
+        let tunnels_refused: Family<Labels, Counter> = r.metric(
             "tunnel_handshakes_refused",
             "QUIC connections from would-be Clients that did not become a Tunnel connection, by reason",
-            tunnels_refused.clone(),
         );
-        let handshake_duration = Histogram::new(latency_buckets());
-        registry.register(
+        let handshake_duration = r.add(
             "tunnel_handshake_duration_seconds",
             "Duration of completed QUIC handshakes with Client instances",
-            handshake_duration.clone(),
+            Histogram::new(latency_buckets()),
         );
-        let admission_refused = Family::<Labels, Counter>::default();
-        registry.register(
+        let admission_refused: Family<Labels, Counter> = r.metric(
             "admission_refused",
             "Work refused by an admission limit, by scope",
-            admission_refused.clone(),
         );
-        let admission_saturated = Family::<Labels, Gauge>::default();
-        registry.register(
+        let admission_saturated: Family<Labels, Gauge> = r.metric(
             "admission_saturated",
             "Whether an admission scope refused work in the last check (1) or not (0)",
-            admission_saturated.clone(),
         );
-        let certificate_expiry = Family::<Labels, Gauge>::default();
-        registry.register(
+        let certificate_expiry: Family<Labels, Gauge> = r.metric(
             "certificate_expiry_timestamp_seconds",
             "Expiry (notAfter) of a certificate this process presents, since the Unix epoch",
-            certificate_expiry.clone(),
         );
         Self {
             registry,
@@ -414,37 +403,27 @@ impl ClientMetrics {
     pub fn new(services: &[ServiceConfig]) -> Self {
         let mut registry = Registry::with_prefix("runewarp_client");
         register_process(&mut registry, "client");
-        let streams = Family::<Labels, Counter>::default();
-        registry.register(
-            "service_streams",
-            "Visitor streams handed to a Service",
-            streams.clone(),
-        );
-        let active = Family::<Labels, Gauge>::default();
-        registry.register(
+        let mut r = Registrar(&mut registry);
+        let streams: Family<Labels, Counter> =
+            r.metric("service_streams", "Visitor streams handed to a Service");
+        let active: Family<Labels, Gauge> = r.metric(
             "service_streams_active",
             "Visitor streams in flight per Service",
-            active.clone(),
         );
-        let bytes = Family::<Labels, Counter>::default();
-        registry.register(
+        let bytes: Family<Labels, Counter> = r.metric(
             "service_bytes",
             "Bytes relayed for a Service (counted when a stream ends), by direction",
-            bytes.clone(),
         );
-        let failures = Family::<Labels, Counter>::default();
-        registry.register(
+        let failures: Family<Labels, Counter> = r.metric(
             "backend_connect_failures",
             "Failed connections to a Service's Local backend, by reason",
-            failures.clone(),
         );
-        let latency = Family::<Labels, Histogram>::new_with_constructor(
-            (|| Histogram::new(latency_buckets())) as fn() -> Histogram,
-        );
-        registry.register(
+        let latency = r.add(
             "backend_connect_duration_seconds",
             "Time to connect to a Service's Local backend",
-            latency.clone(),
+            Family::<Labels, Histogram>::new_with_constructor(
+                (|| Histogram::new(latency_buckets())) as fn() -> Histogram,
+            ),
         );
         let service_families = ServiceFamilies {
             streams,
@@ -456,41 +435,29 @@ impl ClientMetrics {
         for s in services {
             service_families.create(s);
         }
-        let tunnel_connected = Gauge::default();
-        registry.register(
+        let tunnel_connected: Gauge = r.metric(
             "tunnel_connected",
             "Whether the Tunnel connection to the Server is up (1) or not (0)",
-            tunnel_connected.clone(),
         );
-        let tunnel_connections = Counter::default();
-        registry.register(
+        let tunnel_connections: Counter = r.metric(
             "tunnel_connections",
             "Tunnel connections established (the first one and every reconnect)",
-            tunnel_connections.clone(),
         );
-        let tunnel_rtt = FloatGauge::default();
-        registry.register(
+        let tunnel_rtt: FloatGauge = r.metric(
             "tunnel_rtt_seconds",
             "Round-trip time of the Tunnel connection as QUIC estimates it",
-            tunnel_rtt.clone(),
         );
-        let dial_failures = Family::<Labels, Counter>::default();
-        registry.register(
+        let dial_failures: Family<Labels, Counter> = r.metric(
             "tunnel_dial_failures",
             "Failed attempts to connect to the Server, by reason",
-            dial_failures.clone(),
         );
-        let streams_rejected = Family::<Labels, Counter>::default();
-        registry.register(
+        let streams_rejected: Family<Labels, Counter> = r.metric(
             "streams_rejected",
             "Streams from the Server that reached no Service, by reason",
-            streams_rejected.clone(),
         );
-        let certificate_expiry = Family::<Labels, Gauge>::default();
-        registry.register(
+        let certificate_expiry: Family<Labels, Gauge> = r.metric(
             "certificate_expiry_timestamp_seconds",
             "Expiry (notAfter) of a terminate certificate, per configured hostname, since the Unix epoch",
-            certificate_expiry.clone(),
         );
         Self {
             registry,

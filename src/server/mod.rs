@@ -2,6 +2,21 @@
 //! listener (QUIC from Client instances) and the Tunnel registry
 //! ([`tunnels`]) that joins them.
 
+/// An info line about Tunnel connection `$tc`: `event`, the fields that
+/// name the connection (Tunnel, identity, peer, id), then `$field`s.
+macro_rules! tunnel_info {
+    ($tc:expr, $event:literal, $($field:tt)*) => {
+        tracing::info!(
+            event = $event,
+            tunnel = $tc.tunnel,
+            identity = %$tc.identity,
+            peer = %$tc.peer,
+            connection = $tc.id,
+            $($field)*
+        )
+    };
+}
+
 pub mod admission;
 pub(crate) mod public_listener;
 pub mod reload;
@@ -60,6 +75,19 @@ pub enum ServerError {
     #[error("{0}")]
     /// ACME could not be set up.
     Acme(#[from] AcmeSetupError),
+}
+
+/// Bind the optional TCP listener `what` at `addr`, if one is configured.
+async fn bind_optional(
+    addr: Option<SocketAddr>,
+    what: &'static str,
+) -> Result<Option<tokio::net::TcpListener>, ServerError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await;
+    let bound = listener.map_err(|error| ServerError::Bind { what, addr, error })?;
+    Ok(Some(bound))
 }
 
 /// Reads the config again (same file and overlays) for a reload.
@@ -137,26 +165,9 @@ impl Server {
             addr: config.public_bind_address,
             error,
         })?;
-        let readiness = match config.readiness_bind_address {
-            None => None,
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|error| {
-                ServerError::Bind {
-                    what: "readiness listener (TCP)",
-                    addr,
-                    error,
-                }
-            })?),
-        };
-        let metrics = match config.metrics_bind_address {
-            None => None,
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|error| {
-                ServerError::Bind {
-                    what: "metrics listener (TCP)",
-                    addr,
-                    error,
-                }
-            })?),
-        };
+        let readiness =
+            bind_optional(config.readiness_bind_address, "readiness listener (TCP)").await?;
+        let metrics = bind_optional(config.metrics_bind_address, "metrics listener (TCP)").await?;
         let control = config
             .control_socket
             .as_deref()

@@ -72,12 +72,9 @@ fn list(names: &[String]) -> String {
 /// it (it left its slot); its streams get the graceful window, then it is
 /// closed.
 async fn disconnect(tc: Arc<TunnelConnection>, window: std::time::Duration) {
-    tracing::info!(
-        event = "tunnel_disconnecting",
-        tunnel = tc.tunnel,
-        identity = %tc.identity,
-        peer = %tc.peer,
-        connection = tc.id,
+    tunnel_info!(
+        tc,
+        "tunnel_disconnecting",
         reason = "pin_removed",
         streams_in_flight = tc.streams_in_flight(),
     );
@@ -89,35 +86,19 @@ async fn disconnect(tc: Arc<TunnelConnection>, window: std::time::Duration) {
 
 /// Keys whose change a reload does not apply.
 fn restart_needed(old: &ServerConfig, new: &ServerConfig) -> Vec<&'static str> {
-    let mut keys = Vec::new();
-    let mut check = |changed: bool, key| {
-        if changed {
-            keys.push(key);
-        }
-    };
-    check(old.hostname != new.hostname, "hostname");
-    check(old.log_level != new.log_level, "log-level");
-    check(
-        old.public_bind_address != new.public_bind_address,
-        "public-bind-address",
-    );
-    check(
-        old.tunnel_bind_address != new.tunnel_bind_address,
-        "tunnel-bind-address",
-    );
-    check(
-        old.readiness_bind_address != new.readiness_bind_address,
-        "readiness-bind-address",
-    );
-    check(
-        old.metrics_bind_address != new.metrics_bind_address,
-        "metrics-bind-address",
-    );
-    check(old.control_socket != new.control_socket, "control-socket");
-    check(
-        old.graceful_shutdown_duration != new.graceful_shutdown_duration,
-        "graceful-shutdown-duration",
-    );
-    check(old.certificates != new.certificates, "cert-dir/acme");
-    keys
+    crate::config::changed_keys!(
+        old,
+        new,
+        [
+            hostname => "hostname",
+            log_level => "log-level",
+            public_bind_address => "public-bind-address",
+            tunnel_bind_address => "tunnel-bind-address",
+            readiness_bind_address => "readiness-bind-address",
+            metrics_bind_address => "metrics-bind-address",
+            control_socket => "control-socket",
+            graceful_shutdown_duration => "graceful-shutdown-duration",
+            certificates => "cert-dir/acme",
+        ]
+    )
 }

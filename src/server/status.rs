@@ -56,22 +56,14 @@ pub fn snapshot(config: &ServerConfig, registry: &Registry, started: SystemTime)
             })
         })
         .collect();
-    json!({
-        "role": "server",
-        "version": env!("CARGO_PKG_VERSION"),
-        "pid": std::process::id(),
-        "started_at": unix(started),
-        "uptime_s": now.duration_since(started).map(|d| d.as_secs()).unwrap_or(0),
+    let fields = json!({
         "hostname": config.hostname.to_string(),
         "visitors": {
             "accepted": metrics.visitors_accepted.get(),
             "dropped": dropped,
         },
         "tunnels": tunnels,
-        "certificates": metrics
-            .certificates()
-            .into_iter()
-            .map(|(hostname, not_after)| json!({"hostname": hostname, "not_after": not_after}))
-            .collect::<Vec<_>>(),
-    })
+    });
+    let certificates = metrics.certificates();
+    crate::control_socket::status_answer("server", started, now, &certificates, fields)
 }

@@ -259,12 +259,9 @@ async fn watch(tc: Arc<TunnelConnection>, registry: Arc<Registry>) {
         quinn::ConnectionError::Reset => "reset",
         _ => "connection_lost",
     };
-    tracing::info!(
-        event = "tunnel_closed",
-        tunnel = tc.tunnel,
-        identity = %tc.identity,
-        peer = %tc.peer,
-        connection = tc.id,
+    tunnel_info!(
+        tc,
+        "tunnel_closed",
         reason,
         was_active,
         detail = ?error.to_string(),

@@ -10,7 +10,7 @@ use rustls::CertificateError;
 use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::identity::ClientIdentity;
+use crate::identity::{ClientIdentity, ClientIdentityError};
 
 /// The SHA-256 of a Server certificate's SubjectPublicKeyInfo DER, written
 /// as 64 lowercase hex characters (the same form as a Client identity).
@@ -29,17 +29,13 @@ pub enum ServerPinError {
 
 impl ServerPin {
     /// Parse the canonical form: 64 lowercase hex digits, nothing else.
+    /// (The same form as a Client identity, so the same parser.)
     pub fn parse(text: &str) -> Result<Self, ServerPinError> {
-        if text.len() != 64 {
-            return Err(ServerPinError::Length(text.chars().count()));
+        match ClientIdentity::parse(text) {
+            Ok(id) => Ok(Self(*id.as_bytes())),
+            Err(ClientIdentityError::Length(n)) => Err(ServerPinError::Length(n)),
+            Err(_) => Err(ServerPinError::NotLowerHex),
         }
-        let mut out = [0u8; 32];
-        for (i, pair) in text.as_bytes().chunks(2).enumerate() {
-            let hi = hex_val(pair[0]).ok_or(ServerPinError::NotLowerHex)?;
-            let lo = hex_val(pair[1]).ok_or(ServerPinError::NotLowerHex)?;
-            out[i] = (hi << 4) | lo;
-        }
-        Ok(Self(out))
     }
 
     /// The pin of a DER certificate; `None` if it does not parse.
@@ -50,20 +46,9 @@ impl ServerPin {
     }
 }
 
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        _ => None,
-    }
-}
-
 impl fmt::Display for ServerPin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        fmt::Display::fmt(&ClientIdentity::from_bytes(self.0), f)
     }
 }
 

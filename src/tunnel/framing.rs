@@ -13,7 +13,7 @@
 //!        IPv6: 36 bytes), then optional TLVs (skipped)
 //! ```
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -202,28 +202,23 @@ fn check_fixed(buf: &[u8]) -> Result<Option<Fixed>, FramingError> {
     Ok(Some(fixed))
 }
 
+/// The source and destination addresses of `N` bytes each (4 for IPv4, 16
+/// for IPv6) at the start of `addrs`, and the bytes after them (the ports).
+fn address_pair<const N: usize>(addrs: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])>
+where
+    IpAddr: From<[u8; N]>,
+{
+    let (src, rest) = addrs.split_first_chunk::<N>()?;
+    let (dst, ports) = rest.split_first_chunk::<N>()?;
+    Some((IpAddr::from(*src), IpAddr::from(*dst), ports))
+}
+
 /// Decodes the address block of a PROXY header; `addrs` must be exactly
 /// `fixed.address_len()` bytes. Returns `None` for LOCAL.
 fn decode_addresses(fixed: &Fixed, addrs: &[u8]) -> Option<ProxyHeader> {
-    let (src, dst, ports): (IpAddr, IpAddr, &[u8]) = match fixed.address_len() {
-        ADDR_LEN_TCP4 => {
-            let (src, rest) = addrs.split_first_chunk::<4>()?;
-            let (dst, ports) = rest.split_first_chunk::<4>()?;
-            (
-                Ipv4Addr::from(*src).into(),
-                Ipv4Addr::from(*dst).into(),
-                ports,
-            )
-        }
-        ADDR_LEN_TCP6 => {
-            let (src, rest) = addrs.split_first_chunk::<16>()?;
-            let (dst, ports) = rest.split_first_chunk::<16>()?;
-            (
-                Ipv6Addr::from(*src).into(),
-                Ipv6Addr::from(*dst).into(),
-                ports,
-            )
-        }
+    let (src, dst, ports) = match fixed.address_len() {
+        ADDR_LEN_TCP4 => address_pair::<4>(addrs)?,
+        ADDR_LEN_TCP6 => address_pair::<16>(addrs)?,
         _ => return None,
     };
     let &[sp0, sp1, dp0, dp1] = ports.first_chunk::<4>()?;
@@ -289,10 +284,17 @@ pub(crate) async fn read_proxy_header<R: AsyncRead + Unpin>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::net::{SocketAddrV4, SocketAddrV6};
+    use std::net::{Ipv4Addr, SocketAddrV4, SocketAddrV6};
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("socket address")
+    }
+
+    fn header(source: &str, destination: &str) -> ProxyHeader {
+        ProxyHeader {
+            source: addr(source),
+            destination: addr(destination),
+        }
     }
 
     fn complete(buf: &[u8]) -> (Option<ProxyHeader>, usize) {
@@ -303,39 +305,38 @@ mod tests {
     }
 
     #[test]
-    fn ipv4_round_trip() {
-        let h = ProxyHeader {
-            source: addr("203.0.113.7:51234"),
-            destination: addr("192.0.2.1:443"),
-        };
-        let bytes = encode(&h);
-        assert_eq!(bytes.len(), 28);
-        assert_eq!(&bytes[12..16], &[0x21, 0x11, 0x00, 0x0C]);
+    fn ipv4_and_ipv6_round_trip() {
+        // Source, destination, header length, family/protocol and length bytes.
+        for (source, destination, len, fixed) in [
+            (
+                "203.0.113.7:51234",
+                "192.0.2.1:443",
+                28,
+                [0x21, 0x11, 0x00, 0x0C],
+            ),
+            (
+                "[2001:db8::1]:40000",
+                "[2001:db8::2]:443",
+                52,
+                [0x21, 0x21, 0x00, 0x24],
+            ),
+        ] {
+            let h = header(source, destination);
+            let bytes = encode(&h);
+            assert_eq!(bytes.len(), len, "{source}");
+            assert_eq!(&bytes[12..16], &fixed, "{source}");
+            assert_eq!(complete(&bytes), (Some(h), len), "{source}");
+        }
+        let v4 = encode(&header("203.0.113.7:51234", "192.0.2.1:443"));
         assert_eq!(
-            &bytes[16..],
+            &v4[16..],
             &[203, 0, 113, 7, 192, 0, 2, 1, 0xC8, 0x22, 0x01, 0xBB]
         );
-        assert_eq!(complete(&bytes), (Some(h), 28));
-    }
-
-    #[test]
-    fn ipv6_round_trip() {
-        let h = ProxyHeader {
-            source: addr("[2001:db8::1]:40000"),
-            destination: addr("[2001:db8::2]:443"),
-        };
-        let bytes = encode(&h);
-        assert_eq!(bytes.len(), 52);
-        assert_eq!(&bytes[12..16], &[0x21, 0x21, 0x00, 0x24]);
-        assert_eq!(complete(&bytes), (Some(h), 52));
     }
 
     #[test]
     fn mixed_families_use_mapped_ipv6() {
-        let h = ProxyHeader {
-            source: addr("198.51.100.9:1234"),
-            destination: addr("[2001:db8::2]:443"),
-        };
+        let h = header("198.51.100.9:1234", "[2001:db8::2]:443");
         let bytes = encode(&h);
         assert_eq!(bytes[13], FAMILY_TCP6);
         let mapped = Ipv4Addr::new(198, 51, 100, 9).to_ipv6_mapped().octets();
@@ -344,10 +345,7 @@ mod tests {
         assert_eq!(complete(&bytes), (Some(h), 52));
 
         // A mapped address sent by someone else is canonicalised too.
-        let h6 = ProxyHeader {
-            source: addr("[::ffff:10.0.0.1]:1"),
-            destination: addr("[::1]:2"),
-        };
+        let h6 = header("[::ffff:10.0.0.1]:1", "[::1]:2");
         let (decoded, _) = complete(&encode(&h6));
         assert_eq!(decoded.expect("proxy").source, addr("10.0.0.1:1"));
     }
@@ -367,10 +365,7 @@ mod tests {
 
     #[test]
     fn tlvs_are_skipped() {
-        let h = ProxyHeader {
-            source: addr("10.1.2.3:1000"),
-            destination: addr("10.3.2.1:2000"),
-        };
+        let h = header("10.1.2.3:1000", "10.3.2.1:2000");
         let mut bytes = encode(&h);
         // Append a NOOP TLV (type 0x04, length 3) and fix up the length.
         bytes.extend_from_slice(&[0x04, 0x00, 0x03, 0, 0, 0]);
@@ -434,10 +429,7 @@ mod tests {
 
     #[test]
     fn byte_by_byte_incomplete() {
-        let h = ProxyHeader {
-            source: addr("[2001:db8::1]:40000"),
-            destination: addr("192.0.2.1:443"),
-        };
+        let h = header("[2001:db8::1]:40000", "192.0.2.1:443");
         for bytes in [encode(&h), encode_local()] {
             for end in 0..bytes.len() {
                 assert_eq!(decode(&bytes[..end]), Ok(Decoded::Incomplete), "{end}");
@@ -449,10 +441,7 @@ mod tests {
     #[tokio::test]
     async fn read_leaves_following_bytes() {
         use tokio::io::AsyncWriteExt;
-        let h = ProxyHeader {
-            source: addr("203.0.113.7:51234"),
-            destination: addr("[2001:db8::2]:443"),
-        };
+        let h = header("203.0.113.7:51234", "[2001:db8::2]:443");
         let mut bytes = encode(&h);
         // With a TLV, which must be skipped without touching "hello".
         bytes.extend_from_slice(&[0x04, 0x00, 0x02, 9, 9]);
@@ -485,10 +474,7 @@ mod tests {
             Err(ReadFramingError::Framing(FramingError::BadSignature))
         ));
 
-        let full = encode(&ProxyHeader {
-            source: addr("10.0.0.1:1"),
-            destination: addr("10.0.0.2:2"),
-        });
+        let full = encode(&header("10.0.0.1:1", "10.0.0.2:2"));
         for end in [3, 16, 20, full.len() - 1] {
             let mut short: &[u8] = &full[..end];
             match read_proxy_header(&mut short).await {

@@ -184,24 +184,8 @@ pub fn free_tcp_addr() -> SocketAddr {
 /// material in `cert_dir`, `tunnels`, listeners on loopback ports the
 /// system picks, a 1 s grace period, and nothing else.
 pub fn server_config(cert_dir: &Path, tunnels: Vec<TunnelConfig>) -> ServerConfig {
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    ServerConfig {
-        source: None,
-        log_level: LogLevel::Info,
-        hostname: ServerHostname::parse(SERVER_HOSTNAME).unwrap(),
-        public_bind_address: any,
-        tunnel_bind_address: any,
-        readiness_bind_address: None,
-        metrics_bind_address: None,
-        control_socket: None,
-        graceful_shutdown_duration: Duration::from_secs(1),
-        stream_timeouts: StreamTimeouts::default(),
-        congestion_control: Default::default(),
-        certificates: ServerCertSource::Manual {
-            cert_dir: cert_dir.to_path_buf(),
-        },
-        tunnels,
-    }
+    let hostname = ServerHostname::parse(SERVER_HOSTNAME).unwrap();
+    ServerConfig::loopback(hostname, cert_dir.to_path_buf(), tunnels)
 }
 
 /// Stop a Client, then its Server.

@@ -28,7 +28,7 @@ pub use identity::{
     CLIENT_CERT, CLIENT_IDENTITY_TXT, CLIENT_KEY, init_client_identity, rotate_client_identity,
     show_client_identity,
 };
-pub use pki::{TlsMaterial, fingerprint_sha256, generate_self_signed};
+pub use pki::{TlsMaterial, fingerprint_sha256, generate_self_signed, san_dns_names};
 pub use public_cert::{
     PUBLIC_CA_CERT, PUBLIC_CA_KEY, PUBLIC_CERT, PUBLIC_KEY, init_public_certs, renew_public_certs,
     rotate_public_ca,

@@ -14,7 +14,7 @@ use rcgen::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate, X509Error};
 
 use super::{MaterialError, exists};
 use crate::fsutil;
@@ -223,18 +223,21 @@ pub(crate) fn load_tls_material(
     Ok(TlsMaterial { chain, key })
 }
 
-/// The DNS names in a certificate's subjectAltName.
+/// The DNS names in the certificate at `path`'s subjectAltName.
 pub(crate) fn dns_names(
     path: &Path,
     cert: &X509Certificate<'_>,
 ) -> Result<Vec<String>, MaterialError> {
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| MaterialError::Invalid {
-            path: path.to_path_buf(),
-            reason: format!("bad subjectAltName: {e}"),
-        })?;
-    Ok(san
+    san_dns_names(cert).map_err(|e| MaterialError::Invalid {
+        path: path.to_path_buf(),
+        reason: format!("bad subjectAltName: {e}"),
+    })
+}
+
+/// The DNS names in a certificate's subjectAltName (none without one).
+pub fn san_dns_names(cert: &X509Certificate<'_>) -> Result<Vec<String>, X509Error> {
+    Ok(cert
+        .subject_alternative_name()?
         .map(|ext| {
             ext.value
                 .general_names
@@ -268,16 +271,32 @@ fn set_validity(params: &mut CertificateParams, days: u32) {
 
 fn leaf_params(hostname: &str, days: u32) -> Result<CertificateParams, MaterialError> {
     let mut params = CertificateParams::new(vec![hostname.to_string()])?;
+    end_entity(
+        &mut params,
+        hostname,
+        ExtendedKeyUsagePurpose::ServerAuth,
+        days,
+    );
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// An end-entity certificate for `purpose`: `common_name`, not a CA, a
+/// signing key, a random serial, valid for `days`.
+fn end_entity(
+    params: &mut CertificateParams,
+    common_name: &str,
+    purpose: ExtendedKeyUsagePurpose,
+    days: u32,
+) {
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, hostname);
+    dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
+    params.extended_key_usages = vec![purpose];
     params.serial_number = Some(random_serial());
-    set_validity(&mut params, days);
-    Ok(params)
+    set_validity(params, days);
 }
 
 /// A self-signed certificate with a new `alg` key and no subjectAltName
@@ -289,14 +308,12 @@ pub(crate) fn identity_cert(
 ) -> Result<(String, String), MaterialError> {
     let key = KeyPair::generate_for(alg)?;
     let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, common_name);
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.serial_number = Some(random_serial());
-    set_validity(&mut params, days);
+    end_entity(
+        &mut params,
+        common_name,
+        ExtendedKeyUsagePurpose::ClientAuth,
+        days,
+    );
     let cert = params.self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))
 }

@@ -210,6 +210,12 @@ impl Sim {
         self.states.iter().find(|(_, s)| pred(*s)).map(|(t, _)| *t)
     }
 
+    /// When the sender first entered `state`; the test fails if it never did.
+    fn entered(&self, state: State) -> Duration {
+        self.first(|s| s == state)
+            .unwrap_or_else(|| panic!("{state:?} never entered"))
+    }
+
     /// Run in small steps until `pred` holds; panics after `limit`.
     fn run_until_state(&mut self, limit: f64, pred: impl Fn(State) -> bool) {
         while !pred(self.bbr.state()) {
@@ -232,9 +238,7 @@ fn secs(d: Duration) -> f64 {
 fn startup_exits_once_bandwidth_plateaus_and_drain_empties_the_queue() {
     let mut sim = Sim::new(10.0, 40, 4.0);
     sim.run_until(Duration::from_secs(3));
-    let drain = sim
-        .first(|s| s == State::Drain)
-        .expect("Startup never ended");
+    let drain = sim.entered(State::Drain);
     // 12 kB to a 50 kB BDP doubles in ~2 rounds, then 3 flat rounds.
     assert!(secs(drain) < 1.0, "Startup lasted {drain:?}");
     let rate = sim.rate;
@@ -259,7 +263,7 @@ fn startup_keeps_growing_while_bandwidth_grows() {
     sim.run_until(Duration::from_millis(300));
     assert_eq!(sim.bbr.state(), State::Startup);
     sim.run_until(Duration::from_secs(2));
-    assert!(sim.first(|s| s == State::Drain).is_some());
+    sim.entered(State::Drain);
     assert!(sim.bbr.max_bw > 0.8 * sim.rate);
 }
 
@@ -335,9 +339,7 @@ fn ce_marks_in_probe_up_bound_inflight() {
 fn probe_rtt_entered_after_min_rtt_expiry_and_left_after_200ms() {
     let mut sim = Sim::new(10.0, 40, 4.0);
     sim.run_until(Duration::from_secs(12));
-    let entered = sim
-        .first(|s| s == State::ProbeRtt)
-        .expect("ProbeRTT never entered");
+    let entered = sim.entered(State::ProbeRtt);
     assert!(
         secs(entered) > 4.5 && secs(entered) < 6.5,
         "ProbeRTT at {entered:?}"
