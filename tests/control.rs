@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::proc::*;
 
@@ -72,36 +72,15 @@ fn node(home: &Home, name: &str, port: u16, key: &str) -> Running {
     Running { child, log }
 }
 
-/// The peers' hostnames in `name`'s current network map (None: no map).
-fn peers(home: &Home, name: &str) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(home.path().join(name).join("netmap.json")).ok()?;
-    let map: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let mut v: Vec<String> = map["peers"]
-        .as_array()?
-        .iter()
-        .filter_map(|p| p["hostname"].as_str().map(String::from))
-        .collect();
-    v.sort();
-    Some(v)
-}
-
 fn organisation(home: &Home, name: &str) -> String {
-    let text = std::fs::read_to_string(home.path().join(name).join("netmap.json")).unwrap();
-    let map: serde_json::Value = serde_json::from_str(&text).unwrap();
-    map["organisation"].as_str().unwrap().to_string()
-}
-
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "{what} within {within:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    start.elapsed()
+    netmap(home, name).unwrap()["organisation"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn wait_peers(home: &Home, name: &str, want: &[&str], within: Duration) -> Duration {
-    wait_for(&format!("{name} sees {want:?}"), within, || {
+    wait_until(&format!("{name} sees {want:?}"), within, || {
         peers(home, name).is_some_and(|p| p == want)
     })
 }
@@ -128,7 +107,7 @@ fn device_id(list: &str, name: &str) -> String {
 
 fn start_control(home: &Home) -> Running {
     let control = home.spawn("control", &home.path().join("control.toml"), "control.log");
-    wait_for("control started", Duration::from_secs(15), || {
+    wait_until("control started", Duration::from_secs(15), || {
         !control.events("control_started").is_empty()
     });
     control
@@ -191,7 +170,7 @@ fn devices_enrol_into_their_organisation_and_changes_reach_them_at_once() {
         String::from_utf8_lossy(&out.stderr)
     );
     let inbox = home.path().join("a2/signals.jsonl");
-    wait_for("a2 receives the signal", Duration::from_secs(5), || {
+    wait_until("a2 receives the signal", Duration::from_secs(5), || {
         std::fs::read_to_string(&inbox).is_ok_and(|t| t.contains(SECRET))
     });
     for f in [
@@ -257,7 +236,7 @@ fn devices_enrol_into_their_organisation_and_changes_reach_them_at_once() {
     control.stop_with(libc::SIGTERM, Duration::from_secs(5));
     let mut control = start_control(&home);
     let a1 = &running.iter().find(|(n, _)| *n == "a1").unwrap().1;
-    wait_for("a1 reconnects", Duration::from_secs(10), || {
+    wait_until("a1 reconnects", Duration::from_secs(10), || {
         a1.events("node_connected").len() >= 2
     });
     assert_eq!(peers(&home, "a1").unwrap(), ["db1"]);
@@ -357,7 +336,7 @@ fn a_node_enrols_with_a_setup_key_file_and_a_missing_one_is_named() {
         .spawn()
         .unwrap();
     let mut laptop = Running { child, log };
-    wait_for("laptop enrolled", Duration::from_secs(15), || {
+    wait_until("laptop enrolled", Duration::from_secs(15), || {
         peers(&home, "laptop").is_some()
     });
     assert_eq!(organisation(&home, "laptop"), "acme.com");
@@ -439,10 +418,10 @@ fn two_replicas_on_postgres_carry_changes_to_each_others_devices() {
         &home.path().join("control2.toml"),
         "control2.log",
     );
-    wait_for("replica 2 started", Duration::from_secs(15), || {
+    wait_until("replica 2 started", Duration::from_secs(15), || {
         !c2.events("control_started").is_empty()
     });
-    wait_for("replica 2 listens", Duration::from_secs(5), || {
+    wait_until("replica 2 listens", Duration::from_secs(5), || {
         !c2.events("database_listening").is_empty()
     });
     let db_line = c2.events("control_database");
@@ -488,7 +467,7 @@ fn two_replicas_on_postgres_carry_changes_to_each_others_devices() {
     }
     for i in 0..6 {
         let map = home.path().join(format!("b{i}/netmap.json"));
-        wait_for(&format!("b{i} enrolled"), up, || map.exists());
+        wait_until(&format!("b{i} enrolled"), up, || map.exists());
     }
     let (code, list, err) = admin(&home, &["devices", "list"]);
     assert_eq!(code, 0, "{err}");

@@ -18,7 +18,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::proc::*;
 use rustls::pki_types::pem::PemObject;
@@ -94,32 +94,8 @@ fn login_url(node: &mut Running, port: u16) -> String {
         .to_string()
 }
 
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "{what} within {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn netmap(home: &Home, name: &str) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(home.path().join(name).join("netmap.json")).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-fn peers(home: &Home, name: &str) -> Option<Vec<String>> {
-    let map = netmap(home, name)?;
-    let mut v: Vec<String> = map["peers"]
-        .as_array()?
-        .iter()
-        .filter_map(|p| p["hostname"].as_str().map(String::from))
-        .collect();
-    v.sort();
-    Some(v)
-}
-
 fn wait_peers(home: &Home, name: &str, want: &[&str]) {
-    wait_for(
+    wait_until(
         &format!("{name} sees {want:?}"),
         Duration::from_secs(15),
         || peers(home, name).is_some_and(|p| p == want),
@@ -446,7 +422,7 @@ fn sso_places_users_in_their_organisations_and_refuses_what_it_must() {
         nodes.push((name, node, page));
     }
     for (name, _, _) in &nodes {
-        wait_for(&format!("{name}'s map"), Duration::from_secs(15), || {
+        wait_until(&format!("{name}'s map"), Duration::from_secs(15), || {
             netmap(&home, name).is_some()
         });
     }
@@ -644,7 +620,7 @@ fn an_expired_login_gets_401_and_leaves_the_maps_until_the_user_signs_in_again()
     assert_eq!(map_status(&home, port, &token_a), 200);
 
     // Both keys expire: the API answers 401 and the streams end.
-    wait_for("erin-a's key expires", Duration::from_secs(30), || {
+    wait_until("erin-a's key expires", Duration::from_secs(30), || {
         map_status(&home, port, &token_a) == 401
     });
     assert!(!a.wait_exit(Duration::from_secs(20)).0.success());
@@ -657,7 +633,7 @@ fn an_expired_login_gets_401_and_leaves_the_maps_until_the_user_signs_in_again()
     std::fs::remove_file(home.path().join("erin-b.log")).unwrap();
     let (_b, page) = enrol(&home, port, "erin-b", "erin");
     assert_eq!(page.status, 200, "{page:?}");
-    wait_for("erin-b's new map", Duration::from_secs(15), || {
+    wait_until("erin-b's new map", Duration::from_secs(15), || {
         netmap(&home, "erin-b").is_some()
     });
     assert_eq!(
@@ -697,7 +673,7 @@ fn chromium_signs_a_device_in() {
         wd.url()
     );
     wd.screenshot("control-sso-signed-in.png");
-    wait_for("carol's map", Duration::from_secs(15), || {
+    wait_until("carol's map", Duration::from_secs(15), || {
         netmap(&home, "carol").is_some()
     });
     assert_eq!(enrolment(&home, "carol")["organisation"], "globex.com");

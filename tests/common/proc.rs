@@ -27,6 +27,25 @@ pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) ->
     start.elapsed()
 }
 
+/// The network map a mesh node whose state dir is `home/name` last wrote
+/// (None: none yet).
+pub fn netmap(home: &Home, name: &str) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(home.path().join(name).join("netmap.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The peers' hostnames in that map, sorted (None: no map yet).
+pub fn peers(home: &Home, name: &str) -> Option<Vec<String>> {
+    let map = netmap(home, name)?;
+    let mut v: Vec<String> = map["peers"]
+        .as_array()?
+        .iter()
+        .filter_map(|p| p["hostname"].as_str().map(String::from))
+        .collect();
+    v.sort();
+    Some(v)
+}
+
 /// The arguments that make Server material for `localhost` in `dir`.
 pub fn server_cert_init(dir: &str) -> [&str; 7] {
     [
