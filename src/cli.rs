@@ -316,6 +316,15 @@ pub enum SetupKeyCommand {
         #[arg(long, value_name = "DURATION", default_value = "24h")]
         expires: String,
     },
+    /// List the setup keys (never the keys themselves: only their hashes
+    /// are stored).
+    List,
+    /// Revoke a setup key: it enrols nothing more (devices it enrolled
+    /// stay).
+    Revoke {
+        /// The key's id (see `setup-key list`).
+        id: i64,
+    },
 }
 
 #[derive(Debug, Subcommand, Clone)]

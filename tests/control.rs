@@ -199,6 +199,27 @@ fn devices_enrol_into_their_organisation_and_changes_reach_them_at_once() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("enrolment refused"), "{err}");
 
+    // Setup keys are listed without their secrets, and a revoked one
+    // enrols nothing more.
+    let (code, list, err) = admin(&home, &["setup-key", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(list.contains("single-use\t1\tused"), "{list}");
+    assert!(!list.contains("rwk_"), "{list}");
+    let spare = setup_key(&home, &["--user", "alice@acme.com"]);
+    let id = admin(&home, &["setup-key", "list"])
+        .1
+        .lines()
+        .last()
+        .and_then(|l| l.split('\t').next().map(str::to_string))
+        .unwrap();
+    let (code, out, err) = admin(&home, &["setup-key", "revoke", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked setup key"), "{out}");
+    let out = node_cmd(&home, "spare", port, &spare).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let (code, _, err) = admin(&home, &["setup-key", "revoke", &id]);
+    assert_eq!(code, 2, "a second revoke names the key: {err}");
+
     // A bad policy changes nothing and says where it is wrong.
     home.write(
         "bad.json",

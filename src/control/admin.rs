@@ -72,6 +72,49 @@ pub fn run(config: &ControlConfig, cmd: &ControlCommand) -> Result<String, Admin
                 key.id, key.organisation, key.key
             ))
         }
+        ControlCommand::SetupKey(SetupKeyCommand::List) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            let mut out = String::from("ID\tORGANISATION\tUSER\tTAGS\tKIND\tUSES\tSTATE\n");
+            for k in store.setup_keys()? {
+                let state = if k.revoked {
+                    "revoked".to_string()
+                } else if k.expires_at <= now {
+                    "expired".to_string()
+                } else if !k.reusable && k.uses > 0 {
+                    "used".to_string()
+                } else {
+                    format!("valid for {}", remaining(k.expires_at - now))
+                };
+                out += &format!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                    k.id,
+                    k.organisation,
+                    k.user.as_deref().unwrap_or("-"),
+                    if k.tags.is_empty() {
+                        "-".to_string()
+                    } else {
+                        k.tags.join(",")
+                    },
+                    if k.reusable { "reusable" } else { "single-use" },
+                    k.uses,
+                    state,
+                );
+            }
+            Ok(out)
+        }
+        ControlCommand::SetupKey(SetupKeyCommand::Revoke { id }) => {
+            if store.revoke_setup_key(*id)? {
+                tracing::info!(event = "setup_key_revoked", id = id);
+                Ok(format!("revoked setup key {id}\n"))
+            } else {
+                Err(AdminError::Usage(format!(
+                    "no unrevoked setup key {id}; see `runewarp control setup-key list`"
+                )))
+            }
+        }
         ControlCommand::Devices { command } => match command {
             None | Some(DevicesCommand::List) => {
                 let mut out =
@@ -141,5 +184,15 @@ pub fn run(config: &ControlConfig, cmd: &ControlCommand) -> Result<String, Admin
                 "# no policy: each user's own devices reach each other, nothing else\n".into()
             }))
         }
+    }
+}
+
+/// Seconds left, as `2h`, `45m` or `30s`.
+fn remaining(secs: i64) -> String {
+    match secs {
+        s if s >= 86_400 => format!("{}d", s / 86_400),
+        s if s >= 3_600 => format!("{}h", s / 3_600),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
     }
 }

@@ -103,6 +103,21 @@ pub struct NewSetupKey {
     pub organisation: String,
 }
 
+/// A setup key as `setup-key list` shows it (the key itself is never
+/// stored).
+#[derive(Debug, Clone)]
+pub struct SetupKeyInfo {
+    pub id: i64,
+    pub organisation: String,
+    pub user: Option<String>,
+    pub tags: Vec<String>,
+    pub reusable: bool,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub revoked: bool,
+    pub uses: i64,
+}
+
 /// What a setup key enrols devices as.
 #[derive(Debug, Clone, Default)]
 pub struct SetupKeySpec {
@@ -269,6 +284,41 @@ impl Store {
             id,
             key,
             organisation: spec.organisation.clone(),
+        })
+    }
+
+    /// Every setup key, oldest first.
+    pub fn setup_keys(&self) -> Result<Vec<SetupKeyInfo>, StoreError> {
+        self.db
+            .query(
+                r#"SELECT k.id, o.name, k."user", k.tags, k.reusable, k.expires_at, k.revoked, k.uses
+                 FROM setup_keys k JOIN orgs o ON o.id = k.org_id ORDER BY k.id"#,
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(SetupKeyInfo {
+                    id: r.int(0)?,
+                    organisation: r.text(1)?,
+                    user: r.opt_text(2)?,
+                    tags: split_tags(&r.text(3)?),
+                    reusable: r.bool(4)?,
+                    expires_at: r.int(5)?,
+                    revoked: r.bool(6)?,
+                    uses: r.int(7)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Revoke setup key `id`; false when there is no such unrevoked key.
+    pub fn revoke_setup_key(&mut self, id: i64) -> Result<bool, StoreError> {
+        self.db.write(|tx| {
+            let n = tx.execute(
+                "UPDATE setup_keys SET revoked = TRUE WHERE id = ?1 AND revoked = FALSE",
+                &[Arg::Int(id)],
+            )?;
+            Ok(n > 0)
         })
     }
 
