@@ -255,6 +255,9 @@ pub struct Peer {
 pub struct FilterRule {
     pub sources: Vec<String>,
     pub ports: String,
+    /// `tcp`, `udp` or `icmp`; absent: every protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<String>,
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use super::policy::{self, Policy, Ports};
+use super::policy::{self, Policy};
 use super::store::{Device, Store, StoreError};
 use crate::mesh_protocol::{FilterRule, NetworkMap, Node, Peer};
 
@@ -119,11 +119,11 @@ pub fn compute_from<'a>(snapshot: &'a OrgSnapshot, id: i64) -> Option<NetworkMap
             .map_or(&[][..], Vec::as_slice);
         WithGroups { device: d, groups }
     };
-    let allowed = |src: &'a Device, dst: &'a Device| -> Option<Ports> {
+    let allowed = |src: &'a Device, dst: &'a Device| -> policy::Grants {
         let (src, dst) = (member(src), member(dst));
         match policy {
-            Some(p) => p.allowed(&src, &dst),
-            None => policy::default_allowed(&src, &dst),
+            Some(p) => p.grants(&src, &dst),
+            None => policy::default_grants(&src, &dst),
         }
     };
     let others = snapshot
@@ -135,7 +135,7 @@ pub fn compute_from<'a>(snapshot: &'a OrgSnapshot, id: i64) -> Option<NetworkMap
     for d in others {
         let inbound = allowed(d, me);
         let outbound = allowed(me, d);
-        if inbound.is_none() && outbound.is_none() {
+        if inbound.is_empty() && outbound.is_empty() {
             continue;
         }
         peers.push(Peer {
@@ -147,13 +147,17 @@ pub fn compute_from<'a>(snapshot: &'a OrgSnapshot, id: i64) -> Option<NetworkMap
             user: d.user.clone(),
             tags: d.tags.clone(),
         });
-        if let Some(ports) = inbound {
-            let ports = ports.to_string();
-            match filter.iter_mut().find(|r| r.ports == ports) {
+        for (proto, ports) in inbound {
+            let (ports, proto) = (ports.to_string(), proto.name().map(str::to_string));
+            match filter
+                .iter_mut()
+                .find(|r| r.ports == ports && r.proto == proto)
+            {
                 Some(r) => r.sources.extend(addresses(d)),
                 None => filter.push(FilterRule {
                     sources: addresses(d),
                     ports,
+                    proto,
                 }),
             }
         }

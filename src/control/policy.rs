@@ -12,7 +12,9 @@
 //!
 //! A selector is `*`, a user's email, `group:NAME`, `tag:NAME`, or an
 //! address or CIDR inside the organisation's network; a destination adds
-//! `:PORTS` (`*`, `22`, `80,443`, `8000-8099`). Without a policy, a user's
+//! `:PORTS` (`*`, `22`, `80,443`, `8000-8099`). A rule's optional `"proto"`
+//! (`"tcp"`, `"udp"`, `"icmp"`; every protocol when absent) narrows it to
+//! one protocol; `icmp` takes no ports (`SELECTOR:*`). Without a policy, a user's
 //! own devices reach each other and nothing else: default deny across
 //! users.
 //!
@@ -42,7 +44,35 @@ struct RawRule {
     action: String,
     src: Vec<String>,
     dst: Vec<String>,
+    #[serde(default)]
+    proto: Option<String>,
 }
+
+/// The IP protocol a rule admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Proto {
+    /// Every protocol (no `"proto"`).
+    Any,
+    Tcp,
+    Udp,
+    /// ICMP and ICMPv6.
+    Icmp,
+}
+
+impl Proto {
+    /// As the policy and the map's filter spell it (`None`: any).
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Proto::Any => None,
+            Proto::Tcp => Some("tcp"),
+            Proto::Udp => Some("udp"),
+            Proto::Icmp => Some("icmp"),
+        }
+    }
+}
+
+/// What one device may reach on another: ports per protocol.
+pub type Grants = Vec<(Proto, Ports)>;
 
 /// An invalid policy: where and why.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -95,6 +125,7 @@ impl std::fmt::Display for Ports {
 pub struct Rule {
     pub src: Vec<Selector>,
     pub dst: Vec<(Selector, Ports)>,
+    pub proto: Proto,
 }
 
 /// A validated policy.
@@ -262,6 +293,21 @@ impl Policy {
                     ),
                 ));
             }
+            let proto = match r.proto.as_deref() {
+                None | Some("*") => Proto::Any,
+                Some("tcp") => Proto::Tcp,
+                Some("udp") => Proto::Udp,
+                Some("icmp") => Proto::Icmp,
+                Some(other) => {
+                    return Err(err_at(
+                        text,
+                        other,
+                        format!(
+                            "proto {other:?}: \"tcp\", \"udp\" or \"icmp\" (absent: every protocol)"
+                        ),
+                    ));
+                }
+            };
             let src = r
                 .src
                 .iter()
@@ -279,13 +325,20 @@ impl Policy {
                     ));
                 };
                 let ports = parse_ports(text, d, ports)?;
+                if proto == Proto::Icmp && ports != Ports::Any {
+                    return Err(err_at(
+                        text,
+                        d,
+                        format!("{d:?}: icmp has no ports; write the destination as SELECTOR:*"),
+                    ));
+                }
                 let sel = parse_selector(text, sel, &raw.groups).map_err(|mut e| {
                     (e.line, e.column) = locate(text, d);
                     e
                 })?;
                 dst.push((sel, ports));
             }
-            rules.push(Rule { src, dst });
+            rules.push(Rule { src, dst, proto });
         }
         let groups = raw
             .groups
@@ -315,30 +368,68 @@ impl Policy {
         }
     }
 
-    /// The ports `src` may reach on `dst` (None: not at all).
-    pub fn allowed(&self, src: &dyn Member, dst: &dyn Member) -> Option<Ports> {
-        let mut ranges = Vec::new();
+    /// What `src` may reach on `dst`, per protocol (empty: nothing).
+    pub fn grants(&self, src: &dyn Member, dst: &dyn Member) -> Grants {
+        let mut grants: Grants = Vec::new();
         for r in &self.rules {
             if !r.src.iter().any(|s| self.matches(s, src)) {
                 continue;
             }
             for (sel, ports) in &r.dst {
                 if self.matches(sel, dst) {
-                    match ports {
-                        Ports::Any => return Some(Ports::Any),
-                        Ports::Ranges(p) => ranges.extend(p.iter().copied()),
+                    match grants.iter_mut().find(|(p, _)| *p == r.proto) {
+                        Some((_, have)) => have.merge(ports),
+                        None => grants.push((r.proto, ports.clone())),
                     }
                 }
             }
         }
-        if ranges.is_empty() {
-            None
-        } else {
-            ranges.sort();
-            ranges.dedup();
-            Some(Ports::Ranges(ranges))
+        for (_, ports) in &mut grants {
+            if let Ports::Ranges(r) = ports {
+                r.sort();
+                r.dedup();
+            }
+        }
+        grants.sort_by_key(|(p, _)| *p);
+        grants
+    }
+
+    /// The ports `src` may reach on `dst` over any protocol (None: not at
+    /// all).
+    #[cfg(test)]
+    pub fn allowed(&self, src: &dyn Member, dst: &dyn Member) -> Option<Ports> {
+        let mut all: Option<Ports> = None;
+        for (_, ports) in self.grants(src, dst) {
+            match all.as_mut() {
+                Some(have) => have.merge(&ports),
+                None => all = Some(ports),
+            }
+        }
+        all
+    }
+}
+
+impl Ports {
+    /// Add `other`'s ports (sorted, without repeats).
+    fn merge(&mut self, other: &Ports) {
+        match (&mut *self, other) {
+            (Ports::Any, _) => {}
+            (_, Ports::Any) => *self = Ports::Any,
+            (Ports::Ranges(have), Ports::Ranges(more)) => {
+                have.extend(more.iter().copied());
+                have.sort();
+                have.dedup();
+            }
         }
     }
+}
+
+/// Without a policy: a user's own devices reach each other on every port
+/// and protocol.
+pub fn default_grants(src: &dyn Member, dst: &dyn Member) -> Grants {
+    default_allowed(src, dst)
+        .map(|p| vec![(Proto::Any, p)])
+        .unwrap_or_default()
 }
 
 /// Without a policy: a user's own devices reach each other on every port.
@@ -415,6 +506,48 @@ mod tests {
         assert_eq!(default_allowed(&alice, &bob), None);
         assert_eq!(default_allowed(&alice, &alice), Some(Ports::Any));
         assert_eq!(default_allowed(&db, &db), None);
+    }
+
+    #[test]
+    fn a_rule_can_name_its_protocol() {
+        let p = Policy::parse(
+            r#"{
+  "acls": [
+    {"action": "accept", "src": ["*"], "dst": ["tag:dns:53"], "proto": "udp"},
+    {"action": "accept", "src": ["*"], "dst": ["tag:dns:53,853"], "proto": "tcp"},
+    {"action": "accept", "src": ["*"], "dst": ["tag:dns:*"], "proto": "icmp"}
+  ]
+}"#,
+        )
+        .unwrap();
+        let alice = m(Some("alice@acme.com"), &[], "100.64.0.1");
+        let dns = m(None, &["dns"], "100.64.0.5");
+        let grants: Vec<(Option<&str>, String)> = p
+            .grants(&alice, &dns)
+            .into_iter()
+            .map(|(proto, ports)| (proto.name(), ports.to_string()))
+            .collect();
+        assert_eq!(
+            grants,
+            [
+                (Some("tcp"), "53,853".to_string()),
+                (Some("udp"), "53".to_string()),
+                (Some("icmp"), "*".to_string()),
+            ]
+        );
+        assert_eq!(p.allowed(&alice, &dns), Some(Ports::Any));
+        assert!(p.grants(&dns, &alice).is_empty());
+
+        let e = Policy::parse(
+            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"], \"proto\": \"sctp\"}]}",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("\"tcp\", \"udp\" or \"icmp\""), "{e}");
+        let e = Policy::parse(
+            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:22\"], \"proto\": \"icmp\"}]}",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("icmp has no ports"), "{e}");
     }
 
     struct G(&'static str, Vec<String>);

@@ -5,9 +5,11 @@
 //!
 //! Semantics, kept deliberately small:
 //! - TCP and UDP: a rule admits a packet whose source is in the rule's
-//!   sources and whose destination port is in its ports.
-//! - ICMP/ICMPv6 echo requests: admitted when any rule names the source
-//!   (a peer allowed on some port may ping).
+//!   sources, whose destination port is in its ports and whose protocol is
+//!   the rule's (`tcp`, `udp`; a rule without one admits both).
+//! - ICMP/ICMPv6 echo requests: admitted when a rule without a protocol,
+//!   or an `icmp` rule, names the source (a peer allowed on some port may
+//!   ping, unless its rules are `tcp`/`udp` only).
 //! - Replies: outbound TCP SYNs, UDP datagrams and echo requests open a
 //!   flow; inbound packets of the reversed flow pass. ICMP errors pass
 //!   when the packet they quote belongs to a known flow.
@@ -104,6 +106,19 @@ impl PortSet {
 struct Rule {
     sources: Vec<Net>,
     ports: PortSet,
+    /// The one protocol the rule admits (None: TCP, UDP and echo).
+    proto: Option<u8>,
+}
+
+impl Rule {
+    /// Whether the rule is for packets of IP protocol `proto`.
+    fn admits(&self, proto: u8) -> bool {
+        match self.proto {
+            None => true,
+            Some(ICMP) => matches!(proto, ICMP | ICMPV6),
+            Some(p) => p == proto,
+        }
+    }
 }
 
 /// What the filter reads from a packet.
@@ -297,9 +312,17 @@ impl Filter {
         self.rules = rules
             .iter()
             .filter_map(|r| {
+                let proto = match r.proto.as_deref() {
+                    None => None,
+                    Some("tcp") => Some(TCP),
+                    Some("udp") => Some(UDP),
+                    Some("icmp") => Some(ICMP),
+                    Some(_) => return None,
+                };
                 Some(Rule {
                     sources: r.sources.iter().filter_map(|s| Net::parse(s)).collect(),
                     ports: PortSet::parse(&r.ports)?,
+                    proto,
                 })
             })
             .collect();
@@ -368,9 +391,9 @@ impl Filter {
             .filter(|r| r.sources.iter().any(|n| n.contains(h.src)));
         let admitted = match h.kind {
             Kind::Tcp { dport, .. } | Kind::Udp { dport, .. } => {
-                by_source.any(|r| r.ports.contains(dport))
+                by_source.any(|r| r.admits(h.proto) && r.ports.contains(dport))
             }
-            Kind::EchoRequest { .. } => by_source.next().is_some(),
+            Kind::EchoRequest { .. } => by_source.any(|r| r.admits(h.proto)),
             _ => false,
         };
         if admitted { Ok(()) } else { Err(Drop::NoRule) }
@@ -446,11 +469,47 @@ mod tests {
 
     fn filter(sources: &[&str], ports: &str) -> Filter {
         let mut f = Filter::default();
-        f.set_rules(&[FilterRule {
+        f.set_rules(&[rule(sources, ports, None)]);
+        f
+    }
+
+    fn rule(sources: &[&str], ports: &str, proto: Option<&str>) -> FilterRule {
+        FilterRule {
             sources: sources.iter().map(|s| s.to_string()).collect(),
             ports: ports.into(),
-        }]);
-        f
+            proto: proto.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_rule_with_a_protocol_admits_only_that_protocol() {
+        let now = Instant::now();
+        let mut f = Filter::default();
+        f.set_rules(&[
+            rule(&["100.64.0.2/32"], "53", Some("udp")),
+            rule(&["100.64.0.3/32"], "*", Some("icmp")),
+        ]);
+        assert_eq!(f.inbound(&v4(PEER, ME, UDP, &udp(4000, 53)), now), Ok(()));
+        assert_eq!(
+            f.inbound(&v4(PEER, ME, TCP, &tcp(4000, 53, SYN)), now),
+            Err(Drop::NoRule)
+        );
+        // udp-only: no ping; icmp-only: ping but no TCP.
+        assert_eq!(
+            f.inbound(&v4(PEER, ME, ICMP, &echo(8, 7)), now),
+            Err(Drop::NoRule)
+        );
+        assert_eq!(f.inbound(&v4(OTHER, ME, ICMP, &echo(8, 7)), now), Ok(()));
+        assert_eq!(
+            f.inbound(&v4(OTHER, ME, TCP, &tcp(4000, 22, SYN)), now),
+            Err(Drop::NoRule)
+        );
+        // An unknown protocol name drops the rule, never widens it.
+        f.set_rules(&[rule(&["100.64.0.2/32"], "*", Some("sctp"))]);
+        assert_eq!(
+            f.inbound(&v4(PEER, ME, TCP, &tcp(4000, 22, SYN)), now),
+            Err(Drop::NoRule)
+        );
     }
 
     #[test]
