@@ -93,11 +93,7 @@ pub fn run(config: &ControlConfig, cmd: &ControlCommand) -> Result<String, Admin
                     k.id,
                     k.organisation,
                     k.user.as_deref().unwrap_or("-"),
-                    if k.tags.is_empty() {
-                        "-".to_string()
-                    } else {
-                        k.tags.join(",")
-                    },
+                    list_or_dash(&k.tags),
                     if k.reusable { "reusable" } else { "single-use" },
                     k.uses,
                     state,
@@ -127,11 +123,7 @@ pub fn run(config: &ControlConfig, cmd: &ControlCommand) -> Result<String, Admin
                         d.hostname,
                         d.ipv4,
                         d.user.as_deref().unwrap_or("-"),
-                        if d.tags.is_empty() {
-                            "-".to_string()
-                        } else {
-                            d.tags.join(",")
-                        },
+                        list_or_dash(&d.tags),
                         if d.revoked { "revoked" } else { "active" },
                     );
                 }
@@ -165,11 +157,7 @@ pub fn run(config: &ControlConfig, cmd: &ControlCommand) -> Result<String, Admin
                     u.id,
                     u.organisation,
                     u.email,
-                    if u.groups.is_empty() {
-                        "-".to_string()
-                    } else {
-                        u.groups.join(",")
-                    },
+                    list_or_dash(&u.groups),
                     if u.admin { "yes" } else { "no" },
                     u.issuer
                 );
@@ -194,5 +182,14 @@ fn remaining(secs: i64) -> String {
         s if s >= 3_600 => format!("{}h", s / 3_600),
         s if s >= 60 => format!("{}m", s / 60),
         s => format!("{s}s"),
+    }
+}
+
+/// A list column: comma-separated, or `-` when empty.
+fn list_or_dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_string()
+    } else {
+        items.join(",")
     }
 }
