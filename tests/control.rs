@@ -159,16 +159,7 @@ fn devices_enrol_into_their_organisation_and_changes_reach_them_at_once() {
     // Signal: a1 sends a2 a message sealed for a2; the server forwards
     // what it cannot read.
     const SECRET: &str = "candidate 192.0.2.7:51820 srflx";
-    let out = home
-        .cmd()
-        .args(["node", "signal", "--state-dir", "a1", "--to", "a2", SECRET])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    home.ok(&["node", "signal", "--state-dir", "a1", "--to", "a2", SECRET]);
     let inbox = home.path().join("a2/signals.jsonl");
     wait_until("a2 receives the signal", Duration::from_secs(5), || {
         std::fs::read_to_string(&inbox).is_ok_and(|t| t.contains(SECRET))
