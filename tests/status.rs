@@ -31,6 +31,7 @@ fn status_shows_tunnels_services_and_their_traffic_from_the_running_processes() 
 
     let mut server = home.spawn("server", &server_toml, "server.log");
     wait_until("server socket", Duration::from_secs(15), || {
+        server.assert_running();
         server_sock.exists()
     });
     let s = status_json(&home, "server", "server.toml");

@@ -176,8 +176,7 @@ impl Rig {
 
 /// A loopback address with a TCP port that was free a moment ago.
 pub fn free_tcp_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], ports::free_tcp()))
 }
 
 /// The Server configuration the in-process tests start from: the manual
