@@ -2,7 +2,9 @@
 # runewarp-node.service. It enrols once with a setup key (a file handed in
 # with LoadCredential, never in the Nix store), keeps the device's
 # WireGuard key in its state directory (0600, never sent) and follows the
-# network map the control server streams. See docs/control.md.
+# network map the control server streams. With `tun` set (the default) it
+# also runs the data plane: userspace WireGuard on a TUN device, which needs
+# CAP_NET_ADMIN and /dev/net/tun and nothing else. See docs/control.md.
 { config, lib, pkgs, utils, ... }:
 let
   inherit (lib) mkOption mkIf types;
@@ -56,6 +58,28 @@ in
       description = "This device's name in the network; the host name when null.";
     };
 
+    tun = mkOption {
+      type = types.nullOr (types.strMatching "[A-Za-z0-9_.-]{1,15}");
+      default = "rw0";
+      description = ''
+        The TUN interface the data plane creates (userspace WireGuard; the
+        kernel module is not needed). The unit then holds CAP_NET_ADMIN and
+        may open /dev/net/tun. Null: follow the network map only, no traffic.
+      '';
+    };
+
+    listenPort = mkOption {
+      type = types.port;
+      default = 41641;
+      description = "The UDP port of the data plane's one socket (WireGuard, path probes, STUN).";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open `listenPort` (UDP) in the firewall, for direct paths from peers that can reach this host.";
+    };
+
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -96,13 +120,38 @@ in
         ++ lib.optionals (cfg.hostname != null) [
           "--hostname"
           cfg.hostname
+        ]
+        ++ lib.optionals (cfg.tun != null) [
+          "--tun"
+          cfg.tun
+          "--listen-port"
+          (toString cfg.listenPort)
         ];
       credentials = lib.optionalAttrs (cfg.setupKeyFile != null) { setup-key = cfg.setupKeyFile; };
-      serviceConfig = {
-        TimeoutStopSec = 20;
-        CapabilityBoundingSet = "";
-        PrivateUsers = true;
-      };
+      serviceConfig =
+        {
+          TimeoutStopSec = 20;
+        }
+        // (
+          if cfg.tun == null then
+            {
+              CapabilityBoundingSet = "";
+              PrivateUsers = true;
+            }
+          else
+            {
+              # The TUN device, its addresses and routes: CAP_NET_ADMIN in
+              # the host's network namespace (so no private user
+              # namespace), and /dev/net/tun alone of the devices.
+              AmbientCapabilities = [ "CAP_NET_ADMIN" ];
+              CapabilityBoundingSet = [ "CAP_NET_ADMIN" ];
+              PrivateUsers = false;
+              PrivateDevices = false;
+              DeviceAllow = [ "/dev/net/tun rw" ];
+            }
+        );
     };
+
+    networking.firewall.allowedUDPPorts = lib.optionals (cfg.openFirewall && cfg.tun != null) [ cfg.listenPort ];
   };
 }

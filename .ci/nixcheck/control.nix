@@ -1,6 +1,7 @@
 # `nixcheck check --flake .#control` config (run by .ci/test): a mesh control
 # server on its default port, and a node on the same host enrolling with a
-# setup key through LoadCredential.
+# setup key through LoadCredential and running the data plane (TUN device,
+# CAP_NET_ADMIN) on a non-default port opened in the firewall.
 {
   services.runewarp.control = {
     enable = true;
@@ -14,5 +15,7 @@
     setupKeyFile = "/etc/runewarp/setup-key";
     caFile = "/etc/runewarp/control-ca.crt";
     hostname = "laptop one";
+    listenPort = 41642;
+    openFirewall = true;
   };
 }
