@@ -51,9 +51,7 @@ pub mod control_socket;
 pub mod demo;
 pub(crate) mod fdlimit;
 pub(crate) mod fsutil;
-// `gate` adopts `missing_docs` with its current rework.
-#[allow(missing_docs)]
-pub mod gate;
+pub(crate) mod gate;
 pub mod hostname;
 pub mod identity;
 pub mod logging;

@@ -17,7 +17,7 @@ pub mod server;
 pub mod sessions;
 pub mod tokens;
 
-pub use server::{Started, run, start};
+pub use server::{run, start};
 
 /// A header map of `(lowercase name, value)` pairs, for tests.
 #[cfg(test)]

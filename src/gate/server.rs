@@ -91,12 +91,6 @@ pub struct Started {
     listener: TcpListener,
 }
 
-impl Started {
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
-    }
-}
-
 /// Open the store (revoking sessions of addresses no longer allowed), read
 /// the SMTP password, bind the listener.
 pub async fn start(config: GateConfig) -> Result<Started, GateError> {
