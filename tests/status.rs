@@ -83,6 +83,13 @@ fn status_shows_tunnels_services_and_their_traffic_from_the_running_processes() 
     assert_eq!(c["tunnel"]["state"], "connected", "{c}");
     assert_eq!(c["tunnel"]["connections"], 1, "{c}");
     assert!(c["tunnel"]["rtt_ms"].as_f64().unwrap() > 0.0, "{c}");
+    // The path: packets went out (a stream was served), none lost on
+    // loopback, and a window and MTU an operator can compare.
+    let path = &c["tunnel"]["path"];
+    assert!(path["sent_packets"].as_u64().unwrap() > 0, "{c}");
+    assert_eq!(path["lost_packets"], 0, "{c}");
+    assert!(path["congestion_window"].as_u64().unwrap() > 0, "{c}");
+    assert!(path["mtu"].as_u64().unwrap() >= 1200, "{c}");
     assert_eq!(c["services"][0]["name"], APP);
     assert_eq!(c["services"][0]["streams_total"], 1, "{c}");
     assert!(
@@ -91,6 +98,10 @@ fn status_shows_tunnels_services_and_their_traffic_from_the_running_processes() 
     );
     let text = home.ok(&["client", "status", "-c", "client.toml"]);
     assert!(text.contains("tunnel: connected to 127.0.0.1:"), "{text}");
+    assert!(
+        text.contains(" packets (0 congestion events), window "),
+        "{text}"
+    );
     assert!(
         text.contains(&format!("service {APP}: passthrough to {}", backend.addr)),
         "{text}"

@@ -62,6 +62,14 @@ pub fn snapshot(
             "connected_since": since.map(unix),
             "connected_s": since.map(secs_since),
             "rtt_ms": metrics.rtt().map(|r| r.as_secs_f64() * 1000.0),
+            "path": metrics.path().map(|p| json!({
+                "congestion_window": p.cwnd,
+                "mtu": p.current_mtu,
+                "sent_packets": p.sent_packets,
+                "lost_packets": p.lost_packets,
+                "lost_bytes": p.lost_bytes,
+                "congestion_events": p.congestion_events,
+            })),
             "connections": status.connections,
             "waiting": waiting.filter(|_| !status.connected).map(|w| json!({
                 "reason": w.reason,

@@ -92,10 +92,11 @@ fn client(out: &mut String, v: &Value) {
     let t = &v["tunnel"];
     let line = match t["state"].as_str() {
         Some("connected") => format!(
-            "connected to {} for {}, rtt {:.1} ms",
+            "connected to {} for {}, rtt {:.1} ms{}",
             s(&t["peer"]),
             duration(n(&t["connected_s"])),
-            t["rtt_ms"].as_f64().unwrap_or(0.0)
+            t["rtt_ms"].as_f64().unwrap_or(0.0),
+            path_line(&t["path"])
         ),
         Some("waiting") => format!(
             "not connected: {} ({}); next attempt in {}",
@@ -275,4 +276,20 @@ mod tests {
             "{text}"
         );
     }
+}
+
+/// `; lost L of S packets (E congestion events), window W bytes, MTU M`
+/// for a connected Tunnel's path, or nothing.
+fn path_line(p: &Value) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    format!(
+        "; lost {} of {} packets ({} congestion events), window {} bytes, MTU {}",
+        n(&p["lost_packets"]),
+        n(&p["sent_packets"]),
+        n(&p["congestion_events"]),
+        n(&p["congestion_window"]),
+        n(&p["mtu"])
+    )
 }

@@ -500,6 +500,12 @@ impl ClientMetrics {
         lock(&self.connection).as_ref().map(|c| c.rtt())
     }
 
+    /// The Tunnel connection's path as QUIC sees it, if connected: what
+    /// `client status` shows to explain a slow Tunnel.
+    pub(crate) fn path(&self) -> Option<quinn::PathStats> {
+        lock(&self.connection).as_ref().map(|c| c.stats().path)
+    }
+
     /// `reason` is a fixed dial-error token.
     pub(crate) fn dial_failed(&self, reason: &'static str) {
         self.dial_failures
