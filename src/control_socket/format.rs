@@ -226,6 +226,22 @@ pub(crate) fn date(unix: i64) -> String {
     )
 }
 
+/// `; lost L of S packets (E congestion events), window W bytes, MTU M`
+/// for a connected Tunnel's path, or nothing.
+fn path_line(p: &Value) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    format!(
+        "; lost {} of {} packets ({} congestion events), window {} bytes, MTU {}",
+        n(&p["lost_packets"]),
+        n(&p["sent_packets"]),
+        n(&p["congestion_events"]),
+        n(&p["congestion_window"]),
+        n(&p["mtu"])
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,20 +292,4 @@ mod tests {
             "{text}"
         );
     }
-}
-
-/// `; lost L of S packets (E congestion events), window W bytes, MTU M`
-/// for a connected Tunnel's path, or nothing.
-fn path_line(p: &Value) -> String {
-    if p.is_null() {
-        return String::new();
-    }
-    format!(
-        "; lost {} of {} packets ({} congestion events), window {} bytes, MTU {}",
-        n(&p["lost_packets"]),
-        n(&p["sent_packets"]),
-        n(&p["congestion_events"]),
-        n(&p["congestion_window"]),
-        n(&p["mtu"])
-    )
 }
