@@ -569,6 +569,7 @@ pub async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Dura
 pub mod ports;
 pub mod postgres;
 pub mod proc;
+pub mod run;
 pub mod tls;
 pub mod webdriver;
 

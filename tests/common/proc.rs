@@ -115,12 +115,7 @@ impl Home {
 
     /// Run to completion; panic unless it succeeded; return stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd().args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "runewarp {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = super::run::succeeded(&format!("runewarp {args:?}"), self.cmd().args(args));
         String::from_utf8(out.stdout).unwrap()
     }
 
