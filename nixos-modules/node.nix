@@ -98,11 +98,7 @@ in
           cfg.hostname
         ];
       credentials = lib.optionalAttrs (cfg.setupKeyFile != null) { setup-key = cfg.setupKeyFile; };
-      serviceConfig = {
-        TimeoutStopSec = 20;
-        CapabilityBoundingSet = "";
-        PrivateUsers = true;
-      };
+      serviceConfig.TimeoutStopSec = 20;
     };
   };
 }
