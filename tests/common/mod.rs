@@ -196,12 +196,30 @@ pub async fn stop(client: TestClient, server: TestServer) {
 
 /// Fire `trigger` and wait for `task` (the role `what`) to end: within 5 s,
 /// without a panic.
-async fn shut_down(what: &str, trigger: Trigger, task: JoinHandle<()>) {
-    trigger.fire();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .unwrap_or_else(|_| panic!("{what} stops within 5 s"))
-        .unwrap();
+/// A Server or Client running in a task until its shutdown trigger fires.
+struct RoleTask {
+    trigger: Trigger,
+    task: JoinHandle<()>,
+}
+
+impl RoleTask {
+    fn spawn<F>(run: impl FnOnce(shutdown::Shutdown) -> F) -> Self
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (trigger, stop) = shutdown::channel();
+        let task = tokio::spawn(run(stop));
+        Self { trigger, task }
+    }
+
+    /// Fire the trigger; panic naming `what` unless it stops within 5 s.
+    async fn stop(self, what: &str) {
+        self.trigger.fire();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .unwrap_or_else(|_| panic!("{what} stops within 5 s"))
+            .unwrap();
+    }
 }
 
 pub struct TestServer {
@@ -210,8 +228,7 @@ pub struct TestServer {
     /// The readiness listener, when the configuration has one.
     pub readiness: Option<SocketAddr>,
     pub registry: Arc<Registry>,
-    trigger: Trigger,
-    task: JoinHandle<()>,
+    running: RoleTask,
 }
 
 impl TestServer {
@@ -265,15 +282,12 @@ impl TestServer {
         let public = server.public_addr().unwrap();
         let tunnel = server.tunnel_addr().unwrap();
         let registry = server.registry();
-        let (trigger, stop) = shutdown::channel();
-        let task = tokio::spawn(server.run(stop));
         Self {
             public,
             tunnel,
             readiness,
             registry,
-            trigger,
-            task,
+            running: RoleTask::spawn(|stop| server.run(stop)),
         }
     }
 
@@ -322,14 +336,13 @@ impl TestServer {
     }
 
     pub async fn stop(self) {
-        shut_down("server", self.trigger, self.task).await;
+        self.running.stop("server").await;
     }
 }
 
 pub struct TestClient {
     pub status: tokio::sync::watch::Receiver<ClientStatus>,
-    trigger: Trigger,
-    task: JoinHandle<()>,
+    running: RoleTask,
 }
 
 pub struct ClientSetup<'a> {
@@ -380,13 +393,9 @@ impl TestClient {
             congestion_control: Default::default(),
         };
         let client = Client::new(config).expect("client starts");
-        let status = client.status();
-        let (trigger, stop) = shutdown::channel();
-        let task = tokio::spawn(client.run(stop));
         Self {
-            status,
-            trigger,
-            task,
+            status: client.status(),
+            running: RoleTask::spawn(|stop| client.run(stop)),
         }
     }
 
@@ -403,7 +412,7 @@ impl TestClient {
     }
 
     pub async fn stop(self) {
-        shut_down("client", self.trigger, self.task).await;
+        self.running.stop("client").await;
     }
 }
 
