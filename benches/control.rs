@@ -16,6 +16,8 @@
 
 #[path = "../tests/common/postgres.rs"]
 mod postgres_cluster;
+#[path = "../tests/common/run.rs"]
+mod run;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,16 +47,12 @@ impl Drop for Control {
 
 impl Control {
     fn admin(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN)
-            .current_dir(&self.dir)
-            .args(["control", "-c", "control.toml"])
-            .args(args)
-            .output()
-            .expect("run admin command");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run::succeeded(
+            &format!("runewarp control {args:?}"),
+            Command::new(BIN)
+                .current_dir(&self.dir)
+                .args(["control", "-c", "control.toml"])
+                .args(args),
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }

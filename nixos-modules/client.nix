@@ -315,13 +315,9 @@ let
           "nss-lookup.target"
         ];
         prepare = prepareFor name c;
-        serviceConfig = {
-          # The Client closes its Tunnel connection with a short fixed grace.
-          TimeoutStopSec = 20;
-          # Outbound only: no capabilities at all.
-          CapabilityBoundingSet = "";
-          PrivateUsers = true;
-        };
+        # Outbound only: no capabilities at all (no lowPorts). The Client
+        # closes its Tunnel connection with a short fixed grace.
+        serviceConfig.TimeoutStopSec = 20;
       }
     );
 in

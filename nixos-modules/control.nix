@@ -144,14 +144,12 @@ in
         "network-online.target"
         "postgresql.service"
       ];
+      lowPorts = needsLowPort;
       serviceConfig = {
         DynamicUser = false;
         User = user;
         Group = user;
         TimeoutStopSec = 20;
-        AmbientCapabilities = lib.optionals needsLowPort [ "CAP_NET_BIND_SERVICE" ];
-        CapabilityBoundingSet = if needsLowPort then "CAP_NET_BIND_SERVICE" else "";
-        PrivateUsers = !needsLowPort;
       };
     };
   };

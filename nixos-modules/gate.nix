@@ -133,11 +133,7 @@ in
       # READY=1 once the listener is bound and the session store open;
       # `systemctl reload` re-reads the allow-lists, and sessions of
       # addresses no longer allowed end at once.
-      serviceConfig = {
-        TimeoutStopSec = 20;
-        CapabilityBoundingSet = "";
-        PrivateUsers = true;
-      };
+      serviceConfig.TimeoutStopSec = 20;
     };
   };
 }

@@ -91,8 +91,8 @@ rec {
           cp ${unchecked} "$out"
         '';
 
-  # Sandboxing shared by every Runewarp unit. Capabilities, PrivateUsers and
-  # the state directory are set per unit.
+  # Sandboxing shared by every Runewarp unit. Capabilities and PrivateUsers
+  # follow roleUnit's `lowPorts`; the state directory is set per unit.
   hardening = {
     DynamicUser = true;
     UMask = "0077";
@@ -155,8 +155,9 @@ rec {
   # policy, the notify start, the prepare step, reload by SIGHUP, and a
   # private state and runtime (control socket) directory named after the
   # unit. The paths a runtime configFile omits default under the state
-  # directory. `serviceConfig` adds the role's own settings (the stop
-  # timeout, capabilities).
+  # directory. `lowPorts`: the role binds a port below 1024, so the unit
+  # gets exactly that capability and no user namespace; otherwise none at
+  # all. `serviceConfig` adds the role's own settings (the stop timeout).
   roleUnit =
     {
       pkgs,
@@ -177,6 +178,7 @@ rec {
       ],
       extraArgs,
       credentials,
+      lowPorts ? false,
       serviceConfig,
     }:
     let
@@ -210,6 +212,12 @@ rec {
           RuntimeDirectory = unit;
           RuntimeDirectoryMode = "0700";
           LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") credentials;
+          # Binding ports below 1024 needs exactly this capability; nothing
+          # else is ever granted. A user namespace would hide the capability
+          # from the host's network namespace.
+          AmbientCapabilities = lib.optionals lowPorts [ "CAP_NET_BIND_SERVICE" ];
+          CapabilityBoundingSet = if lowPorts then "CAP_NET_BIND_SERVICE" else "";
+          PrivateUsers = !lowPorts;
         }
         // serviceConfig;
     };

@@ -132,24 +132,16 @@ in
         {
           TimeoutStopSec = 20;
         }
-        // (
-          if cfg.tun == null then
-            {
-              CapabilityBoundingSet = "";
-              PrivateUsers = true;
-            }
-          else
-            {
-              # The TUN device, its addresses and routes: CAP_NET_ADMIN in
-              # the host's network namespace (so no private user
-              # namespace), and /dev/net/tun alone of the devices.
-              AmbientCapabilities = [ "CAP_NET_ADMIN" ];
-              CapabilityBoundingSet = [ "CAP_NET_ADMIN" ];
-              PrivateUsers = false;
-              PrivateDevices = false;
-              DeviceAllow = [ "/dev/net/tun rw" ];
-            }
-        );
+        // lib.optionalAttrs (cfg.tun != null) {
+          # The TUN device, its addresses and routes: CAP_NET_ADMIN in the
+          # host's network namespace (so no private user namespace), and
+          # /dev/net/tun alone of the devices.
+          AmbientCapabilities = [ "CAP_NET_ADMIN" ];
+          CapabilityBoundingSet = "CAP_NET_ADMIN";
+          PrivateUsers = false;
+          PrivateDevices = false;
+          DeviceAllow = [ "/dev/net/tun rw" ];
+        };
     };
 
     networking.firewall.allowedUDPPorts = lib.optionals (cfg.openFirewall && cfg.tun != null) [ cfg.listenPort ];

@@ -289,17 +289,10 @@ in
       inherit (cfg) package extraArgs credentials;
       role = "server";
       description = "Runewarp Server (public ingress edge)";
+      lowPorts = needsLowPort;
       serviceConfig = {
         # The grace period plus time to close listeners and exit.
         TimeoutStopSec = if graceSeconds == null then 90 else graceSeconds + 15;
-
-        # Binding ports below 1024 needs exactly this capability; nothing
-        # else is ever granted.
-        AmbientCapabilities = lib.optionals needsLowPort [ "CAP_NET_BIND_SERVICE" ];
-        CapabilityBoundingSet = if needsLowPort then "CAP_NET_BIND_SERVICE" else "";
-        # A user namespace would hide the capability from the host's
-        # network namespace.
-        PrivateUsers = !needsLowPort;
       };
     };
   };

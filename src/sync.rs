@@ -1,17 +1,18 @@
 //! Small concurrency pieces every system shares: lock helpers that survive
-//! a poisoned lock, a guard that aborts a task when dropped, and
+//! a poisoned lock, a guard that aborts a task when dropped,
 //! `InFlight`, the one way to count work in flight and wait for it to
-//! drain.
+//! drain, and `serve_few`, the accept loop of the small local listeners.
 //!
 //! A poisoned lock only means another thread panicked while holding it;
 //! the data behind it (tables, counters) stays usable, so the helpers take
 //! it rather than propagate the panic.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 /// Lock `m`, even if a panicking thread poisoned it.
@@ -95,6 +96,38 @@ impl Drop for InFlightGuard {
         if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+/// Accept connections with `accept` and serve each with `serve`, at most
+/// `limit` at a time and each for at most `deadline`. At the cap the loop
+/// stops accepting, so new connections wait in the kernel's queue instead
+/// of costing memory here. `accept` gives `None` for a failed accept (after
+/// logging it, if it should be): the loop tries again 100 ms later. Runs
+/// until the task is aborted.
+pub(crate) async fn serve_few<C, A, H>(
+    limit: usize,
+    deadline: Duration,
+    mut accept: impl FnMut() -> A,
+    serve: impl Fn(C) -> H,
+) where
+    A: Future<Output = Option<C>>,
+    H: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(limit));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(conn) = accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let served = serve(conn);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(deadline, served).await;
+            drop(permit);
+        });
     }
 }
 

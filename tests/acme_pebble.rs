@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::ports::{free_tcp, free_udp_tcp};
 use common::proc::{BIN, Running as Proc};
+use common::run::succeeded;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
 
 const SERVER_HOST: &str = "tunnel.runewarp.test";
@@ -170,16 +171,12 @@ impl Pebble {
     /// Pebble's issuing root, from its management API.
     fn root(&self) -> PathBuf {
         let path = self.dir.join("pebble-root.pem");
-        let out = Command::new("curl")
-            .args(["-sSf", "--max-time", "10", "--cacert"])
-            .arg(&self.directory_ca)
-            .arg(format!("https://127.0.0.1:{}/roots/0", self.mgmt))
-            .output()
-            .expect("curl is needed to fetch Pebble's root");
-        assert!(
-            out.status.success(),
-            "fetching Pebble's root failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = succeeded(
+            "curl, fetching Pebble's root,",
+            Command::new("curl")
+                .args(["-sSf", "--max-time", "10", "--cacert"])
+                .arg(&self.directory_ca)
+                .arg(format!("https://127.0.0.1:{}/roots/0", self.mgmt)),
         );
         fs::write(&path, &out.stdout).unwrap();
         path
@@ -245,15 +242,11 @@ impl World {
             .port();
         let pebble = Pebble::prepare(&dir, public);
         let identity_dir = dir.join("identity");
-        let out = runewarp(&dir)
-            .args(["client", "identity", "init", "--dir"])
-            .arg(&identity_dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        succeeded(
+            "client identity init",
+            runewarp(&dir)
+                .args(["client", "identity", "init", "--dir"])
+                .arg(&identity_dir),
         );
         let out = runewarp(&dir)
             .args(["client", "identity", "show", "--dir"])
@@ -599,11 +592,11 @@ fn acme_server_down_at_startup() {
 /// Point `host` at `ip` in challtestsrv's DNS (its management API).
 fn set_a_record(w: &World, host: &str, ip: &str) {
     let port = w.pebble.cts_mgmt;
-    let out = Command::new("curl")
-        .args(["-sSf", "--max-time", "10", "-X", "POST", "-d"])
-        .arg(format!("{{\"host\":\"{host}.\",\"addresses\":[\"{ip}\"]}}"))
-        .arg(format!("http://127.0.0.1:{port}/add-a"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "challtestsrv add-a: {out:?}");
+    succeeded(
+        "challtestsrv add-a",
+        Command::new("curl")
+            .args(["-sSf", "--max-time", "10", "-X", "POST", "-d"])
+            .arg(format!("{{\"host\":\"{host}.\",\"addresses\":[\"{ip}\"]}}"))
+            .arg(format!("http://127.0.0.1:{port}/add-a")),
+    );
 }

@@ -393,6 +393,22 @@ fn setup(test: &str, extra: &str) -> Option<(Home, u16, Running, Running)> {
     Some((home, port, provider, control))
 }
 
+/// Set organisation `org`'s ACL policy to `json` with the admin command.
+fn set_policy(home: &Home, org: &str, json: &str) {
+    let file = format!("{org}.json");
+    home.write(&file, json);
+    home.ok(&[
+        "control",
+        "-c",
+        "control.toml",
+        "policy",
+        "set",
+        "--org",
+        org,
+        &file,
+    ]);
+}
+
 #[test]
 fn sso_places_users_in_their_organisations_and_refuses_what_it_must() {
     let Some((home, port, _provider, _control)) = setup(
@@ -443,36 +459,18 @@ fn sso_places_users_in_their_organisations_and_refuses_what_it_must() {
     }
 
     // IdP groups in the ACL policy: ops (bob) may reach eng (alice).
-    home.write(
-        "acme.json",
+    set_policy(
+        &home,
+        "acme.com",
         r#"{"groups": {"group:eng": [], "group:ops": []},
             "acls": [{"action": "accept", "src": ["group:ops"], "dst": ["group:eng:22"]}]}"#,
     );
-    home.ok(&[
-        "control",
-        "-c",
-        "control.toml",
-        "policy",
-        "set",
-        "--org",
-        "acme.com",
-        "acme.json",
-    ]);
     // Everyone in globex may reach everyone: still never an acme device.
-    home.write(
-        "globex.json",
+    set_policy(
+        &home,
+        "globex.com",
         r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#,
     );
-    home.ok(&[
-        "control",
-        "-c",
-        "control.toml",
-        "policy",
-        "set",
-        "--org",
-        "globex.com",
-        "globex.json",
-    ]);
     wait_peers(&home, "alice", &["bob"]);
     wait_peers(&home, "bob", &["alice"]);
     let alice_map = netmap(&home, "alice").unwrap();

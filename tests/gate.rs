@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[test]
 fn config_check_role_gate_prints_the_effective_gate_config() {
@@ -165,11 +165,9 @@ impl Smtp {
     /// Wait for mail number `n` (0-based); returns (recipient, token, code).
     fn mail(&self, n: usize) -> (String, String, String) {
         let path = self.dir.join(format!("{n:03}.eml"));
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !path.exists() {
-            assert!(Instant::now() < deadline, "no mail #{n} within 15 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(&format!("mail #{n}"), Duration::from_secs(15), || {
+            path.exists()
+        });
         // Undo quoted-printable: soft line breaks and `=3D`.
         let text = std::fs::read_to_string(&path)
             .unwrap()
@@ -323,11 +321,9 @@ from = "Sign-in <signin@example.com>"
             .stderr(log)
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "gate did not listen within 15 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until("gate listening", Duration::from_secs(15), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
         Gate {
             child,
             port,
@@ -1092,19 +1088,18 @@ fn a_failed_send_is_logged_and_the_visitor_sees_the_same_page() {
     assert_eq!(page.status, 200);
     assert!(page.body.contains("Check your mail"), "{}", page.body);
     let log = home.path().join(format!("gate-{}.log", gate.port));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let text = wait_for(Duration::from_secs(15), || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if text.contains("gate_mail_failed") {
-            assert!(
-                !text.contains("token="),
-                "the link must not be logged: {text}"
-            );
-            break;
+            Ok(text)
+        } else {
+            Err(format!("no gate_mail_failed in {text}"))
         }
-        assert!(Instant::now() < deadline, "no gate_mail_failed in {text}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
+    assert!(
+        !text.contains("token="),
+        "the link must not be logged: {text}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1154,19 +1149,13 @@ fn gated_tunnel(home: &Home, smtp: &Smtp, upstream: u16) -> (Running, PathBuf, P
 /// Wait until the gated Service answers through the tunnel (a 401 sign-in
 /// page for a browser without a session).
 fn wait_gated(b: &Browser, port: u16, client: &Running) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ok = b.status_of(port, "/");
-        if ok.as_ref().is_ok_and(|s| s.contains(" 401 ")) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the gated Service did not answer within 20 s: {ok:?}\n{}",
+    wait_for(Duration::from_secs(20), || match b.status_of(port, "/") {
+        Ok(status) if status.contains(" 401 ") => Ok(()),
+        other => Err(format!(
+            "the gated Service did not answer within 20 s: {other:?}\n{}",
             client.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        )),
+    })
 }
 
 #[test]
@@ -1247,15 +1236,13 @@ fn a_gate_on_a_terminate_service_signs_in_through_server_and_client() {
 }
 
 fn wait_event(process: &Running, event: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while process.events(event).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "no {event} within 15 s:\n{}",
-            process.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(Duration::from_secs(15), || {
+        if process.events(event).is_empty() {
+            Err(format!("no {event} within 15 s:\n{}", process.log_text()))
+        } else {
+            Ok(())
+        }
+    })
 }
 
 #[test]
@@ -1277,11 +1264,9 @@ fn a_reload_revokes_sessions_of_removed_addresses() {
             .count()
     };
     let wait = |name: &str, n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while events(name) < n {
-            assert!(Instant::now() < deadline, "no {name} #{n}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(&format!("{name} #{n}"), Duration::from_secs(15), || {
+            events(name) >= n
+        })
     };
     let hup = || {
         // SAFETY: a signal to the gate process this test started.
@@ -1492,15 +1477,15 @@ fn chromium_signs_in_through_nginx_to_a_standalone_gate() {
         }
     }
     let _nginx = Kill(nginx);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect(("127.0.0.1", nginx_port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nginx did not listen: {}",
-            std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(Duration::from_secs(15), || {
+        match TcpStream::connect(("127.0.0.1", nginx_port)) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!(
+                "nginx did not listen: {}",
+                std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default()
+            )),
+        }
+    });
     let wd = WebDriver::start(APP);
     click_through(&wd, &smtp, &origin, "standalone");
     // The gate believed nginx's X-Forwarded-For: the Visitor is loopback.

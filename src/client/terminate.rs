@@ -293,7 +293,7 @@ impl Gates {
                 .find(|s| &gate_key(s) == key)
                 .and_then(|s| config.gates.services.iter().find(|g| g.service == s.index));
             match g {
-                Some(g) => match gate.set_allowed(g.allowed.clone()) {
+                Some(g) => match gate.set_allowed(g.sign_in.allowed.clone()) {
                     Ok(revoked) => {
                         tracing::info!(event = "gate_reloaded", service = g.service, revoked)
                     }

@@ -117,11 +117,9 @@ pub(crate) fn gate_from_file(file: &LoadedFile, xdg: &Xdg) -> Result<GateConfig,
         .enumerate()
         .map(|(i, t)| ip_net(&at(label, &format!("gate.trusted-proxies[{i}]")), t))
         .collect::<Result<Vec<_>, _>>()?;
-    let keys = gate_keys(file, "gate", raw, &base_url)?;
-    let state_dir = match keys.state_dir {
-        Some(dir) => dir,
-        None => xdg.state("gate", "gate.state-dir")?,
-    };
+    let sign_in = sign_in(file, "gate", raw, &base_url, || {
+        xdg.state("gate", "gate.state-dir")
+    })?;
     let smtp = required(
         label,
         &raw.smtp,
@@ -136,35 +134,21 @@ pub(crate) fn gate_from_file(file: &LoadedFile, xdg: &Xdg) -> Result<GateConfig,
         upstream,
         base_url,
         trusted_proxies,
-        allowed: keys.allowed,
-        link_ttl: keys.link_ttl,
-        session_ttl: keys.session_ttl,
-        session_idle: keys.session_idle,
-        cookie_domain: keys.cookie_domain,
-        state_dir,
+        sign_in,
         smtp,
     })
 }
 
-/// The keys `[gate]` and `[client.services.gate]` share, validated.
-struct GateKeys {
-    allowed: AllowList,
-    link_ttl: Duration,
-    session_ttl: Duration,
-    session_idle: Duration,
-    cookie_domain: Option<ServerHostname>,
-    /// `None`: the caller's default.
-    state_dir: Option<PathBuf>,
-}
-
-/// Validate the shared gate keys of table `prefix` (`gate` or
-/// `client.services[i].gate`).
-fn gate_keys(
+/// Validate the keys `[gate]` and `[client.services.gate]` share, of table
+/// `prefix` (`gate` or `client.services[i].gate`). `default_state_dir`
+/// gives the state-dir when the table has none.
+fn sign_in(
     file: &LoadedFile,
     prefix: &str,
     raw: &RawGate,
     base_url: &BaseUrl,
-) -> Result<GateKeys, ConfigError> {
+    default_state_dir: impl FnOnce() -> Result<PathBuf, ConfigError>,
+) -> Result<SignIn, ConfigError> {
     let label = file.label();
     let label = label.as_str();
     let key = |k: &str| format!("{prefix}.{k}");
@@ -201,8 +185,11 @@ fn gate_keys(
         )?),
         None => None,
     };
-    let state_dir = resolve(file, &key("state-dir"), &raw.state_dir)?;
-    Ok(GateKeys {
+    let state_dir = match resolve(file, &key("state-dir"), &raw.state_dir)? {
+        Some(dir) => dir,
+        None => default_state_dir()?,
+    };
+    Ok(SignIn {
         allowed,
         link_ttl,
         session_ttl,
@@ -257,15 +244,14 @@ pub(crate) fn client_gates(
                 )));
             }
         };
-        let keys = gate_keys(file, &prefix, raw, &base_url)?;
-        let state_dir = match keys.state_dir {
-            Some(dir) => dir,
-            None => xdg.state(
+        let sign_in = sign_in(file, &prefix, raw, &base_url, || {
+            xdg.state(
                 &format!("client/gate/{}", base_url.host),
                 &format!("{prefix}.state-dir"),
-            )?,
-        };
-        if let Some(other) = gates.iter().find(|g| g.state_dir == state_dir) {
+            )
+        })?;
+        let state_dir = &sign_in.state_dir;
+        if let Some(other) = gates.iter().find(|g| &g.sign_in.state_dir == state_dir) {
             return Err(at(label, &format!("{prefix}.state-dir")).invalid(
                 &state_dir.display().to_string(),
                 format!(
@@ -277,12 +263,7 @@ pub(crate) fn client_gates(
         gates.push(ServiceGate {
             service: i,
             base_url,
-            allowed: keys.allowed,
-            link_ttl: keys.link_ttl,
-            session_ttl: keys.session_ttl,
-            session_idle: keys.session_idle,
-            cookie_domain: keys.cookie_domain,
-            state_dir,
+            sign_in,
         });
     }
     let smtp = match raw_smtp {
@@ -673,8 +654,6 @@ fn mail_from(origin: &Origin, text: &str) -> Result<MailFrom, ConfigError> {
 /// The effective `[gate]` config as TOML: every default filled, paths
 /// absolute, durations in canonical form. Loads back to the same config.
 pub(crate) fn render_gate(c: &GateConfig) -> String {
-    let strings = |v: Vec<String>| (!v.is_empty()).then_some(v);
-    let smtp = &c.smtp;
     let raw = RawFile {
         log_level: Some(c.log_level.as_str().to_string()),
         server: None,
@@ -682,16 +661,9 @@ pub(crate) fn render_gate(c: &GateConfig) -> String {
         gate: Some(RawGate {
             listen_address: Some(c.listen_address.to_string()),
             upstream: Some(format!("http://{}", c.upstream)),
-            base_url: Some(c.base_url.to_string()),
-            trusted_proxies: strings(c.trusted_proxies.iter().map(|n| n.to_string()).collect()),
-            allowed_emails: strings(c.allowed.emails.iter().map(|e| e.to_string()).collect()),
-            allowed_domains: strings(c.allowed.domains.iter().map(|d| d.to_string()).collect()),
-            link_ttl: Some(format_duration(c.link_ttl)),
-            session_ttl: Some(format_duration(c.session_ttl)),
-            session_idle: Some(format_duration(c.session_idle)),
-            cookie_domain: c.cookie_domain.as_ref().map(|d| d.to_string()),
-            state_dir: Some(render_path(&c.state_dir)),
-            smtp: Some(raw_smtp(smtp)),
+            trusted_proxies: non_empty(c.trusted_proxies.iter().map(|n| n.to_string()).collect()),
+            smtp: Some(raw_smtp(&c.smtp)),
+            ..raw_sign_in(&c.base_url, &c.sign_in)
         }),
     };
     header(&c.source) + &to_toml(&raw)
@@ -715,18 +687,27 @@ pub(crate) fn raw_smtp(smtp: &SmtpConfig) -> RawSmtp {
 
 /// A `[client.services.gate]` table as written, every default filled.
 pub(crate) fn raw_service_gate(g: &ServiceGate) -> RawGate {
-    let strings = |v: Vec<String>| (!v.is_empty()).then_some(v);
+    raw_sign_in(&g.base_url, &g.sign_in)
+}
+
+/// `base-url` and the [`SignIn`] keys as written, every default filled.
+fn raw_sign_in(base_url: &BaseUrl, s: &SignIn) -> RawGate {
     RawGate {
-        base_url: Some(g.base_url.to_string()),
-        allowed_emails: strings(g.allowed.emails.iter().map(|e| e.to_string()).collect()),
-        allowed_domains: strings(g.allowed.domains.iter().map(|d| d.to_string()).collect()),
-        link_ttl: Some(format_duration(g.link_ttl)),
-        session_ttl: Some(format_duration(g.session_ttl)),
-        session_idle: Some(format_duration(g.session_idle)),
-        cookie_domain: g.cookie_domain.as_ref().map(|d| d.to_string()),
-        state_dir: Some(render_path(&g.state_dir)),
+        base_url: Some(base_url.to_string()),
+        allowed_emails: non_empty(s.allowed.emails.iter().map(|e| e.to_string()).collect()),
+        allowed_domains: non_empty(s.allowed.domains.iter().map(|d| d.to_string()).collect()),
+        link_ttl: Some(format_duration(s.link_ttl)),
+        session_ttl: Some(format_duration(s.session_ttl)),
+        session_idle: Some(format_duration(s.session_idle)),
+        cookie_domain: s.cookie_domain.as_ref().map(|d| d.to_string()),
+        state_dir: Some(render_path(&s.state_dir)),
         ..Default::default()
     }
+}
+
+/// A list key as written: left out when empty.
+fn non_empty(v: Vec<String>) -> Option<Vec<String>> {
+    (!v.is_empty()).then_some(v)
 }
 
 #[cfg(test)]
@@ -792,21 +773,22 @@ from = "signin@example.com"
         assert_eq!(c.listen_address, "127.0.0.1:7870".parse().unwrap());
         assert_eq!(c.upstream.to_string(), "127.0.0.1:7860");
         assert_eq!(c.base_url.to_string(), "https://app.example.com");
-        assert_eq!(c.link_ttl, Duration::from_secs(600));
-        assert_eq!(c.session_ttl, Duration::from_secs(12 * 3600));
-        assert_eq!(c.session_idle, Duration::from_secs(3600));
-        assert_eq!(c.cookie_domain, None);
+        assert_eq!(c.sign_in.link_ttl, Duration::from_secs(600));
+        assert_eq!(c.sign_in.session_ttl, Duration::from_secs(12 * 3600));
+        assert_eq!(c.sign_in.session_idle, Duration::from_secs(3600));
+        assert_eq!(c.sign_in.cookie_domain, None);
         assert_eq!(
-            c.state_dir,
+            c.sign_in.state_dir,
             PathBuf::from("/home/u/.local/state/runewarp/gate")
         );
         assert_eq!(c.smtp.tls, SmtpTls::StartTls);
         assert_eq!(c.smtp.port, 587);
         assert!(c.trusted_proxies.is_empty());
         let alice = EmailAddress::parse("alice@example.com").unwrap();
-        assert!(c.allowed.allows(&alice));
+        assert!(c.sign_in.allowed.allows(&alice));
         assert!(
-            !c.allowed
+            !c.sign_in
+                .allowed
                 .allows(&EmailAddress::parse("bob@example.com").unwrap())
         );
     }
@@ -903,11 +885,13 @@ from = "signin@example.com"
         assert!(err(with("allowed-domains = [\"a@example.com\"]")).contains("allowed-emails"));
         let c = with("allowed-domains = [\"Example.com\"]").unwrap();
         assert!(
-            c.allowed
+            c.sign_in
+                .allowed
                 .allows(&EmailAddress::parse("ANY@example.com").unwrap())
         );
         assert!(
-            !c.allowed
+            !c.sign_in
+                .allowed
                 .allows(&EmailAddress::parse("a@sub.example.com").unwrap())
         );
     }
@@ -922,7 +906,7 @@ from = "signin@example.com"
             "{e}"
         );
         assert_eq!(
-            with("link-ttl = \"5m\"").unwrap().link_ttl,
+            with("link-ttl = \"5m\"").unwrap().sign_in.link_ttl,
             Duration::from_secs(300)
         );
     }
@@ -943,7 +927,7 @@ from = "signin@example.com"
     #[test]
     fn cookie_domain_must_cover_the_base_url() {
         let c = with("cookie-domain = \".Example.com\"").unwrap();
-        assert_eq!(c.cookie_domain.unwrap().as_str(), "example.com");
+        assert_eq!(c.sign_in.cookie_domain.unwrap().as_str(), "example.com");
         let e = err(with("cookie-domain = \"other.com\""));
         assert!(e.contains("browsers would refuse the cookie"), "{e}");
         assert!(err(with("cookie-domain = \"xample.com\"")).contains("not \"xample.com\""));
@@ -1051,9 +1035,9 @@ from = "signin@example.com"
         let g = &c.gates.services[0];
         assert_eq!(g.service, 0);
         assert_eq!(g.base_url.to_string(), "https://app.example.com");
-        assert_eq!(g.link_ttl, DEFAULT_LINK_TTL);
+        assert_eq!(g.sign_in.link_ttl, DEFAULT_LINK_TTL);
         assert_eq!(
-            g.state_dir,
+            g.sign_in.state_dir,
             PathBuf::from("/home/u/.local/state/runewarp/client/gate/app.example.com")
         );
         assert_eq!(c.gates.services.len(), 1);

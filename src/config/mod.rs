@@ -197,17 +197,12 @@ pub(crate) fn material_defaults(
     config: Option<&Path>,
     env: &Environment,
 ) -> Result<MaterialDefaults, ConfigError> {
-    let p = prepare::prepare_material(config, env)?;
+    let (hostname, defaults) = prepare::prepare_material(config, env)?;
     Ok(MaterialDefaults {
-        server_hostname: p
-            .server_hostname
+        server_hostname: hostname
             .as_ref()
             .map(validate::server_hostname)
             .transpose()?,
-        server_cert_dir: p.server_cert_dir,
-        identity_dir: p.identity_dir,
-        public_cert_dir: p.public_cert_dir,
-        server_control_socket: p.server_control_socket,
-        client_control_socket: p.client_control_socket,
+        ..defaults
     })
 }

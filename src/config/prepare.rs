@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use super::file::{self, LoadedFile, RawAcme, RawService, RawTunnel};
 use super::types::{CongestionControl, LETS_ENCRYPT_DIRECTORY};
-use super::{ClientOverlay, ConfigError, Environment, ServerOverlay};
+use super::{ClientOverlay, ConfigError, Environment, MaterialDefaults, ServerOverlay};
 
 /// The environment variable that overrides `server.hostname`.
 pub(crate) const SERVER_HOSTNAME_ENV: &str = "RUNEWARP_SERVER_HOSTNAME";
@@ -571,20 +571,13 @@ pub(crate) fn prepare_client(
 }
 
 /// Step 1 for the material commands: only the file's own values and the
-/// defaults, without requiring the rest of the config to be valid.
-pub(crate) struct PreparedMaterial {
-    pub(crate) server_hostname: Option<Val<String>>,
-    pub(crate) server_cert_dir: PathBuf,
-    pub identity_dir: PathBuf,
-    pub public_cert_dir: PathBuf,
-    pub(crate) server_control_socket: Option<PathBuf>,
-    pub(crate) client_control_socket: Option<PathBuf>,
-}
-
+/// defaults, without requiring the rest of the config to be valid. The
+/// Server hostname comes back as written (the caller validates it); the
+/// defaults' `server_hostname` is left `None`.
 pub(crate) fn prepare_material(
     config: Option<&Path>,
     env: &Environment,
-) -> Result<PreparedMaterial, ConfigError> {
+) -> Result<(Option<Val<String>>, MaterialDefaults), ConfigError> {
     let xdg = Xdg::from_env(env);
     let file = match locate(config, &xdg)? {
         Located::Found(file) => Some(*file),
@@ -620,12 +613,14 @@ pub(crate) fn prepare_material(
         .or_else(|| default_control_socket(&xdg, "server"));
     let client_control_socket = resolve("client.control-socket", &client.control_socket)?
         .or_else(|| default_control_socket(&xdg, "client"));
-    Ok(PreparedMaterial {
-        server_control_socket,
-        client_control_socket,
-        server_hostname: server_hostname(None, env, &label, &server.hostname),
+    let hostname = server_hostname(None, env, &label, &server.hostname);
+    let defaults = MaterialDefaults {
+        server_hostname: None,
         server_cert_dir,
         identity_dir,
         public_cert_dir,
-    })
+        server_control_socket,
+        client_control_socket,
+    };
+    Ok((hostname, defaults))
 }

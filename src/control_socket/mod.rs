@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
 
 use crate::sync::AbortOnDrop;
 
@@ -149,24 +148,19 @@ fn bind(path: &Path) -> io::Result<Option<UnixListener>> {
 }
 
 async fn accept(listener: tokio::net::UnixListener, snapshot: Snapshot) {
-    let slots = Arc::new(Semaphore::new(CONNECTIONS));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+    let listener = &listener;
+    crate::sync::serve_few(
+        CONNECTIONS,
+        DEADLINE,
+        move || async move { listener.accept().await.ok().map(|(stream, _)| stream) },
+        |stream| {
+            let snapshot = snapshot.clone();
+            async move {
+                let _ = answer(stream, snapshot).await;
             }
-        };
-        let snapshot = snapshot.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(DEADLINE, answer(stream, snapshot)).await;
-            drop(permit);
-        });
-    }
+        },
+    )
+    .await
 }
 
 async fn answer(stream: tokio::net::UnixStream, snapshot: Snapshot) -> io::Result<()> {

@@ -610,15 +610,17 @@ fn gated(
                 host: GATED_HOSTNAME.to_string(),
                 port: Some(public.port()),
             },
-            allowed: AllowList {
-                emails: Vec::new(),
-                domains: vec![ServerHostname::parse(GATED_DOMAIN)?],
+            sign_in: SignIn {
+                allowed: AllowList {
+                    emails: Vec::new(),
+                    domains: vec![ServerHostname::parse(GATED_DOMAIN)?],
+                },
+                link_ttl: DEFAULT_LINK_TTL,
+                session_ttl: DEFAULT_SESSION_TTL,
+                session_idle: DEFAULT_SESSION_IDLE,
+                cookie_domain: None,
+                state_dir: root.join("gate"),
             },
-            link_ttl: DEFAULT_LINK_TTL,
-            session_ttl: DEFAULT_SESSION_TTL,
-            session_idle: DEFAULT_SESSION_IDLE,
-            cookie_domain: None,
-            state_dir: root.join("gate"),
         }],
     })
 }

@@ -260,6 +260,15 @@ pub struct GateConfig {
     pub upstream: BackendAddress,
     pub base_url: BaseUrl,
     pub trusted_proxies: Vec<IpNet>,
+    pub sign_in: SignIn,
+    pub smtp: SmtpConfig,
+}
+
+/// Who may sign in, how long links and sessions last, and where the
+/// sessions are kept: the keys a standalone `[gate]` and a
+/// `[client.services.gate]` share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignIn {
     pub allowed: AllowList,
     pub link_ttl: Duration,
     pub session_ttl: Duration,
@@ -268,7 +277,6 @@ pub struct GateConfig {
     /// `__Host-runegate`.
     pub cookie_domain: Option<ServerHostname>,
     pub state_dir: PathBuf,
-    pub smtp: SmtpConfig,
 }
 
 /// One `[client.services.gate]`: the gate in front of a terminate Service,
@@ -281,12 +289,7 @@ pub struct ServiceGate {
     /// `base-url`, by default `https://` and the first non-wildcard Public
     /// hostname.
     pub base_url: BaseUrl,
-    pub allowed: AllowList,
-    pub link_ttl: Duration,
-    pub session_ttl: Duration,
-    pub session_idle: Duration,
-    pub cookie_domain: Option<ServerHostname>,
-    pub state_dir: PathBuf,
+    pub sign_in: SignIn,
 }
 
 /// The gates of a Client instance and the mail relay they share
@@ -313,12 +316,7 @@ impl ClientGates {
             upstream,
             base_url: gate.base_url.clone(),
             trusted_proxies: Vec::new(),
-            allowed: gate.allowed.clone(),
-            link_ttl: gate.link_ttl,
-            session_ttl: gate.session_ttl,
-            session_idle: gate.session_idle,
-            cookie_domain: gate.cookie_domain.clone(),
-            state_dir: gate.state_dir.clone(),
+            sign_in: gate.sign_in.clone(),
             smtp: self.smtp.clone()?,
         })
     }

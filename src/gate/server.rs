@@ -118,8 +118,13 @@ impl Gate {
     /// come through [`Gate::serve_connection`] (a Client's terminate
     /// Service) or [`run`] (standalone).
     pub fn open(config: GateConfig) -> Result<Arc<Gate>, GateError> {
-        let store = SessionStore::open(&config.state_dir, config.session_ttl, config.session_idle)?;
-        let allowed = config.allowed.clone();
+        let sign_in = &config.sign_in;
+        let store = SessionStore::open(
+            &sign_in.state_dir,
+            sign_in.session_ttl,
+            sign_in.session_idle,
+        )?;
+        let allowed = sign_in.allowed.clone();
         let revoked = store.sweep(|email| {
             super::config::EmailAddress::parse(email)
                 .map(|e| allowed.allows(&e))
@@ -134,13 +139,13 @@ impl Gate {
         }
         let csrf_key = store.csrf_key()?;
         let mailer = Arc::new(Mailer::new(&config.smtp)?);
-        let session_cookie = match config.cookie_domain {
+        let session_cookie = match sign_in.cookie_domain {
             Some(_) => "__Secure-runegate",
             None => "__Host-runegate",
         }
         .to_string();
         Ok(Arc::new(Gate {
-            allowed: std::sync::RwLock::new(config.allowed.clone()),
+            allowed: std::sync::RwLock::new(allowed),
             config,
             store,
             csrf_key,
@@ -276,17 +281,15 @@ fn reload(gate: &Gate) {
             return;
         }
     };
-    let unchanged = GateConfig {
-        allowed: gate.config.allowed.clone(),
-        ..new.clone()
-    };
+    let mut unchanged = new.clone();
+    unchanged.sign_in.allowed = gate.config.sign_in.allowed.clone();
     if unchanged != gate.config {
         tracing::warn!(
             event = "reload_restart_needed",
             hint = "only allowed-emails and allowed-domains apply on reload; the other changed keys keep their running values until a restart"
         );
     }
-    match gate.set_allowed(new.allowed) {
+    match gate.set_allowed(new.sign_in.allowed) {
         Ok(revoked) => tracing::info!(event = "gate_reloaded", revoked),
         Err(e) => tracing::error!(event = "gate_store_failed", error = %e),
     }
@@ -415,6 +418,7 @@ impl Gate {
     fn session_cookie_header(&self, value: &str, max_age: u64) -> String {
         let domain = self
             .config
+            .sign_in
             .cookie_domain
             .as_ref()
             .map(|d| format!("; Domain={d}"))
@@ -637,7 +641,7 @@ impl Gate {
                 email: email.key(),
                 token_digest: tokens::digest(&token),
                 code_digest: tokens::digest(&code),
-                expires: Instant::now() + self.config.link_ttl,
+                expires: Instant::now() + self.config.sign_in.link_ttl,
                 tries_left: CODE_TRIES,
                 next: safe_next(next),
             };
@@ -645,7 +649,7 @@ impl Gate {
             let link = format!("{}{LINK}?token={token}", self.config.base_url);
             let mailer = self.mailer.clone();
             let site = self.config.base_url.authority();
-            let ttl = self.config.link_ttl;
+            let ttl = self.config.sign_in.link_ttl;
             let to = email.to_string();
             tokio::spawn(async move {
                 match mailer.send_sign_in(&to, &site, &link, &code, ttl).await {
@@ -837,7 +841,7 @@ impl Gate {
         }
         r.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        let cookie = self.session_cookie_header(&secret, self.config.session_ttl.as_secs());
+        let cookie = self.session_cookie_header(&secret, self.config.sign_in.session_ttl.as_secs());
         add_cookie(&mut r, cookie);
         r
     }

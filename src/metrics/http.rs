@@ -11,7 +11,6 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::logging::budget;
 
@@ -24,23 +23,21 @@ const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset
 
 /// Serve `GET /metrics` with the text `render` returns, until the task is aborted.
 pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
-    let slots = Arc::new(Semaphore::new(CONNECTIONS));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
+    let listener = &listener;
+    let accept = move || async move {
+        match listener.accept().await {
+            Ok((tcp, _)) => Some(tcp),
             Err(error) => {
                 if let Some(suppressed) = budget::ACCEPT_FAILED.allow() {
                     tracing::warn!(event = "accept_failed", listener = "metrics", error = ?error.to_string(), suppressed);
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+                None
             }
-        };
+        }
+    };
+    let serve = |tcp| {
         let render = render.clone();
-        tokio::spawn(async move {
+        async move {
             let service = hyper::service::service_fn(move |req| {
                 let render = render.clone();
                 async move { Ok::<_, Infallible>(answer(&req, &*render)) }
@@ -48,10 +45,10 @@ pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send 
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(tcp), service);
-            let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
-            drop(permit);
-        });
-    }
+            let _ = conn.await;
+        }
+    };
+    crate::sync::serve_few(CONNECTIONS, CONNECTION_DEADLINE, accept, serve).await
 }
 
 fn answer(req: &Request<Incoming>, render: &dyn Fn() -> String) -> Response<Full<Bytes>> {

@@ -195,12 +195,30 @@ pub async fn stop(client: TestClient, server: TestServer) {
 
 /// Fire `trigger` and wait for `task` (the role `what`) to end: within 5 s,
 /// without a panic.
-async fn shut_down(what: &str, trigger: Trigger, task: JoinHandle<()>) {
-    trigger.fire();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .unwrap_or_else(|_| panic!("{what} stops within 5 s"))
-        .unwrap();
+/// A Server or Client running in a task until its shutdown trigger fires.
+struct RoleTask {
+    trigger: Trigger,
+    task: JoinHandle<()>,
+}
+
+impl RoleTask {
+    fn spawn<F>(run: impl FnOnce(shutdown::Shutdown) -> F) -> Self
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (trigger, stop) = shutdown::channel();
+        let task = tokio::spawn(run(stop));
+        Self { trigger, task }
+    }
+
+    /// Fire the trigger; panic naming `what` unless it stops within 5 s.
+    async fn stop(self, what: &str) {
+        self.trigger.fire();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .unwrap_or_else(|_| panic!("{what} stops within 5 s"))
+            .unwrap();
+    }
 }
 
 pub struct TestServer {
@@ -209,8 +227,7 @@ pub struct TestServer {
     /// The readiness listener, when the configuration has one.
     pub readiness: Option<SocketAddr>,
     pub registry: Arc<Registry>,
-    trigger: Trigger,
-    task: JoinHandle<()>,
+    running: RoleTask,
 }
 
 impl TestServer {
@@ -264,15 +281,12 @@ impl TestServer {
         let public = server.public_addr().unwrap();
         let tunnel = server.tunnel_addr().unwrap();
         let registry = server.registry();
-        let (trigger, stop) = shutdown::channel();
-        let task = tokio::spawn(server.run(stop));
         Self {
             public,
             tunnel,
             readiness,
             registry,
-            trigger,
-            task,
+            running: RoleTask::spawn(|stop| server.run(stop)),
         }
     }
 
@@ -321,14 +335,13 @@ impl TestServer {
     }
 
     pub async fn stop(self) {
-        shut_down("server", self.trigger, self.task).await;
+        self.running.stop("server").await;
     }
 }
 
 pub struct TestClient {
     pub status: tokio::sync::watch::Receiver<ClientStatus>,
-    trigger: Trigger,
-    task: JoinHandle<()>,
+    running: RoleTask,
 }
 
 pub struct ClientSetup<'a> {
@@ -379,13 +392,9 @@ impl TestClient {
             congestion_control: Default::default(),
         };
         let client = Client::new(config).expect("client starts");
-        let status = client.status();
-        let (trigger, stop) = shutdown::channel();
-        let task = tokio::spawn(client.run(stop));
         Self {
-            status,
-            trigger,
-            task,
+            status: client.status(),
+            running: RoleTask::spawn(|stop| client.run(stop)),
         }
     }
 
@@ -402,7 +411,7 @@ impl TestClient {
     }
 
     pub async fn stop(self) {
-        shut_down("client", self.trigger, self.task).await;
+        self.running.stop("client").await;
     }
 }
 
@@ -568,6 +577,7 @@ pub async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Dura
 pub mod ports;
 pub mod postgres;
 pub mod proc;
+pub mod run;
 pub mod tls;
 pub mod webdriver;
 

@@ -20,11 +20,24 @@ pub use super::ports::{free_tcp, free_udp};
 /// has passed. Returns how long it took.
 pub fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "{what} within {within:?}");
+    wait_for(within, || {
+        ok().then_some(())
+            .ok_or_else(|| format!("{what} within {within:?}"))
+    });
+    start.elapsed()
+}
+
+/// Poll `probe` every 20 ms until it gives `Ok`, and return that; once
+/// `within` has passed, panic with its last `Err`: what it saw instead.
+pub fn wait_for<T>(within: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let start = Instant::now();
+    loop {
+        match probe() {
+            Ok(done) => return done,
+            Err(seen) => assert!(start.elapsed() < within, "{seen}"),
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    start.elapsed()
 }
 
 /// The network map a mesh node whose state dir is `home/name` last wrote
@@ -115,12 +128,7 @@ impl Home {
 
     /// Run to completion; panic unless it succeeded; return stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd().args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "runewarp {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = super::run::succeeded(&format!("runewarp {args:?}"), self.cmd().args(args));
         String::from_utf8(out.stdout).unwrap()
     }
 

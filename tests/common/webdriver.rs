@@ -9,9 +9,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::ports::free_tcp;
+use super::proc::{wait_for, wait_until};
 
 /// Whether chromium and chromedriver are on PATH; if not, one skip line
 /// for `test`.
@@ -64,11 +65,9 @@ impl WebDriver {
             session: String::new(),
             _profile: profile,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while wd.call("GET", "/status", None).is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not answer");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until("chromedriver answering", Duration::from_secs(30), || {
+            wd.call("GET", "/status", None).is_ok()
+        });
         let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "acceptInsecureCerts": true,
@@ -193,19 +192,17 @@ impl WebDriver {
 
     /// Wait until the page source contains `text`.
     pub fn wait_for_text(&self, text: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        wait_for(Duration::from_secs(30), || {
             let source = self.source();
             if source.contains(text) {
-                return;
+                Ok(())
+            } else {
+                Err(format!(
+                    "{text:?} not on {} within 30 s:\n{source}",
+                    self.url()
+                ))
             }
-            assert!(
-                Instant::now() < deadline,
-                "{text:?} not on {} within 30 s:\n{source}",
-                self.url()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        })
     }
 
     /// Save a PNG of the page as `name` under $RUNEWARP_GATE_SCREENSHOTS.

@@ -19,6 +19,9 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate, X509Error};
 use super::{MaterialError, exists};
 use crate::fsutil;
 
+/// Days a private CA (the Server CA, the Public hostname CA) is valid.
+pub(super) const CA_DAYS: u32 = 3650;
+
 const DAY: Duration = Duration::from_secs(24 * 60 * 60);
 /// Back-date `not_before` a little to tolerate clock skew between peers.
 const BACKDATE: Duration = Duration::from_secs(60 * 60);

@@ -11,7 +11,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::pki::{self, Ca, Leaf, TlsMaterial, WriteMode, Writer};
+use super::pki::{self, CA_DAYS, Ca, Leaf, TlsMaterial, WriteMode, Writer};
 use super::{MaterialError, STATE_DIR, exists, shell_arg};
 use crate::fsutil;
 use crate::hostname::PublicHostname;
@@ -26,7 +26,6 @@ pub const PUBLIC_CERT: &str = "public.crt";
 pub const PUBLIC_KEY: &str = "public.key";
 
 const CA_NAME: &str = "Runewarp Public Hostname CA";
-const CA_DAYS: u32 = 3650;
 const LEAF_DAYS: u32 = 90;
 
 struct LeafPaths {

@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use super::pki::{self, Ca, Leaf, WriteMode, Writer};
+use super::pki::{self, CA_DAYS, Ca, Leaf, WriteMode, Writer};
 use super::{MaterialError, STATE_DIR, exists, shell_arg};
 use crate::hostname::ServerHostname;
 use crate::tls::server_pin::ServerPin;
@@ -22,7 +22,6 @@ pub const SERVER_CA_CERT: &str = "server-ca.crt";
 /// Inside `state/`.
 pub const SERVER_CA_KEY: &str = "server-ca.key";
 
-const CA_DAYS: u32 = 3650;
 const LEAF_DAYS: u32 = 397;
 
 struct Paths {
@@ -86,14 +85,11 @@ pub fn init_server_cert(
     };
     let mut w = Writer::new(mode, next);
     let (ca, leaf) = write_ca_and_leaf(dir, &p, hostname, &mut w)?;
-
-    let mut out = format!(
-        "Created a private Server CA and a Server certificate for {hostname} in {}\n",
+    let headline = format!(
+        "Created a private Server CA and a Server certificate for {hostname} in {}",
         dir.display()
     );
-    w.report(&mut out);
-    report_tail(&mut out, &p, &ca, &leaf.cert_der)?;
-    Ok(out)
+    report(headline, &w, &p, None, &ca, &leaf.cert_der)
 }
 
 /// `runewarp server cert renew`: reissue the Server certificate (new key)
@@ -102,9 +98,7 @@ pub fn renew_server_cert(
     dir: &Path,
     hostname: Option<&ServerHostname>,
 ) -> Result<String, MaterialError> {
-    let p = paths(dir);
-    let ca = load_ca(dir, &p)?;
-    let hostname = resolve_hostname(&p, hostname)?;
+    let (p, ca, hostname) = existing(dir, hostname)?;
     if !ca.permits(hostname.as_str())? {
         // A leaf the CA's NameConstraints do not cover would be refused by
         // every Client; a new hostname needs a new CA.
@@ -121,14 +115,11 @@ pub fn renew_server_cert(
     let mut w = Writer::new(WriteMode::Replace, String::new());
     w.key(&p.key, &leaf.key_pem)?;
     w.cert(&p.cert, &leaf.cert_pem)?;
-
-    let mut out = format!(
-        "Renewed the Server certificate for {hostname} in {} (same CA)\n",
+    let headline = format!(
+        "Renewed the Server certificate for {hostname} in {} (same CA)",
         dir.display()
     );
-    w.report(&mut out);
-    report_tail(&mut out, &p, &ca, &leaf.cert_der)?;
-    Ok(out)
+    report(headline, &w, &p, None, &ca, &leaf.cert_der)
 }
 
 /// `runewarp server cert rotate-ca`: replace the private CA and reissue the
@@ -138,23 +129,14 @@ pub fn rotate_server_ca(
     dir: &Path,
     hostname: Option<&ServerHostname>,
 ) -> Result<String, MaterialError> {
-    let p = paths(dir);
-    let old = load_ca(dir, &p)?;
-    let hostname = resolve_hostname(&p, hostname)?;
+    let (p, old, hostname) = existing(dir, hostname)?;
     let mut w = Writer::new(WriteMode::Replace, String::new());
     let (ca, leaf) = write_ca_and_leaf(dir, &p, &hostname, &mut w)?;
-
-    let mut out = format!(
-        "Replaced the private Server CA and reissued the Server certificate for {hostname} in {}\n",
+    let headline = format!(
+        "Replaced the private Server CA and reissued the Server certificate for {hostname} in {}",
         dir.display()
     );
-    w.report(&mut out);
-    let _ = writeln!(
-        out,
-        "Old Server CA SHA-256 fingerprint: {}",
-        old.fingerprint()
-    );
-    report_tail(&mut out, &p, &ca, &leaf.cert_der)?;
+    let mut out = report(headline, &w, &p, Some(&old), &ca, &leaf.cert_der)?;
     let _ = writeln!(
         out,
         "Give every Client the new {} (server-ca-file).",
@@ -179,6 +161,18 @@ fn write_ca_and_leaf(
     w.key(&p.key, &leaf.key_pem)?;
     w.cert(&p.cert, &leaf.cert_pem)?;
     Ok((ca, leaf))
+}
+
+/// What `renew` and `rotate-ca` start from: the paths, the existing CA, and
+/// the hostname to issue for.
+fn existing(
+    dir: &Path,
+    hostname: Option<&ServerHostname>,
+) -> Result<(Paths, Ca, ServerHostname), MaterialError> {
+    let p = paths(dir);
+    let ca = load_ca(dir, &p)?;
+    let hostname = resolve_hostname(&p, hostname)?;
+    Ok((p, ca, hostname))
 }
 
 fn load_ca(dir: &Path, p: &Paths) -> Result<Ca, MaterialError> {
@@ -234,7 +228,26 @@ pub fn show_server_pin(dir: &Path) -> Result<ServerPin, MaterialError> {
     })
 }
 
-fn report_tail(out: &mut String, p: &Paths, ca: &Ca, leaf_der: &[u8]) -> Result<(), MaterialError> {
+/// What `init`, `renew` and `rotate-ca` print: `headline`, the files `w`
+/// wrote, the replaced CA's fingerprint (`old_ca`), the new certificate's
+/// expiry, the CA's fingerprint and how Clients trust it.
+fn report(
+    headline: String,
+    w: &Writer,
+    p: &Paths,
+    old_ca: Option<&Ca>,
+    ca: &Ca,
+    leaf_der: &[u8],
+) -> Result<String, MaterialError> {
+    let mut out = headline + "\n";
+    w.report(&mut out);
+    if let Some(old) = old_ca {
+        let _ = writeln!(
+            out,
+            "Old Server CA SHA-256 fingerprint: {}",
+            old.fingerprint()
+        );
+    }
     let _ = writeln!(
         out,
         "Server certificate valid until {}",
@@ -253,5 +266,5 @@ fn report_tail(out: &mut String, p: &Paths, ca: &Ca, leaf_der: &[u8]) -> Result<
             "or, without a CA (the pin changes with every new Server key): server-trust = \"pin\", server-pin = \"{pin}\""
         );
     }
-    Ok(())
+    Ok(out)
 }
