@@ -79,9 +79,11 @@ const ECN_FACTOR: f64 = 1.0 / 3.0;
 /// Startup ends after this many rounds without 25 % more bandwidth.
 const FULL_BW_COUNT: u32 = 3;
 const FULL_BW_THRESH: f64 = 1.25;
-/// Startup also ends after a round with this many loss events and a loss
-/// rate above [`LOSS_THRESH`].
-const STARTUP_FULL_LOSS_COUNT: u32 = 6;
+/// Startup also ends after a round that lost this many packets and more
+/// than [`LOSS_THRESH`] of what it sent. (The draft counts discontiguous
+/// lost ranges; quinn reports a whole burst of losses found by one ACK as
+/// one event, so a burst that overflowed a buffer would count once.)
+const STARTUP_FULL_LOSS_COUNT: u64 = 6;
 
 const MIN_RTT_FILTER_LEN: Duration = Duration::from_secs(10);
 const PROBE_RTT_INTERVAL: Duration = Duration::from_secs(5);
@@ -239,7 +241,6 @@ pub(crate) struct Bbr {
 
     // Congestion signals of the current round.
     loss_in_round: bool,
-    loss_events_in_round: u32,
     lost_in_round: u64,
     delivered_at_round_start: u64,
     ecn_in_round: bool,
@@ -322,7 +323,6 @@ impl Bbr {
             full_bw: 0.0,
             full_bw_count: 0,
             loss_in_round: false,
-            loss_events_in_round: 0,
             lost_in_round: 0,
             delivered_at_round_start: 0,
             ecn_in_round: false,
@@ -435,7 +435,12 @@ impl Bbr {
         // rate, a longer RTT is the host (late wake-ups, delayed ACKs) and
         // the window must cover it.
         let saturated = self.bw_latest >= 0.95 * self.max_bw;
+        // A round that lost more than the threshold had too much in the
+        // pipe, or sent it in bursts a buffer dropped: never a reason for
+        // a wider window, and a reason for a narrower one.
+        let lossy = self.round_lossy();
         let starved = settled
+            && !lossy
             && !self.app_limited_in_round
             && if self.state == State::Startup {
                 !filled
@@ -445,9 +450,16 @@ impl Bbr {
         self.starved_rounds = if starved { self.starved_rounds + 1 } else { 0 };
         if self.starved_rounds >= 2 {
             self.pacer_gain = (self.pacer_gain * 1.25).min(MAX_PACER_GAIN);
-        } else if filled && queued && saturated {
+        } else if lossy || (filled && queued && saturated) {
             self.pacer_gain = (self.pacer_gain / 1.25).max(1.0);
         }
+    }
+
+    /// Whether the round now ending lost more than [`LOSS_THRESH`] of
+    /// what it sent.
+    fn round_lossy(&self) -> bool {
+        let delivered = self.delivered - self.delivered_at_round_start;
+        self.lost_in_round as f64 > LOSS_THRESH * (delivered + self.lost_in_round) as f64
     }
 
     fn extra_acked(&self) -> u64 {
@@ -655,7 +667,6 @@ impl Bbr {
         self.check_probe_rtt(now);
         if self.round_start {
             self.loss_in_round = false;
-            self.loss_events_in_round = 0;
             self.lost_in_round = 0;
             self.delivered_at_round_start = self.delivered;
             self.ecn_in_round = false;
@@ -701,9 +712,7 @@ impl Bbr {
         if self.is_probing_bw() {
             return;
         }
-        let delivered = self.delivered - self.delivered_at_round_start;
-        let lossy =
-            self.lost_in_round as f64 > LOSS_THRESH * (delivered + self.lost_in_round) as f64;
+        let lossy = self.round_lossy();
         // Only a round that filled its window says what the path carries;
         // one limited by the application or flow control says nothing.
         if self.loss_in_round && lossy && self.cwnd_limited {
@@ -813,21 +822,24 @@ impl Bbr {
     }
 
     fn check_full_pipe(&mut self, rs: &RateSample) {
-        // A round that did not fill its window (paced too slowly by a
-        // late-woken sender, see `adapt_pacer_gain`) is no plateau, until
-        // the window is as large as it gets.
-        if self.filled_pipe
-            || rs.app_limited
-            || (!self.round_filled && self.pacer_gain < MAX_PACER_GAIN)
-        {
+        if self.filled_pipe {
             return;
         }
+        // High loss ends Startup whoever limited the sending: a sender
+        // held back by flow control still overflows a buffer when its
+        // window (and so quinn's pacing rate) is far above what it sends.
         if self.state == State::Startup
-            && self.loss_events_in_round >= STARTUP_FULL_LOSS_COUNT
-            && Self::inflight_too_high(rs.lost, rs.tx_in_flight)
+            && self.lost_in_round >= STARTUP_FULL_LOSS_COUNT * self.mtu
+            && (Self::inflight_too_high(rs.lost, rs.tx_in_flight) || self.round_lossy())
         {
             self.filled_pipe = true;
             self.inflight_hi = self.inflight(1.0).max(self.inflight_latest);
+            return;
+        }
+        // A round that did not fill its window (paced too slowly by a
+        // late-woken sender, see `adapt_pacer_gain`) is no plateau, until
+        // the window is as large as it gets.
+        if rs.app_limited || (!self.round_filled && self.pacer_gain < MAX_PACER_GAIN) {
             return;
         }
         if self.max_bw >= self.full_bw * FULL_BW_THRESH {
@@ -1048,7 +1060,6 @@ impl Bbr {
         self.lost += bytes;
         self.in_flight = self.in_flight.saturating_sub(bytes);
         self.loss_in_round = true;
-        self.loss_events_in_round += 1;
         self.lost_in_round += bytes;
         if self.bw_probe_samples
             && let Some(record) = self.record_for(sent)

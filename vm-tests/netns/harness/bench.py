@@ -1,7 +1,9 @@
 """The benchmark mode (--bench): direct TCP against the tunnel with each
 congestion controller under the WAN profiles, and fairness against Cubic."""
 
-from .net import ADDR, PROFILES, log
+import json
+
+from .net import ADDR, PROFILES, log, run
 from .world import curl
 
 # --- benchmark -----------------------------------------------------------
@@ -49,6 +51,17 @@ def latency(w, url, n, resolve=""):
 
 
 CONTROLLERS = ("cubic", "bbr")
+
+
+def path_stats(w, client):
+    """The Client's Tunnel path counters (`client status --json`): lost
+    packets in percent of those sent, and the congestion window in KiB."""
+    out = run([w.bin, "client", "status", "--socket", client.socket, "--json"], check=False)
+    try:
+        p = json.loads(out.stdout)["tunnel"]["path"]
+        return 100.0 * p["lost_packets"] / max(1, p["sent_packets"]), p["congestion_window"] / 1024
+    except (ValueError, KeyError, TypeError):
+        return float("nan"), float("nan")
 
 
 def client_with(w, server, client, cc):
@@ -102,6 +115,8 @@ def bench(w, seconds, profiles=None, fair_seconds=30):
             s0, c0 = server.cpu_seconds(), client.cpu_seconds()
             t_bps, t_bytes, t_q = measure(w, "https://app.example.com" + big, seconds, probe=True)
             s1, c1 = server.cpu_seconds(), client.cpu_seconds()
+            lost, cwnd = path_stats(w, client)
+            row.update({f"t{ctl}_lost": lost, f"t{ctl}_cwnd": cwnd})
             gib = max(t_bytes, 1) / (1 << 30)
             row.update({f"t{ctl}_mbit": t_bps * 8 / 1e6, f"t{ctl}_ratio": t_bps / max(d_bps, 1e-9),
                         f"t{ctl}_q": ((t_q or idle) - idle) * 1000,
@@ -114,7 +129,8 @@ def bench(w, seconds, profiles=None, fair_seconds=30):
             "tunnel-cubic %(tcubic_mbit)7.1f  tunnel-bbr %(tbbr_mbit)7.1f Mbit/s  "
             "bbr/direct %(tbbr_ratio)5.2f cubic/direct %(tcubic_ratio)5.2f | added queue ms direct "
             "%(direct_q).0f/%(dcubic_q).0f tunnel %(tcubic_q).0f/%(tbbr_q).0f | CPU s/GiB client "
-            "cubic %(tcubic_ccpu).2f bbr %(tbbr_ccpu).2f" % row)
+            "cubic %(tcubic_ccpu).2f bbr %(tbbr_ccpu).2f | tunnel lost %% cubic %(tcubic_lost).2f "
+            "bbr %(tbbr_lost).2f, window KiB cubic %(tcubic_cwnd).0f bbr %(tbbr_cwnd).0f" % row)
     fair = []
     if fair_seconds:
         w.net.set_profile("rate10m-deep")

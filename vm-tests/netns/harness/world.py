@@ -278,8 +278,10 @@ class World:
                 c["public-cert-dir"] = os.path.join(d, "public-certs")
                 run([self.bin, "client", "public-cert", "init", "--dir", c["public-cert-dir"]]
                     + [a for n in names for a in ("--hostname", n)])
+        c["control-socket"] = os.path.join(d, "client.sock")
         cl = self.runewarp(host, "client", "client", cfg, d)
         cl.dir = cl.state = d
+        cl.socket = c["control-socket"]
         cl.pin = pin
         return cl
 
