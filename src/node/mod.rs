@@ -8,11 +8,13 @@
 //!
 //! With `--tun NAME` it also runs the data plane ([`dataplane`]):
 //! userspace WireGuard to every peer in the map, with the map's packet
-//! filter ([`filter`]) on what arrives.
+//! filter ([`filter`]) on what arrives. With `--advertise-routes` it is
+//! also a Subnet Connector ([`subnet_connector`]).
 
 pub mod dataplane;
 pub mod filter;
 mod route;
+pub mod subnet_connector;
 
 pub mod down;
 
