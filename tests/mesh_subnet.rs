@@ -1,0 +1,313 @@
+//! The Subnet Connector end to end (issue 17): a control server, a
+//! connector node advertising 10.0.5.0/24 with a host behind it that runs
+//! no agent, a peer the ACLs let into the subnet and one they let reach
+//! only the connector. The allowed peer pings the subnet host and talks
+//! TCP to it; the other gets no route and nothing through; an admin's
+//! revocation removes the route within 2 s; the connector's nftables table
+//! goes when it stops. Nodes sit on a flat bridge ([`netns::Topology`]).
+//! Opt-in: `RUNEWARP_TEST_NETNS=1`, as root (namespaces, TUN, nftables).
+
+mod common;
+#[path = "common/opt_in.rs"]
+mod opt_in;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::netns::{Ns, Topology, in_netns};
+use common::proc::{BIN, Home, Running, wait_until};
+
+const CONTROL_NAME: &str = "control.subnet.test";
+const CONTROL_PORT: u16 = 7443;
+const SUBNET: &str = "10.0.5.0/24";
+
+fn admin(home: &Home, args: &[&str]) -> String {
+    let mut all = vec!["control", "-c", "control.toml"];
+    all.extend_from_slice(args);
+    home.ok(&all)
+}
+
+/// `runewarp node up` for `name` in namespace `ns` with `extra` flags.
+fn node(net: &Topology, home: &Home, ns: &Ns, name: &str, key: &str, extra: &[&str]) -> Running {
+    let mut c = net.exec(&ns.name);
+    c.arg(BIN)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .env("RUNEWARP_LOG", "info")
+        .current_dir(home.path())
+        .args(["node", "up", "--control"])
+        .arg(format!("https://{CONTROL_NAME}:{CONTROL_PORT}"))
+        .args([
+            "--setup-key",
+            key,
+            "--ca-file",
+            "control-state/tls/server-ca.crt",
+        ])
+        .args(["--hostname", name, "--state-dir", name])
+        .args(["--tun", "rw0", "--listen-port", "41641"])
+        .args(extra);
+    Running::spawn_logged(c, &home.path().join(format!("{name}.log")))
+}
+
+/// The last line of `setup-key create`'s output: the key.
+fn key(home: &Home, args: &[&str]) -> String {
+    let mut all = vec!["setup-key", "create", "--reusable"];
+    all.extend_from_slice(args);
+    admin(home, &all).lines().last().unwrap().trim().to_string()
+}
+
+fn mesh_v4(home: &Home, name: &str) -> String {
+    let text = std::fs::read_to_string(home.path().join(name).join("enrolment.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["addresses"][0].as_str().unwrap().to_string()
+}
+
+/// Whether namespace `ns` has a route for the subnet.
+fn has_route(net: &Topology, ns: &str) -> bool {
+    let out = net.run(ns, &["ip", "route", "show", SUBNET]);
+    !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+}
+
+/// A TCP echo server in namespace `ns` on `addr`: answers each
+/// connection's first read, then closes it.
+fn echo_server(ns: &str, addr: SocketAddr) {
+    let listener = in_netns(ns, move || {
+        TcpListener::bind(addr).expect("bind in the subnet host")
+    });
+    std::thread::spawn(move || {
+        for mut c in listener.incoming().flatten() {
+            let mut buf = [0u8; 256];
+            if let Ok(n) = c.read(&mut buf) {
+                let _ = c.write_all(&buf[..n]);
+            }
+        }
+    });
+}
+
+/// Connect from namespace `ns` to `addr` and exchange one message.
+fn echo(ns: &str, addr: SocketAddr) -> std::io::Result<Vec<u8>> {
+    let mut s = in_netns(ns, move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"hello subnet")?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)?;
+    Ok(got)
+}
+
+#[test]
+fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
+    if !opt_in::enabled(
+        opt_in::NETNS,
+        "mesh_subnet",
+        "root, network namespaces, /dev/net/tun, iproute2, nftables and ping",
+    ) {
+        return;
+    }
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "tests/mesh_subnet.rs needs root; leave RUNEWARP_TEST_NETNS unset to skip it"
+    );
+    let mut net = Topology::new("rws");
+    let srv = net.public();
+    net.add_host(CONTROL_NAME, &srv.addr);
+    let a = net.host("a");
+    let b = net.host("b");
+    let c = net.host("c");
+    let h = net.subnet(&c, "lan1", "10.0.5", "h");
+
+    let home = Home::new();
+    home.write(
+        "control.toml",
+        &format!(
+            "[control]\nlisten-address = \"{}:{CONTROL_PORT}\"\nhostname = \"{CONTROL_NAME}\"\nstate-dir = \"control-state\"\n",
+            srv.addr
+        ),
+    );
+    let mut cmd = net.exec(&srv.name);
+    cmd.arg(BIN)
+        .args(["control", "-c", "control.toml"])
+        .env("HOME", home.path())
+        .env("RUNEWARP_LOG", "info")
+        .current_dir(home.path());
+    let control = Running::spawn_logged(cmd, &home.path().join("control.log"));
+    control.wait_event("control_started", Duration::from_secs(20));
+    let alice = key(&home, &["--user", "alice@subnet.test"]);
+    let bob = key(&home, &["--user", "bob@subnet.test"]);
+    let connector = key(&home, &["--org", "subnet.test", "--tag", "connector"]);
+    home.write(
+        "policy.json",
+        &format!(
+            r#"{{"acls": [
+  {{"action": "accept", "src": ["alice@subnet.test"], "dst": ["{SUBNET}:*", "tag:connector:*"]}},
+  {{"action": "accept", "src": ["bob@subnet.test"], "dst": ["tag:connector:*"]}}
+],
+"routes": {{"10.0.0.0/16": ["tag:connector"]}}}}"#
+        ),
+    );
+    admin(
+        &home,
+        &["policy", "set", "--org", "subnet.test", "policy.json"],
+    );
+
+    let started = Instant::now();
+    let mut conn = node(
+        &net,
+        &home,
+        &c,
+        "c",
+        &connector,
+        &["--advertise-routes", SUBNET],
+    );
+    let up = Duration::from_secs(30);
+    conn.wait_line(&["subnet_connector_started", "routes=10.0.5.0/24"], up);
+    conn.wait_line(&["subnet_routes_approved", "count=1"], up);
+    let mut pa = node(&net, &home, &a, "a", &alice, &[]);
+    let mut pb = node(&net, &home, &b, "b", &bob, &[]);
+    pa.wait_line(&["peer_endpoint", "peer=c"], up);
+    pb.wait_line(&["peer_endpoint", "peer=c"], up);
+    let c4 = mesh_v4(&home, "c");
+
+    // Alice's node routes the subnet to the connector; the host, which
+    // runs nothing of ours, answers a ping and a TCP exchange.
+    wait_until("a has the subnet route", up, || has_route(&net, &a.name));
+    let first = wait_until("a pings the subnet host", Duration::from_secs(10), || {
+        net.ping(&a.name, &h.addr, 2)
+    });
+    eprintln!(
+        "first ping a→subnet host {} ms after the route, {} ms after the connector started",
+        first.as_millis(),
+        started.elapsed().as_millis()
+    );
+    let echo_addr: SocketAddr = format!("{}:7000", h.addr).parse().unwrap();
+    echo_server(&h.name, echo_addr);
+    assert_eq!(
+        echo(&a.name, echo_addr).expect("TCP through the connector"),
+        b"hello subnet"
+    );
+    // Figures: the subnet host through the connector against the
+    // connector itself over the mesh.
+    if let (Some(via), Some(direct)) = (
+        net.rtt_ms(&a.name, &h.addr, 10),
+        net.rtt_ms(&a.name, &c4, 10),
+    ) {
+        eprintln!("ping a→subnet host via connector {via:.3} ms, a→connector {direct:.3} ms");
+    }
+
+    // Bob reaches the connector but not the subnet: no route in his map,
+    // and even a route added by hand carries nothing.
+    assert!(net.ping(&b.name, &c4, 2), "bob reaches the connector");
+    let map: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(home.path().join("b/netmap.json")).unwrap())
+            .unwrap();
+    assert!(
+        !map.to_string().contains(SUBNET),
+        "bob's map names the subnet: {map}"
+    );
+    assert!(!has_route(&net, &b.name));
+    net.run(&b.name, &["ip", "route", "add", SUBNET, "dev", "rw0"]);
+    assert!(
+        !net.ping(&b.name, &h.addr, 1),
+        "bob reaches the subnet host"
+    );
+    assert!(
+        echo(&b.name, echo_addr).is_err(),
+        "bob talks TCP to the host"
+    );
+    // The connector's own map carries the approved route.
+    let map: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(home.path().join("c/netmap.json")).unwrap())
+            .unwrap();
+    assert_eq!(map["self"]["routes"][0], SUBNET, "{map}");
+    let list = admin(&home, &["routes", "list"]);
+    assert!(list.contains("10.0.5.0/24\tyes\tpolicy\tserving"), "{list}");
+
+    // An admin revokes the route: alice loses it within 2 s.
+    let c_id = list
+        .lines()
+        .find(|l| l.split('\t').nth(1) == Some("c"))
+        .and_then(|l| l.split('\t').next())
+        .unwrap()
+        .to_string();
+    let revoked = Instant::now();
+    admin(&home, &["routes", "revoke", "--device", &c_id, SUBNET]);
+    let gone = wait_until("a drops the subnet route", Duration::from_secs(2), || {
+        !has_route(&net, &a.name)
+    });
+    assert!(!net.ping(&a.name, &h.addr, 1), "the subnet is cut off");
+    assert!(
+        net.ping(&a.name, &c4, 2),
+        "the connector itself still answers"
+    );
+    let list = admin(&home, &["routes", "list"]);
+    assert!(
+        list.contains("10.0.5.0/24\tyes\trevoked\trevoked"),
+        "{list}"
+    );
+    eprintln!(
+        "route revocation applied by a in {} ms ({} ms including the admin command)",
+        gone.as_millis(),
+        revoked.elapsed().as_millis()
+    );
+    // Approved again by hand: back.
+    admin(&home, &["routes", "approve", "--device", &c_id, SUBNET]);
+    wait_until("a has the route again", Duration::from_secs(2), || {
+        has_route(&net, &a.name)
+    });
+    wait_until("a pings the host again", Duration::from_secs(5), || {
+        net.ping(&a.name, &h.addr, 1)
+    });
+
+    // The connector removes its nftables table when it stops.
+    let table = |net: &Topology| {
+        net.exec(&c.name)
+            .args(["nft", "list", "table", "inet", "runewarp_rw0"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(table(&net));
+    conn.terminate();
+    assert!(!table(&net), "the masquerade table outlived the connector");
+    drop((pa, pb, control));
+    drop(net);
+}
+
+#[test]
+fn advertised_routes_are_validated_before_anything_starts() {
+    let home = Home::new();
+    let run = |args: &[&str]| {
+        let out = home
+            .cmd()
+            .args(["node", "up", "--state-dir", "s"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--tun", "rw0", "--advertise-routes", "0.0.0.0/0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--advertise-routes") && err.contains("default routes"),
+        "{err}"
+    );
+    let (code, err) = run(&["--tun", "rw0", "--advertise-routes", "10.0.5.7/24"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("host bits"), "{err}");
+    let (code, err) = run(&["--advertise-routes", "10.0.5.0/24"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("needs --tun"), "{err}");
+    if unsafe { libc::geteuid() } != 0 {
+        let (code, err) = run(&["--tun", "rw0", "--advertise-routes", "10.0.5.0/24"]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains("needs root") && err.contains("nftables"),
+            "{err}"
+        );
+    }
+}
