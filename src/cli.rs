@@ -259,9 +259,19 @@ pub struct GateArgs {
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct DemoArgs {
-    /// Leave everything running and print curl commands to try.
-    #[arg(long)]
+    /// Leave everything running and print commands to try (Ctrl-C stops
+    /// it).
+    #[arg(long, global = true)]
     pub(crate) keep_running: bool,
+    #[command(subcommand)]
+    pub(crate) command: Option<DemoCommand>,
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum DemoCommand {
+    /// The mesh: a control server and three nodes in network namespaces,
+    /// pinging each other over WireGuard (needs root).
+    Mesh,
 }
 
 #[derive(Debug, Args, Clone)]
