@@ -189,12 +189,13 @@ fn routes(store: &mut Store, cmd: Option<&RoutesCommand>) -> Result<String, Admi
             let mut snapshots = std::collections::HashMap::new();
             for d in store.devices(None)? {
                 let Some(rows) = all.get(&d.id) else { continue };
-                if !snapshots.contains_key(&d.org_id) {
-                    snapshots.insert(d.org_id, OrgSnapshot::load(store, d.org_id)?);
-                }
-                let serving = snapshots
-                    .get(&d.org_id)
-                    .and_then(|s| compute_from(s, d.id))
+                let snapshot = match snapshots.entry(d.org_id) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(OrgSnapshot::load(store, d.org_id)?)
+                    }
+                };
+                let serving = compute_from(snapshot, d.id)
                     .map(|m| m.node.routes)
                     .unwrap_or_default();
                 for r in rows {

@@ -345,11 +345,11 @@ mod tests {
         assert!(ips.contains(&route), "{ips:?}");
         assert_eq!(allowed_ips(&s, bob, "conn"), None, "bob is not allowed");
         let m = compute(&s, conn).unwrap().unwrap();
-        assert_eq!(m.node.routes, [route.clone()]);
+        assert_eq!(m.node.routes, [route.as_str()]);
         assert!(m.peers.iter().any(|p| p.public_key == "alice"));
         assert!(!m.peers.iter().any(|p| p.public_key == "bob"));
         assert_eq!(m.filter.len(), 1);
-        assert_eq!(m.filter[0].destinations, [route.clone()]);
+        assert_eq!(m.filter[0].destinations, [route.as_str()]);
         assert_eq!(m.filter[0].ports, "22,80");
         assert_eq!(m.filter[0].proto.as_deref(), Some("tcp"));
         // An admin's revocation beats the policy; approval brings it back.
