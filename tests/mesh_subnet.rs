@@ -12,10 +12,10 @@ mod common;
 mod opt_in;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::netns::{Ns, Topology, in_netns};
+use common::netns::{Mapping, Ns, Topology, in_netns};
 use common::proc::{BIN, Home, Running, wait_until};
 
 const CONTROL_NAME: &str = "control.subnet.test";
@@ -273,6 +273,103 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
     assert!(!table(&net), "the masquerade table outlived the connector");
     drop((pa, pb, control));
     drop(net);
+}
+
+/// A UDP socket bound to `addr` inside namespace `ns`, with a short read
+/// timeout.
+fn udp(ns: &str, addr: &str) -> UdpSocket {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let s = in_netns(ns, move || {
+        UdpSocket::bind(addr).expect("bind in the namespace")
+    });
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    s
+}
+
+/// What `reflector` saw as the source of a datagram `device` sent it; the
+/// reflector answers and the device must get the answer.
+fn observed(device: &UdpSocket, reflector: &UdpSocket) -> SocketAddr {
+    device
+        .send_to(b"ping", reflector.local_addr().unwrap())
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (_, from) = reflector
+        .recv_from(&mut buf)
+        .expect("the reflector hears the device");
+    reflector.send_to(b"pong", from).unwrap();
+    let (n, _) = device
+        .recv_from(&mut buf)
+        .expect("the answer comes back through the NAT");
+    assert_eq!(&buf[..n], b"pong");
+    from
+}
+
+/// The shared topology builder behaves as documented: port-preserving
+/// and random mapping, endpoint-dependent filtering, removal on drop.
+#[test]
+fn the_nat_topology_maps_and_filters_as_documented() {
+    if !opt_in::enabled(
+        opt_in::NETNS,
+        "mesh_subnet (NAT topology)",
+        "root, network namespaces, iproute2 and nftables",
+    ) {
+        return;
+    }
+    let mut net = Topology::new("rwn");
+    let public = net.public();
+    let mut home_nat = net.nat("nat1", Mapping::PortPreserving);
+    let mut cgnat = net.nat("nat2", Mapping::Random);
+    let d1 = net.behind(&mut home_nat, "d1");
+    let d2 = net.behind(&mut cgnat, "d2");
+    assert_eq!(d1.addr, "192.168.1.2");
+    let r1 = udp(&public.name, "198.18.0.1:3478");
+    let r2 = udp(&public.name, "198.18.0.1:3479");
+    let stranger = udp(&public.name, "198.18.0.1:4000");
+    let s1 = udp(&d1.name, "0.0.0.0:41641");
+    let s2 = udp(&d2.name, "0.0.0.0:41641");
+
+    // Port-preserving: the same public address and port towards anyone.
+    let wan1: SocketAddr = format!("{}:41641", home_nat.ns.addr).parse().unwrap();
+    assert_eq!(observed(&s1, &r1), wan1);
+    assert_eq!(observed(&s1, &r2), wan1);
+    // Random: a new port per destination.
+    let (a, b) = (observed(&s2, &r1), observed(&s2, &r2));
+    assert_eq!(a.ip().to_string(), cgnat.ns.addr);
+    assert_ne!(a.port(), b.port(), "random mapping reused a port");
+    // Endpoint-dependent filtering: an endpoint the device never sent to
+    // cannot reach it through its mapping.
+    stranger.send_to(b"hello", wan1).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        s1.recv_from(&mut buf).is_err(),
+        "unsolicited datagram passed the NAT"
+    );
+    // The LAN host behind a gateway has no way out but its gateway.
+    let gw = net.host("gw");
+    let h = net.subnet(&gw, "lan1", "10.0.9", "h");
+    assert!(net.ping(&gw.name, &h.addr, 2));
+    assert!(!net.ping(&public.name, &h.addr, 1));
+
+    let names: Vec<String> = [&public.name, &d1.name, &h.name]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    drop((s1, s2, r1, r2, stranger));
+    drop(net);
+    let list = net_list();
+    for n in names {
+        assert!(!list.contains(&n), "{n} outlived the topology");
+        assert!(!std::path::Path::new("/etc/netns").join(&n).exists());
+    }
+}
+
+fn net_list() -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

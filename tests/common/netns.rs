@@ -95,6 +95,15 @@ fn ip(args: &[&str]) {
     must(Command::new("ip").args(args));
 }
 
+/// `ip -n NS ARGS…`, the arguments split at spaces.
+fn ipn(ns: &str, args: &str) {
+    must(
+        Command::new("ip")
+            .args(["-n", ns])
+            .args(args.split_whitespace()),
+    );
+}
+
 /// Run `f` on a new thread that has entered namespace `ns` (sockets it
 /// makes stay in that namespace); returns its result.
 pub fn in_netns<R: Send + 'static>(ns: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
@@ -125,17 +134,9 @@ impl Topology {
             hosts: Vec::new(),
         };
         let public = t.namespace("pub");
-        ip(&["-n", &public, "link", "add", "br0", "type", "bridge"]);
-        ip(&[
-            "-n",
-            &public,
-            "addr",
-            "add",
-            &format!("{PUBLIC_GATEWAY}/24"),
-            "dev",
-            "br0",
-        ]);
-        ip(&["-n", &public, "link", "set", "br0", "up"]);
+        ipn(&public, "link add br0 type bridge");
+        ipn(&public, &format!("addr add {PUBLIC_GATEWAY}/24 dev br0"));
+        ipn(&public, "link set br0 up");
         t.public = public;
         t
     }
@@ -154,7 +155,7 @@ impl Topology {
         let full = format!("{}-{name}", self.prefix);
         ip(&["netns", "add", &full]);
         self.names.push(full.clone());
-        ip(&["-n", &full, "link", "set", "lo", "up"]);
+        ipn(&full, "link set lo up");
         self.write_hosts(&full);
         full
     }
@@ -178,39 +179,32 @@ impl Topology {
         std::fs::write(dir.join("hosts"), text).expect("hosts file written");
     }
 
+    /// A veth pair: `dev` in `ns`, `peer` in `peer_ns`, both up; `dev`
+    /// gets `cidr`.
+    fn veth(&self, ns: &str, dev: &str, cidr: &str, peer_ns: &str, peer: &str) {
+        ipn(
+            ns,
+            &format!("link add {dev} type veth peer name {peer} netns {peer_ns}"),
+        );
+        ipn(ns, &format!("addr add {cidr} dev {dev}"));
+        ipn(ns, &format!("link set {dev} up"));
+        ipn(peer_ns, &format!("link set {peer} up"));
+    }
+
     /// Plug a new veth `eth` of `ns` into the public bridge with the next
     /// public address; returns it.
     fn plug_public(&mut self, ns: &str, eth: &str) -> String {
         let n = self.next_public;
         self.next_public += 1;
-        let port = format!("p{n}");
-        ip(&[
-            "-n",
-            ns,
-            "link",
-            "add",
-            eth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            &self.public,
-        ]);
-        ip(&[
-            "-n",
-            &self.public,
-            "link",
-            "set",
-            &port,
-            "master",
-            "br0",
-            "up",
-        ]);
         let addr = format!("{PUBLIC_NET}.{n}");
-        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", eth]);
-        ip(&["-n", ns, "link", "set", eth, "up"]);
+        self.veth(
+            ns,
+            eth,
+            &format!("{addr}/24"),
+            &self.public,
+            &format!("p{n}"),
+        );
+        ipn(&self.public, &format!("link set p{n} master br0"));
         addr
     }
 
@@ -228,17 +222,9 @@ impl Topology {
         let addr = self.plug_public(&ns, "wan0");
         let lan = format!("192.168.{}", self.next_lan);
         self.next_lan += 1;
-        ip(&["-n", &ns, "link", "add", "lan0", "type", "bridge"]);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{lan}.1/24"),
-            "dev",
-            "lan0",
-        ]);
-        ip(&["-n", &ns, "link", "set", "lan0", "up"]);
+        ipn(&ns, "link add lan0 type bridge");
+        ipn(&ns, &format!("addr add {lan}.1/24 dev lan0"));
+        ipn(&ns, "link set lan0 up");
         self.sysctl(&ns, "net.ipv4.ip_forward", "1");
         let flags = match mapping {
             Mapping::PortPreserving => "persistent",
@@ -274,49 +260,9 @@ table ip filter {{
         let port = format!("l{}", nat.next_host);
         let addr = format!("{}.{}", nat.lan, nat.next_host);
         nat.next_host += 1;
-        ip(&[
-            "-n",
-            &ns,
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            &nat.ns.name,
-        ]);
-        ip(&[
-            "-n",
-            &nat.ns.name,
-            "link",
-            "set",
-            &port,
-            "master",
-            "lan0",
-            "up",
-        ]);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "eth0",
-        ]);
-        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-        ip(&[
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("{}.1", nat.lan),
-        ]);
+        self.veth(&ns, "eth0", &format!("{addr}/24"), &nat.ns.name, &port);
+        ipn(&nat.ns.name, &format!("link set {port} master lan0"));
+        ipn(&ns, &format!("route add default via {}.1", nat.lan));
         Ns { name: ns, addr }
     }
 
@@ -326,41 +272,9 @@ table ip filter {{
     /// it answer anyone off its LAN.
     pub fn subnet(&mut self, gateway: &Ns, dev: &str, net: &str, name: &str) -> Ns {
         let ns = self.namespace(name);
-        ip(&[
-            "-n",
-            &ns,
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            dev,
-            "netns",
-            &gateway.name,
-        ]);
-        ip(&[
-            "-n",
-            &gateway.name,
-            "addr",
-            "add",
-            &format!("{net}.1/24"),
-            "dev",
-            dev,
-        ]);
-        ip(&["-n", &gateway.name, "link", "set", dev, "up"]);
         let addr = format!("{net}.10");
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "eth0",
-        ]);
-        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        self.veth(&ns, "eth0", &format!("{addr}/24"), &gateway.name, dev);
+        ipn(&gateway.name, &format!("addr add {net}.1/24 dev {dev}"));
         Ns { name: ns, addr }
     }
 
