@@ -197,6 +197,16 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
         eprintln!("ping a→subnet host via connector {via:.3} ms, a→connector {direct:.3} ms");
     }
 
+    if std::env::var("RUNEWARP_MESH_BENCH").is_ok_and(|v| v == "1") {
+        let mib = 64;
+        let via = throughput(&a.name, &h.name, &format!("{}:7001", h.addr), mib);
+        let c_addr = format!("{c4}:7002");
+        let direct = throughput(&a.name, &c.name, &c_addr, mib);
+        eprintln!(
+            "TCP a→subnet host via connector {via:.0} Mbit/s, a→connector over the mesh {direct:.0} Mbit/s ({mib} MiB)"
+        );
+    }
+
     // Bob reaches the connector but not the subnet: no route in his map,
     // and even a route added by hand carries nothing.
     assert!(net.ping(&b.name, &c4, 2), "bob reaches the connector");
@@ -273,6 +283,38 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
     assert!(!table(&net), "the masquerade table outlived the connector");
     drop((pa, pb, control));
     drop(net);
+}
+
+/// TCP throughput (Mbit/s) of `mib` MiB from namespace `from` to a sink
+/// on `to_addr` in namespace `to`.
+fn throughput(from: &str, to: &str, to_addr: &str, mib: usize) -> f64 {
+    let addr: SocketAddr = to_addr.parse().unwrap();
+    let listener = in_netns(to, move || TcpListener::bind(addr).expect("bind the sink"));
+    let sink = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0usize;
+        while let Ok(k) = c.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        n
+    });
+    let mut s = in_netns(from, move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect to the sink")
+    });
+    let chunk = vec![7u8; 1 << 20];
+    let start = Instant::now();
+    for _ in 0..mib {
+        s.write_all(&chunk).unwrap();
+    }
+    drop(s);
+    let got = sink.join().unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(got, mib << 20);
+    (mib as f64) * 8.0 * 1.048_576 / secs
 }
 
 /// A UDP socket bound to `addr` inside namespace `ns`, with a short read
