@@ -234,6 +234,10 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
     assert_eq!(map["self"]["routes"][0], SUBNET, "{map}");
     let list = admin(&home, &["routes", "list"]);
     assert!(list.contains("10.0.5.0/24\tyes\tpolicy\tserving"), "{list}");
+    let status = home.ok(&["node", "status", "--state-dir", "a"]);
+    assert!(status.contains("\troutes 10.0.5.0/24"), "{status}");
+    let status = home.ok(&["node", "status", "--state-dir", "c"]);
+    assert!(status.contains("serving routes: 10.0.5.0/24"), "{status}");
 
     // An admin revokes the route: alice loses it within 2 s.
     let c_id = list
