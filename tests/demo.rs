@@ -92,6 +92,11 @@ fn demo_mesh_pings_every_pair_and_cleans_up() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(stdout.matches("path direct").count(), 6, "{stdout}");
+    // .ci/test installs nftables: the last node is a Subnet Connector.
+    assert!(
+        stdout.contains("10.0.5.10 (no agent, behind n3) first"),
+        "{stdout}"
+    );
     let prefix = stdout
         .split("namespace (")
         .nth(1)

@@ -2,8 +2,9 @@
 //! network namespaces (see [`topology`]), starts a control server with a
 //! setup key and three nodes with TUN devices (this binary, as child
 //! processes), pings between every pair over WireGuard and prints the
-//! round trip and the path each ping took (the sender's `dataplane.json`),
-//! then stops the processes and removes the namespaces and its temporary
+//! round trip and the path each ping took (the sender's `dataplane.json`);
+//! the last node is also a Subnet Connector for a host that runs no agent
+//! (when `nft` is installed), which the first node pings; then it stops the processes and removes the namespaces and its temporary
 //! directory (also on Ctrl-C, and with `--keep-running` only then).
 
 use std::os::unix::process::CommandExt;
@@ -20,12 +21,16 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const CONTROL_NAME: &str = "control.mesh.demo";
 const CONTROL_PORT: u16 = 7443;
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
+/// The subnet behind the last node (the Subnet Connector) and its host.
+const SUBNET: &str = "10.0.5.0/24";
+const SUBNET_HOST: &str = "10.0.5.10";
 /// Upper bound for each wait (control up, maps, first ping).
 const STEP: Duration = Duration::from_secs(30);
 
 /// Where the demo's processes run.
 struct Layout {
-    /// The namespaces, control server's first, then one per node.
+    /// The namespaces: the control server's, one per node, then the
+    /// subnet host's.
     namespaces: Vec<String>,
     /// The control server's address on the shared network.
     control_addr: String,
@@ -61,6 +66,19 @@ fn topology(prefix: &str) -> Layout {
         ]);
         namespaces.push(ns);
     }
+    // A host without an agent on 10.0.5.0/24 behind the last node; it
+    // has no default route (the connector masquerades).
+    let (lan, connector) = (format!("{prefix}-lan"), &namespaces[NODES.len()]);
+    commands.extend([
+        format!("ip netns add {lan}"),
+        format!("ip -n {lan} link set lo up"),
+        format!("ip -n {lan} link add eth0 type veth peer name lan1 netns {connector}"),
+        format!("ip -n {connector} addr add 10.0.5.1/24 dev lan1"),
+        format!("ip -n {connector} link set lan1 up"),
+        format!("ip -n {lan} addr add {SUBNET_HOST}/24 dev eth0"),
+        format!("ip -n {lan} link set eth0 up"),
+    ]);
+    namespaces.push(lan);
     Layout {
         namespaces,
         control_addr: "198.18.0.1".into(),
@@ -299,8 +317,14 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
         .to_string();
     println!("  setup key          created (reusable, 1 h) for demo@mesh.demo");
     let control = format!("https://{CONTROL_NAME}:{CONTROL_PORT}");
-    for (name, ns) in NODES.iter().zip(&layout.namespaces[1..]) {
-        let args = [
+    // The Subnet Connector needs nftables; without it the demo shows
+    // the nodes only.
+    let connector = Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    for (i, (name, ns)) in NODES.iter().zip(&layout.namespaces[1..]).enumerate() {
+        let mut args = vec![
             "node",
             "up",
             "--control",
@@ -316,6 +340,9 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
             "--tun",
             "rw0",
         ];
+        if connector && i == NODES.len() - 1 {
+            args.extend(["--advertise-routes", SUBNET]);
+        }
         running
             .children
             .push(spawn(dir, ns, &args, &format!("{name}.log"))?);
@@ -385,10 +412,78 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
             }
         }
     }
+    if connector {
+        failed += subnet(dir, &exe, &layout.namespaces[1]).await?;
+    } else {
+        println!();
+        println!("(no Subnet Connector: the `nft` command, nftables, is not installed)");
+    }
     if failed > 0 {
         return Err(format!("{failed} of the pings got no answer").into());
     }
     Ok(NODES.into_iter().zip(addrs).collect())
+}
+
+/// Approve the last node's route as an admin would, wait for the first
+/// node to get it, and ping the subnet host from there; 1 if it does not
+/// answer.
+async fn subnet(dir: &Path, exe: &Path, first_ns: &str) -> Result<usize, BoxError> {
+    let (first, connector) = (NODES[0], NODES[NODES.len() - 1]);
+    let device = read_json(&dir.join(connector).join("enrolment.json"))["device_id"]
+        .as_i64()
+        .ok_or("the connector's enrolment has no device id")?
+        .to_string();
+    let out = Command::new(exe)
+        .args(["control", "-c", "control.toml", "routes", "approve"])
+        .args(["--device", &device, SUBNET])
+        .current_dir(dir)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "routes approve: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    let took = wait_for(&format!("{first} gets the route to {SUBNET}"), || {
+        read_json(&dir.join(first).join("netmap.json"))["peers"]
+            .as_array()
+            .is_some_and(|p| {
+                p.iter().any(|p| {
+                    p["allowed_ips"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|r| r == SUBNET))
+                })
+            })
+    })
+    .await?;
+    println!();
+    println!(
+        "Subnet Connector: {connector} serves {SUBNET} (approved with `control routes approve`; {first} had the route {} ms later)",
+        took.as_millis()
+    );
+    let start = Instant::now();
+    let mut rtt = None;
+    while rtt.is_none() && start.elapsed() < Duration::from_secs(10) {
+        rtt = ping(first_ns, SUBNET_HOST).await;
+    }
+    let again = match rtt {
+        Some(_) => ping(first_ns, SUBNET_HOST).await,
+        None => None,
+    };
+    match rtt {
+        Some(ms) => {
+            println!(
+                "  {first} → {SUBNET_HOST} (no agent, behind {connector}) first {ms:.3} ms, then {}",
+                again.map_or("-".to_string(), |a| format!("{a:.3} ms"))
+            );
+            Ok(0)
+        }
+        None => {
+            println!("  {first} → {SUBNET_HOST} (no agent, behind {connector}) no answer");
+            Ok(1)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -404,7 +499,7 @@ mod tests {
             .filter_map(|c| c.strip_prefix("ip netns add "))
             .collect();
         assert_eq!(made, l.namespaces);
-        assert_eq!(l.namespaces.len(), NODES.len() + 1);
+        assert_eq!(l.namespaces.len(), NODES.len() + 2);
         assert!(l.commands.iter().all(|c| c.len() < 200));
     }
 }
