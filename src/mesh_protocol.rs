@@ -311,6 +311,17 @@ pub fn check_route(text: &str) -> Result<(), String> {
     if addr.is_loopback() || addr.is_multicast() || addr.is_unspecified() {
         return Err(format!("{text:?}: not a routable subnet"));
     }
+    // The mesh's own IPv4 range: a route overlapping it would take peers'
+    // addresses away from them.
+    if let std::net::IpAddr::V4(a) = addr {
+        let shorter = len.min(10);
+        let mask = u32::MAX << (32 - u32::from(shorter));
+        if u32::from(a) & mask == u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0)) & mask {
+            return Err(format!(
+                "{text:?}: overlaps the mesh's own addresses (100.64.0.0/10)"
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -384,5 +395,8 @@ mod tests {
         assert!(check_route("10.0.5.0/33").unwrap_err().contains("0 to 32"));
         assert!(check_route("ten/8").unwrap_err().contains("not an IP"));
         assert!(check_route("127.0.0.0/8").is_err());
+        assert!(check_route("100.64.5.0/24").unwrap_err().contains("mesh"));
+        assert!(check_route("100.0.0.0/8").unwrap_err().contains("mesh"));
+        assert_eq!(check_route("100.128.0.0/16"), Ok(()));
     }
 }
