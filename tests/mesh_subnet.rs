@@ -445,9 +445,23 @@ fn advertised_routes_are_validated_before_anything_starts() {
     let (code, err) = run(&["--advertise-routes", "10.0.5.0/24"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("needs --tun"), "{err}");
-    if unsafe { libc::geteuid() } != 0 {
-        let (code, err) = run(&["--tun", "rw0", "--advertise-routes", "10.0.5.0/24"]);
-        assert_eq!(code, Some(1), "{err}");
+    // What the connector cannot do, it names: root, or (as root, with no
+    // `nft` on PATH) nftables. Either fails before anything is changed.
+    let out = home
+        .cmd()
+        .env("PATH", "/nonexistent")
+        .args(["node", "up", "--state-dir", "s", "--tun", "rw0"])
+        .args(["--advertise-routes", "10.0.5.0/24"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(
+            err.contains("`nft` command (nftables) is not installed"),
+            "{err}"
+        );
+    } else {
         assert!(
             err.contains("needs root") && err.contains("nftables"),
             "{err}"
