@@ -250,6 +250,39 @@ async fn ping(ns: &str, dst: &str) -> Option<f64> {
 /// The nodes' names and mesh addresses.
 type Addresses = Vec<(&'static str, String)>;
 
+/// Ping until answered (the first may wait for a handshake; at most
+/// 10 s), then once more: both round trips.
+async fn ping_twice(ns: &str, dst: &str) -> (Option<f64>, Option<f64>) {
+    let start = Instant::now();
+    let mut rtt = None;
+    while rtt.is_none() && start.elapsed() < Duration::from_secs(10) {
+        rtt = ping(ns, dst).await;
+    }
+    match rtt {
+        Some(_) => (rtt, ping(ns, dst).await),
+        None => (None, None),
+    }
+}
+
+/// `runewarp control -c control.toml ARGS` in `dir`: its output, or Err
+/// with its stderr.
+fn admin(dir: &Path, args: &[&str]) -> Result<String, BoxError> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(["control", "-c", "control.toml"])
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "control {}: {}",
+            args.first().unwrap_or(&""),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Addresses, BoxError> {
     let layout = topology(prefix);
     println!(
@@ -296,25 +329,19 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
         "  control server     https://{CONTROL_NAME}:{CONTROL_PORT} in {srv} ({} ms)",
         took.as_millis()
     );
-    let exe = std::env::current_exe()?;
-    let out = Command::new(&exe)
-        .args(["control", "-c", "control.toml", "setup-key", "create"])
-        .args(["--user", "demo@mesh.demo", "--reusable", "--expires", "1h"])
-        .current_dir(dir)
-        .output()?;
-    if !out.status.success() {
-        return Err(format!(
-            "setup-key create: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-        .into());
-    }
-    let key = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or("")
-        .trim()
-        .to_string();
+    let out = admin(
+        dir,
+        &[
+            "setup-key",
+            "create",
+            "--user",
+            "demo@mesh.demo",
+            "--reusable",
+            "--expires",
+            "1h",
+        ],
+    )?;
+    let key = out.lines().last().unwrap_or("").trim().to_string();
     println!("  setup key          created (reusable, 1 h) for demo@mesh.demo");
     let control = format!("https://{CONTROL_NAME}:{CONTROL_PORT}");
     // The Subnet Connector needs nftables; without it the demo shows
@@ -379,16 +406,7 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
                 continue;
             }
             let ns = &layout.namespaces[i + 1];
-            let first = Instant::now();
-            // The first ping of a pair may wait for the handshake.
-            let mut rtt = None;
-            while rtt.is_none() && first.elapsed() < Duration::from_secs(10) {
-                rtt = ping(ns, &addrs[j]).await;
-            }
-            let again = match rtt {
-                Some(_) => ping(ns, &addrs[j]).await,
-                None => None,
-            };
+            let (rtt, again) = ping_twice(ns, &addrs[j]).await;
             let status = read_json(&dir.join(from).join("dataplane.json"));
             let peer = status["peers"]
                 .as_array()
@@ -413,7 +431,7 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
         }
     }
     if connector {
-        failed += subnet(dir, &exe, &layout.namespaces[1]).await?;
+        failed += subnet(dir, &layout.namespaces[1]).await?;
     } else {
         println!();
         println!("(no Subnet Connector: the `nft` command, nftables, is not installed)");
@@ -427,24 +445,13 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
 /// Approve the last node's route as an admin would, wait for the first
 /// node to get it, and ping the subnet host from there; 1 if it does not
 /// answer.
-async fn subnet(dir: &Path, exe: &Path, first_ns: &str) -> Result<usize, BoxError> {
+async fn subnet(dir: &Path, first_ns: &str) -> Result<usize, BoxError> {
     let (first, connector) = (NODES[0], NODES[NODES.len() - 1]);
     let device = read_json(&dir.join(connector).join("enrolment.json"))["device_id"]
         .as_i64()
         .ok_or("the connector's enrolment has no device id")?
         .to_string();
-    let out = Command::new(exe)
-        .args(["control", "-c", "control.toml", "routes", "approve"])
-        .args(["--device", &device, SUBNET])
-        .current_dir(dir)
-        .output()?;
-    if !out.status.success() {
-        return Err(format!(
-            "routes approve: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-        .into());
-    }
+    admin(dir, &["routes", "approve", "--device", &device, SUBNET])?;
     let took = wait_for(&format!("{first} gets the route to {SUBNET}"), || {
         read_json(&dir.join(first).join("netmap.json"))["peers"]
             .as_array()
@@ -462,15 +469,7 @@ async fn subnet(dir: &Path, exe: &Path, first_ns: &str) -> Result<usize, BoxErro
         "Subnet Connector: {connector} serves {SUBNET} (approved with `control routes approve`; {first} had the route {} ms later)",
         took.as_millis()
     );
-    let start = Instant::now();
-    let mut rtt = None;
-    while rtt.is_none() && start.elapsed() < Duration::from_secs(10) {
-        rtt = ping(first_ns, SUBNET_HOST).await;
-    }
-    let again = match rtt {
-        Some(_) => ping(first_ns, SUBNET_HOST).await,
-        None => None,
-    };
+    let (rtt, again) = ping_twice(first_ns, SUBNET_HOST).await;
     match rtt {
         Some(ms) => {
             println!(
