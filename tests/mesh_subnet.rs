@@ -21,6 +21,8 @@ use common::proc::{BIN, Home, Running, wait_until};
 const CONTROL_NAME: &str = "control.subnet.test";
 const CONTROL_PORT: u16 = 7443;
 const SUBNET: &str = "10.0.5.0/24";
+const SUBNET6: &str = "fd00:5::/64";
+const HOST6: &str = "fd00:5::10";
 
 fn admin(home: &Home, args: &[&str]) -> String {
     let mut all = vec!["control", "-c", "control.toml"];
@@ -118,6 +120,32 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
     let b = net.host("b");
     let c = net.host("c");
     let h = net.subnet(&c, "lan1", "10.0.5", "h");
+    net.run(
+        &c.name,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd00:5::1/64",
+            "dev",
+            "lan1",
+            "nodad",
+        ],
+    );
+    net.run(
+        &h.name,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd00:5::10/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
 
     let home = Home::new();
     home.write(
@@ -142,10 +170,10 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
         "policy.json",
         &format!(
             r#"{{"acls": [
-  {{"action": "accept", "src": ["alice@subnet.test"], "dst": ["{SUBNET}:*", "tag:connector:*"]}},
+  {{"action": "accept", "src": ["alice@subnet.test"], "dst": ["{SUBNET}:*", "{SUBNET6}:*", "tag:connector:*"]}},
   {{"action": "accept", "src": ["bob@subnet.test"], "dst": ["tag:connector:*"]}}
 ],
-"routes": {{"10.0.0.0/16": ["tag:connector"]}}}}"#
+"routes": {{"10.0.0.0/16": ["tag:connector"], "fd00:5::/48": ["tag:connector"]}}}}"#
         ),
     );
     admin(
@@ -160,11 +188,14 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
         &c,
         "c",
         &connector,
-        &["--advertise-routes", SUBNET],
+        &["--advertise-routes", &format!("{SUBNET},{SUBNET6}")],
     );
     let up = Duration::from_secs(30);
-    conn.wait_line(&["subnet_connector_started", "routes=10.0.5.0/24"], up);
-    conn.wait_line(&["subnet_routes_approved", "count=1"], up);
+    conn.wait_line(
+        &["subnet_connector_started", "routes=10.0.5.0/24,fd00:5::/64"],
+        up,
+    );
+    conn.wait_line(&["subnet_routes_approved", "count=2"], up);
     let mut pa = node(&net, &home, &a, "a", &alice, &[]);
     let mut pb = node(&net, &home, &b, "b", &bob, &[]);
     pa.wait_line(&["peer_endpoint", "peer=c"], up);
@@ -187,6 +218,12 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
     assert_eq!(
         echo(&a.name, echo_addr).expect("TCP through the connector"),
         b"hello subnet"
+    );
+    // IPv6 routes are forwarded and masqueraded the same way.
+    wait_until(
+        "a pings the subnet host over IPv6",
+        Duration::from_secs(10),
+        || net.ping(&a.name, HOST6, 2),
     );
     // Figures: the subnet host through the connector against the
     // connector itself over the mesh.
@@ -214,7 +251,7 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
         serde_json::from_str(&std::fs::read_to_string(home.path().join("b/netmap.json")).unwrap())
             .unwrap();
     assert!(
-        !map.to_string().contains(SUBNET),
+        !map.to_string().contains(SUBNET) && !map.to_string().contains("fd00:5::"),
         "bob's map names the subnet: {map}"
     );
     assert!(!has_route(&net, &b.name));
