@@ -259,9 +259,19 @@ pub struct GateArgs {
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct DemoArgs {
-    /// Leave everything running and print curl commands to try.
-    #[arg(long)]
+    /// Leave everything running and print commands to try (Ctrl-C stops
+    /// it).
+    #[arg(long, global = true)]
     pub(crate) keep_running: bool,
+    #[command(subcommand)]
+    pub(crate) command: Option<DemoCommand>,
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum DemoCommand {
+    /// The mesh: a control server and three nodes in network namespaces,
+    /// pinging each other over WireGuard (needs root).
+    Mesh,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -288,6 +298,35 @@ pub enum ControlCommand {
     Policy(PolicyCommand),
     /// List the users who signed in (SSO), their groups and admin status.
     Users,
+    /// Subnet Connector routes: list them, or approve or revoke one
+    /// (an admin's decision beats the policy's `routes` section).
+    Routes {
+        #[command(subcommand)]
+        command: Option<RoutesCommand>,
+    },
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum RoutesCommand {
+    /// List every route a device advertises or an admin decided on (the
+    /// default).
+    List,
+    /// Approve a route for a device (whether or not the policy does).
+    Approve {
+        /// The device id (see `devices list`).
+        #[arg(long, value_name = "ID")]
+        device: i64,
+        /// The route, such as 10.0.5.0/24.
+        route: String,
+    },
+    /// Revoke a route of a device: peers drop it with their next map.
+    Revoke {
+        /// The device id (see `devices list`).
+        #[arg(long, value_name = "ID")]
+        device: i64,
+        /// The route, such as 10.0.5.0/24.
+        route: String,
+    },
 }
 
 #[derive(Debug, Subcommand, Clone)]
@@ -390,6 +429,11 @@ pub enum NodeCommand {
         /// it the node only follows the map.
         #[arg(long, value_name = "NAME")]
         tun: Option<String>,
+        /// Serve these subnets as a Subnet Connector (comma-separated
+        /// CIDRs such as 10.0.5.0/24; needs --tun, root and nftables): the
+        /// control server offers them to peers once approved.
+        #[arg(long = "advertise-routes", value_name = "CIDR[,CIDR...]")]
+        advertise_routes: Option<String>,
         /// The data plane's UDP port (0: any free port).
         #[arg(
             long = "listen-port",

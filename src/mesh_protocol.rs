@@ -234,6 +234,10 @@ pub struct Node {
     pub addresses: Vec<String>,
     pub user: Option<String>,
     pub tags: Vec<String>,
+    /// Subnets this device is approved to serve as a Subnet Connector
+    /// (CIDRs); empty for other devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +262,67 @@ pub struct FilterRule {
     /// `tcp`, `udp` or `icmp`; absent: every protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proto: Option<String>,
+    /// Destinations the rule admits (CIDRs of the subnets this device
+    /// serves as a Subnet Connector); absent: this device's own addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<String>,
+}
+
+/// `POST /v1/routes`: the subnets this device offers to forward for (a
+/// Subnet Connector); replaces what it advertised before. Peers reach them
+/// once the policy or an admin approves them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoutesRequest {
+    pub routes: Vec<String>,
+}
+
+/// Most routes one device may advertise.
+pub const MAX_ROUTES: usize = 64;
+
+/// An advertised route: an IPv4 or IPv6 CIDR in canonical form (no host
+/// bits set), not a default route. Err says what is wrong.
+pub fn check_route(text: &str) -> Result<(), String> {
+    let Some((addr, len)) = text.split_once('/') else {
+        return Err(format!("{text:?}: a route is a CIDR such as 10.0.5.0/24"));
+    };
+    let addr: std::net::IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{text:?}: {addr:?} is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= max)
+        .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {max}"))?;
+    if len == 0 {
+        return Err(format!(
+            "{text:?}: default routes (exit nodes) are not supported yet; advertise the subnets themselves"
+        ));
+    }
+    let host_bits = match addr {
+        std::net::IpAddr::V4(a) => u32::from(a) & (u32::MAX >> len) != 0,
+        std::net::IpAddr::V6(a) => u128::from(a) & (u128::MAX >> len) != 0,
+    };
+    if host_bits {
+        return Err(format!(
+            "{text:?}: host bits are set; write the network address (such as 10.0.5.0/24)"
+        ));
+    }
+    if addr.is_loopback() || addr.is_multicast() || addr.is_unspecified() {
+        return Err(format!("{text:?}: not a routable subnet"));
+    }
+    // The mesh's own IPv4 range: a route overlapping it would take peers'
+    // addresses away from them.
+    if let std::net::IpAddr::V4(a) = addr {
+        let shorter = len.min(10);
+        let mask = u32::MAX << (32 - u32::from(shorter));
+        if u32::from(a) & mask == u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0)) & mask {
+            return Err(format!(
+                "{text:?}: overlaps the mesh's own addresses (100.64.0.0/10)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -309,5 +374,29 @@ mod tests {
         assert!(!valid_endpoint("10.77.0.2:0"));
         assert!(!valid_endpoint("0.0.0.0:1"));
         assert!(!valid_endpoint("host:1"));
+    }
+
+    #[test]
+    fn routes_are_canonical_cidrs_and_never_the_default_route() {
+        assert_eq!(check_route("10.0.5.0/24"), Ok(()));
+        assert_eq!(check_route("fd12:3456::/48"), Ok(()));
+        assert!(
+            check_route("0.0.0.0/0")
+                .unwrap_err()
+                .contains("default routes")
+        );
+        assert!(check_route("::/0").unwrap_err().contains("default routes"));
+        assert!(
+            check_route("10.0.5.1/24")
+                .unwrap_err()
+                .contains("host bits")
+        );
+        assert!(check_route("10.0.5.0").unwrap_err().contains("CIDR"));
+        assert!(check_route("10.0.5.0/33").unwrap_err().contains("0 to 32"));
+        assert!(check_route("ten/8").unwrap_err().contains("not an IP"));
+        assert!(check_route("127.0.0.0/8").is_err());
+        assert!(check_route("100.64.5.0/24").unwrap_err().contains("mesh"));
+        assert!(check_route("100.0.0.0/8").unwrap_err().contains("mesh"));
+        assert_eq!(check_route("100.128.0.0/16"), Ok(()));
     }
 }

@@ -449,9 +449,23 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
             ca_file,
             hostname,
             tun,
+            advertise_routes,
             listen_port,
             state,
         } => {
+            let routes = match advertise_routes
+                .as_deref()
+                .map(node::subnet_connector::parse_routes)
+            {
+                None => None,
+                Some(Ok(r)) if tun.is_some() => Some(r),
+                Some(Ok(_)) => {
+                    return usage_error(
+                        "--advertise-routes needs --tun: the Subnet Connector forwards through the data plane",
+                    );
+                }
+                Some(Err(e)) => return usage_error(&e.to_string()),
+            };
             let setup_key = match setup_key_file {
                 None => setup_key,
                 Some(path) => match std::fs::read_to_string(&path) {
@@ -467,6 +481,20 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
             };
             logging::init(config::LogLevel::Info);
             runtime(None, async move {
+                // Before enrolment: a connector that cannot forward fails
+                // at once, naming what is missing.
+                let connector = match (routes, tun.as_deref()) {
+                    (Some(routes), Some(interface)) => {
+                        match node::subnet_connector::Connector::setup(interface, routes) {
+                            Ok(c) => Some(c),
+                            Err(e) => {
+                                tracing::error!(event = "node_failed", error = %e);
+                                return ExitCode::from(EXIT_FAILURE);
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 let started = node::start(
                     &state.state_dir,
                     control.as_deref(),
@@ -511,6 +539,7 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
                     }
                     None => None,
                 };
+                let _reporter = connector.as_ref().map(|c| c.spawn(&node, stop.clone()));
                 match node::run(node, stop).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {

@@ -50,3 +50,64 @@ fn demo_runs_both_hops_and_exits_zero() {
         .expect("the report names its directory");
     assert!(!std::path::Path::new(dir).exists(), "{dir} was not removed");
 }
+
+#[path = "common/opt_in.rs"]
+mod opt_in;
+
+#[test]
+fn demo_mesh_without_root_says_it_needs_root() {
+    if unsafe { libc::geteuid() } == 0 {
+        return;
+    }
+    let output = Command::cargo_bin("runewarp")
+        .expect("the runewarp binary")
+        .args(["demo", "mesh"])
+        .timeout(Duration::from_secs(20))
+        .output()
+        .expect("run runewarp demo mesh");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("needs root"), "{stderr}");
+}
+
+#[test]
+fn demo_mesh_pings_every_pair_and_cleans_up() {
+    if !opt_in::enabled(
+        opt_in::NETNS,
+        "demo mesh",
+        "root, network namespaces, /dev/net/tun, iproute2 and ping",
+    ) {
+        return;
+    }
+    let output = Command::cargo_bin("runewarp")
+        .expect("the runewarp binary")
+        .args(["demo", "mesh"])
+        .timeout(Duration::from_secs(120))
+        .output()
+        .expect("run runewarp demo mesh");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.matches("path direct").count(), 6, "{stdout}");
+    // .ci/test installs nftables: the last node is a Subnet Connector.
+    assert!(
+        stdout.contains("10.0.5.10 (no agent, behind n3) first"),
+        "{stdout}"
+    );
+    let prefix = stdout
+        .split("namespace (")
+        .nth(1)
+        .and_then(|s| s.split("-*").next())
+        .expect("the namespace prefix is printed");
+    let list = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(prefix),
+        "namespaces left behind"
+    );
+}

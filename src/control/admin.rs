@@ -1,13 +1,14 @@
-//! The operator's commands (`runewarp control setup-key|devices|policy|users`):
+//! The operator's commands (`runewarp control setup-key|devices|policy|users|routes`):
 //! they open the same database as the running server (SQLite or
 //! PostgreSQL), whose change serial then carries each change to the
 //! connected devices of every replica. Who may run them is
 //! whoever may read the state dir (0700).
 
 use super::config::ControlConfig;
+use super::netmap::{OrgSnapshot, compute_from};
 use super::policy::Policy;
 use super::store::{SetupKeySpec, Store, StoreError};
-use crate::cli::{ControlCommand, DevicesCommand, PolicyCommand, SetupKeyCommand};
+use crate::cli::{ControlCommand, DevicesCommand, PolicyCommand, RoutesCommand, SetupKeyCommand};
 
 /// An admin command's failure: what to print.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +165,7 @@ pub fn run(config: &ControlConfig, cmd: &ControlCommand) -> Result<String, Admin
             }
             Ok(out)
         }
+        ControlCommand::Routes { command } => routes(&mut store, command.as_ref()),
         ControlCommand::Policy(PolicyCommand::Get { org }) => {
             let Some(id) = store.organisation(&org.to_ascii_lowercase())? else {
                 return Err(AdminError::Usage(format!("no organisation {org:?}")));
@@ -173,6 +175,72 @@ pub fn run(config: &ControlConfig, cmd: &ControlCommand) -> Result<String, Admin
             }))
         }
     }
+}
+
+/// `control routes list|approve|revoke`.
+fn routes(store: &mut Store, cmd: Option<&RoutesCommand>) -> Result<String, AdminError> {
+    let (device, route, decision) = match cmd {
+        None | Some(RoutesCommand::List) => {
+            let mut out = String::from(
+                "DEVICE	HOSTNAME	ROUTE	ADVERTISED	DECISION	STATE
+",
+            );
+            let all = store.routes(None)?;
+            let mut snapshots = std::collections::HashMap::new();
+            for d in store.devices(None)? {
+                let Some(rows) = all.get(&d.id) else { continue };
+                let snapshot = match snapshots.entry(d.org_id) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(OrgSnapshot::load(store, d.org_id)?)
+                    }
+                };
+                let serving = compute_from(snapshot, d.id)
+                    .map(|m| m.node.routes)
+                    .unwrap_or_default();
+                for r in rows {
+                    let state = if serving.contains(&r.route) {
+                        "serving"
+                    } else if !r.advertised {
+                        "not advertised"
+                    } else if r.decision == "revoked" {
+                        "revoked"
+                    } else {
+                        "pending approval"
+                    };
+                    out += &format!(
+                        "{}\t{}\t{}\t{}\t{}\t{}\n",
+                        d.id,
+                        d.hostname,
+                        r.route,
+                        if r.advertised { "yes" } else { "no" },
+                        if r.decision.is_empty() {
+                            "policy"
+                        } else {
+                            &r.decision
+                        },
+                        state
+                    );
+                }
+            }
+            return Ok(out);
+        }
+        Some(RoutesCommand::Approve { device, route }) => (*device, route, "approved"),
+        Some(RoutesCommand::Revoke { device, route }) => (*device, route, "revoked"),
+    };
+    crate::mesh_protocol::check_route(route).map_err(AdminError::Usage)?;
+    if !store
+        .devices(None)?
+        .iter()
+        .any(|d| d.id == device && !d.revoked)
+    {
+        return Err(AdminError::Usage(format!(
+            "--device {device}: no active device with that id; see `runewarp control devices list`"
+        )));
+    }
+    let changed = store.decide_route(device, route, decision)?;
+    tracing::info!(event = "route_decided", device, route = %route, decision, changed);
+    Ok(format!("route {route} of device {device}: {decision}\n"))
 }
 
 /// Seconds left, as `2h`, `45m` or `30s`.

@@ -6,6 +6,7 @@
 //! carry the user through the identity provider ([`super::oidc`]);
 //! `POST /v1/signal` forwards a sealed message to a peer; `POST
 //! /v1/endpoints` records where a device's data plane can be reached.
+//! `POST /v1/routes` records the subnets a Subnet Connector offers.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -27,8 +28,8 @@ use super::store::Device;
 use super::store::{RegisterError, Store, StoreError};
 use crate::mesh_protocol::{
     EndpointsRequest, ErrorBody, LoginPending, LoginRequest, LoginStarted, MAX_ENDPOINTS,
-    MAX_SIGNAL, RegisterRequest, RegisterResponse, SignalEnvelope, SignalLine, SignalRequest,
-    valid_endpoint, valid_hostname, valid_public_key,
+    MAX_ROUTES, MAX_SIGNAL, RegisterRequest, RegisterResponse, RoutesRequest, SignalEnvelope,
+    SignalLine, SignalRequest, check_route, valid_endpoint, valid_hostname, valid_public_key,
 };
 use crate::shutdown::Shutdown;
 
@@ -198,10 +199,11 @@ impl Api {
             (&Method::GET, "/oidc/callback") => self.callback(peer, req).await,
             (&Method::GET, p) if p.starts_with("/login/") => self.login_page(peer, req).await,
             (&Method::POST, "/v1/endpoints") => self.endpoints(peer, req).await,
+            (&Method::POST, "/v1/routes") => self.routes(peer, req).await,
             (
                 _,
                 "/v1/register" | "/v1/map" | "/v1/signal" | "/v1/login" | "/v1/login/wait"
-                | "/v1/endpoints",
+                | "/v1/endpoints" | "/v1/routes",
             ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
         }
@@ -389,23 +391,9 @@ impl Api {
     /// `POST /v1/endpoints`: store where the device's data plane listens;
     /// its peers' maps carry them from the next change on.
     async fn endpoints(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
-        let device = match self.authenticate(peer, &req) {
-            Ok(d) => d,
+        let (device, r) = match self.device_request::<EndpointsRequest>(peer, req).await {
+            Ok(x) => x,
             Err(answer) => return *answer,
-        };
-        if count(&self.signals_sent, device.id, false) > SIGNAL_RATE {
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many requests; wait a minute",
-            );
-        }
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 4 KiB"),
-        };
-        let r: EndpointsRequest = match serde_json::from_slice(&body) {
-            Ok(r) => r,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
         };
         if r.endpoints.len() > MAX_ENDPOINTS || !r.endpoints.iter().all(|e| valid_endpoint(e)) {
             return error(
@@ -425,6 +413,74 @@ impl Api {
                 json(
                     StatusCode::OK,
                     &serde_json::json!({"stored": r.endpoints.len()}),
+                )
+            }
+            Err(e) => {
+                tracing::error!(event = "store_failed", error = %e);
+                error(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
+            }
+        }
+    }
+
+    /// An authenticated device's small JSON request, rate-limited like
+    /// signals.
+    async fn device_request<T: serde::de::DeserializeOwned>(
+        &self,
+        peer: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Result<(Device, T), Box<Response<Body>>> {
+        let device = self.authenticate(peer, &req)?;
+        if count(&self.signals_sent, device.id, false) > SIGNAL_RATE {
+            return Err(Box::new(error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests; wait a minute",
+            )));
+        }
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return Err(Box::new(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body over 4 KiB",
+                )));
+            }
+        };
+        match serde_json::from_slice(&body) {
+            Ok(r) => Ok((device, r)),
+            Err(e) => Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                &format!("bad request: {e}"),
+            ))),
+        }
+    }
+
+    /// `POST /v1/routes`: the subnets this device offers to serve as a
+    /// Subnet Connector; they reach peers once approved.
+    async fn routes(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+        let (device, r) = match self.device_request::<RoutesRequest>(peer, req).await {
+            Ok(x) => x,
+            Err(answer) => return *answer,
+        };
+        if r.routes.len() > MAX_ROUTES {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("at most {MAX_ROUTES} routes"),
+            );
+        }
+        if let Some(e) = r.routes.iter().find_map(|x| check_route(x).err()) {
+            return error(StatusCode::BAD_REQUEST, &e);
+        }
+        match self.store().set_routes(device.id, &r.routes) {
+            Ok(changed) => {
+                tracing::info!(
+                    event = "routes_stored",
+                    device = device.id,
+                    count = r.routes.len(),
+                    changed
+                );
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"stored": r.routes.len()}),
                 )
             }
             Err(e) => {

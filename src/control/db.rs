@@ -140,6 +140,24 @@ CREATE TABLE device_endpoints (
     device_id BIGINT PRIMARY KEY REFERENCES devices(id), endpoints TEXT NOT NULL);
 "#,
     },
+    // Subnet Connector routes: what each device advertises (POST
+    // /v1/routes) and an admin's decision on it (`control routes
+    // approve|revoke`): '' (the policy decides), 'approved', 'revoked'.
+    Migration {
+        version: 4,
+        sqlite: r#"
+CREATE TABLE device_routes (
+    device_id INTEGER NOT NULL REFERENCES devices(id), route TEXT NOT NULL,
+    advertised INTEGER NOT NULL, decision TEXT NOT NULL,
+    PRIMARY KEY (device_id, route));
+"#,
+        postgres: r#"
+CREATE TABLE device_routes (
+    device_id BIGINT NOT NULL REFERENCES devices(id), route TEXT NOT NULL,
+    advertised BIGINT NOT NULL, decision TEXT NOT NULL,
+    PRIMARY KEY (device_id, route));
+"#,
+    },
 ];
 
 /// A value bound to a placeholder.

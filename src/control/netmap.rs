@@ -2,12 +2,18 @@
 //! network — itself, the peers its ACLs let it talk to (or that may talk
 //! to it), and the packet filter for traffic arriving at it. A device never
 //! learns of a peer in another organisation or one the policy keeps apart.
+//!
+//! Subnet Connectors: a device's advertised routes that an admin or the
+//! policy's `routes` section approved (and no admin revoked) go into its
+//! own map's `routes`, into the `allowed_ips` it has in the maps of the
+//! peers the ACLs let reach them, and into its filter as rules with
+//! `destinations`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 
 use super::policy::{self, Policy};
-use super::store::{Device, Store, StoreError};
+use super::store::{Device, RouteRow, Store, StoreError};
 use crate::mesh_protocol::{FilterRule, NetworkMap, Node, Peer};
 
 impl policy::Member for Device {
@@ -60,6 +66,8 @@ pub struct OrgSnapshot {
     groups: HashMap<String, Vec<String>>,
     /// Reported endpoints by device id.
     endpoints: std::collections::HashMap<i64, Vec<String>>,
+    /// Advertised routes and admins' decisions by device id.
+    routes: HashMap<i64, Vec<RouteRow>>,
 }
 
 impl OrgSnapshot {
@@ -82,6 +90,7 @@ impl OrgSnapshot {
             policy: policy_text.as_deref().and_then(|t| Policy::parse(t).ok()),
             policy_text,
             endpoints: store.endpoints(org_id)?,
+            routes: store.routes(Some(org_id))?,
         })
     }
 
@@ -91,6 +100,7 @@ impl OrgSnapshot {
             && self.policy_text == other.policy_text
             && self.groups == other.groups
             && self.endpoints == other.endpoints
+            && self.routes == other.routes
     }
 }
 
@@ -126,6 +136,31 @@ pub fn compute_from<'a>(snapshot: &'a OrgSnapshot, id: i64) -> Option<NetworkMap
             None => policy::default_grants(&src, &dst),
         }
     };
+    // The routes a device serves: advertised, not revoked by an admin,
+    // approved by an admin or by the policy's `routes` section.
+    let approved = |d: &'a Device| -> Vec<(String, policy::Route)> {
+        let rows = snapshot.routes.get(&d.id).map_or(&[][..], Vec::as_slice);
+        rows.iter()
+            .filter(|r| r.advertised && r.decision != "revoked")
+            .filter_map(|r| {
+                let route = policy::parse_route(&r.route)?;
+                let ok = r.decision == "approved"
+                    || policy
+                        .as_ref()
+                        .is_some_and(|p| p.approves_route(&member(d), route));
+                ok.then(|| (r.route.clone(), route))
+            })
+            .collect()
+    };
+    // What `src` may reach in `connector`'s subnet `route`; without a
+    // policy, what it may reach on the connector itself.
+    let reaches = |src: &'a Device, connector: &'a Device, route| -> policy::Grants {
+        match policy {
+            Some(p) => p.route_grants(&member(src), route),
+            None => policy::default_grants(&member(src), &member(connector)),
+        }
+    };
+    let my_routes = approved(me);
     let others = snapshot
         .devices
         .iter()
@@ -135,30 +170,40 @@ pub fn compute_from<'a>(snapshot: &'a OrgSnapshot, id: i64) -> Option<NetworkMap
     for d in others {
         let inbound = allowed(d, me);
         let outbound = allowed(me, d);
-        if inbound.is_empty() && outbound.is_empty() {
+        let their_routes: Vec<String> = approved(d)
+            .into_iter()
+            .filter(|(_, r)| !reaches(me, d, *r).is_empty())
+            .map(|(text, _)| text)
+            .collect();
+        let into_mine: Vec<(&String, policy::Grants)> = my_routes
+            .iter()
+            .map(|(text, r)| (text, reaches(d, me, *r)))
+            .filter(|(_, g)| !g.is_empty())
+            .collect();
+        if inbound.is_empty()
+            && outbound.is_empty()
+            && their_routes.is_empty()
+            && into_mine.is_empty()
+        {
             continue;
         }
+        let mut allowed_ips = addresses(d);
+        allowed_ips.extend(their_routes);
         peers.push(Peer {
             id: d.id,
             hostname: d.hostname.clone(),
             public_key: d.public_key.clone(),
-            allowed_ips: addresses(d),
+            allowed_ips,
             endpoints: snapshot.endpoints.get(&d.id).cloned().unwrap_or_default(),
             user: d.user.clone(),
             tags: d.tags.clone(),
         });
         for (proto, ports) in inbound {
-            let (ports, proto) = (ports.to_string(), proto.name().map(str::to_string));
-            match filter
-                .iter_mut()
-                .find(|r| r.ports == ports && r.proto == proto)
-            {
-                Some(r) => r.sources.extend(addresses(d)),
-                None => filter.push(FilterRule {
-                    sources: addresses(d),
-                    ports,
-                    proto,
-                }),
+            add_rule(&mut filter, d, proto, &ports, &[]);
+        }
+        for (route, grants) in into_mine {
+            for (proto, ports) in grants {
+                add_rule(&mut filter, d, proto, &ports, std::slice::from_ref(route));
             }
         }
     }
@@ -172,10 +217,35 @@ pub fn compute_from<'a>(snapshot: &'a OrgSnapshot, id: i64) -> Option<NetworkMap
             addresses: addresses(me),
             user: me.user.clone(),
             tags: me.tags.clone(),
+            routes: my_routes.into_iter().map(|(text, _)| text).collect(),
         },
         peers,
         filter,
     })
+}
+
+/// Admit `d`'s addresses to `destinations` (none: this device) on
+/// `ports` of `proto`, in the rule for those if there is one.
+fn add_rule(
+    filter: &mut Vec<FilterRule>,
+    d: &Device,
+    proto: policy::Proto,
+    ports: &policy::Ports,
+    destinations: &[String],
+) {
+    let (ports, proto) = (ports.to_string(), proto.name().map(str::to_string));
+    match filter
+        .iter_mut()
+        .find(|r| r.ports == ports && r.proto == proto && r.destinations == destinations)
+    {
+        Some(r) => r.sources.extend(addresses(d)),
+        None => filter.push(FilterRule {
+            sources: addresses(d),
+            ports,
+            proto,
+            destinations: destinations.to_vec(),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -238,5 +308,58 @@ mod tests {
         s.revoke_device(a2).unwrap();
         assert_eq!(compute(&s, db).unwrap().unwrap().peers.len(), 1);
         assert!(compute(&s, a2).unwrap().is_none());
+    }
+
+    #[test]
+    fn approved_routes_reach_only_the_peers_the_acls_allow() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let alice = enrol(&mut s, "acme.com", Some("alice@acme.com"), &[], "alice");
+        let bob = enrol(&mut s, "acme.com", Some("bob@acme.com"), &[], "bob");
+        let conn = enrol(&mut s, "acme.com", None, &["connector"], "conn");
+        let route = "10.0.5.0/24".to_string();
+        s.set_routes(conn, std::slice::from_ref(&route)).unwrap();
+        s.set_policy(
+            "acme.com",
+            r#"{"acls": [{"action": "accept", "src": ["alice@acme.com"], "dst": ["10.0.5.0/24:22,80"], "proto": "tcp"}]}"#,
+        )
+        .unwrap();
+        let allowed_ips = |s: &Store, id, of: &str| -> Option<Vec<String>> {
+            let m = compute(s, id).unwrap().unwrap();
+            m.peers
+                .into_iter()
+                .find(|p| p.public_key == of)
+                .map(|p| p.allowed_ips)
+        };
+        // Advertised but not approved: nobody sees it.
+        assert_eq!(allowed_ips(&s, alice, "conn"), None);
+        assert!(compute(&s, conn).unwrap().unwrap().node.routes.is_empty());
+        // The policy's routes section approves it.
+        s.set_policy(
+            "acme.com",
+            r#"{"acls": [{"action": "accept", "src": ["alice@acme.com"], "dst": ["10.0.5.0/24:22,80"], "proto": "tcp"}],
+                "routes": {"10.0.0.0/8": ["tag:connector"]}}"#,
+        )
+        .unwrap();
+        let ips = allowed_ips(&s, alice, "conn").unwrap();
+        assert!(ips.contains(&route), "{ips:?}");
+        assert_eq!(allowed_ips(&s, bob, "conn"), None, "bob is not allowed");
+        let m = compute(&s, conn).unwrap().unwrap();
+        assert_eq!(m.node.routes, [route.as_str()]);
+        assert!(m.peers.iter().any(|p| p.public_key == "alice"));
+        assert!(!m.peers.iter().any(|p| p.public_key == "bob"));
+        assert_eq!(m.filter.len(), 1);
+        assert_eq!(m.filter[0].destinations, [route.as_str()]);
+        assert_eq!(m.filter[0].ports, "22,80");
+        assert_eq!(m.filter[0].proto.as_deref(), Some("tcp"));
+        // An admin's revocation beats the policy; approval brings it back.
+        s.decide_route(conn, &route, "revoked").unwrap();
+        assert_eq!(allowed_ips(&s, alice, "conn"), None);
+        assert!(compute(&s, conn).unwrap().unwrap().filter.is_empty());
+        s.decide_route(conn, &route, "approved").unwrap();
+        assert!(allowed_ips(&s, alice, "conn").unwrap().contains(&route));
+        // No longer advertised: gone whatever the decision.
+        s.set_routes(conn, &[]).unwrap();
+        assert_eq!(allowed_ips(&s, alice, "conn"), None);
     }
 }

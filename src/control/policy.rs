@@ -22,6 +22,14 @@
 //! group NAME (the `groups` claim at sign-in); a policy still declares the
 //! group, possibly empty (`"group:eng": []`), so a misspelt name is an
 //! error rather than a rule that never matches.
+//!
+//! Subnet Connectors: `"routes": {"10.0.5.0/24": ["tag:connector",
+//! "alice@acme.com"]}` auto-approves a route a device advertises when the
+//! route lies inside a listed CIDR and the device matches one of its
+//! selectors. Who may reach an approved route is up to the ACLs: a
+//! destination `CIDR:PORTS` that covers the whole route (or `*:PORTS`)
+//! grants it; `tag:`, user and group destinations name devices, never the
+//! subnets behind them.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -36,6 +44,10 @@ struct Raw {
     groups: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     acls: Vec<RawRule>,
+    /// Route auto-approvers: CIDR → selectors of devices that may serve
+    /// routes inside it.
+    #[serde(default)]
+    routes: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +145,20 @@ pub struct Rule {
 pub struct Policy {
     groups: BTreeMap<String, Vec<String>>,
     rules: Vec<Rule>,
+    /// Route auto-approvers: (network, prefix length) and who may serve
+    /// routes inside it.
+    approvers: Vec<((IpAddr, u8), Vec<Selector>)>,
+}
+
+/// A route as the policy sees it: network address and prefix length.
+pub type Route = (IpAddr, u8);
+
+/// `ADDR/LEN` as a [`Route`] (None if it is not a CIDR).
+pub fn parse_route(text: &str) -> Option<Route> {
+    let (a, l) = text.split_once('/')?;
+    let addr: IpAddr = a.parse().ok()?;
+    let len: u8 = l.parse().ok()?;
+    (len <= if addr.is_ipv4() { 32 } else { 128 }).then_some((addr, len))
 }
 
 /// What a selector is matched against.
@@ -340,6 +366,21 @@ impl Policy {
             }
             rules.push(Rule { src, dst, proto });
         }
+        let mut approvers = Vec::new();
+        for (cidr, who) in &raw.routes {
+            let Some(net) = parse_route(cidr) else {
+                return Err(err_at(
+                    text,
+                    cidr,
+                    format!("routes: {cidr:?} is not a CIDR such as \"10.0.5.0/24\""),
+                ));
+            };
+            let who = who
+                .iter()
+                .map(|s| parse_selector(text, s, &raw.groups))
+                .collect::<Result<_, _>>()?;
+            approvers.push((net, who));
+        }
         let groups = raw
             .groups
             .into_iter()
@@ -350,7 +391,28 @@ impl Policy {
                 )
             })
             .collect();
-        Ok(Self { groups, rules })
+        Ok(Self {
+            groups,
+            rules,
+            approvers,
+        })
+    }
+
+    /// Whether the `routes` section approves `device` serving `route`.
+    pub fn approves_route(&self, device: &dyn Member, route: Route) -> bool {
+        self.approvers.iter().any(|((net, len), who)| {
+            covers(*net, *len, route) && who.iter().any(|s| self.matches(s, device))
+        })
+    }
+
+    /// What `src` may reach in the subnet `route` (empty: nothing): rules
+    /// whose destination is `*` or a CIDR covering the whole route.
+    pub fn route_grants(&self, src: &dyn Member, route: Route) -> Grants {
+        self.grants_where(src, |sel| match sel {
+            Selector::Any => true,
+            Selector::Net(net, len) => covers(*net, *len, route),
+            _ => false,
+        })
     }
 
     fn matches(&self, sel: &Selector, m: &dyn Member) -> bool {
@@ -370,13 +432,18 @@ impl Policy {
 
     /// What `src` may reach on `dst`, per protocol (empty: nothing).
     pub fn grants(&self, src: &dyn Member, dst: &dyn Member) -> Grants {
+        self.grants_where(src, |sel| self.matches(sel, dst))
+    }
+
+    /// What `src` may reach on destinations whose selector passes `dst`.
+    fn grants_where(&self, src: &dyn Member, dst: impl Fn(&Selector) -> bool) -> Grants {
         let mut grants: Grants = Vec::new();
         for r in &self.rules {
             if !r.src.iter().any(|s| self.matches(s, src)) {
                 continue;
             }
             for (sel, ports) in &r.dst {
-                if self.matches(sel, dst) {
+                if dst(sel) {
                     match grants.iter_mut().find(|(p, _)| *p == r.proto) {
                         Some((_, have)) => have.merge(ports),
                         None => grants.push((r.proto, ports.clone())),
@@ -438,6 +505,11 @@ pub fn default_allowed(src: &dyn Member, dst: &dyn Member) -> Option<Ports> {
         (Some(a), Some(b)) if a == b => Some(Ports::Any),
         _ => None,
     }
+}
+
+/// Whether the network `net/len` holds all of `route`.
+fn covers(net: IpAddr, len: u8, (addr, rlen): Route) -> bool {
+    len <= rlen && in_net(addr, net, len)
 }
 
 fn in_net(a: IpAddr, net: IpAddr, len: u8) -> bool {
@@ -576,6 +648,50 @@ mod tests {
         let eng = G("alice@acme.com", vec!["eng".into()]);
         assert_eq!(p.allowed(&ops, &eng), Some(Ports::Ranges(vec![(22, 22)])));
         assert_eq!(p.allowed(&eng, &ops), None);
+    }
+
+    #[test]
+    fn routes_are_approved_by_the_routes_section_and_reached_per_acl() {
+        let p = Policy::parse(
+            r#"{
+  "acls": [
+    {"action": "accept", "src": ["alice@acme.com"], "dst": ["10.0.5.0/24:*"]},
+    {"action": "accept", "src": ["bob@acme.com"], "dst": ["10.0.5.0/25:22", "tag:connector:*"]}
+  ],
+  "routes": {"10.0.0.0/16": ["tag:connector", "carol@acme.com"]}
+}"#,
+        )
+        .unwrap();
+        let connector = m(None, &["connector"], "100.64.0.9");
+        let carol = m(Some("carol@acme.com"), &[], "100.64.0.8");
+        let other = m(None, &["web"], "100.64.0.7");
+        let route = parse_route("10.0.5.0/24").unwrap();
+        assert!(p.approves_route(&connector, route));
+        assert!(p.approves_route(&carol, route));
+        assert!(!p.approves_route(&other, route), "not an approver");
+        assert!(
+            !p.approves_route(&connector, parse_route("10.1.0.0/24").unwrap()),
+            "outside the approved CIDR"
+        );
+        assert!(
+            !p.approves_route(&connector, parse_route("10.0.0.0/8").unwrap()),
+            "wider than the approved CIDR"
+        );
+        let alice = m(Some("alice@acme.com"), &[], "100.64.0.1");
+        let bob = m(Some("bob@acme.com"), &[], "100.64.0.2");
+        assert_eq!(
+            p.route_grants(&alice, route),
+            vec![(Proto::Any, Ports::Any)]
+        );
+        // A /25 rule does not cover the /24 route; tag:connector names the
+        // connector, not the subnet behind it.
+        assert!(p.route_grants(&bob, route).is_empty());
+        assert_eq!(p.allowed(&bob, &connector), Some(Ports::Any));
+        assert!(p.route_grants(&connector, route).is_empty());
+        let e = Policy::parse(r#"{"routes": {"10.0.5.0": ["tag:c"]}}"#).unwrap_err();
+        assert!(e.message.contains("not a CIDR"), "{e}");
+        let e = Policy::parse(r#"{"routes": {"10.0.5.0/24": ["nonsense"]}}"#).unwrap_err();
+        assert!(e.message.contains("not a selector"), "{e}");
     }
 
     #[test]

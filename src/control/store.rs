@@ -131,6 +131,15 @@ pub struct SetupKeySpec {
     pub ttl_s: i64,
 }
 
+/// One route of one device: advertised now or not, and an admin's
+/// decision (`approved`, `revoked`, or empty: the policy decides).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRow {
+    pub route: String,
+    pub advertised: bool,
+    pub decision: String,
+}
+
 pub struct Store {
     db: Db,
     /// This deployment's IPv6 ULA /48: made once, never changes.
@@ -607,6 +616,105 @@ impl Store {
         Ok(out)
     }
 
+    /// Replace the routes a device advertises (validated by the caller).
+    /// Admins' decisions stay with each route; the serial moves only when
+    /// the advertised set changed.
+    pub fn set_routes(&mut self, device_id: i64, routes: &[String]) -> Result<bool, StoreError> {
+        let mut wanted: Vec<&str> = routes.iter().map(String::as_str).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        self.db.write(|tx| {
+            let rows = tx.query(
+                &format!(
+                    "SELECT route FROM device_routes WHERE device_id = ?1 AND advertised = 1{}",
+                    tx.lock_clause()
+                ),
+                &[Arg::Int(device_id)],
+            )?;
+            let mut have = rows
+                .iter()
+                .map(|r| r.text(0))
+                .collect::<Result<Vec<_>, _>>()?;
+            have.sort_unstable();
+            if have == wanted {
+                return Ok(false);
+            }
+            tx.execute(
+                "UPDATE device_routes SET advertised = 0 WHERE device_id = ?1",
+                &[Arg::Int(device_id)],
+            )?;
+            for r in &wanted {
+                tx.execute(
+                    "INSERT INTO device_routes (device_id, route, advertised, decision)
+                     VALUES (?1, ?2, 1, '')
+                     ON CONFLICT (device_id, route) DO UPDATE SET advertised = 1",
+                    &[Arg::Int(device_id), Arg::Text(r)],
+                )?;
+            }
+            tx.bump_serial()?;
+            Ok(true)
+        })
+    }
+
+    /// Record an admin's decision on a device's route: `approved`,
+    /// `revoked`, or `` (the policy decides). False if it was already so.
+    pub fn decide_route(
+        &mut self,
+        device_id: i64,
+        route: &str,
+        decision: &str,
+    ) -> Result<bool, StoreError> {
+        self.db.write(|tx| {
+            let old = tx.query_opt(
+                &format!(
+                    "SELECT decision FROM device_routes WHERE device_id = ?1 AND route = ?2{}",
+                    tx.lock_clause()
+                ),
+                &[Arg::Int(device_id), Arg::Text(route)],
+            )?;
+            if let Some(r) = old
+                && r.text(0)? == decision
+            {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO device_routes (device_id, route, advertised, decision)
+                 VALUES (?1, ?2, 0, ?3)
+                 ON CONFLICT (device_id, route) DO UPDATE SET decision = excluded.decision",
+                &[Arg::Int(device_id), Arg::Text(route), Arg::Text(decision)],
+            )?;
+            tx.bump_serial()?;
+            Ok(true)
+        })
+    }
+
+    /// Routes by device id: of one organisation, or of all.
+    pub fn routes(
+        &self,
+        org_id: Option<i64>,
+    ) -> Result<std::collections::HashMap<i64, Vec<RouteRow>>, StoreError> {
+        let sql = "SELECT r.device_id, r.route, r.advertised, r.decision FROM device_routes r
+             JOIN devices d ON d.id = r.device_id";
+        let rows = match org_id {
+            Some(o) => self.db.query(
+                &format!("{sql} WHERE d.org_id = ?1 ORDER BY r.device_id, r.route"),
+                &[Arg::Int(o)],
+            )?,
+            None => self
+                .db
+                .query(&format!("{sql} ORDER BY r.device_id, r.route"), &[])?,
+        };
+        let mut out: std::collections::HashMap<i64, Vec<RouteRow>> = Default::default();
+        for r in rows {
+            out.entry(r.int(0)?).or_default().push(RouteRow {
+                route: r.text(1)?,
+                advertised: r.int(2)? != 0,
+                decision: r.text(3)?,
+            });
+        }
+        Ok(out)
+    }
+
     /// The id of an organisation by name.
     pub fn organisation(&self, name: &str) -> Result<Option<i64>, StoreError> {
         match self
@@ -1022,6 +1130,27 @@ mod tests {
 
     /// Two replicas (two connections) enrol at once with one reusable
     /// key and one hostname: every device gets its own address and name.
+    /// Advertised routes replace each other; decisions stay.
+    fn routes(mut s: Store) {
+        let k = s.create_setup_key(&spec("acme.com", None, false)).unwrap();
+        let (a, _) = s.register(&k.key, "pk-routes", "c").unwrap().unwrap();
+        let list = vec!["10.0.5.0/24".to_string(), "10.0.6.0/24".to_string()];
+        assert!(s.set_routes(a.id, &list).unwrap());
+        let serial = s.serial().unwrap();
+        assert!(!s.set_routes(a.id, &list).unwrap());
+        assert_eq!(s.serial().unwrap(), serial);
+        assert!(s.decide_route(a.id, "10.0.5.0/24", "approved").unwrap());
+        assert!(!s.decide_route(a.id, "10.0.5.0/24", "approved").unwrap());
+        assert!(s.set_routes(a.id, &list[1..]).unwrap());
+        let r = &s.routes(Some(a.org_id)).unwrap()[&a.id];
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            (r[0].route.as_str(), r[0].advertised, r[0].decision.as_str()),
+            ("10.0.5.0/24", false, "approved")
+        );
+        assert_eq!((r[1].advertised, r[1].decision.as_str()), (true, ""));
+    }
+
     fn concurrent(open: impl Fn() -> Store) {
         let key = open()
             .create_setup_key(&spec("acme.com", None, true))
@@ -1061,6 +1190,8 @@ mod tests {
         sso_logins(Store::open(dir.path()).unwrap());
         let dir = tempfile::tempdir().unwrap();
         endpoints(Store::open(dir.path()).unwrap());
+        let routes_dir = tempfile::tempdir().unwrap();
+        routes(Store::open(routes_dir.path()).unwrap());
         let dir = tempfile::tempdir().unwrap();
         concurrent(|| Store::open(dir.path()).unwrap());
         // Opening again finds the schema current.
@@ -1097,6 +1228,7 @@ mod tests {
         enrolment(connect(&pg.create_db("enrolment")));
         sso_logins(connect(&pg.create_db("logins")));
         endpoints(connect(&pg.create_db("endpoints")));
+        routes(connect(&pg.create_db("routes")));
         let url = pg.create_db("concurrent");
         concurrent(|| connect(&url));
         let url = crate::control::config::PostgresUrl::parse(&url).unwrap();

@@ -7,10 +7,13 @@
 //! built-in mail catcher), then acts as the Visitor for each Public hostname
 //! and prints what happened on every hop. Every step is
 //! bounded in time; everything stops by itself unless `--keep-running`.
+//!
+//! `runewarp demo mesh` runs the mesh instead ([`mesh`]).
 
 mod backend;
 mod gate;
 mod material;
+mod mesh;
 mod report;
 mod visitor;
 
@@ -74,6 +77,9 @@ const STEPS: usize = 9;
 /// Run the demo; 0 when both Visitor requests were answered as expected.
 pub async fn run(args: DemoArgs) -> ExitCode {
     logging::init(LogLevel::Warn);
+    if let Some(crate::cli::DemoCommand::Mesh) = args.command {
+        return mesh::run(args.keep_running).await;
+    }
     tls::install_crypto_provider();
     // From here on, Ctrl-C ends the demo in an orderly way (stop the
     // Server and the Client instance, remove the directory).

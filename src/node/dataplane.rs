@@ -477,6 +477,7 @@ impl Plane {
     /// only what changed.
     fn apply(&mut self, map: &NetworkMap) {
         self.filter.set_rules(&map.filter);
+        self.filter.set_local(&map.node.addresses);
         let mut wanted: HashMap<[u8; 32], &crate::mesh_protocol::Peer> = HashMap::new();
         for p in &map.peers {
             match crate::mesh_protocol::public_key_bytes(&p.public_key) {

@@ -13,6 +13,10 @@
 //! - Replies: outbound TCP SYNs, UDP datagrams and echo requests open a
 //!   flow; inbound packets of the reversed flow pass. ICMP errors pass
 //!   when the packet they quote belongs to a known flow.
+//! - Destinations: a rule admits packets for this device's own addresses
+//!   ([`Filter::set_local`]); a rule with `destinations` (a Subnet
+//!   Connector's approved routes) admits packets for those instead, which
+//!   the kernel then forwards into the subnet.
 //! - Anything else (other protocols, non-first fragments, malformed
 //!   headers) is dropped.
 
@@ -108,6 +112,8 @@ struct Rule {
     ports: PortSet,
     /// The one protocol the rule admits (None: TCP, UDP and echo).
     proto: Option<u8>,
+    /// Where the packets may go (empty: this device's own addresses).
+    destinations: Vec<Net>,
 }
 
 impl Rule {
@@ -118,6 +124,17 @@ impl Rule {
             Some(ICMP) => matches!(proto, ICMP | ICMPV6),
             Some(p) => p == proto,
         }
+    }
+
+    /// Whether the rule is for packets to `dst`, given this device's own
+    /// addresses (`local`; none known: any destination).
+    fn reaches(&self, dst: IpAddr, local: &[Net]) -> bool {
+        let nets = if self.destinations.is_empty() {
+            local
+        } else {
+            &self.destinations
+        };
+        (self.destinations.is_empty() && local.is_empty()) || nets.iter().any(|n| n.contains(dst))
     }
 }
 
@@ -294,6 +311,8 @@ impl Drop {
 #[derive(Debug, Default)]
 pub struct Filter {
     rules: Vec<Rule>,
+    /// This device's own addresses (from the map).
+    local: Vec<Net>,
     flows: HashMap<Flow, Instant>,
 }
 
@@ -323,9 +342,20 @@ impl Filter {
                     sources: r.sources.iter().filter_map(|s| Net::parse(s)).collect(),
                     ports: PortSet::parse(&r.ports)?,
                     proto,
+                    destinations: r
+                        .destinations
+                        .iter()
+                        .filter_map(|s| Net::parse(s))
+                        .collect(),
                 })
             })
             .collect();
+    }
+
+    /// This device's own addresses: rules without `destinations` admit
+    /// packets for these only.
+    pub fn set_local(&mut self, addresses: &[String]) {
+        self.local = addresses.iter().filter_map(|a| Net::parse(a)).collect();
     }
 
     /// Record a packet going out to a peer: TCP SYNs, UDP and echo
@@ -388,7 +418,8 @@ impl Filter {
         let mut by_source = self
             .rules
             .iter()
-            .filter(|r| r.sources.iter().any(|n| n.contains(h.src)));
+            .filter(|r| r.sources.iter().any(|n| n.contains(h.src)))
+            .filter(|r| r.reaches(h.dst, &self.local));
         let admitted = match h.kind {
             Kind::Tcp { dport, .. } | Kind::Udp { dport, .. } => {
                 by_source.any(|r| r.admits(h.proto) && r.ports.contains(dport))
@@ -478,7 +509,52 @@ mod tests {
             sources: sources.iter().map(|s| s.to_string()).collect(),
             ports: ports.into(),
             proto: proto.map(str::to_string),
+            destinations: vec![],
         }
+    }
+
+    #[test]
+    fn subnet_rules_admit_their_destinations_and_local_rules_only_this_device() {
+        let now = Instant::now();
+        let mut f = Filter::default();
+        let mut subnet = rule(&["100.64.0.2/32"], "80", Some("tcp"));
+        subnet.destinations = vec!["10.0.5.0/24".into()];
+        f.set_rules(&[rule(&["100.64.0.3/32"], "*", None), subnet]);
+        f.set_local(&["100.64.0.1/32".into(), "fd00::1/128".into()]);
+        let host = [10, 0, 5, 10];
+        // PEER may reach the subnet on tcp/80, not this device, not ping.
+        assert_eq!(
+            f.inbound(&v4(PEER, host, TCP, &tcp(4000, 80, SYN)), now),
+            Ok(())
+        );
+        assert_eq!(
+            f.inbound(&v4(PEER, host, TCP, &tcp(4000, 22, SYN)), now),
+            Err(Drop::NoRule)
+        );
+        assert_eq!(
+            f.inbound(&v4(PEER, ME, TCP, &tcp(4000, 80, SYN)), now),
+            Err(Drop::NoRule)
+        );
+        assert_eq!(
+            f.inbound(&v4(PEER, [10, 0, 6, 1], TCP, &tcp(4000, 80, SYN)), now),
+            Err(Drop::NoRule)
+        );
+        // OTHER may reach this device on anything, but never the subnet
+        // or any other address the kernel would forward to.
+        assert_eq!(f.inbound(&v4(OTHER, ME, ICMP, &echo(8, 1)), now), Ok(()));
+        assert_eq!(
+            f.inbound(&v4(OTHER, host, ICMP, &echo(8, 1)), now),
+            Err(Drop::NoRule)
+        );
+        assert_eq!(
+            f.inbound(&v4(OTHER, [192, 0, 2, 1], UDP, &udp(1, 53)), now),
+            Err(Drop::NoRule)
+        );
+        // The peer's side: a reply from the subnet host to its own flow.
+        let mut p = Filter::default();
+        p.set_local(&["100.64.0.2/32".into()]);
+        p.outbound(&v4(PEER, host, ICMP, &echo(8, 9)), now);
+        assert_eq!(p.inbound(&v4(host, PEER, ICMP, &echo(0, 9)), now), Ok(()));
     }
 
     #[test]

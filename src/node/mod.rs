@@ -8,11 +8,13 @@
 //!
 //! With `--tun NAME` it also runs the data plane ([`dataplane`]):
 //! userspace WireGuard to every peer in the map, with the map's packet
-//! filter ([`filter`]) on what arrives.
+//! filter ([`filter`]) on what arrives. With `--advertise-routes` it is
+//! also a Subnet Connector ([`subnet_connector`]).
 
 pub mod dataplane;
 pub mod filter;
 mod route;
+pub mod subnet_connector;
 
 pub mod down;
 
@@ -753,6 +755,9 @@ pub fn status(state_dir: &Path) -> Result<String, NodeError> {
             let map: NetworkMap = serde_json::from_slice(&b)
                 .map_err(|err| NodeError::Usage(format!("{}: {err}", path.display())))?;
             out += &format!("map serial: {}\npeers: {}\n", map.serial, map.peers.len());
+            if !map.node.routes.is_empty() {
+                out += &format!("serving routes: {}\n", map.node.routes.join(", "));
+            }
             let plane = dataplane::load_status(state_dir);
             for p in &map.peers {
                 out += &format!(
@@ -761,6 +766,10 @@ pub fn status(state_dir: &Path) -> Result<String, NodeError> {
                     p.allowed_ips.first().map(String::as_str).unwrap_or("-"),
                     p.user.as_deref().unwrap_or("-")
                 );
+                // Beyond its own /32 and /128: subnets it serves to us.
+                if let Some(routes) = p.allowed_ips.get(2..).filter(|r| !r.is_empty()) {
+                    out += &format!("\troutes {}", routes.join(","));
+                }
                 if let Some(s) = plane
                     .as_ref()
                     .and_then(|s| s.peers.iter().find(|s| s.public_key == p.public_key))
