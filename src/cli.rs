@@ -288,6 +288,10 @@ pub enum ControlCommand {
     Policy(PolicyCommand),
     /// List the users who signed in (SSO), their groups and admin status.
     Users,
+    /// Print the public key that signs relay tokens, for `[server.relay]
+    /// control-key` (the key is made in the state dir on first use).
+    #[command(name = "relay-key")]
+    RelayKey,
 }
 
 #[derive(Debug, Subcommand, Clone)]

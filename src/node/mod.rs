@@ -12,6 +12,7 @@
 
 pub mod dataplane;
 pub mod filter;
+pub mod relay_client;
 mod route;
 
 pub mod down;

@@ -1,0 +1,222 @@
+//! The node's relayed path: it registers with the map's relay
+//! ([`crate::relay_server`], frames in [`crate::relay_protocol`]) from the
+//! node's one UDP socket, so the relay sees the same NAT mapping WireGuard
+//! and the probes use; re-registers every 25 s (which also keeps that
+//! mapping) and whenever the token changes; wraps WireGuard datagrams for
+//! peers without a confirmed direct path in send frames; and unwraps the
+//! relay's receive frames, which name the sending peer by its public key.
+//!
+//! Which path a packet takes is [`route`] (MESH.md's path rule).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use tokio::net::UdpSocket;
+
+use crate::mesh_protocol::RelayInfo;
+use crate::relay_protocol::{self as wire, Frame};
+use crate::stun;
+
+/// Re-registration interval (also the NAT keepalive towards the relay).
+const KEEPALIVE: Duration = Duration::from_secs(25);
+/// An unanswered registration is retried after this long.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Where one WireGuard datagram for a peer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Plain UDP to this address.
+    Udp(SocketAddr),
+    /// A send frame to the relay at this address.
+    Relay(SocketAddr),
+    /// Nowhere (no endpoint, no relay).
+    None,
+}
+
+/// MESH.md's path rule: a confirmed direct endpoint, else the relay (when
+/// the map lists one and this node holds a token), else the first map
+/// candidate.
+pub fn route(
+    direct: Option<SocketAddr>,
+    relay: Option<SocketAddr>,
+    candidate: Option<SocketAddr>,
+) -> Route {
+    match (direct, relay, candidate) {
+        (Some(d), _, _) => Route::Udp(d),
+        (None, Some(r), _) => Route::Relay(r),
+        (None, None, Some(c)) => Route::Udp(c),
+        (None, None, None) => Route::None,
+    }
+}
+
+/// The relay this node uses, and its registration.
+#[derive(Default)]
+pub struct RelayClient {
+    /// The map entry in use (name, address text, token).
+    current: Option<RelayInfo>,
+    addr: Option<SocketAddr>,
+    token: Vec<u8>,
+    /// When the last registration was sent, and whether the relay has
+    /// acknowledged one for the current token.
+    sent_at: Option<Instant>,
+    acked: bool,
+    /// The STUN request in flight to the relay.
+    stun_id: Option<stun::TransactionId>,
+    /// The address the relay sees this node at.
+    pub reflexive: Option<SocketAddr>,
+    frame: Vec<u8>,
+}
+
+impl RelayClient {
+    /// The relay to send frames to, once this node holds a token for it.
+    pub fn target(&self) -> Option<SocketAddr> {
+        self.addr.filter(|_| !self.token.is_empty())
+    }
+
+    /// Follow the map's `relays` (the first one is used).
+    pub fn apply(&mut self, relays: &[RelayInfo]) {
+        let Some(r) = relays.first() else {
+            if self.current.take().is_some() {
+                tracing::info!(event = "relay_dropped", reason = "map");
+            }
+            *self = Self::default();
+            return;
+        };
+        if self.current.as_ref() == Some(r) {
+            return;
+        }
+        let moved = self.current.as_ref().is_none_or(|c| c.address != r.address);
+        if moved {
+            // The map's address is a literal or a name (resolved once per
+            // change; a name that does not resolve leaves no relay).
+            self.addr = r
+                .address
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.find(|a| a.is_ipv4()));
+            if self.addr.is_none() {
+                tracing::warn!(event = "relay_unresolved", relay = %r.name, address = %r.address);
+            }
+        }
+        self.token = base64::engine::general_purpose::STANDARD
+            .decode(&r.token)
+            .unwrap_or_default();
+        self.current = Some(r.clone());
+        // Register at the next tick.
+        self.sent_at = None;
+        self.acked = false;
+    }
+
+    /// Register when due; on the node's socket.
+    pub async fn tick(&mut self, udp: &UdpSocket) {
+        let Some(addr) = self.target() else { return };
+        let wait = if self.acked { KEEPALIVE } else { RETRY };
+        if self.sent_at.is_some_and(|t| t.elapsed() < wait) {
+            return;
+        }
+        self.sent_at = Some(Instant::now());
+        if let Err(e) = udp.send_to(&wire::register(&self.token), addr).await {
+            tracing::debug!(event = "relay_register_failed", relay = %addr, error = %e);
+        }
+        // Ask for the reflexive address too, while the path is fresh.
+        let id: stun::TransactionId = rand::random();
+        self.stun_id = Some(id);
+        let _ = udp.send_to(&stun::binding_request(id), addr).await;
+    }
+
+    /// Send `datagram` (WireGuard) to the peer `to` through the relay.
+    pub async fn send(
+        &mut self,
+        udp: &UdpSocket,
+        relay: SocketAddr,
+        to: &[u8; 32],
+        datagram: &[u8],
+    ) {
+        wire::send_into(&mut self.frame, to, datagram);
+        if let Err(e) = udp.send_to(&self.frame, relay).await {
+            tracing::debug!(event = "relay_send_failed", relay = %relay, error = %e);
+        }
+    }
+
+    /// A relay frame from `from`: the source key and the WireGuard
+    /// datagram of a receive frame; registration answers are taken in.
+    pub fn receive<'a>(&mut self, d: &'a [u8], from: SocketAddr) -> Option<([u8; 32], &'a [u8])> {
+        if Some(from) != self.addr {
+            return None;
+        }
+        match wire::parse(d)? {
+            Frame::Receive { from, payload } => Some((from, payload)),
+            Frame::Registered { idle_s } => {
+                if !self.acked {
+                    tracing::info!(event = "relay_registered", relay = %self.current.as_ref().map(|c| c.name.as_str()).unwrap_or("-"), address = %from, idle_s);
+                }
+                self.acked = true;
+                None
+            }
+            Frame::Error(why) => {
+                tracing::warn!(event = "relay_refused", address = %from, reason = why.as_str());
+                self.acked = false;
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// A STUN datagram: the relay's answer to this node's request, if it
+    /// is one.
+    pub fn stun(&mut self, d: &[u8], from: SocketAddr) {
+        let Some(id) = self.stun_id.filter(|_| Some(from) == self.addr) else {
+            return;
+        };
+        if let Some(a) = stun::parse_response(d, id) {
+            self.stun_id = None;
+            if self.reflexive != Some(a) {
+                tracing::info!(event = "reflexive_address", address = %a, via = %from);
+                self.reflexive = Some(a);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_path_rule() {
+        let (d, r, c): (SocketAddr, SocketAddr, SocketAddr) = (
+            "192.0.2.1:1".parse().unwrap(),
+            "192.0.2.2:2".parse().unwrap(),
+            "192.0.2.3:3".parse().unwrap(),
+        );
+        assert_eq!(route(Some(d), Some(r), Some(c)), Route::Udp(d));
+        assert_eq!(route(None, Some(r), Some(c)), Route::Relay(r));
+        assert_eq!(route(None, None, Some(c)), Route::Udp(c));
+        assert_eq!(route(None, None, None), Route::None);
+    }
+
+    #[test]
+    fn frames_only_count_from_the_relay() {
+        let mut c = RelayClient::default();
+        let relay = RelayInfo {
+            name: "r".into(),
+            address: "192.0.2.9:3478".into(),
+            tcp_address: None,
+            token: base64::engine::general_purpose::STANDARD.encode([1u8; 8]),
+            expires_unix: 0,
+        };
+        c.apply(std::slice::from_ref(&relay));
+        let at: SocketAddr = "192.0.2.9:3478".parse().unwrap();
+        assert_eq!(c.target(), Some(at));
+        let mut f = Vec::new();
+        wire::receive_into(&mut f, &[3; 32], b"wg");
+        assert_eq!(c.receive(&f, at), Some(([3; 32], &b"wg"[..])));
+        assert_eq!(c.receive(&f, "192.0.2.8:3478".parse().unwrap()), None);
+        assert!(!c.acked);
+        c.receive(&wire::registered(90), at);
+        assert!(c.acked);
+        c.apply(&[]);
+        assert_eq!(c.target(), None);
+    }
+}
