@@ -226,6 +226,14 @@ pub fn verify(control_key: &[u8; 32], token: &[u8], now_unix: u64) -> Result<Cla
     Ok(claims)
 }
 
+/// Seconds since the Unix epoch (token expiries count in them).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// The public half of a signing key, as the relay's `control-key` takes it.
 pub fn public_key(key: &Ed25519KeyPair) -> [u8; 32] {
     let mut out = [0u8; 32];

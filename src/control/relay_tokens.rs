@@ -24,13 +24,7 @@ pub const TOKEN_TTL: Duration = Duration::from_secs(600);
 /// is left.
 pub const REFRESH_BEFORE: Duration = Duration::from_secs(300);
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use crate::relay_protocol::unix_now;
 
 /// The key in `state_dir`, made on first use.
 pub fn load_or_create(state_dir: &Path) -> Result<Ed25519KeyPair, String> {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 
 use crate::config::RelayServerConfig;
-use crate::relay_protocol::{self as wire, Frame, Refusal};
+use crate::relay_protocol::{self as wire, Frame, Refusal, unix_now};
 use crate::shutdown::Shutdown;
 use crate::stun;
 
@@ -355,13 +355,6 @@ impl RelayServer {
         }
         tracing::info!(event = "relay_stopped");
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
