@@ -4,7 +4,9 @@
 //! form), one node behind each. Pings cross the mesh both ways through the
 //! relay, `node status` says `relay`, a capture in the relay's namespace
 //! holds the relay frames but never the pings' plaintext, and a device of
-//! another organisation cannot reach the nodes through the relay.
+//! another organisation cannot reach the nodes through the relay. With
+//! UDP blocked behind one NAT, that node falls back to TCP (the tunnel
+//! Server's public listener hands the connection to the relay).
 //! Opt-in: `RUNEWARP_TEST_NETNS=1`, as root (iproute2, nftables, ping,
 //! python3). Everything stays inside the namespaces the test makes; they,
 //! the `/etc/netns` entries and the processes go on drop.
@@ -424,7 +426,7 @@ fn nodes_behind_random_port_nat_talk_through_the_relay_which_sees_only_ciphertex
         home.join("control.toml"),
         format!(
             "[control]\nlisten-address = \"{SERVER}:7443\"\nhostname = \"{CONTROL_NAME}\"\nstate-dir = \"control-state\"\n\
-             [[control.relays]]\nname = \"r1\"\naddress = \"{SERVER}:3478\"\n"
+             [[control.relays]]\nname = \"r1\"\naddress = \"{SERVER}:3478\"\ntcp-address = \"{SERVER}:8443\"\n"
         ),
     )
     .unwrap();
@@ -592,6 +594,34 @@ fn nodes_behind_random_port_nat_talk_through_the_relay_which_sees_only_ciphertex
          TCP {mib} MiB: plain (veth + NAT) {plain:.0} Mbit/s, through the relay {relayed:.0} Mbit/s",
         first_after_up.as_millis(),
         first.as_millis(),
+    );
+
+    // UDP blocked behind the first NAT: the restarted node falls back to
+    // TCP to the tunnel Server's public listener, which hands the
+    // connection to the relay; pings still cross both ways.
+    drop(a);
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            net.ns(1),
+            "nft",
+            "add table ip f; add chain ip f fw { type filter hook forward priority 0; }; add rule ip f fw meta l4proto udp drop",
+        ],
+    );
+    let mut a = node(h1, "a", &alice, true);
+    a.wait("relay_tcp_fallback", &[], up);
+    a.wait("relay_registered", &["tcp=true"], up);
+    wait_until(
+        "a pings b over the TCP fallback",
+        Duration::from_secs(15),
+        || net.ping(h1, &b4, 2),
+    );
+    assert!(net.ping(h2, &a4, 2), "b pings a over a's TCP fallback");
+    let over_tcp = throughput(&net, h1, h2, &b4, mib);
+    eprintln!(
+        "TCP {mib} MiB through the relay's TCP fallback (UDP blocked at a's NAT): {over_tcp:.0} Mbit/s"
     );
     drop((a, b, relay, control));
     drop(net);

@@ -354,6 +354,11 @@ impl Plane {
                     Ok((n, from)) => self.incoming(&from_udp[..n], from).await,
                     Err(e) => tracing::debug!(event = "udp_read_failed", error = %e),
                 },
+                Some(frame) = self.relay.tcp_frame() => {
+                    if let Some(at) = self.relay.target() {
+                        self.incoming(&frame, at).await;
+                    }
+                }
                 changed = maps.changed() => {
                     if changed.is_err() {
                         break;

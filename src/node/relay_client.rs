@@ -22,6 +22,80 @@ use crate::stun;
 const KEEPALIVE: Duration = Duration::from_secs(25);
 /// An unanswered registration is retried after this long.
 const RETRY: Duration = Duration::from_secs(2);
+/// Unanswered UDP registrations before the node falls back to TCP (when
+/// the relay has a `tcp_address`).
+const UDP_TRIES: u32 = 3;
+/// Frames queued towards the relay's TCP connection.
+const TCP_QUEUE: usize = 256;
+
+/// The TCP fallback: a task that holds the connection, frames each way
+/// with a u16 length prefix.
+struct TcpLink {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TcpLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TcpLink {
+    fn start(address: String) -> Self {
+        let (tx, mut outbound) = tokio::sync::mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+        let (inbound, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+        let task = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let tcp = match tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::net::TcpStream::connect(&address),
+            )
+            .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::warn!(event = "relay_tcp_failed", address = %address, error = %e);
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(event = "relay_tcp_failed", address = %address, error = "timed out");
+                    return;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            tracing::info!(event = "relay_tcp_connected", address = %address);
+            let (mut rd, mut wr) = tcp.into_split();
+            let writer = async move {
+                while let Some(f) = outbound.recv().await {
+                    let len = (f.len() as u16).to_be_bytes();
+                    if wr.write_all(&len).await.is_err() || wr.write_all(&f).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let reader = async move {
+                let mut len = [0u8; 2];
+                loop {
+                    if rd.read_exact(&mut len).await.is_err() {
+                        break;
+                    }
+                    let mut f = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    if rd.read_exact(&mut f).await.is_err() || inbound.send(f).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = writer => {}
+                _ = reader => {}
+            }
+            tracing::info!(event = "relay_tcp_closed", address = %address);
+        });
+        Self { tx, rx, task }
+    }
+}
 
 /// Where one WireGuard datagram for a peer goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +140,9 @@ pub struct RelayClient {
     /// The address the relay sees this node at.
     pub reflexive: Option<SocketAddr>,
     frame: Vec<u8>,
+    /// UDP registrations sent without an answer.
+    unanswered: u32,
+    tcp: Option<TcpLink>,
 }
 
 impl RelayClient {
@@ -88,6 +165,8 @@ impl RelayClient {
         }
         let moved = self.current.as_ref().is_none_or(|c| c.address != r.address);
         if moved {
+            self.tcp = None;
+            self.unanswered = 0;
             // The map's address is a literal or a name (resolved once per
             // change; a name that does not resolve leaves no relay).
             self.addr = r
@@ -116,13 +195,50 @@ impl RelayClient {
             return;
         }
         self.sent_at = Some(Instant::now());
-        if let Err(e) = udp.send_to(&wire::register(&self.token), addr).await {
-            tracing::debug!(event = "relay_register_failed", relay = %addr, error = %e);
+        if !self.acked && self.tcp.is_none() {
+            self.unanswered += 1;
+            if self.unanswered > UDP_TRIES
+                && let Some(tcp) = self.current.as_ref().and_then(|c| c.tcp_address.clone())
+            {
+                tracing::info!(event = "relay_tcp_fallback", address = %tcp, unanswered = self.unanswered - 1);
+                self.tcp = Some(TcpLink::start(tcp));
+            }
         }
-        // Ask for the reflexive address too, while the path is fresh.
-        let id: stun::TransactionId = rand::random();
-        self.stun_id = Some(id);
-        let _ = udp.send_to(&stun::binding_request(id), addr).await;
+        let frame = wire::register(&self.token);
+        self.transmit(udp, addr, &frame).await;
+        if self.tcp.is_none() {
+            // Ask for the reflexive address too, while the path is fresh.
+            let id: stun::TransactionId = rand::random();
+            self.stun_id = Some(id);
+            let _ = udp.send_to(&stun::binding_request(id), addr).await;
+        }
+    }
+
+    /// One frame to the relay: over the TCP fallback when it is up, else
+    /// UDP.
+    async fn transmit(&self, udp: &UdpSocket, relay: SocketAddr, frame: &[u8]) {
+        if let Some(link) = &self.tcp {
+            // Full: dropped, as a congested UDP path would.
+            let _ = link.tx.try_send(frame.to_vec());
+        } else if let Err(e) = udp.send_to(frame, relay).await {
+            tracing::debug!(event = "relay_send_failed", relay = %relay, error = %e);
+        }
+    }
+
+    /// The next frame from the relay's TCP connection (pending without
+    /// one); a closed connection is dropped (the next tick registers
+    /// over UDP again, then falls back anew).
+    pub async fn tcp_frame(&mut self) -> Option<Vec<u8>> {
+        let Some(link) = &mut self.tcp else {
+            return std::future::pending().await;
+        };
+        let frame = link.rx.recv().await;
+        if frame.is_none() {
+            self.tcp = None;
+            self.acked = false;
+            self.unanswered = 0;
+        }
+        frame
     }
 
     /// Send `datagram` (WireGuard) to the peer `to` through the relay.
@@ -133,10 +249,10 @@ impl RelayClient {
         to: &[u8; 32],
         datagram: &[u8],
     ) {
-        wire::send_into(&mut self.frame, to, datagram);
-        if let Err(e) = udp.send_to(&self.frame, relay).await {
-            tracing::debug!(event = "relay_send_failed", relay = %relay, error = %e);
-        }
+        let mut frame = std::mem::take(&mut self.frame);
+        wire::send_into(&mut frame, to, datagram);
+        self.transmit(udp, relay, &frame).await;
+        self.frame = frame;
     }
 
     /// A relay frame from `from`: the source key and the WireGuard
@@ -148,8 +264,9 @@ impl RelayClient {
         match wire::parse(d)? {
             Frame::Receive { from, payload } => Some((from, payload)),
             Frame::Registered { idle_s } => {
+                self.unanswered = 0;
                 if !self.acked {
-                    tracing::info!(event = "relay_registered", relay = %self.current.as_ref().map(|c| c.name.as_str()).unwrap_or("-"), address = %from, idle_s);
+                    tracing::info!(event = "relay_registered", tcp = self.tcp.is_some(), relay = %self.current.as_ref().map(|c| c.name.as_str()).unwrap_or("-"), address = %from, idle_s);
                 }
                 self.acked = true;
                 None

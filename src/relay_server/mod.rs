@@ -57,8 +57,33 @@ pub struct Counters {
     pub dropped_malformed: u64,
 }
 
+/// Where a node is bound: a UDP source address, or a TCP connection
+/// (the fallback, by its peer address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Addr {
+    Udp(SocketAddr),
+    Tcp(SocketAddr),
+}
+
+impl Addr {
+    fn socket(self) -> SocketAddr {
+        match self {
+            Addr::Udp(a) | Addr::Tcp(a) => a,
+        }
+    }
+}
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Addr::Udp(a) => write!(f, "udp/{a}"),
+            Addr::Tcp(a) => write!(f, "tcp/{a}"),
+        }
+    }
+}
+
 struct Binding {
-    addr: SocketAddr,
+    addr: Addr,
     organisation: i64,
     expires_unix: u64,
     seen: Instant,
@@ -69,7 +94,7 @@ struct Binding {
 pub struct Relay {
     control_key: [u8; 32],
     bindings: HashMap<[u8; 32], Binding>,
-    by_addr: HashMap<SocketAddr, [u8; 32]>,
+    by_addr: HashMap<Addr, [u8; 32]>,
     rates: HashMap<IpAddr, (Instant, u32)>,
     pub counters: Counters,
 }
@@ -78,8 +103,8 @@ pub struct Relay {
 /// relay's buffer or owned).
 pub enum Reply<'a> {
     None,
-    To(SocketAddr, Vec<u8>),
-    Forward(SocketAddr, &'a [u8]),
+    To(Addr, Vec<u8>),
+    Forward(Addr, &'a [u8]),
 }
 
 impl Relay {
@@ -119,7 +144,7 @@ impl Relay {
     pub fn handle<'a>(
         &mut self,
         d: &[u8],
-        from: SocketAddr,
+        from: Addr,
         now: Instant,
         now_unix: u64,
         out: &'a mut Vec<u8>,
@@ -129,11 +154,11 @@ impl Relay {
                 self.counters.dropped_malformed += 1;
                 return Reply::None;
             };
-            if !self.admit(from.ip(), now) {
+            if !self.admit(from.socket().ip(), now) {
                 return Reply::None;
             }
             self.counters.stun_answered += 1;
-            return Reply::To(from, stun::binding_response(id, from));
+            return Reply::To(from, stun::binding_response(id, from.socket()));
         }
         match wire::parse(d) {
             Some(Frame::Register { token }) => self.register(token, from, now, now_unix),
@@ -146,7 +171,9 @@ impl Relay {
             }
             None => {
                 self.counters.dropped_malformed += 1;
-                if d.get(3).is_some_and(|v| *v != wire::VERSION) && self.admit(from.ip(), now) {
+                if d.get(3).is_some_and(|v| *v != wire::VERSION)
+                    && self.admit(from.socket().ip(), now)
+                {
                     return Reply::To(from, wire::error(Refusal::Version));
                 }
                 Reply::None
@@ -157,11 +184,11 @@ impl Relay {
     fn register(
         &mut self,
         token: &[u8],
-        from: SocketAddr,
+        from: Addr,
         now: Instant,
         now_unix: u64,
     ) -> Reply<'static> {
-        if !self.admit(from.ip(), now) {
+        if !self.admit(from.socket().ip(), now) {
             // No answer: a flood gets nothing back to amplify.
             return Reply::None;
         }
@@ -214,7 +241,7 @@ impl Relay {
         &mut self,
         to: [u8; 32],
         payload: &[u8],
-        from: SocketAddr,
+        from: Addr,
         now: Instant,
         now_unix: u64,
         out: &'a mut Vec<u8>,
@@ -251,6 +278,13 @@ impl Relay {
         Reply::Forward(dst.addr, out)
     }
 
+    /// A TCP connection closed: its binding goes with it.
+    pub fn closed(&mut self, addr: Addr) {
+        if let Some(key) = self.by_addr.remove(&addr) {
+            self.bindings.remove(&key);
+        }
+    }
+
     /// Drop bindings idle for [`IDLE`], and old rate counts.
     pub fn sweep(&mut self, now: Instant) {
         let before = self.bindings.len();
@@ -280,10 +314,33 @@ impl Relay {
     }
 }
 
+/// TCP fallback connections served at once.
+const MAX_TCP: usize = 10_000;
+/// A TCP connection without a frame for this long is closed.
+const TCP_IDLE: Duration = Duration::from_secs(120);
+/// Frames queued towards one TCP connection; beyond it they are dropped,
+/// as a congested UDP path would.
+const TCP_QUEUE: usize = 256;
+
+/// What the TCP connections tell the relay's task.
+enum TcpEvent {
+    Opened(SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>),
+    Frame(SocketAddr, Vec<u8>),
+    Closed(SocketAddr),
+}
+
+/// Hands TCP connections whose first bytes are a relay frame (the public
+/// listener sniffs `RWR` where TLS would start with 0x16) to the relay.
+pub type TcpHandoff = tokio::sync::mpsc::Sender<(tokio::net::TcpStream, SocketAddr)>;
+
 /// The relay's bound UDP socket, ready to run.
 pub struct RelayServer {
     socket: UdpSocket,
     relay: Relay,
+    handoff: (
+        TcpHandoff,
+        tokio::sync::mpsc::Receiver<(tokio::net::TcpStream, SocketAddr)>,
+    ),
 }
 
 impl RelayServer {
@@ -293,50 +350,77 @@ impl RelayServer {
         Ok(Self {
             socket,
             relay: Relay::new(config.control_key),
+            handoff: tokio::sync::mpsc::channel(64),
         })
     }
 
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.socket.local_addr()
+    /// Where the public listener hands relay connections (TCP fallback).
+    pub fn tcp_handoff(&self) -> TcpHandoff {
+        self.handoff.0.clone()
     }
 
     /// Serve until `shutdown`.
-    pub async fn run(mut self, mut shutdown: Shutdown) {
+    pub async fn run(self, mut shutdown: Shutdown) {
+        let RelayServer {
+            socket,
+            mut relay,
+            handoff: (_, mut handoff),
+        } = self;
         let mut buf = vec![0u8; 65_536];
         let mut out = Vec::with_capacity(65_536 + 64);
         let mut sweep = tokio::time::interval(SWEEP);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut logged = Counters::default();
-        tracing::info!(event = "relay_started", listen = %self.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        let (events_tx, mut events) = tokio::sync::mpsc::channel::<TcpEvent>(1024);
+        let mut conns: HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>> = HashMap::new();
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_TCP));
+        let mut tasks = tokio::task::JoinSet::new();
+        tracing::info!(event = "relay_started", listen = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default());
         loop {
-            tokio::select! {
+            let (d, from): (&[u8], Addr) = tokio::select! {
                 _ = shutdown.wait() => break,
-                r = self.socket.recv_from(&mut buf) => {
-                    let (n, from) = match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::debug!(event = "relay_recv_failed", error = %e);
-                            continue;
-                        }
-                    };
-                    let reply = self.relay.handle(&buf[..n], from, Instant::now(), unix_now(), &mut out);
-                    let sent = match reply {
-                        Reply::None => Ok(0),
-                        Reply::To(to, bytes) => self.socket.send_to(&bytes, to).await,
-                        Reply::Forward(to, bytes) => self.socket.send_to(bytes, to).await,
-                    };
-                    if let Err(e) = sent {
-                        tracing::debug!(event = "relay_send_failed", error = %e);
+                r = socket.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => (&buf[..n], Addr::Udp(from)),
+                    Err(e) => {
+                        tracing::debug!(event = "relay_recv_failed", error = %e);
+                        continue;
                     }
+                },
+                Some(e) = events.recv() => match e {
+                    TcpEvent::Opened(peer, tx) => {
+                        conns.insert(peer, tx);
+                        continue;
+                    }
+                    TcpEvent::Closed(peer) => {
+                        conns.remove(&peer);
+                        relay.closed(Addr::Tcp(peer));
+                        continue;
+                    }
+                    TcpEvent::Frame(peer, frame) => {
+                        let n = frame.len().min(buf.len());
+                        buf[..n].copy_from_slice(&frame[..n]);
+                        (&buf[..n], Addr::Tcp(peer))
+                    }
+                },
+                Some((tcp, peer)) = handoff.recv() => {
+                    match slots.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tasks.spawn(tcp_connection(tcp, peer, events_tx.clone(), permit));
+                        }
+                        Err(_) => tracing::debug!(event = "relay_tcp_refused", peer = %peer, reason = "full"),
+                    }
+                    continue;
                 }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
                 _ = sweep.tick() => {
-                    self.relay.sweep(Instant::now());
-                    let c = self.relay.counters;
+                    relay.sweep(Instant::now());
+                    let c = relay.counters;
                     if c != logged {
                         logged = c;
                         tracing::info!(
                             event = "relay_counters",
-                            bindings = self.relay.bindings(),
+                            bindings = relay.bindings(),
+                            tcp_connections = conns.len(),
                             forwarded = c.forwarded,
                             forwarded_bytes = c.forwarded_bytes,
                             registered = c.registered,
@@ -350,11 +434,113 @@ impl RelayServer {
                             dropped_malformed = c.dropped_malformed,
                         );
                     }
+                    continue;
+                }
+            };
+            let (to, bytes) = match relay.handle(d, from, Instant::now(), unix_now(), &mut out) {
+                Reply::None => continue,
+                Reply::To(to, bytes) => (to, std::borrow::Cow::Owned(bytes)),
+                Reply::Forward(to, bytes) => (to, std::borrow::Cow::Borrowed(bytes)),
+            };
+            match to {
+                Addr::Udp(a) => {
+                    if let Err(e) = socket.send_to(&bytes, a).await {
+                        tracing::debug!(event = "relay_send_failed", error = %e);
+                    }
+                }
+                Addr::Tcp(a) => {
+                    if let Some(tx) = conns.get(&a) {
+                        let _ = tx.try_send(bytes.into_owned());
+                    }
                 }
             }
         }
+        tasks.abort_all();
         tracing::info!(event = "relay_stopped");
     }
+}
+
+/// Whether a connection on the public listener opens with a relay frame
+/// (`RWR`) rather than TLS (0x16): peeks, consuming nothing, until
+/// `deadline`.
+pub async fn is_relay_connection(
+    tcp: &tokio::net::TcpStream,
+    deadline: tokio::time::Instant,
+) -> bool {
+    // The first bytes are the length prefix, then the frame's magic.
+    let mut first = [0u8; 5];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+            Ok(Ok(n)) => n,
+            _ => return false,
+        };
+        if n == 0 || first[0] == 0x16 {
+            return false;
+        }
+        let seen = n.saturating_sub(2).min(3);
+        if n > 2 && first[2..2 + seen] != wire::MAGIC[..seen] {
+            return false;
+        }
+        if n >= 5 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// One TCP fallback connection: frames each way, each preceded by its
+/// length (u16, big-endian).
+async fn tcp_connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    events: tokio::sync::mpsc::Sender<TcpEvent>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.set_nodelay(true);
+    let (mut rd, mut wr) = tcp.into_split();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+    if events.send(TcpEvent::Opened(peer, tx)).await.is_err() {
+        return;
+    }
+    tracing::debug!(event = "relay_tcp_opened", peer = %peer);
+    let writer = async move {
+        while let Some(frame) = rx.recv().await {
+            let len = (frame.len() as u16).to_be_bytes();
+            if wr.write_all(&len).await.is_err() || wr.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    };
+    let reader = async {
+        let mut frame = vec![0u8; 65_535];
+        loop {
+            let mut len = [0u8; 2];
+            let read = async {
+                rd.read_exact(&mut len).await?;
+                let n = usize::from(u16::from_be_bytes(len));
+                rd.read_exact(&mut frame[..n]).await?;
+                Ok::<usize, std::io::Error>(n)
+            };
+            let n = match tokio::time::timeout(TCP_IDLE, read).await {
+                Ok(Ok(n)) => n,
+                _ => break,
+            };
+            if events
+                .send(TcpEvent::Frame(peer, frame[..n].to_vec()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = writer => {}
+        _ = reader => {}
+    }
+    let _ = events.send(TcpEvent::Closed(peer)).await;
+    tracing::debug!(event = "relay_tcp_closed", peer = %peer);
 }
 
 #[cfg(test)]
@@ -391,13 +577,11 @@ mod tests {
         }
         /// The frame sent back to `from`, if any, and where it went.
         fn send(&mut self, d: &[u8], from: &str, unix: u64) -> Option<(SocketAddr, Vec<u8>)> {
-            match self
-                .relay
-                .handle(d, from.parse().unwrap(), self.now, unix, &mut self.out)
-            {
+            let from = Addr::Udp(from.parse().unwrap());
+            match self.relay.handle(d, from, self.now, unix, &mut self.out) {
                 Reply::None => None,
-                Reply::To(a, b) => Some((a, b)),
-                Reply::Forward(a, b) => Some((a, b.to_vec())),
+                Reply::To(a, b) => Some((a.socket(), b)),
+                Reply::Forward(a, b) => Some((a.socket(), b.to_vec())),
             }
         }
     }
@@ -492,5 +676,28 @@ mod tests {
         // Noise is dropped without an answer.
         assert!(e.send(b"hello", a, 10).is_none());
         assert!(e.send(b"RWR\x01\x05", a, 10).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_public_listener_tells_relay_connections_from_tls() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        for (first, relay) in [
+            (&b"\x00\x76RWR\x01\x01"[..], true),
+            (&b"\x16\x03\x01\x02\x00"[..], false),
+            (&b"\x00\x76XYZ"[..], false),
+        ] {
+            let mut c = tokio::net::TcpStream::connect(at).await.unwrap();
+            c.write_all(first).await.unwrap();
+            let (s, _) = listener.accept().await.unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            assert_eq!(is_relay_connection(&s, deadline).await, relay, "{first:?}");
+        }
+        // Silence until the deadline: not a relay connection.
+        let _c = tokio::net::TcpStream::connect(at).await.unwrap();
+        let (s, _) = listener.accept().await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        assert!(!is_relay_connection(&s, deadline).await);
     }
 }

@@ -301,6 +301,8 @@ impl Server {
             let m = registry.metrics().clone();
             crate::metrics::spawn_listener(listener, Arc::new(move || m.render()))
         });
+        let relay_tcp = relay.as_ref().map(|r| r.tcp_handoff());
+        let relay_task = relay.map(|r| tokio::spawn(r.run(shutdown.clone())));
         let public_task = tokio::spawn(public_listener::serve(
             public,
             config.clone(),
@@ -308,6 +310,7 @@ impl Server {
             admission.clone(),
             shutdown.clone(),
             challenge,
+            relay_tcp,
         ));
         let tunnel_task = tokio::spawn(tunnel_listener::serve(
             tunnel.clone(),
@@ -316,7 +319,6 @@ impl Server {
             admission.clone(),
             shutdown.clone(),
         ));
-        let relay_task = relay.map(|r| tokio::spawn(r.run(shutdown.clone())));
         notify::notify(notify::READY);
 
         let mut stop = shutdown;
