@@ -4,7 +4,9 @@
 //! the node, the relay and the control server never reach into each other.
 //!
 //! Every frame opens with `RWR`, a version byte ([`VERSION`]) and a type
-//! byte (docs/mesh.md, "Relay protocol"):
+//! byte (docs/mesh.md, "Relay protocol"); over UDP a frame is one
+//! datagram, over the TCP fallback each is preceded by its length (u16,
+//! big-endian):
 //!
 //! | Type | Direction | After the 5-byte header |
 //! |---|---|---|

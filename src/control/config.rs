@@ -22,7 +22,7 @@
 //! [[control.relays]]                                # relays devices may use (optional)
 //! name = "eu-1"
 //! address = "relay.example.com:3478"                # its [server.relay] listen (UDP)
-//! # tcp-address = "relay.example.com:443"
+//! # tcp-address = "relay.example.com:443"         # its Server's public listener (TCP fallback)
 //! ```
 //!
 //! A PostgreSQL URL with a password belongs in `database-url-file` (read at
@@ -106,7 +106,8 @@ pub struct RelayEntry {
     pub name: String,
     /// `address`: the relay's UDP `HOST:PORT` (its `[server.relay]` listen).
     pub address: String,
-    /// `tcp-address`: the TCP fallback's `HOST:PORT`, if any.
+    /// `tcp-address`: the TCP fallback's `HOST:PORT` (the relay host's
+    /// tunnel Server public listener), if any.
     pub tcp_address: Option<String>,
 }
 

@@ -5,6 +5,8 @@
 //! mapping) and whenever the token changes; wraps WireGuard datagrams for
 //! peers without a confirmed direct path in send frames; and unwraps the
 //! relay's receive frames, which name the sending peer by its public key.
+//! When UDP registrations go unanswered and the relay has a TCP address,
+//! the same frames go over TCP (length-prefixed) instead.
 //!
 //! Which path a packet takes is [`route`] (MESH.md's path rule).
 

@@ -16,6 +16,11 @@
 //!
 //! Registrations and STUN are rate-limited per source address, the binding
 //! table is bounded, and bindings without traffic expire.
+//!
+//! For networks that block UDP, the same frames (length-prefixed) arrive
+//! over TCP: the tunnel Server's public listener hands over connections
+//! that open with a relay frame instead of TLS ([`is_relay_connection`]);
+//! such a node is bound to its connection ([`Addr::Tcp`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
