@@ -678,6 +678,17 @@ mod tests {
         assert_eq!(e.relay.bindings(), 1);
         e.relay.sweep(e.now + IDLE);
         assert_eq!(e.relay.bindings(), 0);
+        // A node on the TCP fallback is bound to its connection, which
+        // takes the binding with it when it closes.
+        let tcp = Addr::Tcp("198.51.100.1:1000".parse().unwrap());
+        let (now, mut out) = (e.now, Vec::new());
+        assert!(matches!(
+            e.relay.handle(&wire::register(&t), tcp, now, 10, &mut out),
+            Reply::To(to, _) if to == tcp
+        ));
+        assert_eq!(e.relay.bindings(), 1);
+        e.relay.closed(tcp);
+        assert_eq!(e.relay.bindings(), 0);
         // Noise is dropped without an answer.
         assert!(e.send(b"hello", a, 10).is_none());
         assert!(e.send(b"RWR\x01\x05", a, 10).is_none());
