@@ -41,7 +41,7 @@ const MAX_BINDINGS: usize = 100_000;
 /// Registrations and STUN requests per source address per [`WINDOW`].
 const RATE: u32 = 20;
 const WINDOW: Duration = Duration::from_secs(10);
-/// Most source addresses the rate table tracks before it is pruned.
+/// Most source addresses the rate table tracks (pruned every [`SWEEP`]).
 const MAX_RATE_ENTRIES: usize = 100_000;
 /// How often idle bindings are swept and the counters logged.
 const SWEEP: Duration = Duration::from_secs(10);
@@ -125,12 +125,11 @@ impl Relay {
 
     /// Count one rate-limited request from `ip`; false when over the rate.
     fn admit(&mut self, ip: IpAddr, now: Instant) -> bool {
-        if self.rates.len() >= MAX_RATE_ENTRIES {
-            self.rates
-                .retain(|_, (at, _)| now.duration_since(*at) < WINDOW);
-            if self.rates.len() >= MAX_RATE_ENTRIES {
-                return false;
-            }
+        // Full (a flood from many addresses): new addresses wait for the
+        // sweep; pruning here would cost a pass over the table per packet.
+        if self.rates.len() >= MAX_RATE_ENTRIES && !self.rates.contains_key(&ip) {
+            self.counters.rate_limited += 1;
+            return false;
         }
         let entry = self.rates.entry(ip).or_insert((now, 0));
         if now.duration_since(entry.0) >= WINDOW {
