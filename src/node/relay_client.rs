@@ -10,7 +10,7 @@
 //!
 //! Which path a packet takes is [`route`] (MESH.md's path rule).
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -144,6 +144,8 @@ pub struct RelayClient {
     frame: Vec<u8>,
     /// UDP registrations sent without an answer.
     unanswered: u32,
+    /// The relay's name being resolved.
+    resolving: Option<tokio::sync::oneshot::Receiver<Option<SocketAddr>>>,
     tcp: Option<TcpLink>,
 }
 
@@ -169,15 +171,24 @@ impl RelayClient {
         if moved {
             self.tcp = None;
             self.unanswered = 0;
-            // The map's address is a literal or a name (resolved once per
-            // change; a name that does not resolve leaves no relay).
-            self.addr = r
-                .address
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.find(|a| a.is_ipv4()));
+            // A literal is used at once; a name is resolved in the
+            // background (the packet loop never waits for DNS).
+            self.addr = r.address.parse().ok();
+            self.resolving = None;
             if self.addr.is_none() {
-                tracing::warn!(event = "relay_unresolved", relay = %r.name, address = %r.address);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let (name, address) = (r.name.clone(), r.address.clone());
+                tokio::spawn(async move {
+                    let found = tokio::net::lookup_host(&address)
+                        .await
+                        .ok()
+                        .and_then(|mut a| a.find(|a| a.is_ipv4()));
+                    if found.is_none() {
+                        tracing::warn!(event = "relay_unresolved", relay = %name, address = %address);
+                    }
+                    let _ = tx.send(found);
+                });
+                self.resolving = Some(rx);
             }
         }
         self.token = base64::engine::general_purpose::STANDARD
@@ -191,6 +202,16 @@ impl RelayClient {
 
     /// Register when due; on the node's socket.
     pub async fn tick(&mut self, udp: &UdpSocket) {
+        if let Some(rx) = &mut self.resolving {
+            match rx.try_recv() {
+                Ok(found) => {
+                    self.addr = found;
+                    self.resolving = None;
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => self.resolving = None,
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+            }
+        }
         let Some(addr) = self.target() else { return };
         let wait = if self.acked { KEEPALIVE } else { RETRY };
         if self.sent_at.is_some_and(|t| t.elapsed() < wait) {
@@ -337,5 +358,27 @@ mod tests {
         assert!(c.acked);
         c.apply(&[]);
         assert_eq!(c.target(), None);
+    }
+
+    #[tokio::test]
+    async fn a_relay_name_is_resolved_in_the_background() {
+        let mut c = RelayClient::default();
+        let relay = RelayInfo {
+            name: "r".into(),
+            address: "localhost:9".into(),
+            tcp_address: None,
+            token: base64::engine::general_purpose::STANDARD.encode([1u8; 8]),
+            expires_unix: 0,
+        };
+        c.apply(std::slice::from_ref(&relay));
+        assert_eq!(c.target(), None, "not resolved yet");
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let start = Instant::now();
+        while c.target().is_none() {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            c.tick(&udp).await;
+        }
+        assert_eq!(c.target(), Some("127.0.0.1:9".parse().unwrap()));
     }
 }
