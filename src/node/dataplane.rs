@@ -355,7 +355,7 @@ impl Plane {
                     Err(e) => tracing::debug!(event = "udp_read_failed", error = %e),
                 },
                 Some(frame) = self.relay.tcp_frame() => {
-                    if let Some(at) = self.relay.target() {
+                    if let Some(at) = self.relay.address() {
                         self.incoming(&frame, at).await;
                     }
                 }

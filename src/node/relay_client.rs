@@ -150,9 +150,19 @@ pub struct RelayClient {
 }
 
 impl RelayClient {
-    /// The relay to send frames to, once this node holds a token for it.
-    pub fn target(&self) -> Option<SocketAddr> {
+    /// The relay, once its address is known and this node holds a token
+    /// for it.
+    pub fn address(&self) -> Option<SocketAddr> {
         self.addr.filter(|_| !self.token.is_empty())
+    }
+
+    /// The relay to send peers' packets to: [`address`](Self::address)
+    /// unless it left [`UDP_TRIES`] registrations unanswered without a TCP
+    /// fallback to try (a dead relay must not swallow traffic a map
+    /// candidate could carry).
+    pub fn target(&self) -> Option<SocketAddr> {
+        self.address()
+            .filter(|_| self.acked || self.unanswered <= UDP_TRIES || self.tcp.is_some())
     }
 
     /// Follow the map's `relays` (the first one is used).
@@ -212,7 +222,7 @@ impl RelayClient {
                 Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
             }
         }
-        let Some(addr) = self.target() else { return };
+        let Some(addr) = self.address() else { return };
         let wait = if self.acked { KEEPALIVE } else { RETRY };
         if self.sent_at.is_some_and(|t| t.elapsed() < wait) {
             return;
@@ -356,6 +366,12 @@ mod tests {
         assert!(!c.acked);
         c.receive(&wire::registered(90), at);
         assert!(c.acked);
+        // A relay that stops answering is skipped once it missed three
+        // registrations (without a TCP address to fall back to).
+        c.acked = false;
+        c.unanswered = UDP_TRIES + 1;
+        assert_eq!(c.target(), None);
+        assert_eq!(c.address(), Some(at));
         c.apply(&[]);
         assert_eq!(c.target(), None);
     }
