@@ -34,6 +34,8 @@ let
   tunnelPort = rw.portOf s.tunnel-bind-address;
   readinessPort = if s.readiness-bind-address == null then null else rw.portOf s.readiness-bind-address;
   metricsPort = if s.metrics-bind-address == null then null else rw.portOf s.metrics-bind-address;
+  # `[server.relay]` (freeform): the mesh relay's UDP port, default 3478.
+  relayPort = if s ? relay then rw.portOf (s.relay.listen or "0.0.0.0:3478") else null;
   boundPorts = lib.filter (p: p != null) [
     publicPort
     tunnelPort
@@ -247,7 +249,7 @@ in
     openFirewall = mkOption {
       type = types.bool;
       default = false;
-      description = "Open the TCP port of `public-bind-address` and the UDP port of `tunnel-bind-address`.";
+      description = "Open the TCP port of `public-bind-address`, the UDP port of `tunnel-bind-address` and, with `[server.relay]`, the relay's UDP `listen` port.";
     };
   };
 
@@ -270,7 +272,7 @@ in
 
     networking.firewall = mkIf cfg.openFirewall {
       allowedTCPPorts = [ publicPort ];
-      allowedUDPPorts = [ tunnelPort ];
+      allowedUDPPorts = [ tunnelPort ] ++ lib.optional (relayPort != null) relayPort;
     };
 
     environment.systemPackages = [ cfg.package ];

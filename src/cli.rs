@@ -304,6 +304,10 @@ pub enum ControlCommand {
         #[command(subcommand)]
         command: Option<RoutesCommand>,
     },
+    /// Print the public key that signs relay tokens, for `[server.relay]
+    /// control-key` (the key is made in the state dir on first use).
+    #[command(name = "relay-key")]
+    RelayKey,
 }
 
 #[derive(Debug, Subcommand, Clone)]

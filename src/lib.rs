@@ -17,9 +17,11 @@
 //! | Sign-in gate (Runegate) | [`gate`] | `runewarp gate` |
 //! | Mesh control plane (first slice) | `control` | `runewarp control` |
 //! | Mesh device agent (control side; data plane next) | `node` | `runewarp node` |
+//! | Mesh Relay Server | `relay_server` | `runewarp server` with `[server.relay]` |
 //!
 //! The mesh's two systems talk only through the messages in
-//! `mesh_protocol`. The local socket behind `server status`/`client
+//! `mesh_protocol`; nodes and the relay through `relay_protocol` (and
+//! `stun`). The local socket behind `server status`/`client
 //! status` is [`control_socket`].
 //!
 //! Systems share only the common pieces:
@@ -62,9 +64,12 @@ pub(crate) mod node;
 pub mod notify;
 pub mod readiness;
 pub(crate) mod relay;
+pub(crate) mod relay_protocol;
+pub(crate) mod relay_server;
 pub mod run;
 pub mod server;
 pub mod shutdown;
+pub(crate) mod stun;
 pub mod sync;
 pub mod tls;
 pub mod tunnel;

@@ -224,6 +224,25 @@ pub struct NetworkMap {
     pub peers: Vec<Peer>,
     /// Traffic this device accepts: anything not listed is dropped.
     pub filter: Vec<FilterRule>,
+    /// Relays this device may use, each with a token for it (refreshed by
+    /// a new map line before it expires).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<RelayInfo>,
+}
+
+/// A relay in the map: where it is and this device's admission token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    pub name: String,
+    /// UDP `HOST:PORT`.
+    pub address: String,
+    /// The TCP fallback's `HOST:PORT`, if the relay has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_address: Option<String>,
+    /// The signed token (`relay_protocol`), base64.
+    pub token: String,
+    /// When the token expires (Unix seconds).
+    pub expires_unix: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

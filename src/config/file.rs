@@ -56,6 +56,18 @@ raw_table! {
         pub cert_dir: Option<PathBuf>,
         pub acme: Option<RawAcme>,
         pub tunnels: Option<Vec<RawTunnel>>,
+        /// `[server.relay]`: the mesh Relay Server on this host.
+        pub relay: Option<RawRelay>,
+    }
+}
+
+raw_table! {
+    "a [server.relay] table",
+    /// `[server.relay]`.
+    pub(crate) struct RawRelay {
+        pub listen: Option<String>,
+        pub(crate) control_key: Option<String>,
+        pub(crate) control_key_file: Option<PathBuf>,
     }
 }
 
@@ -314,6 +326,7 @@ enum LevelKind {
     Gate,
     ServiceGate,
     Smtp,
+    Relay,
 }
 
 impl Level {
@@ -331,6 +344,9 @@ impl Level {
             (LevelKind::Top, "server") => ("[server]", keys::<RawServer>(), LevelKind::Server),
             (LevelKind::Top, "client") => ("[client]", keys::<RawClient>(), LevelKind::Client),
             (LevelKind::Server, "acme") => ("[server.acme]", keys::<RawAcme>(), LevelKind::Acme),
+            (LevelKind::Server, "relay") => {
+                ("[server.relay]", keys::<RawRelay>(), LevelKind::Relay)
+            }
             (LevelKind::Client, "acme") => ("[client.acme]", keys::<RawAcme>(), LevelKind::Acme),
             (LevelKind::Top, "gate") => ("[gate]", keys::<RawGate>(), LevelKind::Gate),
             (LevelKind::Gate, "smtp") => ("[gate.smtp]", keys::<RawSmtp>(), LevelKind::Smtp),
@@ -519,6 +535,10 @@ email = "a"
 state-dir = "a"
 directory-url = "a"
 directory-ca-file = "a"
+[server.relay]
+listen = "a"
+control-key = "a"
+control-key-file = "a"
 [[server.tunnels]]
 public-hostnames = ["a"]
 client-identity = "a"
@@ -576,6 +596,7 @@ ca-file = "a"
             keys::<RawServer>(),
             keys::<RawAcme>(),
             keys::<RawTunnel>(),
+            keys::<RawRelay>(),
             keys::<RawClient>(),
             keys::<RawService>(),
             SERVICE_GATE_KEYS,
@@ -585,7 +606,10 @@ ca-file = "a"
             for k in keys {
                 assert!(
                     mentioned(k)
-                        || ["server", "client", "gate", "tunnels", "services", "smtp"].contains(k),
+                        || [
+                            "server", "client", "gate", "tunnels", "services", "smtp", "relay"
+                        ]
+                        .contains(k),
                     "{k} not covered"
                 );
             }

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
-use super::file::{self, LoadedFile, RawAcme, RawService, RawTunnel};
+use super::file::{self, LoadedFile, RawAcme, RawRelay, RawService, RawTunnel};
 use super::types::{CongestionControl, LETS_ENCRYPT_DIRECTORY};
 use super::{ClientOverlay, ConfigError, Environment, MaterialDefaults, ServerOverlay};
 
@@ -252,6 +252,8 @@ pub(crate) struct PreparedServer {
     pub cert_dir: Option<PathBuf>,
     pub acme: Option<PreparedAcme>,
     pub tunnels: Vec<RawTunnel>,
+    /// `[server.relay]`, `control-key-file` resolved.
+    pub relay: Option<RawRelay>,
 }
 
 /// `stream-write-timeout` default, as written in a file.
@@ -375,6 +377,14 @@ pub(crate) fn prepare_server(
         cert_dir,
         acme,
         tunnels: server.tunnels.unwrap_or_default(),
+        relay: match server.relay {
+            Some(mut r) => {
+                r.control_key_file =
+                    resolver.resolve("server.relay.control-key-file", &r.control_key_file)?;
+                Some(r)
+            }
+            None => None,
+        },
         label,
     })
 }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::duration::format_duration;
-use super::file::{RawAcme, RawClient, RawFile, RawServer, RawService, RawTunnel};
+use super::file::{RawAcme, RawClient, RawFile, RawRelay, RawServer, RawService, RawTunnel};
 use super::types::*;
 
 /// A path as TOML text (non-UTF-8 bytes are replaced; such paths cannot be
@@ -34,6 +34,22 @@ pub(super) fn to_toml(raw: &RawFile) -> String {
     // Every value is a string, a list of strings or a table of those, which
     // always serializes; fall back to a comment rather than panicking.
     toml::to_string(raw).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+}
+
+fn relay(r: &RelayServerConfig) -> RawRelay {
+    use base64::Engine;
+    let (control_key, control_key_file) = match &r.control_key_source {
+        RelayKeySource::Inline => (
+            Some(base64::engine::general_purpose::STANDARD.encode(r.control_key)),
+            None,
+        ),
+        RelayKeySource::File(p) => (None, Some(path(p))),
+    };
+    RawRelay {
+        listen: Some(r.listen.to_string()),
+        control_key,
+        control_key_file,
+    }
 }
 
 /// The effective Server config.
@@ -77,6 +93,7 @@ pub(crate) fn render_server(c: &ServerConfig) -> String {
                     })
                     .collect(),
             ),
+            relay: c.relay.as_ref().map(relay),
         }),
         client: None,
         gate: None,

@@ -1676,3 +1676,51 @@ fn bad_congestion_control() {
         ],
     );
 }
+
+#[test]
+fn server_relay_is_validated_and_renders_back() {
+    const KEY: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+    let ok = |body: &str| {
+        let text = format!("{}\n{body}", minimal_server());
+        let (_tmp, r) = server_with(&text, None);
+        r.unwrap_or_else(|e| panic!("{e}"))
+    };
+    assert!(ok("").relay.is_none());
+    let c = ok(&format!("[server.relay]\ncontrol-key = \"{KEY}\"\n"));
+    let r = c.relay.as_ref().unwrap();
+    assert_eq!(r.listen.to_string(), "0.0.0.0:3478");
+    assert_eq!(
+        crate::mesh_protocol::public_key_bytes(KEY),
+        Some(r.control_key)
+    );
+    let rendered = render_server(&c);
+    assert_contains(&rendered, "[server.relay]");
+    assert_contains(&rendered, KEY);
+    let with = |body: &str| format!("{}\n[server.relay]\n{body}", minimal_server());
+    server_rejects(
+        &with(""),
+        &["server.relay.control-key is required", "relay-key"],
+    );
+    server_rejects(
+        &with("control-key = \"c2hvcnQ=\"\n"),
+        &["server.relay.control-key = \"c2hvcnQ=\"", "32 bytes"],
+    );
+    server_rejects(
+        &with(&format!("control-key = \"{KEY}\"\nlisten = \"3478\"\n")),
+        &["server.relay.listen = \"3478\"", "IP:port"],
+    );
+    server_rejects(
+        &with(&format!(
+            "control-key = \"{KEY}\"\ncontrol-key-file = \"k\"\n"
+        )),
+        &["both control-key and control-key-file"],
+    );
+    server_rejects(
+        &with("control-key-file = \"missing.key\"\n"),
+        &["server.relay.control-key-file", "cannot read"],
+    );
+    server_rejects(
+        &with("listn = \"x\"\n"),
+        &["listn", "[server.relay]", "listen"],
+    );
+}

@@ -141,6 +141,34 @@ pub struct ServerConfig {
     pub certificates: ServerCertSource,
     /// The `[[server.tunnels]]` entries, in file order.
     pub tunnels: Vec<TunnelConfig>,
+    /// `[server.relay]`: the mesh Relay Server, when configured.
+    pub relay: Option<RelayServerConfig>,
+}
+
+/// `[server.relay]`: the mesh Relay Server (UDP relay and STUN responder).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayServerConfig {
+    /// `listen`: the UDP address (default `0.0.0.0:3478`).
+    pub listen: SocketAddr,
+    /// `control-key` (or the file `control-key-file` names): the control
+    /// server's Ed25519 public key, which signs the nodes' tokens.
+    pub control_key: [u8; 32],
+    /// Where `control_key` came from, as the file says it (for rendering).
+    pub(crate) control_key_source: RelayKeySource,
+}
+
+/// How `[server.relay]` gave the control key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RelayKeySource {
+    /// `control-key`.
+    Inline,
+    /// `control-key-file`.
+    File(PathBuf),
+}
+
+impl RelayServerConfig {
+    /// `listen` when the key is absent.
+    pub const DEFAULT_LISTEN: &str = "0.0.0.0:3478";
 }
 
 impl ServerConfig {
@@ -167,6 +195,7 @@ impl ServerConfig {
             congestion_control: Default::default(),
             certificates: ServerCertSource::Manual { cert_dir },
             tunnels,
+            relay: None,
         }
     }
 }

@@ -301,6 +301,61 @@ pub(crate) fn validate_server(p: PreparedServer) -> Result<ServerConfig, ConfigE
         congestion_control: congestion_control(&p.congestion_control)?,
         certificates,
         tunnels,
+        relay: p.relay.as_ref().map(|r| relay(label, r)).transpose()?,
+    })
+}
+
+/// `[server.relay]`.
+fn relay(label: &str, r: &super::file::RawRelay) -> Result<RelayServerConfig, ConfigError> {
+    let listen = match &r.listen {
+        Some(v) => socket_addr(&Val {
+            value: v.clone(),
+            origin: at(label, "server.relay.listen"),
+        })?,
+        None => RelayServerConfig::DEFAULT_LISTEN
+            .parse()
+            .map_err(|_| ConfigError("bad default relay address".into()))?,
+    };
+    let hint =
+        "the control server's relay key: `runewarp control relay-key --config FILE` prints it";
+    let (text, key, source) = match (&r.control_key, &r.control_key_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError(format!(
+                "{label}: server.relay sets both control-key and control-key-file; use one"
+            )));
+        }
+        (None, None) => {
+            return Err(ConfigError(format!(
+                "{label}: server.relay.control-key is required ({hint}), or control-key-file"
+            )));
+        }
+        (Some(k), None) => (
+            k.clone(),
+            "server.relay.control-key",
+            RelayKeySource::Inline,
+        ),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                at(label, "server.relay.control-key-file")
+                    .invalid(&path.display().to_string(), format!("cannot read: {e}"))
+            })?;
+            (
+                text.trim().to_string(),
+                "server.relay.control-key-file",
+                RelayKeySource::File(path.clone()),
+            )
+        }
+    };
+    let control_key = crate::mesh_protocol::public_key_bytes(text.trim()).ok_or_else(|| {
+        at(label, key).invalid(
+            &text,
+            format!("must be 32 bytes in base64 (44 characters), {hint}"),
+        )
+    })?;
+    Ok(RelayServerConfig {
+        listen,
+        control_key,
+        control_key_source: source,
     })
 }
 

@@ -150,6 +150,11 @@ pub fn run(config: &ControlConfig, cmd: &ControlCommand) -> Result<String, Admin
             tracing::info!(event = "policy_set", organisation = %org);
             Ok(format!("policy of {org} replaced\n"))
         }
+        ControlCommand::RelayKey => {
+            let key = super::relay_tokens::load_or_create(&config.state_dir)
+                .map_err(AdminError::Usage)?;
+            Ok(format!("{}\n", super::relay_tokens::public_key_text(&key)))
+        }
         ControlCommand::Users => {
             let mut out = String::from("ID\tORGANISATION\tEMAIL\tGROUPS\tADMIN\tISSUER\n");
             for u in store.users()? {

@@ -74,6 +74,8 @@ pub(super) struct Api {
     login_starts: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     /// Browser requests (`/login/ID`, `/oidc/callback`) per source address.
     web_hits: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// Relay tokens for the maps, when `[[control.relays]]` lists relays.
+    relays: Option<super::relay_tokens::Issuer>,
 }
 
 /// Logins started (and refused waits) per source address per
@@ -124,7 +126,14 @@ impl Api {
             inboxes: Mutex::new(HashMap::new()),
             next_stream: std::sync::atomic::AtomicU64::new(0),
             snapshots: Mutex::new(HashMap::new()),
+            relays: None,
         }
+    }
+
+    /// Hand out tokens for the relays `issuer` signs for.
+    pub fn with_relays(mut self, issuer: super::relay_tokens::Issuer) -> Self {
+        self.relays = Some(issuer);
+        self
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
@@ -865,8 +874,12 @@ async fn stream_maps(
         device,
         number,
     };
+    // This device's relay tokens, and when to hand out new ones.
+    let mut relays = Vec::new();
+    let mut relays_due = tokio::time::Instant::now();
     loop {
         serial.borrow_and_update();
+        let refresh = api.relays.is_some() && tokio::time::Instant::now() >= relays_due;
         let mut snapshot = match api.snapshot(org_id, false) {
             Ok(s) => s,
             Err(e) => {
@@ -876,9 +889,10 @@ async fn stream_maps(
         };
         // The same snapshot as last time: nothing in this organisation
         // changed, nothing to compute.
-        if !last_snapshot
-            .as_ref()
-            .is_some_and(|l| Arc::ptr_eq(l, &snapshot))
+        if refresh
+            || !last_snapshot
+                .as_ref()
+                .is_some_and(|l| Arc::ptr_eq(l, &snapshot))
         {
             let mut map = netmap::compute_from(&snapshot, device);
             if map.is_none() {
@@ -903,6 +917,19 @@ async fn stream_maps(
                 return;
             };
             last_snapshot = Some(snapshot);
+            let mut m = m;
+            if let Some(issuer) = &api.relays {
+                if refresh {
+                    relays = issuer.relays_for(
+                        org_id,
+                        &m.node.public_key,
+                        super::relay_tokens::unix_now(),
+                    );
+                    relays_due = tokio::time::Instant::now()
+                        + (super::relay_tokens::TOKEN_TTL - super::relay_tokens::REFRESH_BEFORE);
+                }
+                m.relays.clone_from(&relays);
+            }
             let bytes = line(&m);
             let content = content_hash(&bytes);
             if last != Some(content) {
@@ -927,6 +954,7 @@ async fn stream_maps(
                 }
             }
             _ = tx.closed() => break,
+            _ = tokio::time::sleep_until(relays_due), if api.relays.is_some() => {}
             Some(message) = inbox.recv() => {
                 // The snapshot is unchanged, so the loop's top costs a
                 // pointer compare.

@@ -18,6 +18,11 @@
 //! client-secret-file = "/run/credentials/runewarp-control/oidc-secret"
 //! # ca-file = "idp-ca.pem"                          # extra roots for the IdP
 //! # scopes = ["openid", "email", "profile", "groups"]
+//!
+//! [[control.relays]]                                # relays devices may use (optional)
+//! name = "eu-1"
+//! address = "relay.example.com:3478"                # its [server.relay] listen (UDP)
+//! # tcp-address = "relay.example.com:443"         # its Server's public listener (TCP fallback)
 //! ```
 //!
 //! A PostgreSQL URL with a password belongs in `database-url-file` (read at
@@ -82,6 +87,28 @@ struct RawControl {
     admins: Option<Vec<String>>,
     key_expiry: Option<String>,
     oidc: Option<RawOidc>,
+    relays: Option<Vec<RawRelay>>,
+}
+
+/// One `[[control.relays]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRelay {
+    name: Option<String>,
+    address: Option<String>,
+    tcp_address: Option<String>,
+}
+
+/// A relay the control server hands its devices (`[[control.relays]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayEntry {
+    /// `name`: how logs and `node status` call it.
+    pub name: String,
+    /// `address`: the relay's UDP `HOST:PORT` (its `[server.relay]` listen).
+    pub address: String,
+    /// `tcp-address`: the TCP fallback's `HOST:PORT` (the relay host's
+    /// tunnel Server public listener), if any.
+    pub tcp_address: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,6 +256,8 @@ pub struct ControlConfig {
     pub key_expiry: Duration,
     /// SSO sign-in, if configured.
     pub oidc: Option<OidcConfig>,
+    /// `[[control.relays]]`: the relays devices may use, in file order.
+    pub relays: Vec<RelayEntry>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -364,7 +393,9 @@ impl ControlConfig {
             .oidc
             .map(|o| parse_oidc(dir, o).map_err(err))
             .transpose()?;
+        let relays = relays(c.relays.unwrap_or_default()).map_err(err)?;
         Ok(Self {
+            relays,
             log_level: raw.log_level.unwrap_or(LogLevel::Info),
             listen_address,
             hostname,
@@ -422,6 +453,57 @@ impl ControlConfig {
             Some(domain.to_string())
         }
     }
+}
+
+/// `HOST:PORT` with a port: an IP literal or a DNS name.
+fn host_port(text: &str) -> bool {
+    if text.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0) {
+        return true;
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return false;
+    };
+    port.parse::<u16>().is_ok_and(|p| p != 0) && ServerHostname::parse(host).is_ok()
+}
+
+/// `[[control.relays]]`.
+fn relays(raw: Vec<RawRelay>) -> Result<Vec<RelayEntry>, String> {
+    let mut out: Vec<RelayEntry> = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let key = format!("control.relays[{i}]");
+        let name = r.name.unwrap_or_default();
+        if !crate::mesh_protocol::valid_hostname(&name) {
+            return Err(format!(
+                "{key}.name = {name:?}: required; lowercase letters, digits and '-', such as \"eu-1\""
+            ));
+        }
+        if out.iter().any(|o| o.name == name) {
+            return Err(format!("{key}.name = {name:?}: listed twice"));
+        }
+        let Some(address) = r.address else {
+            return Err(format!(
+                "{key}.address is required: the relay's UDP HOST:PORT (its [server.relay] listen), such as \"relay.example.com:3478\""
+            ));
+        };
+        if !host_port(&address) {
+            return Err(format!(
+                "{key}.address = {address:?}: expected HOST:PORT, such as \"relay.example.com:3478\""
+            ));
+        }
+        if let Some(t) = &r.tcp_address
+            && !host_port(t)
+        {
+            return Err(format!(
+                "{key}.tcp-address = {t:?}: expected HOST:PORT, such as \"relay.example.com:443\""
+            ));
+        }
+        out.push(RelayEntry {
+            name,
+            address,
+            tcp_address: r.tcp_address,
+        });
+    }
+    Ok(out)
 }
 
 /// `database`, `database-url` and `database-url-file` together.
@@ -720,5 +802,32 @@ mod tests {
             ))
             .contains("must include")
         );
+    }
+
+    #[test]
+    fn relays_are_validated() {
+        let base = "[control]\nhostname = \"h.example\"\nstate-dir = \"s\"\n";
+        assert!(parse(base).unwrap().relays.is_empty());
+        let c = parse(&format!(
+            "{base}[[control.relays]]\nname = \"eu-1\"\naddress = \"relay.example.com:3478\"\n\
+             tcp-address = \"192.0.2.1:443\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.relays[0].name, "eu-1");
+        assert_eq!(c.relays[0].tcp_address.as_deref(), Some("192.0.2.1:443"));
+        let err = |extra: &str| parse(&format!("{base}{extra}")).unwrap_err();
+        assert!(
+            err("[[control.relays]]\naddress = \"192.0.2.1:3478\"\n")
+                .contains("control.relays[0].name")
+        );
+        assert!(
+            err("[[control.relays]]\nname = \"a\"\n")
+                .contains("control.relays[0].address is required")
+        );
+        assert!(
+            err("[[control.relays]]\nname = \"a\"\naddress = \"192.0.2.1\"\n")
+                .contains("HOST:PORT")
+        );
+        assert!(err("[[control.relays]]\nname = \"a\"\naddress = \"192.0.2.1:1\"\n[[control.relays]]\nname = \"a\"\naddress = \"192.0.2.1:1\"\n").contains("listed twice"));
     }
 }

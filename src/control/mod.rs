@@ -18,6 +18,7 @@ pub mod db;
 pub mod netmap;
 pub mod oidc;
 pub mod policy;
+pub mod relay_tokens;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -66,6 +67,9 @@ pub enum ControlError {
     /// `[control.oidc]` could not be set up.
     #[error("{0}")]
     Oidc(#[from] oidc::OidcSetupError),
+    /// The relay signing key could not be made or read.
+    #[error("{0}")]
+    RelayKey(String),
     /// The API address could not be bound.
     #[error("cannot listen on {addr}: {error}")]
     Bind {
@@ -84,6 +88,7 @@ pub struct Control {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     oidc: Option<Arc<oidc::Oidc>>,
+    relays: Option<relay_tokens::Issuer>,
 }
 
 /// Stops the `LISTEN` thread when the server stops.
@@ -116,6 +121,14 @@ pub async fn start(config: ControlConfig) -> Result<Control, ControlError> {
     // HTTP/2 first: a device keeps its map stream and its requests on one
     // connection. HTTP/1.1 stays for curl and simple clients.
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let relays = if config.relays.is_empty() {
+        None
+    } else {
+        let key =
+            relay_tokens::load_or_create(&config.state_dir).map_err(ControlError::RelayKey)?;
+        tracing::info!(event = "control_relays", relays = config.relays.len(), key = %relay_tokens::public_key_text(&key));
+        Some(relay_tokens::Issuer::new(key, config.relays.clone()))
+    };
     let listener = TcpListener::bind(config.listen_address)
         .await
         .map_err(|error| ControlError::Bind {
@@ -128,6 +141,7 @@ pub async fn start(config: ControlConfig) -> Result<Control, ControlError> {
         listener,
         acceptor: TlsAcceptor::from(Arc::new(server)),
         oidc,
+        relays,
     })
 }
 
@@ -141,6 +155,7 @@ pub async fn run(control: Control, mut shutdown: Shutdown) {
         listener,
         acceptor,
         oidc,
+        relays,
     } = control;
     let first = crate::sync::lock(&store).serial().unwrap_or(0);
     let (serial_tx, serial_rx) = tokio::sync::watch::channel(first);
@@ -197,13 +212,17 @@ pub async fn run(control: Control, mut shutdown: Shutdown) {
         })
     };
     let sso = oidc.is_some();
-    let api = Arc::new(api::Api::new(
+    let mut api = api::Api::new(
         store,
         serial_rx,
         shutdown.clone(),
         Arc::new(config.clone()),
         oidc,
-    ));
+    );
+    if let Some(issuer) = relays {
+        api = api.with_relays(issuer);
+    }
+    let api = Arc::new(api);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tracing::info!(event = "control_started", listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), hostname = %config.hostname, state_dir = %config.state_dir.display(), sso);
     loop {

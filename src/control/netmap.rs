@@ -221,6 +221,7 @@ pub fn compute_from<'a>(snapshot: &'a OrgSnapshot, id: i64) -> Option<NetworkMap
         },
         peers,
         filter,
+        relays: Vec::new(),
     })
 }
 

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 
 use super::filter::{Filter, Net};
+use super::relay_client::{self, RelayClient, Route};
 use super::{ControlUrl, Node, NodeError, post_json, route};
 use crate::fsutil;
 use crate::mesh_protocol::{EndpointsRequest, MAX_ENDPOINTS, NetworkMap};
@@ -69,6 +70,8 @@ pub enum Datagram {
     /// A runewarp path probe: `RWP` and a version byte. Reserved for the
     /// hole-punching slice; ignored for now.
     Probe,
+    /// A relay frame: `RWR` and a version byte ([`relay_client`]).
+    Relay,
     Unknown,
 }
 
@@ -80,6 +83,7 @@ pub fn classify(d: &[u8]) -> Datagram {
     match d {
         [1..=4, 0, 0, 0, ..] => Datagram::WireGuard,
         [a, b, c, _, ..] if [*a, *b, *c] == *PROBE_MAGIC => Datagram::Probe,
+        [a, b, c, _, ..] if [*a, *b, *c] == *crate::relay_protocol::MAGIC => Datagram::Relay,
         [a, _, _, _, 0x21, 0x12, 0xa4, 0x42, ..] if a & 0xc0 == 0 => Datagram::Stun,
         _ => Datagram::Unknown,
     }
@@ -110,7 +114,7 @@ pub struct PeerStatus {
     pub public_key: String,
     /// Where WireGuard sends to (`IP:PORT`), if anywhere.
     pub endpoint: Option<String>,
-    /// `direct` (the only path so far) or `none`.
+    /// `direct`, `relay` or `none`.
     pub path: String,
     /// Seconds since the current session's handshake (none: no session).
     pub last_handshake_s: Option<u64>,
@@ -129,6 +133,36 @@ struct Peer {
     /// Whether `endpoint` came from the peer's own traffic (roaming)
     /// rather than the map.
     learned: bool,
+    /// When authenticated WireGuard traffic last came straight from
+    /// `endpoint` (not through the relay): a confirmed direct path.
+    direct_seen: Option<Instant>,
+}
+
+/// A direct path stays confirmed this long after its last authenticated
+/// packet (keepalives come every 25 s).
+const DIRECT_FRESH: Duration = Duration::from_secs(35);
+
+impl Peer {
+    /// Where this peer's datagrams go now (MESH.md's path rule).
+    fn route(&self, relay: &RelayClient) -> Route {
+        let direct = self
+            .endpoint
+            .filter(|_| self.direct_seen.is_some_and(|t| t.elapsed() < DIRECT_FRESH));
+        relay_client::route(direct, relay.target(), self.endpoint)
+    }
+}
+
+/// Send one WireGuard datagram for the peer `key` along its route.
+async fn transmit(udp: &UdpSocket, relay: &mut RelayClient, key: &[u8; 32], peer: &Peer, b: &[u8]) {
+    match peer.route(relay) {
+        Route::Udp(ep) => {
+            if let Err(e) = udp.send_to(b, ep).await {
+                tracing::debug!(event = "udp_send_failed", peer = %peer.hostname, endpoint = %ep, error = %e);
+            }
+        }
+        Route::Relay(at) => relay.send(udp, at, key, b).await,
+        Route::None => tracing::debug!(event = "packet_no_endpoint", peer = %peer.hostname),
+    }
 }
 
 struct Plane {
@@ -146,6 +180,7 @@ struct Plane {
     filter: Filter,
     filter_drops: u64,
     out: Vec<u8>,
+    relay: RelayClient,
 }
 
 /// The running data plane: its tasks stop when this is dropped or at
@@ -234,6 +269,7 @@ pub async fn start(
         filter: Filter::default(),
         filter_drops: 0,
         out: vec![0u8; 65_536 + 256],
+        relay: RelayClient::default(),
     };
     // Until the stream delivers, start from the last map this device
     // received: traffic flows while the control server is away.
@@ -318,6 +354,11 @@ impl Plane {
                     Ok((n, from)) => self.incoming(&from_udp[..n], from).await,
                     Err(e) => tracing::debug!(event = "udp_read_failed", error = %e),
                 },
+                Some(frame) = self.relay.tcp_frame() => {
+                    if let Some(at) = self.relay.address() {
+                        self.incoming(&frame, at).await;
+                    }
+                }
                 changed = maps.changed() => {
                     if changed.is_err() {
                         break;
@@ -364,16 +405,9 @@ impl Plane {
         };
         self.filter.outbound(packet, Instant::now());
         match peer.tunn.encapsulate(packet, &mut self.out) {
-            TunnResult::WriteToNetwork(b) => match peer.endpoint {
-                Some(ep) => {
-                    if let Err(e) = self.udp.send_to(b, ep).await {
-                        tracing::debug!(event = "udp_send_failed", peer = %peer.hostname, endpoint = %ep, error = %e);
-                    }
-                }
-                None => {
-                    tracing::debug!(event = "packet_no_endpoint", peer = %peer.hostname);
-                }
-            },
+            TunnResult::WriteToNetwork(b) => {
+                transmit(&self.udp, &mut self.relay, &key, peer, b).await
+            }
             TunnResult::Err(e) => {
                 tracing::debug!(event = "encapsulate_failed", peer = %peer.hostname, error = ?e)
             }
@@ -385,6 +419,16 @@ impl Plane {
     async fn incoming(&mut self, datagram: &[u8], from: SocketAddr) {
         match classify(datagram) {
             Datagram::WireGuard => {}
+            Datagram::Relay => {
+                if let Some((src, payload)) = self.relay.receive(datagram, from) {
+                    self.decapsulate(src, payload, from, true).await;
+                }
+                return;
+            }
+            Datagram::Stun => {
+                self.relay.stun(datagram, from);
+                return;
+            }
             kind => {
                 tracing::debug!(event = "datagram_ignored", kind = ?kind, from = %from, bytes = datagram.len());
                 return;
@@ -402,8 +446,25 @@ impl Plane {
             Ok(Packet::PacketData(p)) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
             Err(_) => None,
         };
-        let Some(peer) = key.and_then(|k| self.peers.get_mut(&k)) else {
+        let Some(key) = key else {
             tracing::debug!(event = "datagram_unknown_peer", from = %from);
+            return;
+        };
+        self.decapsulate(key, datagram, from, false).await;
+    }
+
+    /// A WireGuard datagram from the peer `key`, straight from `from` or
+    /// (`relayed`) through the relay at `from`: answers go back the same
+    /// way; decrypted packets to the TUN device.
+    async fn decapsulate(
+        &mut self,
+        key: [u8; 32],
+        datagram: &[u8],
+        from: SocketAddr,
+        relayed: bool,
+    ) {
+        let Some(peer) = self.peers.get_mut(&key) else {
+            tracing::debug!(event = "datagram_unknown_peer", from = %from, relayed);
             return;
         };
         let mut input = datagram;
@@ -414,7 +475,9 @@ impl Plane {
                     // A cookie reply (type 3) is all a packet under load
                     // earns: it proves nothing about the sender.
                     authenticated |= b.first() != Some(&3);
-                    if let Err(e) = self.udp.send_to(b, from).await {
+                    if relayed {
+                        self.relay.send(&self.udp, from, &key, b).await;
+                    } else if let Err(e) = self.udp.send_to(b, from).await {
                         tracing::debug!(event = "udp_send_failed", peer = %peer.hostname, endpoint = %from, error = %e);
                     }
                     // Flush packets queued while the handshake ran.
@@ -446,7 +509,11 @@ impl Plane {
             }
             break;
         }
-        if authenticated && peer.endpoint != Some(from) {
+        if relayed || !authenticated {
+            return;
+        }
+        peer.direct_seen = Some(Instant::now());
+        if peer.endpoint != Some(from) {
             tracing::info!(event = "peer_endpoint", peer = %peer.hostname, endpoint = %from, reason = "roamed");
             peer.endpoint = Some(from);
             peer.learned = true;
@@ -455,14 +522,11 @@ impl Plane {
 
     /// WireGuard's timers: handshakes, rekeys, keepalives.
     async fn timers(&mut self) {
-        for peer in self.peers.values_mut() {
+        self.relay.tick(&self.udp).await;
+        for (key, peer) in self.peers.iter_mut() {
             match peer.tunn.update_timers(&mut self.out) {
                 TunnResult::WriteToNetwork(b) => {
-                    if let Some(ep) = peer.endpoint
-                        && let Err(e) = self.udp.send_to(b, ep).await
-                    {
-                        tracing::debug!(event = "udp_send_failed", peer = %peer.hostname, endpoint = %ep, error = %e);
-                    }
+                    transmit(&self.udp, &mut self.relay, key, peer, b).await
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}
                 TunnResult::Err(e) => {
@@ -478,6 +542,7 @@ impl Plane {
     fn apply(&mut self, map: &NetworkMap) {
         self.filter.set_rules(&map.filter);
         self.filter.set_local(&map.node.addresses);
+        self.relay.apply(&map.relays);
         let mut wanted: HashMap<[u8; 32], &crate::mesh_protocol::Peer> = HashMap::new();
         for p in &map.peers {
             match crate::mesh_protocol::public_key_bytes(&p.public_key) {
@@ -579,6 +644,7 @@ impl Plane {
                     candidates: mp.endpoints.clone(),
                     endpoint,
                     learned: false,
+                    direct_seen: None,
                 },
             );
         }
@@ -604,16 +670,16 @@ impl Plane {
             .iter()
             .map(|(k, p)| {
                 let (handshake, tx, rx, _, _) = p.tunn.stats();
+                let (path, endpoint) = match p.route(&self.relay) {
+                    Route::Udp(a) => ("direct", Some(a)),
+                    Route::Relay(a) => ("relay", Some(a)),
+                    Route::None => ("none", None),
+                };
                 PeerStatus {
                     hostname: p.hostname.clone(),
                     public_key: b64.encode(k),
-                    endpoint: p.endpoint.map(|e| e.to_string()),
-                    path: if p.endpoint.is_some() {
-                        "direct"
-                    } else {
-                        "none"
-                    }
-                    .into(),
+                    endpoint: endpoint.map(|e| e.to_string()),
+                    path: path.into(),
                     last_handshake_s: handshake.map(|d| d.as_secs()),
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
@@ -775,6 +841,7 @@ mod tests {
         assert_eq!(classify(&[5, 0, 0, 0]), Datagram::Unknown);
         assert_eq!(classify(&[1, 0, 0, 1]), Datagram::Unknown);
         assert_eq!(classify(b"RWP\x01nonce"), Datagram::Probe);
+        assert_eq!(classify(b"RWR\x01\x05key"), Datagram::Relay);
         // A STUN binding request and a success response (0x0101: the
         // first byte is WireGuard's type 1, the second is not zero).
         let stun = [0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4];

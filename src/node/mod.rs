@@ -13,6 +13,7 @@
 
 pub mod dataplane;
 pub mod filter;
+pub mod relay_client;
 mod route;
 pub mod subnet_connector;
 

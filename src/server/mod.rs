@@ -109,6 +109,8 @@ pub struct Server {
     /// `[server.acme]`: the certificate manager (started by `run`) and the
     /// config answering TLS-ALPN-01 validations on the public listener.
     acme: Option<(AcmeManager, Arc<rustls::ServerConfig>)>,
+    /// `[server.relay]`: the mesh Relay Server's bound socket.
+    relay: Option<crate::relay_server::RelayServer>,
 }
 
 impl Server {
@@ -168,6 +170,17 @@ impl Server {
         let readiness =
             bind_optional(config.readiness_bind_address, "readiness listener (TCP)").await?;
         let metrics = bind_optional(config.metrics_bind_address, "metrics listener (TCP)").await?;
+        let relay =
+            match &config.relay {
+                Some(r) => Some(crate::relay_server::RelayServer::bind(r).await.map_err(
+                    |error| ServerError::Bind {
+                        what: "relay (UDP)",
+                        addr: r.listen,
+                        error,
+                    },
+                )?),
+                None => None,
+            };
         let control = config
             .control_socket
             .as_deref()
@@ -191,6 +204,7 @@ impl Server {
             control,
             tunnel,
             acme,
+            relay,
         })
     }
 
@@ -247,6 +261,7 @@ impl Server {
             control,
             tunnel,
             acme,
+            relay,
         } = self;
         let started = std::time::SystemTime::now();
         let (_acme_tasks, challenge) = match acme {
@@ -286,6 +301,8 @@ impl Server {
             let m = registry.metrics().clone();
             crate::metrics::spawn_listener(listener, Arc::new(move || m.render()))
         });
+        let relay_tcp = relay.as_ref().map(|r| r.tcp_handoff());
+        let relay_task = relay.map(|r| tokio::spawn(r.run(shutdown.clone())));
         let public_task = tokio::spawn(public_listener::serve(
             public,
             config.clone(),
@@ -293,6 +310,7 @@ impl Server {
             admission.clone(),
             shutdown.clone(),
             challenge,
+            relay_tcp,
         ));
         let tunnel_task = tokio::spawn(tunnel_listener::serve(
             tunnel.clone(),
@@ -312,6 +330,9 @@ impl Server {
         admission.close();
         public_task.abort();
         tunnel_task.abort();
+        if let Some(t) = relay_task {
+            t.abort();
+        }
         tunnel.set_server_config(None);
         if let Some(t) = ready_task {
             t.abort();

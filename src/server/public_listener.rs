@@ -31,6 +31,7 @@ pub async fn serve(
     admission: Arc<Admission>,
     mut shutdown: Shutdown,
     acme_challenge: Option<Arc<rustls::ServerConfig>>,
+    relay_tcp: Option<crate::relay_server::TcpHandoff>,
 ) {
     let mut backoff = AcceptBackoff::default();
     let drops = Arc::new(DropCounts::default());
@@ -68,6 +69,7 @@ pub async fn serve(
                     drops: drops.clone(),
                     shutdown: shutdown.clone(),
                     acme_challenge: acme_challenge.clone(),
+                    relay_tcp: relay_tcp.clone(),
                 };
                 tokio::spawn(visitor(tcp, peer, intake, ctx));
             }
@@ -356,6 +358,8 @@ struct VisitorContext {
     /// `[server.acme]`: answers TLS-ALPN-01 validations for the Server
     /// hostname.
     acme_challenge: Option<Arc<rustls::ServerConfig>>,
+    /// `[server.relay]`: relay frames over TCP (the fallback) go there.
+    relay_tcp: Option<crate::relay_server::TcpHandoff>,
 }
 
 async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx: VisitorContext) {
@@ -366,6 +370,7 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
         drops,
         shutdown,
         acme_challenge,
+        relay_tcp,
     } = ctx;
     let dropped = |tcp: &TcpStream, host: Option<&str>, reason: DropReason| {
         drops.count(reason, registry.metrics(), host);
@@ -375,6 +380,13 @@ async fn visitor(mut tcp: TcpStream, peer: SocketAddr, intake: IntakePermit, ctx
     let local = tcp.local_addr().unwrap_or(config.public_bind_address);
     let mut hello = Vec::new();
     let deadline = tokio::time::Instant::now() + CLIENT_HELLO_DEADLINE;
+    if let Some(relay) = &relay_tcp
+        && crate::relay_server::is_relay_connection(&tcp, deadline).await
+    {
+        // Not a Visitor: a node's relay connection (TCP fallback).
+        let _ = relay.try_send((tcp, peer));
+        return;
+    }
     let info = match sni::read_client_hello(&mut tcp, &mut hello, deadline).await {
         Ok(info) => info,
         Err(e) => return dropped(&tcp, None, DropReason::from_hello(&e)),

@@ -99,6 +99,7 @@ fn restart_needed(old: &ServerConfig, new: &ServerConfig) -> Vec<&'static str> {
             control_socket => "control-socket",
             graceful_shutdown_duration => "graceful-shutdown-duration",
             certificates => "cert-dir/acme",
+            relay => "relay",
         ]
     )
 }
