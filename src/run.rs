@@ -450,6 +450,7 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
             hostname,
             tun,
             listen_port,
+            endpoint,
             state,
         } => {
             let setup_key = match setup_key_file {
@@ -500,6 +501,7 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
                         let options = node::dataplane::Options {
                             interface,
                             listen_port,
+                            endpoints: endpoint,
                         };
                         match node::dataplane::start(&node, &options, stop.clone()).await {
                             Ok(d) => Some(d),

@@ -9,10 +9,11 @@
 //! - One UDP socket (`--listen-port`) carries WireGuard and, in later
 //!   slices, path probes and STUN, told apart by their first bytes (see
 //!   [`classify`]).
-//! - A peer's endpoint is the first usable candidate in the map (the
-//!   peer's host addresses, which its node reports with
-//!   `POST /v1/endpoints`), then wherever authenticated packets from it
-//!   come from (WireGuard roaming).
+//! - A peer's endpoint follows the path rule of [`super::path`]: a direct
+//!   endpoint confirmed by a probe answer or authenticated traffic (see
+//!   [`direct`]), else the first usable candidate in the map (the
+//!   peer's `--endpoint`s and host addresses, which its node reports with
+//!   `POST /v1/endpoints`).
 //! - Decapsulated packets must come from the sending peer's own addresses
 //!   and pass the map's filter ([`super::filter`]) before they reach the
 //!   TUN device.
@@ -34,9 +35,12 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 
 use super::filter::{Filter, Net};
+use super::path::PeerPath;
 use super::{ControlUrl, Node, NodeError, post_json, route};
 use crate::fsutil;
 use crate::mesh_protocol::{EndpointsRequest, MAX_ENDPOINTS, NetworkMap};
+
+pub mod direct;
 use crate::shutdown::Shutdown;
 
 /// The data plane's status for `node status`, in the state dir.
@@ -52,11 +56,9 @@ const PERSISTENT_KEEPALIVE_S: u16 = 25;
 const TICK: Duration = Duration::from_millis(250);
 /// How often the status file is written.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
-/// How often the host candidates are looked at (and reported if changed).
-const REPORT_EVERY: Duration = Duration::from_secs(30);
-/// A peer whose last handshake is older than this may be moved to a new
-/// candidate from the map.
-const STALE_HANDSHAKE: Duration = Duration::from_secs(180);
+/// How often the host candidates are looked at (and reported if changed):
+/// a network change is noticed within this.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// What the first bytes of a datagram on the node's socket say it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,8 +68,8 @@ pub enum Datagram {
     /// STUN (RFC 8489): the magic cookie 0x2112A442 at offset 4. Reserved
     /// for the reflexive-address slice; ignored for now.
     Stun,
-    /// A runewarp path probe: `RWP` and a version byte. Reserved for the
-    /// hole-punching slice; ignored for now.
+    /// A runewarp path probe: `RWP` and a version byte
+    /// ([`super::probe`]).
     Probe,
     Unknown,
 }
@@ -90,6 +92,9 @@ pub fn classify(d: &[u8]) -> Datagram {
 pub struct Options {
     pub interface: String,
     pub listen_port: u16,
+    /// `--endpoint`: public addresses the operator knows this node is
+    /// reachable at, offered ahead of the host's.
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// `dataplane.json`.
@@ -110,8 +115,11 @@ pub struct PeerStatus {
     pub public_key: String,
     /// Where WireGuard sends to (`IP:PORT`), if anywhere.
     pub endpoint: Option<String>,
-    /// `direct` (the only path so far) or `none`.
+    /// `direct` (a confirmed direct path) or `none`.
     pub path: String,
+    /// The direct path's smoothed round-trip time (from probes).
+    #[serde(default)]
+    pub rtt_ms: Option<u64>,
     /// Seconds since the current session's handshake (none: no session).
     pub last_handshake_s: Option<u64>,
     pub rx_bytes: u64,
@@ -124,11 +132,11 @@ struct Peer {
     index: u32,
     tunn: Box<Tunn>,
     allowed: Vec<Net>,
-    candidates: Vec<String>,
     endpoint: Option<SocketAddr>,
-    /// Whether `endpoint` came from the peer's own traffic (roaming)
-    /// rather than the map.
-    learned: bool,
+    /// The direct-path state: candidates, probes, the confirmed endpoint.
+    path: PeerPath,
+    /// Authenticates probes between this device and the peer.
+    probe_key: ring::hmac::Key,
 }
 
 struct Plane {
@@ -146,6 +154,7 @@ struct Plane {
     filter: Filter,
     filter_drops: u64,
     out: Vec<u8>,
+    direct: direct::Direct,
 }
 
 /// The running data plane: its tasks stop when this is dropped or at
@@ -219,6 +228,9 @@ pub async fn start(
         .map_err(failed(&format!("binding UDP port {}", options.listen_port)))?;
     let listen_port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
     tracing::info!(event = "dataplane_started", interface = %options.interface, address = %v4, listen_port, mtu = MTU);
+    let extra = direct::ExtraCandidates::new(options.endpoints.clone());
+    let (own_tx, own) = tokio::sync::watch::channel(Vec::new());
+    let calls = node.take_path_signals();
     let plane = Plane {
         secret: node.secret.clone(),
         public: x25519_dalek::PublicKey::from(&node.secret),
@@ -234,6 +246,12 @@ pub async fn start(
         filter: Filter::default(),
         filter_drops: 0,
         out: vec![0u8; 65_536 + 256],
+        direct: direct::Direct {
+            limit: Default::default(),
+            signaller: Some(node.signaller()),
+            calls,
+            own,
+        },
     };
     // Until the stream delivers, start from the last map this device
     // received: traffic flows while the control server is away.
@@ -253,6 +271,7 @@ pub async fn start(
         node.enrolment.token.clone(),
         listen_port,
         options.interface.clone(),
+        (extra, own_tx),
         shutdown,
     ));
     Ok(Dataplane {
@@ -272,14 +291,6 @@ fn bind(port: u16) -> std::io::Result<UdpSocket> {
     s.set_nonblocking(true)?;
     s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
     UdpSocket::from_std(s.into())
-}
-
-/// The first candidate this socket can send to (IPv4 for now).
-fn first_endpoint(candidates: &[String]) -> Option<SocketAddr> {
-    candidates
-        .iter()
-        .filter_map(|c| c.parse::<SocketAddr>().ok())
-        .find(|a| a.is_ipv4() && a.port() != 0)
 }
 
 fn unix_now() -> u64 {
@@ -318,6 +329,7 @@ impl Plane {
                     Ok((n, from)) => self.incoming(&from_udp[..n], from).await,
                     Err(e) => tracing::debug!(event = "udp_read_failed", error = %e),
                 },
+                Some(call) = self.direct.calls.recv() => self.called(call).await,
                 changed = maps.changed() => {
                     if changed.is_err() {
                         break;
@@ -329,6 +341,7 @@ impl Plane {
                 }
                 _ = tick.tick() => {
                     self.timers().await;
+                    self.paths_tick().await;
                     if status_at.elapsed() >= STATUS_EVERY {
                         status_at = Instant::now();
                         self.write_status();
@@ -362,7 +375,9 @@ impl Plane {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
-        self.filter.outbound(packet, Instant::now());
+        let now = Instant::now();
+        self.filter.outbound(packet, now);
+        peer.path.wanted(now);
         match peer.tunn.encapsulate(packet, &mut self.out) {
             TunnResult::WriteToNetwork(b) => match peer.endpoint {
                 Some(ep) => {
@@ -385,6 +400,7 @@ impl Plane {
     async fn incoming(&mut self, datagram: &[u8], from: SocketAddr) {
         match classify(datagram) {
             Datagram::WireGuard => {}
+            Datagram::Probe => return self.probe_in(datagram, from).await,
             kind => {
                 tracing::debug!(event = "datagram_ignored", kind = ?kind, from = %from, bytes = datagram.len());
                 return;
@@ -446,10 +462,8 @@ impl Plane {
             }
             break;
         }
-        if authenticated && peer.endpoint != Some(from) {
-            tracing::info!(event = "peer_endpoint", peer = %peer.hostname, endpoint = %from, reason = "roamed");
-            peer.endpoint = Some(from);
-            peer.learned = true;
+        if authenticated {
+            direct::heard(peer, from);
         }
     }
 
@@ -523,24 +537,8 @@ impl Plane {
                 }
                 p.allowed = allowed;
                 p.hostname.clone_from(&mp.hostname);
-                if p.candidates != mp.endpoints {
-                    p.candidates.clone_from(&mp.endpoints);
-                    let stale = p
-                        .tunn
-                        .time_since_last_handshake()
-                        .is_none_or(|d| d > STALE_HANDSHAKE);
-                    let listed = p
-                        .endpoint
-                        .is_some_and(|e| p.candidates.contains(&e.to_string()));
-                    if (!p.learned || stale)
-                        && !listed
-                        && let Some(ep) = first_endpoint(&p.candidates)
-                    {
-                        tracing::info!(event = "peer_endpoint", peer = %p.hostname, endpoint = %ep, reason = "map");
-                        p.endpoint = Some(ep);
-                        p.learned = false;
-                    }
-                }
+                p.path.set_map(&mp.endpoints, Instant::now());
+                direct::refresh_endpoint(p, Instant::now());
                 continue;
             }
             self.next_index = (self.next_index + 1) & 0xff_ffff;
@@ -561,7 +559,8 @@ impl Plane {
                     tracing::warn!(event = "route_failed", op = "add", net = %n, error = %e);
                 }
             }
-            let endpoint = first_endpoint(&mp.endpoints);
+            let path = PeerPath::new(&mp.endpoints, Instant::now());
+            let endpoint = path.choose(Instant::now()).addr();
             tracing::info!(event = "peer_added", peer = %mp.hostname, id = mp.id);
             if let Some(ep) = endpoint {
                 tracing::info!(event = "peer_endpoint", peer = %mp.hostname, endpoint = %ep, reason = "map");
@@ -575,9 +574,9 @@ impl Plane {
                     index,
                     tunn: Box::new(tunn),
                     allowed,
-                    candidates: mp.endpoints.clone(),
                     endpoint,
-                    learned: false,
+                    path,
+                    probe_key: super::probe::key(&self.secret, &k),
                 },
             );
         }
@@ -598,6 +597,7 @@ impl Plane {
 
     fn write_status(&self) {
         let b64 = base64::engine::general_purpose::STANDARD;
+        let now = Instant::now();
         let mut peers: Vec<PeerStatus> = self
             .peers
             .iter()
@@ -607,12 +607,13 @@ impl Plane {
                     hostname: p.hostname.clone(),
                     public_key: b64.encode(k),
                     endpoint: p.endpoint.map(|e| e.to_string()),
-                    path: if p.endpoint.is_some() {
+                    path: if p.path.direct(now).is_some() {
                         "direct"
                     } else {
                         "none"
                     }
                     .into(),
+                    rtt_ms: p.path.rtt(now).map(|d| d.as_millis() as u64),
                     last_handshake_s: handshake.map(|d| d.as_secs()),
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
@@ -710,20 +711,30 @@ pub fn host_candidates(port: u16, mesh_interface: &str) -> Vec<String> {
     out
 }
 
-/// Report the host candidates to the control server, again whenever they
-/// change.
+/// Report this device's candidates (extra, then host) to the control
+/// server, again whenever they change; the data plane learns them through
+/// `own` (for call-me-maybes).
 async fn report(
     url: ControlUrl,
     tls: Arc<rustls::ClientConfig>,
     token: String,
     port: u16,
     interface: String,
+    (extra, own): (
+        Arc<direct::ExtraCandidates>,
+        tokio::sync::watch::Sender<Vec<String>>,
+    ),
     mut shutdown: Shutdown,
 ) {
     let mut reported: Option<Vec<String>> = None;
     let mut wait = Duration::from_secs(1);
     loop {
-        let endpoints = host_candidates(port, &interface);
+        let endpoints = direct::all_candidates(&extra, port, &interface);
+        own.send_if_modified(|o| {
+            let changed = *o != endpoints;
+            o.clone_from(&endpoints);
+            changed
+        });
         if reported.as_ref() != Some(&endpoints) {
             let request = EndpointsRequest {
                 endpoints: endpoints.clone(),
@@ -752,6 +763,7 @@ async fn report(
         tokio::select! {
             _ = shutdown.wait() => return,
             _ = tokio::time::sleep(wait) => {}
+            _ = extra.changed() => {}
         }
     }
 }
@@ -782,17 +794,6 @@ mod tests {
         assert_eq!(classify(&resp), Datagram::Stun);
         assert_eq!(classify(&[]), Datagram::Unknown);
         assert_eq!(classify(&[1]), Datagram::Unknown);
-    }
-
-    #[test]
-    fn the_first_usable_candidate_is_the_endpoint() {
-        let c = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            first_endpoint(&c(&["junk", "[2001:db8::1]:5", "10.0.0.2:41641"])),
-            Some("10.0.0.2:41641".parse().unwrap())
-        );
-        assert_eq!(first_endpoint(&c(&["10.0.0.2:0"])), None);
-        assert_eq!(first_endpoint(&[]), None);
     }
 
     #[test]
