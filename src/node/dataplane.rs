@@ -251,6 +251,7 @@ pub async fn start(
             signaller: Some(node.signaller()),
             calls,
             own,
+            status_dirty: false,
         },
     };
     // Until the stream delivers, start from the last map this device
@@ -337,6 +338,8 @@ impl Plane {
                     let m = maps.borrow_and_update().clone();
                     if let Some(m) = m {
                         self.apply(&m);
+                        // New peers and candidates are probed at once.
+                        self.paths_tick().await;
                     }
                 }
                 _ = tick.tick() => {
@@ -462,8 +465,8 @@ impl Plane {
             }
             break;
         }
-        if authenticated {
-            direct::heard(peer, from);
+        if authenticated && direct::heard(peer, from) {
+            self.direct.status_dirty = true;
         }
     }
 

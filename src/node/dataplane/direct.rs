@@ -90,6 +90,8 @@ pub(super) struct Direct {
     pub(super) calls: tokio::sync::mpsc::Receiver<Call>,
     /// This device's candidates, as last reported.
     pub(super) own: tokio::sync::watch::Receiver<Vec<String>>,
+    /// A path changed since the status file was written.
+    pub(super) status_dirty: bool,
 }
 
 /// Point the peer's WireGuard at what the path rule says now.
@@ -124,13 +126,15 @@ fn log_moved(peer: &Peer, m: Moved, now: Instant) {
 }
 
 /// Authenticated WireGuard traffic from `from`: the path is alive (or
-/// confirmed, or roamed).
-pub(super) fn heard(peer: &mut Peer, from: SocketAddr) {
+/// confirmed, or roamed). True if the path changed.
+pub(super) fn heard(peer: &mut Peer, from: SocketAddr) -> bool {
     let now = Instant::now();
-    if let Some(m) = peer.path.heard(from, now) {
-        log_moved(peer, m, now);
-        refresh_endpoint(peer, now);
-    }
+    let Some(m) = peer.path.heard(from, now) else {
+        return false;
+    };
+    log_moved(peer, m, now);
+    refresh_endpoint(peer, now);
+    true
 }
 
 impl Plane {
@@ -175,6 +179,7 @@ impl Plane {
                 Some(moved) => {
                     if let Some(m) = moved {
                         log_moved(peer, m, now);
+                        self.direct.status_dirty = true;
                     }
                     refresh_endpoint(peer, now);
                 }
@@ -200,6 +205,9 @@ impl Plane {
         let keys: Vec<[u8; 32]> = self.peers.keys().copied().collect();
         for k in keys {
             self.drive(k, now).await;
+        }
+        if std::mem::take(&mut self.direct.status_dirty) {
+            self.write_status();
         }
     }
 
@@ -234,6 +242,7 @@ impl Plane {
         }
         if let Some(m) = due.moved {
             log_moved(peer, m, now);
+            self.direct.status_dirty = true;
         }
         refresh_endpoint(peer, now);
         if due.call
