@@ -123,6 +123,8 @@ pub struct PeerPath {
     call_wanted: bool,
     last_call: Option<Instant>,
     last_trigger: Option<Instant>,
+    /// The next round answers a call-me-maybe.
+    answering: bool,
 }
 
 /// The usable addresses in `list` (IPv4 for now: the node's socket is
@@ -178,12 +180,16 @@ impl PeerPath {
         }
     }
 
-    /// The peer sent a call-me-maybe: probe its candidates now.
+    /// The peer sent a call-me-maybe: probe its candidates now, while it
+    /// probes this side. That one round neither resets the backoff nor
+    /// calls back, so two peers that cannot reach each other do not keep
+    /// each other probing fast.
     pub fn called(&mut self, candidates: &[String], now: Instant) {
         for a in usable(candidates).into_iter().rev() {
             self.add_signalled(a);
         }
-        self.trigger(now, !self.is_direct(now));
+        self.next_round = Some(now);
+        self.answering = true;
     }
 
     fn add_signalled(&mut self, a: SocketAddr) {
@@ -279,13 +285,14 @@ impl PeerPath {
             }
         }
         if self.next_round.is_some_and(|t| t <= now) {
+            let answering = std::mem::take(&mut self.answering);
             for to in self.candidates() {
                 due.pings.push((to, self.probe(to, now)));
             }
             if self.is_direct(now) {
                 self.next_round = None;
             } else {
-                self.call_wanted = true;
+                self.call_wanted |= !answering;
                 if self.fast_left > 0 {
                     self.fast_left -= 1;
                 } else {
@@ -598,6 +605,33 @@ mod tests {
         assert!(p.pinged(from, at).is_none(), "a probe to it is in flight");
         p.trigger(at, false);
         assert!(p.poll(at).pings.iter().any(|(d, _)| *d == from));
+    }
+
+    #[test]
+    fn peers_that_cannot_reach_each_other_settle_to_slow_probing() {
+        let t = Instant::now();
+        let mut a = PeerPath::new(&s(&[PUB]), t);
+        let mut b = PeerPath::new(&s(&[PRIV]), t);
+        let (mut calls, mut rounds) = (0, 0);
+        let mut at = t;
+        while at < t + Duration::from_secs(600) {
+            let (da, db) = (a.poll(at), b.poll(at));
+            if da.call {
+                b.called(&s(&[PUB]), at);
+            }
+            if db.call {
+                a.called(&s(&[PRIV]), at);
+            }
+            if at >= t + Duration::from_secs(300) {
+                calls += usize::from(da.call) + usize::from(db.call);
+                rounds += usize::from(!da.pings.is_empty()) + usize::from(!db.pings.is_empty());
+            }
+            at += Duration::from_millis(250);
+        }
+        // Five minutes: each side calls every 30 s and answers the other.
+        assert!(calls <= 22, "{calls} calls");
+        assert!(rounds <= 44, "{rounds} rounds");
+        assert!(calls >= 10, "{calls}: still calling now and then");
     }
 
     #[test]
