@@ -30,17 +30,16 @@ use common::proc::{BIN, Running, wait_until};
 
 const CONTROL: &str = "control.mesh.test";
 
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Run to completion; panic unless it succeeded; its stdout.
+fn output_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{cmd:?}: {err}");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn run(args: &[&str]) -> String {
+    output_of(Command::new(args[0]).args(&args[1..]))
 }
 
 /// `CMD...` inside namespace `ns`.
@@ -349,24 +348,14 @@ fn nodes_behind_two_nats_find_a_direct_path_and_keep_it_when_a_mapping_changes()
     c.args(["control", "-c", "control.toml"]);
     let control = Running::spawn_logged(c, &home.join("control.log"));
     control.wait_event("control_started", Duration::from_secs(20));
-    let out = Command::new(BIN)
-        .args(["control", "-c", "control.toml", "setup-key", "create"])
-        .args(["--user", "alice@mesh.test", "--reusable"])
-        .current_dir(home)
-        .env("HOME", home)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_of(
+        Command::new(BIN)
+            .args(["control", "-c", "control.toml", "setup-key", "create"])
+            .args(["--user", "alice@mesh.test", "--reusable"])
+            .current_dir(home)
+            .env("HOME", home),
     );
-    let key = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let key = out.lines().last().unwrap().trim().to_string();
 
     let node = |ns: &str, endpoints: &[&str]| {
         let mut c = t.runewarp(ns, home);
@@ -443,9 +432,20 @@ fn nodes_behind_two_nats_find_a_direct_path_and_keep_it_when_a_mapping_changes()
         &nat1,
         &["ip", "addr", "add", "10.99.0.21/24", "dev", "eth0"],
     );
+    // When (seconds into the UTC day, as in the logs) nat1 last failed
+    // over.
+    let failed_at = std::cell::Cell::new(0.0);
     let fail_over = |public: &str| {
         t.nat(&nat1, public);
         inside(&nat1, &["conntrack", "-F"]);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        failed_at.set(now.unwrap().as_secs_f64() % 86_400.0);
+    };
+    // Seconds from the last failover to b's last new direct path.
+    let path_back = || {
+        let lines = b.events("path_changed");
+        let last = lines.iter().rev().find(|l| l.contains("path=\"direct\""));
+        at(last.unwrap()) - failed_at.get()
     };
     let roamed = transfer(&t, "a", "b", &b4, 100, || fail_over("10.99.0.21"));
     wait_until("b on the new address", Duration::from_secs(10), || {
@@ -453,6 +453,7 @@ fn nodes_behind_two_nats_find_a_direct_path_and_keep_it_when_a_mapping_changes()
     });
     assert!(direct("a", "10.99.0.12:41641"), "{}", show("a's path"));
     assert!(t.ping("a", &b4), "a pings b after the failover");
+    let roamed_back = path_back();
 
     // And back, with nat2's hole towards the first address expired (as
     // it does 2 minutes after the last packet): nothing gets through
@@ -479,13 +480,16 @@ fn nodes_behind_two_nats_find_a_direct_path_and_keep_it_when_a_mapping_changes()
     };
     assert!(died(&a) && died(&b), "{}", show("the old paths died"));
     assert!(t.ping("a", &b4), "a pings b after the second failover");
-    // How much longer a transfer took than the first: the outage.
+    let reprobed_back = path_back();
+    // How much longer a transfer took than the first: the outage as TCP
+    // saw it (its retransmission backoff adds to the path's).
     let outage = |rate: f64| 838.860_8 / rate - 838.860_8 / mesh;
     eprintln!(
-        "direct path {} ms after `node up` ({:.0} ms after a learnt of b); TCP a→b 100 MiB: direct {mesh:.0} Mbit/s, \
-         plain through the NAT {plain:.0} Mbit/s; NAT failover half way, roamed: \
-         {roamed:.0} Mbit/s (about {:.1} s lost), re-probed: {reprobed:.0} Mbit/s \
-         (about {:.1} s lost)",
+        "direct path {} ms after `node up` ({:.0} ms after a learnt of b); TCP a→b 100 MiB: \
+         direct {mesh:.0} Mbit/s, plain through the NAT {plain:.0} Mbit/s; NAT failover half \
+         way, roamed: path back after {roamed_back:.1} s, {roamed:.0} Mbit/s (about {:.1} s \
+         lost); re-probed: path back after {reprobed_back:.1} s, {reprobed:.0} Mbit/s (about \
+         {:.1} s lost)",
         to_direct.as_millis(),
         probing * 1000.0,
         outage(roamed),

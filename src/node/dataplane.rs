@@ -6,8 +6,8 @@
 //!   `allowed_ips` are routed to it (rtnetlink, [`super::route`]).
 //!   Peers are added, changed and removed as maps arrive; a change to one
 //!   peer leaves every other peer's session alone.
-//! - One UDP socket (`--listen-port`) carries WireGuard and, in later
-//!   slices, path probes and STUN, told apart by their first bytes (see
+//! - One UDP socket (`--listen-port`) carries WireGuard, path probes and
+//!   (in a later slice) STUN, told apart by their first bytes (see
 //!   [`classify`]).
 //! - A peer's endpoint follows the path rule of [`super::path`]: a direct
 //!   endpoint confirmed by a probe answer or authenticated traffic (see
@@ -39,9 +39,9 @@ use super::path::PeerPath;
 use super::{ControlUrl, Node, NodeError, post_json, route};
 use crate::fsutil;
 use crate::mesh_protocol::{EndpointsRequest, MAX_ENDPOINTS, NetworkMap};
+use crate::shutdown::Shutdown;
 
 pub mod direct;
-use crate::shutdown::Shutdown;
 
 /// The data plane's status for `node status`, in the state dir.
 pub const STATUS_FILE: &str = "dataplane.json";

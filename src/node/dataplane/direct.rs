@@ -112,12 +112,15 @@ pub(super) fn refresh_endpoint(peer: &mut Peer, now: Instant) {
 }
 
 fn log_moved(peer: &Peer, m: Moved, now: Instant) {
-    let rtt_ms = peer.path.rtt(now).map(|d| d.as_secs_f64() * 1000.0);
+    let rtt_ms = peer.path.rtt(now).map_or_else(
+        || "-".to_string(),
+        |d| format!("{:.2}", d.as_secs_f64() * 1000.0),
+    );
     let from = m.from.map(|a| a.to_string());
     let from = from.as_deref().unwrap_or("-");
     match m.to {
         Some(to) => {
-            tracing::info!(event = "path_changed", peer = %peer.hostname, path = "direct", endpoint = %to, from, reason = m.reason, rtt_ms = ?rtt_ms)
+            tracing::info!(event = "path_changed", peer = %peer.hostname, path = "direct", endpoint = %to, from, reason = m.reason, rtt_ms = %rtt_ms)
         }
         None => {
             tracing::info!(event = "path_changed", peer = %peer.hostname, path = "none", from, reason = m.reason)
