@@ -923,6 +923,64 @@ mod tests {
     }
 
     #[test]
+    fn signals_are_dispatched_path_messages_to_the_data_plane_others_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = load_or_create_secret(dir.path()).unwrap();
+        let (path_signals, rx) = tokio::sync::mpsc::channel(4);
+        let node = Node {
+            state_dir: dir.path().to_path_buf(),
+            secret: secret.clone(),
+            enrolment: Enrolment {
+                control: "https://control.invalid".into(),
+                ca_file: None,
+                device_id: 1,
+                token: "rwt_x".into(),
+                organisation: "o".into(),
+                hostname: "a".into(),
+                addresses: vec![],
+            },
+            url: parse_url("https://control.invalid").unwrap(),
+            tls: tls_config(None).unwrap(),
+            maps: tokio::sync::watch::Sender::new(None),
+            path_signals,
+            path_signals_rx: std::sync::Mutex::new(Some(rx)),
+        };
+        let peer = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let from_key = b64.encode(x25519_dalek::PublicKey::from(&peer).as_bytes());
+        let mine = x25519_dalek::PublicKey::from(&secret).to_bytes();
+        let envelope = |message: &str| {
+            let (nonce, sealed) = mesh_protocol::seal(&peer, &mine, message.as_bytes());
+            SignalEnvelope {
+                from: 2,
+                from_key: from_key.clone(),
+                nonce,
+                sealed,
+            }
+        };
+        let call = r#"{"kind":"call-me-maybe","candidates":["192.0.2.1:41641"]}"#;
+        received(&node, &envelope(call)).unwrap();
+        received(&node, &envelope("hello")).unwrap();
+        // Not sealed for this device: dropped.
+        let mut forged = envelope(call);
+        forged.from_key = b64.encode([7u8; 32]);
+        received(&node, &forged).unwrap();
+        let mut rx = node.take_path_signals();
+        let got = rx.try_recv().unwrap();
+        assert_eq!(got.from, x25519_dalek::PublicKey::from(&peer).to_bytes());
+        assert_eq!(
+            got.signal,
+            probe::PathSignal::CallMeMaybe {
+                candidates: vec!["192.0.2.1:41641".into()]
+            }
+        );
+        assert!(rx.try_recv().is_err(), "one path signal only");
+        let file = std::fs::read_to_string(dir.path().join(SIGNALS_FILE)).unwrap();
+        assert_eq!(file.lines().count(), 1, "{file}");
+        assert!(file.contains("hello"));
+    }
+
+    #[test]
     fn control_urls_must_be_https_origins() {
         assert_eq!(parse_url("https://c.example:7443/").unwrap().port, 7443);
         assert_eq!(parse_url("https://c.example").unwrap().port, 443);
