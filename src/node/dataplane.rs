@@ -248,7 +248,7 @@ pub async fn start(
         out: vec![0u8; 65_536 + 256],
         direct: direct::Direct {
             limit: Default::default(),
-            signaller: Some(node.signaller()),
+            signaller: node.signaller(),
             calls,
             own,
             status_dirty: false,

@@ -85,8 +85,8 @@ pub struct Call {
 /// The data plane's direct-path parts.
 pub(super) struct Direct {
     pub(super) limit: probe::SourceLimit,
-    /// None in tests without a control server.
-    pub(super) signaller: Option<Signaller>,
+    /// Sends call-me-maybes through the control server.
+    pub(super) signaller: Signaller,
     pub(super) calls: tokio::sync::mpsc::Receiver<Call>,
     /// This device's candidates, as last reported.
     pub(super) own: tokio::sync::watch::Receiver<Vec<String>>,
@@ -248,9 +248,8 @@ impl Plane {
             self.direct.status_dirty = true;
         }
         refresh_endpoint(peer, now);
-        if due.call
-            && let Some(signaller) = self.direct.signaller.clone()
-        {
+        if due.call {
+            let signaller = self.direct.signaller.clone();
             let candidates = self.direct.own.borrow().clone();
             let count = candidates.len();
             let message =
