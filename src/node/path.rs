@@ -42,8 +42,11 @@ const PROBE_EXPIRES: Duration = Duration::from_secs(5);
 /// Fewest seconds between two call-me-maybes to one peer.
 pub const CALL_EVERY: Duration = Duration::from_secs(5);
 /// WireGuard traffic from a new address moves the endpoint there once the
-/// current one has been quiet this long (roaming).
-const ROAM_QUIET: Duration = Duration::from_secs(1);
+/// current one has been quiet this long (roaming): longer than the
+/// keepalive, so a live endpoint answering its keepalives stays even when
+/// the peer's traffic arrives from another address (a port forward in,
+/// another mapping out).
+const ROAM_QUIET: Duration = Duration::from_secs(3);
 /// Most candidates kept from each source, most probes in flight.
 const MAX_CANDIDATES: usize = 16;
 const MAX_PENDING: usize = 64;
@@ -538,6 +541,34 @@ mod tests {
         // Once the current one is quiet, the new address wins.
         let quiet = later + ROAM_QUIET;
         assert_eq!(p.heard(a(PUB), quiet).map(|m| m.to), Some(Some(a(PUB))));
+    }
+
+    #[test]
+    fn a_live_endpoint_stays_while_traffic_arrives_from_another_address() {
+        // Pings to a port forward are answered; the peer's own packets
+        // leave its NAT from another mapping.
+        let t = Instant::now();
+        let mut p = PeerPath::new(&s(&[PUB]), t);
+        let due = p.poll(t);
+        answer(&mut p, &due, PUB, t + Duration::from_millis(3));
+        let other = a("198.51.100.7:50000");
+        let mut at = t;
+        let mut moves = 0;
+        while at < t + Duration::from_secs(60) {
+            at += Duration::from_millis(250);
+            moves += usize::from(p.heard(other, at).is_some());
+            let due = p.poll(at);
+            if let Some((to, tx)) = due.pings.first() {
+                assert_eq!(*to, a(PUB));
+                moves += usize::from(
+                    p.pong(tx, at + Duration::from_millis(3))
+                        .flatten()
+                        .is_some(),
+                );
+            }
+        }
+        assert_eq!(moves, 0);
+        assert_eq!(p.choose(at), Via::Direct(a(PUB)));
     }
 
     #[test]
