@@ -485,7 +485,9 @@ fn nodes_behind_two_nats_find_a_direct_path_and_keep_it_when_a_mapping_changes()
             .iter()
             .any(|l| l.contains("reason=\"dead\""))
     };
-    assert!(died(&a) && died(&b), "{}", show("the old paths died"));
+    // One side declaring its path dead and probing anew is enough (its
+    // probes reopen the other side's way too).
+    assert!(died(&a) || died(&b), "{}", show("an old path died"));
     assert!(t.ping("a", &b4), "a pings b after the second failover");
     let reprobed_back = path_back();
     // A network change (a new host address on a) is noticed within 5 s:

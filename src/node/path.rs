@@ -47,6 +47,9 @@ pub const CALL_EVERY: Duration = Duration::from_secs(5);
 /// the peer's traffic arrives from another address (a port forward in,
 /// another mapping out).
 const ROAM_QUIET: Duration = Duration::from_secs(3);
+/// Fewest time between two pings back (answers to a peer's ping while
+/// there is no direct path).
+const PING_BACK_GAP: Duration = Duration::from_millis(100);
 /// Most candidates kept from each source, most probes in flight.
 const MAX_CANDIDATES: usize = 16;
 const MAX_PENDING: usize = 64;
@@ -128,6 +131,7 @@ pub struct PeerPath {
     last_trigger: Option<Instant>,
     /// The next round answers a call-me-maybe.
     answering: bool,
+    last_ping_back: Option<Instant>,
 }
 
 /// The usable addresses in `list` (IPv4 for now: the node's socket is
@@ -361,15 +365,22 @@ impl PeerPath {
     }
 
     /// An authenticated ping from `from`: remember it as a candidate
-    /// (peer-reflexive). With no direct path yet and no probe to it in
-    /// flight, a ping back to it goes out now: the transaction id to send.
+    /// (peer-reflexive). With no direct path yet, a ping back to it goes
+    /// out now (the transaction id to send): the peer's ping got through
+    /// both NATs, so both have a mapping for this pair and the answer
+    /// will too, whatever happened to earlier probes. At most one per
+    /// [`PING_BACK_GAP`].
     pub fn pinged(&mut self, from: SocketAddr, now: Instant) -> Option<Tx> {
         if from.is_ipv4() && !self.map.contains(&from) && !self.signalled.contains(&from) {
             self.add_signalled(from);
         }
-        if self.is_direct(now) || self.pending.iter().any(|p| p.to == from) {
+        let recent = self
+            .last_ping_back
+            .is_some_and(|t| now.saturating_duration_since(t) < PING_BACK_GAP);
+        if self.is_direct(now) || recent {
             return None;
         }
+        self.last_ping_back = Some(now);
         Some(self.probe(from, now))
     }
 
@@ -415,13 +426,22 @@ impl PeerPath {
         Some(moved)
     }
 
-    /// Pick the best live candidate; move only for a clear gain.
+    /// Pick the best live candidate; move only for a clear gain. Another
+    /// candidate competes only while it answers (heard within
+    /// [`ROAM_QUIET`]): a path that went quiet must not win back on an old
+    /// RTT.
     fn reselect(&mut self, now: Instant, reason: &'static str) -> Option<Moved> {
-        let alive = |l: &&Live| now.saturating_duration_since(l.heard) < DEAD_AFTER;
-        let best = *self.live.iter().filter(alive).min_by_key(|l| score(l))?;
-        let current = self
-            .direct(now)
-            .and_then(|d| self.live.iter().find(|l| l.addr == d).copied());
+        let direct = self.direct(now);
+        let eligible = |l: &&Live| {
+            let age = now.saturating_duration_since(l.heard);
+            age < if Some(l.addr) == direct {
+                DEAD_AFTER
+            } else {
+                ROAM_QUIET
+            }
+        };
+        let best = *self.live.iter().filter(eligible).min_by_key(|l| score(l))?;
+        let current = direct.and_then(|d| self.live.iter().find(|l| l.addr == d).copied());
         if let Some(c) = current {
             let (now_score, best_score) = (score(&c), score(&best));
             if c.addr == best.addr || now_score == Duration::MAX && best_score == Duration::MAX {
@@ -572,6 +592,24 @@ mod tests {
     }
 
     #[test]
+    fn a_quiet_path_does_not_win_back_on_its_old_rtt() {
+        let t = Instant::now();
+        let mut p = PeerPath::new(&s(&[PUB]), t);
+        let due = p.poll(t);
+        answer(&mut p, &due, PUB, t + Duration::from_millis(2));
+        // PUB's NAT mapping is gone; the peer's traffic comes from a new
+        // address.
+        let new = a("198.51.100.9:41641");
+        let at = t + ROAM_QUIET + Duration::from_millis(10);
+        assert_eq!(p.heard(new, at).map(|m| m.to), Some(Some(new)));
+        let due = p.poll(at);
+        let (to, tx) = due.pings.first().cloned().unwrap();
+        assert_eq!(to, new, "the keepalive goes to the new endpoint");
+        assert_eq!(p.pong(&tx, at + Duration::from_millis(10)), Some(None));
+        assert_eq!(p.choose(at), Via::Direct(new));
+    }
+
+    #[test]
     fn a_better_path_wins_only_by_a_margin() {
         let t = Instant::now();
         let other = "198.51.100.8:41641";
@@ -633,7 +671,8 @@ mod tests {
         // for a ping back, once.
         let from = a("192.0.2.44:7777");
         assert!(p.pinged(from, at).is_some());
-        assert!(p.pinged(from, at).is_none(), "a probe to it is in flight");
+        assert!(p.pinged(from, at).is_none(), "one ping back per 100 ms");
+        assert!(p.pinged(from, at + PING_BACK_GAP).is_some());
         p.trigger(at, false);
         assert!(p.poll(at).pings.iter().any(|(d, _)| *d == from));
     }
