@@ -400,6 +400,16 @@ pub enum PolicyCommand {
     },
 }
 
+/// `--endpoint IP:PORT`: a literal address, port not 0, not unspecified
+/// or multicast.
+fn parse_endpoint(text: &str) -> Result<std::net::SocketAddr, String> {
+    match text.parse::<std::net::SocketAddr>() {
+        Ok(a) if crate::mesh_protocol::valid_endpoint(text) => Ok(a),
+        Ok(_) => Err("the address must be a unicast IP with a port other than 0".into()),
+        Err(_) => Err("expected IP:PORT, such as 198.51.100.7:41641".into()),
+    }
+}
+
 #[derive(Debug, Subcommand, Clone)]
 pub enum NodeCommand {
     /// Enrol (first time: with a setup key, or by signing in at the printed
@@ -445,6 +455,17 @@ pub enum NodeCommand {
             default_value_t = crate::node::dataplane::DEFAULT_PORT
         )]
         listen_port: u16,
+        /// A public address (IP:PORT) this node is reachable at: a port
+        /// forward to the listen port, or a NAT that keeps the port.
+        /// Offered to peers ahead of the host's addresses, for direct
+        /// paths through NAT. Repeatable; needs --tun.
+        #[arg(
+            long = "endpoint",
+            value_name = "IP:PORT",
+            requires = "tun",
+            value_parser = parse_endpoint
+        )]
+        endpoint: Vec<std::net::SocketAddr>,
         #[command(flatten)]
         state: NodeStateArgs,
     },

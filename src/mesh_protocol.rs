@@ -110,28 +110,34 @@ pub fn valid_endpoint(text: &str) -> bool {
 /// Largest sealed signal message accepted (bytes before base64).
 pub const MAX_SIGNAL: usize = 2048;
 
-/// The key two devices share for signal messages: X25519 between their
-/// WireGuard keys, then HKDF-SHA256 bound to both public keys (in sorted
-/// order, so both ends derive the same key).
-fn signal_key(
-    secret: &x25519_dalek::StaticSecret,
-    mine: &[u8; 32],
-    theirs: &[u8; 32],
-) -> ring::aead::LessSafeKey {
+/// A 32-byte key two devices share: X25519 between their WireGuard keys,
+/// then HKDF-SHA256 with `label` as the salt, bound to both public keys
+/// (in sorted order, so both ends derive the same key). Each use has its
+/// own label, so no two uses share a key.
+pub fn pair_key(secret: &x25519_dalek::StaticSecret, theirs: &[u8; 32], label: &[u8]) -> [u8; 32] {
+    let mine = x25519_dalek::PublicKey::from(secret).to_bytes();
     let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*theirs));
-    let (a, b) = if mine <= theirs {
-        (mine, theirs)
+    let (a, b) = if mine <= *theirs {
+        (&mine, theirs)
     } else {
-        (theirs, mine)
+        (theirs, &mine)
     };
     let info = [a.as_slice(), b.as_slice()];
-    let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"runewarp signal v1");
-    let prk = salt.extract(shared.as_bytes());
+    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, label).extract(shared.as_bytes());
+    let mut out = [0u8; 32];
     // Expanding 32 bytes from HKDF-SHA256 cannot fail (the limit is 8 KiB).
-    let key = prk
-        .expand(&info, &ring::aead::CHACHA20_POLY1305)
-        .map(ring::aead::UnboundKey::from)
+    prk.expand(&info, ring::hkdf::HKDF_SHA256)
+        .and_then(|okm| okm.fill(&mut out))
         .unwrap_or_else(|_| unreachable!("HKDF output of 32 bytes"));
+    out
+}
+
+/// The key two devices share for signal messages ([`pair_key`]).
+fn signal_key(secret: &x25519_dalek::StaticSecret, theirs: &[u8; 32]) -> ring::aead::LessSafeKey {
+    let key = pair_key(secret, theirs, b"runewarp signal v1");
+    // A 32-byte key is what ChaCha20-Poly1305 takes.
+    let key = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &key)
+        .unwrap_or_else(|_| unreachable!("a 32-byte ChaCha20-Poly1305 key"));
     ring::aead::LessSafeKey::new(key)
 }
 
@@ -145,7 +151,7 @@ pub fn seal(
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     let mine = x25519_dalek::PublicKey::from(secret).to_bytes();
-    let key = signal_key(secret, &mine, theirs);
+    let key = signal_key(secret, theirs);
     let nonce: [u8; 12] = rand::random();
     let mut data = message.to_vec();
     let aad = [mine.as_slice(), theirs.as_slice()].concat();
@@ -172,7 +178,7 @@ pub fn open(
     let nonce: [u8; 12] = b64.decode(nonce).ok()?.try_into().ok()?;
     let mut data = b64.decode(sealed).ok()?;
     let mine = x25519_dalek::PublicKey::from(secret).to_bytes();
-    let key = signal_key(secret, &mine, theirs);
+    let key = signal_key(secret, theirs);
     let aad = [theirs.as_slice(), mine.as_slice()].concat();
     let plain = key
         .open_in_place(
@@ -372,6 +378,43 @@ mod tests {
             open(&b, &pa, &nonce, std::str::from_utf8(&bad).unwrap()),
             None
         );
+    }
+
+    #[test]
+    fn the_signal_key_is_what_earlier_releases_derived() {
+        // The derivation before `pair_key`: HKDF expanded straight into a
+        // ChaCha20-Poly1305 key. Older nodes must still open our messages.
+        let a = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
+        let b = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
+        let (pa, pb) = (
+            x25519_dalek::PublicKey::from(&a).to_bytes(),
+            x25519_dalek::PublicKey::from(&b).to_bytes(),
+        );
+        let shared = b.diffie_hellman(&x25519_dalek::PublicKey::from(pa));
+        let (lo, hi) = if pa <= pb { (pa, pb) } else { (pb, pa) };
+        let info = [lo.as_slice(), hi.as_slice()];
+        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"runewarp signal v1");
+        let old = ring::aead::LessSafeKey::new(ring::aead::UnboundKey::from(
+            salt.extract(shared.as_bytes())
+                .expand(&info, &ring::aead::CHACHA20_POLY1305)
+                .unwrap(),
+        ));
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let (nonce, sealed) = seal(&a, &pb, b"hello");
+        let nonce: [u8; 12] = b64.decode(nonce).unwrap().try_into().unwrap();
+        let mut data = b64.decode(sealed).unwrap();
+        let aad = [pa.as_slice(), pb.as_slice()].concat();
+        let plain = old
+            .open_in_place(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(aad),
+                &mut data,
+            )
+            .unwrap();
+        assert_eq!(plain, b"hello");
+        assert_ne!(pair_key(&a, &pb, b"one"), pair_key(&a, &pb, b"two"));
+        assert_eq!(pair_key(&a, &pb, b"one"), pair_key(&b, &pa, b"one"));
     }
 
     #[test]

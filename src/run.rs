@@ -451,6 +451,7 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
             tun,
             advertise_routes,
             listen_port,
+            endpoint,
             state,
         } => {
             let routes = match advertise_routes
@@ -528,6 +529,7 @@ fn run_node(cmd: crate::cli::NodeCommand) -> ExitCode {
                         let options = node::dataplane::Options {
                             interface,
                             listen_port,
+                            endpoints: endpoint,
                         };
                         match node::dataplane::start(&node, &options, stop.clone()).await {
                             Ok(d) => Some(d),

@@ -372,18 +372,19 @@ fn nodes_ping_each_other_over_wireguard_and_the_filter_and_revocation_apply() {
         );
     }
 
+    wait_until("a's status shows b's path", Duration::from_secs(5), || {
+        let s = json(&home.join("a/dataplane.json"));
+        s["peers"][0]["endpoint"] == "10.77.0.3:41641"
+            && s["peers"][0]["path"] == "direct"
+            && s["peers"][0]["last_handshake_s"].is_u64()
+            && s["peers"][0]["rx_bytes"].as_u64().unwrap_or(0) > 0
+    });
     let status = net
         .runewarp(net.a(), home)
         .args(["node", "status", "--state-dir", "a"])
         .output()
         .unwrap();
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
-    wait_until("a's status shows b's path", Duration::from_secs(5), || {
-        let s = json(&home.join("a/dataplane.json"));
-        s["peers"][0]["endpoint"] == "10.77.0.3:41641"
-            && s["peers"][0]["last_handshake_s"].is_u64()
-            && s["peers"][0]["rx_bytes"].as_u64().unwrap_or(0) > 0
-    });
     assert!(status.contains("direct 10.77.0.3:41641"), "{status}");
     let mode = {
         use std::os::unix::fs::PermissionsExt;

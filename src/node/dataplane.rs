@@ -6,13 +6,14 @@
 //!   `allowed_ips` are routed to it (rtnetlink, [`super::route`]).
 //!   Peers are added, changed and removed as maps arrive; a change to one
 //!   peer leaves every other peer's session alone.
-//! - One UDP socket (`--listen-port`) carries WireGuard and, in later
-//!   slices, path probes and STUN, told apart by their first bytes (see
+//! - One UDP socket (`--listen-port`) carries WireGuard, path probes and
+//!   (in a later slice) STUN, told apart by their first bytes (see
 //!   [`classify`]).
-//! - A peer's endpoint is the first usable candidate in the map (the
-//!   peer's host addresses, which its node reports with
-//!   `POST /v1/endpoints`), then wherever authenticated packets from it
-//!   come from (WireGuard roaming).
+//! - A peer's endpoint follows the path rule of [`super::path`]: a direct
+//!   endpoint confirmed by a probe answer or authenticated traffic (see
+//!   [`direct`]), else the first usable candidate in the map (the
+//!   peer's `--endpoint`s and host addresses, which its node reports with
+//!   `POST /v1/endpoints`).
 //! - Decapsulated packets must come from the sending peer's own addresses
 //!   and pass the map's filter ([`super::filter`]) before they reach the
 //!   TUN device.
@@ -34,11 +35,14 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 
 use super::filter::{Filter, Net};
+use super::path::PeerPath;
 use super::relay_client::{self, RelayClient, Route};
 use super::{ControlUrl, Node, NodeError, post_json, route};
 use crate::fsutil;
 use crate::mesh_protocol::{EndpointsRequest, MAX_ENDPOINTS, NetworkMap};
 use crate::shutdown::Shutdown;
+
+pub mod direct;
 
 /// The data plane's status for `node status`, in the state dir.
 pub const STATUS_FILE: &str = "dataplane.json";
@@ -53,11 +57,9 @@ const PERSISTENT_KEEPALIVE_S: u16 = 25;
 const TICK: Duration = Duration::from_millis(250);
 /// How often the status file is written.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
-/// How often the host candidates are looked at (and reported if changed).
-const REPORT_EVERY: Duration = Duration::from_secs(30);
-/// A peer whose last handshake is older than this may be moved to a new
-/// candidate from the map.
-const STALE_HANDSHAKE: Duration = Duration::from_secs(180);
+/// How often the host candidates are looked at (and reported if changed):
+/// a network change is noticed within this.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// What the first bytes of a datagram on the node's socket say it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +69,8 @@ pub enum Datagram {
     /// STUN (RFC 8489): the magic cookie 0x2112A442 at offset 4. Reserved
     /// for the reflexive-address slice; ignored for now.
     Stun,
-    /// A runewarp path probe: `RWP` and a version byte. Reserved for the
-    /// hole-punching slice; ignored for now.
+    /// A runewarp path probe: `RWP` and a version byte
+    /// ([`super::probe`]).
     Probe,
     /// A relay frame: `RWR` and a version byte ([`relay_client`]).
     Relay,
@@ -94,6 +96,9 @@ pub fn classify(d: &[u8]) -> Datagram {
 pub struct Options {
     pub interface: String,
     pub listen_port: u16,
+    /// `--endpoint`: public addresses the operator knows this node is
+    /// reachable at, offered ahead of the host's.
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// `dataplane.json`.
@@ -114,8 +119,11 @@ pub struct PeerStatus {
     pub public_key: String,
     /// Where WireGuard sends to (`IP:PORT`), if anywhere.
     pub endpoint: Option<String>,
-    /// `direct`, `relay` or `none`.
+    /// `direct` (a confirmed direct path), `relay` or `none`.
     pub path: String,
+    /// The direct path's smoothed round-trip time (from probes).
+    #[serde(default)]
+    pub rtt_ms: Option<u64>,
     /// Seconds since the current session's handshake (none: no session).
     pub last_handshake_s: Option<u64>,
     pub rx_bytes: u64,
@@ -128,33 +136,25 @@ struct Peer {
     index: u32,
     tunn: Box<Tunn>,
     allowed: Vec<Net>,
-    candidates: Vec<String>,
     endpoint: Option<SocketAddr>,
-    /// Whether `endpoint` came from the peer's own traffic (roaming)
-    /// rather than the map.
-    learned: bool,
-    /// When authenticated WireGuard traffic last came straight from
-    /// `endpoint` (not through the relay): a confirmed direct path.
-    direct_seen: Option<Instant>,
+    /// The direct-path state: candidates, probes, the confirmed endpoint.
+    path: PeerPath,
+    /// Authenticates probes between this device and the peer.
+    probe_key: ring::hmac::Key,
 }
 
-/// A direct path stays confirmed this long after its last authenticated
-/// packet (keepalives come every 25 s).
-const DIRECT_FRESH: Duration = Duration::from_secs(35);
-
 impl Peer {
-    /// Where this peer's datagrams go now (MESH.md's path rule).
-    fn route(&self, relay: &RelayClient) -> Route {
-        let direct = self
-            .endpoint
-            .filter(|_| self.direct_seen.is_some_and(|t| t.elapsed() < DIRECT_FRESH));
-        relay_client::route(direct, relay.target(), self.endpoint)
+    /// Where this peer's datagrams go now (the path rule in docs/mesh.md): a
+    /// confirmed direct path, else the relay, else the first map
+    /// candidate.
+    fn route(&self, relay: &RelayClient, now: Instant) -> Route {
+        relay_client::route(self.path.direct(now), relay.target(), self.endpoint)
     }
 }
 
 /// Send one WireGuard datagram for the peer `key` along its route.
 async fn transmit(udp: &UdpSocket, relay: &mut RelayClient, key: &[u8; 32], peer: &Peer, b: &[u8]) {
-    match peer.route(relay) {
+    match peer.route(relay, Instant::now()) {
         Route::Udp(ep) => {
             if let Err(e) = udp.send_to(b, ep).await {
                 tracing::debug!(event = "udp_send_failed", peer = %peer.hostname, endpoint = %ep, error = %e);
@@ -181,6 +181,9 @@ struct Plane {
     filter_drops: u64,
     out: Vec<u8>,
     relay: RelayClient,
+    direct: direct::Direct,
+    /// Where a reflexive address the relay reports (STUN) goes.
+    extra: Arc<direct::ExtraCandidates>,
 }
 
 /// The running data plane: its tasks stop when this is dropped or at
@@ -254,6 +257,9 @@ pub async fn start(
         .map_err(failed(&format!("binding UDP port {}", options.listen_port)))?;
     let listen_port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
     tracing::info!(event = "dataplane_started", interface = %options.interface, address = %v4, listen_port, mtu = MTU);
+    let extra = direct::ExtraCandidates::new(options.endpoints.clone());
+    let (own_tx, own) = tokio::sync::watch::channel(Vec::new());
+    let calls = node.take_path_signals();
     let plane = Plane {
         secret: node.secret.clone(),
         public: x25519_dalek::PublicKey::from(&node.secret),
@@ -270,6 +276,14 @@ pub async fn start(
         filter_drops: 0,
         out: vec![0u8; 65_536 + 256],
         relay: RelayClient::default(),
+        direct: direct::Direct {
+            limit: Default::default(),
+            signaller: node.signaller(),
+            calls,
+            own,
+            status_dirty: false,
+        },
+        extra: extra.clone(),
     };
     // Until the stream delivers, start from the last map this device
     // received: traffic flows while the control server is away.
@@ -289,6 +303,7 @@ pub async fn start(
         node.enrolment.token.clone(),
         listen_port,
         options.interface.clone(),
+        (extra, own_tx),
         shutdown,
     ));
     Ok(Dataplane {
@@ -308,14 +323,6 @@ fn bind(port: u16) -> std::io::Result<UdpSocket> {
     s.set_nonblocking(true)?;
     s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
     UdpSocket::from_std(s.into())
-}
-
-/// The first candidate this socket can send to (IPv4 for now).
-fn first_endpoint(candidates: &[String]) -> Option<SocketAddr> {
-    candidates
-        .iter()
-        .filter_map(|c| c.parse::<SocketAddr>().ok())
-        .find(|a| a.is_ipv4() && a.port() != 0)
 }
 
 fn unix_now() -> u64 {
@@ -359,6 +366,7 @@ impl Plane {
                         self.incoming(&frame, at).await;
                     }
                 }
+                Some(call) = self.direct.calls.recv() => self.called(call).await,
                 changed = maps.changed() => {
                     if changed.is_err() {
                         break;
@@ -366,10 +374,13 @@ impl Plane {
                     let m = maps.borrow_and_update().clone();
                     if let Some(m) = m {
                         self.apply(&m);
+                        // New peers and candidates are probed at once.
+                        self.paths_tick().await;
                     }
                 }
                 _ = tick.tick() => {
                     self.timers().await;
+                    self.paths_tick().await;
                     if status_at.elapsed() >= STATUS_EVERY {
                         status_at = Instant::now();
                         self.write_status();
@@ -403,7 +414,9 @@ impl Plane {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
-        self.filter.outbound(packet, Instant::now());
+        let now = Instant::now();
+        self.filter.outbound(packet, now);
+        peer.path.wanted(now);
         match peer.tunn.encapsulate(packet, &mut self.out) {
             TunnResult::WriteToNetwork(b) => {
                 transmit(&self.udp, &mut self.relay, &key, peer, b).await
@@ -427,8 +440,12 @@ impl Plane {
             }
             Datagram::Stun => {
                 self.relay.stun(datagram, from);
+                // The address the relay saw is a candidate peers can try.
+                self.extra
+                    .set_reflexive(self.relay.reflexive.into_iter().collect());
                 return;
             }
+            Datagram::Probe => return self.probe_in(datagram, from).await,
             kind => {
                 tracing::debug!(event = "datagram_ignored", kind = ?kind, from = %from, bytes = datagram.len());
                 return;
@@ -509,14 +526,8 @@ impl Plane {
             }
             break;
         }
-        if relayed || !authenticated {
-            return;
-        }
-        peer.direct_seen = Some(Instant::now());
-        if peer.endpoint != Some(from) {
-            tracing::info!(event = "peer_endpoint", peer = %peer.hostname, endpoint = %from, reason = "roamed");
-            peer.endpoint = Some(from);
-            peer.learned = true;
+        if !relayed && authenticated && direct::heard(peer, from) {
+            self.direct.status_dirty = true;
         }
     }
 
@@ -589,24 +600,8 @@ impl Plane {
                 }
                 p.allowed = allowed;
                 p.hostname.clone_from(&mp.hostname);
-                if p.candidates != mp.endpoints {
-                    p.candidates.clone_from(&mp.endpoints);
-                    let stale = p
-                        .tunn
-                        .time_since_last_handshake()
-                        .is_none_or(|d| d > STALE_HANDSHAKE);
-                    let listed = p
-                        .endpoint
-                        .is_some_and(|e| p.candidates.contains(&e.to_string()));
-                    if (!p.learned || stale)
-                        && !listed
-                        && let Some(ep) = first_endpoint(&p.candidates)
-                    {
-                        tracing::info!(event = "peer_endpoint", peer = %p.hostname, endpoint = %ep, reason = "map");
-                        p.endpoint = Some(ep);
-                        p.learned = false;
-                    }
-                }
+                p.path.set_map(&mp.endpoints, Instant::now());
+                direct::refresh_endpoint(p, Instant::now());
                 continue;
             }
             self.next_index = (self.next_index + 1) & 0xff_ffff;
@@ -627,7 +622,8 @@ impl Plane {
                     tracing::warn!(event = "route_failed", op = "add", net = %n, error = %e);
                 }
             }
-            let endpoint = first_endpoint(&mp.endpoints);
+            let path = PeerPath::new(&mp.endpoints, Instant::now());
+            let endpoint = path.choose(Instant::now()).addr();
             tracing::info!(event = "peer_added", peer = %mp.hostname, id = mp.id);
             if let Some(ep) = endpoint {
                 tracing::info!(event = "peer_endpoint", peer = %mp.hostname, endpoint = %ep, reason = "map");
@@ -641,10 +637,9 @@ impl Plane {
                     index,
                     tunn: Box::new(tunn),
                     allowed,
-                    candidates: mp.endpoints.clone(),
                     endpoint,
-                    learned: false,
-                    direct_seen: None,
+                    path,
+                    probe_key: super::probe::key(&self.secret, &k),
                 },
             );
         }
@@ -665,13 +660,16 @@ impl Plane {
 
     fn write_status(&self) {
         let b64 = base64::engine::general_purpose::STANDARD;
+        let now = Instant::now();
         let mut peers: Vec<PeerStatus> = self
             .peers
             .iter()
             .map(|(k, p)| {
                 let (handshake, tx, rx, _, _) = p.tunn.stats();
-                let (path, endpoint) = match p.route(&self.relay) {
-                    Route::Udp(a) => ("direct", Some(a)),
+                // An unconfirmed map candidate is tried, but is no path yet.
+                let (path, endpoint) = match p.route(&self.relay, now) {
+                    Route::Udp(a) if p.path.direct(now).is_some() => ("direct", Some(a)),
+                    Route::Udp(a) => ("none", Some(a)),
                     Route::Relay(a) => ("relay", Some(a)),
                     Route::None => ("none", None),
                 };
@@ -680,6 +678,7 @@ impl Plane {
                     public_key: b64.encode(k),
                     endpoint: endpoint.map(|e| e.to_string()),
                     path: path.into(),
+                    rtt_ms: p.path.rtt(now).map(|d| d.as_millis() as u64),
                     last_handshake_s: handshake.map(|d| d.as_secs()),
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
@@ -777,20 +776,30 @@ pub fn host_candidates(port: u16, mesh_interface: &str) -> Vec<String> {
     out
 }
 
-/// Report the host candidates to the control server, again whenever they
-/// change.
+/// Report this device's candidates (extra, then host) to the control
+/// server, again whenever they change; the data plane learns them through
+/// `own` (for call-me-maybes).
 async fn report(
     url: ControlUrl,
     tls: Arc<rustls::ClientConfig>,
     token: String,
     port: u16,
     interface: String,
+    (extra, own): (
+        Arc<direct::ExtraCandidates>,
+        tokio::sync::watch::Sender<Vec<String>>,
+    ),
     mut shutdown: Shutdown,
 ) {
     let mut reported: Option<Vec<String>> = None;
     let mut wait = Duration::from_secs(1);
     loop {
-        let endpoints = host_candidates(port, &interface);
+        let endpoints = direct::all_candidates(&extra, port, &interface);
+        own.send_if_modified(|o| {
+            let changed = *o != endpoints;
+            o.clone_from(&endpoints);
+            changed
+        });
         if reported.as_ref() != Some(&endpoints) {
             let request = EndpointsRequest {
                 endpoints: endpoints.clone(),
@@ -819,6 +828,7 @@ async fn report(
         tokio::select! {
             _ = shutdown.wait() => return,
             _ = tokio::time::sleep(wait) => {}
+            _ = extra.changed() => {}
         }
     }
 }
@@ -850,17 +860,6 @@ mod tests {
         assert_eq!(classify(&resp), Datagram::Stun);
         assert_eq!(classify(&[]), Datagram::Unknown);
         assert_eq!(classify(&[1]), Datagram::Unknown);
-    }
-
-    #[test]
-    fn the_first_usable_candidate_is_the_endpoint() {
-        let c = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            first_endpoint(&c(&["junk", "[2001:db8::1]:5", "10.0.0.2:41641"])),
-            Some("10.0.0.2:41641".parse().unwrap())
-        );
-        assert_eq!(first_endpoint(&c(&["10.0.0.2:0"])), None);
-        assert_eq!(first_endpoint(&[]), None);
     }
 
     #[test]

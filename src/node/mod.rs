@@ -8,11 +8,16 @@
 //!
 //! With `--tun NAME` it also runs the data plane ([`dataplane`]):
 //! userspace WireGuard to every peer in the map, with the map's packet
-//! filter ([`filter`]) on what arrives. With `--advertise-routes` it is
-//! also a Subnet Connector ([`subnet_connector`]).
+//! filter ([`filter`]) on what arrives, and direct paths through NATs
+//! ([`path`], [`probe`]): candidates exchanged as call-me-maybe signals,
+//! probed from both sides at once; without one, a relay
+//! ([`relay_client`]). With `--advertise-routes` it is also a Subnet
+//! Connector ([`subnet_connector`]).
 
 pub mod dataplane;
 pub mod filter;
+pub mod path;
+pub mod probe;
 pub mod relay_client;
 mod route;
 pub mod subnet_connector;
@@ -452,6 +457,75 @@ pub struct Node {
     tls: Arc<rustls::ClientConfig>,
     /// Each map as it arrives, for the data plane.
     maps: tokio::sync::watch::Sender<Option<NetworkMap>>,
+    /// Probe-protocol signals from peers, for the data plane (which takes
+    /// the receiver).
+    path_signals: tokio::sync::mpsc::Sender<dataplane::direct::Call>,
+    path_signals_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<dataplane::direct::Call>>>,
+}
+
+/// Probe-protocol signals queued for the data plane at most (more are
+/// dropped: peers send a few a minute).
+const PATH_SIGNALS_QUEUED: usize = 64;
+
+impl Node {
+    /// The receiving end of the probe-protocol signals (once; later
+    /// callers get a channel nothing sends on).
+    fn take_path_signals(&self) -> tokio::sync::mpsc::Receiver<dataplane::direct::Call> {
+        self.path_signals_rx
+            .lock()
+            .ok()
+            .and_then(|mut r| r.take())
+            .unwrap_or_else(|| tokio::sync::mpsc::channel(1).1)
+    }
+
+    fn signaller(&self) -> Signaller {
+        Signaller {
+            url: self.url.clone(),
+            tls: self.tls.clone(),
+            token: self.enrolment.token.clone(),
+            secret: self.secret.clone(),
+        }
+    }
+}
+
+/// What sending a signal message to a peer takes.
+#[derive(Clone)]
+pub struct Signaller {
+    url: ControlUrl,
+    tls: Arc<rustls::ClientConfig>,
+    token: String,
+    secret: x25519_dalek::StaticSecret,
+}
+
+impl Signaller {
+    /// Seal `message` for the peer (device `to`, public key `their_key`)
+    /// and send it through the control server (`POST /v1/signal`).
+    pub async fn send(
+        &self,
+        to: i64,
+        their_key: &[u8; 32],
+        message: &[u8],
+    ) -> Result<(), NodeError> {
+        if message.len() > MAX_SIGNAL - 16 {
+            return Err(NodeError::Usage(format!(
+                "the message is {} bytes; at most {}",
+                message.len(),
+                MAX_SIGNAL - 16
+            )));
+        }
+        let (nonce, sealed) = mesh_protocol::seal(&self.secret, their_key, message);
+        let request = SignalRequest { to, nonce, sealed };
+        post_json(
+            &self.url,
+            self.tls.clone(),
+            "/v1/signal",
+            Some(&self.token),
+            &request,
+            "signal",
+        )
+        .await?;
+        Ok(())
+    }
 }
 
 /// Make the key, enrol if needed.
@@ -523,6 +597,7 @@ pub async fn start(
     };
     let url = parse_url(&enrolment.control)?;
     let tls = tls_config(enrolment.ca_file.as_deref())?;
+    let (path_signals, rx) = tokio::sync::mpsc::channel(PATH_SIGNALS_QUEUED);
     Ok(Node {
         secret: load_or_create_secret(state_dir)?,
         state_dir: state_dir.to_path_buf(),
@@ -530,6 +605,8 @@ pub async fn start(
         url,
         tls,
         maps: tokio::sync::watch::Sender::new(None),
+        path_signals,
+        path_signals_rx: std::sync::Mutex::new(Some(rx)),
     })
 }
 
@@ -615,7 +692,7 @@ async fn follow(node: &Node) -> Result<(), NodeError> {
                 return Err(fail(e.error));
             }
             if let Ok(s) = serde_json::from_slice::<SignalLine>(line) {
-                received(&node.state_dir, &node.secret, &s.signal)?;
+                received(node, &s.signal)?;
                 continue;
             }
             let map: NetworkMap =
@@ -626,15 +703,14 @@ async fn follow(node: &Node) -> Result<(), NodeError> {
     }
 }
 
-/// Open a signal message from a peer and record it for the data plane.
-fn received(
-    state_dir: &Path,
-    secret: &x25519_dalek::StaticSecret,
-    s: &SignalEnvelope,
-) -> Result<(), NodeError> {
-    let opened = public_key_bytes(&s.from_key)
-        .and_then(|from| mesh_protocol::open(secret, &from, &s.nonce, &s.sealed));
-    let Some(message) = opened else {
+/// Open a signal message from a peer and dispatch it: probe-protocol
+/// messages (call-me-maybe) go to the data plane, anything else is
+/// recorded in `signals.jsonl`.
+fn received(node: &Node, s: &SignalEnvelope) -> Result<(), NodeError> {
+    let opened = public_key_bytes(&s.from_key).and_then(|from| {
+        mesh_protocol::open(&node.secret, &from, &s.nonce, &s.sealed).map(|m| (from, m))
+    });
+    let Some((from, message)) = opened else {
         tracing::warn!(
             event = "signal_rejected",
             from = s.from,
@@ -642,6 +718,21 @@ fn received(
         );
         return Ok(());
     };
+    if let Some(signal) = probe::PathSignal::parse(&message) {
+        if node
+            .path_signals
+            .try_send(dataplane::direct::Call { from, signal })
+            .is_err()
+        {
+            tracing::debug!(
+                event = "path_signal_dropped",
+                from = s.from,
+                reason = "queue_full"
+            );
+        }
+        return Ok(());
+    }
+    let state_dir = &node.state_dir;
     let line = serde_json::json!({
         "from": s.from,
         "from_key": s.from_key,
@@ -693,30 +784,15 @@ pub async fn send_signal(state_dir: &Path, to: &str, message: &str) -> Result<St
     let Some(their_key) = public_key_bytes(&peer.public_key) else {
         return Err(NodeError::Usage(format!("{to:?} has no valid public key")));
     };
-    if message.len() > MAX_SIGNAL - 16 {
-        return Err(NodeError::Usage(format!(
-            "the message is {} bytes; at most {}",
-            message.len(),
-            MAX_SIGNAL - 16
-        )));
-    }
-    let secret = load_or_create_secret(state_dir)?;
-    let (nonce, sealed) = mesh_protocol::seal(&secret, &their_key, message.as_bytes());
-    let url = parse_url(&enrolment.control)?;
-    let request = SignalRequest {
-        to: peer.id,
-        nonce,
-        sealed,
+    let signaller = Signaller {
+        url: parse_url(&enrolment.control)?,
+        tls: tls_config(enrolment.ca_file.as_deref())?,
+        secret: load_or_create_secret(state_dir)?,
+        token: enrolment.token,
     };
-    post_json(
-        &url,
-        tls_config(enrolment.ca_file.as_deref())?,
-        "/v1/signal",
-        Some(&enrolment.token),
-        &request,
-        "signal",
-    )
-    .await?;
+    signaller
+        .send(peer.id, &their_key, message.as_bytes())
+        .await?;
     Ok(format!("delivered to {to}\n"))
 }
 
@@ -776,9 +852,12 @@ pub fn status(state_dir: &Path) -> Result<String, NodeError> {
                     .and_then(|s| s.peers.iter().find(|s| s.public_key == p.public_key))
                 {
                     out += &format!(
-                        "\t{} {}\thandshake {}\trx {} tx {}",
+                        "\t{} {}\trtt {}\thandshake {}\trx {} tx {}",
                         s.path,
                         s.endpoint.as_deref().unwrap_or("-"),
+                        s.rtt_ms
+                            .map(|r| format!("{r}ms"))
+                            .unwrap_or_else(|| "-".into()),
                         s.last_handshake_s
                             .map(|h| format!("{h}s ago"))
                             .unwrap_or_else(|| "never".into()),
@@ -852,6 +931,64 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         std::fs::write(dir.path().join(KEY_FILE), "junk").unwrap();
         assert!(load_or_create_key(dir.path()).is_err());
+    }
+
+    #[test]
+    fn signals_are_dispatched_path_messages_to_the_data_plane_others_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = load_or_create_secret(dir.path()).unwrap();
+        let (path_signals, rx) = tokio::sync::mpsc::channel(4);
+        let node = Node {
+            state_dir: dir.path().to_path_buf(),
+            secret: secret.clone(),
+            enrolment: Enrolment {
+                control: "https://control.invalid".into(),
+                ca_file: None,
+                device_id: 1,
+                token: "rwt_x".into(),
+                organisation: "o".into(),
+                hostname: "a".into(),
+                addresses: vec![],
+            },
+            url: parse_url("https://control.invalid").unwrap(),
+            tls: tls_config(None).unwrap(),
+            maps: tokio::sync::watch::Sender::new(None),
+            path_signals,
+            path_signals_rx: std::sync::Mutex::new(Some(rx)),
+        };
+        let peer = x25519_dalek::StaticSecret::from(rand::random::<[u8; 32]>());
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let from_key = b64.encode(x25519_dalek::PublicKey::from(&peer).as_bytes());
+        let mine = x25519_dalek::PublicKey::from(&secret).to_bytes();
+        let envelope = |message: &str| {
+            let (nonce, sealed) = mesh_protocol::seal(&peer, &mine, message.as_bytes());
+            SignalEnvelope {
+                from: 2,
+                from_key: from_key.clone(),
+                nonce,
+                sealed,
+            }
+        };
+        let call = r#"{"kind":"call-me-maybe","candidates":["192.0.2.1:41641"]}"#;
+        received(&node, &envelope(call)).unwrap();
+        received(&node, &envelope("hello")).unwrap();
+        // Not sealed for this device: dropped.
+        let mut forged = envelope(call);
+        forged.from_key = b64.encode([7u8; 32]);
+        received(&node, &forged).unwrap();
+        let mut rx = node.take_path_signals();
+        let got = rx.try_recv().unwrap();
+        assert_eq!(got.from, x25519_dalek::PublicKey::from(&peer).to_bytes());
+        assert_eq!(
+            got.signal,
+            probe::PathSignal::CallMeMaybe {
+                candidates: vec!["192.0.2.1:41641".into()]
+            }
+        );
+        assert!(rx.try_recv().is_err(), "one path signal only");
+        let file = std::fs::read_to_string(dir.path().join(SIGNALS_FILE)).unwrap();
+        assert_eq!(file.lines().count(), 1, "{file}");
+        assert!(file.contains("hello"));
     }
 
     #[test]

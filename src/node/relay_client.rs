@@ -8,7 +8,7 @@
 //! When UDP registrations go unanswered and the relay has a TCP address,
 //! the same frames go over TCP (length-prefixed) instead.
 //!
-//! Which path a packet takes is [`route`] (MESH.md's path rule).
+//! Which path a packet takes is [`route`] (the path rule in docs/mesh.md).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -110,7 +110,7 @@ pub enum Route {
     None,
 }
 
-/// MESH.md's path rule: a confirmed direct endpoint, else the relay (when
+/// The path rule (docs/mesh.md): a confirmed direct endpoint, else the relay (when
 /// the map lists one and this node holds a token), else the first map
 /// candidate.
 pub fn route(
