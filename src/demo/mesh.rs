@@ -407,11 +407,22 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
             }
             let ns = &layout.namespaces[i + 1];
             let (rtt, again) = ping_twice(ns, &addrs[j]).await;
-            let status = read_json(&dir.join(from).join("dataplane.json"));
-            let peer = status["peers"]
-                .as_array()
-                .and_then(|p| p.iter().find(|p| p["hostname"] == *to).cloned())
-                .unwrap_or(serde_json::Value::Null);
+            // The path is confirmed by probes alongside the first
+            // packets; the status file follows within a couple of seconds.
+            let peer_status = || {
+                read_json(&dir.join(from).join("dataplane.json"))["peers"]
+                    .as_array()
+                    .and_then(|p| p.iter().find(|p| p["hostname"] == *to).cloned())
+                    .unwrap_or(serde_json::Value::Null)
+            };
+            let settle = Instant::now();
+            let mut peer = peer_status();
+            while peer["path"].as_str().is_none_or(|p| p == "none")
+                && settle.elapsed() < Duration::from_secs(4)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                peer = peer_status();
+            }
             let path = peer["path"].as_str().unwrap_or("none");
             let endpoint = peer["endpoint"].as_str().unwrap_or("-");
             match rtt {
