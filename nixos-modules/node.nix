@@ -80,6 +80,30 @@ in
       description = "Open `listenPort` (UDP) in the firewall, for direct paths from peers that can reach this host.";
     };
 
+    endpoints = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "203.0.113.7:41641" ];
+      description = ''
+        Public `IP:PORT` addresses this node is known to be reachable at (a
+        port forward to `listenPort`), offered to peers ahead of the host's
+        own addresses (`--endpoint`).
+      '';
+    };
+
+    advertiseRoutes = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "10.0.5.0/24" ];
+      description = ''
+        Make this node a Subnet Connector for these subnets
+        (`--advertise-routes`; an admin or the policy's `routes` section
+        approves them). The module turns on IP forwarding (the sysctls) and
+        puts nftables on the unit's PATH; the node adds and removes its own
+        masquerade table.
+      '';
+    };
+
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -90,59 +114,91 @@ in
   config = mkIf cfg.enable {
     environment.systemPackages = [ cfg.package ];
 
-    systemd.services.${unit} = rw.roleUnit {
-      inherit pkgs utils unit;
-      inherit (cfg) package extraArgs;
-      role = "node";
-      description = "Runewarp mesh device agent";
-      after = [
-        "network-online.target"
-        "nss-lookup.target"
-      ];
-      configPath = null;
-      command =
-        [
-          "node"
-          "up"
-          "--control"
-          cfg.controlUrl
-          "--state-dir"
-          stateDir
-        ]
-        ++ lib.optionals (cfg.setupKeyFile != null) [
-          "--setup-key-file"
-          "${credentialsDirectory}/setup-key"
-        ]
-        ++ lib.optionals (cfg.caFile != null) [
-          "--ca-file"
-          cfg.caFile
-        ]
-        ++ lib.optionals (cfg.hostname != null) [
-          "--hostname"
-          cfg.hostname
-        ]
-        ++ lib.optionals (cfg.tun != null) [
-          "--tun"
-          cfg.tun
-          "--listen-port"
-          (toString cfg.listenPort)
+    systemd.services.${unit} =
+      rw.roleUnit {
+        inherit pkgs utils unit;
+        inherit (cfg) package extraArgs;
+        role = "node";
+        description = "Runewarp mesh device agent";
+        after = [
+          "network-online.target"
+          "nss-lookup.target"
         ];
-      credentials = lib.optionalAttrs (cfg.setupKeyFile != null) { setup-key = cfg.setupKeyFile; };
-      serviceConfig =
-        {
-          TimeoutStopSec = 20;
-        }
-        // lib.optionalAttrs (cfg.tun != null) {
-          # The TUN device, its addresses and routes: CAP_NET_ADMIN in the
-          # host's network namespace (so no private user namespace), and
-          # /dev/net/tun alone of the devices.
-          AmbientCapabilities = [ "CAP_NET_ADMIN" ];
-          CapabilityBoundingSet = "CAP_NET_ADMIN";
-          PrivateUsers = false;
-          PrivateDevices = false;
-          DeviceAllow = [ "/dev/net/tun rw" ];
-        };
-    };
+        configPath = null;
+        command =
+          [
+            "node"
+            "up"
+            "--control"
+            cfg.controlUrl
+            "--state-dir"
+            stateDir
+          ]
+          ++ lib.optionals (cfg.setupKeyFile != null) [
+            "--setup-key-file"
+            "${credentialsDirectory}/setup-key"
+          ]
+          ++ lib.optionals (cfg.caFile != null) [
+            "--ca-file"
+            cfg.caFile
+          ]
+          ++ lib.optionals (cfg.hostname != null) [
+            "--hostname"
+            cfg.hostname
+          ]
+          ++ lib.optionals (cfg.tun != null) [
+            "--tun"
+            cfg.tun
+            "--listen-port"
+            (toString cfg.listenPort)
+          ]
+          ++ lib.concatMap (e: [
+            "--endpoint"
+            e
+          ]) cfg.endpoints
+          ++ lib.optionals (cfg.advertiseRoutes != [ ]) [
+            "--advertise-routes"
+            (lib.concatStringsSep "," cfg.advertiseRoutes)
+          ];
+        credentials = lib.optionalAttrs (cfg.setupKeyFile != null) { setup-key = cfg.setupKeyFile; };
+        serviceConfig =
+          {
+            TimeoutStopSec = 20;
+          }
+          // lib.optionalAttrs (cfg.tun != null) {
+            # The TUN device, its addresses and routes: CAP_NET_ADMIN in the
+            # host's network namespace (so no private user namespace), and
+            # /dev/net/tun alone of the devices.
+            AmbientCapabilities = [ "CAP_NET_ADMIN" ];
+            CapabilityBoundingSet = "CAP_NET_ADMIN";
+            PrivateUsers = false;
+            PrivateDevices = false;
+            DeviceAllow = [ "/dev/net/tun rw" ];
+          };
+      }
+      // {
+        # The Subnet Connector loads its masquerade table with `nft`.
+        path = lib.optionals (cfg.advertiseRoutes != [ ]) [ pkgs.nftables ];
+      };
+
+    assertions = [
+      {
+        assertion = (cfg.endpoints != [ ] || cfg.advertiseRoutes != [ ]) -> cfg.tun != null;
+        message = "services.runewarp.node: endpoints and advertiseRoutes need the data plane (tun must not be null).";
+      }
+    ];
+
+    # A Subnet Connector forwards between the TUN device and the subnet.
+    # Set here, the node finds forwarding on and never writes /proc/sys
+    # (which the unit's ProtectKernelTunables keeps read-only).
+    boot.kernel.sysctl = lib.mkIf (cfg.advertiseRoutes != [ ]) (
+      {
+        "net.ipv4.conf.all.forwarding" = lib.mkDefault true;
+      }
+      // lib.optionalAttrs (lib.any (r: lib.hasInfix ":" r) cfg.advertiseRoutes) {
+        "net.ipv6.conf.all.forwarding" = lib.mkDefault true;
+      }
+    );
 
     networking.firewall.allowedUDPPorts = lib.optionals (cfg.openFirewall && cfg.tun != null) [ cfg.listenPort ];
   };

@@ -482,8 +482,9 @@ fn advertised_routes_are_validated_before_anything_starts() {
     let (code, err) = run(&["--advertise-routes", "10.0.5.0/24"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("needs --tun"), "{err}");
-    // What the connector cannot do, it names: root, or (as root, with no
-    // `nft` on PATH) nftables. Either fails before anything is changed.
+    // What the connector cannot do, it names: root (or CAP_NET_ADMIN), or
+    // (as root, with no `nft` on PATH) nftables. Either fails before
+    // anything is changed.
     let out = home
         .cmd()
         .env("PATH", "/nonexistent")
@@ -500,7 +501,7 @@ fn advertised_routes_are_validated_before_anything_starts() {
         );
     } else {
         assert!(
-            err.contains("needs root") && err.contains("nftables"),
+            err.contains("needs root or CAP_NET_ADMIN") && err.contains("nftables"),
             "{err}"
         );
     }

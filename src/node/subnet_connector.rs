@@ -112,15 +112,31 @@ fn run_nft(script: &str) -> Result<(), String> {
     }
 }
 
+/// Whether this process holds CAP_NET_ADMIN (bit 12 of `CapEff` in
+/// /proc/self/status): root has it, and so does a systemd unit granted
+/// it as an ambient capability.
+fn has_net_admin() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .as_deref()
+        .and_then(effective_caps)
+        .is_some_and(|caps| caps & (1 << 12) != 0)
+}
+
+/// The `CapEff` mask of a /proc/PID/status text.
+fn effective_caps(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
 impl Connector {
     /// Turn forwarding on and masquerade traffic from the TUN device
     /// `interface` into `routes`. Fails, naming what is missing, when not
     /// root or without nftables.
     pub fn setup(interface: &str, routes: Vec<String>) -> Result<Connector, NodeError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !has_net_admin() {
             return Err(NodeError::Dataplane(
-                "--advertise-routes needs root: the Subnet Connector turns on IP forwarding (net.ipv4.ip_forward) and adds nftables masquerade rules".into(),
+                "--advertise-routes needs root or CAP_NET_ADMIN: the Subnet Connector turns on IP forwarding (net.ipv4.ip_forward) and adds nftables masquerade rules".into(),
             ));
         }
         let name: String = interface
@@ -220,6 +236,16 @@ impl Drop for Connector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_effective_capability_mask_is_read_from_proc_status() {
+        let root = "Name:\trunewarp\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(effective_caps(root), Some(0x1ff_ffff_ffff));
+        let unit = "CapEff:\t0000000000001000\nCapBnd:\t0000000000001000\n";
+        assert!(effective_caps(unit).is_some_and(|c| c & (1 << 12) != 0));
+        assert_eq!(effective_caps("CapEff:\tnothex\n"), None);
+        assert_eq!(effective_caps("Name:\tx\n"), None);
+    }
 
     #[test]
     fn routes_are_validated_at_the_flag() {
