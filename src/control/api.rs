@@ -104,6 +104,26 @@ fn error(status: StatusCode, message: &str) -> Response<Body> {
     )
 }
 
+/// The answer to a device's report of `count` items the store replaced:
+/// `{"stored": count}`, logged as `event`, or a storage error.
+fn stored(
+    event: &'static str,
+    device: i64,
+    count: usize,
+    result: Result<bool, StoreError>,
+) -> Response<Body> {
+    match result {
+        Ok(changed) => {
+            tracing::info!(event, device, count, changed);
+            json(StatusCode::OK, &serde_json::json!({ "stored": count }))
+        }
+        Err(e) => {
+            tracing::error!(event = "store_failed", error = %e);
+            error(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
+        }
+    }
+}
+
 impl Api {
     pub fn new(
         store: Arc<Mutex<Store>>,
@@ -411,24 +431,7 @@ impl Api {
             );
         }
         let result = self.store().set_endpoints(device.id, &r.endpoints);
-        match result {
-            Ok(changed) => {
-                tracing::info!(
-                    event = "endpoints_stored",
-                    device = device.id,
-                    count = r.endpoints.len(),
-                    changed
-                );
-                json(
-                    StatusCode::OK,
-                    &serde_json::json!({"stored": r.endpoints.len()}),
-                )
-            }
-            Err(e) => {
-                tracing::error!(event = "store_failed", error = %e);
-                error(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
-            }
-        }
+        stored("endpoints_stored", device.id, r.endpoints.len(), result)
     }
 
     /// An authenticated device's small JSON request, rate-limited like
@@ -479,24 +482,8 @@ impl Api {
         if let Some(e) = r.routes.iter().find_map(|x| check_route(x).err()) {
             return error(StatusCode::BAD_REQUEST, &e);
         }
-        match self.store().set_routes(device.id, &r.routes) {
-            Ok(changed) => {
-                tracing::info!(
-                    event = "routes_stored",
-                    device = device.id,
-                    count = r.routes.len(),
-                    changed
-                );
-                json(
-                    StatusCode::OK,
-                    &serde_json::json!({"stored": r.routes.len()}),
-                )
-            }
-            Err(e) => {
-                tracing::error!(event = "store_failed", error = %e);
-                error(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
-            }
-        }
+        let result = self.store().set_routes(device.id, &r.routes);
+        stored("routes_stored", device.id, r.routes.len(), result)
     }
 
     fn map(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
