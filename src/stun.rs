@@ -68,24 +68,15 @@ pub fn binding_response(id: TransactionId, observed: SocketAddr) -> Vec<u8> {
     cookie_and_id[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
     cookie_and_id[4..].copy_from_slice(&id);
     let port = observed.port() ^ (MAGIC_COOKIE >> 16) as u16;
-    let (family, address): (u8, Vec<u8>) = match observed.ip() {
-        IpAddr::V4(a) => (
-            1,
-            a.octets()
-                .iter()
-                .zip(&cookie_and_id)
-                .map(|(x, k)| x ^ k)
-                .collect(),
-        ),
-        IpAddr::V6(a) => (
-            2,
-            a.octets()
-                .iter()
-                .zip(&cookie_and_id)
-                .map(|(x, k)| x ^ k)
-                .collect(),
-        ),
+    let (family, octets): (u8, &[u8]) = match observed.ip() {
+        IpAddr::V4(a) => (1, &a.octets()),
+        IpAddr::V6(a) => (2, &a.octets()),
     };
+    let address: Vec<u8> = octets
+        .iter()
+        .zip(&cookie_and_id)
+        .map(|(x, k)| x ^ k)
+        .collect();
     let value_len = 4 + address.len();
     let mut m = Vec::with_capacity(HEADER + 4 + value_len);
     m.extend_from_slice(&BINDING_SUCCESS.to_be_bytes());

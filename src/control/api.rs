@@ -104,6 +104,26 @@ fn error(status: StatusCode, message: &str) -> Response<Body> {
     )
 }
 
+/// The answer to a device's report of `count` items the store replaced:
+/// `{"stored": count}`, logged as `event`, or a storage error.
+fn stored(
+    event: &'static str,
+    device: i64,
+    count: usize,
+    result: Result<bool, StoreError>,
+) -> Response<Body> {
+    match result {
+        Ok(changed) => {
+            tracing::info!(event, device, count, changed);
+            json(StatusCode::OK, &serde_json::json!({ "stored": count }))
+        }
+        Err(e) => {
+            tracing::error!(event = "store_failed", error = %e);
+            error(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
+        }
+    }
+}
+
 impl Api {
     pub fn new(
         store: Arc<Mutex<Store>>,
@@ -220,21 +240,17 @@ impl Api {
 
     async fn register(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
         if !self.admit(peer.ip().to_canonical()) {
-            if let Some(suppressed) = crate::logging::budget::REGISTER_REFUSED.allow() {
-                tracing::warn!(event = "register_rate_limited", peer = %peer, suppressed);
-            }
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
+            return rate_limited(
+                "register_rate_limited",
+                peer,
                 "too many registrations; wait a minute",
             );
         }
-        let r: RegisterRequest = match read_json(req).await {
+        let read = read_device(req, |r: &RegisterRequest| (&r.public_key, &r.hostname));
+        let r = match read.await {
             Ok(r) => r,
             Err(answer) => return *answer,
         };
-        if let Err(answer) = check_device(&r.public_key, &r.hostname) {
-            return *answer;
-        }
         let result = self
             .store()
             .register(&r.setup_key, &r.public_key, &r.hostname);
@@ -340,13 +356,9 @@ impl Api {
                 "too many signal messages; wait a minute",
             );
         }
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 4 KiB"),
-        };
-        let r: SignalRequest = match serde_json::from_slice(&body) {
+        let r: SignalRequest = match read_json(req).await {
             Ok(r) => r,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
+            Err(answer) => return *answer,
         };
         use base64::Engine;
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -411,24 +423,7 @@ impl Api {
             );
         }
         let result = self.store().set_endpoints(device.id, &r.endpoints);
-        match result {
-            Ok(changed) => {
-                tracing::info!(
-                    event = "endpoints_stored",
-                    device = device.id,
-                    count = r.endpoints.len(),
-                    changed
-                );
-                json(
-                    StatusCode::OK,
-                    &serde_json::json!({"stored": r.endpoints.len()}),
-                )
-            }
-            Err(e) => {
-                tracing::error!(event = "store_failed", error = %e);
-                error(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
-            }
-        }
+        stored("endpoints_stored", device.id, r.endpoints.len(), result)
     }
 
     /// An authenticated device's small JSON request, rate-limited like
@@ -445,22 +440,7 @@ impl Api {
                 "too many requests; wait a minute",
             )));
         }
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return Err(Box::new(error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request body over 4 KiB",
-                )));
-            }
-        };
-        match serde_json::from_slice(&body) {
-            Ok(r) => Ok((device, r)),
-            Err(e) => Err(Box::new(error(
-                StatusCode::BAD_REQUEST,
-                &format!("bad request: {e}"),
-            ))),
-        }
+        Ok((device, read_json(req).await?))
     }
 
     /// `POST /v1/routes`: the subnets this device offers to serve as a
@@ -479,24 +459,8 @@ impl Api {
         if let Some(e) = r.routes.iter().find_map(|x| check_route(x).err()) {
             return error(StatusCode::BAD_REQUEST, &e);
         }
-        match self.store().set_routes(device.id, &r.routes) {
-            Ok(changed) => {
-                tracing::info!(
-                    event = "routes_stored",
-                    device = device.id,
-                    count = r.routes.len(),
-                    changed
-                );
-                json(
-                    StatusCode::OK,
-                    &serde_json::json!({"stored": r.routes.len()}),
-                )
-            }
-            Err(e) => {
-                tracing::error!(event = "store_failed", error = %e);
-                error(StatusCode::INTERNAL_SERVER_ERROR, "storage error")
-            }
-        }
+        let result = self.store().set_routes(device.id, &r.routes);
+        stored("routes_stored", device.id, r.routes.len(), result)
     }
 
     fn map(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
@@ -541,6 +505,27 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     };
     serde_json::from_slice(&body)
         .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, &format!("bad request: {e}"))))
+}
+
+/// A JSON request naming a device (its key and hostname, as `device`
+/// picks them out), checked as enrolment needs them, or the answer.
+async fn read_device<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    device: fn(&T) -> (&String, &String),
+) -> Result<T, Box<Response<Body>>> {
+    let r = read_json(req).await?;
+    let (public_key, hostname) = device(&r);
+    check_device(public_key, hostname)?;
+    Ok(r)
+}
+
+/// The 429 for an enrolment `peer` sent too often, logged as `event`
+/// within the refusal log budget.
+fn rate_limited(event: &'static str, peer: SocketAddr, message: &str) -> Response<Body> {
+    if let Some(suppressed) = crate::logging::budget::REGISTER_REFUSED.allow() {
+        tracing::warn!(event, peer = %peer, suppressed);
+    }
+    error(StatusCode::TOO_MANY_REQUESTS, message)
 }
 
 /// A device's key and hostname as enrolment needs them, or the answer.
@@ -594,21 +579,13 @@ impl Api {
             Err(answer) => return *answer,
         };
         if count(&self.login_starts, peer.ip().to_canonical(), false) > LOGIN_RATE {
-            if let Some(suppressed) = crate::logging::budget::REGISTER_REFUSED.allow() {
-                tracing::warn!(event = "login_rate_limited", peer = %peer, suppressed);
-            }
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many logins; wait a minute",
-            );
+            return rate_limited("login_rate_limited", peer, "too many logins; wait a minute");
         }
-        let r: LoginRequest = match read_json(req).await {
+        let read = read_device(req, |r: &LoginRequest| (&r.public_key, &r.hostname));
+        let r = match read.await {
             Ok(r) => r,
             Err(answer) => return *answer,
         };
-        if let Err(answer) = check_device(&r.public_key, &r.hostname) {
-            return *answer;
-        }
         let Some(started) = sso.start(&r.public_key, &r.hostname) else {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -672,7 +649,10 @@ impl Api {
         }
     }
 
-    fn web_admit(&self, peer: SocketAddr) -> Result<(), Box<Response<Body>>> {
+    /// The sign-in service for a browser request from `peer`, once the
+    /// web rate limit admits it.
+    fn web_sso(&self, peer: SocketAddr) -> Result<Arc<Oidc>, Box<Response<Body>>> {
+        let sso = self.sso()?;
         if count(&self.web_hits, peer.ip().to_canonical(), false) > WEB_RATE {
             return Err(Box::new(html(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -680,18 +660,15 @@ impl Api {
                 "Wait a minute, then try again.",
             )));
         }
-        Ok(())
+        Ok(sso)
     }
 
     /// `GET /login/ID`: on to the identity provider.
     async fn login_page(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
-        let sso = match self.sso() {
+        let sso = match self.web_sso(peer) {
             Ok(s) => s,
             Err(answer) => return *answer,
         };
-        if let Err(answer) = self.web_admit(peer) {
-            return *answer;
-        }
         let id = req.uri().path().trim_start_matches("/login/");
         match sso.authorize(id).await {
             Ok(Some(url)) => Response::builder()
@@ -718,13 +695,10 @@ impl Api {
 
     /// `GET /oidc/callback`: the identity provider sends the browser back.
     async fn callback(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
-        let sso = match self.sso() {
+        let sso = match self.web_sso(peer) {
             Ok(s) => s,
             Err(answer) => return *answer,
         };
-        if let Err(answer) = self.web_admit(peer) {
-            return *answer;
-        }
         let state = query_param(&req, "state").unwrap_or_default();
         let code = query_param(&req, "code");
         // An OAuth error code is a short token; anything else is cut down

@@ -530,6 +530,14 @@ fn in_net(a: IpAddr, net: IpAddr, len: u8) -> bool {
 mod tests {
     use super::*;
 
+    /// Asserts that `text` is refused with a message containing `needle`;
+    /// the error, for checks on where it points.
+    fn refused(text: &str, needle: &str) -> PolicyError {
+        let e = Policy::parse(text).unwrap_err();
+        assert!(e.message.contains(needle), "{e}");
+        e
+    }
+
     struct M(Option<&'static str>, Vec<String>, IpAddr);
     impl Member for M {
         fn user(&self) -> Option<&str> {
@@ -610,16 +618,14 @@ mod tests {
         assert_eq!(p.allowed(&alice, &dns), Some(Ports::Any));
         assert!(p.grants(&dns, &alice).is_empty());
 
-        let e = Policy::parse(
-            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"], \"proto\": \"sctp\"}]}",
-        )
-        .unwrap_err();
-        assert!(e.message.contains("\"tcp\", \"udp\" or \"icmp\""), "{e}");
-        let e = Policy::parse(
-            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:22\"], \"proto\": \"icmp\"}]}",
-        )
-        .unwrap_err();
-        assert!(e.message.contains("icmp has no ports"), "{e}");
+        refused(
+            r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"], "proto": "sctp"}]}"#,
+            "\"tcp\", \"udp\" or \"icmp\"",
+        );
+        refused(
+            r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"], "proto": "icmp"}]}"#,
+            "icmp has no ports",
+        );
     }
 
     struct G(&'static str, Vec<String>);
@@ -688,29 +694,33 @@ mod tests {
         assert!(p.route_grants(&bob, route).is_empty());
         assert_eq!(p.allowed(&bob, &connector), Some(Ports::Any));
         assert!(p.route_grants(&connector, route).is_empty());
-        let e = Policy::parse(r#"{"routes": {"10.0.5.0": ["tag:c"]}}"#).unwrap_err();
-        assert!(e.message.contains("not a CIDR"), "{e}");
-        let e = Policy::parse(r#"{"routes": {"10.0.5.0/24": ["nonsense"]}}"#).unwrap_err();
-        assert!(e.message.contains("not a selector"), "{e}");
+        refused(r#"{"routes": {"10.0.5.0": ["tag:c"]}}"#, "not a CIDR");
+        refused(
+            r#"{"routes": {"10.0.5.0/24": ["nonsense"]}}"#,
+            "not a selector",
+        );
     }
 
     #[test]
     fn errors_point_at_line_and_column() {
-        let e = Policy::parse("{\n  \"acls\": [\n    {\"action\": \"accept\", \"src\": [\"group:ops\"], \"dst\": [\"*:*\"]}\n  ]\n}").unwrap_err();
+        let e = refused(
+            "{\n  \"acls\": [\n    {\"action\": \"accept\", \"src\": [\"group:ops\"], \"dst\": [\"*:*\"]}\n  ]\n}",
+            "unknown group \"group:ops\"",
+        );
         assert_eq!((e.line, e.column), (3, 34), "{e}");
-        assert!(e.message.contains("unknown group \"group:ops\""), "{e}");
-        let e = Policy::parse("{\n  \"acls\": [\n    {\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"tag:db\"]}\n  ]\n}").unwrap_err();
-        assert!(e.message.contains("ports are"), "{e}");
-        let e = Policy::parse("{\n  \"acl\": []\n}").unwrap_err();
+        refused(
+            "{\n  \"acls\": [\n    {\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"tag:db\"]}\n  ]\n}",
+            "ports are",
+        );
+        let e = refused("{\n  \"acl\": []\n}", "unknown field `acl`");
         assert_eq!(e.line, 2, "{e}");
-        assert!(e.message.contains("unknown field `acl`"), "{e}");
-        let e = Policy::parse("{\"acls\": [{\"action\": \"drop\", \"src\": [], \"dst\": []}]}")
-            .unwrap_err();
-        assert!(e.message.contains("only \"accept\""), "{e}");
-        let e = Policy::parse(
-            "{\"acls\": [{\"action\": \"accept\", \"src\": [\"nonsense\"], \"dst\": []}]}",
-        )
-        .unwrap_err();
-        assert!(e.message.contains("not a selector"), "{e}");
+        refused(
+            r#"{"acls": [{"action": "drop", "src": [], "dst": []}]}"#,
+            "only \"accept\"",
+        );
+        refused(
+            r#"{"acls": [{"action": "accept", "src": ["nonsense"], "dst": []}]}"#,
+            "not a selector",
+        );
     }
 }

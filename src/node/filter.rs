@@ -513,6 +513,19 @@ mod tests {
         }
     }
 
+    /// One IPv4 packet `(src, dst, proto, l4)` and whether the filter
+    /// admits it (`false`: dropped for want of a rule).
+    type Case = ([u8; 4], [u8; 4], u8, Vec<u8>, bool);
+
+    /// Asserts, in order, what `f` does with each packet of `cases`.
+    fn expect(f: &mut Filter, now: Instant, cases: &[Case]) {
+        for (i, (src, dst, proto, l4, admit)) in cases.iter().enumerate() {
+            let want = if *admit { Ok(()) } else { Err(Drop::NoRule) };
+            let got = f.inbound(&v4(*src, *dst, *proto, l4), now);
+            assert_eq!(got, want, "case {i}: {src:?} -> {dst:?} proto {proto}");
+        }
+    }
+
     #[test]
     fn subnet_rules_admit_their_destinations_and_local_rules_only_this_device() {
         let now = Instant::now();
@@ -522,33 +535,21 @@ mod tests {
         f.set_rules(&[rule(&["100.64.0.3/32"], "*", None), subnet]);
         f.set_local(&["100.64.0.1/32".into(), "fd00::1/128".into()]);
         let host = [10, 0, 5, 10];
-        // PEER may reach the subnet on tcp/80, not this device, not ping.
-        assert_eq!(
-            f.inbound(&v4(PEER, host, TCP, &tcp(4000, 80, SYN)), now),
-            Ok(())
-        );
-        assert_eq!(
-            f.inbound(&v4(PEER, host, TCP, &tcp(4000, 22, SYN)), now),
-            Err(Drop::NoRule)
-        );
-        assert_eq!(
-            f.inbound(&v4(PEER, ME, TCP, &tcp(4000, 80, SYN)), now),
-            Err(Drop::NoRule)
-        );
-        assert_eq!(
-            f.inbound(&v4(PEER, [10, 0, 6, 1], TCP, &tcp(4000, 80, SYN)), now),
-            Err(Drop::NoRule)
-        );
-        // OTHER may reach this device on anything, but never the subnet
-        // or any other address the kernel would forward to.
-        assert_eq!(f.inbound(&v4(OTHER, ME, ICMP, &echo(8, 1)), now), Ok(()));
-        assert_eq!(
-            f.inbound(&v4(OTHER, host, ICMP, &echo(8, 1)), now),
-            Err(Drop::NoRule)
-        );
-        assert_eq!(
-            f.inbound(&v4(OTHER, [192, 0, 2, 1], UDP, &udp(1, 53)), now),
-            Err(Drop::NoRule)
+        expect(
+            &mut f,
+            now,
+            &[
+                // PEER may reach the subnet on tcp/80, not this device, not ping.
+                (PEER, host, TCP, tcp(4000, 80, SYN), true),
+                (PEER, host, TCP, tcp(4000, 22, SYN), false),
+                (PEER, ME, TCP, tcp(4000, 80, SYN), false),
+                (PEER, [10, 0, 6, 1], TCP, tcp(4000, 80, SYN), false),
+                // OTHER may reach this device on anything, but never the subnet
+                // or any other address the kernel would forward to.
+                (OTHER, ME, ICMP, echo(8, 1), true),
+                (OTHER, host, ICMP, echo(8, 1), false),
+                (OTHER, [192, 0, 2, 1], UDP, udp(1, 53), false),
+            ],
         );
         // The peer's side: a reply from the subnet host to its own flow.
         let mut p = Filter::default();
@@ -565,57 +566,43 @@ mod tests {
             rule(&["100.64.0.2/32"], "53", Some("udp")),
             rule(&["100.64.0.3/32"], "*", Some("icmp")),
         ]);
-        assert_eq!(f.inbound(&v4(PEER, ME, UDP, &udp(4000, 53)), now), Ok(()));
-        assert_eq!(
-            f.inbound(&v4(PEER, ME, TCP, &tcp(4000, 53, SYN)), now),
-            Err(Drop::NoRule)
-        );
-        // udp-only: no ping; icmp-only: ping but no TCP.
-        assert_eq!(
-            f.inbound(&v4(PEER, ME, ICMP, &echo(8, 7)), now),
-            Err(Drop::NoRule)
-        );
-        assert_eq!(f.inbound(&v4(OTHER, ME, ICMP, &echo(8, 7)), now), Ok(()));
-        assert_eq!(
-            f.inbound(&v4(OTHER, ME, TCP, &tcp(4000, 22, SYN)), now),
-            Err(Drop::NoRule)
+        expect(
+            &mut f,
+            now,
+            &[
+                (PEER, ME, UDP, udp(4000, 53), true),
+                (PEER, ME, TCP, tcp(4000, 53, SYN), false),
+                // udp-only: no ping; icmp-only: ping but no TCP.
+                (PEER, ME, ICMP, echo(8, 7), false),
+                (OTHER, ME, ICMP, echo(8, 7), true),
+                (OTHER, ME, TCP, tcp(4000, 22, SYN), false),
+            ],
         );
         // An unknown protocol name drops the rule, never widens it.
         f.set_rules(&[rule(&["100.64.0.2/32"], "*", Some("sctp"))]);
-        assert_eq!(
-            f.inbound(&v4(PEER, ME, TCP, &tcp(4000, 22, SYN)), now),
-            Err(Drop::NoRule)
-        );
+        expect(&mut f, now, &[(PEER, ME, TCP, tcp(4000, 22, SYN), false)]);
     }
 
     #[test]
     fn rules_admit_by_source_and_port() {
         let now = Instant::now();
         let mut f = filter(&["100.64.0.2/32"], "22,8000-8099");
-        assert_eq!(
-            f.inbound(&v4(PEER, ME, TCP, &tcp(4000, 22, SYN)), now),
-            Ok(())
+        expect(
+            &mut f,
+            now,
+            &[
+                (PEER, ME, TCP, tcp(4000, 22, SYN), true),
+                (PEER, ME, UDP, udp(4000, 8050), true),
+                (PEER, ME, TCP, tcp(4000, 23, SYN), false),
+                (OTHER, ME, TCP, tcp(4000, 22, SYN), false),
+                // A peer allowed on some port may ping; others may not.
+                (PEER, ME, ICMP, echo(8, 7), true),
+                (OTHER, ME, ICMP, echo(8, 7), false),
+                // Unknown protocols never pass.
+                (PEER, ME, 47, vec![0; 8], false),
+            ],
         );
-        assert_eq!(f.inbound(&v4(PEER, ME, UDP, &udp(4000, 8050)), now), Ok(()));
-        assert_eq!(
-            f.inbound(&v4(PEER, ME, TCP, &tcp(4000, 23, SYN)), now),
-            Err(Drop::NoRule)
-        );
-        assert_eq!(
-            f.inbound(&v4(OTHER, ME, TCP, &tcp(4000, 22, SYN)), now),
-            Err(Drop::NoRule)
-        );
-        // A peer allowed on some port may ping; others may not.
-        assert_eq!(f.inbound(&v4(PEER, ME, ICMP, &echo(8, 7)), now), Ok(()));
-        assert_eq!(
-            f.inbound(&v4(OTHER, ME, ICMP, &echo(8, 7)), now),
-            Err(Drop::NoRule)
-        );
-        // Unknown protocols and junk never pass.
-        assert_eq!(
-            f.inbound(&v4(PEER, ME, 47, &[0; 8]), now),
-            Err(Drop::NoRule)
-        );
+        // Junk never passes.
         assert_eq!(f.inbound(&[0x45, 0, 0], now), Err(Drop::Malformed));
         assert_eq!(f.inbound(&[], now), Err(Drop::Malformed));
         assert_eq!(
@@ -624,10 +611,7 @@ mod tests {
         );
         // An empty rule set admits nothing.
         f.set_rules(&[]);
-        assert_eq!(
-            f.inbound(&v4(PEER, ME, TCP, &tcp(4000, 22, SYN)), now),
-            Err(Drop::NoRule)
-        );
+        expect(&mut f, now, &[(PEER, ME, TCP, tcp(4000, 22, SYN), false)]);
     }
 
     #[test]

@@ -484,6 +484,14 @@ mod tests {
         p.pong(tx, at).unwrap()
     }
 
+    /// A path to PUB alone, confirmed at `t` by a pong after `rtt_ms`.
+    fn confirmed(t: Instant, rtt_ms: u64) -> PeerPath {
+        let mut p = PeerPath::new(&s(&[PUB]), t);
+        let due = p.poll(t);
+        answer(&mut p, &due, PUB, t + Duration::from_millis(rtt_ms));
+        p
+    }
+
     #[test]
     fn without_a_confirmed_path_the_first_map_candidate_is_used() {
         let t = Instant::now();
@@ -515,9 +523,7 @@ mod tests {
     #[test]
     fn a_dead_path_is_unconfirmed_and_probed_again() {
         let t = Instant::now();
-        let mut p = PeerPath::new(&s(&[PUB]), t);
-        let due = p.poll(t);
-        answer(&mut p, &due, PUB, t + Duration::from_millis(5));
+        let mut p = confirmed(t, 5);
         // Keepalives go to the confirmed endpoint only, unanswered.
         let mut at = t;
         let mut keepalives = 0;
@@ -568,9 +574,7 @@ mod tests {
         // Pings to a port forward are answered; the peer's own packets
         // leave its NAT from another mapping.
         let t = Instant::now();
-        let mut p = PeerPath::new(&s(&[PUB]), t);
-        let due = p.poll(t);
-        answer(&mut p, &due, PUB, t + Duration::from_millis(3));
+        let mut p = confirmed(t, 3);
         let other = a("198.51.100.7:50000");
         let mut at = t;
         let mut moves = 0;
@@ -594,9 +598,7 @@ mod tests {
     #[test]
     fn a_quiet_path_does_not_win_back_on_its_old_rtt() {
         let t = Instant::now();
-        let mut p = PeerPath::new(&s(&[PUB]), t);
-        let due = p.poll(t);
-        answer(&mut p, &due, PUB, t + Duration::from_millis(2));
+        let mut p = confirmed(t, 2);
         // PUB's NAT mapping is gone; the peer's traffic comes from a new
         // address.
         let new = a("198.51.100.9:41641");

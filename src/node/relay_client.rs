@@ -333,6 +333,17 @@ impl RelayClient {
 mod tests {
     use super::*;
 
+    /// A relay "r" at `address` (UDP only) with a dummy token.
+    fn relay_at(address: &str) -> RelayInfo {
+        RelayInfo {
+            name: "r".into(),
+            address: address.into(),
+            tcp_address: None,
+            token: base64::engine::general_purpose::STANDARD.encode([1u8; 8]),
+            expires_unix: 0,
+        }
+    }
+
     #[test]
     fn the_path_rule() {
         let (d, r, c): (SocketAddr, SocketAddr, SocketAddr) = (
@@ -349,13 +360,7 @@ mod tests {
     #[test]
     fn frames_only_count_from_the_relay() {
         let mut c = RelayClient::default();
-        let relay = RelayInfo {
-            name: "r".into(),
-            address: "192.0.2.9:3478".into(),
-            tcp_address: None,
-            token: base64::engine::general_purpose::STANDARD.encode([1u8; 8]),
-            expires_unix: 0,
-        };
+        let relay = relay_at("192.0.2.9:3478");
         c.apply(std::slice::from_ref(&relay));
         let at: SocketAddr = "192.0.2.9:3478".parse().unwrap();
         assert_eq!(c.target(), Some(at));
@@ -379,13 +384,7 @@ mod tests {
     #[tokio::test]
     async fn a_relay_name_is_resolved_in_the_background() {
         let mut c = RelayClient::default();
-        let relay = RelayInfo {
-            name: "r".into(),
-            address: "localhost:9".into(),
-            tcp_address: None,
-            token: base64::engine::general_purpose::STANDARD.encode([1u8; 8]),
-            expires_unix: 0,
-        };
+        let relay = relay_at("localhost:9");
         c.apply(std::slice::from_ref(&relay));
         assert_eq!(c.target(), None, "not resolved yet");
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
