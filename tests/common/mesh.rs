@@ -170,8 +170,21 @@ pub fn path(home: &Home, name: &str, of: &str) -> (String, String) {
 /// namespace `to` (both ends in this process, each socket made in its
 /// namespace); the receiver confirms the byte count. Returns Mbit/s.
 pub fn transfer(from: &str, to: &str, to_addr: &str, mib: usize) -> f64 {
+    transfer_during(from, to, to_addr, mib, || {})
+}
+
+/// [`transfer`], running `during` once half of it has arrived.
+pub fn transfer_during(
+    from: &str,
+    to: &str,
+    to_addr: &str,
+    mib: usize,
+    during: impl FnOnce(),
+) -> f64 {
     let addr: SocketAddr = format!("{to_addr}:5201").parse().expect("an IP address");
     let listener = in_netns(to, move || TcpListener::bind(addr).expect("bind the sink"));
+    let (half_tx, half_rx) = std::sync::mpsc::channel();
+    let half = (mib as u64) << 19;
     let sink = std::thread::spawn(move || {
         let (mut c, _) = listener.accept().expect("the sender connects");
         let mut buf = vec![0u8; 1 << 20];
@@ -181,23 +194,34 @@ pub fn transfer(from: &str, to: &str, to_addr: &str, mib: usize) -> f64 {
                 Ok(0) | Err(_) => break,
                 Ok(k) => n += k as u64,
             }
+            if n >= half {
+                let _ = half_tx.send(());
+            }
         }
         let _ = c.write_all(n.to_string().as_bytes());
     });
-    let (got, took) = in_netns(from, move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
-        let chunk = vec![0x5au8; 1 << 20];
-        let start = Instant::now();
-        for _ in 0..mib {
-            s.write_all(&chunk).expect("the transfer goes on");
-        }
-        s.shutdown(Shutdown::Write).unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).expect("the sink answers");
-        (answer, start.elapsed())
+    let from = from.to_string();
+    let sender = std::thread::spawn(move || {
+        in_netns(&from, move || {
+            let mut s =
+                TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
+            let chunk = vec![0x5au8; 1 << 20];
+            let start = Instant::now();
+            for _ in 0..mib {
+                s.write_all(&chunk).expect("the transfer goes on");
+            }
+            s.shutdown(Shutdown::Write).unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).expect("the sink answers");
+            (answer, start.elapsed())
+        })
     });
+    if half_rx.recv_timeout(Duration::from_secs(120)).is_ok() {
+        during();
+    }
+    let (got, took) = sender.join().expect("the sender thread");
     sink.join().expect("the sink thread");
     assert_eq!(got, ((mib as u64) << 20).to_string(), "bytes received");
     (mib as f64) * 8.0 * 1.048_576 / took.as_secs_f64()

@@ -27,7 +27,9 @@
 //!   router's port towards that sender, so a later outgoing packet of a
 //!   device to that sender would get another port: the router would stop
 //!   preserving ports exactly when hole punching needs it.
-//! - [`Topology::behind`]: a device on a NAT router's LAN.
+//! - [`Topology::behind`]: a device on a NAT router's LAN;
+//!   [`Topology::nat_snat`] moves a router to another WAN address,
+//!   [`Topology::nat_dropped`] counts what its filtering dropped.
 //! - [`Topology::subnet`]: a plain host (no agent) on a LAN of its own
 //!   behind an existing namespace (the Subnet Connector), which gets the
 //!   LAN's `.1`.
@@ -329,6 +331,19 @@ table ip filter {{
     /// Run `args` in `ns`; its output, or a panic with its stderr.
     pub fn run(&self, ns: &str, args: &[&str]) -> Output {
         must(self.exec(ns).args(args))
+    }
+
+    /// Make `nat` translate to `public` (an address of its `wan0`, such as
+    /// a second one added with `ip addr add`) instead of masquerading to
+    /// the first: a router failing over to another WAN address. Its
+    /// conntrack entries stay until flushed (`conntrack -F`).
+    pub fn nat_snat(&self, nat: &Nat, public: &str) {
+        self.nft(
+            &nat.ns.name,
+            &format!(
+                "flush chain ip nat postrouting\nadd rule ip nat postrouting oifname \"wan0\" snat to {public}\n"
+            ),
+        );
     }
 
     /// New packets from the WAN that NAT router `nat` dropped (probes that
