@@ -31,9 +31,9 @@ use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use common::mesh::{
-    CONTROL_NAME, Servers, mesh_v4, node, path, runewarp, setup_key, transfer, transfer_during,
+    Servers, mesh_v4, node, path, public_network, runewarp, setup_key, transfer, transfer_during,
 };
-use common::netns::{Mapping, Topology};
+use common::netns::Mapping;
 use common::proc::{Home, Running, wait_until};
 
 /// Seconds into the day of a log line's timestamp (`...T20:11:20.59Z`).
@@ -53,13 +53,7 @@ fn nodes_behind_two_nats_find_a_direct_path_and_keep_it_when_a_mapping_changes()
     ) {
         return;
     }
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "tests/mesh_direct.rs needs root; leave RUNEWARP_TEST_NETNS unset to skip it"
-    );
-    let mut net = Topology::new("rwd");
-    let srv = net.public();
-    net.add_host(CONTROL_NAME, &srv.addr);
+    let (mut net, srv) = public_network("rwd");
     let mut nat1 = net.nat("nat1", Mapping::PortPreserving);
     let mut nat2 = net.nat("nat2", Mapping::PortPreserving);
     let ha = net.behind(&mut nat1, "a");

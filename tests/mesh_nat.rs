@@ -24,9 +24,9 @@ mod opt_in;
 use std::time::{Duration, Instant};
 
 use common::mesh::{
-    CONTROL_NAME, RELAY_PORT, Servers, cpu_seconds, mesh_v4, node, path, setup_key, transfer,
+    RELAY_PORT, Servers, cpu_seconds, mesh_v4, node, path, public_network, setup_key, transfer,
 };
-use common::netns::{Mapping, Topology};
+use common::netns::Mapping;
 use common::proc::{Home, Running, wait_until};
 
 /// MiB moved per transfer.
@@ -41,13 +41,7 @@ fn direct_paths_form_behind_port_preserving_nats_and_symmetric_nat_uses_the_rela
     ) {
         return;
     }
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "tests/mesh_nat.rs needs root; leave RUNEWARP_TEST_NETNS unset to skip it"
-    );
-    let mut net = Topology::new("rwn");
-    let srv = net.public();
-    net.add_host(CONTROL_NAME, &srv.addr);
+    let (mut net, srv) = public_network("rwn");
     let mut nat_a = net.nat("nata", Mapping::PortPreserving);
     let mut nat_b = net.nat("natb", Mapping::PortPreserving);
     let mut nat_c = net.nat("natc", Mapping::Random);
@@ -159,14 +153,16 @@ fn direct_paths_form_behind_port_preserving_nats_and_symmetric_nat_uses_the_rela
     }
 
     // 100 MiB on a direct pair, on a relayed pair, and without the mesh
-    // (a1 through NAT A to the public namespace); the sending node's CPU.
+    // (a1 through NAT A to the public namespace); the CPU time of the
+    // sending and receiving nodes and the relay during each.
     let c4 = v4("c");
-    let pid = n_a1.pid();
-    let cpu0 = cpu_seconds(pid);
+    let relay_pid = servers.relay.as_ref().map_or(0, |r| r.pid());
+    let cpu = || [n_a1.pid(), n_b.pid(), n_c.pid(), relay_pid].map(cpu_seconds);
+    let cpu0 = cpu();
     let direct = transfer(&a1.name, &b.name, &b4, MIB);
-    let cpu1 = cpu_seconds(pid);
+    let cpu1 = cpu();
     let relayed = transfer(&a1.name, &c.name, &c4, MIB);
-    let cpu2 = cpu_seconds(pid);
+    let cpu2 = cpu();
     let plain = transfer(&a1.name, &srv.name, &srv.addr, MIB);
     let gb = MIB as f64 * 1.048_576 / 1000.0;
     // Neither transfer moved a path.
@@ -175,12 +171,15 @@ fn direct_paths_form_behind_port_preserving_nats_and_symmetric_nat_uses_the_rela
     eprintln!(
         "mesh_nat: first ping a1→b {} ms after `node up`; all six direct paths {} ms after \
          `node up`; TCP {MIB} MiB a1→b direct {direct:.0} Mbit/s, a1→c relayed {relayed:.0} \
-         Mbit/s, a1→server without the mesh {plain:.0} Mbit/s; a1's node CPU per GB sent: \
-         direct {:.1} s, relayed {:.1} s",
+         Mbit/s, a1→server without the mesh {plain:.0} Mbit/s; CPU seconds per GB: direct \
+         sender {:.1} receiver {:.1}; relayed sender {:.1} receiver {:.1} relay {:.1}",
         first_ping.as_millis(),
         to_direct.as_millis(),
-        (cpu1 - cpu0) / gb,
-        (cpu2 - cpu1) / gb,
+        (cpu1[0] - cpu0[0]) / gb,
+        (cpu1[1] - cpu0[1]) / gb,
+        (cpu2[0] - cpu1[0]) / gb,
+        (cpu2[2] - cpu1[2]) / gb,
+        (cpu2[3] - cpu1[3]) / gb,
     );
     drop((n_a1, n_a2, n_b, n_c));
     drop(servers);

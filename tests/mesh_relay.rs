@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::mesh::{
     CONTROL_NAME, CONTROL_PORT, RELAY_PORT, SERVER_PORT, Servers, admin, mesh_v4, node, path,
-    runewarp, setup_key, transfer,
+    public_network, runewarp, setup_key, transfer,
 };
 use common::netns::{Mapping, Topology};
 use common::proc::{Home, Running, netmap, wait_until};
@@ -106,15 +106,9 @@ fn nodes_behind_random_port_nat_talk_through_the_relay_which_sees_only_ciphertex
     ) {
         return;
     }
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "tests/mesh_relay.rs needs root; leave RUNEWARP_TEST_NETNS unset to skip it"
-    );
     // srv: the public namespace (control, relay); nat1 and nat2 map every
     // flow to a random port; h1 and h2 behind them; h3 on the bridge.
-    let mut net = Topology::new("rwr");
-    let srv = net.public();
-    net.add_host(CONTROL_NAME, &srv.addr);
+    let (mut net, srv) = public_network("rwr");
     let mut nat1 = net.nat("nat1", Mapping::Random);
     let mut nat2 = net.nat("nat2", Mapping::Random);
     let h1 = net.behind(&mut nat1, "h1");

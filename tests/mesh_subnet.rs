@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::mesh::{CONTROL_NAME, Servers, admin, mesh_v4, node, setup_key, transfer};
+use common::mesh::{Servers, admin, mesh_v4, node, public_network, setup_key, transfer};
 use common::netns::{Mapping, Topology, in_netns};
 use common::proc::{Home, wait_until};
 
@@ -66,13 +66,7 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
     ) {
         return;
     }
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "tests/mesh_subnet.rs needs root; leave RUNEWARP_TEST_NETNS unset to skip it"
-    );
-    let mut net = Topology::new("rws");
-    let srv = net.public();
-    net.add_host(CONTROL_NAME, &srv.addr);
+    let (mut net, srv) = public_network("rws");
     let a = net.host("a");
     let b = net.host("b");
     let c = net.host("c");

@@ -271,6 +271,24 @@ fn spawn(dir: &Path, ns: &str, args: &[&str], log: &str) -> Result<Child, BoxErr
     Ok(child)
 }
 
+/// Start `runewarp ARGS` (`ARGS[0]` names its log) in namespace `ns` and
+/// wait until it logs `event`; how long that took.
+async fn start(
+    dir: &Path,
+    ns: &str,
+    args: &[&str],
+    event: &str,
+    running: &mut Running,
+) -> Result<Duration, BoxError> {
+    let log = format!("{}.log", args[0]);
+    running.children.push(spawn(dir, ns, args, &log)?);
+    let needle = format!("event=\"{event}\"");
+    wait_for(&format!("{} logs {event}", args[0]), || {
+        std::fs::read_to_string(dir.join(&log)).is_ok_and(|l| l.contains(&needle))
+    })
+    .await
+}
+
 /// Wait until `ok` holds, polling; Err naming `what` after [`STEP`].
 async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) -> Result<Duration, BoxError> {
     let start = Instant::now();
@@ -373,16 +391,13 @@ async fn relay(dir: &Path, ns: &str, ip: &str, running: &mut Running) -> Result<
             "0".repeat(64)
         ),
     )?;
-    running.children.push(spawn(
+    let took = start(
         dir,
         ns,
         &["server", "-c", "server.toml"],
-        "server.log",
-    )?);
-    let took = wait_for("the relay starts", || {
-        std::fs::read_to_string(dir.join("server.log"))
-            .is_ok_and(|l| l.contains("event=\"relay_started\""))
-    })
+        "relay_started",
+        running,
+    )
     .await?;
     println!(
         "  relay              udp {ip}:{RELAY_PORT} in {ns}, answers STUN too ({} ms)",
@@ -430,17 +445,8 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
         ),
     )?;
     let srv = &layout.namespaces[0];
-    running.children.push(spawn(
-        dir,
-        srv,
-        &["control", "-c", "control.toml"],
-        "control.log",
-    )?);
-    let took = wait_for("the control server starts", || {
-        std::fs::read_to_string(dir.join("control.log"))
-            .is_ok_and(|l| l.contains("event=\"control_started\""))
-    })
-    .await?;
+    let args = ["control", "-c", "control.toml"];
+    let took = start(dir, srv, &args, "control_started", running).await?;
     println!(
         "  control server     https://{CONTROL_NAME}:{CONTROL_PORT} in {srv} ({} ms)",
         took.as_millis()

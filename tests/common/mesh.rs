@@ -53,6 +53,21 @@ pub fn runewarp(net: &Topology, home: &Home, ns: &Ns) -> std::process::Command {
     c
 }
 
+/// A new [`Topology`] (namespaces `PREFIX<pid>-*`) whose public namespace
+/// answers as [`CONTROL_NAME`] everywhere; the public namespace. Panics
+/// unless run as root (the namespace tests are opt-in).
+pub fn public_network(prefix: &str) -> (Topology, Ns) {
+    // SAFETY: geteuid has no preconditions.
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the namespace tests need root; leave RUNEWARP_TEST_NETNS unset to skip them"
+    );
+    let mut net = Topology::new(prefix);
+    let srv = net.public();
+    net.add_host(CONTROL_NAME, &srv.addr);
+    (net, srv)
+}
+
 impl Servers {
     /// Start the control server in `srv` (and with `relay` a relay it
     /// lists in every map, trusting its `relay-key`); wait until both
