@@ -15,56 +15,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::netns::{Mapping, Ns, Topology, in_netns};
-use common::proc::{BIN, Home, Running, wait_until};
+use common::mesh::{Servers, admin, mesh_v4, node, public_network, setup_key, transfer};
+use common::netns::{Mapping, Topology, in_netns};
+use common::proc::{Home, wait_until};
 
-const CONTROL_NAME: &str = "control.subnet.test";
-const CONTROL_PORT: u16 = 7443;
 const SUBNET: &str = "10.0.5.0/24";
 const SUBNET6: &str = "fd00:5::/64";
 const HOST6: &str = "fd00:5::10";
-
-fn admin(home: &Home, args: &[&str]) -> String {
-    let mut all = vec!["control", "-c", "control.toml"];
-    all.extend_from_slice(args);
-    home.ok(&all)
-}
-
-/// `runewarp node up` for `name` in namespace `ns` with `extra` flags.
-fn node(net: &Topology, home: &Home, ns: &Ns, name: &str, key: &str, extra: &[&str]) -> Running {
-    let mut c = net.exec(&ns.name);
-    c.arg(BIN)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home.path())
-        .env("RUNEWARP_LOG", "info")
-        .current_dir(home.path())
-        .args(["node", "up", "--control"])
-        .arg(format!("https://{CONTROL_NAME}:{CONTROL_PORT}"))
-        .args([
-            "--setup-key",
-            key,
-            "--ca-file",
-            "control-state/tls/server-ca.crt",
-        ])
-        .args(["--hostname", name, "--state-dir", name])
-        .args(["--tun", "rw0", "--listen-port", "41641"])
-        .args(extra);
-    Running::spawn_logged(c, &home.path().join(format!("{name}.log")))
-}
-
-/// The last line of `setup-key create`'s output: the key.
-fn key(home: &Home, args: &[&str]) -> String {
-    let mut all = vec!["setup-key", "create", "--reusable"];
-    all.extend_from_slice(args);
-    admin(home, &all).lines().last().unwrap().trim().to_string()
-}
-
-fn mesh_v4(home: &Home, name: &str) -> String {
-    let text = std::fs::read_to_string(home.path().join(name).join("enrolment.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["addresses"][0].as_str().unwrap().to_string()
-}
 
 /// Whether namespace `ns` has a route for the subnet.
 fn has_route(net: &Topology, ns: &str) -> bool {
@@ -109,13 +66,7 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
     ) {
         return;
     }
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "tests/mesh_subnet.rs needs root; leave RUNEWARP_TEST_NETNS unset to skip it"
-    );
-    let mut net = Topology::new("rws");
-    let srv = net.public();
-    net.add_host(CONTROL_NAME, &srv.addr);
+    let (mut net, srv) = public_network("rws");
     let a = net.host("a");
     let b = net.host("b");
     let c = net.host("c");
@@ -148,24 +99,10 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
     );
 
     let home = Home::new();
-    home.write(
-        "control.toml",
-        &format!(
-            "[control]\nlisten-address = \"{}:{CONTROL_PORT}\"\nhostname = \"{CONTROL_NAME}\"\nstate-dir = \"control-state\"\n",
-            srv.addr
-        ),
-    );
-    let mut cmd = net.exec(&srv.name);
-    cmd.arg(BIN)
-        .args(["control", "-c", "control.toml"])
-        .env("HOME", home.path())
-        .env("RUNEWARP_LOG", "info")
-        .current_dir(home.path());
-    let control = Running::spawn_logged(cmd, &home.path().join("control.log"));
-    control.wait_event("control_started", Duration::from_secs(20));
-    let alice = key(&home, &["--user", "alice@subnet.test"]);
-    let bob = key(&home, &["--user", "bob@subnet.test"]);
-    let connector = key(&home, &["--org", "subnet.test", "--tag", "connector"]);
+    let servers = Servers::start(&net, &home, &srv, false);
+    let alice = setup_key(&home, &["--user", "alice@subnet.test"]);
+    let bob = setup_key(&home, &["--user", "bob@subnet.test"]);
+    let connector = setup_key(&home, &["--org", "subnet.test", "--tag", "connector"]);
     home.write(
         "policy.json",
         &format!(
@@ -236,9 +173,8 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
 
     if std::env::var("RUNEWARP_MESH_BENCH").is_ok_and(|v| v == "1") {
         let mib = 64;
-        let via = throughput(&a.name, &h.name, &format!("{}:7001", h.addr), mib);
-        let c_addr = format!("{c4}:7002");
-        let direct = throughput(&a.name, &c.name, &c_addr, mib);
+        let via = transfer(&a.name, &h.name, &h.addr, mib);
+        let direct = transfer(&a.name, &c.name, &c4, mib);
         eprintln!(
             "TCP a→subnet host via connector {via:.0} Mbit/s, a→connector over the mesh {direct:.0} Mbit/s ({mib} MiB)"
         );
@@ -322,40 +258,8 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
     assert!(table(&net));
     conn.terminate();
     assert!(!table(&net), "the masquerade table outlived the connector");
-    drop((pa, pb, control));
+    drop((pa, pb, servers));
     drop(net);
-}
-
-/// TCP throughput (Mbit/s) of `mib` MiB from namespace `from` to a sink
-/// on `to_addr` in namespace `to`.
-fn throughput(from: &str, to: &str, to_addr: &str, mib: usize) -> f64 {
-    let addr: SocketAddr = to_addr.parse().unwrap();
-    let listener = in_netns(to, move || TcpListener::bind(addr).expect("bind the sink"));
-    let sink = std::thread::spawn(move || {
-        let (mut c, _) = listener.accept().unwrap();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut n = 0usize;
-        while let Ok(k) = c.read(&mut buf) {
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
-        n
-    });
-    let mut s = in_netns(from, move || {
-        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect to the sink")
-    });
-    let chunk = vec![7u8; 1 << 20];
-    let start = Instant::now();
-    for _ in 0..mib {
-        s.write_all(&chunk).unwrap();
-    }
-    drop(s);
-    let got = sink.join().unwrap();
-    let secs = start.elapsed().as_secs_f64();
-    assert_eq!(got, mib << 20);
-    (mib as f64) * 8.0 * 1.048_576 / secs
 }
 
 /// A UDP socket bound to `addr` inside namespace `ns`, with a short read
@@ -428,6 +332,10 @@ fn the_nat_topology_maps_and_filters_as_documented() {
         s1.recv_from(&mut buf).is_err(),
         "unsolicited datagram passed the NAT"
     );
+    // ... and the router dropped it before conntrack kept an entry that
+    // would cost the device its port towards that sender.
+    assert!(net.nat_dropped(&home_nat) > 0, "no drop counted");
+    assert_eq!(observed(&s1, &stranger), wan1, "the port was kept");
     // The LAN host behind a gateway has no way out but its gateway.
     let gw = net.host("gw");
     let h = net.subnet(&gw, "lan1", "10.0.9", "h");

@@ -1,8 +1,9 @@
 //! `runewarp demo mesh`: the mesh on one machine. As root it makes
-//! network namespaces (see [`topology`]), starts a control server with a
-//! setup key and three nodes with TUN devices (this binary, as child
-//! processes), pings between every pair over WireGuard and prints the
-//! round trip and the path each ping took (the sender's `dataplane.json`);
+//! network namespaces (see [`topology`]: three nodes behind two NATs),
+//! starts a control server with a setup key, a relay and three nodes with
+//! TUN devices (this binary, as child processes), pings between every pair
+//! over WireGuard and prints the round trip and the path each ping took
+//! (direct or relay, from the sender's `dataplane.json`);
 //! the last node is also a Subnet Connector for a host that runs no agent
 //! (when `nft` is installed), which the first node pings; then it stops the processes and removes the namespaces and its temporary
 //! directory (also on Ctrl-C, and with `--keep-running` only then).
@@ -20,6 +21,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const CONTROL_NAME: &str = "control.mesh.demo";
 const CONTROL_PORT: u16 = 7443;
+const RELAY_NAME: &str = "relay.mesh.demo";
+const RELAY_PORT: u16 = 3478;
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
 /// The subnet behind the last node (the Subnet Connector) and its host.
 const SUBNET: &str = "10.0.5.0/24";
@@ -29,56 +32,108 @@ const STEP: Duration = Duration::from_secs(30);
 
 /// Where the demo's processes run.
 struct Layout {
-    /// The namespaces: the control server's, one per node, then the
-    /// subnet host's.
+    /// The namespaces: the control server's, one per node (in [`NODES`]'
+    /// order), the NAT routers', then the subnet host's.
     namespaces: Vec<String>,
-    /// The control server's address on the shared network.
+    /// The control server's (and the relay's) address on the shared
+    /// network.
     control_addr: String,
     /// `ip ...`/`nft ...` command lines that build it, in order.
     commands: Vec<String>,
 }
 
-/// The demo's network: a bridge namespace (the control server, at
-/// 198.18.0.1) and one namespace per node on it. This is the one place to
-/// change for a NAT layout (NAT router namespaces between the bridge and
-/// the nodes: `nft ... masquerade`) once nodes traverse NAT (relay and
-/// direct paths); the rest of the demo only needs the namespace names.
-fn topology(prefix: &str) -> Layout {
-    let srv = format!("{prefix}-srv");
+/// The demo's network. A bridge namespace stands for the Internet and
+/// holds the control server and the relay at 198.18.0.1. With `nat`
+/// (nftables installed) the nodes sit behind two NAT routers on it: n1
+/// and n2 behind a port-preserving one (192.168.1.0/24), n3 behind one
+/// that picks a random port per flow (192.168.2.0/24: symmetric NAT, as
+/// carrier-grade NAT often is). Both let in only replies to what went out.
+/// So n1 and n2 find a direct path over their LAN and n3 talks to both
+/// through the relay. Without `nat` the nodes sit on the bridge itself.
+fn topology(prefix: &str, nat: bool) -> Layout {
+    let named = |n: &str| format!("{prefix}-{n}");
+    let srv = named("srv");
+    let nodes: Vec<String> = NODES.iter().map(|n| named(n)).collect();
+    let routers = if nat {
+        vec![named("nat1"), named("nat2")]
+    } else {
+        Vec::new()
+    };
+    let lan = named("lan");
     let mut namespaces = vec![srv.clone()];
-    let mut commands = vec![
-        format!("ip netns add {srv}"),
-        format!("ip -n {srv} link set lo up"),
+    namespaces.extend(nodes.iter().cloned());
+    namespaces.extend(routers.iter().cloned());
+    namespaces.push(lan.clone());
+    let mut commands = Vec::new();
+    for n in &namespaces {
+        commands.push(format!("ip netns add {n}"));
+        commands.push(format!("ip -n {n} link set lo up"));
+    }
+    commands.extend([
         format!("ip -n {srv} link add br0 type bridge"),
         format!("ip -n {srv} addr add 198.18.0.1/24 dev br0"),
         format!("ip -n {srv} link set br0 up"),
-    ];
-    for (i, name) in NODES.iter().enumerate() {
-        let ns = format!("{prefix}-{name}");
-        let port = format!("p{i}");
+    ]);
+    // Plug device `dev` of `ns` into the bridge as 198.18.0.(i+2).
+    let plug = |commands: &mut Vec<String>, ns: &str, dev: &str, i: usize| {
         commands.extend([
-            format!("ip netns add {ns}"),
-            format!("ip -n {ns} link set lo up"),
-            format!("ip -n {ns} link add eth0 type veth peer name {port} netns {srv}"),
-            format!("ip -n {srv} link set {port} master br0 up"),
-            format!("ip -n {ns} addr add 198.18.0.{}/24 dev eth0", i + 2),
-            format!("ip -n {ns} link set eth0 up"),
+            format!("ip -n {ns} link add {dev} type veth peer name p{i} netns {srv}"),
+            format!("ip -n {srv} link set p{i} master br0 up"),
+            format!("ip -n {ns} addr add 198.18.0.{}/24 dev {dev}", i + 2),
+            format!("ip -n {ns} link set {dev} up"),
         ]);
-        namespaces.push(ns);
+    };
+    if nat {
+        let behind = [(&nodes[..2], "persistent"), (&nodes[2..], "random")];
+        for (k, (router, (members, mapping))) in routers.iter().zip(behind).enumerate() {
+            let net = format!("192.168.{}", k + 1);
+            plug(&mut commands, router, "wan0", k);
+            let nft = format!("ip netns exec {router} nft add");
+            commands.extend([
+                format!("ip -n {router} link add lan0 type bridge"),
+                format!("ip -n {router} addr add {net}.1/24 dev lan0"),
+                format!("ip -n {router} link set lan0 up"),
+                format!("ip netns exec {router} sysctl -qw net.ipv4.ip_forward=1"),
+                format!("{nft} table ip nat"),
+                format!("{nft} chain ip nat post {{ type nat hook postrouting priority srcnat ; }}"),
+                format!("{nft} rule ip nat post oifname wan0 masquerade {mapping}"),
+                format!("{nft} table ip filter"),
+                format!(
+                    "{nft} chain ip filter forward {{ type filter hook forward priority filter ; policy drop ; }}"
+                ),
+                format!("{nft} rule ip filter forward iifname lan0 accept"),
+                format!("{nft} rule ip filter forward ct state established,related accept"),
+                // Nothing new from outside reaches the router either (no
+                // conntrack entry that would make it change ports).
+                format!("{nft} chain ip filter input {{ type filter hook input priority filter ; }}"),
+                format!("{nft} rule ip filter input iifname wan0 ct state new drop"),
+            ]);
+            for (m, node) in members.iter().enumerate() {
+                let addr = format!("{net}.{}", m + 2);
+                commands.extend([
+                    format!("ip -n {node} link add eth0 type veth peer name l{m} netns {router}"),
+                    format!("ip -n {router} link set l{m} master lan0 up"),
+                    format!("ip -n {node} addr add {addr}/24 dev eth0"),
+                    format!("ip -n {node} link set eth0 up"),
+                    format!("ip -n {node} route add default via {net}.1"),
+                ]);
+            }
+        }
+    } else {
+        for (i, node) in nodes.iter().enumerate() {
+            plug(&mut commands, node, "eth0", i);
+        }
     }
     // A host without an agent on 10.0.5.0/24 behind the last node; it
     // has no default route (the connector masquerades).
-    let (lan, connector) = (format!("{prefix}-lan"), &namespaces[NODES.len()]);
+    let connector = &nodes[NODES.len() - 1];
     commands.extend([
-        format!("ip netns add {lan}"),
-        format!("ip -n {lan} link set lo up"),
         format!("ip -n {lan} link add eth0 type veth peer name lan1 netns {connector}"),
         format!("ip -n {connector} addr add 10.0.5.1/24 dev lan1"),
         format!("ip -n {connector} link set lan1 up"),
         format!("ip -n {lan} addr add {SUBNET_HOST}/24 dev eth0"),
         format!("ip -n {lan} link set eth0 up"),
     ]);
-    namespaces.push(lan);
     Layout {
         namespaces,
         control_addr: "198.18.0.1".into(),
@@ -216,6 +271,24 @@ fn spawn(dir: &Path, ns: &str, args: &[&str], log: &str) -> Result<Child, BoxErr
     Ok(child)
 }
 
+/// Start `runewarp ARGS` (`ARGS[0]` names its log) in namespace `ns` and
+/// wait until it logs `event`; how long that took.
+async fn start(
+    dir: &Path,
+    ns: &str,
+    args: &[&str],
+    event: &str,
+    running: &mut Running,
+) -> Result<Duration, BoxError> {
+    let log = format!("{}.log", args[0]);
+    running.children.push(spawn(dir, ns, args, &log)?);
+    let needle = format!("event=\"{event}\"");
+    wait_for(&format!("{} logs {event}", args[0]), || {
+        std::fs::read_to_string(dir.join(&log)).is_ok_and(|l| l.contains(&needle))
+    })
+    .await
+}
+
 /// Wait until `ok` holds, polling; Err naming `what` after [`STEP`].
 async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) -> Result<Duration, BoxError> {
     let start = Instant::now();
@@ -267,15 +340,22 @@ async fn ping_twice(ns: &str, dst: &str) -> (Option<f64>, Option<f64>) {
 /// `runewarp control -c control.toml ARGS` in `dir`: its output, or Err
 /// with its stderr.
 fn admin(dir: &Path, args: &[&str]) -> Result<String, BoxError> {
+    let mut all = vec!["control", "-c", "control.toml"];
+    all.extend_from_slice(args);
+    cli(dir, &all)
+}
+
+/// `runewarp ARGS` in `dir` (outside the namespaces): its output, or Err
+/// with its stderr.
+fn cli(dir: &Path, args: &[&str]) -> Result<String, BoxError> {
     let out = Command::new(std::env::current_exe()?)
-        .args(["control", "-c", "control.toml"])
         .args(args)
         .current_dir(dir)
         .output()?;
     if !out.status.success() {
         return Err(format!(
-            "control {}: {}",
-            args.first().unwrap_or(&""),
+            "{}: {}",
+            args.get(..2).unwrap_or(args).join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         )
         .into());
@@ -283,11 +363,61 @@ fn admin(dir: &Path, args: &[&str]) -> Result<String, BoxError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Addresses, BoxError> {
-    let layout = topology(prefix);
+/// Start the relay (`runewarp server` with `[server.relay]`, trusting
+/// the control server's `relay-key`) in namespace `ns` at `ip`.
+async fn relay(dir: &Path, ns: &str, ip: &str, running: &mut Running) -> Result<(), BoxError> {
+    let key = admin(dir, &["relay-key"])?.trim().to_string();
+    cli(
+        dir,
+        &[
+            "server",
+            "cert",
+            "init",
+            "--dir",
+            "relay-certs",
+            "--hostname",
+            RELAY_NAME,
+        ],
+    )?;
+    // The tunnel Server's listener (also the relay's TCP fallback) with
+    // one Tunnel nobody uses: a Server needs one.
+    std::fs::write(
+        dir.join("server.toml"),
+        format!(
+            "[server]\nhostname = \"{RELAY_NAME}\"\npublic-bind-address = \"{ip}:8443\"\n\
+             tunnel-bind-address = \"{ip}:8443\"\ncert-dir = \"relay-certs\"\ncontrol-socket = \"server.sock\"\n\
+             [server.relay]\nlisten = \"{ip}:{RELAY_PORT}\"\ncontrol-key = \"{key}\"\n\
+             [[server.tunnels]]\npublic-hostnames = [\"app.mesh.demo\"]\nclient-identity = \"{}\"\n",
+            "0".repeat(64)
+        ),
+    )?;
+    let took = start(
+        dir,
+        ns,
+        &["server", "-c", "server.toml"],
+        "relay_started",
+        running,
+    )
+    .await?;
     println!(
-        "Runewarp mesh demo: a control server and {} nodes, each in its own network namespace ({prefix}-*).",
-        NODES.len()
+        "  relay              udp {ip}:{RELAY_PORT} in {ns}, answers STUN too ({} ms)",
+        took.as_millis()
+    );
+    Ok(())
+}
+
+async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Addresses, BoxError> {
+    // NAT routers and the Subnet Connector need nftables; without it the
+    // nodes share the bridge and the demo shows them only.
+    let nft = Command::new("nft")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let layout = topology(prefix, nft);
+    println!(
+        "Runewarp mesh demo: a control server, a relay and {} nodes{}, each in its own network namespace ({prefix}-*).",
+        NODES.len(),
+        if nft { " behind two NATs" } else { "" }
     );
     for line in &layout.commands {
         if let Some(ns) = line.strip_prefix("ip netns add ") {
@@ -306,29 +436,22 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
             ),
         )?;
     }
+    let ip = &layout.control_addr;
     std::fs::write(
         dir.join("control.toml"),
         format!(
-            "[control]\nlisten-address = \"{}:{CONTROL_PORT}\"\nhostname = \"{CONTROL_NAME}\"\nstate-dir = \"control-state\"\n",
-            layout.control_addr
+            "[control]\nlisten-address = \"{ip}:{CONTROL_PORT}\"\nhostname = \"{CONTROL_NAME}\"\nstate-dir = \"control-state\"\n\
+             [[control.relays]]\nname = \"demo\"\naddress = \"{ip}:{RELAY_PORT}\"\n"
         ),
     )?;
     let srv = &layout.namespaces[0];
-    running.children.push(spawn(
-        dir,
-        srv,
-        &["control", "-c", "control.toml"],
-        "control.log",
-    )?);
-    let took = wait_for("the control server starts", || {
-        std::fs::read_to_string(dir.join("control.log"))
-            .is_ok_and(|l| l.contains("event=\"control_started\""))
-    })
-    .await?;
+    let args = ["control", "-c", "control.toml"];
+    let took = start(dir, srv, &args, "control_started", running).await?;
     println!(
         "  control server     https://{CONTROL_NAME}:{CONTROL_PORT} in {srv} ({} ms)",
         took.as_millis()
     );
+    relay(dir, srv, ip, running).await?;
     let out = admin(
         dir,
         &[
@@ -344,13 +467,11 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
     let key = out.lines().last().unwrap_or("").trim().to_string();
     println!("  setup key          created (reusable, 1 h) for demo@mesh.demo");
     let control = format!("https://{CONTROL_NAME}:{CONTROL_PORT}");
-    // The Subnet Connector needs nftables; without it the demo shows
-    // the nodes only.
-    let connector = Command::new("nft")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let connector = nft;
     for (i, (name, ns)) in NODES.iter().zip(&layout.namespaces[1..]).enumerate() {
+        // Two nodes behind one NAT: a port each (it can keep only one
+        // device's 41641).
+        let port = (41641 + i).to_string();
         let mut args = vec![
             "node",
             "up",
@@ -366,6 +487,8 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
             name,
             "--tun",
             "rw0",
+            "--listen-port",
+            &port,
         ];
         if connector && i == NODES.len() - 1 {
             args.extend(["--advertise-routes", SUBNET]);
@@ -400,6 +523,9 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
     println!();
     println!("Pings over WireGuard (path as the sender's data plane reports it):");
     let mut failed = 0;
+    // Paths start on the relay and move to a direct one once probes
+    // confirm it; the status file follows within 2 s. Allow that once.
+    let settle = Instant::now() + Duration::from_secs(5);
     for (i, from) in NODES.iter().enumerate() {
         for (j, to) in NODES.iter().enumerate() {
             if i == j {
@@ -407,19 +533,14 @@ async fn demo(dir: &Path, prefix: &str, running: &mut Running) -> Result<Address
             }
             let ns = &layout.namespaces[i + 1];
             let (rtt, again) = ping_twice(ns, &addrs[j]).await;
-            // The path is confirmed by probes alongside the first
-            // packets; the status file follows within a couple of seconds.
             let peer_status = || {
                 read_json(&dir.join(from).join("dataplane.json"))["peers"]
                     .as_array()
                     .and_then(|p| p.iter().find(|p| p["hostname"] == *to).cloned())
                     .unwrap_or(serde_json::Value::Null)
             };
-            let settle = Instant::now();
             let mut peer = peer_status();
-            while peer["path"].as_str().is_none_or(|p| p == "none")
-                && settle.elapsed() < Duration::from_secs(4)
-            {
+            while peer["path"].as_str().is_none_or(|p| p != "direct") && Instant::now() < settle {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 peer = peer_status();
             }
@@ -502,14 +623,17 @@ mod tests {
 
     #[test]
     fn the_topology_names_every_namespace_it_makes() {
-        let l = topology("rwdemo1");
-        let made: Vec<&str> = l
-            .commands
-            .iter()
-            .filter_map(|c| c.strip_prefix("ip netns add "))
-            .collect();
-        assert_eq!(made, l.namespaces);
-        assert_eq!(l.namespaces.len(), NODES.len() + 2);
-        assert!(l.commands.iter().all(|c| c.len() < 200));
+        for (nat, routers) in [(true, 2), (false, 0)] {
+            let l = topology("rwdemo1", nat);
+            let made: Vec<&str> = l
+                .commands
+                .iter()
+                .filter_map(|c| c.strip_prefix("ip netns add "))
+                .collect();
+            assert_eq!(made, l.namespaces);
+            assert_eq!(l.namespaces.len(), NODES.len() + 2 + routers);
+            assert_eq!(l.namespaces[1], "rwdemo1-n1", "nodes follow the server");
+            assert!(l.commands.iter().all(|c| c.len() < 200));
+        }
     }
 }

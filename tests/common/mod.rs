@@ -574,6 +574,7 @@ pub async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Dura
     }
 }
 
+pub mod mesh;
 pub mod netns;
 pub mod ports;
 pub mod postgres;

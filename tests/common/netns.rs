@@ -21,8 +21,15 @@
 //!   do), [`Mapping::Random`] picks a new port per destination (symmetric
 //!   NAT, as carrier-grade NAT often behaves). Filtering is endpoint
 //!   dependent either way: only conntrack's established/related flows come
-//!   back in from the WAN.
-//! - [`Topology::behind`]: a device on a NAT router's LAN.
+//!   back in from the WAN, and a new packet from the WAN to the router
+//!   itself is dropped (counted: [`Topology::nat_dropped`]) before
+//!   conntrack keeps an entry for it. Such an entry would hold the
+//!   router's port towards that sender, so a later outgoing packet of a
+//!   device to that sender would get another port: the router would stop
+//!   preserving ports exactly when hole punching needs it.
+//! - [`Topology::behind`]: a device on a NAT router's LAN;
+//!   [`Topology::nat_snat`] moves a router to another WAN address,
+//!   [`Topology::nat_dropped`] counts what its filtering dropped.
 //! - [`Topology::subnet`]: a plain host (no agent) on a LAN of its own
 //!   behind an existing namespace (the Subnet Connector), which gets the
 //!   LAN's `.1`.
@@ -243,6 +250,9 @@ table ip filter {{
     iifname \"lan0\" accept
     ct state established,related accept
   }}
+  chain input {{ type filter hook input priority filter; policy accept;
+    iifname \"wan0\" ct state new counter drop
+  }}
 }}
 "
             ),
@@ -321,6 +331,34 @@ table ip filter {{
     /// Run `args` in `ns`; its output, or a panic with its stderr.
     pub fn run(&self, ns: &str, args: &[&str]) -> Output {
         must(self.exec(ns).args(args))
+    }
+
+    /// Make `nat` translate to `public` (an address of its `wan0`, such as
+    /// a second one added with `ip addr add`) instead of masquerading to
+    /// the first: a router failing over to another WAN address. Its
+    /// conntrack entries stay until flushed (`conntrack -F`).
+    pub fn nat_snat(&self, nat: &Nat, public: &str) {
+        self.nft(
+            &nat.ns.name,
+            &format!(
+                "flush chain ip nat postrouting\nadd rule ip nat postrouting oifname \"wan0\" snat to {public}\n"
+            ),
+        );
+    }
+
+    /// New packets from the WAN that NAT router `nat` dropped (probes that
+    /// arrived before the router had a hole for them).
+    pub fn nat_dropped(&self, nat: &Nat) -> u64 {
+        let out = self.run(
+            &nat.ns.name,
+            &["nft", "list", "chain", "ip", "filter", "input"],
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
     }
 
     /// One ping from `ns` to `dst`, waiting at most `wait_s` for the
