@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::mesh::{
-    CONTROL_NAME, CONTROL_PORT, RELAY_PORT, SERVER_PORT, Servers, admin, mesh_v4, node, path,
+    CONTROL_NAME, CONTROL_PORT, RELAY_PORT, SERVER_PORT, Servers, admin, mesh_v4, node, path, peer,
     public_network, runewarp, setup_key, transfer,
 };
 use common::netns::{Mapping, Topology};
@@ -154,6 +154,11 @@ fn nodes_behind_random_port_nat_talk_through_the_relay_which_sees_only_ciphertex
         .unwrap();
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
     assert!(status.contains(&format!("relay {relay_addr}")), "{status}");
+    // A relayed peer's RTT is the last handshake's round trip, which the
+    // side that initiated it measured: a, which pinged first.
+    wait_until("a reports an RTT for b", Duration::from_secs(5), || {
+        peer(&home, "a", "b")["rtt_ms"].as_u64().is_some()
+    });
 
     // The relay's namespace carries the relay frames of a burst of pings,
     // never their payload in clear...

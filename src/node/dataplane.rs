@@ -121,7 +121,9 @@ pub struct PeerStatus {
     pub endpoint: Option<String>,
     /// `direct` (a confirmed direct path), `relay` or `none`.
     pub path: String,
-    /// The direct path's smoothed round-trip time (from probes).
+    /// Round-trip time: the direct path's smoothed RTT from probes; on
+    /// any other path (the relay) the last WireGuard handshake's round
+    /// trip, when this node initiated it.
     #[serde(default)]
     pub rtt_ms: Option<u64>,
     /// Seconds since the current session's handshake (none: no session).
@@ -665,7 +667,7 @@ impl Plane {
             .peers
             .iter()
             .map(|(k, p)| {
-                let (handshake, tx, rx, _, _) = p.tunn.stats();
+                let (handshake, tx, rx, _, handshake_rtt) = p.tunn.stats();
                 // An unconfirmed map candidate is tried, but is no path yet.
                 let (path, endpoint) = match p.route(&self.relay, now) {
                     Route::Udp(a) if p.path.direct(now).is_some() => ("direct", Some(a)),
@@ -678,7 +680,11 @@ impl Plane {
                     public_key: b64.encode(k),
                     endpoint: endpoint.map(|e| e.to_string()),
                     path: path.into(),
-                    rtt_ms: p.path.rtt(now).map(|d| d.as_millis() as u64),
+                    rtt_ms: p
+                        .path
+                        .rtt(now)
+                        .map(|d| d.as_millis() as u64)
+                        .or(handshake_rtt.map(u64::from)),
                     last_handshake_s: handshake.map(|d| d.as_secs()),
                     rx_bytes: rx as u64,
                     tx_bytes: tx as u64,
