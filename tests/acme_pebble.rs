@@ -11,8 +11,7 @@
 //! they fail, saying so.
 
 mod common;
-#[path = "common/opt_in.rs"]
-mod opt_in;
+use common::opt_in;
 
 use std::fs;
 use std::io::{Read, Write};

@@ -3,6 +3,7 @@
 //! commands, all on loopback.
 
 mod common;
+use common::opt_in;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -381,9 +382,6 @@ fn a_node_enrols_with_a_setup_key_file_and_a_missing_one_is_named() {
     assert!(out.contains("no node is running"), "{out}");
     control.stop_with(libc::SIGTERM, Duration::from_secs(5));
 }
-
-#[path = "common/opt_in.rs"]
-mod opt_in;
 
 /// Two control replicas on one PostgreSQL database, as behind a load
 /// balancer: devices on either see changes made through the other (or by

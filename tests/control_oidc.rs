@@ -9,8 +9,7 @@
 //! `npm ci --prefix tests/oidc` (.ci/test does both).
 
 mod common;
-#[path = "common/opt_in.rs"]
-mod opt_in;
+use common::opt_in;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

@@ -4,8 +4,7 @@
 //! plain HTTP upstream, and a cookie-keeping HTTP/1.1 client.
 
 mod common;
-#[path = "common/opt_in.rs"]
-mod opt_in;
+use common::opt_in;
 
 use common::proc::*;
 use common::webdriver::WebDriver;

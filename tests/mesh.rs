@@ -8,25 +8,24 @@
 //! the processes go on drop.
 
 mod common;
-#[path = "common/opt_in.rs"]
-mod opt_in;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::mesh::{Servers, admin, mesh_v4, node, public_network, runewarp, setup_key, transfer};
+use common::mesh::{
+    Servers, admin, mesh_v4, node, opted_in_network, runewarp, setup_key, transfer,
+};
 use common::proc::{BIN, Home, Running, wait_until};
 
 #[test]
 fn nodes_ping_each_other_over_wireguard_and_the_filter_and_revocation_apply() {
-    if !opt_in::enabled(
-        opt_in::NETNS,
+    let Some((mut net, srv)) = opted_in_network(
         "mesh",
         "root, network namespaces, /dev/net/tun, iproute2 and ping",
-    ) {
+        "rwm",
+    ) else {
         return;
-    }
-    let (mut net, srv) = public_network("rwm");
+    };
     let (ha, hb, hc) = (net.host("a"), net.host("b"), net.host("c"));
     let home = Home::new();
     let servers = Servers::start(&net, &home, &srv, false);

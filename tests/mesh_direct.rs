@@ -24,14 +24,12 @@
 //! ```
 
 mod common;
-#[path = "common/opt_in.rs"]
-mod opt_in;
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use common::mesh::{
-    Servers, mesh_v4, node, path, public_network, runewarp, setup_key, transfer, transfer_during,
+    Servers, mesh_v4, node, opted_in_network, path, runewarp, setup_key, transfer, transfer_during,
 };
 use common::netns::Mapping;
 use common::proc::{Home, Running, wait_until};
@@ -46,14 +44,13 @@ fn at(line: &str) -> f64 {
 
 #[test]
 fn nodes_behind_two_nats_find_a_direct_path_and_keep_it_when_a_mapping_changes() {
-    if !opt_in::enabled(
-        opt_in::NETNS,
+    let Some((mut net, srv)) = opted_in_network(
         "mesh_direct",
         "root, network namespaces, /dev/net/tun, nft, conntrack and ping",
-    ) {
+        "rwd",
+    ) else {
         return;
-    }
-    let (mut net, srv) = public_network("rwd");
+    };
     let mut nat1 = net.nat("nat1", Mapping::PortPreserving);
     let mut nat2 = net.nat("nat2", Mapping::PortPreserving);
     let ha = net.behind(&mut nat1, "a");

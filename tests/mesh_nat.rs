@@ -18,13 +18,11 @@
 //! namespaces the test makes; they and the processes go on drop.
 
 mod common;
-#[path = "common/opt_in.rs"]
-mod opt_in;
 
 use std::time::{Duration, Instant};
 
 use common::mesh::{
-    RELAY_PORT, Servers, cpu_seconds, mesh_v4, node, path, public_network, setup_key, transfer,
+    RELAY_PORT, Servers, cpu_seconds, mesh_v4, node, opted_in_network, path, setup_key, transfer,
 };
 use common::netns::Mapping;
 use common::proc::{Home, Running, wait_until};
@@ -34,14 +32,13 @@ const MIB: usize = 100;
 
 #[test]
 fn direct_paths_form_behind_port_preserving_nats_and_symmetric_nat_uses_the_relay() {
-    if !opt_in::enabled(
-        opt_in::NETNS,
+    let Some((mut net, srv)) = opted_in_network(
         "mesh_nat",
         "root, network namespaces, /dev/net/tun, iproute2, nftables and ping",
-    ) {
+        "rwn",
+    ) else {
         return;
-    }
-    let (mut net, srv) = public_network("rwn");
+    };
     let mut nat_a = net.nat("nata", Mapping::PortPreserving);
     let mut nat_b = net.nat("natb", Mapping::PortPreserving);
     let mut nat_c = net.nat("natc", Mapping::Random);

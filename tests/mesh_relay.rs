@@ -14,16 +14,14 @@
 //! drop.
 
 mod common;
-#[path = "common/opt_in.rs"]
-mod opt_in;
 
 use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::mesh::{
-    CONTROL_NAME, CONTROL_PORT, RELAY_PORT, SERVER_PORT, Servers, admin, mesh_v4, node, path, peer,
-    public_network, runewarp, setup_key, transfer,
+    CONTROL_NAME, CONTROL_PORT, RELAY_PORT, SERVER_PORT, Servers, admin, mesh_v4, node,
+    opted_in_network, path, peer, runewarp, setup_key, transfer,
 };
 use common::netns::{Mapping, Topology};
 use common::proc::{Home, Running, netmap, wait_until};
@@ -99,16 +97,15 @@ fn finish(child: Child) -> String {
 
 #[test]
 fn nodes_behind_random_port_nat_talk_through_the_relay_which_sees_only_ciphertext() {
-    if !opt_in::enabled(
-        opt_in::NETNS,
-        "mesh_relay",
-        "root, network namespaces, /dev/net/tun, iproute2, nftables, ping and python3",
-    ) {
-        return;
-    }
     // srv: the public namespace (control, relay); nat1 and nat2 map every
     // flow to a random port; h1 and h2 behind them; h3 on the bridge.
-    let (mut net, srv) = public_network("rwr");
+    let Some((mut net, srv)) = opted_in_network(
+        "mesh_relay",
+        "root, network namespaces, /dev/net/tun, iproute2, nftables, ping and python3",
+        "rwr",
+    ) else {
+        return;
+    };
     let mut nat1 = net.nat("nat1", Mapping::Random);
     let mut nat2 = net.nat("nat2", Mapping::Random);
     let h1 = net.behind(&mut nat1, "h1");

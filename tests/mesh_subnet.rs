@@ -8,14 +8,13 @@
 //! Opt-in: `RUNEWARP_TEST_NETNS=1`, as root (namespaces, TUN, nftables).
 
 mod common;
-#[path = "common/opt_in.rs"]
-mod opt_in;
+use common::opt_in;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::mesh::{Servers, admin, mesh_v4, node, public_network, setup_key, transfer};
+use common::mesh::{Servers, admin, mesh_v4, node, opted_in_network, setup_key, transfer};
 use common::netns::{Mapping, Topology, in_netns};
 use common::proc::{Home, wait_until};
 
@@ -59,14 +58,13 @@ fn echo(ns: &str, addr: SocketAddr) -> std::io::Result<Vec<u8>> {
 
 #[test]
 fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
-    if !opt_in::enabled(
-        opt_in::NETNS,
+    let Some((mut net, srv)) = opted_in_network(
         "mesh_subnet",
         "root, network namespaces, /dev/net/tun, iproute2, nftables and ping",
-    ) {
+        "rws",
+    ) else {
         return;
-    }
-    let (mut net, srv) = public_network("rws");
+    };
     let a = net.host("a");
     let b = net.host("b");
     let c = net.host("c");

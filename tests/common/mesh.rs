@@ -53,6 +53,13 @@ pub fn runewarp(net: &Topology, home: &Home, ns: &Ns) -> std::process::Command {
     c
 }
 
+/// The mesh test named `test`, which needs `needs`, opted in
+/// (`RUNEWARP_TEST_NETNS=1`): its [`public_network`]. Not opted in: the
+/// skip line, and `None`.
+pub fn opted_in_network(test: &str, needs: &str, prefix: &str) -> Option<(Topology, Ns)> {
+    super::opt_in::enabled(super::opt_in::NETNS, test, needs).then(|| public_network(prefix))
+}
+
 /// A new [`Topology`] (namespaces `PREFIX<pid>-*`) whose public namespace
 /// answers as [`CONTROL_NAME`] everywhere; the public namespace. Panics
 /// unless run as root (the namespace tests are opt-in).

@@ -576,6 +576,7 @@ pub async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Dura
 
 pub mod mesh;
 pub mod netns;
+pub mod opt_in;
 pub mod ports;
 pub mod postgres;
 pub mod proc;

@@ -4,7 +4,8 @@
 //! programs on PATH). Such a test runs only when its variable is `1`;
 //! otherwise it prints one skip line and passes. `.ci/test` sets both.
 //!
-//! Include with `#[path = "common/opt_in.rs"] mod opt_in;`.
+//! Tests with `mod common;` use `common::opt_in`; the others include it
+//! with `#[path = "common/opt_in.rs"] mod opt_in;`.
 #![allow(dead_code)]
 
 use std::io::Write;
