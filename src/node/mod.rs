@@ -471,10 +471,8 @@ impl Node {
     /// The receiving end of the probe-protocol signals (once; later
     /// callers get a channel nothing sends on).
     fn take_path_signals(&self) -> tokio::sync::mpsc::Receiver<dataplane::direct::Call> {
-        self.path_signals_rx
-            .lock()
-            .ok()
-            .and_then(|mut r| r.take())
+        crate::sync::lock(&self.path_signals_rx)
+            .take()
             .unwrap_or_else(|| tokio::sync::mpsc::channel(1).1)
     }
 

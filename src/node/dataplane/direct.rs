@@ -13,6 +13,7 @@ use crate::mesh_protocol::MAX_ENDPOINTS;
 use crate::node::Signaller;
 use crate::node::path::{Moved, Via};
 use crate::node::probe::{self, Kind, PathSignal};
+use crate::sync::lock;
 
 /// Candidates that do not come from this host's interfaces: the
 /// operator's `--endpoint`s (a port forward, a NAT that keeps the port),
@@ -35,11 +36,9 @@ impl ExtraCandidates {
 
     /// Replace the learned server-reflexive candidates (they are reported
     /// at once if that changes the list). The STUN client feeds this.
-    #[allow(dead_code)]
     pub fn set_reflexive(&self, addrs: Vec<SocketAddr>) {
-        if let Ok(mut r) = self.reflexive.lock()
-            && *r != addrs
-        {
+        let mut r = lock(&self.reflexive);
+        if *r != addrs {
             *r = addrs;
             self.changed.notify_one();
         }
@@ -48,9 +47,7 @@ impl ExtraCandidates {
     /// Configured first, then reflexive.
     pub fn list(&self) -> Vec<SocketAddr> {
         let mut out = self.configured.clone();
-        if let Ok(r) = self.reflexive.lock() {
-            out.extend(r.iter().copied());
-        }
+        out.extend(lock(&self.reflexive).iter().copied());
         out
     }
 
