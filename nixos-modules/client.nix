@@ -103,53 +103,47 @@ let
       c = config.settings.client;
       terminates = lib.any (svc: svc.tls-mode == "terminate") c.services;
 
-      serviceType = types.submodule {
-        freeformType = settingsFormat.type;
-        options = {
-          public-hostnames = mkOption {
-            type = types.nullOr (types.nonEmptyListOf types.str);
-            default = null;
-            description = "Public hostnames this Service answers; null only for a sole catch-all Service.";
-          };
-          backend-address = mkOption {
-            type = types.str;
-            example = "127.0.0.1:8443";
-            description = "The Local backend, `host:port`.";
-          };
-          tls-mode = mkOption {
-            type = types.enum [
-              "passthrough"
-              "terminate"
-            ];
-            default = "passthrough";
-            description = "`passthrough`: the backend terminates TLS. `terminate`: the Client does and sends plaintext.";
-          };
-          proxy-protocol = mkOption {
-            type = types.nullOr (types.enum [ "v2" ]);
-            default = null;
-            description = "Send a PROXY protocol v2 header to the backend.";
-          };
-          gate = mkOption {
-            type = types.nullOr gateType;
-            default = null;
-            example = literalExpression ''{ allowed-domains = [ "example.com" ]; }'';
-            description = ''
-              Runegate in front of this Service (`[client.services.gate]`):
-              email sign-in before any request reaches the backend. Needs
-              `tls-mode = "terminate"` and `settings.client.smtp`. See
-              docs/gate.md.
-            '';
-          };
+      serviceType = rw.tomlTable settingsFormat.type {
+        public-hostnames = mkOption {
+          type = types.nullOr (types.nonEmptyListOf types.str);
+          default = null;
+          description = "Public hostnames this Service answers; null only for a sole catch-all Service.";
+        };
+        backend-address = mkOption {
+          type = types.str;
+          example = "127.0.0.1:8443";
+          description = "The Local backend, `host:port`.";
+        };
+        tls-mode = mkOption {
+          type = types.enum [
+            "passthrough"
+            "terminate"
+          ];
+          default = "passthrough";
+          description = "`passthrough`: the backend terminates TLS. `terminate`: the Client does and sends plaintext.";
+        };
+        proxy-protocol = mkOption {
+          type = types.nullOr (types.enum [ "v2" ]);
+          default = null;
+          description = "Send a PROXY protocol v2 header to the backend.";
+        };
+        gate = mkOption {
+          type = types.nullOr gateType;
+          default = null;
+          example = literalExpression ''{ allowed-domains = [ "example.com" ]; }'';
+          description = ''
+            Runegate in front of this Service (`[client.services.gate]`):
+            email sign-in before any request reaches the backend. Needs
+            `tls-mode = "terminate"` and `settings.client.smtp`. See
+            docs/gate.md.
+          '';
         };
       };
 
       # `[client.services.gate]`: typed allow-lists, the other gate keys
       # (base-url, link-ttl, session-ttl, session-idle, cookie-domain,
       # state-dir) pass through as TOML.
-      gateType = types.submodule {
-        freeformType = settingsFormat.type;
-        options = rw.gateAllowOptions;
-      };
+      gateType = rw.tomlTable settingsFormat.type rw.gateAllowOptions;
 
       smtpType = rw.smtpType {
         freeformType = settingsFormat.type;
@@ -161,79 +155,76 @@ let
         inherit stateDir;
       };
 
-      clientSection = types.submodule {
-        freeformType = settingsFormat.type;
-        options = {
-          server-address = mkOption {
-            type = types.str;
-            example = "tunnel.example.com";
-            description = "The Server, `host[:port]` (DNS name; UDP port 443 by default).";
-          };
-          server-trust = mkOption {
-            type = types.enum [
-              "system"
-              "ca-file"
-            ];
-            default = "system";
-            description = "Validate the Server certificate with the system roots or only with `server-ca-file`.";
-          };
-          server-ca-file = mkOption {
-            type = types.nullOr types.str;
-            default = null;
-            example = "/run/credentials/runewarp-client-home.service/server-ca.crt";
-            description = "CA bundle for `server-trust = \"ca-file\"` (a private Server CA can come in via `credentials`).";
-          };
-          identity-dir = mkOption {
-            type = types.str;
-            default = "${stateDir}/identity";
-            description = "Client identity material; created on first start when absent.";
-          };
-          public-cert-dir = mkOption {
-            type = types.nullOr types.str;
-            default = if terminates && c.acme == null then "${stateDir}/public-certs" else null;
-            defaultText = literalExpression ''if some Service terminates and acme == null then "${stateDir}/public-certs" else null'';
-            description = "Terminate-mode certificates (manual path); missing hostnames get a leaf from a private Public hostname CA on start.";
-          };
-          acme = mkOption {
-            type = types.nullOr acmeType;
-            default = null;
-            description = "Obtain terminate-mode certificates via ACME (TLS-ALPN-01 through the Tunnel).";
-          };
-          metrics-bind-address = mkOption {
-            type = types.nullOr types.str;
-            default = null;
-            example = "127.0.0.1:9101";
-            description = ''
-              Optional Prometheus listener (`GET /metrics`, literal `ip:port`,
-              port 1024 or above), off by default. No authentication; never
-              opened in the firewall.
-            '';
-          };
-          control-socket = mkOption {
-            type = types.str;
-            default = "/run/${unit}/control.sock";
-            description = "Unix socket (mode 0600) that `runewarp client status --socket PATH` reads; run the command as root.";
-          };
-          readiness-bind-address = mkOption {
-            type = types.nullOr types.str;
-            default = null;
-            example = "127.0.0.1:8082";
-            description = ''
-              Optional TCP listener (literal `ip:port`, port 1024 or above: the
-              unit has no capabilities) that accepts connections only while the
-              Tunnel connection is up. The unit itself is started (READY=1) as
-              soon as the Client runs and dials. Never opened in the firewall.
-            '';
-          };
-          services = mkOption {
-            type = types.nonEmptyListOf serviceType;
-            description = "The Services: which Local backend serves which Public hostnames.";
-          };
-          smtp = mkOption {
-            type = types.nullOr smtpType;
-            default = null;
-            description = "`[client.smtp]`: the mail relay for the gates of terminate Services (required exactly when a Service has a `gate`).";
-          };
+      clientSection = rw.tomlTable settingsFormat.type {
+        server-address = mkOption {
+          type = types.str;
+          example = "tunnel.example.com";
+          description = "The Server, `host[:port]` (DNS name; UDP port 443 by default).";
+        };
+        server-trust = mkOption {
+          type = types.enum [
+            "system"
+            "ca-file"
+          ];
+          default = "system";
+          description = "Validate the Server certificate with the system roots or only with `server-ca-file`.";
+        };
+        server-ca-file = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "/run/credentials/runewarp-client-home.service/server-ca.crt";
+          description = "CA bundle for `server-trust = \"ca-file\"` (a private Server CA can come in via `credentials`).";
+        };
+        identity-dir = mkOption {
+          type = types.str;
+          default = "${stateDir}/identity";
+          description = "Client identity material; created on first start when absent.";
+        };
+        public-cert-dir = mkOption {
+          type = types.nullOr types.str;
+          default = if terminates && c.acme == null then "${stateDir}/public-certs" else null;
+          defaultText = literalExpression ''if some Service terminates and acme == null then "${stateDir}/public-certs" else null'';
+          description = "Terminate-mode certificates (manual path); missing hostnames get a leaf from a private Public hostname CA on start.";
+        };
+        acme = mkOption {
+          type = types.nullOr acmeType;
+          default = null;
+          description = "Obtain terminate-mode certificates via ACME (TLS-ALPN-01 through the Tunnel).";
+        };
+        metrics-bind-address = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "127.0.0.1:9101";
+          description = ''
+            Optional Prometheus listener (`GET /metrics`, literal `ip:port`,
+            port 1024 or above), off by default. No authentication; never
+            opened in the firewall.
+          '';
+        };
+        control-socket = mkOption {
+          type = types.str;
+          default = "/run/${unit}/control.sock";
+          description = "Unix socket (mode 0600) that `runewarp client status --socket PATH` reads; run the command as root.";
+        };
+        readiness-bind-address = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "127.0.0.1:8082";
+          description = ''
+            Optional TCP listener (literal `ip:port`, port 1024 or above: the
+            unit has no capabilities) that accepts connections only while the
+            Tunnel connection is up. The unit itself is started (READY=1) as
+            soon as the Client runs and dials. Never opened in the firewall.
+          '';
+        };
+        services = mkOption {
+          type = types.nonEmptyListOf serviceType;
+          description = "The Services: which Local backend serves which Public hostnames.";
+        };
+        smtp = mkOption {
+          type = types.nullOr smtpType;
+          default = null;
+          description = "`[client.smtp]`: the mail relay for the gates of terminate Services (required exactly when a Service has a `gate`).";
         };
       };
     in
@@ -244,12 +235,10 @@ let
 
       options = rw.roleOptions {
         inherit pkgs unit;
+        config = top;
         cfg = config;
         role = "client";
-        packageDefault = top.services.runewarp.package;
-        packageDescription = "The Runewarp package for this instance.";
-        credentialsDirectory = "/run/credentials/${unit}.service";
-        freeformType = settingsFormat.type;
+        packageFor = "this instance";
         sectionType = clientSection;
         settingsDescription = ''
           This instance's configuration, mirroring the config file (see
@@ -289,7 +278,6 @@ let
     name: c:
     let
       unit = "runewarp-client-${name}";
-      configPath = if c.configFile != null then c.configFile else c.generatedConfigFile;
     in
     # READY=1 is sent once the instance is running and dialling the Server,
     # not once connected: a Server that is down or does not know the pin
@@ -301,19 +289,11 @@ let
     # as root.
     lib.nameValuePair unit (
       rw.roleUnit {
-        inherit
-          pkgs
-          utils
-          unit
-          configPath
-          ;
-        inherit (c) package extraArgs credentials;
+        inherit pkgs utils unit;
+        cfg = c;
         role = "client";
         description = "Runewarp Client instance ${name}";
-        after = [
-          "network-online.target"
-          "nss-lookup.target"
-        ];
+        alsoAfter = [ "nss-lookup.target" ];
         prepare = prepareFor name c;
         # Outbound only: no capabilities at all (no lowPorts). The Client
         # closes its Tunnel connection with a short fixed grace.

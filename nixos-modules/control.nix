@@ -15,35 +15,32 @@ let
   # same database files as the service, with the same owner.
   user = "runewarp-control";
   stateDir = "/var/lib/${unit}";
-  credentialsDirectory = "/run/credentials/${unit}.service";
-  configPath = if cfg.configFile != null then cfg.configFile else cfg.generatedConfigFile;
+  credentialsDirectory = rw.credentialsDirectoryOf unit;
+  configPath = rw.configPathOf cfg;
   port = rw.portOf cfg.settings.control.listen-address;
   needsLowPort = port != null && port < 1024;
 
-  controlSection = types.submodule {
-    freeformType = settingsFormat.type;
-    options = {
-      listen-address = mkOption {
-        type = types.str;
-        default = "0.0.0.0:7443";
-        description = "Where the HTTPS API listens (literal `ip:port`).";
-      };
-      hostname = mkOption {
-        type = types.str;
-        example = "control.example.com";
-        description = "The DNS name devices connect to; the API's certificate is made for it.";
-      };
-      state-dir = mkOption {
-        type = types.str;
-        default = stateDir;
-        description = "The SQLite database and the API's certificate material (kept in the unit's StateDirectory).";
-      };
-      database-url-file = mkOption {
-        type = types.nullOr types.str;
-        default = if cfg.databaseUrlFile == null then null else "${credentialsDirectory}/db-url";
-        defaultText = lib.literalExpression "the db-url credential when databaseUrlFile is set, else null (SQLite)";
-        description = "A file holding the PostgreSQL connection string (for several replicas on one database); SQLite in `state-dir` when null.";
-      };
+  controlSection = rw.tomlTable settingsFormat.type {
+    listen-address = mkOption {
+      type = types.str;
+      default = "0.0.0.0:7443";
+      description = "Where the HTTPS API listens (literal `ip:port`).";
+    };
+    hostname = mkOption {
+      type = types.str;
+      example = "control.example.com";
+      description = "The DNS name devices connect to; the API's certificate is made for it.";
+    };
+    state-dir = mkOption {
+      type = types.str;
+      default = stateDir;
+      description = "The SQLite database and the API's certificate material (kept in the unit's StateDirectory).";
+    };
+    database-url-file = mkOption {
+      type = types.nullOr types.str;
+      default = if cfg.databaseUrlFile == null then null else "${credentialsDirectory}/db-url";
+      defaultText = lib.literalExpression "the db-url credential when databaseUrlFile is set, else null (SQLite)";
+      description = "A file holding the PostgreSQL connection string (for several replicas on one database); SQLite in `state-dir` when null.";
     };
   };
 
@@ -62,16 +59,9 @@ in
 
   options.services.runewarp.control =
     rw.roleOptions {
-      inherit
-        pkgs
-        cfg
-        unit
-        credentialsDirectory
-        ;
+      inherit config pkgs cfg;
       role = "control";
-      packageDefault = config.services.runewarp.package;
-      packageDescription = "The Runewarp package for the control server.";
-      freeformType = settingsFormat.type;
+      packageFor = "the control server";
       sectionType = controlSection;
       settingsDescription = ''
         The control server's configuration, mirroring the config file (see
@@ -100,11 +90,7 @@ in
         '';
       };
 
-      openFirewall = mkOption {
-        type = types.bool;
-        default = false;
-        description = "Open the API's TCP port in the firewall.";
-      };
+      openFirewall = rw.openFirewallOption "Open the API's TCP port in the firewall.";
     };
 
   config = mkIf cfg.enable {
@@ -130,20 +116,11 @@ in
     environment.systemPackages = [ adminWrapper ];
 
     systemd.services.${unit} = rw.roleUnit {
-      inherit
-        pkgs
-        utils
-        unit
-        configPath
-        ;
-      inherit (cfg) package extraArgs credentials;
+      inherit pkgs utils cfg;
       role = "control";
       description = "Runewarp mesh control server";
       # A PostgreSQL on the same host is up first (harmless without one).
-      after = [
-        "network-online.target"
-        "postgresql.service"
-      ];
+      alsoAfter = [ "postgresql.service" ];
       lowPorts = needsLowPort;
       serviceConfig = {
         DynamicUser = false;

@@ -10,12 +10,11 @@ let
   cfg = config.services.runewarp.gate;
   unit = "runewarp-gate";
   stateDir = "/var/lib/${unit}";
-  credentialsDirectory = "/run/credentials/${unit}.service";
-  configPath = if cfg.configFile != null then cfg.configFile else cfg.generatedConfigFile;
+  credentialsDirectory = rw.credentialsDirectoryOf unit;
 
-  gateSection = types.submodule {
-    freeformType = settingsFormat.type;
-    options = rw.gateAllowOptions // {
+  gateSection = rw.tomlTable settingsFormat.type (
+    rw.gateAllowOptions
+    // {
       listen-address = mkOption {
         type = types.str;
         default = "127.0.0.1:7870";
@@ -51,24 +50,17 @@ let
         };
         description = "`[gate.smtp]`: the mail relay for sign-in mails.";
       };
-    };
-  };
+    }
+  );
 in
 {
   imports = [ ./common.nix ];
 
   options.services.runewarp.gate =
     rw.roleOptions {
-      inherit
-        pkgs
-        cfg
-        unit
-        credentialsDirectory
-        ;
+      inherit config pkgs cfg;
       role = "gate";
-      packageDefault = config.services.runewarp.package;
-      packageDescription = "The Runewarp package for the gate.";
-      freeformType = settingsFormat.type;
+      packageFor = "the gate";
       sectionType = gateSection;
       settingsDescription = ''
         The gate's configuration, mirroring the config file (see
@@ -117,19 +109,10 @@ in
     };
 
     systemd.services.${unit} = rw.roleUnit {
-      inherit
-        pkgs
-        utils
-        unit
-        configPath
-        ;
-      inherit (cfg) package extraArgs credentials;
+      inherit pkgs utils cfg;
       role = "gate";
       description = "Runegate: email sign-in in front of a private web app";
-      after = [
-        "network-online.target"
-        "nss-lookup.target"
-      ];
+      alsoAfter = [ "nss-lookup.target" ];
       # READY=1 once the listener is bound and the session store open;
       # `systemctl reload` re-reads the allow-lists, and sessions of
       # addresses no longer allowed end at once.

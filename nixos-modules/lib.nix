@@ -55,6 +55,30 @@ rec {
   # A credential ID as systemd accepts it (a plain file name).
   credentialName = lib.types.strMatching "[A-Za-z0-9_.-]+";
 
+  # Where systemd puts a unit's `LoadCredential=` files at run time.
+  credentialsDirectoryOf = unit: "/run/credentials/${unit}.service";
+
+  # The configuration file a role instance runs with: its runtime
+  # `configFile` when set, else the one generated from `settings`.
+  configPathOf = cfg: if cfg.configFile != null then cfg.configFile else cfg.generatedConfigFile;
+
+  # A table of `settings` (a `[section]` of the TOML file): the typed
+  # `options`, anything else passed through as `freeformType` (TOML).
+  tomlTable =
+    freeformType: options:
+    lib.types.submodule {
+      inherit freeformType options;
+    };
+
+  # `openFirewall`: off by default; `description` names the ports it opens.
+  openFirewallOption =
+    description:
+    lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      inherit description;
+    };
+
   # The TOML file for `settings`, checked at build time with
   # `runewarp config check --role <role>` so that invalid settings fail the
   # build (the error names the key and value). `check = false` skips the
@@ -154,21 +178,25 @@ rec {
   # `runewarp <role> --config <configPath>` with the hardening, the restart
   # policy, the notify start, the prepare step, reload by SIGHUP, and a
   # private state and runtime (control socket) directory named after the
-  # unit. The paths a runtime configFile omits default under the state
+  # unit (`runewarp-<role>` unless given). The paths a runtime configFile omits default under the state
   # directory. `lowPorts`: the role binds a port below 1024, so the unit
   # gets exactly that capability and no user namespace; otherwise none at
   # all. `serviceConfig` adds the role's own settings (the stop timeout).
+  # `cfg` is the instance's options (`roleOptions`): its package, extra
+  # arguments, credentials and configuration file, unless given here.
   roleUnit =
     {
       pkgs,
       utils,
       role,
-      unit,
+      unit ? "runewarp-${role}",
       description,
-      after ? [ "network-online.target" ],
-      package,
+      # Units to start after besides `network-online.target`.
+      alsoAfter ? [ ],
+      cfg,
+      package ? cfg.package,
       prepare ? null,
-      configPath,
+      configPath ? configPathOf cfg,
       # The arguments after the program; `<role> --config <configPath>` by
       # default (the node takes flags instead of a file).
       command ? [
@@ -176,8 +204,8 @@ rec {
         "--config"
         configPath
       ],
-      extraArgs,
-      credentials,
+      extraArgs ? cfg.extraArgs,
+      credentials ? cfg.credentials,
       lowPorts ? false,
       serviceConfig,
     }:
@@ -185,7 +213,8 @@ rec {
       stateDir = "/var/lib/${unit}";
     in
     {
-      inherit description after;
+      inherit description;
+      after = [ "network-online.target" ] ++ alsoAfter;
       documentation = [ "man:runewarp(1)" ];
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
@@ -223,38 +252,39 @@ rec {
     };
 
   # Options whose declaration is the same for every role, apart from the
-  # values given here: `package` (defaulting to `packageDefault`),
-  # `settings` (`log-level` plus the `[section]` table of `sectionType`),
-  # `configFile`, `generatedConfigFile` (the TOML file for the instance's
-  # own `cfg.settings`, named after its `unit`), `checkConfig`,
-  # `credentials`, `credentialsDirectory` and `extraArgs`.
+  # values given here: `package` (defaulting to the system's
+  # `services.runewarp.package`, from `config`; described as the package
+  # "for" `packageFor`), `settings` (`log-level` plus the `[section]` table
+  # of `sectionType`, other keys passed through as TOML), `configFile`,
+  # `generatedConfigFile` (the TOML file for the instance's own
+  # `cfg.settings`, named after its `unit`), `checkConfig`, `credentials`,
+  # `credentialsDirectory` (the unit's) and `extraArgs`.
   roleOptions =
     {
+      config,
       pkgs,
       cfg,
       role,
-      unit,
-      packageDefault,
-      packageDescription,
-      freeformType,
+      unit ? "runewarp-${role}",
+      packageFor,
       sectionType,
       settingsDescription,
       settingsExample ? null,
-      credentialsDirectory,
       credentialsExample,
       credentialsDescription,
     }:
     {
       package = lib.mkOption {
         type = lib.types.package;
-        default = packageDefault;
+        default = config.services.runewarp.package;
         defaultText = lib.literalExpression "config.services.runewarp.package";
-        description = packageDescription;
+        description = "The Runewarp package for ${packageFor}.";
       };
       settings =
         lib.mkOption {
           type = settingsType {
-            inherit freeformType sectionType;
+            inherit sectionType;
+            freeformType = (pkgs.formats.toml { }).type;
             section = role;
           };
           description = settingsDescription;
@@ -297,7 +327,7 @@ rec {
       credentialsDirectory = lib.mkOption {
         type = lib.types.str;
         readOnly = true;
-        default = credentialsDirectory;
+        default = credentialsDirectoryOf unit;
         description = "Where `credentials` appear at run time.";
       };
       extraArgs = lib.mkOption {
@@ -369,30 +399,27 @@ rec {
   # is the unit's StateDirectory, under which the ACME cache lives.
   acmeType =
     { freeformType, stateDir }:
-    lib.types.submodule {
-      inherit freeformType;
-      options = {
-        email = lib.mkOption {
-          type = lib.types.nullOr lib.types.str;
-          default = null;
-          description = "ACME account contact address.";
-        };
-        state-dir = lib.mkOption {
-          type = lib.types.str;
-          default = "${stateDir}/acme";
-          description = "ACME account and certificate cache (kept under the unit's StateDirectory).";
-        };
-        directory-url = lib.mkOption {
-          type = lib.types.nullOr lib.types.str;
-          default = null;
-          example = "https://acme-staging-v02.api.letsencrypt.org/directory";
-          description = "ACME directory; Let's Encrypt production when null.";
-        };
-        directory-ca-file = lib.mkOption {
-          type = lib.types.nullOr lib.types.str;
-          default = null;
-          description = "Extra trust root for the ACME directory's HTTPS (private ACME CAs, Pebble).";
-        };
+    tomlTable freeformType {
+      email = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = "ACME account contact address.";
+      };
+      state-dir = lib.mkOption {
+        type = lib.types.str;
+        default = "${stateDir}/acme";
+        description = "ACME account and certificate cache (kept under the unit's StateDirectory).";
+      };
+      directory-url = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "https://acme-staging-v02.api.letsencrypt.org/directory";
+        description = "ACME directory; Let's Encrypt production when null.";
+      };
+      directory-ca-file = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = "Extra trust root for the ACME directory's HTTPS (private ACME CAs, Pebble).";
       };
     };
 
@@ -433,45 +460,42 @@ rec {
   # LoadCredential copy of the SMTP password, or null without one).
   smtpType =
     { freeformType, passwordFile }:
-    lib.types.submodule {
-      inherit freeformType;
-      options = {
-        host = lib.mkOption {
-          type = lib.types.str;
-          example = "smtp.example.com";
-          description = "The mail server (DNS name or IP literal).";
-        };
-        port = lib.mkOption {
-          type = lib.types.nullOr lib.types.str;
-          default = null;
-          example = "587";
-          description = "Port, as a string; by default 587, 465 or 25 after `tls`.";
-        };
-        tls = lib.mkOption {
-          type = lib.types.enum [
-            "starttls"
-            "implicit"
-            "none"
-          ];
-          default = "starttls";
-          description = "`starttls` (required), `implicit` (SMTPS), or `none` (only for a loopback host).";
-        };
-        username = lib.mkOption {
-          type = lib.types.nullOr lib.types.str;
-          default = null;
-          description = "SMTP user; needs `password-file`.";
-        };
-        password-file = lib.mkOption {
-          type = lib.types.nullOr lib.types.str;
-          default = passwordFile;
-          defaultText = lib.literalExpression "the smtp-password credential when smtpPasswordFile is set, else null";
-          description = "File holding the SMTP password (never the password itself).";
-        };
-        from = lib.mkOption {
-          type = lib.types.str;
-          example = "Sign-in <signin@example.com>";
-          description = "Sender of the sign-in mails.";
-        };
+    tomlTable freeformType {
+      host = lib.mkOption {
+        type = lib.types.str;
+        example = "smtp.example.com";
+        description = "The mail server (DNS name or IP literal).";
+      };
+      port = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "587";
+        description = "Port, as a string; by default 587, 465 or 25 after `tls`.";
+      };
+      tls = lib.mkOption {
+        type = lib.types.enum [
+          "starttls"
+          "implicit"
+          "none"
+        ];
+        default = "starttls";
+        description = "`starttls` (required), `implicit` (SMTPS), or `none` (only for a loopback host).";
+      };
+      username = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = "SMTP user; needs `password-file`.";
+      };
+      password-file = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = passwordFile;
+        defaultText = lib.literalExpression "the smtp-password credential when smtpPasswordFile is set, else null";
+        description = "File holding the SMTP password (never the password itself).";
+      };
+      from = lib.mkOption {
+        type = lib.types.str;
+        example = "Sign-in <signin@example.com>";
+        description = "Sender of the sign-in mails.";
       };
     };
 }

@@ -12,7 +12,7 @@ let
   cfg = config.services.runewarp.node;
   unit = "runewarp-node";
   stateDir = "/var/lib/${unit}";
-  credentialsDirectory = "/run/credentials/${unit}.service";
+  credentialsDirectory = rw.credentialsDirectoryOf unit;
 in
 {
   imports = [ ./common.nix ];
@@ -74,11 +74,7 @@ in
       description = "The UDP port of the data plane's one socket (WireGuard, path probes, STUN).";
     };
 
-    openFirewall = mkOption {
-      type = types.bool;
-      default = false;
-      description = "Open `listenPort` (UDP) in the firewall, for direct paths from peers that can reach this host.";
-    };
+    openFirewall = rw.openFirewallOption "Open `listenPort` (UDP) in the firewall, for direct paths from peers that can reach this host.";
 
     endpoints = mkOption {
       type = types.listOf types.str;
@@ -116,14 +112,10 @@ in
 
     systemd.services.${unit} =
       rw.roleUnit {
-        inherit pkgs utils unit;
-        inherit (cfg) package extraArgs;
+        inherit pkgs utils cfg;
         role = "node";
         description = "Runewarp mesh device agent";
-        after = [
-          "network-online.target"
-          "nss-lookup.target"
-        ];
+        alsoAfter = [ "nss-lookup.target" ];
         configPath = null;
         command =
           [

@@ -24,11 +24,10 @@ let
 
   unit = "runewarp-server";
   stateDir = "/var/lib/${unit}";
-  credentialsDirectory = "/run/credentials/${unit}.service";
 
   s = cfg.settings.server;
 
-  configPath = if cfg.configFile != null then cfg.configFile else cfg.generatedConfigFile;
+  configPath = rw.configPathOf cfg;
 
   publicPort = rw.portOf s.public-bind-address;
   tunnelPort = rw.portOf s.tunnel-bind-address;
@@ -89,24 +88,21 @@ let
     '';
   };
 
-  tunnelType = types.submodule {
-    freeformType = settingsFormat.type;
-    options = {
-      public-hostnames = mkOption {
-        type = types.nonEmptyListOf types.str;
-        example = [ "app.example.com" ];
-        description = "Public hostnames the Server routes into this Tunnel (exact DNS names).";
-      };
-      client-identity = mkOption {
-        type = types.nullOr (types.strMatching "[0-9a-f]{64}");
-        default = null;
-        description = "The pinned Client identity (64 lowercase hex), as printed by `runewarp client identity show`.";
-      };
-      client-identities = mkOption {
-        type = types.nullOr (types.listOf (types.strMatching "[0-9a-f]{64}"));
-        default = null;
-        description = "Several pinned Client identities (instead of `client-identity`).";
-      };
+  tunnelType = rw.tomlTable settingsFormat.type {
+    public-hostnames = mkOption {
+      type = types.nonEmptyListOf types.str;
+      example = [ "app.example.com" ];
+      description = "Public hostnames the Server routes into this Tunnel (exact DNS names).";
+    };
+    client-identity = mkOption {
+      type = types.nullOr (types.strMatching "[0-9a-f]{64}");
+      default = null;
+      description = "The pinned Client identity (64 lowercase hex), as printed by `runewarp client identity show`.";
+    };
+    client-identities = mkOption {
+      type = types.nullOr (types.listOf (types.strMatching "[0-9a-f]{64}"));
+      default = null;
+      description = "Several pinned Client identities (instead of `client-identity`).";
     };
   };
 
@@ -115,77 +111,74 @@ let
     inherit stateDir;
   };
 
-  serverSection = types.submodule {
-    freeformType = settingsFormat.type;
-    options = {
-      hostname = mkOption {
-        type = types.str;
-        example = "tunnel.example.com";
-        description = "The Server hostname: the DNS name Clients dial and the Server certificate names.";
-      };
-      public-bind-address = mkOption {
-        type = types.str;
-        default = "0.0.0.0:443";
-        description = "TCP listener for Visitor TLS (literal `ip:port`).";
-      };
-      tunnel-bind-address = mkOption {
-        type = types.str;
-        default = "0.0.0.0:443";
-        description = "UDP listener for QUIC Tunnel connections (literal `ip:port`).";
-      };
-      readiness-bind-address = mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        example = "127.0.0.1:8081";
-        description = "Optional TCP listener whose accept means ready (never opened in the firewall).";
-      };
-      metrics-bind-address = mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        example = "127.0.0.1:9100";
-        description = ''
-          Optional Prometheus listener (`GET /metrics`, literal `ip:port`),
-          off by default. It has no authentication and is never opened in the
-          firewall: scrape it locally, or open the port yourself for a
-          trusted scraper.
-        '';
-      };
-      control-socket = mkOption {
-        type = types.str;
-        default = "/run/${unit}/control.sock";
-        description = ''
-          Unix socket (mode 0600) that `runewarp server status --socket PATH`
-          reads; run the command as root.
-        '';
-      };
-      graceful-shutdown-duration = mkOption {
-        type = types.str;
-        default = "60s";
-        description = "Grace period on shutdown (`ms|s|m|h`); also sizes the unit's TimeoutStopSec.";
-      };
-      cert-dir = mkOption {
-        type = types.nullOr types.str;
-        default = if s.acme == null then "${stateDir}/certs" else null;
-        defaultText = literalExpression ''if acme == null then "${stateDir}/certs" else null'';
-        description = ''
-          Manual Server certificate material (`server.crt`, `server.key`,
-          `server-ca.crt`, `state/`). Created on first start when absent
-          (see `createMaterial`). To bring your own material without the Nix
-          store, pass the files as `credentials` named `server.crt`,
-          `server.key` and `server-ca.crt` and set this to
-          `config.services.runewarp.server.credentialsDirectory`.
-        '';
-      };
-      acme = mkOption {
-        type = types.nullOr acmeType;
-        default = null;
-        description = "Obtain the Server certificate via ACME (TLS-ALPN-01 on the public listener) instead of `cert-dir`.";
-      };
-      tunnels = mkOption {
-        type = types.listOf tunnelType;
-        default = [ ];
-        description = "The Tunnels: explicit Public hostnames and the pinned Client identities allowed to serve them.";
-      };
+  serverSection = rw.tomlTable settingsFormat.type {
+    hostname = mkOption {
+      type = types.str;
+      example = "tunnel.example.com";
+      description = "The Server hostname: the DNS name Clients dial and the Server certificate names.";
+    };
+    public-bind-address = mkOption {
+      type = types.str;
+      default = "0.0.0.0:443";
+      description = "TCP listener for Visitor TLS (literal `ip:port`).";
+    };
+    tunnel-bind-address = mkOption {
+      type = types.str;
+      default = "0.0.0.0:443";
+      description = "UDP listener for QUIC Tunnel connections (literal `ip:port`).";
+    };
+    readiness-bind-address = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "127.0.0.1:8081";
+      description = "Optional TCP listener whose accept means ready (never opened in the firewall).";
+    };
+    metrics-bind-address = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "127.0.0.1:9100";
+      description = ''
+        Optional Prometheus listener (`GET /metrics`, literal `ip:port`),
+        off by default. It has no authentication and is never opened in the
+        firewall: scrape it locally, or open the port yourself for a
+        trusted scraper.
+      '';
+    };
+    control-socket = mkOption {
+      type = types.str;
+      default = "/run/${unit}/control.sock";
+      description = ''
+        Unix socket (mode 0600) that `runewarp server status --socket PATH`
+        reads; run the command as root.
+      '';
+    };
+    graceful-shutdown-duration = mkOption {
+      type = types.str;
+      default = "60s";
+      description = "Grace period on shutdown (`ms|s|m|h`); also sizes the unit's TimeoutStopSec.";
+    };
+    cert-dir = mkOption {
+      type = types.nullOr types.str;
+      default = if s.acme == null then "${stateDir}/certs" else null;
+      defaultText = literalExpression ''if acme == null then "${stateDir}/certs" else null'';
+      description = ''
+        Manual Server certificate material (`server.crt`, `server.key`,
+        `server-ca.crt`, `state/`). Created on first start when absent
+        (see `createMaterial`). To bring your own material without the Nix
+        store, pass the files as `credentials` named `server.crt`,
+        `server.key` and `server-ca.crt` and set this to
+        `config.services.runewarp.server.credentialsDirectory`.
+      '';
+    };
+    acme = mkOption {
+      type = types.nullOr acmeType;
+      default = null;
+      description = "Obtain the Server certificate via ACME (TLS-ALPN-01 on the public listener) instead of `cert-dir`.";
+    };
+    tunnels = mkOption {
+      type = types.listOf tunnelType;
+      default = [ ];
+      description = "The Tunnels: explicit Public hostnames and the pinned Client identities allowed to serve them.";
     };
   };
 in
@@ -193,16 +186,9 @@ in
   imports = [ ./common.nix ];
 
   options.services.runewarp.server = rw.roleOptions {
-    inherit
-      pkgs
-      cfg
-      unit
-      credentialsDirectory
-      ;
+    inherit config pkgs cfg;
     role = "server";
-    packageDefault = config.services.runewarp.package;
-    packageDescription = "The Runewarp package for the Server.";
-    freeformType = settingsFormat.type;
+    packageFor = "the Server";
     sectionType = serverSection;
     settingsDescription = ''
       The Server configuration, mirroring the config file (see
@@ -246,11 +232,7 @@ in
       '';
     };
 
-    openFirewall = mkOption {
-      type = types.bool;
-      default = false;
-      description = "Open the TCP port of `public-bind-address`, the UDP port of `tunnel-bind-address` and, with `[server.relay]`, the relay's UDP `listen` port.";
-    };
+    openFirewall = rw.openFirewallOption "Open the TCP port of `public-bind-address`, the UDP port of `tunnel-bind-address` and, with `[server.relay]`, the relay's UDP `listen` port.";
   };
 
   config = mkIf cfg.enable {
@@ -284,11 +266,9 @@ in
       inherit
         pkgs
         utils
-        unit
+        cfg
         prepare
-        configPath
         ;
-      inherit (cfg) package extraArgs credentials;
       role = "server";
       description = "Runewarp Server (public ingress edge)";
       lowPorts = needsLowPort;
