@@ -6,6 +6,7 @@
 # Service has Runegate in front (SMTP password through LoadCredential).
 { config, ... }:
 let
+  fixtures = import ./fixtures.nix;
   home = config.services.runewarp.clients.home;
   shop = config.services.runewarp.clients.shop;
 in
@@ -19,10 +20,7 @@ in
         server-ca-file = "${home.credentialsDirectory}/server-ca.crt";
         services = [
           {
-            public-hostnames = [
-              "app.example.com"
-              "www.example.com"
-            ];
+            public-hostnames = fixtures.appHostnames;
             backend-address = "127.0.0.1:8443";
           }
         ];
@@ -41,16 +39,8 @@ in
           server-trust = "ca-file";
           server-ca-file = "${shop.credentialsDirectory}/server-ca.crt";
           readiness-bind-address = "127.0.0.1:8082";
-          smtp = {
-            host = "smtp.example.com";
-            username = "signin@example.com";
-            from = "Sign-in <signin@example.com>";
-          };
-          acme = {
-            email = "ops@example.com";
-            directory-url = "https://acme.internal.example:14000/dir";
-            directory-ca-file = "${shop.credentialsDirectory}/acme-ca.crt";
-          };
+          smtp = fixtures.smtp;
+          acme = fixtures.acme shop.credentialsDirectory;
           services = [
             {
               public-hostnames = [ "shop.example.com" ];

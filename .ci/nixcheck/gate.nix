@@ -1,5 +1,8 @@
 # `nixcheck check --flake .#gate` config (run by .ci/test): the standalone
 # gate behind a local TLS proxy, its SMTP password through LoadCredential.
+let
+  fixtures = import ./fixtures.nix;
+in
 {
   services.runewarp.gate = {
     enable = true;
@@ -10,11 +13,7 @@
       allowed-emails = [ "alice@example.com" ];
       allowed-domains = [ "team.example.com" ];
       session-idle = "30m";
-      smtp = {
-        host = "smtp.example.com";
-        username = "signin@example.com";
-        from = "Sign-in <signin@example.com>";
-      };
+      smtp = fixtures.smtp;
     };
   };
 }

@@ -4,6 +4,7 @@
 # credential, a readiness listener, ports 443.
 { config, ... }:
 let
+  fixtures = import ./fixtures.nix;
   creds = config.services.runewarp.server.credentialsDirectory;
 in
 {
@@ -17,18 +18,11 @@ in
         hostname = "tunnel.example.com";
         readiness-bind-address = "127.0.0.1:8081";
         graceful-shutdown-duration = "10s";
-        acme = {
-          email = "ops@example.com";
-          directory-url = "https://acme.internal.example:14000/dir";
-          directory-ca-file = "${creds}/acme-ca.crt";
-        };
+        acme = fixtures.acme creds;
         tunnels = [
           {
-            public-hostnames = [
-              "app.example.com"
-              "www.example.com"
-            ];
-            client-identity = "6617b06d7075cd58f366bae3b69ba9e2e4ebc7e4b7f4561fd8f0a8c45701ed83";
+            public-hostnames = fixtures.appHostnames;
+            client-identity = fixtures.pin;
           }
           {
             public-hostnames = [ "shop.example.com" ];

@@ -29,6 +29,24 @@ let
     XDG_STATE_HOME = "/var/lib/${cfg.unit}";
   };
 
+  # A one-shot step of the boot (configuration, banner) that stays active
+  # once done and sees the role's defaults; `unit` adds its description,
+  # ordering and work.
+  bootStep =
+    description: unit:
+    lib.mkMerge [
+      {
+        inherit description;
+        wantedBy = [ "multi-user.target" ];
+        environment = roleEnvironment;
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+        };
+      }
+      unit
+    ];
+
   stateLabel = "RUNEWARP-STATE";
 
   # Whether state lives in RAM (the live ISO's root is a tmpfs) with no
@@ -191,36 +209,26 @@ in
     # The built-in configuration: the role's `settings`, checked at build time.
     environment.etc."runewarp/config.toml".source = cfg.builtinConfig;
 
-    systemd.services.runewarp-config = {
-      description = "Select and validate the Runewarp appliance configuration";
-      wantedBy = [ "multi-user.target" ];
+    systemd.services.runewarp-config = bootStep "Select and validate the Runewarp appliance configuration" {
       before = [
         "${cfg.unit}.service"
         "runewarp-banner.service"
       ];
       requiredBy = [ "${cfg.unit}.service" ];
       after = [ "local-fs.target" ];
-      environment = roleEnvironment;
-      serviceConfig = {
-        Type = "oneshot";
-        RemainAfterExit = true;
-        ExecStart = lib.getExe selectConfig;
-      };
+      serviceConfig.ExecStart = lib.getExe selectConfig;
     };
 
     systemd.services.${cfg.unit}.restartTriggers = [ config.environment.etc."runewarp/config.toml".source ];
 
     # The banner: agetty prints /etc/issue, then /etc/issue.d/*.issue.
     environment.etc."issue.d/runewarp.issue".source = "/run/runewarp/issue";
-    systemd.services.runewarp-banner = {
-      description = "Show Runewarp identity material on the console login banner";
-      wantedBy = [ "multi-user.target" ];
+    systemd.services.runewarp-banner = bootStep "Show Runewarp identity material on the console login banner" {
       after = [
         "runewarp-config.service"
         "${cfg.unit}.service"
       ];
       wants = [ "${cfg.unit}.service" ];
-      environment = roleEnvironment;
       path = [
         package
         pkgs.coreutils
@@ -228,11 +236,7 @@ in
         pkgs.openssl
         pkgs.util-linux
       ];
-      serviceConfig = {
-        Type = "oneshot";
-        RemainAfterExit = true;
-        StandardOutput = "journal+console";
-      };
+      serviceConfig.StandardOutput = "journal+console";
       script = ''
         install -d -m 0755 /run/runewarp
         if [ -f /run/runewarp/issue ] && grep -q INVALID /run/runewarp/issue; then
