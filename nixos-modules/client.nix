@@ -29,19 +29,13 @@ let
   # CA) for hostnames that have none when `public-cert-dir` is in use.
   prepareFor =
     name: c:
-    pkgs.writeShellApplication {
-      name = "runewarp-client-${name}-prepare";
-      runtimeInputs = [
-        c.package
-        pkgs.coreutils
-        pkgs.gnused
-        pkgs.gawk
-      ];
+    rw.prepareScript {
+      inherit pkgs;
+      inherit (c) package;
+      unit = "runewarp-client-${name}";
+      role = "client";
+      runtimeInputs = [ pkgs.gawk ];
       text = ''
-        config="$1"
-        if ! effective="$(runewarp config check --role client -c "$config")"; then
-          ${rw.invalidConfigDefer "runewarp-client-${name}"}
-        fi
         value() { printf '%s\n' "$effective" | sed -n "s/^$1 = \"\(.*\)\"$/\1/p"; }
 
         identity_dir="$(value identity-dir)"

@@ -384,6 +384,37 @@ rec {
     exit 0
   '';
 
+  # A role's prepare step (roleUnit's `prepare`): checks the configuration
+  # file it is given with `runewarp config check --role <role>` (deferring
+  # when it is invalid, see invalidConfigDefer), then runs `text` with the
+  # effective configuration in `$effective`. `runtimeInputs` come after the
+  # package, coreutils and sed.
+  prepareScript =
+    {
+      pkgs,
+      unit,
+      role,
+      package,
+      runtimeInputs,
+      text,
+    }:
+    pkgs.writeShellApplication {
+      name = "${unit}-prepare";
+      runtimeInputs = [
+        package
+        pkgs.coreutils
+        pkgs.gnused
+      ]
+      ++ runtimeInputs;
+      text = ''
+        config="$1"
+        if ! effective="$(runewarp config check --role ${role} -c "$config")"; then
+          ${invalidConfigDefer unit}
+        fi
+      ''
+      + text;
+    };
+
   # Assertions that the material paths a module writes are absolute (a
   # relative path would resolve against the config file's directory, which is
   # in the read-only Nix store).

@@ -49,19 +49,12 @@ let
   # use (it may be a runtime file, see `configFile`), creates the private
   # Server CA and certificate when manual material is chosen and absent, and
   # prints the Server CA fingerprint to the journal.
-  prepare = pkgs.writeShellApplication {
-    name = "${unit}-prepare";
-    runtimeInputs = [
-      cfg.package
-      pkgs.coreutils
-      pkgs.gnused
-      pkgs.openssl
-    ];
+  prepare = rw.prepareScript {
+    inherit pkgs unit;
+    inherit (cfg) package;
+    role = "server";
+    runtimeInputs = [ pkgs.openssl ];
     text = ''
-      config="$1"
-      if ! effective="$(runewarp config check --role server -c "$config")"; then
-        ${rw.invalidConfigDefer unit}
-      fi
       cert_dir="$(printf '%s\n' "$effective" | sed -n 's/^cert-dir = "\(.*\)"$/\1/p')"
       if [ -z "$cert_dir" ]; then
         echo "Server certificate: ACME ([server.acme]); obtained by the Server itself"
