@@ -98,9 +98,7 @@ let
       terminates = lib.any (svc: svc.tls-mode == "terminate") c.services;
 
       serviceType = rw.tomlTable settingsFormat.type {
-        public-hostnames = mkOption {
-          type = types.nullOr (types.nonEmptyListOf types.str);
-          default = null;
+        public-hostnames = rw.nullableOption (types.nonEmptyListOf types.str) {
           description = "Public hostnames this Service answers; null only for a sole catch-all Service.";
         };
         backend-address = mkOption {
@@ -116,14 +114,10 @@ let
           default = "passthrough";
           description = "`passthrough`: the backend terminates TLS. `terminate`: the Client does and sends plaintext.";
         };
-        proxy-protocol = mkOption {
-          type = types.nullOr (types.enum [ "v2" ]);
-          default = null;
+        proxy-protocol = rw.nullableOption (types.enum [ "v2" ]) {
           description = "Send a PROXY protocol v2 header to the backend.";
         };
-        gate = mkOption {
-          type = types.nullOr gateType;
-          default = null;
+        gate = rw.nullableOption gateType {
           example = literalExpression ''{ allowed-domains = [ "example.com" ]; }'';
           description = ''
             Runegate in front of this Service (`[client.services.gate]`):
@@ -163,9 +157,7 @@ let
           default = "system";
           description = "Validate the Server certificate with the system roots or only with `server-ca-file`.";
         };
-        server-ca-file = mkOption {
-          type = types.nullOr types.str;
-          default = null;
+        server-ca-file = rw.nullableOption types.str {
           example = "/run/credentials/runewarp-client-home.service/server-ca.crt";
           description = "CA bundle for `server-trust = \"ca-file\"` (a private Server CA can come in via `credentials`).";
         };
@@ -180,14 +172,10 @@ let
           defaultText = literalExpression ''if some Service terminates and acme == null then "${stateDir}/public-certs" else null'';
           description = "Terminate-mode certificates (manual path); missing hostnames get a leaf from a private Public hostname CA on start.";
         };
-        acme = mkOption {
-          type = types.nullOr acmeType;
-          default = null;
+        acme = rw.nullableOption acmeType {
           description = "Obtain terminate-mode certificates via ACME (TLS-ALPN-01 through the Tunnel).";
         };
-        metrics-bind-address = mkOption {
-          type = types.nullOr types.str;
-          default = null;
+        metrics-bind-address = rw.nullableOption types.str {
           example = "127.0.0.1:9101";
           description = ''
             Optional Prometheus listener (`GET /metrics`, literal `ip:port`,
@@ -200,9 +188,7 @@ let
           default = "/run/${unit}/control.sock";
           description = "Unix socket (mode 0600) that `runewarp client status --socket PATH` reads; run the command as root.";
         };
-        readiness-bind-address = mkOption {
-          type = types.nullOr types.str;
-          default = null;
+        readiness-bind-address = rw.nullableOption types.str {
           example = "127.0.0.1:8082";
           description = ''
             Optional TCP listener (literal `ip:port`, port 1024 or above: the
@@ -215,9 +201,7 @@ let
           type = types.nonEmptyListOf serviceType;
           description = "The Services: which Local backend serves which Public hostnames.";
         };
-        smtp = mkOption {
-          type = types.nullOr smtpType;
-          default = null;
+        smtp = rw.nullableOption smtpType {
           description = "`[client.smtp]`: the mail relay for the gates of terminate Services (required exactly when a Service has a `gate`).";
         };
       };

@@ -77,9 +77,7 @@ in
     // {
       enable = lib.mkEnableOption "the Runewarp mesh control server (runewarp control)";
 
-      databaseUrlFile = mkOption {
-        type = types.nullOr rw.credentialPath;
-        default = null;
+      databaseUrlFile = rw.nullableOption rw.credentialPath {
         example = "/run/secrets/runewarp-db-url";
         description = ''
           The PostgreSQL connection string (a file outside the Nix store,

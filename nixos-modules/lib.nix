@@ -70,6 +70,21 @@ rec {
       inherit freeformType options;
     };
 
+  # An option that is unset (null) by default, null meaning "not set": a
+  # null setting is left out of the generated TOML file (see `clean`), so
+  # the program's own default applies, and a null module option adds
+  # nothing of its own (no flag, no credential, no runtime file). Set, it
+  # takes a value of `type`; `attrs` is the rest of the declaration.
+  nullableOption =
+    type: attrs:
+    lib.mkOption (
+      {
+        type = lib.types.nullOr type;
+        default = null;
+      }
+      // attrs
+    );
+
   # `openFirewall`: off by default; `description` names the ports it opens.
   openFirewallOption =
     description:
@@ -290,9 +305,7 @@ rec {
           description = settingsDescription;
         }
         // lib.optionalAttrs (settingsExample != null) { example = settingsExample; };
-      configFile = lib.mkOption {
-        type = lib.types.nullOr lib.types.str;
-        default = null;
+      configFile = nullableOption lib.types.str {
         example = "/run/runewarp/config.toml";
         description = ''
           Use this file at run time instead of the file generated from
@@ -431,9 +444,7 @@ rec {
   acmeType =
     { freeformType, stateDir }:
     tomlTable freeformType {
-      email = lib.mkOption {
-        type = lib.types.nullOr lib.types.str;
-        default = null;
+      email = nullableOption lib.types.str {
         description = "ACME account contact address.";
       };
       state-dir = lib.mkOption {
@@ -441,15 +452,11 @@ rec {
         default = "${stateDir}/acme";
         description = "ACME account and certificate cache (kept under the unit's StateDirectory).";
       };
-      directory-url = lib.mkOption {
-        type = lib.types.nullOr lib.types.str;
-        default = null;
+      directory-url = nullableOption lib.types.str {
         example = "https://acme-staging-v02.api.letsencrypt.org/directory";
         description = "ACME directory; Let's Encrypt production when null.";
       };
-      directory-ca-file = lib.mkOption {
-        type = lib.types.nullOr lib.types.str;
-        default = null;
+      directory-ca-file = nullableOption lib.types.str {
         description = "Extra trust root for the ACME directory's HTTPS (private ACME CAs, Pebble).";
       };
     };
@@ -497,9 +504,7 @@ rec {
         example = "smtp.example.com";
         description = "The mail server (DNS name or IP literal).";
       };
-      port = lib.mkOption {
-        type = lib.types.nullOr lib.types.str;
-        default = null;
+      port = nullableOption lib.types.str {
         example = "587";
         description = "Port, as a string; by default 587, 465 or 25 after `tls`.";
       };
@@ -512,9 +517,7 @@ rec {
         default = "starttls";
         description = "`starttls` (required), `implicit` (SMTPS), or `none` (only for a loopback host).";
       };
-      username = lib.mkOption {
-        type = lib.types.nullOr lib.types.str;
-        default = null;
+      username = nullableOption lib.types.str {
         description = "SMTP user; needs `password-file`.";
       };
       password-file = lib.mkOption {

@@ -33,9 +33,7 @@ in
       description = "The control server (an `https://host[:port]` origin).";
     };
 
-    setupKeyFile = mkOption {
-      type = types.nullOr rw.credentialPath;
-      default = null;
+    setupKeyFile = rw.nullableOption rw.credentialPath {
       example = "/run/secrets/runewarp-setup-key";
       description = ''
         The setup key for the first enrolment (a file outside the Nix store),
@@ -45,16 +43,12 @@ in
       '';
     };
 
-    caFile = mkOption {
-      type = types.nullOr types.str;
-      default = null;
+    caFile = rw.nullableOption types.str {
       example = "/etc/runewarp/control-ca.crt";
       description = "The CA certificate the control server's certificate chains to (its `tls/server-ca.crt`); the system roots when null.";
     };
 
-    hostname = mkOption {
-      type = types.nullOr types.str;
-      default = null;
+    hostname = rw.nullableOption types.str {
       description = "This device's name in the network; the host name when null.";
     };
 

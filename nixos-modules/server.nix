@@ -87,14 +87,10 @@ let
       example = [ "app.example.com" ];
       description = "Public hostnames the Server routes into this Tunnel (exact DNS names).";
     };
-    client-identity = mkOption {
-      type = types.nullOr (types.strMatching "[0-9a-f]{64}");
-      default = null;
+    client-identity = rw.nullableOption (types.strMatching "[0-9a-f]{64}") {
       description = "The pinned Client identity (64 lowercase hex), as printed by `runewarp client identity show`.";
     };
-    client-identities = mkOption {
-      type = types.nullOr (types.listOf (types.strMatching "[0-9a-f]{64}"));
-      default = null;
+    client-identities = rw.nullableOption (types.listOf (types.strMatching "[0-9a-f]{64}")) {
       description = "Several pinned Client identities (instead of `client-identity`).";
     };
   };
@@ -120,15 +116,11 @@ let
       default = "0.0.0.0:443";
       description = "UDP listener for QUIC Tunnel connections (literal `ip:port`).";
     };
-    readiness-bind-address = mkOption {
-      type = types.nullOr types.str;
-      default = null;
+    readiness-bind-address = rw.nullableOption types.str {
       example = "127.0.0.1:8081";
       description = "Optional TCP listener whose accept means ready (never opened in the firewall).";
     };
-    metrics-bind-address = mkOption {
-      type = types.nullOr types.str;
-      default = null;
+    metrics-bind-address = rw.nullableOption types.str {
       example = "127.0.0.1:9100";
       description = ''
         Optional Prometheus listener (`GET /metrics`, literal `ip:port`),
@@ -163,9 +155,7 @@ let
         `config.services.runewarp.server.credentialsDirectory`.
       '';
     };
-    acme = mkOption {
-      type = types.nullOr acmeType;
-      default = null;
+    acme = rw.nullableOption acmeType {
       description = "Obtain the Server certificate via ACME (TLS-ALPN-01 on the public listener) instead of `cert-dir`.";
     };
     tunnels = mkOption {
