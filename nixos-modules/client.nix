@@ -319,7 +319,7 @@ in
           {
             assertion =
               let
-                port = if s.readiness-bind-address == null then null else rw.portOf s.readiness-bind-address;
+                port = rw.portOf s.readiness-bind-address;
               in
               port == null || port >= 1024;
             message = "services.runewarp.clients.${name}.settings.client.readiness-bind-address: the port must be 1024 or above (Client units have no capabilities).";
@@ -327,7 +327,7 @@ in
           {
             assertion =
               let
-                port = if s.metrics-bind-address == null then null else rw.portOf s.metrics-bind-address;
+                port = rw.portOf s.metrics-bind-address;
               in
               port == null || port >= 1024;
             message = "services.runewarp.clients.${name}.settings.client.metrics-bind-address: the port must be 1024 or above (Client units have no capabilities).";

@@ -15,13 +15,14 @@ rec {
 
   # The port of a literal socket address: "0.0.0.0:443", "[::]:443".
   # Returns null when the text has no numeric port; the build-time
-  # `runewarp config check` reports the malformed address precisely.
+  # `runewarp config check` reports the malformed address precisely. An
+  # optional address left unset (null) has no port either.
   portOf =
     address:
     let
       tail = lib.last (lib.splitString ":" address);
     in
-    if builtins.match "[0-9]+" tail != null then lib.toInt tail else null;
+    if address != null && builtins.match "[0-9]+" tail != null then lib.toInt tail else null;
 
   # A Runewarp duration ("60s", "500ms", "2m", "1h") in whole seconds,
   # rounded up; null when it does not parse (again, config check explains).

@@ -27,12 +27,10 @@ let
 
   s = cfg.settings.server;
 
-  configPath = rw.configPathOf cfg;
-
   publicPort = rw.portOf s.public-bind-address;
   tunnelPort = rw.portOf s.tunnel-bind-address;
-  readinessPort = if s.readiness-bind-address == null then null else rw.portOf s.readiness-bind-address;
-  metricsPort = if s.metrics-bind-address == null then null else rw.portOf s.metrics-bind-address;
+  readinessPort = rw.portOf s.readiness-bind-address;
+  metricsPort = rw.portOf s.metrics-bind-address;
   # `[server.relay]` (freeform): the mesh relay's UDP port, default 3478.
   relayPort = if s ? relay then rw.portOf (s.relay.listen or "0.0.0.0:3478") else null;
   boundPorts = lib.filter (p: p != null) [
