@@ -194,10 +194,11 @@ rec {
   # `runewarp <role> --config <configPath>` with the hardening, the restart
   # policy, the notify start, the prepare step, reload by SIGHUP, and a
   # private state and runtime (control socket) directory named after the
-  # unit (`runewarp-<role>` unless given). The paths a runtime configFile omits default under the state
-  # directory. `lowPorts`: the role binds a port below 1024, so the unit
-  # gets exactly that capability and no user namespace; otherwise none at
-  # all. `serviceConfig` adds the role's own settings (the stop timeout).
+  # unit (`runewarp-<role>` unless given). The paths a runtime configFile
+  # omits default under the state directory. `lowPorts`: the role binds a
+  # port below 1024, so the unit gets exactly that capability and no user
+  # namespace; otherwise none at all. `serviceConfig` adds the role's own
+  # settings (the stop timeout).
   # `cfg` is the instance's options (`roleOptions`): its package, extra
   # arguments, credentials and configuration file, unless given here.
   roleUnit =
