@@ -51,15 +51,7 @@ fn setup_key(home: &Home, args: &[&str]) -> String {
 
 fn node_cmd(home: &Home, name: &str, port: u16, key: &str) -> Command {
     let mut c = home.cmd();
-    c.args(["node", "up", "--control"])
-        .arg(format!("https://localhost:{port}"))
-        .args([
-            "--setup-key",
-            key,
-            "--ca-file",
-            "control-state/tls/server-ca.crt",
-        ])
-        .args(["--hostname", name, "--state-dir", name]);
+    common::mesh::node_up(&mut c, &format!("localhost:{port}"), name, key);
     c
 }
 
@@ -99,11 +91,7 @@ fn set_db_policy(home: &Home) {
 
 /// The id of device `name` in `devices list` output.
 fn device_id(list: &str, name: &str) -> String {
-    list.lines()
-        .find(|l| l.split('\t').nth(2) == Some(name))
-        .and_then(|l| l.split('\t').next())
-        .unwrap_or_else(|| panic!("{name} in {list}"))
-        .to_string()
+    common::mesh::listed_id(list, 2, name)
 }
 
 fn start_control(home: &Home) -> Running {

@@ -13,22 +13,19 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::mesh::{
-    Servers, admin, mesh_v4, node, opted_in_network, runewarp, setup_key, transfer,
+    admin, listed_id, mesh_v4, node, node_status, runewarp, setup_key, transfer, world,
 };
-use common::proc::{BIN, Home, Running, wait_until};
+use common::proc::{BIN, Running, wait_until};
+
+/// What the namespace test needs.
+const NEEDS: &str = "root, network namespaces, /dev/net/tun, iproute2 and ping";
 
 #[test]
 fn nodes_ping_each_other_over_wireguard_and_the_filter_and_revocation_apply() {
-    let Some((mut net, srv)) = opted_in_network(
-        "mesh",
-        "root, network namespaces, /dev/net/tun, iproute2 and ping",
-        "rwm",
-    ) else {
+    let Some((mut net, srv, home, servers)) = world(NEEDS, false) else {
         return;
     };
     let (ha, hb, hc) = (net.host("a"), net.host("b"), net.host("c"));
-    let home = Home::new();
-    let servers = Servers::start(&net, &home, &srv, false);
     let key = setup_key(&home, &["--user", "alice@mesh.test"]);
     let node = |ns: &common::netns::Ns, name: &str| node(&net, &home, ns, name, &key, &[]);
     let (a_ep, b_ep, c_ep) = (
@@ -86,11 +83,7 @@ fn nodes_ping_each_other_over_wireguard_and_the_filter_and_revocation_apply() {
             && s["peers"][0]["last_handshake_s"].is_u64()
             && s["peers"][0]["rx_bytes"].as_u64().unwrap_or(0) > 0
     });
-    let status = runewarp(&net, &home, &ha)
-        .args(["node", "status", "--state-dir", "a"])
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let status = node_status(&net, &home, &ha, "a");
     assert!(status.contains(&format!("direct {b_ep}")), "{status}");
     let mode = {
         use std::os::unix::fs::PermissionsExt;
@@ -189,12 +182,7 @@ fn nodes_ping_each_other_over_wireguard_and_the_filter_and_revocation_apply() {
 
     // Revocation: a drops b at once; b's agent stops.
     let list = admin(&home, &["devices", "list"]);
-    let b_id = list
-        .lines()
-        .find(|l| l.split('\t').nth(2) == Some("b"))
-        .and_then(|l| l.split('\t').next())
-        .unwrap()
-        .to_string();
+    let b_id = listed_id(&list, 2, "b");
     let revoked = Instant::now();
     admin(&home, &["devices", "revoke", &b_id]);
     a.wait_line(

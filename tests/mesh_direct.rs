@@ -28,11 +28,9 @@ mod common;
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
-use common::mesh::{
-    Servers, mesh_v4, node, opted_in_network, path, runewarp, setup_key, transfer, transfer_during,
-};
+use common::mesh::{mesh_v4, node, node_status, path, setup_key, transfer, transfer_during, world};
 use common::netns::Mapping;
-use common::proc::{Home, Running, wait_until};
+use common::proc::{Running, wait_until};
 
 /// Seconds into the day of a log line's timestamp (`...T20:11:20.59Z`).
 fn at(line: &str) -> f64 {
@@ -42,19 +40,16 @@ fn at(line: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// What the namespace test needs.
+const NEEDS: &str = "root, network namespaces, /dev/net/tun, nft, conntrack and ping";
+
 #[test]
 fn nodes_behind_two_nats_find_a_direct_path_and_keep_it_when_a_mapping_changes() {
-    let Some((mut net, srv)) = opted_in_network(
-        "mesh_direct",
-        "root, network namespaces, /dev/net/tun, nft, conntrack and ping",
-        "rwd",
-    ) else {
+    let Some((mut net, srv, home, servers)) = world(NEEDS, false) else {
         return;
     };
-    let mut nat1 = net.nat("nat1", Mapping::PortPreserving);
-    let mut nat2 = net.nat("nat2", Mapping::PortPreserving);
-    let ha = net.behind(&mut nat1, "a");
-    let hb = net.behind(&mut nat2, "b");
+    let (nat1, ha) = net.nat_with_device("nat1", Mapping::PortPreserving, "a");
+    let (nat2, hb) = net.nat_with_device("nat2", Mapping::PortPreserving, "b");
     // nat1's second public address, for the failover.
     const SECOND: &str = "198.18.0.200";
     let (pub1, pub2) = (
@@ -62,8 +57,6 @@ fn nodes_behind_two_nats_find_a_direct_path_and_keep_it_when_a_mapping_changes()
         format!("{}:41641", nat2.ns.addr),
     );
     let second = format!("{SECOND}:41641");
-    let home = Home::new();
-    let servers = Servers::start(&net, &home, &srv, false);
     let key = setup_key(&home, &["--user", "alice@mesh.test"]);
 
     let started = Instant::now();
@@ -110,11 +103,7 @@ fn nodes_behind_two_nats_find_a_direct_path_and_keep_it_when_a_mapping_changes()
         net.ping(&ha.name, &b4, 2)
     });
     assert!(net.ping(&hb.name, &a4, 2), "b pings a");
-    let status = runewarp(&net, &home, &ha)
-        .args(["node", "status", "--state-dir", "a"])
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let status = node_status(&net, &home, &ha, "a");
     assert!(status.contains(&format!("direct {pub2}\trtt ")), "{status}");
     assert!(
         common::mesh::peer(&home, "a", "b")["rtt_ms"].is_u64(),

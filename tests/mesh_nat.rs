@@ -21,34 +21,25 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::mesh::{
-    RELAY_PORT, Servers, cpu_seconds, mesh_v4, node, opted_in_network, path, setup_key, transfer,
-};
+use common::mesh::{RELAY_PORT, cpu_seconds, mesh_v4, node, path, setup_key, transfer, world};
 use common::netns::Mapping;
-use common::proc::{Home, Running, wait_until};
+use common::proc::{Running, wait_until};
 
 /// MiB moved per transfer.
 const MIB: usize = 100;
+/// What the namespace test needs.
+const NEEDS: &str = "root, network namespaces, /dev/net/tun, iproute2, nftables and ping";
 
 #[test]
 fn direct_paths_form_behind_port_preserving_nats_and_symmetric_nat_uses_the_relay() {
-    let Some((mut net, srv)) = opted_in_network(
-        "mesh_nat",
-        "root, network namespaces, /dev/net/tun, iproute2, nftables and ping",
-        "rwn",
-    ) else {
+    let Some((mut net, srv, home, servers)) = world(NEEDS, true) else {
         return;
     };
-    let mut nat_a = net.nat("nata", Mapping::PortPreserving);
-    let mut nat_b = net.nat("natb", Mapping::PortPreserving);
-    let mut nat_c = net.nat("natc", Mapping::Random);
-    let a1 = net.behind(&mut nat_a, "a1");
+    let (mut nat_a, a1) = net.nat_with_device("nata", Mapping::PortPreserving, "a1");
     let a2 = net.behind(&mut nat_a, "a2");
-    let b = net.behind(&mut nat_b, "b");
-    let c = net.behind(&mut nat_c, "c");
+    let (nat_b, b) = net.nat_with_device("natb", Mapping::PortPreserving, "b");
+    let (nat_c, c) = net.nat_with_device("natc", Mapping::Random, "c");
 
-    let home = Home::new();
-    let servers = Servers::start(&net, &home, &srv, true);
     let key = setup_key(&home, &["--user", "alice@nat.test"]);
     let started = Instant::now();
     // Two devices behind one NAT use different ports: a NAT that keeps

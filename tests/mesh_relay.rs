@@ -20,11 +20,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::mesh::{
-    CONTROL_NAME, CONTROL_PORT, RELAY_PORT, SERVER_PORT, Servers, admin, mesh_v4, node,
-    opted_in_network, path, peer, runewarp, setup_key, transfer,
+    CONTROL_NAME, CONTROL_PORT, RELAY_PORT, SERVER_PORT, admin, mesh_v4, node, node_status, path,
+    peer, runewarp, setup_key, transfer, world,
 };
 use common::netns::{Mapping, Topology};
-use common::proc::{Home, Running, netmap, wait_until};
+use common::proc::{Running, netmap, wait_until};
+
+/// What the namespace test needs.
+const NEEDS: &str = "root, network namespaces, /dev/net/tun, iproute2, nftables, ping and python3";
 
 /// `ping -p`: the payload the capture must never see in clear
 /// ("relay-plain-text").
@@ -99,20 +102,12 @@ fn finish(child: Child) -> String {
 fn nodes_behind_random_port_nat_talk_through_the_relay_which_sees_only_ciphertext() {
     // srv: the public namespace (control, relay); nat1 and nat2 map every
     // flow to a random port; h1 and h2 behind them; h3 on the bridge.
-    let Some((mut net, srv)) = opted_in_network(
-        "mesh_relay",
-        "root, network namespaces, /dev/net/tun, iproute2, nftables, ping and python3",
-        "rwr",
-    ) else {
+    let Some((mut net, srv, home, mut servers)) = world(NEEDS, true) else {
         return;
     };
-    let mut nat1 = net.nat("nat1", Mapping::Random);
-    let mut nat2 = net.nat("nat2", Mapping::Random);
-    let h1 = net.behind(&mut nat1, "h1");
-    let h2 = net.behind(&mut nat2, "h2");
+    let (nat1, h1) = net.nat_with_device("nat1", Mapping::Random, "h1");
+    let (_, h2) = net.nat_with_device("nat2", Mapping::Random, "h2");
     let h3 = net.host("h3");
-    let home = Home::new();
-    let mut servers = Servers::start(&net, &home, &srv, true);
     let relay_key = admin(&home, &["relay-key"]);
     assert_eq!(admin(&home, &["relay-key"]), relay_key, "the key is kept");
     let relay_addr = format!("{}:{RELAY_PORT}", srv.addr);
@@ -145,11 +140,7 @@ fn nodes_behind_random_port_nat_talk_through_the_relay_which_sees_only_ciphertex
     wait_until("a's status says relay", Duration::from_secs(5), || {
         path(&home, "a", "b") == ("relay".to_string(), relay_addr.clone())
     });
-    let status = runewarp(&net, &home, &h1)
-        .args(["node", "status", "--state-dir", "a"])
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let status = node_status(&net, &home, &h1, "a");
     assert!(status.contains(&format!("relay {relay_addr}")), "{status}");
     // A relayed peer's RTT is the last handshake's round trip, which the
     // side that initiated it measured: a, which pinged first.

@@ -14,13 +14,15 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use common::mesh::{Servers, admin, mesh_v4, node, opted_in_network, setup_key, transfer};
+use common::mesh::{admin, listed_id, mesh_v4, node, setup_key, transfer, world};
 use common::netns::{Mapping, Topology, in_netns};
 use common::proc::{Home, wait_until};
 
 const SUBNET: &str = "10.0.5.0/24";
 const SUBNET6: &str = "fd00:5::/64";
 const HOST6: &str = "fd00:5::10";
+/// What the connector test needs.
+const NEEDS: &str = "root, network namespaces, /dev/net/tun, iproute2, nftables and ping";
 
 /// Whether namespace `ns` has a route for the subnet.
 fn has_route(net: &Topology, ns: &str) -> bool {
@@ -58,11 +60,7 @@ fn echo(ns: &str, addr: SocketAddr) -> std::io::Result<Vec<u8>> {
 
 #[test]
 fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
-    let Some((mut net, srv)) = opted_in_network(
-        "mesh_subnet",
-        "root, network namespaces, /dev/net/tun, iproute2, nftables and ping",
-        "rws",
-    ) else {
+    let Some((mut net, _srv, home, servers)) = world(NEEDS, false) else {
         return;
     };
     let a = net.host("a");
@@ -96,8 +94,6 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
         ],
     );
 
-    let home = Home::new();
-    let servers = Servers::start(&net, &home, &srv, false);
     let alice = setup_key(&home, &["--user", "alice@subnet.test"]);
     let bob = setup_key(&home, &["--user", "bob@subnet.test"]);
     let connector = setup_key(&home, &["--org", "subnet.test", "--tag", "connector"]);
@@ -211,12 +207,7 @@ fn a_host_without_an_agent_answers_allowed_peers_through_the_connector() {
     assert!(status.contains("serving routes: 10.0.5.0/24"), "{status}");
 
     // An admin revokes the route: alice loses it within 2 s.
-    let c_id = list
-        .lines()
-        .find(|l| l.split('\t').nth(1) == Some("c"))
-        .and_then(|l| l.split('\t').next())
-        .unwrap()
-        .to_string();
+    let c_id = listed_id(&list, 1, "c");
     let revoked = Instant::now();
     admin(&home, &["routes", "revoke", "--device", &c_id, SUBNET]);
     let gone = wait_until("a drops the subnet route", Duration::from_secs(2), || {

@@ -14,8 +14,10 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use super::DemoDir;
+use crate::hostname::ServerHostname;
 use crate::run::EXIT_FAILURE;
 use crate::shutdown;
+use crate::tls::material;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -162,10 +164,8 @@ impl Drop for Running {
             let _ = c.wait();
         }
         for n in self.namespaces.iter().rev() {
-            let _ = Command::new("ip")
-                .args(["netns", "del", n])
-                .stderr(Stdio::null())
-                .status();
+            // Best effort: what is already gone is no error here.
+            let _ = sh(&format!("ip netns del {n}"));
             let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(n));
         }
     }
@@ -367,17 +367,11 @@ fn cli(dir: &Path, args: &[&str]) -> Result<String, BoxError> {
 /// the control server's `relay-key`) in namespace `ns` at `ip`.
 async fn relay(dir: &Path, ns: &str, ip: &str, running: &mut Running) -> Result<(), BoxError> {
     let key = admin(dir, &["relay-key"])?.trim().to_string();
-    cli(
-        dir,
-        &[
-            "server",
-            "cert",
-            "init",
-            "--dir",
-            "relay-certs",
-            "--hostname",
-            RELAY_NAME,
-        ],
+    // What `runewarp server cert init --dir relay-certs` does.
+    material::init_server_cert(
+        &dir.join("relay-certs"),
+        &ServerHostname::parse(RELAY_NAME)?,
+        false,
     )?;
     // The tunnel Server's listener (also the relay's TCP fallback) with
     // one Tunnel nobody uses: a Server needs one.

@@ -10,6 +10,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::netns::{Ns, Topology, in_netns};
@@ -42,7 +43,7 @@ pub fn admin(home: &Home, args: &[&str]) -> String {
 
 /// `runewarp` in namespace `ns`, with a clean environment rooted at
 /// `home` (add the subcommand and its arguments).
-pub fn runewarp(net: &Topology, home: &Home, ns: &Ns) -> std::process::Command {
+pub fn runewarp(net: &Topology, home: &Home, ns: &Ns) -> Command {
     let mut c = net.exec(&ns.name);
     c.arg(BIN)
         .env_clear()
@@ -53,11 +54,21 @@ pub fn runewarp(net: &Topology, home: &Home, ns: &Ns) -> std::process::Command {
     c
 }
 
-/// The mesh test named `test`, which needs `needs`, opted in
-/// (`RUNEWARP_TEST_NETNS=1`): its [`public_network`]. Not opted in: the
-/// skip line, and `None`.
-pub fn opted_in_network(test: &str, needs: &str, prefix: &str) -> Option<(Topology, Ns)> {
-    super::opt_in::enabled(super::opt_in::NETNS, test, needs).then(|| public_network(prefix))
+/// This mesh test (named after its test crate, `tests/NAME.rs`), which
+/// needs `needs`, opted in (`RUNEWARP_TEST_NETNS=1`): its
+/// [`public_network`] (namespaces `NAME<pid>-*`), a [`Home`] and the
+/// [`Servers`] (with `relay`, a relay too) started in the public
+/// namespace. Not opted in: the skip line, and `None`. Destructured in
+/// this order, the servers drop before the home and the topology.
+pub fn world(needs: &str, relay: bool) -> Option<(Topology, Ns, Home, Servers)> {
+    let test = env!("CARGO_CRATE_NAME");
+    if !super::opt_in::enabled(super::opt_in::NETNS, test, needs) {
+        return None;
+    }
+    let (net, srv) = public_network(test);
+    let home = Home::new();
+    let servers = Servers::start(&net, &home, &srv, relay);
+    Some((net, srv, home, servers))
 }
 
 /// A new [`Topology`] (namespaces `PREFIX<pid>-*`) whose public namespace
@@ -143,20 +154,47 @@ pub fn node(
     extra: &[&str],
 ) -> Running {
     let mut c = runewarp(net, home, ns);
+    node_up(&mut c, &format!("{CONTROL_NAME}:{CONTROL_PORT}"), name, key).args(["--tun", "rw0"]);
+    if !extra.contains(&"--listen-port") {
+        c.args(["--listen-port", "41641"]);
+    }
+    c.args(extra);
+    Running::spawn_logged(c, &home.path().join(format!("{name}.log")))
+}
+
+/// Append `node up` for `name` (hostname and state dir `name`) with
+/// setup key `key` to `c`, a `runewarp` command run in the home: it
+/// enrols at `https://CONTROL` (`host:port`), trusting the CA in the
+/// control server's `control-state`.
+pub fn node_up<'c>(c: &'c mut Command, control: &str, name: &str, key: &str) -> &'c mut Command {
     c.args(["node", "up", "--control"])
-        .arg(format!("https://{CONTROL_NAME}:{CONTROL_PORT}"))
+        .arg(format!("https://{control}"))
         .args([
             "--setup-key",
             key,
             "--ca-file",
             "control-state/tls/server-ca.crt",
         ])
-        .args(["--hostname", name, "--state-dir", name, "--tun", "rw0"]);
-    if !extra.contains(&"--listen-port") {
-        c.args(["--listen-port", "41641"]);
-    }
-    c.args(extra);
-    Running::spawn_logged(c, &home.path().join(format!("{name}.log")))
+        .args(["--hostname", name, "--state-dir", name])
+}
+
+/// `runewarp node status --state-dir NAME` in namespace `ns`: its stdout.
+pub fn node_status(net: &Topology, home: &Home, ns: &Ns, name: &str) -> String {
+    let out = runewarp(net, home, ns)
+        .args(["node", "status", "--state-dir", name])
+        .output()
+        .expect("node status runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The id (first column) of the row of a tab-separated admin listing
+/// (`devices list`, `routes list`) whose column `column` is `value`.
+pub fn listed_id(list: &str, column: usize, value: &str) -> String {
+    list.lines()
+        .find(|l| l.split('\t').nth(column) == Some(value))
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or_else(|| panic!("{value} in {list}"))
+        .to_string()
 }
 
 fn json(home: &Home, name: &str, file: &str) -> serde_json::Value {

@@ -36,8 +36,7 @@
 //! - [`Topology::exec`], [`Topology::run`], [`in_netns`]: run a command,
 //!   or a closure on a thread, inside a namespace.
 //!
-//! Include with `mod common;` (`common::netns`) or
-//! `#[path = "common/netns.rs"] mod netns;`: it uses only std and libc.
+//! Include with `mod common;` (`common::netns`; it uses `common::run`).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -87,15 +86,7 @@ pub struct Topology {
 
 /// Run `cmd`; panic with its stderr if it fails.
 pub fn must(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    super::run::succeeded(&format!("{cmd:?}"), cmd)
 }
 
 fn ip(args: &[&str]) {
@@ -264,6 +255,14 @@ table ip filter {{
         }
     }
 
+    /// A NAT router `name` ([`Topology::nat`]) with device `device`
+    /// behind it ([`Topology::behind`]).
+    pub fn nat_with_device(&mut self, name: &str, mapping: Mapping, device: &str) -> (Nat, Ns) {
+        let mut nat = self.nat(name, mapping);
+        let ns = self.behind(&mut nat, device);
+        (nat, ns)
+    }
+
     /// A device on `nat`'s LAN (`eth0`, default route via the router).
     pub fn behind(&mut self, nat: &mut Nat, name: &str) -> Ns {
         let ns = self.namespace(name);
@@ -297,28 +296,10 @@ table ip filter {{
         );
     }
 
-    /// Load an nftables script inside namespace `ns`.
+    /// Load an nftables script inside namespace `ns` (one transaction,
+    /// as `nft -f` would).
     pub fn nft(&self, ns: &str, script: &str) {
-        use std::io::Write;
-        let mut child = self
-            .exec(ns)
-            .args(["nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nft runs");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "nft in {ns}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.run(ns, &["nft", script]);
     }
 
     /// `ip netns exec NS …`: add the program and its arguments.
