@@ -173,12 +173,23 @@ pub fn open(
     nonce: &str,
     sealed: &str,
 ) -> Option<Vec<u8>> {
+    let mine = x25519_dalek::PublicKey::from(secret).to_bytes();
+    open_with(&signal_key(secret, theirs), theirs, &mine, nonce, sealed)
+}
+
+/// The AEAD step of [`open`], with the pair's `key` given: the associated
+/// data binds the sender's public key (`theirs`), then the receiver's.
+fn open_with(
+    key: &ring::aead::LessSafeKey,
+    theirs: &[u8; 32],
+    mine: &[u8; 32],
+    nonce: &str,
+    sealed: &str,
+) -> Option<Vec<u8>> {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     let nonce: [u8; 12] = b64.decode(nonce).ok()?.try_into().ok()?;
     let mut data = b64.decode(sealed).ok()?;
-    let mine = x25519_dalek::PublicKey::from(secret).to_bytes();
-    let key = signal_key(secret, theirs);
     let aad = [theirs.as_slice(), mine.as_slice()].concat();
     let plain = key
         .open_in_place(
@@ -399,20 +410,9 @@ mod tests {
                 .expand(&info, &ring::aead::CHACHA20_POLY1305)
                 .unwrap(),
         ));
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD;
         let (nonce, sealed) = seal(&a, &pb, b"hello");
-        let nonce: [u8; 12] = b64.decode(nonce).unwrap().try_into().unwrap();
-        let mut data = b64.decode(sealed).unwrap();
-        let aad = [pa.as_slice(), pb.as_slice()].concat();
-        let plain = old
-            .open_in_place(
-                ring::aead::Nonce::assume_unique_for_key(nonce),
-                ring::aead::Aad::from(aad),
-                &mut data,
-            )
-            .unwrap();
-        assert_eq!(plain, b"hello");
+        let plain = open_with(&old, &pa, &pb, &nonce, &sealed);
+        assert_eq!(plain.as_deref(), Some(&b"hello"[..]));
         assert_ne!(pair_key(&a, &pb, b"one"), pair_key(&a, &pb, b"two"));
         assert_eq!(pair_key(&a, &pb, b"one"), pair_key(&b, &pa, b"one"));
     }

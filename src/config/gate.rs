@@ -110,13 +110,7 @@ pub(crate) fn gate_from_file(file: &LoadedFile, xdg: &Xdg) -> Result<GateConfig,
         ": the public origin Visitors use, such as \"https://app.example.com\" (links in mails point there)",
     )?;
     let base_url = base_url(&at(label, "gate.base-url"), base)?;
-    let trusted_proxies = raw
-        .trusted_proxies
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, t)| ip_net(&at(label, &format!("gate.trusted-proxies[{i}]")), t))
-        .collect::<Result<Vec<_>, _>>()?;
+    let trusted_proxies = each_entry(label, "gate.trusted-proxies", &raw.trusted_proxies, ip_net)?;
     let sign_in = sign_in(file, "gate", raw, &base_url, || {
         xdg.state("gate", "gate.state-dir")
     })?;
@@ -468,24 +462,33 @@ fn ip_net(origin: &Origin, text: &str) -> Result<IpNet, ConfigError> {
     })
 }
 
+/// Every entry of the optional list key `key`, each parsed with its own
+/// origin (`key[i]`, so an error points at the entry); absent: none.
+fn each_entry<T>(
+    label: &str,
+    key: &str,
+    list: &Option<Vec<String>>,
+    parse: impl Fn(&Origin, &str) -> Result<T, ConfigError>,
+) -> Result<Vec<T>, ConfigError> {
+    list.iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, text)| parse(&at(label, &format!("{key}[{i}]")), text))
+        .collect()
+}
+
 fn allow_list(label: &str, prefix: &str, raw: &RawGate) -> Result<AllowList, ConfigError> {
-    let emails = raw
-        .allowed_emails
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, e)| {
-            EmailAddress::parse(e)
-                .map_err(|why| at(label, &format!("{prefix}.allowed-emails[{i}]")).invalid(e, why))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let domains = raw
-        .allowed_domains
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, d)| {
-            let origin = at(label, &format!("{prefix}.allowed-domains[{i}]"));
+    let emails = each_entry(
+        label,
+        &format!("{prefix}.allowed-emails"),
+        &raw.allowed_emails,
+        |origin, e| EmailAddress::parse(e).map_err(|why| origin.invalid(e, why)),
+    )?;
+    let domains = each_entry(
+        label,
+        &format!("{prefix}.allowed-domains"),
+        &raw.allowed_domains,
+        |origin, d| {
             if d.contains('@') {
                 return Err(origin.invalid(
                     d,
@@ -500,8 +503,8 @@ fn allow_list(label: &str, prefix: &str, raw: &RawGate) -> Result<AllowList, Con
                 ));
             }
             ServerHostname::parse(d).map_err(|e| origin.invalid(d, e))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+        },
+    )?;
     if emails.is_empty() && domains.is_empty() {
         return Err(ConfigError(format!(
             "{label}: [{prefix}] needs {prefix}.allowed-emails or {prefix}.allowed-domains with at least one entry; otherwise nobody could sign in"
@@ -760,11 +763,17 @@ from = "signin@example.com"
         load_text(&(text.join("\n") + "\n" + extra + "\n"))
     }
 
-    fn err(r: Result<GateConfig, String>) -> String {
+    /// The error a load gave (a gate's, or a Client's with gates).
+    fn err<T: std::fmt::Debug>(r: Result<T, String>) -> String {
         match r {
             Ok(c) => panic!("expected an error, got {c:?}"),
             Err(e) => e,
         }
+    }
+
+    /// Whether the allow list lets `email` sign in.
+    fn allows(allowed: &AllowList, email: &str) -> bool {
+        allowed.allows(&EmailAddress::parse(email).unwrap())
     }
 
     #[test]
@@ -784,13 +793,8 @@ from = "signin@example.com"
         assert_eq!(c.smtp.tls, SmtpTls::StartTls);
         assert_eq!(c.smtp.port, 587);
         assert!(c.trusted_proxies.is_empty());
-        let alice = EmailAddress::parse("alice@example.com").unwrap();
-        assert!(c.sign_in.allowed.allows(&alice));
-        assert!(
-            !c.sign_in
-                .allowed
-                .allows(&EmailAddress::parse("bob@example.com").unwrap())
-        );
+        assert!(allows(&c.sign_in.allowed, "alice@example.com"));
+        assert!(!allows(&c.sign_in.allowed, "bob@example.com"));
     }
 
     #[test]
@@ -884,16 +888,8 @@ from = "signin@example.com"
         assert!(e.contains("wildcards are not supported"), "{e}");
         assert!(err(with("allowed-domains = [\"a@example.com\"]")).contains("allowed-emails"));
         let c = with("allowed-domains = [\"Example.com\"]").unwrap();
-        assert!(
-            c.sign_in
-                .allowed
-                .allows(&EmailAddress::parse("ANY@example.com").unwrap())
-        );
-        assert!(
-            !c.sign_in
-                .allowed
-                .allows(&EmailAddress::parse("a@sub.example.com").unwrap())
-        );
+        assert!(allows(&c.sign_in.allowed, "ANY@example.com"));
+        assert!(!allows(&c.sign_in.allowed, "a@sub.example.com"));
     }
 
     #[test]
@@ -1062,7 +1058,7 @@ from = "signin@example.com"
     #[test]
     fn a_gate_on_passthrough_and_other_misuse_say_why() {
         let passthrough = CLIENT.replace("tls-mode = \"terminate\"\n", "");
-        let e = err_c(client_text(
+        let e = err(client_text(
             &passthrough.replace("public-cert-dir = \"certs\"\n", ""),
         ));
         assert!(
@@ -1072,56 +1068,48 @@ from = "signin@example.com"
             "{e}"
         );
         let no_smtp = &CLIENT[..CLIENT.find("[client.smtp]").unwrap()];
-        assert!(
-            err_c(client_text(no_smtp)).contains("client.services[0].gate needs [client.smtp]")
-        );
-        let smtp_only = CLIENT.replace(
-            "[client.services.gate]\nallowed-domains = [\"example.com\"]\n",
-            "",
-        );
-        assert!(err_c(client_text(&smtp_only)).contains("[client.smtp] is set but no"));
-        let pp = CLIENT.replace(
-            "tls-mode = \"terminate\"\n",
-            "tls-mode = \"terminate\"\nproxy-protocol = \"v2\"\n",
-        );
-        assert!(err_c(client_text(&pp)).contains("remove client.services[0].proxy-protocol"));
-        let upstream = CLIENT.replace(
-            "allowed-domains",
-            "upstream = \"http://x:1\"\nallowed-domains",
-        );
-        let e = err_c(client_text(&upstream));
-        assert!(
-            e.contains("unknown key \"upstream\" in [client.services.gate]"),
-            "{e}"
-        );
-        let empty = CLIENT.replace("allowed-domains = [\"example.com\"]", "link-ttl = \"5m\"");
-        let e = err_c(client_text(&empty));
-        assert!(
-            e.contains("client.services[0].gate.allowed-emails or"),
-            "{e}"
-        );
-        let e = err_c(client_text(&CLIENT.replace(
-            "host = \"smtp.example.com\"",
-            "host = \"smtp.example.com\"\ntls = \"none\"",
-        )));
-        assert!(e.contains("client.smtp.tls = \"none\""), "{e}");
-        let wild = CLIENT.replace(", \"app.example.com\"", "");
-        assert!(err_c(client_text(&wild)).contains("client.services[0].gate.base-url is required"));
-        let cookie = CLIENT.replace(
-            "allowed-domains",
-            "cookie-domain = \"other.com\"\nallowed-domains",
-        );
-        let e = err_c(client_text(&cookie));
-        assert!(
-            e.contains("client.services[0].gate.cookie-domain = \"other.com\""),
-            "{e}"
-        );
-    }
-
-    fn err_c(r: Result<crate::config::ClientConfig, String>) -> String {
-        match r {
-            Ok(c) => panic!("expected an error, got {c:?}"),
-            Err(e) => e,
+        assert!(err(client_text(no_smtp)).contains("client.services[0].gate needs [client.smtp]"));
+        // (replace, with, what the error says)
+        let cases = [
+            (
+                "[client.services.gate]\nallowed-domains = [\"example.com\"]\n",
+                "",
+                "[client.smtp] is set but no",
+            ),
+            (
+                "tls-mode = \"terminate\"\n",
+                "tls-mode = \"terminate\"\nproxy-protocol = \"v2\"\n",
+                "remove client.services[0].proxy-protocol",
+            ),
+            (
+                "allowed-domains",
+                "upstream = \"http://x:1\"\nallowed-domains",
+                "unknown key \"upstream\" in [client.services.gate]",
+            ),
+            (
+                "allowed-domains = [\"example.com\"]",
+                "link-ttl = \"5m\"",
+                "client.services[0].gate.allowed-emails or",
+            ),
+            (
+                "host = \"smtp.example.com\"",
+                "host = \"smtp.example.com\"\ntls = \"none\"",
+                "client.smtp.tls = \"none\"",
+            ),
+            (
+                ", \"app.example.com\"",
+                "",
+                "client.services[0].gate.base-url is required",
+            ),
+            (
+                "allowed-domains",
+                "cookie-domain = \"other.com\"\nallowed-domains",
+                "client.services[0].gate.cookie-domain = \"other.com\"",
+            ),
+        ];
+        for (from, to, says) in cases {
+            let e = err(client_text(&CLIENT.replace(from, to)));
+            assert!(e.contains(says), "{from:?} -> {to:?}: {e}");
         }
     }
 }

@@ -157,6 +157,31 @@ pub(super) fn required<'a, T>(
     value.as_ref().ok_or_else(missing)
 }
 
+/// Which of two alternative keys a table sets.
+enum OneOf<'a, A, B> {
+    First(&'a A),
+    Second(&'a B),
+}
+
+/// Exactly one of the alternative keys `first` and `second` of `table`:
+/// both set is an error, neither is the error `missing` describes.
+fn one_of<'a, A, B>(
+    label: &str,
+    table: &str,
+    (first_key, first): (&str, &'a Option<A>),
+    (second_key, second): (&str, &'a Option<B>),
+    missing: &str,
+) -> Result<OneOf<'a, A, B>, ConfigError> {
+    match (first, second) {
+        (Some(_), Some(_)) => Err(ConfigError(format!(
+            "{label}: {table} sets both {first_key} and {second_key}; use one"
+        ))),
+        (None, None) => Err(ConfigError(format!("{label}: {missing}"))),
+        (Some(a), None) => Ok(OneOf::First(a)),
+        (None, Some(b)) => Ok(OneOf::Second(b)),
+    }
+}
+
 /// An optional `host:port` key, parsed when set.
 fn optional_addr(value: &Option<Val<String>>) -> Result<Option<SocketAddr>, ConfigError> {
     value.as_ref().map(socket_addr).transpose()
@@ -237,27 +262,21 @@ pub(crate) fn validate_server(p: PreparedServer) -> Result<ServerConfig, ConfigE
             }
         }
 
-        let raw_identities: Vec<(String, &String)> = match (
-            &t.client_identity,
-            &t.client_identities,
-        ) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError(format!(
-                    "{label}: {key} sets both client-identity and client-identities; use one"
-                )));
-            }
-            (None, None) => {
-                return Err(ConfigError(format!(
-                    "{label}: {key} needs client-identity = \"<64 hex>\" or client-identities = [...]"
-                )));
-            }
-            (Some(one), None) => vec![(format!("{key}.client-identity"), one)],
-            (None, Some(list)) if list.is_empty() => {
+        let identities = one_of(
+            label,
+            &key,
+            ("client-identity", &t.client_identity),
+            ("client-identities", &t.client_identities),
+            &format!("{key} needs client-identity = \"<64 hex>\" or client-identities = [...]"),
+        )?;
+        let raw_identities: Vec<(String, &String)> = match identities {
+            OneOf::First(one) => vec![(format!("{key}.client-identity"), one)],
+            OneOf::Second(list) if list.is_empty() => {
                 return Err(ConfigError(format!(
                     "{label}: {key}.client-identities = []: must list at least one identity"
                 )));
             }
-            (None, Some(list)) => list
+            OneOf::Second(list) => list
                 .iter()
                 .enumerate()
                 .map(|(j, v)| (format!("{key}.client-identities[{j}]"), v))
@@ -318,23 +337,20 @@ fn relay(label: &str, r: &super::file::RawRelay) -> Result<RelayServerConfig, Co
     };
     let hint =
         "the control server's relay key: `runewarp control relay-key --config FILE` prints it";
-    let (text, key, source) = match (&r.control_key, &r.control_key_file) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError(format!(
-                "{label}: server.relay sets both control-key and control-key-file; use one"
-            )));
-        }
-        (None, None) => {
-            return Err(ConfigError(format!(
-                "{label}: server.relay.control-key is required ({hint}), or control-key-file"
-            )));
-        }
-        (Some(k), None) => (
+    let given = one_of(
+        label,
+        "server.relay",
+        ("control-key", &r.control_key),
+        ("control-key-file", &r.control_key_file),
+        &format!("server.relay.control-key is required ({hint}), or control-key-file"),
+    )?;
+    let (text, key, source) = match given {
+        OneOf::First(k) => (
             k.clone(),
             "server.relay.control-key",
             RelayKeySource::Inline,
         ),
-        (None, Some(path)) => {
+        OneOf::Second(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 at(label, "server.relay.control-key-file")
                     .invalid(&path.display().to_string(), format!("cannot read: {e}"))
