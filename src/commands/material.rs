@@ -83,18 +83,20 @@ pub(crate) fn run_public_cert(
     cmd: &PublicCertCommand,
     env: &Environment,
 ) -> Result<String, MaterialError> {
-    let material = match cmd {
-        PublicCertCommand::Init { material, .. }
-        | PublicCertCommand::Renew { material, .. }
-        | PublicCertCommand::RotateCa { material } => material,
+    let (material, hostnames): (_, &[String]) = match cmd {
+        PublicCertCommand::Init {
+            material,
+            hostnames,
+            ..
+        }
+        | PublicCertCommand::Renew {
+            material,
+            hostnames,
+        } => (material, hostnames),
+        PublicCertCommand::RotateCa { material } => (material, &[]),
     };
     // Validate hostnames before touching the config or the disk.
-    let hostnames = match cmd {
-        PublicCertCommand::Init { hostnames, .. } | PublicCertCommand::Renew { hostnames, .. } => {
-            parse_public(hostnames)?
-        }
-        PublicCertCommand::RotateCa { .. } => Vec::new(),
-    };
+    let hostnames = parse_public(hostnames)?;
     let dir = resolve_dir(material, None, env, |d| &d.public_cert_dir)?;
     match cmd {
         PublicCertCommand::Init { force, .. } => init_public_certs(&dir, &hostnames, *force),

@@ -102,16 +102,12 @@ pub fn run(config: &ControlConfig, cmd: &ControlCommand) -> Result<String, Admin
             }
             Ok(out)
         }
-        ControlCommand::SetupKey(SetupKeyCommand::Revoke { id }) => {
-            if store.revoke_setup_key(*id)? {
-                tracing::info!(event = "setup_key_revoked", id = id);
-                Ok(format!("revoked setup key {id}\n"))
-            } else {
-                Err(AdminError::Usage(format!(
-                    "no unrevoked setup key {id}; see `runewarp control setup-key list`"
-                )))
-            }
-        }
+        ControlCommand::SetupKey(SetupKeyCommand::Revoke { id }) => revoked(
+            store.revoke_setup_key(*id)?,
+            || tracing::info!(event = "setup_key_revoked", id = id),
+            format!("revoked setup key {id}\n"),
+            format!("no unrevoked setup key {id}; see `runewarp control setup-key list`"),
+        ),
         ControlCommand::Devices { command } => match command {
             None | Some(DevicesCommand::List) => {
                 let mut out =
@@ -130,16 +126,12 @@ pub fn run(config: &ControlConfig, cmd: &ControlCommand) -> Result<String, Admin
                 }
                 Ok(out)
             }
-            Some(DevicesCommand::Revoke { id }) => {
-                if store.revoke_device(*id)? {
-                    tracing::info!(event = "device_revoked", device = id);
-                    Ok(format!("revoked device {id}\n"))
-                } else {
-                    Err(AdminError::Usage(format!(
-                        "no active device {id}; see `runewarp control devices list`"
-                    )))
-                }
-            }
+            Some(DevicesCommand::Revoke { id }) => revoked(
+                store.revoke_device(*id)?,
+                || tracing::info!(event = "device_revoked", device = id),
+                format!("revoked device {id}\n"),
+                format!("no active device {id}; see `runewarp control devices list`"),
+            ),
         },
         ControlCommand::Policy(PolicyCommand::Set { org, file }) => {
             let text = std::fs::read_to_string(file)
@@ -246,6 +238,22 @@ fn routes(store: &mut Store, cmd: Option<&RoutesCommand>) -> Result<String, Admi
     let changed = store.decide_route(device, route, decision)?;
     tracing::info!(event = "route_decided", device, route = %route, decision, changed);
     Ok(format!("route {route} of device {device}: {decision}\n"))
+}
+
+/// A revoke's answer: `done` (after `log`) when something was revoked,
+/// else the usage error `missing`.
+fn revoked(
+    revoked: bool,
+    log: impl FnOnce(),
+    done: String,
+    missing: String,
+) -> Result<String, AdminError> {
+    if revoked {
+        log();
+        Ok(done)
+    } else {
+        Err(AdminError::Usage(missing))
+    }
 }
 
 /// Seconds left, as `2h`, `45m` or `30s`.

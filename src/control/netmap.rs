@@ -254,6 +254,13 @@ mod tests {
     use super::super::store::SetupKeySpec;
     use super::*;
 
+    /// A new SQLite store in a temporary dir (kept while the dir lives).
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        (dir, s)
+    }
+
     fn enrol(s: &mut Store, org: &str, user: Option<&str>, tags: &[&str], pk: &str) -> i64 {
         let k = s
             .create_setup_key(&SetupKeySpec {
@@ -269,8 +276,7 @@ mod tests {
 
     #[test]
     fn peers_follow_the_org_and_the_policy() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path()).unwrap();
+        let (_dir, mut s) = store();
         let a1 = enrol(&mut s, "acme.com", Some("alice@acme.com"), &[], "a1");
         let a2 = enrol(&mut s, "acme.com", Some("alice@acme.com"), &[], "a2");
         let b = enrol(&mut s, "acme.com", Some("bob@acme.com"), &[], "b");
@@ -313,8 +319,7 @@ mod tests {
 
     #[test]
     fn approved_routes_reach_only_the_peers_the_acls_allow() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path()).unwrap();
+        let (_dir, mut s) = store();
         let alice = enrol(&mut s, "acme.com", Some("alice@acme.com"), &[], "alice");
         let bob = enrol(&mut s, "acme.com", Some("bob@acme.com"), &[], "bob");
         let conn = enrol(&mut s, "acme.com", None, &["connector"], "conn");

@@ -69,16 +69,16 @@ fn server(out: &mut String, v: &Value) {
         } else {
             let _ = writeln!(out, "  pins:      {}", list(&t["identities"]));
         }
-        let _ = writeln!(
-            out,
-            "  streams:   {} active, {} total; {} to client, {} to visitors; {} connections, {} replaced",
-            n(&t["streams_active"]),
-            n(&t["streams_total"]),
-            bytes(n(&t["bytes_to_client"])),
-            bytes(n(&t["bytes_to_visitor"])),
+        let rest = format!(
+            "{} connections, {} replaced",
             n(&t["connections"]),
-            n(&t["replaced"]),
+            n(&t["replaced"])
         );
+        let ways = [
+            ("bytes_to_client", "to client"),
+            ("bytes_to_visitor", "to visitors"),
+        ];
+        streams(out, t, ways, &rest);
     }
 }
 
@@ -121,16 +121,27 @@ fn client(out: &mut String, v: &Value) {
             s(&svc["backend"])
         );
         let _ = writeln!(out, "  hostnames: {}", list(&svc["hostnames"]));
-        let _ = writeln!(
-            out,
-            "  streams:   {} active, {} total; {} to backend, {} from backend; {} backend failures",
-            n(&svc["streams_active"]),
-            n(&svc["streams_total"]),
-            bytes(n(&svc["bytes_to_backend"])),
-            bytes(n(&svc["bytes_from_backend"])),
-            n(&svc["backend_failures"]),
-        );
+        let rest = format!("{} backend failures", n(&svc["backend_failures"]));
+        let ways = [
+            ("bytes_to_backend", "to backend"),
+            ("bytes_from_backend", "from backend"),
+        ];
+        streams(out, svc, ways, &rest);
     }
+}
+
+/// The `streams:` line of a Tunnel or a Service: streams in flight and in
+/// all, the bytes of each of `ways` (its key, its words), then `rest`.
+fn streams(out: &mut String, v: &Value, ways: [(&str, &str); 2], rest: &str) {
+    let [(a, a_words), (b, b_words)] = ways;
+    let _ = writeln!(
+        out,
+        "  streams:   {} active, {} total; {} {a_words}, {} {b_words}; {rest}",
+        n(&v["streams_active"]),
+        n(&v["streams_total"]),
+        bytes(n(&v[a])),
+        bytes(n(&v[b])),
+    );
 }
 
 fn certificates(out: &mut String, v: &Value, now: u64) {
@@ -284,11 +295,31 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("1 active, 8 total; 2.0 KiB to client"),
+            text.contains(
+                "  streams:   1 active, 8 total; 2.0 KiB to client, 10 B to visitors; 1 connections, 0 replaced\n"
+            ),
             "{text}"
         );
         assert!(
             text.contains("expires 1970-01-04 00:16 UTC (in 3d 0h)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_client_document_reads_as_text() {
+        let v = serde_json::json!({
+            "role": "client", "version": "0.1.0", "pid": 7, "uptime_s": 5,
+            "server": "edge.example.com:443", "identity": "ab",
+            "tunnel": {"state": "connecting", "connections": 0},
+            "services": [{"name": "catch-all", "tls_mode": "passthrough",
+                "backend": "127.0.0.1:8080", "hostnames": [], "streams_active": 2,
+                "streams_total": 3, "bytes_to_backend": 1536, "bytes_from_backend": 4,
+                "backend_failures": 1}],
+        });
+        let text = human(&v, 1000);
+        assert!(
+            text.contains("service catch-all: passthrough to 127.0.0.1:8080\n  hostnames: (catch-all)\n  streams:   2 active, 3 total; 1.5 KiB to backend, 4 B from backend; 1 backend failures\n"),
             "{text}"
         );
     }

@@ -441,32 +441,29 @@ async fn demo(stack: &mut Stack) -> Result<Live, StepError> {
         )
         .await?;
 
-    let passthrough = steps
-        .run(
-            &format!("Visitor -> {PASSTHROUGH_HOSTNAME} (passthrough)"),
-            hop(
-                public,
-                PASSTHROUGH_HOSTNAME,
-                TlsMode::Passthrough,
-                &m,
-                tls_addr,
-                &stack.backends[0],
-            ),
-        )
-        .await?;
-    let terminate = steps
-        .run(
-            &format!("Visitor -> {TERMINATE_HOSTNAME} (terminate)"),
-            hop(
-                public,
-                TERMINATE_HOSTNAME,
-                TlsMode::Terminate,
-                &m,
-                plain_addr,
-                &stack.backends[1],
-            ),
-        )
-        .await?;
+    // One step per Service, each the same Visitor hop: (hostname, mode,
+    // its name in the step, the Local backend's address, that backend).
+    let mut hops = Vec::new();
+    for (hostname, mode, mode_name, backend_addr, backend) in [
+        (
+            PASSTHROUGH_HOSTNAME,
+            TlsMode::Passthrough,
+            "passthrough",
+            tls_addr,
+            &stack.backends[0],
+        ),
+        (
+            TERMINATE_HOSTNAME,
+            TlsMode::Terminate,
+            "terminate",
+            plain_addr,
+            &stack.backends[1],
+        ),
+    ] {
+        let step = format!("Visitor -> {hostname} ({mode_name})");
+        let visited = hop(public, hostname, mode, &m, backend_addr, backend);
+        hops.push(steps.run(&step, visited).await?);
+    }
 
     let gated = steps
         .run(
@@ -507,7 +504,7 @@ async fn demo(stack: &mut Stack) -> Result<Live, StepError> {
             plain_backend: plain_addr,
             tunnel_info: &tunnel_info,
         },
-        &[passthrough, terminate],
+        &hops,
     );
     report::gated(GATED_HOSTNAME, &gated);
     Ok(Live {

@@ -372,10 +372,7 @@ impl Admission {
 
     /// Admit a Visitor from `ip` to ClientHello intake.
     pub fn intake(self: &Arc<Self>, ip: IpAddr) -> Result<IntakePermit, Scope> {
-        let source = Source::of(ip);
-        let share = self
-            .share(source, |a| &a.intake_by_source, self.limits.per_source_ip)
-            .ok_or_else(|| self.refuse_share(Scope::PerSourceIp, &source))?;
+        let share = self.source_share(ip, |a| &a.intake_by_source, Scope::PerSourceIp)?;
         let global = self.take(&self.intake, Scope::ClientHelloIntake)?;
         Ok(IntakePermit {
             _share: share,
@@ -406,14 +403,8 @@ impl Admission {
                 _global: global,
             });
         }
-        let source = Source::of(ip);
-        let share = self
-            .share(
-                source,
-                |a| &a.handshakes_by_source,
-                self.limits.handshakes_per_source,
-            )
-            .ok_or_else(|| self.refuse_share(Scope::HandshakesPerSource, &source))?;
+        let share =
+            self.source_share(ip, |a| &a.handshakes_by_source, Scope::HandshakesPerSource)?;
         let global = self.take(&self.handshakes, Scope::QuicHandshakes)?;
         Ok(HandshakePermit {
             _share: Some(share),
@@ -423,14 +414,7 @@ impl Admission {
 
     /// Admit a routed Visitor stream from `ip` (held until it ends).
     pub(crate) fn routed_stream(self: &Arc<Self>, ip: IpAddr) -> Result<RoutedPermit, Scope> {
-        let source = Source::of(ip);
-        let share = self
-            .share(
-                source,
-                |a| &a.streams_by_source,
-                self.limits.streams_per_source,
-            )
-            .ok_or_else(|| self.refuse_share(Scope::StreamsPerSource, &source))?;
+        let share = self.source_share(ip, |a| &a.streams_by_source, Scope::StreamsPerSource)?;
         let global = self.take(&self.routed, Scope::RoutedStreams)?;
         Ok(RoutedPermit {
             _share: share,
@@ -475,6 +459,20 @@ impl Admission {
             admission: self.clone(),
             shares,
         })
+    }
+
+    /// `ip`'s share of the per-source limit `scope`, counted in `shares`;
+    /// refused (naming the source for the log) once it is used up.
+    fn source_share(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        shares: fn(&Admission) -> &Shares<Source>,
+        scope: Scope,
+    ) -> Result<ShareGuard<Source>, Scope> {
+        let source = Source::of(ip);
+        let cap = scope.limit(&self.limits, self.pending_share);
+        self.share(source, shares, cap)
+            .ok_or_else(|| self.refuse_share(scope, &source))
     }
 
     fn take(&self, sem: &Arc<Semaphore>, scope: Scope) -> Result<OwnedSemaphorePermit, Scope> {

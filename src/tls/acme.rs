@@ -481,47 +481,35 @@ impl StateDirCache {
     }
 }
 
-#[async_trait::async_trait]
-impl CertCache for StateDirCache {
-    type EC = io::Error;
-    async fn load_cert(
-        &self,
-        domains: &[String],
-        directory_url: &str,
-    ) -> io::Result<Option<Vec<u8>>> {
-        Self::read(Self::cert_path(&self.dir, domains, directory_url)).await
-    }
-    async fn store_cert(
-        &self,
-        domains: &[String],
-        directory_url: &str,
-        cert: &[u8],
-    ) -> io::Result<()> {
-        let path = Self::cert_path(&self.dir, domains, directory_url);
-        Self::write(self.dir.clone(), path, cert.to_vec()).await
-    }
+/// The two caches instant-acme asks for (certificates, account keys) are
+/// the same files-in-the-state-dir store, named by a different path.
+macro_rules! state_dir_cache {
+    ($cache:ident, $error:ident, $load:ident, $store:ident, $path:ident) => {
+        #[async_trait::async_trait]
+        impl $cache for StateDirCache {
+            type $error = io::Error;
+            async fn $load(
+                &self,
+                names: &[String],
+                directory_url: &str,
+            ) -> io::Result<Option<Vec<u8>>> {
+                Self::read(Self::$path(&self.dir, names, directory_url)).await
+            }
+            async fn $store(
+                &self,
+                names: &[String],
+                directory_url: &str,
+                bytes: &[u8],
+            ) -> io::Result<()> {
+                let path = Self::$path(&self.dir, names, directory_url);
+                Self::write(self.dir.clone(), path, bytes.to_vec()).await
+            }
+        }
+    };
 }
 
-#[async_trait::async_trait]
-impl AccountCache for StateDirCache {
-    type EA = io::Error;
-    async fn load_account(
-        &self,
-        contact: &[String],
-        directory_url: &str,
-    ) -> io::Result<Option<Vec<u8>>> {
-        Self::read(Self::account_path(&self.dir, contact, directory_url)).await
-    }
-    async fn store_account(
-        &self,
-        contact: &[String],
-        directory_url: &str,
-        account: &[u8],
-    ) -> io::Result<()> {
-        let path = Self::account_path(&self.dir, contact, directory_url);
-        Self::write(self.dir.clone(), path, account.to_vec()).await
-    }
-}
+state_dir_cache!(CertCache, EC, load_cert, store_cert, cert_path);
+state_dir_cache!(AccountCache, EA, load_account, store_account, account_path);
 
 #[cfg(test)]
 mod tests {
@@ -552,31 +540,31 @@ mod tests {
         assert!(!is_challenge_alpn(&[]));
     }
 
-    fn acme_config(state_dir: &Path) -> AcmeConfig {
-        AcmeConfig {
+    /// A manager for `a.example` keeping its state in `state_dir`; the
+    /// error as text. (`section` is the role's `[ROLE.acme]`.)
+    fn manager(
+        role: &'static str,
+        section: &'static str,
+        state_dir: &Path,
+    ) -> Result<AcmeManager, String> {
+        crate::tls::install_crypto_provider();
+        let config = AcmeConfig {
             email: None,
             state_dir: state_dir.to_path_buf(),
             directory_url: "https://127.0.0.1:9/dir".into(),
             directory_ca_file: None,
-        }
+        };
+        AcmeManager::new(role, section, &config, &["a.example".into()]).map_err(|e| e.to_string())
     }
 
     #[test]
     fn an_existing_loose_state_dir_is_tightened() {
         use std::os::unix::fs::PermissionsExt;
-        crate::tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("acme");
         std::fs::create_dir(&state).unwrap();
         std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
-        AcmeManager::new(
-            "server",
-            "server.acme",
-            &acme_config(&state),
-            &["a.example".into()],
-        )
-        .map_err(|e| e.to_string())
-        .unwrap();
+        manager("server", "server.acme", &state).unwrap();
         assert_eq!(
             std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
             0o700
@@ -585,20 +573,14 @@ mod tests {
 
     #[test]
     fn a_symlinked_state_dir_is_refused() {
-        crate::tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("real");
         std::fs::create_dir(&target).unwrap();
         let state = dir.path().join("acme");
         std::os::unix::fs::symlink(&target, &state).unwrap();
-        let err = match AcmeManager::new(
-            "client",
-            "client.acme",
-            &acme_config(&state),
-            &["a.example".into()],
-        ) {
+        let err = match manager("client", "client.acme", &state) {
             Ok(_) => panic!("a symlinked state-dir was accepted"),
-            Err(e) => e.to_string(),
+            Err(e) => e,
         };
         assert!(err.contains("client.acme.state-dir"), "{err}");
         assert!(err.contains("is a symbolic link"), "{err}");

@@ -173,7 +173,7 @@ pub fn init_public_certs(
     };
     write_leaves(&mut w, dir, &leaves)?;
 
-    let mut out = if created_ca {
+    let headline = if created_ca {
         format!(
             "Created a Public hostname CA and certificates in {}\n",
             dir.display()
@@ -184,16 +184,13 @@ pub fn init_public_certs(
             dir.display()
         )
     };
-    w.report(&mut out);
-    if widened {
-        let _ = writeln!(
-            out,
+    let note = widened.then(|| {
+        format!(
             "Reissued {} (same key) so that its name constraints cover the new hostname(s); Visitors that trust the old copy must be given this one to accept the new certificates.",
             ca_cert.display()
-        );
-    }
-    report_tail(&mut out, dir, &ca, &leaves)?;
-    Ok(out)
+        )
+    });
+    report(headline, &w, note, dir, &ca, &leaves)
 }
 
 /// `runewarp client public-cert renew`: reissue each hostname's leaf (new
@@ -218,13 +215,11 @@ pub fn renew_public_certs(
     let mut w = Writer::new(WriteMode::Replace, String::new());
     write_leaves(&mut w, dir, &leaves)?;
 
-    let mut out = format!(
+    let headline = format!(
         "Renewed certificates in {} (same Public hostname CA)\n",
         dir.display()
     );
-    w.report(&mut out);
-    report_tail(&mut out, dir, &ca, &leaves)?;
-    Ok(out)
+    report(headline, &w, None, dir, &ca, &leaves)
 }
 
 /// `runewarp client public-cert rotate-ca`: replace the Public hostname CA
@@ -243,19 +238,16 @@ pub fn rotate_public_ca(dir: &Path) -> Result<String, MaterialError> {
     w.cert(&ca_cert, &ca.cert_pem)?;
     write_leaves(&mut w, dir, &leaves)?;
 
-    let mut out = format!(
+    let headline = format!(
         "Replaced the Public hostname CA in {} and reissued {} certificate(s)\n",
         dir.display(),
         leaves.len()
     );
-    w.report(&mut out);
-    let _ = writeln!(
-        out,
+    let note = format!(
         "Old Public hostname CA SHA-256 fingerprint: {}",
         old.fingerprint()
     );
-    report_tail(&mut out, dir, &ca, &leaves)?;
-    Ok(out)
+    report(headline, &w, Some(note), dir, &ca, &leaves)
 }
 
 /// Every `<hostname>/` with `public.crt` + `public.key`, sorted.
@@ -361,12 +353,22 @@ fn write_leaves(
     Ok(())
 }
 
-fn report_tail(
-    out: &mut String,
+/// What `init`, `renew` and `rotate-ca` print: `headline` (a whole line),
+/// the files written, `note` (a line of its own, if any), then each leaf's
+/// expiry, the CA's fingerprint and what Visitors must trust.
+fn report(
+    headline: String,
+    w: &Writer,
+    note: Option<String>,
     dir: &Path,
     ca: &Ca,
     leaves: &[(&PublicHostname, Leaf)],
-) -> Result<(), MaterialError> {
+) -> Result<String, MaterialError> {
+    let mut out = headline;
+    w.report(&mut out);
+    if let Some(note) = note {
+        let _ = writeln!(out, "{note}");
+    }
     for (h, leaf) in leaves {
         let lp = leaf_paths(dir, h);
         let _ = writeln!(
@@ -385,5 +387,5 @@ fn report_tail(
         "Visitors must trust {} to accept these certificates.",
         dir.join(PUBLIC_CA_CERT).display()
     );
-    Ok(())
+    Ok(out)
 }
