@@ -18,20 +18,16 @@ use std::time::Duration;
 #[test]
 fn config_check_role_gate_prints_the_effective_gate_config() {
     let home = Home::new();
-    std::fs::write(
-        home.path().join("gate.toml"),
-        r#"
-[gate]
-upstream = "http://127.0.0.1:7860"
-base-url = "https://app.example.com"
-allowed-domains = ["example.com"]
-[gate.smtp]
-host = "127.0.0.1"
-tls = "none"
-from = "Sign-in <signin@example.com>"
-"#,
-    )
-    .unwrap();
+    // The same file twice but for the SMTP host: a loopback one, and one
+    // that `tls = "none"` must not reach.
+    let config = |smtp_host: &str| {
+        format!(
+            "[gate]\nupstream = \"http://127.0.0.1:7860\"\nbase-url = \"https://app.example.com\"\n\
+             allowed-domains = [\"example.com\"]\n[gate.smtp]\nhost = \"{smtp_host}\"\ntls = \"none\"\n\
+             from = \"Sign-in <signin@example.com>\"\n"
+        )
+    };
+    std::fs::write(home.path().join("gate.toml"), config("127.0.0.1")).unwrap();
     let effective = home.ok(&["config", "check", "--role", "gate", "-c", "gate.toml"]);
     for line in [
         "listen-address = \"127.0.0.1:7870\"",
@@ -42,11 +38,7 @@ from = "Sign-in <signin@example.com>"
         assert!(effective.contains(line), "{line} missing in {effective}");
     }
 
-    std::fs::write(
-        home.path().join("bad.toml"),
-        "[gate]\nupstream = \"http://127.0.0.1:7860\"\nbase-url = \"https://app.example.com\"\nallowed-domains = [\"example.com\"]\n[gate.smtp]\nhost = \"smtp.example.com\"\ntls = \"none\"\nfrom = \"s@example.com\"\n",
-    )
-    .unwrap();
+    std::fs::write(home.path().join("bad.toml"), config("smtp.example.com")).unwrap();
     let err = stderr_of(
         home.cmd()
             .args(["config", "check", "--role", "gate", "-c", "bad.toml"]),
