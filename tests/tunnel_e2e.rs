@@ -45,6 +45,26 @@ async fn terminating(
     (dir, public_ca, server, client)
 }
 
+/// [`terminating`] in front of an echo backend that expects a PROXY v2
+/// header exactly when `proxy_protocol`; returns the backend too.
+async fn terminating_echo(
+    proxy_protocol: bool,
+) -> (
+    tempfile::TempDir,
+    EchoBackend,
+    CertificateDer<'static>,
+    TestServer,
+    TestClient,
+) {
+    let backend = if proxy_protocol {
+        EchoBackend::plain_with_proxy_header().await
+    } else {
+        EchoBackend::plain().await
+    };
+    let (dir, public_ca, server, client) = terminating(backend.addr, proxy_protocol).await;
+    (dir, backend, public_ca, server, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_moves_64_mib_exactly_and_visitor_sees_backend_certificate() {
     init();
@@ -75,8 +95,7 @@ async fn passthrough_moves_64_mib_exactly_and_visitor_sees_backend_certificate()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_presents_client_certificate_and_backend_gets_plaintext() {
     init();
-    let backend = EchoBackend::plain().await;
-    let (_dir, public_ca, server, client) = terminating(backend.addr, false).await;
+    let (_dir, backend, public_ca, server, client) = terminating_echo(false).await;
 
     let v = visitor(server.public, SECURE, std::slice::from_ref(&public_ca))
         .await
@@ -463,8 +482,7 @@ async fn a_thousand_concurrent_visitors_share_one_tunnel_byte_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_v2_header_reaches_the_backend_with_the_visitor_address() {
     init();
-    let backend = EchoBackend::plain_with_proxy_header().await;
-    let (_dir, public_ca, server, client) = terminating(backend.addr, true).await;
+    let (_dir, backend, public_ca, server, client) = terminating_echo(true).await;
     let v = visitor(server.public, SECURE, &[public_ca]).await.unwrap();
     let visitor_addr = v.get_ref().0.local_addr().unwrap();
     assert_eq!(roundtrip(v, b"x").await.unwrap(), b"x");
