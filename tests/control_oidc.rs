@@ -10,6 +10,9 @@
 
 mod common;
 use common::opt_in;
+#[macro_use]
+#[path = "common/test_name.rs"]
+mod test_name;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -410,10 +413,9 @@ fn set_policy(home: &Home, org: &str, json: &str) {
 
 #[test]
 fn sso_places_users_in_their_organisations_and_refuses_what_it_must() {
-    let Some((home, port, _provider, _control)) = setup(
-        "sso_places_users_in_their_organisations_and_refuses_what_it_must",
-        "admins = [\"alice@acme.com\", \"group:ops\"]",
-    ) else {
+    let Some((home, port, _provider, _control)) =
+        setup(test_name!(), "admins = [\"alice@acme.com\", \"group:ops\"]")
+    else {
         return;
     };
 
@@ -447,11 +449,15 @@ fn sso_places_users_in_their_organisations_and_refuses_what_it_must() {
             .unwrap()
             .to_string()
     };
-    assert_eq!(org("alice"), "acme.com");
-    assert_eq!(org("bob"), "acme.com");
-    assert_eq!(org("carol"), "globex.com");
-    assert_eq!(org("dave"), "dave@gmail.com");
-    assert_eq!(org("erin"), "erin@gmail.com");
+    for (n, want) in [
+        ("alice", "acme.com"),
+        ("bob", "acme.com"),
+        ("carol", "globex.com"),
+        ("dave", "dave@gmail.com"),
+        ("erin", "erin@gmail.com"),
+    ] {
+        assert_eq!(org(n), want, "{n}'s organisation");
+    }
     // Default policy: each user's own devices only.
     for n in ["alice", "bob", "carol", "dave", "erin"] {
         wait_peers(&home, n, &[]);
@@ -493,10 +499,14 @@ fn sso_places_users_in_their_organisations_and_refuses_what_it_must() {
             .unwrap()
             .to_string()
     };
-    assert_eq!(admin_of("alice@acme.com"), "yes");
-    assert_eq!(admin_of("bob@acme.com"), "yes");
-    assert_eq!(admin_of("carol@globex.com"), "no");
-    assert_eq!(admin_of("dave@gmail.com"), "no");
+    for (email, want) in [
+        ("alice@acme.com", "yes"),
+        ("bob@acme.com", "yes"),
+        ("carol@globex.com", "no"),
+        ("dave@gmail.com", "no"),
+    ] {
+        assert_eq!(admin_of(email), want, "{email} admin");
+    }
     assert!(
         users
             .lines()
@@ -596,10 +606,8 @@ fn map_status(home: &Home, port: u16, token: &str) -> u16 {
 
 #[test]
 fn an_expired_login_gets_401_and_leaves_the_maps_until_the_user_signs_in_again() {
-    let Some((home, port, _provider, _control)) = setup(
-        "an_expired_login_gets_401_and_leaves_the_maps_until_the_user_signs_in_again",
-        "key-expiry = \"12s\"",
-    ) else {
+    let Some((home, port, _provider, _control)) = setup(test_name!(), "key-expiry = \"12s\"")
+    else {
         return;
     };
     let (mut a, page) = enrol(&home, port, "erin-a", "erin");
@@ -645,7 +653,7 @@ fn an_expired_login_gets_401_and_leaves_the_maps_until_the_user_signs_in_again()
 /// and consent pages, then the control server's page.
 #[test]
 fn chromium_signs_a_device_in() {
-    let test = "chromium_signs_a_device_in";
+    let test = test_name!();
     if !enabled(test) || !common::webdriver::installed(test) {
         return;
     }

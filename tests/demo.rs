@@ -54,17 +54,22 @@ fn demo_runs_both_hops_and_exits_zero() {
 #[path = "common/opt_in.rs"]
 mod opt_in;
 
+/// `runewarp demo mesh`, stopped after `timeout`.
+fn demo_mesh(timeout: Duration) -> std::process::Output {
+    Command::cargo_bin("runewarp")
+        .expect("the runewarp binary")
+        .args(["demo", "mesh"])
+        .timeout(timeout)
+        .output()
+        .expect("run runewarp demo mesh")
+}
+
 #[test]
 fn demo_mesh_without_root_says_it_needs_root() {
     if unsafe { libc::geteuid() } == 0 {
         return;
     }
-    let output = Command::cargo_bin("runewarp")
-        .expect("the runewarp binary")
-        .args(["demo", "mesh"])
-        .timeout(Duration::from_secs(20))
-        .output()
-        .expect("run runewarp demo mesh");
+    let output = demo_mesh(Duration::from_secs(20));
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("needs root"), "{stderr}");
@@ -79,12 +84,7 @@ fn demo_mesh_pings_every_pair_and_cleans_up() {
     ) {
         return;
     }
-    let output = Command::cargo_bin("runewarp")
-        .expect("the runewarp binary")
-        .args(["demo", "mesh"])
-        .timeout(Duration::from_secs(120))
-        .output()
-        .expect("run runewarp demo mesh");
+    let output = demo_mesh(Duration::from_secs(120));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),

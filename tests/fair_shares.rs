@@ -4,6 +4,8 @@
 //! closes only on sustained saturation of a Server-wide pool.
 
 mod common;
+#[path = "common/two_ids.rs"]
+mod two_ids;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +15,7 @@ use runewarp::server::admission::Limits;
 use runewarp::tls::material;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use two_ids::TwoIds;
 
 const APP: &str = "app.runewarp.test";
 const OTHER: &str = "other.runewarp.test";
@@ -203,30 +206,32 @@ async fn readiness_closes_only_on_sustained_saturation_of_a_server_wide_pool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tunnels_pending_flood_does_not_starve_another_tunnel() {
     init();
-    let (dir, cert_dir, ca, id_dir, pin) = material("client");
-    let (stuck_dir, stuck_pin) = identity(dir.path(), "stuck");
-    let backend = EchoBackend::tls(&[OTHER]).await;
-    let cert = backend.cert.clone().unwrap();
+    let ids = TwoIds::new("client", "stuck", OTHER).await;
+    let cert = ids.backend.cert.clone().unwrap();
     let limits = Limits {
         pending_stream_opens: 4,
         ..Limits::default()
     };
     let mut config = server_config(
-        &cert_dir,
-        vec![tunnel(0, &[APP], &[stuck_pin]), tunnel(1, &[OTHER], &[pin])],
+        &ids.cert_dir,
+        vec![
+            tunnel(0, &[APP], &[ids.other_pin]),
+            tunnel(1, &[OTHER], &[ids.pin]),
+        ],
     );
     config.readiness_bind_address = Some(free_tcp_addr());
     let server = TestServer::start_config(config, limits).await;
-    let client = TestClient::passthrough(server.tunnel, &ca, &id_dir, OTHER, backend.addr);
+    let client =
+        TestClient::passthrough(server.tunnel, &ids.ca, &ids.id_dir, OTHER, ids.backend.addr);
 
     // Tunnel 0's Client grants no streams at all: every Visitor for it
     // waits for a stream (until the 5 s open deadline).
-    let roots = material::load_ca_bundle(&ca).unwrap();
+    let roots = material::load_ca_bundle(&ids.ca).unwrap();
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(r).unwrap();
     }
-    let (id, _) = material::load_client_identity(&stuck_dir).unwrap();
+    let (id, _) = material::load_client_identity(&ids.other_dir).unwrap();
     let mut config =
         runewarp::tunnel::transport::client_config(store, id, Default::default()).unwrap();
     let mut transport = quinn::TransportConfig::default();

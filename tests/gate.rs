@@ -5,6 +5,9 @@
 
 mod common;
 use common::opt_in;
+#[macro_use]
+#[path = "common/test_name.rs"]
+mod test_name;
 
 use common::proc::*;
 use common::webdriver::WebDriver;
@@ -18,20 +21,16 @@ use std::time::Duration;
 #[test]
 fn config_check_role_gate_prints_the_effective_gate_config() {
     let home = Home::new();
-    std::fs::write(
-        home.path().join("gate.toml"),
-        r#"
-[gate]
-upstream = "http://127.0.0.1:7860"
-base-url = "https://app.example.com"
-allowed-domains = ["example.com"]
-[gate.smtp]
-host = "127.0.0.1"
-tls = "none"
-from = "Sign-in <signin@example.com>"
-"#,
-    )
-    .unwrap();
+    // The same file twice but for the SMTP host: a loopback one, and one
+    // that `tls = "none"` must not reach.
+    let config = |smtp_host: &str| {
+        format!(
+            "[gate]\nupstream = \"http://127.0.0.1:7860\"\nbase-url = \"https://app.example.com\"\n\
+             allowed-domains = [\"example.com\"]\n[gate.smtp]\nhost = \"{smtp_host}\"\ntls = \"none\"\n\
+             from = \"Sign-in <signin@example.com>\"\n"
+        )
+    };
+    std::fs::write(home.path().join("gate.toml"), config("127.0.0.1")).unwrap();
     let effective = home.ok(&["config", "check", "--role", "gate", "-c", "gate.toml"]);
     for line in [
         "listen-address = \"127.0.0.1:7870\"",
@@ -42,11 +41,7 @@ from = "Sign-in <signin@example.com>"
         assert!(effective.contains(line), "{line} missing in {effective}");
     }
 
-    std::fs::write(
-        home.path().join("bad.toml"),
-        "[gate]\nupstream = \"http://127.0.0.1:7860\"\nbase-url = \"https://app.example.com\"\nallowed-domains = [\"example.com\"]\n[gate.smtp]\nhost = \"smtp.example.com\"\ntls = \"none\"\nfrom = \"s@example.com\"\n",
-    )
-    .unwrap();
+    std::fs::write(home.path().join("bad.toml"), config("smtp.example.com")).unwrap();
     let err = stderr_of(
         home.cmd()
             .args(["config", "check", "--role", "gate", "-c", "bad.toml"]),
@@ -88,18 +83,22 @@ sys.stdin.read()
 controller.stop()
 "#;
 
+/// A child process, killed and reaped on drop so that a failing test
+/// leaves nothing behind.
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Smtp {
-    child: Child,
+    _child: Kill,
     dir: PathBuf,
     /// The `[gate.smtp]` table that reaches it.
     section: String,
-}
-
-impl Drop for Smtp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Smtp {
@@ -145,7 +144,7 @@ impl Smtp {
             .unwrap();
         assert_eq!(line.trim(), "ready", "aiosmtpd did not start");
         Smtp {
-            child,
+            _child: Kill(child),
             dir: maildir,
             section,
         }
@@ -263,17 +262,10 @@ fn upstream() -> u16 {
 }
 
 struct Gate {
-    child: Child,
+    child: Kill,
     port: u16,
     config: PathBuf,
     home: PathBuf,
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Gate {
@@ -324,23 +316,27 @@ from = "Sign-in <signin@example.com>"
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
         Gate {
-            child,
+            child: Kill(child),
             port,
             config,
             home: home.to_path_buf(),
         }
     }
 
-    fn restart(mut self) -> Gate {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let (home, config, port) = (self.home.clone(), self.config.clone(), self.port);
-        std::mem::forget(self);
+    fn restart(self) -> Gate {
+        let Gate {
+            child,
+            port,
+            config,
+            home,
+        } = self;
+        drop(child);
         Self::spawn(&home, config, port)
     }
 
     fn rss_peak_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.child.0.id())).unwrap();
         status
             .lines()
             .find(|l| l.starts_with("VmHWM:"))
@@ -567,6 +563,15 @@ impl Browser {
         )
     }
 
+    /// Type `code` from the mail into the waiting page (its form's `csrf`).
+    fn enter_code(&mut self, port: u16, code: &str, csrf: &str) -> Resp {
+        self.post(
+            port,
+            "/_runewarp/gate/code",
+            &[("code", code), ("csrf", csrf)],
+        )
+    }
+
     /// Open the mailed link and press its button.
     fn follow_link(&mut self, port: u16, token: &str) -> Resp {
         let confirm = self.get(port, &format!("/_runewarp/gate/link?token={token}"));
@@ -612,6 +617,14 @@ fn identity_only(b: &mut Browser, port: u16, path: &str, proto: &str) -> String 
     seen
 }
 
+/// Replace `from` by `to` in the config file at `path`; returns what the
+/// file held before.
+fn edit_config(path: &Path, from: &str, to: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    std::fs::write(path, text.replace(from, to)).unwrap();
+    text
+}
+
 /// Accept connections on `listener`, one thread each: read the request
 /// head, then hand the stream and the head to `serve`.
 fn serve_threads(listener: TcpListener, serve: fn(TcpStream, String)) {
@@ -634,29 +647,43 @@ fn serve_threads(listener: TcpListener, serve: fn(TcpStream, String)) {
 }
 
 /// A standalone gate with its own mail sink, in front of the test's
-/// upstream. The fields are bound by destructuring, in this order, so the
-/// gate stops before the mail sink and the directory go.
+/// upstream. The fields drop in this order, so the gate stops before the
+/// mail sink and the directory go.
 struct Rig {
-    home: tempfile::TempDir,
-    smtp: Smtp,
     gate: Gate,
+    smtp: Smtp,
+    home: tempfile::TempDir,
     port: u16,
 }
 
 impl Rig {
-    /// `extra`: more `[gate]` keys.
-    fn start(extra: &str) -> Rig {
+    /// A Rig for the test named `test` (None: the test is skipped, see
+    /// [`external`]); `extra`: more `[gate]` keys.
+    fn external(test: &str, extra: &str) -> Option<Rig> {
+        if !external(test) {
+            return None;
+        }
         let home = tempfile::tempdir().unwrap();
         let smtp = Smtp::start(home.path());
         let gate = Gate::start(home.path(), &smtp.section, upstream(), extra);
         let port = gate.port;
-        Rig {
-            home,
-            smtp,
+        Some(Rig {
             gate,
+            smtp,
+            home,
             port,
-        }
+        })
     }
+}
+
+/// A new browser that asked for a sign-in link for `email` at `path` and
+/// got the page that says to check the mail (the same for any address).
+fn asks(port: u16, path: &str, email: &str) -> Browser {
+    let mut b = Browser::default();
+    let page = b.ask(port, path, email);
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("Check your mail"), "{}", page.body);
+    b
 }
 
 /// A new browser signed in as alice@example.com through the link in mail
@@ -675,24 +702,14 @@ fn external(test: &str) -> bool {
 
 #[test]
 fn link_sign_in_proxies_with_identity_survives_restart_and_logs_out() {
-    if !external("link_sign_in_proxies_with_identity_survives_restart_and_logs_out") {
+    let Some(mut rig) = Rig::external(test_name!(), "") else {
         return;
-    }
-    let Rig {
-        home: _home,
-        smtp,
-        gate,
-        port,
-    } = Rig::start("");
-    let mut b = Browser::default();
-
-    let asked = b.ask(port, "/private?x=1", "Alice@Example.com");
-    assert_eq!(asked.status, 200);
-    assert!(asked.body.contains("Check your mail"), "{}", asked.body);
-    let (rcpt, token, _code) = smtp.mail(0);
+    };
+    let mut b = asks(rig.port, "/private?x=1", "Alice@Example.com");
+    let (rcpt, token, _code) = rig.smtp.mail(0);
     assert_eq!(rcpt, "Alice@example.com");
 
-    let done = b.follow_link(port, &token);
+    let done = b.follow_link(rig.port, &token);
     assert_eq!(done.status, 303, "{}", done.body);
     assert_eq!(done.header("location"), Some("/private?x=1"));
     let cookie = done
@@ -708,46 +725,40 @@ fn link_sign_in_proxies_with_identity_survives_restart_and_logs_out() {
 
     // Proxied, with the gate's identity headers only.
     // The peer is not a trusted proxy: its X-Forwarded-For is ignored.
-    let seen = identity_only(&mut b, port, "/private?x=1", "http");
+    let seen = identity_only(&mut b, rig.port, "/private?x=1", "http");
     assert!(
         !seen.contains("runegate"),
         "gate cookies reach the app: {seen}"
     );
 
     // The link works once.
-    let again = b.follow_link(port, &token);
+    let again = b.follow_link(rig.port, &token);
     assert_eq!(again.status, 410, "{}", again.body);
 
     // Sessions live in SQLite and survive a restart.
-    let gate = gate.restart();
-    assert_eq!(b.get(port, "/private").status, 200);
+    rig.gate = rig.gate.restart();
+    assert_eq!(b.get(rig.port, "/private").status, 200);
 
     // Logout: POST with CSRF only.
-    let page = b.get(port, "/_runewarp/gate/logout");
+    let page = b.get(rig.port, "/_runewarp/gate/logout");
     let csrf = page.field("csrf");
-    assert_eq!(b.post(port, "/_runewarp/gate/logout", &[]).status, 403);
-    assert_eq!(b.get(port, "/private").status, 200);
+    assert_eq!(b.post(rig.port, "/_runewarp/gate/logout", &[]).status, 403);
+    assert_eq!(b.get(rig.port, "/private").status, 200);
     assert_eq!(
-        b.post(port, "/_runewarp/gate/logout", &[("csrf", &csrf)])
+        b.post(rig.port, "/_runewarp/gate/logout", &[("csrf", &csrf)])
             .status,
         200
     );
-    assert_eq!(b.get(port, "/private").status, 401);
+    assert_eq!(b.get(rig.port, "/private").status, 401);
 
     // Removing the address from the config revokes its sessions at start.
-    b.ask(port, "/", "alice@example.com");
-    let (_, token, _) = smtp.mail(1);
-    assert_eq!(b.follow_link(port, &token).status, 303);
-    assert_eq!(b.get(port, "/private").status, 200);
-    let text = std::fs::read_to_string(&gate.config).unwrap();
-    std::fs::write(
-        &gate.config,
-        text.replace("alice@example.com", "bob@example.com"),
-    )
-    .unwrap();
-    let gate = gate.restart();
-    assert_eq!(b.get(port, "/private").status, 401);
-    drop(gate);
+    b.ask(rig.port, "/", "alice@example.com");
+    let (_, token, _) = rig.smtp.mail(1);
+    assert_eq!(b.follow_link(rig.port, &token).status, 303);
+    assert_eq!(b.get(rig.port, "/private").status, 200);
+    edit_config(&rig.gate.config, "alice@example.com", "bob@example.com");
+    rig.gate = rig.gate.restart();
+    assert_eq!(b.get(rig.port, "/private").status, 401);
 }
 
 #[test]
@@ -792,27 +803,18 @@ fn mail_goes_over_starttls_to_a_relay_with_a_private_ca() {
 
 #[test]
 fn codes_other_browsers_unknown_addresses_and_forged_forms() {
-    if !external("codes_other_browsers_unknown_addresses_and_forged_forms") {
+    let Some(rig) = Rig::external(test_name!(), "") else {
         return;
-    }
-    let Rig {
-        home: _home,
-        smtp,
-        gate,
-        port,
-    } = Rig::start("");
+    };
 
     // An address that may not sign in: the same answer, and no mail.
-    let mut stranger = Browser::default();
-    let answer = stranger.ask(port, "/", "bob@other.example");
-    assert_eq!(answer.status, 200);
-    assert!(answer.body.contains("Check your mail"), "{}", answer.body);
+    let mut stranger = asks(rig.port, "/", "bob@other.example");
 
     // A form without its CSRF token is refused and sends nothing.
     let mut forger = Browser::default();
-    forger.get(port, "/");
+    forger.get(rig.port, "/");
     let forged = forger.post(
-        port,
+        rig.port,
         "/_runewarp/gate/sign-in",
         &[("email", "alice@example.com"), ("next", "/")],
     );
@@ -821,11 +823,11 @@ fn codes_other_browsers_unknown_addresses_and_forged_forms() {
     // Alice asks with an open-redirect `next`; the link opened in another
     // browser is refused and points to the code.
     let mut alice = Browser::default();
-    alice.get(port, "/");
-    let page = alice.get(port, "/_runewarp/gate/sign-in");
+    alice.get(rig.port, "/");
+    let page = alice.get(rig.port, "/_runewarp/gate/sign-in");
     let csrf = page.field("csrf");
     let asked = alice.post(
-        port,
+        rig.port,
         "/_runewarp/gate/sign-in",
         &[
             ("email", "alice@example.com"),
@@ -835,56 +837,40 @@ fn codes_other_browsers_unknown_addresses_and_forged_forms() {
     );
     assert_eq!(asked.status, 200);
     let code_csrf = asked.field("csrf");
-    let (_, token, code) = smtp.mail(0);
+    let (_, token, code) = rig.smtp.mail(0);
     let mut phone = Browser::default();
-    let refused = phone.follow_link(port, &token);
+    let refused = phone.follow_link(rig.port, &token);
     assert_eq!(refused.status, 403, "{}", refused.body);
     assert!(refused.body.contains("code"), "{}", refused.body);
-    assert_eq!(phone.get(port, "/").status, 401);
+    assert_eq!(phone.get(rig.port, "/").status, 401);
 
     // Wrong codes count down; the right one signs in and lands on `/`.
     let wrong = if code == "000000" { "111111" } else { "000000" };
     for _ in 0..4 {
-        let r = alice.post(
-            port,
-            "/_runewarp/gate/code",
-            &[("code", wrong), ("csrf", &code_csrf)],
-        );
+        let r = alice.enter_code(rig.port, wrong, &code_csrf);
         assert_eq!(r.status, 400, "{}", r.body);
     }
-    let ok = alice.post(
-        port,
-        "/_runewarp/gate/code",
-        &[("code", &code), ("csrf", &code_csrf)],
-    );
+    let ok = alice.enter_code(rig.port, &code, &code_csrf);
     assert_eq!(ok.status, 303, "{}", ok.body);
     assert_eq!(ok.header("location"), Some("/"), "no open redirect");
-    assert_eq!(alice.get(port, "/anything").status, 200);
+    assert_eq!(alice.get(rig.port, "/anything").status, 200);
 
     // Five wrong codes burn the request: the right code no longer works.
     let mut carol = Browser::default();
-    let asked = carol.ask(port, "/", "alice@example.com");
+    let asked = carol.ask(rig.port, "/", "alice@example.com");
     let code_csrf = asked.field("csrf");
-    let (_, _, code) = smtp.mail(1);
+    let (_, _, code) = rig.smtp.mail(1);
     let wrong = if code == "000000" { "111111" } else { "000000" };
     for i in 0..5 {
-        let r = carol.post(
-            port,
-            "/_runewarp/gate/code",
-            &[("code", wrong), ("csrf", &code_csrf)],
-        );
+        let r = carol.enter_code(rig.port, wrong, &code_csrf);
         assert_eq!(r.status, if i < 4 { 400 } else { 403 }, "{}", r.body);
     }
-    let late = carol.post(
-        port,
-        "/_runewarp/gate/code",
-        &[("code", &code), ("csrf", &code_csrf)],
-    );
+    let late = carol.enter_code(rig.port, &code, &code_csrf);
     assert_eq!(late.status, 400, "{}", late.body);
-    assert_eq!(carol.get(port, "/").status, 401);
+    assert_eq!(carol.get(rig.port, "/").status, 401);
 
     // Three sign-in requests per address, then 429 (bob asked once above).
-    let page = stranger.get(port, "/_runewarp/gate/sign-in");
+    let page = stranger.get(rig.port, "/_runewarp/gate/sign-in");
     let csrf = page.field("csrf");
     let form = [
         ("email", "bob@other.example"),
@@ -892,63 +878,56 @@ fn codes_other_browsers_unknown_addresses_and_forged_forms() {
         ("next", "/"),
     ];
     assert_eq!(
-        stranger.post(port, "/_runewarp/gate/sign-in", &form).status,
+        stranger
+            .post(rig.port, "/_runewarp/gate/sign-in", &form)
+            .status,
         200
     );
     assert_eq!(
-        stranger.post(port, "/_runewarp/gate/sign-in", &form).status,
+        stranger
+            .post(rig.port, "/_runewarp/gate/sign-in", &form)
+            .status,
         200
     );
-    let limited = stranger.post(port, "/_runewarp/gate/sign-in", &form);
+    let limited = stranger.post(rig.port, "/_runewarp/gate/sign-in", &form);
     assert_eq!(limited.status, 429, "{}", limited.body);
     assert_eq!(limited.header("retry-after"), Some("300"));
 
     // Only the two requests for the allowed address produced mail.
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(smtp.count(), 2);
-    drop(gate);
+    assert_eq!(rig.smtp.count(), 2);
 }
 
 #[test]
 fn expired_links_and_rate_limits() {
-    if !external("expired_links_and_rate_limits") {
+    let Some(rig) = Rig::external(test_name!(), "link-ttl = \"1s\"\nsession-idle = \"2s\"") else {
         return;
-    }
-    let Rig {
-        home: _home,
-        smtp,
-        gate,
-        port,
-    } = Rig::start("link-ttl = \"1s\"\nsession-idle = \"2s\"");
+    };
     let mut b = Browser::default();
-    b.ask(port, "/", "alice@example.com");
-    let (_, token, _) = smtp.mail(0);
+    b.ask(rig.port, "/", "alice@example.com");
+    let (_, token, _) = rig.smtp.mail(0);
     std::thread::sleep(Duration::from_millis(1500));
-    let late = b.follow_link(port, &token);
+    let late = b.follow_link(rig.port, &token);
     assert_eq!(late.status, 410, "{}", late.body);
     assert!(late.body.contains("expired"), "{}", late.body);
 
     // A session unused for session-idle ends.
-    let csrf = b.ask(port, "/", "alice@example.com").field("csrf");
-    let (_, _, code) = smtp.mail(1);
-    let signed = b.post(
-        port,
-        "/_runewarp/gate/code",
-        &[("code", &code), ("csrf", &csrf)],
-    );
+    let csrf = b.ask(rig.port, "/", "alice@example.com").field("csrf");
+    let (_, _, code) = rig.smtp.mail(1);
+    let signed = b.enter_code(rig.port, &code, &csrf);
     assert_eq!(signed.status, 303, "{}", signed.body);
-    assert_eq!(b.get(port, "/").status, 200);
+    assert_eq!(b.get(rig.port, "/").status, 200);
     std::thread::sleep(Duration::from_millis(3100));
-    assert_eq!(b.get(port, "/").status, 401, "idle session still valid");
+    assert_eq!(b.get(rig.port, "/").status, 401, "idle session still valid");
 
     // Ten sign-in requests per source address, then 429.
-    let page = b.get(port, "/_runewarp/gate/sign-in");
+    let page = b.get(rig.port, "/_runewarp/gate/sign-in");
     let csrf = page.field("csrf");
     let mut statuses = Vec::new();
     for i in 0..10 {
         let email = format!("user{i}@other.example");
         let r = b.post(
-            port,
+            rig.port,
             "/_runewarp/gate/sign-in",
             &[("email", &email), ("csrf", &csrf), ("next", "/")],
         );
@@ -957,26 +936,19 @@ fn expired_links_and_rate_limits() {
     // The two requests above counted too: eight more pass, then 429.
     assert_eq!(&statuses[..8], &[200; 8]);
     assert_eq!(statuses[8], 429);
-    drop(gate);
 }
 
 #[test]
 fn websocket_upgrades_and_large_bodies_stream_through() {
-    if !external("websocket_upgrades_and_large_bodies_stream_through") {
+    let Some(rig) = Rig::external(test_name!(), "trusted-proxies = [\"127.0.0.0/8\"]") else {
         return;
-    }
-    let Rig {
-        home: _home,
-        smtp,
-        gate,
-        port,
-    } = Rig::start("trusted-proxies = [\"127.0.0.0/8\"]");
-    let mut b = signed_in(port, &smtp, 0);
+    };
+    let mut b = signed_in(rig.port, &rig.smtp, 0);
 
     // Behind a trusted proxy, the Visitor is the right-most untrusted
     // X-Forwarded-For entry.
     let app = b.request(
-        port,
+        rig.port,
         "GET",
         "/",
         &[("X-Forwarded-For", "198.51.100.1, 203.0.113.9, 127.0.0.5")],
@@ -987,7 +959,7 @@ fn websocket_upgrades_and_large_bodies_stream_through() {
     let jar: Vec<String> = b.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
 
     // Unauthenticated upgrade: the sign-in page, no switch.
-    let mut anon = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut anon = TcpStream::connect(("127.0.0.1", rig.port)).unwrap();
     anon.write_all(
         b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
     )
@@ -996,7 +968,7 @@ fn websocket_upgrades_and_large_bodies_stream_through() {
     anon.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"HTTP/1.1 401");
 
-    let mut ws = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut ws = TcpStream::connect(("127.0.0.1", rig.port)).unwrap();
     ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     ws.write_all(
         format!(
@@ -1021,8 +993,8 @@ fn websocket_upgrades_and_large_bodies_stream_through() {
     assert_eq!(&echo, b"ping through the gate");
 
     // 128 MiB through the gate without the gate holding it in memory.
-    let before = gate.rss_peak_kib();
-    let mut big = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let before = rig.gate.rss_peak_kib();
+    let mut big = TcpStream::connect(("127.0.0.1", rig.port)).unwrap();
     big.write_all(
         format!(
             "GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\nCookie: {}\r\n\r\n",
@@ -1043,7 +1015,7 @@ fn websocket_upgrades_and_large_bodies_stream_through() {
     assert!(total > 128 << 20, "got {total} bytes");
 
     // And 128 MiB the other way, as a request body.
-    let mut up = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut up = TcpStream::connect(("127.0.0.1", rig.port)).unwrap();
     up.write_all(
         format!(
             "POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\nCookie: {}\r\n\r\n",
@@ -1064,13 +1036,12 @@ fn websocket_upgrades_and_large_bodies_stream_through() {
         "{reply}"
     );
 
-    let after = gate.rss_peak_kib();
+    let after = rig.gate.rss_peak_kib();
     eprintln!("gate peak RSS before {before} KiB, after 128 MiB down and 128 MiB up {after} KiB");
     assert!(
         after < before + 32 * 1024,
         "peak RSS grew from {before} KiB to {after} KiB"
     );
-    drop(gate);
 }
 
 #[test]
@@ -1082,10 +1053,7 @@ fn a_failed_send_is_logged_and_the_visitor_sees_the_same_page() {
         free_tcp()
     );
     let gate = Gate::start(home.path(), &section, upstream(), "");
-    let mut b = Browser::default();
-    let page = b.ask(gate.port, "/", "alice@example.com");
-    assert_eq!(page.status, 200);
-    assert!(page.body.contains("Check your mail"), "{}", page.body);
+    asks(gate.port, "/", "alice@example.com");
     let log = home.path().join(format!("gate-{}.log", gate.port));
     let text = wait_for(Duration::from_secs(15), || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -1106,9 +1074,40 @@ fn a_failed_send_is_logged_and_the_visitor_sees_the_same_page() {
 // Visitor's TLS ends in the Client, whose gate proxies to the app.
 
 /// A Server and a Client whose terminate Service for APP has a gate for
-/// alice@example.com in front of `upstream`. Returns the processes, the
-/// Client config and the CA file Visitors trust.
-fn gated_tunnel(home: &Home, smtp: &Smtp, upstream: u16) -> (Running, PathBuf, PathBuf) {
+/// alice@example.com, with its own mail sink, in front of `upstream`. The
+/// fields drop in this order: the Server, then the mail sink, then the
+/// directory.
+struct GatedTunnel {
+    _server: Running,
+    client_config: PathBuf,
+    /// The CA file Visitors trust.
+    ca: PathBuf,
+    smtp: Smtp,
+    home: Home,
+}
+
+impl GatedTunnel {
+    /// Wait until the gated Service answers through the tunnel and
+    /// `client` (a 401 sign-in page for a browser without a session).
+    fn wait_gated(&self, client: &Running) {
+        let b = Browser::https(APP, &self.ca);
+        wait_for(Duration::from_secs(20), || {
+            match b.status_of(self.home.public, "/") {
+                Ok(status) if status.contains(" 401 ") => Ok(()),
+                other => Err(format!(
+                    "the gated Service did not answer within 20 s: {other:?}\n{}",
+                    client.log_text()
+                )),
+            }
+        })
+    }
+}
+
+/// Starts a [`GatedTunnel`] and its Client (returned apart, to be dropped
+/// first); the gated Service answers when this returns.
+fn gated_tunnel(upstream: u16) -> (GatedTunnel, Running) {
+    let home = Home::new();
+    let smtp = Smtp::start(home.path());
     home.server_material();
     let pin = home.identity("identity");
     let server_config = home.server_config(&pin);
@@ -1138,23 +1137,16 @@ fn gated_tunnel(home: &Home, smtp: &Smtp, upstream: u16) -> (Running, PathBuf, P
         ),
     );
     let server = home.spawn("server", &server_config, "server.log");
-    (
-        server,
+    let client = home.spawn("client", &client_config, "client.log");
+    let tunnel = GatedTunnel {
+        _server: server,
         client_config,
-        home.path().join("public/public-ca.crt"),
-    )
-}
-
-/// Wait until the gated Service answers through the tunnel (a 401 sign-in
-/// page for a browser without a session).
-fn wait_gated(b: &Browser, port: u16, client: &Running) {
-    wait_for(Duration::from_secs(20), || match b.status_of(port, "/") {
-        Ok(status) if status.contains(" 401 ") => Ok(()),
-        other => Err(format!(
-            "the gated Service did not answer within 20 s: {other:?}\n{}",
-            client.log_text()
-        )),
-    })
+        ca: home.path().join("public/public-ca.crt"),
+        smtp,
+        home,
+    };
+    tunnel.wait_gated(&client);
+    (tunnel, client)
 }
 
 #[test]
@@ -1162,13 +1154,9 @@ fn a_gate_on_a_terminate_service_signs_in_through_server_and_client() {
     if !external("a_gate_on_a_terminate_service_signs_in_through_server_and_client") {
         return;
     }
-    let home = Home::new();
-    let smtp = Smtp::start(home.path());
-    let (_server, client_config, ca) = gated_tunnel(&home, &smtp, upstream());
-    let client = home.spawn("client", &client_config, "client.log");
-    let port = home.public;
-    let mut b = Browser::https(APP, &ca);
-    wait_gated(&b, port, &client);
+    let (t, client) = gated_tunnel(upstream());
+    let port = t.home.public;
+    let mut b = Browser::https(APP, &t.ca);
 
     // Unauthenticated: the sign-in page, never the app.
     let page = b.get(port, "/app?tab=2");
@@ -1183,7 +1171,7 @@ fn a_gate_on_a_terminate_service_signs_in_through_server_and_client() {
     // Sign in with the mailed link.
     let asked = b.ask(port, "/app?tab=2", "alice@example.com");
     assert_eq!(asked.status, 200, "{}", asked.body);
-    let (rcpt, token, _code) = smtp.mail(0);
+    let (rcpt, token, _code) = t.smtp.mail(0);
     assert_eq!(rcpt, "alice@example.com");
     let done = b.follow_link(port, &token);
     assert_eq!(done.status, 303, "{}", done.body);
@@ -1210,11 +1198,11 @@ fn a_gate_on_a_terminate_service_signs_in_through_server_and_client() {
 
     // The session survives a Client restart (SQLite in state-dir).
     drop(client);
-    let client = home.spawn("client", &client_config, "client-2.log");
-    wait_gated(&b, port, &client);
+    let client = t.home.spawn("client", &t.client_config, "client-2.log");
+    t.wait_gated(&client);
     assert_eq!(b.get(port, "/app").status, 200);
     // A stranger without the cookie still gets the sign-in page.
-    let mut stranger = Browser::https(APP, &ca);
+    let mut stranger = Browser::https(APP, &t.ca);
     assert_eq!(stranger.get(port, "/app").status, 401);
     assert!(
         client.events("gate_ready").len() == 1,
@@ -1223,39 +1211,18 @@ fn a_gate_on_a_terminate_service_signs_in_through_server_and_client() {
     );
 
     // A reload that drops alice ends her session at once.
-    let text = std::fs::read_to_string(&client_config).unwrap();
-    std::fs::write(
-        &client_config,
-        text.replace("alice@example.com", "bob@example.com"),
-    )
-    .unwrap();
+    edit_config(&t.client_config, "alice@example.com", "bob@example.com");
     client.signal(libc::SIGHUP);
-    wait_event(&client, "gate_reloaded");
+    client.wait_event("gate_reloaded", Duration::from_secs(15));
     assert_eq!(b.get(port, "/app").status, 401);
-}
-
-fn wait_event(process: &Running, event: &str) {
-    wait_for(Duration::from_secs(15), || {
-        if process.events(event).is_empty() {
-            Err(format!("no {event} within 15 s:\n{}", process.log_text()))
-        } else {
-            Ok(())
-        }
-    })
 }
 
 #[test]
 fn a_reload_revokes_sessions_of_removed_addresses() {
-    if !external("a_reload_revokes_sessions_of_removed_addresses") {
+    let Some(rig) = Rig::external(test_name!(), "allowed-domains = [\"team.example.com\"]") else {
         return;
-    }
-    let Rig {
-        home,
-        smtp,
-        gate,
-        port,
-    } = Rig::start("allowed-domains = [\"team.example.com\"]");
-    let log = home.path().join(format!("gate-{port}.log"));
+    };
+    let log = rig.home.path().join(format!("gate-{}.log", rig.port));
     let events = |name: &str| {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -1269,7 +1236,7 @@ fn a_reload_revokes_sessions_of_removed_addresses() {
     };
     let hup = || {
         // SAFETY: a signal to the gate process this test started.
-        unsafe { libc::kill(gate.child.id() as i32, libc::SIGHUP) };
+        unsafe { libc::kill(rig.gate.child.0.id() as i32, libc::SIGHUP) };
     };
     let mut alice = Browser::default();
     let mut carol = Browser::default();
@@ -1277,42 +1244,36 @@ fn a_reload_revokes_sessions_of_removed_addresses() {
         (&mut alice, "alice@example.com", 0),
         (&mut carol, "carol@team.example.com", 1),
     ] {
-        b.ask(port, "/", email);
-        let (_, token, _) = smtp.mail(n);
-        assert_eq!(b.follow_link(port, &token).status, 303);
-        assert_eq!(b.get(port, "/").status, 200);
+        b.ask(rig.port, "/", email);
+        let (_, token, _) = rig.smtp.mail(n);
+        assert_eq!(b.follow_link(rig.port, &token).status, 303);
+        assert_eq!(b.get(rig.port, "/").status, 200);
     }
 
     // An invalid file changes nothing.
-    let text = std::fs::read_to_string(&gate.config).unwrap();
-    std::fs::write(
-        &gate.config,
-        text.replace("allowed-emails", "allowed-mails"),
-    )
-    .unwrap();
+    let text = edit_config(&rig.gate.config, "allowed-emails", "allowed-mails");
     hup();
     wait("reload_failed", 1);
-    assert_eq!(alice.get(port, "/").status, 200);
+    assert_eq!(alice.get(rig.port, "/").status, 200);
 
     // Alice leaves the list: her session ends at once, carol's stays.
     std::fs::write(
-        &gate.config,
+        &rig.gate.config,
         text.replace("\"alice@example.com\"", "\"dave@example.com\""),
     )
     .unwrap();
     hup();
     wait("gate_reloaded", 1);
-    assert_eq!(alice.get(port, "/").status, 401);
-    assert_eq!(carol.get(port, "/").status, 200);
+    assert_eq!(alice.get(rig.port, "/").status, 401);
+    assert_eq!(carol.get(rig.port, "/").status, 200);
     // And she gets no new link; dave (now listed) does.
-    alice.ask(port, "/", "alice@example.com");
+    alice.ask(rig.port, "/", "alice@example.com");
     let mut dave = Browser::default();
-    dave.ask(port, "/", "dave@example.com");
-    let (rcpt, _, _) = smtp.mail(2);
+    dave.ask(rig.port, "/", "dave@example.com");
+    let (rcpt, _, _) = rig.smtp.mail(2);
     assert_eq!(rcpt, "dave@example.com");
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(smtp.count(), 3, "a mail went to a removed address");
-    drop(gate);
+    assert_eq!(rig.smtp.count(), 3, "a mail went to a removed address");
 }
 
 // ---------------------------------------------------------------------------
@@ -1402,17 +1363,12 @@ fn chromium_signs_in_to_a_gated_terminate_service() {
     if !chromium_present("chromium_signs_in_to_a_gated_terminate_service") {
         return;
     }
-    let home = Home::new();
-    let smtp = Smtp::start(home.path());
-    let (_server, client_config, _ca) = gated_tunnel(&home, &smtp, html_app());
-    let client = home.spawn("client", &client_config, "client.log");
-    let ca = home.path().join("public/public-ca.crt");
-    wait_gated(&Browser::https(APP, &ca), home.public, &client);
+    let (t, _client) = gated_tunnel(html_app());
     let wd = WebDriver::start(APP);
     click_through(
         &wd,
-        &smtp,
-        &format!("https://{APP}:{}", home.public),
+        &t.smtp,
+        &format!("https://{APP}:{}", t.home.public),
         "terminate",
     );
 }
@@ -1468,13 +1424,6 @@ fn chromium_signs_in_through_nginx_to_a_standalone_gate() {
         );
         return;
     };
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let _nginx = Kill(nginx);
     wait_for(Duration::from_secs(15), || {
         match TcpStream::connect(("127.0.0.1", nginx_port)) {

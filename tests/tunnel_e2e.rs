@@ -2,6 +2,8 @@
 //! in one process, checking bytes, certificates and timings a user sees.
 
 mod common;
+#[path = "common/two_ids.rs"]
+mod two_ids;
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +13,7 @@ use runewarp::config::TlsMode;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use two_ids::TwoIds;
 
 const APP: &str = "app.runewarp.test";
 const SECURE: &str = "secure.runewarp.test";
@@ -45,6 +48,26 @@ async fn terminating(
     (dir, public_ca, server, client)
 }
 
+/// [`terminating`] in front of an echo backend that expects a PROXY v2
+/// header exactly when `proxy_protocol`; returns the backend too.
+async fn terminating_echo(
+    proxy_protocol: bool,
+) -> (
+    tempfile::TempDir,
+    EchoBackend,
+    CertificateDer<'static>,
+    TestServer,
+    TestClient,
+) {
+    let backend = if proxy_protocol {
+        EchoBackend::plain_with_proxy_header().await
+    } else {
+        EchoBackend::plain().await
+    };
+    let (dir, public_ca, server, client) = terminating(backend.addr, proxy_protocol).await;
+    (dir, backend, public_ca, server, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_moves_64_mib_exactly_and_visitor_sees_backend_certificate() {
     init();
@@ -75,8 +98,7 @@ async fn passthrough_moves_64_mib_exactly_and_visitor_sees_backend_certificate()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_presents_client_certificate_and_backend_gets_plaintext() {
     init();
-    let backend = EchoBackend::plain().await;
-    let (_dir, public_ca, server, client) = terminating(backend.addr, false).await;
+    let (_dir, backend, public_ca, server, client) = terminating_echo(false).await;
 
     let v = visitor(server.public, SECURE, std::slice::from_ref(&public_ca))
         .await
@@ -181,21 +203,20 @@ async fn catch_all_service_receives_every_hostname_the_server_routes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_drop_rule_closes_the_visitor_within_6s_while_good_traffic_flows() {
     init();
-    let (dir, cert_dir, ca, id_dir, pin) = material("client");
-    let (_, other_pin) = identity(dir.path(), "never-connects");
-    let backend = EchoBackend::tls(&[APP]).await;
+    let ids = TwoIds::new("client", "never-connects", APP).await;
     let unserved = "unserved.runewarp.test"; // routed by the Server, no Client Service
     let server = TestServer::start(
-        &cert_dir,
+        &ids.cert_dir,
         vec![
-            tunnel(0, &[APP, unserved], &[pin]),
-            tunnel(1, &["offline.runewarp.test"], &[other_pin]),
+            tunnel(0, &[APP, unserved], &[ids.pin]),
+            tunnel(1, &["offline.runewarp.test"], &[ids.other_pin]),
         ],
     )
     .await;
-    let client = TestClient::passthrough(server.tunnel, &ca, &id_dir, APP, backend.addr);
+    let client =
+        TestClient::passthrough(server.tunnel, &ids.ca, &ids.id_dir, APP, ids.backend.addr);
     server.wait_active(APP, UP).await;
-    let cert = backend.cert.clone().unwrap();
+    let cert = ids.backend.cert.clone().unwrap();
 
     // A long-lived good stream that must keep working throughout.
     let v = visitor(server.public, APP, std::slice::from_ref(&cert))
@@ -273,15 +294,13 @@ fn client_hello(sni: Option<&str>) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_identity_is_refused_with_access_denied_then_a_pinned_one_is_accepted() {
     init();
-    let (dir, cert_dir, ca, good_dir, pin) = material("pinned");
-    let (bad_dir, _) = identity(dir.path(), "stranger");
-    let backend = EchoBackend::tls(&[APP]).await;
-    let server = TestServer::start(&cert_dir, vec![tunnel(0, &[APP], &[pin])]).await;
+    let ids = TwoIds::new("pinned", "stranger", APP).await;
+    let server = TestServer::start(&ids.cert_dir, vec![tunnel(0, &[APP], &[ids.pin])]).await;
 
     // The raw handshake outcome: a TLS access_denied alert (49).
-    let (material, _) = runewarp::tls::material::load_client_identity(&bad_dir).unwrap();
+    let (material, _) = runewarp::tls::material::load_client_identity(&ids.other_dir).unwrap();
     let roots =
-        runewarp::tls::trust::root_store(&runewarp::config::ServerTrust::CaFile(ca.clone()))
+        runewarp::tls::trust::root_store(&runewarp::config::ServerTrust::CaFile(ids.ca.clone()))
             .unwrap();
     let quic = runewarp::tunnel::transport::client_config(
         roots,
@@ -313,14 +332,21 @@ async fn unknown_identity_is_refused_with_access_denied_then_a_pinned_one_is_acc
     assert!(server.active_id(APP).is_none());
 
     // A whole Client with the stranger's identity never gets a tunnel.
-    let stranger = TestClient::passthrough(server.tunnel, &ca, &bad_dir, APP, backend.addr);
+    let stranger = TestClient::passthrough(
+        server.tunnel,
+        &ids.ca,
+        &ids.other_dir,
+        APP,
+        ids.backend.addr,
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(server.active_id(APP).is_none());
     assert_eq!(stranger.status.borrow().connections, 0);
 
-    let client = TestClient::passthrough(server.tunnel, &ca, &good_dir, APP, backend.addr);
+    let client =
+        TestClient::passthrough(server.tunnel, &ids.ca, &ids.id_dir, APP, ids.backend.addr);
     server.wait_active(APP, UP).await;
-    let v = visitor(server.public, APP, &[backend.cert.clone().unwrap()])
+    let v = visitor(server.public, APP, &[ids.backend.cert.clone().unwrap()])
         .await
         .unwrap();
     assert_eq!(roundtrip(v, b"hi").await.unwrap(), b"hi");
@@ -463,8 +489,7 @@ async fn a_thousand_concurrent_visitors_share_one_tunnel_byte_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_v2_header_reaches_the_backend_with_the_visitor_address() {
     init();
-    let backend = EchoBackend::plain_with_proxy_header().await;
-    let (_dir, public_ca, server, client) = terminating(backend.addr, true).await;
+    let (_dir, backend, public_ca, server, client) = terminating_echo(true).await;
     let v = visitor(server.public, SECURE, &[public_ca]).await.unwrap();
     let visitor_addr = v.get_ref().0.local_addr().unwrap();
     assert_eq!(roundtrip(v, b"x").await.unwrap(), b"x");

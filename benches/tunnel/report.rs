@@ -18,6 +18,28 @@ pub(crate) fn ratio(x: f64, base: f64) -> String {
     format!("{x:.1} ({:.2})", x / base)
 }
 
+/// A row of what the benchmark's own processes (Visitors and backend)
+/// spent with direct, passthrough and terminate: a reference, no target.
+fn reference(row: &mut impl FnMut([&str; 6]), label: &str, of: [f64; 3], decimals: usize) {
+    let [d, p, t] = of.map(|x| format!("{x:.decimals$}"));
+    row([label, &d, &p, &t, "(reference)", "-"]);
+}
+
+/// The Server's and then the Client's row of one figure, "{label}: Server"
+/// and "{label}: Client": `cells` gives the passthrough and terminate
+/// cells and the verdict for the Server (true) or the Client (false).
+fn per_role(
+    row: &mut impl FnMut([&str; 6]),
+    label: &str,
+    target: &str,
+    cells: impl Fn(bool) -> [String; 3],
+) {
+    for (who, server) in [("Server", true), ("Client", false)] {
+        let [pt, tm, verdict] = cells(server);
+        row([&format!("{label}: {who}"), "-", &pt, &tm, target, &verdict]);
+    }
+}
+
 pub(crate) fn report(plan: &Plan, o: &Outcome) {
     let [d, p, t] = &o.figures;
     let mut rows: Vec<[String; 6]> = Vec::new();
@@ -109,30 +131,19 @@ pub(crate) fn report(plan: &Plan, o: &Outcome) {
         dash,
         dash,
     ]);
-    row([
+    reference(
+        &mut row,
         "CPU ms/conn in rate: bench (Vis+backend)",
-        &format!("{:.3}", d.cpu_per_conn.bench),
-        &format!("{:.3}", p.cpu_per_conn.bench),
-        &format!("{:.3}", t.cpu_per_conn.bench),
-        "(reference)",
-        dash,
-    ]);
-    // The Server's and the Client's rows of one figure.
-    let roles = [("Server", true), ("Client", false)];
+        [d, p, t].map(|x| x.cpu_per_conn.bench),
+        3,
+    );
     let gb_cell = |x: &Figures, server: bool| {
         let cpu = x.cpu_per_gb;
         format!("{:.2}", if server { cpu.server } else { cpu.client })
     };
-    for (who, server) in roles {
-        row([
-            &format!("CPU s/GB 1-stream dl: {who}"),
-            dash,
-            &gb_cell(p, server),
-            &gb_cell(t, server),
-            dash,
-            dash,
-        ]);
-    }
+    per_role(&mut row, "CPU s/GB 1-stream dl", dash, |server| {
+        [gb_cell(p, server), gb_cell(t, server), dash.to_string()]
+    });
     let sum = |x: &Figures| x.cpu_per_gb.server + x.cpu_per_gb.client;
     row([
         "CPU s/GB 1-stream dl: Server+Client",
@@ -142,14 +153,12 @@ pub(crate) fn report(plan: &Plan, o: &Outcome) {
         "< 3 s/GB",
         &both(sum(p) < 3.0, sum(t) < 3.0),
     ]);
-    row([
+    reference(
+        &mut row,
         "CPU s/GB 1-stream dl: bench (Vis+backend)",
-        &format!("{:.2}", d.cpu_per_gb.bench),
-        &format!("{:.2}", p.cpu_per_gb.bench),
-        &format!("{:.2}", t.cpu_per_gb.bench),
-        "(reference)",
-        dash,
-    ]);
+        [d, p, t].map(|x| x.cpu_per_gb.bench),
+        2,
+    );
     let peak = |x: &Figures, server: bool| {
         x.peak
             .map(|(s, c)| mib(if server { s.hwm_kib } else { c.hwm_kib }))
@@ -162,16 +171,9 @@ pub(crate) fn report(plan: &Plan, o: &Outcome) {
         let tm = peak(t, server).is_some_and(|m| m < 32.0);
         both(pt, tm)
     };
-    for (who, server) in roles {
-        row([
-            &format!("peak RSS MiB during bulk: {who}"),
-            dash,
-            &peak_cell(p, server),
-            &peak_cell(t, server),
-            "< 32 MiB",
-            &peak_ok(server),
-        ]);
-    }
+    per_role(&mut row, "peak RSS MiB during bulk", "< 32 MiB", |server| {
+        [peak_cell(p, server), peak_cell(t, server), peak_ok(server)]
+    });
     let idle_cell = |x: &Figures, server: bool| {
         let short = if x.idle_held < plan.idle {
             format!(" ({} held!)", x.idle_held)
@@ -186,16 +188,10 @@ pub(crate) fn report(plan: &Plan, o: &Outcome) {
             },
         )
     };
-    for (who, server) in roles {
-        row([
-            &format!("RSS MiB, {} idle streams: {who}", plan.idle),
-            dash,
-            &idle_cell(p, server),
-            &idle_cell(t, server),
-            dash,
-            dash,
-        ]);
-    }
+    let idle = format!("RSS MiB, {} idle streams", plan.idle);
+    per_role(&mut row, &idle, dash, |server| {
+        [idle_cell(p, server), idle_cell(t, server), dash.to_string()]
+    });
     let drops = d.udp_drops_bulk + p.udp_drops_bulk + t.udp_drops_bulk;
     row([
         "UDP RcvbufErrors during bulk (delta)",

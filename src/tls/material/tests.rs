@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
@@ -34,6 +34,37 @@ fn public_host(h: &str) -> PublicHostname {
 
 fn first_cert(path: &Path) -> CertificateDer<'static> {
     load_ca_bundle(path).unwrap().remove(0)
+}
+
+/// A temporary directory and the path `sub` in it (not created yet).
+fn tmp_with(sub: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(sub);
+    (tmp, path)
+}
+
+/// A temporary directory holding Server material for edge.example.com.
+fn edge_server() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    init_server_cert(tmp.path(), &server_host("edge.example.com"), false).unwrap();
+    tmp
+}
+
+/// A temporary directory holding Public hostname material for
+/// a.example.com.
+fn public_a() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    init_public_certs(tmp.path(), &[public_host("a.example.com")], false).unwrap();
+    tmp
+}
+
+/// What a CA's NameConstraints permit, as x509-parser shows each name.
+fn permitted(nc: &x509_parser::extensions::NameConstraints) -> Vec<String> {
+    nc.permitted_subtrees
+        .iter()
+        .flatten()
+        .map(|t| format!("{:?}", t.base))
+        .collect()
 }
 
 fn mode_of(p: &Path) -> u32 {
@@ -82,8 +113,7 @@ fn webpki_verify(
 
 #[test]
 fn server_init_then_load_round_trips() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("cert");
+    let (_tmp, dir) = tmp_with("cert");
     let out = init_server_cert(&dir, &server_host("edge.example.com"), false).unwrap();
     assert!(out.contains("Server CA SHA-256 fingerprint: "));
 
@@ -126,9 +156,8 @@ fn server_init_then_load_round_trips() {
 
 #[test]
 fn server_renew_keeps_ca_and_hostname() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = edge_server();
     let dir = tmp.path();
-    init_server_cert(dir, &server_host("edge.example.com"), false).unwrap();
     let ca_before = fs::read(dir.join(SERVER_CA_CERT)).unwrap();
     let ca_key_before = fs::read(dir.join(STATE_DIR).join(SERVER_CA_KEY)).unwrap();
     let key_before = fs::read(dir.join(SERVER_KEY)).unwrap();
@@ -234,9 +263,8 @@ fn webpki_verify_chain(
 
 #[test]
 fn a_stolen_server_ca_key_cannot_mint_certificates_for_other_names() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = edge_server();
     let dir = tmp.path();
-    init_server_cert(dir, &server_host("edge.example.com"), false).unwrap();
     let ca_cert = dir.join(SERVER_CA_CERT);
     let ca = first_cert(&ca_cert);
     let ca_key = dir.join(STATE_DIR).join(SERVER_CA_KEY);
@@ -249,13 +277,7 @@ fn a_stolen_server_ca_key_cannot_mint_certificates_for_other_names() {
     assert_eq!(bc.value.path_len_constraint, Some(0));
     let nc = parsed.name_constraints().unwrap().unwrap();
     assert!(nc.critical);
-    let permitted: Vec<String> = nc
-        .value
-        .permitted_subtrees
-        .iter()
-        .flatten()
-        .map(|t| format!("{:?}", t.base))
-        .collect();
+    let permitted = permitted(nc.value);
     assert_eq!(permitted, ["DNSName(\"edge.example.com\")"]);
 
     let (own, _, _) = forge(&ca_cert, &ca_key, "edge.example.com");
@@ -271,9 +293,8 @@ fn a_stolen_server_ca_key_cannot_mint_certificates_for_other_names() {
 
 #[test]
 fn server_rotate_ca_replaces_ca() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = edge_server();
     let dir = tmp.path();
-    init_server_cert(dir, &server_host("edge.example.com"), false).unwrap();
     let old_ca = first_cert(&dir.join(SERVER_CA_CERT));
     let out = rotate_server_ca(dir, None).unwrap();
     let new_ca = first_cert(&dir.join(SERVER_CA_CERT));
@@ -289,9 +310,8 @@ fn server_rotate_ca_replaces_ca() {
 
 #[test]
 fn server_init_refuses_existing_material_and_force_replaces() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = edge_server();
     let dir = tmp.path();
-    init_server_cert(dir, &server_host("edge.example.com"), false).unwrap();
     let key = fs::read(dir.join(SERVER_KEY)).unwrap();
     let err = fails_with!(
         init_server_cert(dir, &server_host("edge.example.com"), false),
@@ -339,8 +359,7 @@ fn server_partial_states_are_clear_errors() {
 
 #[test]
 fn server_key_mismatch_is_detected() {
-    let tmp = tempfile::tempdir().unwrap();
-    let a = tmp.path().join("a");
+    let (tmp, a) = tmp_with("a");
     let b = tmp.path().join("b");
     init_server_cert(&a, &server_host("a.example.com"), false).unwrap();
     init_server_cert(&b, &server_host("b.example.com"), false).unwrap();
@@ -362,9 +381,8 @@ fn server_key_mismatch_is_detected() {
 
 #[test]
 fn renew_without_any_hostname_source_fails() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = edge_server();
     let dir = tmp.path();
-    init_server_cert(dir, &server_host("edge.example.com"), false).unwrap();
     fs::remove_file(dir.join(SERVER_CERT)).unwrap();
     let err = renew_server_cert(dir, None).unwrap_err();
     assert!(matches!(err, MaterialError::NoServerHostname));
@@ -376,9 +394,8 @@ fn renew_without_any_hostname_source_fails() {
 
 #[test]
 fn server_chain_includes_extra_certificates() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = edge_server();
     let dir = tmp.path();
-    init_server_cert(dir, &server_host("edge.example.com"), false).unwrap();
     let mut chain = fs::read_to_string(dir.join(SERVER_CERT)).unwrap();
     chain.push_str(&fs::read_to_string(dir.join(SERVER_CA_CERT)).unwrap());
     fs::write(dir.join(SERVER_CERT), chain).unwrap();
@@ -389,8 +406,7 @@ fn server_chain_includes_extra_certificates() {
 
 #[test]
 fn identity_pin_matches_file_and_key_is_ed25519() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("id");
+    let (_tmp, dir) = tmp_with("id");
     let out = init_client_identity(&dir, false).unwrap();
     let (m, pin) = load_client_identity(&dir).unwrap();
     assert_eq!(
@@ -483,8 +499,7 @@ fn identity_inconsistencies_are_errors() {
 
 #[test]
 fn public_certs_share_one_ca_across_inits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("pub");
+    let (_tmp, dir) = tmp_with("pub");
     init_public_certs(&dir, &[public_host("a.example.com")], false).unwrap();
     let old_ca = first_cert(&dir.join(PUBLIC_CA_CERT));
     let ca_key = fs::read(dir.join(STATE_DIR).join(PUBLIC_CA_KEY)).unwrap();
@@ -568,9 +583,8 @@ fn an_unconstrained_public_ca_is_constrained_when_a_hostname_is_added() {
     // A CA made before name constraints existed: same key and name, no
     // NameConstraints. Adding a hostname reissues it constrained to every
     // hostname it has a leaf for; the old leaf keeps validating.
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = public_a();
     let dir = tmp.path();
-    init_public_certs(dir, &[public_host("a.example.com")], false).unwrap();
     let key_path = dir.join(STATE_DIR).join(PUBLIC_CA_KEY);
     let key = pki::read_signing_key(&key_path).unwrap();
     let mut params = rcgen::CertificateParams::default();
@@ -589,13 +603,7 @@ fn an_unconstrained_public_ca_is_constrained_when_a_hostname_is_added() {
     let ca = first_cert(&dir.join(PUBLIC_CA_CERT));
     let (_, parsed) = X509Certificate::from_der(&ca).unwrap();
     let nc = parsed.name_constraints().unwrap().expect("constrained now");
-    let permitted: Vec<String> = nc
-        .value
-        .permitted_subtrees
-        .iter()
-        .flatten()
-        .map(|t| format!("{:?}", t.base))
-        .collect();
+    let permitted = permitted(nc.value);
     assert_eq!(
         permitted,
         ["DNSName(\"a.example.com\")", "DNSName(\"b.example.com\")"]
@@ -675,9 +683,8 @@ fn public_load_errors_and_skips() {
 
 #[test]
 fn public_init_with_partial_ca_writes_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = public_a();
     let dir = tmp.path();
-    init_public_certs(dir, &[public_host("a.example.com")], false).unwrap();
     fs::remove_file(dir.join(STATE_DIR).join(PUBLIC_CA_KEY)).unwrap();
     fails_with!(
         init_public_certs(dir, &[public_host("b.example.com")], false),

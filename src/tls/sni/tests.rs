@@ -135,6 +135,11 @@ fn records(message: &[u8], splits: &[usize]) -> Vec<u8> {
     out
 }
 
+/// A ClientHello for `name` that offers h2.
+fn h2_hello(name: &str) -> HelloBuilder {
+    HelloBuilder::default().sni(name).alpn(&["h2"])
+}
+
 fn complete(buf: &[u8]) -> ClientHelloInfo {
     match parse_client_hello(buf) {
         Ok(Parse::Complete(info)) => info,
@@ -174,10 +179,7 @@ fn trailing_bytes_after_hello_are_ignored() {
 
 #[test]
 fn byte_by_byte_is_incomplete_until_complete() {
-    let hello = HelloBuilder::default()
-        .sni("app.example.com")
-        .alpn(&["h2"])
-        .build();
+    let hello = h2_hello("app.example.com").build();
     for end in 0..hello.len() {
         assert_eq!(
             parse_client_hello(&hello[..end]),
@@ -193,10 +195,7 @@ fn byte_by_byte_is_incomplete_until_complete() {
 
 #[test]
 fn fragmented_across_two_and_three_records() {
-    let msg = HelloBuilder::default()
-        .sni("frag.example.com")
-        .alpn(&["h2"])
-        .message();
+    let msg = h2_hello("frag.example.com").message();
     let len = msg.len();
     for splits in [vec![len / 2], vec![10, len - 3], vec![1, 2], vec![len - 1]] {
         let buf = records(&msg, &splits);
@@ -463,10 +462,7 @@ fn far_deadline() -> tokio::time::Instant {
 
 #[tokio::test]
 async fn read_completes_byte_by_byte_and_keeps_bytes() {
-    let hello = HelloBuilder::default()
-        .sni("app.example.com")
-        .alpn(&["h2"])
-        .build();
+    let hello = h2_hello("app.example.com").build();
     let mut data = hello.clone();
     data.extend_from_slice(b"after");
     let mut reader = Trickle { data, pos: 0 };
