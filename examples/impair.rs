@@ -146,6 +146,20 @@ impl PacketSocket {
                 )
             };
             assert_eq!(set(PACKET_VNET_HDR), 0, "PACKET_VNET_HDR");
+            // The modelled queue is `limit`; the socket's own buffers must
+            // not drop first when this thread is scheduled late (the
+            // default 208 KiB is ~90 frames, a few ms at line rate). The
+            // FORCE variants need CAP_NET_ADMIN, which the harness has.
+            let big: i32 = 32 << 20;
+            for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    opt,
+                    &big as *const i32 as *const libc::c_void,
+                    4,
+                );
+            }
             // Best effort; outgoing frames are filtered below as well.
             let _ = set(PACKET_IGNORE_OUTGOING);
             let cname = CString::new(name).unwrap();

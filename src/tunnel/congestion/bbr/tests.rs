@@ -509,12 +509,43 @@ fn a_flow_control_limited_sender_leaves_startup_on_loss_and_stops_bursting() {
     let loss = (sim.lost_bytes - lost) as f64 / (sim.sent_bytes - sent) as f64;
     assert!(
         loss < 0.05,
-        "loss rate {loss} (window {})",
-        sim.bbr.window()
+        "loss rate {loss} (window {}, pacer gain {}, inflight_hi {}, inflight_lo {}, states {:?})",
+        sim.bbr.window(),
+        sim.bbr.pacer_gain,
+        sim.bbr.inflight_hi,
+        sim.bbr.inflight_lo,
+        sim.states
     );
     assert!(
         used > 0.8,
         "utilisation {used} (window {})",
         sim.bbr.window()
     );
+}
+
+#[test]
+fn a_late_woken_sender_fills_the_pipe_after_startup_loss() {
+    // The namespace bench's rtt50 path once the relay got its buffers: a
+    // buffer of a quarter BDP, so Startup's overshoot sets `inflight_hi`,
+    // and a sender woken every 5 ms that keeps well under its window in
+    // flight. Capping Cruise's window at `inflight_hi` (widening only the
+    // headroom by the pacer gain) was tried: each overshoot then lost and
+    // kept `inflight_hi` at its Startup value, and utilisation fell from
+    // 0.86 to 0.76; the probes must be free to raise it.
+    let mut sim = Sim::new(150.0, 50, 0.25);
+    sim.paced = true;
+    sim.wake = Some(Duration::from_millis(5));
+    sim.run_until(Duration::from_secs(2));
+    assert_ne!(sim.bbr.inflight_hi, u64::MAX, "Startup lost nothing");
+    let (sent, lost) = (sim.sent_bytes, sim.lost_bytes);
+    let used = sim.utilisation(2.0, 8.0);
+    let loss = (sim.lost_bytes - lost) as f64 / (sim.sent_bytes - sent) as f64;
+    assert!(
+        used > 0.8,
+        "utilisation {used} (window {}, pacer gain {}, inflight_hi {})",
+        sim.bbr.window(),
+        sim.bbr.pacer_gain,
+        sim.bbr.inflight_hi
+    );
+    assert!(loss < 0.05, "loss rate {loss}");
 }
