@@ -424,9 +424,13 @@ fn two_replicas_on_postgres_carry_changes_to_each_others_devices() {
     wait_until("replica 2 started", Duration::from_secs(15), || {
         !c2.events("control_started").is_empty()
     });
-    wait_until("replica 2 listens", Duration::from_secs(5), || {
-        !c2.events("database_listening").is_empty()
-    });
+    // Both replicas must be listening before the first registration, or
+    // its notification can reach a replica whose listener is not up yet.
+    for (name, c) in [("replica 1 listens", &c1), ("replica 2 listens", &c2)] {
+        wait_until(name, Duration::from_secs(5), || {
+            !c.events("database_listening").is_empty()
+        });
+    }
     let db_line = c2.events("control_database");
     assert!(
         db_line.iter().any(|l| l.contains("postgres")),
