@@ -1302,4 +1302,4 @@ mod tests {
 
 #[cfg(test)]
 #[path = "../../tests/common/postgres.rs"]
-mod test_postgres;
+pub(super) mod test_postgres;
