@@ -348,13 +348,11 @@ mod tests {
     /// The same with two replicas' connections to one PostgreSQL database.
     #[test]
     fn postgres_snapshots_hold_what_their_serial_says() {
-        if std::env::var_os("RUNEWARP_TEST_EXTERNAL").is_none_or(|v| v != "1") {
-            eprintln!(
-                "SKIPPED postgres snapshot test: needs PostgreSQL; set RUNEWARP_TEST_EXTERNAL=1"
-            );
+        use super::super::store::test_postgres;
+        if !test_postgres::opted_in("postgres snapshot test") {
             return;
         }
-        let pg = super::super::store::test_postgres::Postgres::start();
+        let pg = test_postgres::Postgres::start();
         let url = super::super::config::PostgresUrl::parse(&pg.create_db("snapshots")).unwrap();
         let database = super::super::config::Database::Postgres(url);
         snapshots_hold_what_their_serial_says(|| {
