@@ -348,9 +348,45 @@ pub enum Db {
     /// `RefCell`: reads take `&self` like SQLite's; the store sits behind
     /// one mutex, so there is never a second borrower.
     Postgres {
-        client: Box<RefCell<postgres::Client>>,
+        client: Box<RefCell<PgClient>>,
         url: PostgresUrl,
     },
+}
+
+/// A [`Db`]'s PostgreSQL client. Dropping a `postgres::Client` blocks on
+/// the client's own runtime (it tells the server goodbye), which panics
+/// on a thread that drives async tasks, and a control server's store goes
+/// last at shutdown on exactly such a thread (a runtime worker, or the
+/// main thread inside `block_on`): there it is dropped on a thread of its
+/// own.
+pub struct PgClient(Option<postgres::Client>);
+
+impl std::ops::Deref for PgClient {
+    type Target = postgres::Client;
+    fn deref(&self) -> &postgres::Client {
+        self.0
+            .as_ref()
+            .expect("a PgClient holds its client until dropped")
+    }
+}
+
+impl std::ops::DerefMut for PgClient {
+    fn deref_mut(&mut self) -> &mut postgres::Client {
+        self.0
+            .as_mut()
+            .expect("a PgClient holds its client until dropped")
+    }
+}
+
+impl Drop for PgClient {
+    fn drop(&mut self) {
+        let Some(client) = self.0.take() else { return };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| {
+                s.spawn(move || drop(client));
+            });
+        }
+    }
 }
 
 /// A write transaction on either engine.
@@ -459,7 +495,7 @@ impl Db {
             error,
         })?;
         Ok(Db::Postgres {
-            client: Box::new(RefCell::new(client)),
+            client: Box::new(RefCell::new(PgClient(Some(client)))),
             url: url.clone(),
         })
     }

@@ -72,7 +72,15 @@ pub struct OrgSnapshot {
 
 impl OrgSnapshot {
     /// Read organisation `org_id` from `store`.
+    ///
+    /// The serial is read first: the reads are separate statements, and a
+    /// change committed (by another replica or the admin CLI) between them
+    /// is then held under an older serial, so the next change poll loads
+    /// again. Read last, it could label rows from before that change with
+    /// its serial, and [`super::api`]'s cache would keep them as current
+    /// until some later change: the organisation's devices would miss it.
     pub fn load(store: &Store, org_id: i64) -> Result<Self, StoreError> {
+        let serial = store.serial()?;
         let policy_text = store.policy(org_id)?;
         // A device whose login expired is out of every map, as if revoked.
         let expired = store.expired_devices(org_id)?;
@@ -83,7 +91,7 @@ impl OrgSnapshot {
             }
         }
         Ok(Self {
-            serial: store.serial()?,
+            serial,
             devices,
             groups: store.user_groups(org_id)?,
             // Policies are validated before they are stored.
@@ -272,6 +280,84 @@ mod tests {
             })
             .unwrap();
         s.register(&k.key, pk, "h").unwrap().unwrap().0.id
+    }
+
+    /// Enrolments a second connection makes while snapshots are loaded.
+    const RACING_ENROLMENTS: usize = 200;
+
+    /// While another connection (another replica, the admin CLI) enrols
+    /// devices, every snapshot holds each device enrolled by its serial:
+    /// labelled newer than its rows, it would pass for current in the
+    /// server's cache and the organisation's devices would miss the
+    /// enrolment until some later change.
+    fn snapshots_hold_what_their_serial_says(open: impl Fn() -> Store) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let mut writer = open();
+        let key = writer
+            .create_setup_key(&SetupKeySpec {
+                organisation: "acme.com".into(),
+                user: None,
+                tags: vec![],
+                reusable: true,
+                ttl_s: 60,
+            })
+            .unwrap()
+            .key;
+        // Each enrolment moves the serial by one from here.
+        let base = writer.serial().unwrap();
+        let (first, _) = writer.register(&key, "pk-0", "d").unwrap().unwrap();
+        let reader = open();
+        let done = AtomicBool::new(false);
+        let loads = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for i in 1..RACING_ENROLMENTS {
+                    writer
+                        .register(&key, &format!("pk-{i}"), "d")
+                        .unwrap()
+                        .unwrap();
+                }
+                done.store(true, Ordering::Release);
+            });
+            let mut loads = 0;
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                let s = OrgSnapshot::load(&reader, first.org_id).unwrap();
+                let enrolled = (s.serial - base) as usize;
+                assert!(
+                    s.devices.len() >= enrolled,
+                    "the snapshot at serial {} holds {} of the {enrolled} devices enrolled by then",
+                    s.serial,
+                    s.devices.len()
+                );
+                loads += 1;
+                if finished {
+                    return loads;
+                }
+            }
+        });
+        let last = OrgSnapshot::load(&reader, first.org_id).unwrap();
+        assert_eq!(last.devices.len(), RACING_ENROLMENTS, "after {loads} loads");
+    }
+
+    #[test]
+    fn sqlite_snapshots_hold_what_their_serial_says() {
+        let dir = tempfile::tempdir().unwrap();
+        snapshots_hold_what_their_serial_says(|| Store::open(dir.path()).unwrap());
+    }
+
+    /// The same with two replicas' connections to one PostgreSQL database.
+    #[test]
+    fn postgres_snapshots_hold_what_their_serial_says() {
+        use super::super::store::test_postgres;
+        if !test_postgres::opted_in("postgres snapshot test") {
+            return;
+        }
+        let pg = test_postgres::Postgres::start();
+        let url = super::super::config::PostgresUrl::parse(&pg.create_db("snapshots")).unwrap();
+        let database = super::super::config::Database::Postgres(url);
+        snapshots_hold_what_their_serial_says(|| {
+            Store::connect(&database, std::path::Path::new("/nonexistent")).unwrap()
+        });
     }
 
     #[test]

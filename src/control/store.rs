@@ -1214,10 +1214,7 @@ mod tests {
 
     #[test]
     fn postgres_passes_the_same_tests_with_two_writers() {
-        if std::env::var_os("RUNEWARP_TEST_EXTERNAL").is_none_or(|v| v != "1") {
-            eprintln!(
-                "SKIPPED postgres store test: needs PostgreSQL; set RUNEWARP_TEST_EXTERNAL=1"
-            );
+        if !test_postgres::opted_in("postgres store test") {
             return;
         }
         let pg = test_postgres::Postgres::start();
@@ -1302,4 +1299,4 @@ mod tests {
 
 #[cfg(test)]
 #[path = "../../tests/common/postgres.rs"]
-mod test_postgres;
+pub(super) mod test_postgres;

@@ -50,6 +50,17 @@ fn id_of(flag: &str) -> u32 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
+/// Whether PostgreSQL tests run (`RUNEWARP_TEST_EXTERNAL=1`); if not,
+/// says that `name` is skipped. For the library's unit tests, which have
+/// no `opt_in` module.
+pub fn opted_in(name: &str) -> bool {
+    let on = std::env::var_os("RUNEWARP_TEST_EXTERNAL").is_some_and(|v| v == "1");
+    if !on {
+        eprintln!("SKIPPED {name}: needs PostgreSQL; set RUNEWARP_TEST_EXTERNAL=1");
+    }
+    on
+}
+
 impl Postgres {
     /// Make and start a cluster; ready to connect to when this returns.
     pub fn start() -> Self {

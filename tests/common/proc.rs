@@ -79,6 +79,17 @@ pub struct Home {
     pub tunnel: u16,
 }
 
+/// A failing test's home (its configs, state and logs) stays for a look
+/// when `RUNEWARP_TEST_KEEP_FAILED` is set; its path goes to stderr.
+impl Drop for Home {
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("RUNEWARP_TEST_KEEP_FAILED").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept the failed test's home: {}", self.path().display());
+        }
+    }
+}
+
 /// Run `cmd` to completion, check it exited with `code`, return its stderr.
 pub fn stderr_of(cmd: &mut std::process::Command, code: i32) -> String {
     let out = cmd.output().unwrap();
@@ -121,7 +132,10 @@ impl Home {
         c.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", self.path())
-            .env("RUNEWARP_LOG", "info")
+            .env(
+                "RUNEWARP_LOG",
+                std::env::var("RUNEWARP_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .current_dir(self.path());
         c
     }
