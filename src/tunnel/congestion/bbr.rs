@@ -102,6 +102,10 @@ const MIN_PIPE_PACKETS: u64 = 4;
 /// Largest [`Bbr::pacer_gain`]: the window at most this many times what
 /// the model asks for.
 const MAX_PACER_GAIN: f64 = 3.0;
+/// The most a host stretches a round trip by on its own (late wake-ups of
+/// either end, ACKs held for a batch); a round trip stretched further is a
+/// queue at a bottleneck, whatever the rate samples say.
+const HOST_STRETCH: Duration = Duration::from_millis(10);
 /// A round whose largest inflight reached this share of the window used
 /// the window.
 const WINDOW_FILLED: f64 = 0.85;
@@ -426,14 +430,22 @@ impl Bbr {
     /// without a queue anywhere. Two such rounds in a row that delivered
     /// less than the path's rate raise the gain; a round that filled the
     /// window at the path's rate and queued (its smallest RTT a quarter
-    /// above the min-RTT) lowers it again.
+    /// above the min-RTT) lowers it again. A round trip stretched by more
+    /// than [`HOST_STRETCH`] is a queue even below the path's rate: it
+    /// never raises the gain, and with the window filled it lowers it.
     fn adapt_pacer_gain(&mut self) {
         let filled = self.round_max_fill >= WINDOW_FILLED;
         self.round_filled = filled;
-        let queued = match (self.min_rtt, self.prev_round_min_rtt) {
-            (Some(min), Some(recent)) => recent > min + min / 4 + Duration::from_millis(1),
-            _ => false,
+        let stretch = match (self.min_rtt, self.prev_round_min_rtt) {
+            (Some(min), Some(recent)) => Some((min, recent.saturating_sub(min))),
+            _ => None,
         };
+        let queued =
+            stretch.is_some_and(|(min, stretch)| stretch > min / 4 + Duration::from_millis(1));
+        // Compressed ACKs make per-ACK rate samples read above the link's
+        // rate, so a saturated link can look short of it (`rate10m`: 1.6
+        // against 1.25 MB/s); then only the RTT tells a queue from the host.
+        let past_host = stretch.is_some_and(|(_, stretch)| stretch > HOST_STRETCH);
         // Not in the first rounds of a state: the window is still growing
         // towards its target then (after Down, Drain or ProbeRTT).
         let settled = self.round_count >= self.phase_round + 2;
@@ -452,12 +464,12 @@ impl Bbr {
             && if self.state == State::Startup {
                 !filled
             } else {
-                !saturated && (!filled || queued)
+                !saturated && !past_host && (!filled || queued)
             };
         self.starved_rounds = if starved { self.starved_rounds + 1 } else { 0 };
         if self.starved_rounds >= 2 {
             self.pacer_gain = (self.pacer_gain * 1.25).min(MAX_PACER_GAIN);
-        } else if lossy || (filled && queued && saturated) {
+        } else if lossy || (filled && queued && (saturated || past_host)) {
             self.pacer_gain = (self.pacer_gain / 1.25).max(1.0);
         }
     }

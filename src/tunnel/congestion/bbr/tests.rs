@@ -67,6 +67,10 @@ struct Sim {
     /// The last send stopped at the flow-control grant, not the window.
     flow_blocked: bool,
     lost_bytes: u64,
+    /// ACKs reach the sender only at multiples of this (a receiver or
+    /// host that handles them in batches): ACK compression, which makes
+    /// per-ACK delivery-rate samples read above the link's rate.
+    ack_batch: Option<Duration>,
 }
 
 impl Sim {
@@ -105,6 +109,7 @@ impl Sim {
             sent_bytes: 0,
             flow_blocked: false,
             lost_bytes: 0,
+            ack_batch: None,
         }
     }
 
@@ -201,7 +206,12 @@ impl Sim {
                 self.push(depart + detect, Kind::Loss, now);
             } else {
                 let ce = self.chance(ce);
-                self.push(depart + 2 * self.one_way, Kind::Ack { ce }, now);
+                let mut at = depart + 2 * self.one_way;
+                if let Some(batch) = self.ack_batch {
+                    let step = batch.as_nanos();
+                    at = Duration::from_nanos((at.as_nanos().div_ceil(step) * step) as u64);
+                }
+                self.push(at, Kind::Ack { ce }, now);
             }
         }
     }
@@ -342,6 +352,25 @@ fn fills_the_link_with_a_small_queue() {
             "{phase:?}"
         );
     }
+}
+
+#[test]
+fn compressed_acks_on_a_slow_link_do_not_build_a_queue() {
+    // The namespace bench's `rate10m`: 10 Mbit/s, a sub-millisecond base
+    // RTT, a deep buffer, ACKs handled every 4 ms. Compressed ACKs make
+    // rate samples read above the link's rate; that must not pass for a
+    // sender held back by its host (the pacer gain) and triple the window.
+    let mut sim = Sim::new(10.0, 1, 1000.0);
+    sim.paced = true;
+    sim.ack_batch = Some(Duration::from_millis(4));
+    let used = sim.utilisation(2.0, 12.0);
+    let queue = sim.mean_queue(2.0, 12.0);
+    assert!(used > 0.9, "utilisation {used}");
+    assert!(
+        queue < Duration::from_millis(25),
+        "mean queue {queue:?}, pacer gain {}",
+        sim.bbr.pacer_gain
+    );
 }
 
 #[test]
