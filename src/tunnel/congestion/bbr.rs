@@ -490,7 +490,8 @@ impl Bbr {
     }
 
     /// Whether `lost` of `sent` bytes is more loss than [`LOSS_THRESH`],
-    /// by more than chance explains ([`LOSS_SIGNIFICANCE`]).
+    /// by more than chance explains ([`LOSS_SIGNIFICANCE`]): the draft's
+    /// IsInflightTooHigh, and the same test for a whole round.
     fn loss_too_high(&self, lost: u64, sent: u64) -> bool {
         if lost == 0 {
             return false;
@@ -804,12 +805,8 @@ impl Bbr {
         *slot = (*slot).max(extra);
     }
 
-    fn inflight_too_high(&self, rs_lost: u64, tx_in_flight: u64) -> bool {
-        self.loss_too_high(rs_lost, tx_in_flight)
-    }
-
     fn adapt_upper_bounds(&mut self, now: Instant, rs: &RateSample, acked: u64) {
-        if self.bw_probe_samples && rs.probing && self.inflight_too_high(rs.lost, rs.tx_in_flight) {
+        if self.bw_probe_samples && rs.probing && self.loss_too_high(rs.lost, rs.tx_in_flight) {
             self.handle_inflight_too_high(now, rs.tx_in_flight, rs.app_limited);
             return;
         }
@@ -867,7 +864,7 @@ impl Bbr {
         // window (and so quinn's pacing rate) is far above what it sends.
         if self.state == State::Startup
             && self.lost_in_round >= STARTUP_FULL_LOSS_COUNT * self.mtu
-            && (self.inflight_too_high(rs.lost, rs.tx_in_flight) || self.round_lossy())
+            && (self.loss_too_high(rs.lost, rs.tx_in_flight) || self.round_lossy())
         {
             self.filled_pipe = true;
             self.inflight_hi = self.inflight(1.0).max(self.inflight_latest);
@@ -1101,7 +1098,7 @@ impl Bbr {
         if self.bw_probe_samples
             && let Some(record) = self.record_for(sent)
             && record.probing
-            && self.inflight_too_high(self.lost - record.lost, record.tx_in_flight)
+            && self.loss_too_high(self.lost - record.lost, record.tx_in_flight)
         {
             // The inflight at which the loss rate crossed the threshold
             // (BBRInflightHiFromLostPacket).
