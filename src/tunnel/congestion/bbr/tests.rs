@@ -366,8 +366,10 @@ fn compressed_acks_on_a_slow_link_do_not_build_a_queue() {
     let used = sim.utilisation(2.0, 12.0);
     let queue = sim.mean_queue(2.0, 12.0);
     assert!(used > 0.9, "utilisation {used}");
+    // 39 ms with the gain tripled; 20 ms with the aggregation allowance
+    // kept on top of a standing queue; 16.5 ms without.
     assert!(
-        queue < Duration::from_millis(25),
+        queue < Duration::from_millis(18),
         "mean queue {queue:?}, pacer gain {}",
         sim.bbr.pacer_gain
     );
