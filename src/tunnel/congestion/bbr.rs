@@ -146,7 +146,9 @@ const DEFAULT_INITIAL_WINDOW: u64 = 12_000;
 
 /// A loss-based window, for a queue another flow keeps full: slow start
 /// until the first loss, then Cubic's growth and its 0.7 decrease
-/// (RFC 9438), at most one decrease per round trip.
+/// (RFC 9438), at most one decrease per round trip. (Not quinn's `Cubic`:
+/// its `on_ack` needs an `RttEstimator`, which only quinn can build, so
+/// the trace tests could not drive it.)
 #[derive(Debug, Clone)]
 struct SharedWindow {
     cwnd: f64,
@@ -487,7 +489,12 @@ impl Bbr {
     /// `gain × bw × min-RTT` plus the offload budget (BBRInflight); the
     /// initial window until there is a model.
     fn inflight(&self, gain: f64) -> u64 {
-        match self.min_rtt {
+        self.inflight_at(gain, self.min_rtt)
+    }
+
+    /// [`Bbr::inflight`] for a given base RTT.
+    fn inflight_at(&self, gain: f64, rtt: Option<Duration>) -> u64 {
+        match rtt {
             Some(rtt) if self.bw() > 0.0 => {
                 let rtt = rtt + HOST_ALLOWANCE;
                 (gain * self.bw() * rtt.as_secs_f64()) as u64 + 3 * self.send_quantum()
@@ -633,16 +640,15 @@ impl Bbr {
     }
 
     fn probe_rtt_cwnd(&self) -> u64 {
-        let cwnd = match (&self.shared, self.base_rtt) {
-            // Drain our own loss-based queue too, to see whether the
-            // other flow's is still there.
-            (Some(_), Some(base)) => {
-                (PROBE_RTT_CWND_GAIN * self.bw() * (base + HOST_ALLOWANCE).as_secs_f64()) as u64
-                    + 3 * self.send_quantum()
-            }
-            _ => self.inflight(PROBE_RTT_CWND_GAIN),
+        // On a shared queue, drain to the path's own BDP: our loss-based
+        // queue goes too, so the round shows whether the other flow's is
+        // still there.
+        let rtt = match self.shared {
+            Some(_) => self.base_rtt.or(self.min_rtt),
+            None => self.min_rtt,
         };
-        cwnd.max(self.min_pipe())
+        self.inflight_at(PROBE_RTT_CWND_GAIN, rtt)
+            .max(self.min_pipe())
     }
 
     fn pacing_gain(&self) -> f64 {
